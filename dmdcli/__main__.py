@@ -1,0 +1,3 @@
+from dmdcli.cli import main
+
+main()

@@ -1,0 +1,135 @@
+"""The DMD2 objective (arXiv 2405.14867): its two phases on the denoiser interface.
+
+- Generator phase: distribution matching (real score with CFG vs fake score, DMD eq. 7-8) plus
+  the non-saturating GAN generator loss through the fake score's classifier head.
+- Fake score phase: denoising loss on detached generator samples plus the GAN discriminator
+  loss on real latents vs generator samples.
+
+Both return unweighted loss terms; `weighted_total` applies the configured weights, and the
+training runtime owns backward, optimizers and the two time-scale schedule.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from dmdcli.core import losses
+from dmdcli.core.denoiser import Cond, Denoiser, cat_cond
+from dmdcli.core.gan_head import ClassifierHead
+from dmdcli.core.schedule import NoiseSchedule
+
+
+@dataclass
+class DMD2Config:
+    guidance_scale: float = 1.75
+    """Real-score CFG scale s in uncond + s·(cond − uncond) (1.75 SD1.5, 8 SDXL); 1 disables CFG."""
+    min_timestep_frac: float = 0.02
+    """DM timesteps are drawn uniformly from [min, max]·T (reference 0.02, 0.98)."""
+    max_timestep_frac: float = 0.98
+    dm_weight: float = 1.0
+    """Weight of the distribution-matching loss (0 turns it off: GAN only)."""
+    gan_generator_weight: float = 1e-3
+    """Weight of softplus(−D(G(z))) in the generator loss (1e-3 SD1.5, 5e-3 SDXL)."""
+    gan_discriminator_weight: float = 1e-2
+    """Weight of the discriminator loss in the fake score update."""
+    diffusion_gan: bool = False
+    """Noise real and fake latents at t ~ U[0, diffusion_gan_max_timestep) before D (else t = 0)."""
+    diffusion_gan_max_timestep: int = 1000
+
+
+class DMD2:
+    """The DMD2 loss terms over a real score, a fake score and an optional classifier head."""
+
+    def __init__(
+        self,
+        schedule: NoiseSchedule,
+        real_score: Denoiser,
+        fake_score: Denoiser,
+        discriminator: ClassifierHead | None = None,
+        config: DMD2Config | None = None,
+    ):
+        self.schedule = schedule
+        self.real_score = real_score
+        self.fake_score = fake_score
+        self.discriminator = discriminator
+        self.config = config or DMD2Config()
+        T = schedule.num_train_timesteps
+        self.min_t = int(self.config.min_timestep_frac * T)
+        self.max_t = min(int(self.config.max_timestep_frac * T), T - 1)
+
+    # -- the two scores ------------------------------------------------------------------------
+
+    def real_x0(self, x_t: Tensor, t: Tensor, cond: Cond, uncond: Cond | None) -> Tensor:
+        """Teacher's x0 with classifier-free guidance, in one batched forward of [uncond; cond]."""
+        s = self.config.guidance_scale
+        if uncond is None or s == 1.0:
+            return self.schedule.to_x0(x_t, self.real_score(x_t, t, cond), t)
+        both = self.real_score(torch.cat([x_t, x_t]), torch.cat([t, t]), cat_cond(uncond, cond))
+        pred_uncond, pred_cond = both.float().chunk(2)
+        return self.schedule.to_x0(x_t, pred_uncond + s * (pred_cond - pred_uncond), t)
+
+    def fake_x0(self, x_t: Tensor, t: Tensor, cond: Cond) -> Tensor:
+        """Fake score's x0, no guidance (fake guidance = 1 in the reference)."""
+        return self.schedule.to_x0(x_t, self.fake_score(x_t, t, cond), t)
+
+    def realism_logits(self, x: Tensor, cond: Cond) -> Tensor:
+        """D(x): the classifier head on the fake score's bottleneck at t = 0 (or diffusion-GAN t)."""
+        assert self.discriminator is not None
+        batch = x.shape[0]
+        if self.config.diffusion_gan:
+            t = torch.randint(0, self.config.diffusion_gan_max_timestep, (batch,), device=x.device)
+            x = self.schedule.add_noise(x, torch.randn_like(x), t)
+        else:
+            t = torch.zeros(batch, dtype=torch.long, device=x.device)
+        return self.discriminator(self.fake_score.bottleneck(x, t, cond))
+
+    # -- the two phases ------------------------------------------------------------------------
+
+    def generator_losses(self, x: Tensor, cond: Cond, uncond: Cond | None) -> dict[str, Tensor]:
+        """Loss terms for the generator, given its output x [B, ...] (with grad).
+
+        "dm": 0.5·MSE(x, stopgrad(x − grad)) with the normalized DM gradient at a random
+        t ∈ [0.02, 0.98]·T; "gan_g": softplus(−D(x)) when a classifier head is present.
+        """
+        out: dict[str, Tensor] = {}
+        if self.config.dm_weight > 0:
+            with torch.no_grad():
+                t = torch.randint(self.min_t, self.max_t + 1, (x.shape[0],), device=x.device)
+                x_t = self.schedule.add_noise(x.detach(), torch.randn_like(x), t)
+                grad = losses.distribution_matching_grad(
+                    x, self.real_x0(x_t, t, cond, uncond), self.fake_x0(x_t, t, cond)
+                )
+            out["dm"] = losses.distribution_matching_loss(x, grad)
+        if self.discriminator is not None and self.config.gan_generator_weight > 0:
+            out["gan_g"] = losses.gan_generator_loss(self.realism_logits(x, cond))
+        return out
+
+    def fake_score_losses(
+        self, x_fake: Tensor, cond: Cond, x_real: Tensor | None = None, real_cond: Cond | None = None
+    ) -> dict[str, Tensor]:
+        """Loss terms for the fake score (and classifier head).
+
+        "denoise": diffusion loss on the detached generator samples x_fake at t ~ U[0, T);
+        "gan_d": softplus(D(fake)) + softplus(−D(real)) when a head and real latents are given.
+        """
+        x_fake = x_fake.detach()
+        t = torch.randint(0, self.schedule.num_train_timesteps, (x_fake.shape[0],), device=x_fake.device)
+        noise = torch.randn_like(x_fake)
+        x_t = self.schedule.add_noise(x_fake, noise, t)
+        prediction = self.fake_score(x_t, t, cond)
+        out = {"denoise": losses.denoising_loss(prediction, self.schedule.target(x_fake, noise, t))}
+        if self.discriminator is not None and x_real is not None:
+            assert real_cond is not None
+            out["gan_d"] = losses.gan_discriminator_loss(
+                self.realism_logits(x_real.detach(), real_cond), self.realism_logits(x_fake, cond)
+            )
+        return out
+
+    def weighted_total(self, terms: dict[str, Tensor]) -> Tensor:
+        """Sum of the loss terms with their configured weights."""
+        c = self.config
+        weights = {"dm": c.dm_weight, "gan_g": c.gan_generator_weight, "denoise": 1.0, "gan_d": c.gan_discriminator_weight}
+        return sum(weights[k] * v for k, v in terms.items())

@@ -1,0 +1,52 @@
+"""The DMD2 loss terms as pure functions of tensors (no networks, no I/O).
+
+Names follow the papers: x is the generator's clean output, x0_real / x0_fake the denoised
+estimates of the real score (teacher) and fake score at the same noisy point.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def distribution_matching_grad(x: Tensor, x0_real: Tensor, x0_fake: Tensor) -> Tensor:
+    """Per-sample gradient of the KL between generator and data distributions, w.r.t. x.
+
+    grad = (p_real − p_fake) / mean_{C,H,W}|p_real|, with p = x − x0 (DMD eq. 7 with the eq. 8
+    normalization). All tensors [B, ...]; computed in float64 like the reference. A sample whose
+    normalizer is 0 gets a zero gradient: the reference's nan_to_num would turn x/0 into ±1.8e308,
+    which overflows to inf in float32. Returns float32 [B, ...], without grad.
+    """
+    x, x0_real, x0_fake = x.detach().double(), x0_real.detach().double(), x0_fake.detach().double()
+    p_real = x - x0_real
+    p_fake = x - x0_fake
+    dims = tuple(range(1, x.ndim))
+    normalizer = p_real.abs().mean(dim=dims, keepdim=True)
+    grad = (p_real - p_fake) / torch.where(normalizer > 0, normalizer, 1.0)
+    return torch.where(normalizer > 0, torch.nan_to_num(grad), 0.0).float()
+
+
+def distribution_matching_loss(x: Tensor, grad: Tensor) -> Tensor:
+    """0.5·MSE(x, stopgrad(x − grad)): a scalar whose gradient w.r.t. x is grad / x.numel().
+
+    The target trick lets autograd carry the DM gradient through the generator without a custom
+    backward.
+    """
+    return 0.5 * F.mse_loss(x.float(), (x.detach().float() - grad).detach(), reduction="mean")
+
+
+def denoising_loss(prediction: Tensor, target: Tensor) -> Tensor:
+    """The fake score's diffusion loss: MSE between prediction and target (ε, v or x0)."""
+    return F.mse_loss(prediction.float(), target.float(), reduction="mean")
+
+
+def gan_generator_loss(logits_fake: Tensor) -> Tensor:
+    """Non-saturating generator loss softplus(−D(G(z))) averaged over the batch."""
+    return F.softplus(-logits_fake.float()).mean()
+
+
+def gan_discriminator_loss(logits_real: Tensor, logits_fake: Tensor) -> Tensor:
+    """Discriminator loss softplus(D(fake)) + softplus(−D(real)), each averaged."""
+    return F.softplus(logits_fake.float()).mean() + F.softplus(-logits_real.float()).mean()

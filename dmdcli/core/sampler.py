@@ -1,0 +1,65 @@
+"""The few-step generator's sampler and DMD2's backward simulation (DMD2 §4.5).
+
+Inference with timesteps t_0 > t_1 > … (999, 749, 499, 249): x ← noise; for each k,
+x0 = G(x, t_k); x ← add_noise(x0, fresh noise, t_{k+1}); the last x0 is the image.
+In diffusers this is LCMScheduler with the same timesteps and guidance off.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from dmdcli.core.denoiser import Cond, Denoiser
+from dmdcli.core.schedule import NoiseSchedule, as_timestep_tensor
+
+NoiseFn = Callable[[Tensor], Tensor]  # draws fresh noise shaped like its argument
+
+
+def generator_x0(generator: Denoiser, schedule: NoiseSchedule, x_t: Tensor, t: Tensor, cond: Cond) -> Tensor:
+    """One generator evaluation, as a clean estimate: x_t [B, ...], t [B] → x0 [B, ...] float32."""
+    return schedule.to_x0(x_t, generator(x_t, t, cond), t)
+
+
+def sample(
+    generator: Denoiser,
+    schedule: NoiseSchedule,
+    noise: Tensor,
+    cond: Cond,
+    timesteps: Sequence[int],
+    draw_noise: NoiseFn = torch.randn_like,
+) -> Tensor:
+    """Run the generator from pure noise [B, ...] through `timesteps`; returns x0 [B, ...]."""
+    x_t, x0 = noise, noise
+    batch = noise.shape[0]
+    for k, t_k in enumerate(timesteps):
+        x0 = generator_x0(generator, schedule, x_t, as_timestep_tensor(t_k, batch, noise.device), cond)
+        if k + 1 < len(timesteps):
+            t_next = as_timestep_tensor(timesteps[k + 1], batch, noise.device)
+            x_t = schedule.add_noise(x0, draw_noise(x0), t_next)
+    return x0
+
+
+@torch.no_grad()
+def backward_simulation(
+    generator: Denoiser,
+    schedule: NoiseSchedule,
+    noise: Tensor,
+    cond: Cond,
+    timesteps: Sequence[int],
+    step: int,
+    draw_noise: NoiseFn = torch.randn_like,
+) -> Tensor:
+    """The generator's input at step index `step`, as it would be at inference.
+
+    Runs the generator (without grad) for `step` steps from `noise`, then noises its output to
+    timesteps[step]. Training the generator on this input instead of forward-noised real images
+    removes the train/inference mismatch of multi-step students (DMD2 §4.5). Step 0 is pure noise.
+    """
+    if step == 0:
+        return noise
+    x0 = sample(generator, schedule, noise, cond, timesteps[:step], draw_noise)
+    t = as_timestep_tensor(timesteps[step], noise.shape[0], noise.device)
+    return schedule.add_noise(x0, draw_noise(x0), t)

@@ -1,0 +1,105 @@
+"""The discrete-time noise schedule: the one place where x_t, x0, epsilon and v are converted.
+
+Variance-preserving diffusion (DDPM): x_t = sqrt(ᾱ_t)·x0 + sqrt(1 − ᾱ_t)·ε, t ∈ {0, …, T−1}.
+Every conversion runs in float64, as the DMD2 reference does, and returns float32: the
+distribution-matching gradient is a difference of two nearly equal x0 estimates, and at
+t ≈ T the 1/sqrt(ᾱ_t) factor amplifies rounding errors of half-precision network outputs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
+class NoiseSchedule:
+    """ᾱ_t of a teacher and the conversions between its prediction and x0 / ε.
+
+    Args:
+        alphas_cumprod: [T] cumulative products ᾱ_t, decreasing in t.
+        prediction_type: what the networks predict: "epsilon", "v_prediction" or "sample" (x0).
+    """
+
+    def __init__(self, alphas_cumprod: Tensor, prediction_type: str = "epsilon"):
+        if prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"unknown prediction type {prediction_type!r}; expected one of {PREDICTION_TYPES}")
+        self.alphas_cumprod = alphas_cumprod.detach().to(torch.float64).cpu()
+        self.prediction_type = prediction_type
+
+    @classmethod
+    def from_scheduler_config(cls, config: Mapping[str, Any]) -> "NoiseSchedule":
+        """Build from a diffusers scheduler config (any scheduler of the DDPM family).
+
+        diffusers' DDPMScheduler already computes ᾱ_t for every beta schedule and option
+        (scaled_linear, squaredcos_cap_v2, rescale_betas_zero_snr, ...), so we take its numbers
+        instead of re-deriving them.
+        """
+        from diffusers import DDPMScheduler
+
+        scheduler = DDPMScheduler.from_config(dict(config))
+        return cls(scheduler.alphas_cumprod, scheduler.config.prediction_type)
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return self.alphas_cumprod.shape[0]
+
+    def _coefficients(self, t: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
+        """sqrt(ᾱ_t) and sqrt(1 − ᾱ_t) for timesteps t [B], shaped to broadcast against `like`."""
+        a = self.alphas_cumprod.to(like.device)[t.long()]
+        shape = (-1,) + (1,) * (like.ndim - 1)
+        return a.sqrt().view(shape), (1.0 - a).sqrt().view(shape)
+
+    def add_noise(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
+        """Forward process q(x_t | x0): x0, noise [B, ...], t [B] → x_t [B, ...] (dtype of x0)."""
+        sa, sb = self._coefficients(t, x0)
+        return (sa * x0.double() + sb * noise.double()).to(x0.dtype)
+
+    def to_x0(self, x_t: Tensor, prediction: Tensor, t: Tensor) -> Tensor:
+        """x0 implied by a network prediction at (x_t, t). Returns float32 [B, ...]."""
+        sa, sb = self._coefficients(t, x_t)
+        x_t, prediction = x_t.double(), prediction.double()
+        if self.prediction_type == "epsilon":
+            x0 = (x_t - sb * prediction) / sa
+        elif self.prediction_type == "v_prediction":
+            x0 = sa * x_t - sb * prediction  # v = sqrt(ᾱ)·ε − sqrt(1−ᾱ)·x0
+        else:
+            x0 = prediction
+        return x0.float()
+
+    def target(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
+        """What a denoiser of this prediction type should output for x_t = add_noise(x0, noise, t)."""
+        if self.prediction_type == "epsilon":
+            return noise.float()
+        if self.prediction_type == "v_prediction":
+            sa, sb = self._coefficients(t, x0)
+            return (sa * noise.double() - sb * x0.double()).float()
+        return x0.float()
+
+
+def student_timesteps(num_steps: int, num_train_timesteps: int = 1000, conditioning_timestep: int | None = None) -> list[int]:
+    """The generator's timesteps: N evenly spaced from T−1 (999, 749, 499, 249 for N = 4).
+
+    A 1-step generator sees pure noise but is told `conditioning_timestep` (399 for the SDXL
+    reference model, 999 for SD1.5); with N > 1 the first step is always T−1.
+    """
+    if num_steps < 1:
+        raise ValueError("num_steps must be at least 1")
+    if num_steps == 1 and conditioning_timestep is not None:
+        return [int(conditioning_timestep)]
+    stride = num_train_timesteps // num_steps
+    return [num_train_timesteps - 1 - i * stride for i in range(num_steps)]
+
+
+def as_timestep_tensor(t: int | Sequence[int] | Tensor, batch: int, device: torch.device | str) -> Tensor:
+    """A [B] long tensor of timesteps from a scalar or per-sample values."""
+    if isinstance(t, Tensor):
+        t = t.to(device=device, dtype=torch.long)
+        return t.expand(batch) if t.ndim == 0 else t
+    if isinstance(t, int):
+        return torch.full((batch,), t, dtype=torch.long, device=device)
+    return torch.tensor(list(t), dtype=torch.long, device=device)

@@ -1,0 +1,408 @@
+"""Real images for the GAN term: folder scan, image loading and a cache of VAE latents.
+
+Latents are cached on disk as safetensors shards (float32, captions in the shard metadata)
+under a folder whose name is a hash of everything that determines them, so a second run
+with the same images, captions, resolution and encoder never encodes again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Callable
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from dmdcli.errors import DmdError, UsageError
+
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp"})
+CAPTION_FIELDS = ("text", "caption", "prompt")
+METADATA_FILE = "metadata.jsonl"
+CACHE_DIRNAME = ".dmd-cache"
+MANIFEST_FILE = "manifest.json"
+CACHE_FORMAT = 1
+
+
+# ----------------------------------------------------------------------------- folder scan
+
+
+@dataclass
+class ImageFolderScan:
+    """What a folder offers: usable (image, caption) pairs and the files left out, with why."""
+
+    root: Path
+    items: list[tuple[Path, str]] = field(default_factory=list)
+    skipped: list[tuple[Path, str]] = field(default_factory=list)
+
+
+def scan_image_folder(root: str | Path) -> ImageFolderScan:
+    """Find captioned images under `root`, recursively, sorted by relative path.
+
+    Captions come from `root/metadata.jsonl` when it exists (Hugging Face imagefolder layout:
+    `file_name` plus one of `text`/`caption`/`prompt`), else from a `.txt` file with the same
+    stem beside each image. Images with no caption, or that PIL cannot verify, are skipped.
+    Hidden folders (such as the latent cache) are not searched.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise UsageError(f"image folder not found: {root}")
+    images = _find_images(root)
+    metadata = root / METADATA_FILE
+    captions = _read_metadata(metadata) if metadata.is_file() else None
+
+    scan = ImageFolderScan(root=root)
+    if captions is not None:
+        present = {_relpath(root, p) for p in images}
+        for rel in sorted(set(captions) - present):
+            scan.skipped.append((root / rel, f"listed in {METADATA_FILE} but not found"))
+    for path in images:
+        caption, reason = _caption_for(root, path, captions)
+        if caption is None:
+            scan.skipped.append((path, reason))
+        elif (problem := _verify_image(path)) is not None:
+            scan.skipped.append((path, problem))
+        else:
+            scan.items.append((path, caption))
+    if not scan.items:
+        raise DmdError(f"no images with captions in {root}")
+    return scan
+
+
+def _relpath(root: Path, path: Path) -> str:
+    """Path relative to the folder root, with forward slashes (as in metadata.jsonl)."""
+    return path.relative_to(root).as_posix()
+
+
+def _find_images(root: Path) -> list[Path]:
+    """Image files under `root`, sorted by relative path; hidden folders are pruned."""
+    found = []
+    for folder, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        found += [Path(folder, f) for f in filenames if Path(f).suffix.lower() in IMAGE_SUFFIXES]
+    return sorted(found, key=lambda p: _relpath(root, p))
+
+
+def _read_metadata(path: Path) -> dict[str, str]:
+    """Map of relative file name -> caption from a metadata.jsonl file ("" = no caption)."""
+    try:
+        lines = path.read_text(encoding="utf-8-sig").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"cannot read {path}: {exc}") from None
+    captions: dict[str, str] = {}
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise UsageError(f"{path}, line {number}: invalid JSON ({exc.msg})") from None
+        if not isinstance(record, dict) or not isinstance(record.get("file_name"), str):
+            raise UsageError(f"{path}, line {number}: expected a JSON object with a 'file_name' string")
+        caption = next((record[k] for k in CAPTION_FIELDS if k in record), None)
+        if caption is None:
+            raise UsageError(f"{path}, line {number}: no 'text', 'caption' or 'prompt' field")
+        if not isinstance(caption, str):
+            raise UsageError(f"{path}, line {number}: the caption is not a string")
+        name = PurePosixPath(record["file_name"].replace("\\", "/"))
+        captions[str(PurePosixPath(*[part for part in name.parts if part != "."]))] = _clean(caption)
+    return captions
+
+
+def _caption_for(root: Path, path: Path, metadata: dict[str, str] | None) -> tuple[str | None, str]:
+    """(caption, "") or (None, reason) for one image."""
+    if metadata is not None:
+        caption = metadata.get(_relpath(root, path), "")
+    else:
+        txt = path.with_suffix(".txt")
+        if not txt.is_file():
+            return None, "no caption"
+        try:
+            caption = _clean(txt.read_text(encoding="utf-8-sig"))
+        except (OSError, UnicodeDecodeError) as exc:
+            return None, f"unreadable caption file {txt.name}: {exc}"
+    return (caption, "") if caption else (None, "no caption")
+
+
+def _clean(caption: str) -> str:
+    """Caption with runs of whitespace (newlines in .txt files too) made single spaces."""
+    return " ".join(caption.split())
+
+
+def _verify_image(path: Path) -> str | None:
+    """None when PIL can open and verify the file, else the reason it is unusable.
+
+    verify() checks structure without decoding pixels, so a scan stays cheap; a file that
+    still fails to decode later is skipped while building the latent cache.
+    """
+    try:
+        with Image.open(path) as img:
+            img.verify()
+    except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, ... on bad files
+        return f"unreadable: {exc}"
+    return None
+
+
+# ----------------------------------------------------------------------------- images
+
+
+def load_image(path: str | Path, resolution: int) -> Tensor:
+    """Load an image as float32 [3, R, R] in [-1, 1], R = `resolution`.
+
+    The image is turned upright by its EXIF orientation, converted to RGB, center-cropped to
+    a square (the long edge is cut to the short one) and resized with LANCZOS.
+    Raises DmdError naming the file when it cannot be decoded.
+    """
+    try:
+        with Image.open(path) as img:
+            img = ImageOps.exif_transpose(img).convert("RGB")
+    except Exception as exc:  # see _verify_image
+        raise DmdError(f"cannot read image {path}: {exc}") from None
+    side = min(img.size)
+    left, top = (img.width - side) // 2, (img.height - side) // 2
+    img = img.crop((left, top, left + side, top + side))
+    if side != resolution:
+        img = img.resize((resolution, resolution), Image.Resampling.LANCZOS)
+    pixels = np.asarray(img, dtype=np.float32) / 127.5 - 1.0  # [R, R, 3] in [-1, 1]
+    return torch.from_numpy(pixels).permute(2, 0, 1).contiguous()
+
+
+# ----------------------------------------------------------------------------- latent dataset
+
+
+class RealLatents(Dataset):
+    """Cached latents of real images with their captions.
+
+    `latents` is float32 [N, C, h, w]; item i is (latents[i] [C, h, w], caption str).
+    """
+
+    def __init__(self, latents: Tensor, captions: list[str], paths: list[str] | None = None,
+                 cache_path: Path | None = None) -> None:
+        if latents.ndim != 4 or latents.shape[0] != len(captions):
+            raise ValueError(f"latents {tuple(latents.shape)} do not match {len(captions)} captions")
+        self.latents = latents
+        self._captions = list(captions)
+        self.paths = list(paths) if paths is not None else []  # relative to the image folder
+        self.cache_path = cache_path  # the cache folder these came from (None if not cached)
+
+    def __len__(self) -> int:
+        return len(self._captions)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, str]:
+        return self.latents[index], self._captions[index]
+
+    @property
+    def captions(self) -> list[str]:
+        """Captions in dataset order."""
+        return self._captions
+
+
+# ----------------------------------------------------------------------------- latent cache
+
+
+def latent_cache_key(scan: ImageFolderScan, encoder_id: str, resolution: int) -> str:
+    """16 hex chars of sha256 over the encoder, the resolution and every item's
+    (relative path, file size, mtime_ns, caption), so any change gives a new cache."""
+    return _hash_inputs(_key_inputs(scan, encoder_id, resolution))
+
+
+def _hash_inputs(inputs: dict) -> str:
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _key_inputs(scan: ImageFolderScan, encoder_id: str, resolution: int) -> dict:
+    files = []
+    for path, caption in scan.items:
+        st = path.stat()
+        files.append([_relpath(scan.root, path), st.st_size, st.st_mtime_ns, caption])
+    return {"encoder_id": encoder_id, "resolution": resolution, "files": sorted(files)}
+
+
+def load_or_build_latents(
+    root: str | Path,
+    resolution: int,
+    encode: Callable[[Tensor], Tensor],
+    encoder_id: str,
+    cache_dir: Path | None = None,
+    batch_size: int = 8,
+    shard_size: int = 1024,
+    progress: Callable[[int, int], None] | None = None,
+) -> tuple[RealLatents, ImageFolderScan]:
+    """Latents of the captioned images in `root`, from the cache or encoded now.
+
+    `encode` maps float32 CPU images [B, 3, R, R] in [-1, 1] to latents [B, C, h, w] (the
+    caller handles device, dtype, posterior sampling and the scaling factor); results are
+    kept as float32 on the CPU. The cache is `cache_dir/<key>/` (default cache_dir:
+    `root/.dmd-cache`) and is only used once its manifest exists; a hit never calls `encode`.
+    `progress(done, total)` is called after each encoded batch. Images that pass the scan
+    but fail to decode are moved to `scan.skipped` (and remembered by the cache).
+    """
+    scan = scan_image_folder(root)
+    cache_root = Path(cache_dir) if cache_dir is not None else scan.root / CACHE_DIRNAME
+    inputs = _key_inputs(scan, encoder_id, resolution)
+    key = _hash_inputs(inputs)
+    final = cache_root / key
+    if not (final / MANIFEST_FILE).is_file():
+        _build_cache(scan, inputs, key, final, resolution, encode, batch_size, shard_size, progress)
+    latents, build_skipped = _load_cache(final)
+    _apply_build_skips(scan, build_skipped)
+    return latents, scan
+
+
+def _build_cache(scan: ImageFolderScan, inputs: dict, key: str, final: Path, resolution: int,
+                 encode: Callable[[Tensor], Tensor], batch_size: int, shard_size: int,
+                 progress: Callable[[int, int], None] | None) -> None:
+    """Encode every item and publish the cache atomically at `final`."""
+    latents, kept, failed = _encode_items(scan, resolution, encode, batch_size, progress)
+    if not kept:
+        raise DmdError(f"no images with captions in {scan.root} could be decoded")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    # A unique temporary folder beside the final one: an interrupted build leaves only this,
+    # which is never read as a cache, and ranks building at once do not collide.
+    tmp = final.parent / f".{key}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        shards = _write_shards(tmp, latents, kept, shard_size)
+        manifest = {
+            "format": CACHE_FORMAT,
+            "key": key,
+            "encoder_id": inputs["encoder_id"],
+            "resolution": resolution,
+            "count": len(kept),
+            "latent_shape": list(latents.shape[1:]),
+            "shards": shards,
+            "key_inputs": inputs,
+            "skipped": failed,
+        }
+        # The manifest goes last: a folder without one is never a finished cache.
+        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
+        _publish(tmp, final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _encode_items(scan: ImageFolderScan, resolution: int, encode: Callable[[Tensor], Tensor],
+                  batch_size: int, progress: Callable[[int, int], None] | None,
+                  ) -> tuple[Tensor, list[tuple[str, str]], list[list[str]]]:
+    """Encode all items in batches: (latents float32 [N, C, h, w], kept (relpath, caption),
+    failed [relpath, reason])."""
+    chunks: list[Tensor] = []
+    kept: list[tuple[str, str]] = []
+    failed: list[list[str]] = []
+    total = len(scan.items)
+    for start in range(0, total, batch_size):
+        images = []
+        for path, caption in scan.items[start:start + batch_size]:
+            rel = _relpath(scan.root, path)
+            try:
+                images.append(load_image(path, resolution))
+            except DmdError as exc:  # passed verify() but does not decode (e.g. truncated)
+                failed.append([rel, f"unreadable: {exc}"])
+                continue
+            kept.append((rel, caption))
+        if images:
+            with torch.no_grad():
+                out = encode(torch.stack(images))
+            if not isinstance(out, Tensor) or out.ndim != 4 or out.shape[0] != len(images):
+                raise ValueError(f"encode returned {getattr(out, 'shape', type(out))} for {len(images)} images")
+            chunks.append(out.detach().to("cpu", torch.float32).contiguous())
+        if progress is not None:
+            progress(min(start + batch_size, total), total)
+    latents = torch.cat(chunks) if chunks else torch.empty(0, 0, 0, 0)
+    return latents, kept, failed
+
+
+def _write_shards(folder: Path, latents: Tensor, kept: list[tuple[str, str]],
+                  shard_size: int) -> list[dict]:
+    """Write latents [N, C, h, w] as shards of at most `shard_size`; returns their manifest entries."""
+    shards = []
+    for index, start in enumerate(range(0, len(kept), shard_size)):
+        part = kept[start:start + shard_size]
+        name = f"latents-{index:05d}.safetensors"
+        metadata = {
+            "captions": json.dumps([caption for _, caption in part]),
+            "paths": json.dumps([rel for rel, _ in part]),
+        }
+        save_file({"latents": latents[start:start + len(part)].contiguous()}, str(folder / name), metadata=metadata)
+        shards.append({"file": name, "count": len(part)})
+    return shards
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    """Move the finished `tmp` folder to `final`.
+
+    A `final` without a manifest is debris (e.g. copied by hand) and is replaced; if another
+    process published a complete cache first, ours is dropped (the caller removes `tmp`).
+    """
+    if final.exists() and not (final / MANIFEST_FILE).is_file():
+        shutil.rmtree(final, ignore_errors=True)
+    try:
+        os.replace(tmp, final)
+    except OSError as exc:
+        if not (final / MANIFEST_FILE).is_file():
+            raise DmdError(f"cannot write latent cache {final}: {exc.strerror or exc}") from None
+
+
+def _load_cache(folder: Path) -> tuple[RealLatents, dict[str, str]]:
+    """Read a finished cache folder (manifest + shards) into memory; also returns the
+    images that failed to decode while it was built (relative path -> reason)."""
+    hint = f"delete the cache folder {folder} and run again"
+    try:
+        manifest = json.loads((folder / MANIFEST_FILE).read_text(encoding="utf-8"))
+        shards = [(entry["file"], int(entry["count"])) for entry in manifest["shards"]]
+        build_skipped = {str(rel): str(reason) for rel, reason in manifest.get("skipped", [])}
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise DmdError(f"latent cache manifest {folder / MANIFEST_FILE} is unreadable ({exc}); {hint}") from None
+    tensors, captions, paths = [], [], []
+    for name, count in shards:
+        latents, shard_captions, shard_paths = _read_shard(folder / name, hint)
+        if latents.shape[0] != count or len(shard_captions) != count:
+            raise DmdError(f"latent cache shard {folder / name} holds {latents.shape[0]} latents, "
+                           f"expected {count}; {hint}")
+        tensors.append(latents)
+        captions += shard_captions
+        paths += shard_paths
+    if not tensors:
+        raise DmdError(f"latent cache {folder} lists no shards; {hint}")
+    return RealLatents(torch.cat(tensors), captions, paths, cache_path=folder), build_skipped
+
+
+def _read_shard(path: Path, hint: str) -> tuple[Tensor, list[str], list[str]]:
+    """One shard: (latents float32 [n, C, h, w], captions, relative paths)."""
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+        latents = load_file(str(path))["latents"].to(torch.float32)
+        captions = json.loads(metadata["captions"])
+        paths = json.loads(metadata.get("paths", "[]")) or [""] * len(captions)
+    except Exception as exc:  # safetensors raises its own error type for a corrupt header
+        raise DmdError(f"latent cache shard {path} is unreadable ({exc}); {hint}") from None
+    if latents.ndim != 4 or not isinstance(captions, list) or len(paths) != len(captions):
+        raise DmdError(f"latent cache shard {path} has an unexpected layout; {hint}")
+    return latents, [str(c) for c in captions], [str(p) for p in paths]
+
+
+def _apply_build_skips(scan: ImageFolderScan, failed: dict[str, str]) -> None:
+    """Move the images that failed to decode during the build from scan.items to scan.skipped,
+    so the scan matches the dataset on a cache hit as well as on a fresh build."""
+    if not failed:
+        return
+    keep = []
+    for path, caption in scan.items:
+        rel = _relpath(scan.root, path)
+        if rel in failed:
+            scan.skipped.append((path, failed[rel]))
+        else:
+            keep.append((path, caption))
+    scan.items = keep

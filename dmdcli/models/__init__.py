@@ -1,0 +1,1 @@
+"""Model helpers: building, loading and describing the diffusion pipelines that dmd distills."""

@@ -1,0 +1,131 @@
+"""One DMD2 training iteration: generator update on every `fake_updates_per_gen`-th iteration
+(the two time-scale rule), fake score + classifier head update on every iteration.
+
+Model-agnostic: it sees denoisers, conditionings and optimizers, never a UNet or a file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from dmdcli.core.denoiser import Cond, Denoiser
+from dmdcli.core.dmd2 import DMD2
+from dmdcli.core.sampler import backward_simulation, generator_x0
+from dmdcli.core.schedule import as_timestep_tensor
+
+
+@contextlib.contextmanager
+def frozen(params: Iterable[nn.Parameter]) -> Iterator[None]:
+    """Temporarily stop gradients into `params` (the fake score during the generator update).
+
+    The generator's GAN loss backpropagates *through* the fake score to the generator; the fake
+    score must not collect those gradients, and not storing them saves memory.
+    """
+    params = [p for p in params if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
+def simulation_step(seed: int, iteration: int, num_steps: int) -> int:
+    """The backward-simulation step index for an iteration.
+
+    Drawn from (seed, iteration) alone, so every process picks the same index without
+    communicating, and a resumed run picks the same indices as an uninterrupted one.
+    """
+    if num_steps == 1:
+        return 0
+    g = torch.Generator().manual_seed(seed * 1_000_003 + iteration)
+    return int(torch.randint(0, num_steps, (1,), generator=g))
+
+
+@dataclass
+class Batch:
+    """What one iteration consumes. Tensors are on the training device.
+
+    noise [B, ...]: the generator's initial noise; cond / uncond: prompt and empty-prompt
+    conditionings for the generator and the real score; x_real [B', ...] and real_cond: real
+    latents and their captions' conditioning for the GAN (None without real data).
+    """
+
+    noise: Tensor
+    cond: Cond
+    uncond: Cond | None = None
+    x_real: Tensor | None = None
+    real_cond: Cond | None = None
+
+
+class DMD2Step:
+    """Owns the optimizers and the update schedule of one DMD2 run."""
+
+    def __init__(
+        self,
+        dmd2: DMD2,
+        generator: Denoiser,
+        timesteps: Sequence[int],
+        generator_params: list[nn.Parameter],
+        fake_params: list[nn.Parameter],
+        generator_optimizer: torch.optim.Optimizer,
+        fake_optimizer: torch.optim.Optimizer,
+        *,
+        fake_updates_per_gen: int = 5,
+        max_grad_norm: float = 10.0,
+        seed: int = 0,
+        backward=None,
+        autocast=contextlib.nullcontext,
+    ):
+        self.dmd2, self.generator, self.timesteps = dmd2, generator, list(timesteps)
+        self.generator_params, self.fake_params = generator_params, fake_params
+        self.generator_optimizer, self.fake_optimizer = generator_optimizer, fake_optimizer
+        self.fake_updates_per_gen = fake_updates_per_gen
+        self.max_grad_norm = max_grad_norm
+        self.seed = seed
+        self.backward = backward or (lambda loss: loss.backward())
+        self.autocast = autocast
+
+    def is_generator_iteration(self, iteration: int) -> bool:
+        return iteration % self.fake_updates_per_gen == 0
+
+    def _update(self, loss: Tensor, params: list[nn.Parameter], optimizer: torch.optim.Optimizer) -> float:
+        self.backward(loss)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return float(grad_norm)
+
+    def __call__(self, batch: Batch, iteration: int) -> dict[str, float]:
+        """Run iteration `iteration`; returns the loss terms and gradient norms as floats."""
+        schedule, logs = self.dmd2.schedule, {}
+        k = simulation_step(self.seed, iteration, len(self.timesteps))
+        x_t = backward_simulation(self.generator, schedule, batch.noise, batch.cond, self.timesteps, k)
+        t = as_timestep_tensor(self.timesteps[k], x_t.shape[0], x_t.device)
+
+        terms: dict[str, Tensor] = {}
+        if self.is_generator_iteration(iteration):
+            with self.autocast(), frozen(self.fake_params):
+                x = generator_x0(self.generator, schedule, x_t, t, batch.cond)
+                terms = self.dmd2.generator_losses(x, batch.cond, batch.uncond)
+        if terms:  # no terms when DM and GAN are both off (an ablation): the generator stays put
+            loss = self.dmd2.weighted_total(terms)
+            logs["grad_norm_generator"] = self._update(loss, self.generator_params, self.generator_optimizer)
+            logs.update({f"loss_{k}": v.item() for k, v in terms.items()})
+            x = x.detach()
+        else:
+            with torch.no_grad(), self.autocast():
+                x = generator_x0(self.generator, schedule, x_t, t, batch.cond)
+
+        with self.autocast():
+            terms = self.dmd2.fake_score_losses(x, batch.cond, batch.x_real, batch.real_cond)
+            loss = self.dmd2.weighted_total(terms)
+        logs["grad_norm_fake"] = self._update(loss, self.fake_params, self.fake_optimizer)
+        logs.update({f"loss_{k}": v.item() for k, v in terms.items()})
+        return logs

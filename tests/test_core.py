@@ -1,0 +1,125 @@
+"""The DMD2 math on fixed tensors, and the schedule conversions."""
+
+import pytest
+import torch
+
+from dmdcli.core import losses
+from dmdcli.core.dmd2 import DMD2, DMD2Config
+from dmdcli.core.gan_head import ClassifierHead
+from dmdcli.core.sampler import backward_simulation, sample
+from dmdcli.core.schedule import NoiseSchedule, student_timesteps
+from dmdcli.models.toy import toy_schedule
+
+
+def test_distribution_matching_grad_matches_hand_formula():
+    x = torch.tensor([[[[1.0, 2.0], [3.0, 4.0]]], [[[0.5, -0.5], [1.5, -1.5]]]])  # [2, 1, 2, 2]
+    x0_real = torch.tensor([[[[0.0, 1.0], [1.0, 2.0]]], [[[0.0, 0.0], [0.0, 0.0]]]])
+    x0_fake = torch.tensor([[[[1.0, 1.0], [2.0, 2.0]]], [[[1.0, 1.0], [1.0, 1.0]]]])
+    # By hand: p_real = x − x0_real; p_fake = x − x0_fake; grad = (p_real − p_fake) / mean|p_real|
+    # sample 0: p_real = [1,1,2,2] (mean 1.5), p_real − p_fake = x0_fake − x0_real = [1,0,1,0]
+    # sample 1: p_real = [.5,-.5,1.5,-1.5] (mean |.| = 1.0), difference = [1,1,1,1]
+    expected = torch.tensor([[[[1 / 1.5, 0.0], [1 / 1.5, 0.0]]], [[[1.0, 1.0], [1.0, 1.0]]]])
+    grad = losses.distribution_matching_grad(x, x0_real, x0_fake)
+    torch.testing.assert_close(grad, expected)
+
+    # The 0.5·MSE target trick: d loss / d x = grad / numel
+    x = x.clone().requires_grad_(True)
+    losses.distribution_matching_loss(x, grad).backward()
+    torch.testing.assert_close(x.grad, expected / x.numel())
+
+
+def test_distribution_matching_grad_zero_normalizer_gives_zero_not_nan():
+    x = torch.ones(1, 4)
+    grad = losses.distribution_matching_grad(x, x, x + 1)
+    assert torch.isfinite(grad).all() and (grad == 0).all()
+
+
+def test_gan_losses_by_hand():
+    lr, lf = torch.tensor([2.0, -1.0]), torch.tensor([0.5, 0.0])
+    sp = lambda v: torch.log1p(torch.exp(torch.tensor(v)))  # noqa: E731
+    expected_d = (sp(0.5) + sp(0.0)) / 2 + (sp(-2.0) + sp(1.0)) / 2
+    torch.testing.assert_close(losses.gan_discriminator_loss(lr, lf), expected_d)
+    torch.testing.assert_close(losses.gan_generator_loss(lf), (sp(-0.5) + sp(0.0)) / 2)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_schedule_round_trip(prediction_type):
+    schedule = NoiseSchedule(toy_schedule().alphas_cumprod, prediction_type)
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(5, 3, 4, 4, generator=g), torch.randn(5, 3, 4, 4, generator=g)
+    t = torch.tensor([0, 10, 500, 900, 999])
+    x_t = schedule.add_noise(x0, noise, t)
+    # A perfect denoiser outputs schedule.target; converting it back must give x0 exactly.
+    torch.testing.assert_close(schedule.to_x0(x_t, schedule.target(x0, noise, t), t), x0, atol=1e-4, rtol=1e-4)
+
+
+def test_schedule_from_sd_scheduler_config():
+    config = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
+              "beta_schedule": "scaled_linear", "prediction_type": "v_prediction"}
+    schedule = NoiseSchedule.from_scheduler_config(config)
+    betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
+    torch.testing.assert_close(schedule.alphas_cumprod, torch.cumprod(1 - betas, 0), rtol=1e-6, atol=1e-7)
+    assert schedule.prediction_type == "v_prediction"
+
+
+def test_student_timesteps():
+    assert student_timesteps(4) == [999, 749, 499, 249]
+    assert student_timesteps(2) == [999, 499]
+    assert student_timesteps(1, conditioning_timestep=399) == [399]
+    assert student_timesteps(1) == [999]
+    with pytest.raises(ValueError):
+        student_timesteps(0)
+
+
+class _Echo(torch.nn.Module):
+    """x0-predicting test denoiser: returns its input scaled, and records the timesteps it saw."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def forward(self, x_t, t, cond):
+        self.seen.append(t.tolist())
+        return 0.5 * x_t
+
+
+def test_sampler_and_backward_simulation_follow_the_timesteps():
+    schedule = NoiseSchedule(toy_schedule().alphas_cumprod, "sample")
+    gen, timesteps = _Echo(), [999, 749, 499, 249]
+    x = sample(gen, schedule, torch.ones(2, 3), {}, timesteps, draw_noise=torch.zeros_like)
+    assert gen.seen == [[t, t] for t in timesteps]
+    # With zero re-noising noise, each step scales by 0.5 and re-noises to sqrt(ᾱ_next)·x0.
+    a = schedule.alphas_cumprod
+    expected = 0.5 * torch.ones(2, 3)
+    for t_next in timesteps[1:]:
+        expected = 0.5 * (a[t_next].sqrt() * expected)
+    torch.testing.assert_close(x, expected.float())
+
+    gen.seen.clear()
+    x_t = backward_simulation(gen, schedule, torch.ones(2, 3), {}, timesteps, 2, draw_noise=torch.zeros_like)
+    assert gen.seen == [[999, 999], [749, 749]]  # two generator steps, then noised to t = 499
+    x0_after_two = 0.5 * (a[749].sqrt() * 0.5)
+    torch.testing.assert_close(x_t, (a[499].sqrt() * x0_after_two * torch.ones(2, 3)).float())
+    assert backward_simulation(gen, schedule, torch.ones(2, 3), {}, timesteps, 0) is not None
+
+
+def test_real_score_cfg_is_uncond_plus_scale_times_difference():
+    schedule = NoiseSchedule(toy_schedule().alphas_cumprod, "sample")
+
+    class CondShift(torch.nn.Module):  # predicts x_t + c, so cond and uncond differ by c
+        def forward(self, x_t, t, cond):
+            return x_t + cond["c"].view(-1, 1)
+
+    dmd2 = DMD2(schedule, CondShift(), CondShift(), config=DMD2Config(guidance_scale=3.0))
+    x_t, t = torch.zeros(2, 2), torch.tensor([10, 20])
+    x0 = dmd2.real_x0(x_t, t, {"c": torch.tensor([1.0, 2.0])}, {"c": torch.tensor([0.0, 0.0])})
+    torch.testing.assert_close(x0, torch.tensor([[3.0, 3.0], [6.0, 6.0]]))
+
+
+@pytest.mark.parametrize("size,convs", [(32, 4), (8, 2), (2, 0)])
+def test_classifier_head_follows_reference_layout(size, convs):
+    head = ClassifierHead(64, size)
+    n_conv = sum(isinstance(m, torch.nn.Conv2d) for m in head.modules()) - 1  # minus the 1×1 logit conv
+    assert n_conv == convs  # SDXL 32²: three stride-2 + one stride-4; SD1.5 8²: one + one
+    assert head(torch.randn(3, 64, size, size)).shape == (3,)
+    assert ClassifierHead.for_features(torch.randn(3, 16)).forward(torch.randn(3, 16)).shape == (3,)
