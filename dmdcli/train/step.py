@@ -77,6 +77,8 @@ class DMD2Step:
         generator_optimizer: torch.optim.Optimizer,
         fake_optimizer: torch.optim.Optimizer,
         *,
+        generator_lr_scheduler=None,
+        fake_lr_scheduler=None,
         fake_updates_per_gen: int = 5,
         max_grad_norm: float = 10.0,
         seed: int = 0,
@@ -86,6 +88,7 @@ class DMD2Step:
         self.dmd2, self.generator, self.timesteps = dmd2, generator, list(timesteps)
         self.generator_params, self.fake_params = generator_params, fake_params
         self.generator_optimizer, self.fake_optimizer = generator_optimizer, fake_optimizer
+        self.generator_lr_scheduler, self.fake_lr_scheduler = generator_lr_scheduler, fake_lr_scheduler
         self.fake_updates_per_gen = fake_updates_per_gen
         self.max_grad_norm = max_grad_norm
         self.seed = seed
@@ -95,11 +98,13 @@ class DMD2Step:
     def is_generator_iteration(self, iteration: int) -> bool:
         return iteration % self.fake_updates_per_gen == 0
 
-    def _update(self, loss: Tensor, params: list[nn.Parameter], optimizer: torch.optim.Optimizer) -> float:
+    def _update(self, loss: Tensor, params: list[nn.Parameter], optimizer: torch.optim.Optimizer, lr_scheduler) -> float:
         self.backward(loss)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if lr_scheduler is not None:  # warm-up counts this optimizer's own updates
+            lr_scheduler.step()
         return float(grad_norm)
 
     def __call__(self, batch: Batch, iteration: int) -> dict[str, float]:
@@ -116,7 +121,9 @@ class DMD2Step:
                 terms = self.dmd2.generator_losses(x, batch.cond, batch.uncond)
         if terms:  # no terms when DM and GAN are both off (an ablation): the generator stays put
             loss = self.dmd2.weighted_total(terms)
-            logs["grad_norm_generator"] = self._update(loss, self.generator_params, self.generator_optimizer)
+            logs["grad_norm_generator"] = self._update(
+                loss, self.generator_params, self.generator_optimizer, self.generator_lr_scheduler
+            )
             logs.update({f"loss_{k}": v.item() for k, v in terms.items()})
             x = x.detach()
         else:
@@ -126,6 +133,6 @@ class DMD2Step:
         with self.autocast():
             terms = self.dmd2.fake_score_losses(x, batch.cond, batch.x_real, batch.real_cond)
             loss = self.dmd2.weighted_total(terms)
-        logs["grad_norm_fake"] = self._update(loss, self.fake_params, self.fake_optimizer)
+        logs["grad_norm_fake"] = self._update(loss, self.fake_params, self.fake_optimizer, self.fake_lr_scheduler)
         logs.update({f"loss_{k}": v.item() for k, v in terms.items()})
         return logs

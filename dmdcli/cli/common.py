@@ -1,0 +1,42 @@
+"""What every subcommand shares: error reporting and the JSON line on stdout."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from typing import Any, Callable
+
+import typer
+
+from dmdcli.cli.ui import stderr_console
+from dmdcli.errors import DmdError
+
+DEBUG = {"on": False}  # set by the app's --debug option
+
+
+def handle_errors(command: Callable) -> Callable:
+    """Turn DmdError into one line on stderr and its exit code; Ctrl-C into exit 130."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except DmdError as e:
+            if DEBUG["on"]:
+                raise
+            stderr_console().print(f"[bold red]error:[/] {e}", soft_wrap=True)
+            raise typer.Exit(e.exit_code) from None
+        except KeyboardInterrupt:
+            if DEBUG["on"]:
+                raise
+            stderr_console().print("interrupted")
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def print_json(record: dict[str, Any]) -> None:
+    """One JSON object on one line of stdout (the only thing commands print there)."""
+    sys.stdout.write(json.dumps(record) + "\n")
+    sys.stdout.flush()

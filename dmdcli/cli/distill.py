@@ -1,0 +1,76 @@
+"""`dmd distill`: turn a diffusers teacher into a few-step student with DMD2."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from dmdcli.cli.common import handle_errors, print_json
+from dmdcli.cli.ui import RichUI
+from dmdcli.models.teacher import TEACHER_ALIASES
+from dmdcli.train.config import list_recipes, resolve_config
+
+HELP = f"""Distill a teacher into a 1- to 4-step student with DMD2.
+
+Options override the recipe's keys of the same name; the resolved configuration is written to
+OUT/config.toml. Built-in recipes: {", ".join(list_recipes()) or "none"}.
+
+Example: dmd distill --recipe sdxl-4step-lora --prompts prompts.txt --data images/ --out runs/sdxl4
+"""
+
+ALIASES = ", ".join(f"{k} = {v}" for k, v in TEACHER_ALIASES.items())
+MODEL, OBJ, OPT, OUT = "Teacher and data", "DMD2 objective", "Optimization", "Outputs"
+
+
+def _opt(help: str, panel: str, *names: str):
+    return typer.Option(*names, help=help, rich_help_panel=panel, show_default=False)
+
+
+@handle_errors
+def distill(
+    recipe: Annotated[Optional[str], _opt("Recipe name (see above) or path to a TOML file.", MODEL, "--recipe")] = None,
+    teacher: Annotated[Optional[str], _opt(f"Diffusers pipeline folder or hub id; aliases: {ALIASES}.", MODEL, "--teacher")] = None,
+    steps: Annotated[Optional[int], _opt("Student sampling steps (default 1).", MODEL, "--steps")] = None,
+    conditioning_timestep: Annotated[Optional[int], _opt("Timestep a 1-step student is told (399 SDXL, 999 SD).", MODEL, "--conditioning-timestep")] = None,
+    prompts: Annotated[Optional[str], _opt("Prompts file: one a line, or JSON lines with prompt/text.", MODEL, "--prompts")] = None,
+    data: Annotated[Optional[str], _opt("Folder of captioned real images for the GAN term (.txt beside each, or metadata.jsonl).", MODEL, "--data")] = None,
+    resolution: Annotated[Optional[int], _opt("Training resolution in pixels (default: the teacher's).", MODEL, "--resolution")] = None,
+    allow_pickle: Annotated[Optional[bool], _opt("Allow teacher weights stored as pickle files.", MODEL, "--allow-pickle")] = None,
+    guidance_scale: Annotated[Optional[float], _opt("Real-score CFG scale s: uncond + s·(cond − uncond) (default 1.75).", OBJ, "--guidance-scale")] = None,
+    dm_weight: Annotated[Optional[float], _opt("Distribution-matching loss weight (default 1).", OBJ, "--dm-weight")] = None,
+    gan_generator_weight: Annotated[Optional[float], _opt("GAN generator loss weight (default 1e-3).", OBJ, "--gan-generator-weight")] = None,
+    gan_discriminator_weight: Annotated[Optional[float], _opt("GAN discriminator loss weight (default 1e-2).", OBJ, "--gan-discriminator-weight")] = None,
+    diffusion_gan: Annotated[Optional[bool], _opt("Noise latents before the classifier.", OBJ, "--diffusion-gan/--no-diffusion-gan")] = None,
+    diffusion_gan_max_timestep: Annotated[Optional[int], _opt("Upper bound of the diffusion-GAN timesteps (default 1000).", OBJ, "--diffusion-gan-max-timestep")] = None,
+    fake_updates_per_gen: Annotated[Optional[int], _opt("Fake score updates per generator update (default 10).", OBJ, "--fake-updates-per-gen")] = None,
+    lora_rank: Annotated[Optional[int], _opt("Train the generator as a LoRA of this rank (default 0: full).", OPT, "--lora-rank")] = None,
+    lora_alpha: Annotated[Optional[float], _opt("LoRA alpha (default: the rank).", OPT, "--lora-alpha")] = None,
+    iterations: Annotated[Optional[int], _opt("Training iterations (default 1000).", OPT, "--iterations")] = None,
+    batch_size: Annotated[Optional[int], _opt("Per-process batch size (default 2).", OPT, "--batch-size")] = None,
+    lr: Annotated[Optional[float], _opt("Generator learning rate (default 1e-5).", OPT, "--lr")] = None,
+    fake_lr: Annotated[Optional[float], _opt("Fake score learning rate (default: --lr).", OPT, "--fake-lr")] = None,
+    warmup_steps: Annotated[Optional[int], _opt("Linear LR warm-up updates (default 500).", OPT, "--warmup-steps")] = None,
+    max_grad_norm: Annotated[Optional[float], _opt("Gradient clipping norm (default 10).", OPT, "--max-grad-norm")] = None,
+    mixed_precision: Annotated[Optional[str], _opt("bf16 | no | auto (bf16 on CUDA, fp32 on CPU).", OPT, "--mixed-precision")] = None,
+    gradient_checkpointing: Annotated[Optional[bool], _opt("Recompute activations to save memory.", OPT, "--gradient-checkpointing/--no-gradient-checkpointing")] = None,
+    seed: Annotated[Optional[int], _opt("Random seed (default 0).", OPT, "--seed")] = None,
+    out: Annotated[Optional[str], _opt("Run folder (default runs/<teacher>-<steps>step).", OUT, "--out")] = None,
+    overwrite: Annotated[bool, _opt("Replace a run already in --out.", OUT, "--overwrite")] = False,
+    log_every: Annotated[Optional[int], _opt("Write metrics every N iterations (default 10).", OUT, "--log-every")] = None,
+    sample_every: Annotated[Optional[int], _opt("Write a sample grid every N iterations (default 250; 0: end only).", OUT, "--sample-every")] = None,
+    grid_size: Annotated[Optional[int], _opt("Images per sample grid (default 4).", OUT, "--grid-size")] = None,
+    json_out: Annotated[bool, _opt("Print one JSON summary line on stdout at the end.", OUT, "--json")] = False,
+    quiet: Annotated[bool, _opt("No progress or messages on stderr.", OUT, "--quiet", "-q")] = False,
+) -> None:
+    overrides = {k: v for k, v in locals().items() if k not in ("recipe", "overwrite", "json_out", "quiet")}
+    config = resolve_config(recipe, overrides)
+
+    # Imported here so that `dmd --help` and usage errors stay instant (torch is slow to import).
+    from dmdcli.train.distill import Distillation
+
+    ui = RichUI(quiet=quiet)
+    summary = Distillation(config, ui, overwrite=overwrite).run()
+    ui.message(f"student: {summary['student']}  (samples: {summary['grid']})")
+    if json_out:
+        print_json(summary)

@@ -1,0 +1,50 @@
+"""Talking to the user: messages and progress on stderr (stdout stays for data), rich-rendered."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+
+def stderr_console() -> Console:
+    return Console(stderr=True, highlight=False)
+
+
+def format_logs(logs: dict | None) -> str:
+    """Loss terms, short: `dm 0.512 denoise 0.093`."""
+    if not logs:
+        return ""
+    return " ".join(f"{k.removeprefix('loss_')} {v:.3g}" for k, v in logs.items() if k.startswith("loss_"))
+
+
+class RichUI:
+    """Messages as plain lines and long work as a progress bar with ETA and the latest losses."""
+
+    def __init__(self, quiet: bool = False):
+        self.console = stderr_console()
+        self.quiet = quiet
+
+    def message(self, text: str) -> None:
+        if not self.quiet:
+            self.console.print(text, markup=False)
+
+    @contextlib.contextmanager
+    def task(self, description: str, total: int) -> Iterator:
+        progress = Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[logs]}"),
+            console=self.console, disable=self.quiet, transient=False,
+        )
+        with progress:
+            task = progress.add_task(description, total=total or None, logs="")
+
+            def update(done: int, logs: dict | None = None) -> None:
+                fields = {"logs": format_logs(logs)}
+                if logs and "total" in logs:
+                    fields["total"] = logs["total"]
+                progress.update(task, completed=done, **fields)
+
+            yield update

@@ -1,0 +1,214 @@
+"""Load a diffusers text-to-image teacher (SD or SDXL layout) and wrap its text and image codecs.
+
+The teacher's UNet becomes the real score; copies of it become the fake score and the
+generator. Everything else a run needs from the pipeline — prompt conditioning, the empty-prompt
+conditioning for CFG, VAE encode/decode, the noise schedule — is exposed here, so the engine
+only ever sees tensors.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from dmdcli.core.denoiser import Cond
+from dmdcli.core.schedule import NoiseSchedule
+from dmdcli.errors import DmdError, UsageError
+
+SDXL_BASE = "stabilityai/stable-diffusion-xl-base-1.0"
+TEACHER_ALIASES = {
+    "sd15": "stable-diffusion-v1-5/stable-diffusion-v1-5",
+    "sd21": "stabilityai/stable-diffusion-2-1",
+    "sdxl": SDXL_BASE,
+    "stabilityai/sdxl": SDXL_BASE,  # the spelling users type from our examples
+}
+# Reference one-step conditioning timesteps (DMD2): SDXL's generator is told t = 399.
+DEFAULT_CONDITIONING_TIMESTEP = {"sd": 999, "sdxl": 399}
+
+
+def resolve_teacher(name: str) -> str:
+    """An alias → its hub id; a local folder or any other hub id unchanged."""
+    return TEACHER_ALIASES.get(name, name)
+
+
+def _looks_like_path(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or Path(name).exists()
+
+
+def _load_json_config(source: str, subfolder: str | None, filename: str) -> dict[str, Any]:
+    """A component's config from a local folder or the hub (config files only, no weights)."""
+    local = Path(source).expanduser()
+    if local.is_dir():
+        path = local / subfolder / filename if subfolder else local / filename
+        if not path.is_file():
+            return {}
+        return json.loads(path.read_text())
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return json.loads(Path(hf_hub_download(source, filename, subfolder=subfolder)).read_text())
+    except Exception as e:  # offline, unknown repo, gated model...
+        raise DmdError(f"could not read {filename} of teacher {source!r}: {type(e).__name__}: {str(e).splitlines()[0]}") from e
+
+
+@dataclass
+class TeacherSpec:
+    """What a teacher is, read from its config files only (nothing heavy loaded)."""
+
+    source: str
+    layout: str  # "sd" (one CLIP text encoder) or "sdxl" (two encoders, pooled embeds, time ids)
+    pipeline_class: str
+    scheduler_config: dict[str, Any]
+    native_resolution: int
+    latent_channels: int
+    vae_scale_factor: int
+    unet_downsample: int  # the UNet halves the latent this many times overall
+
+    @property
+    def prediction_type(self) -> str:
+        return self.scheduler_config.get("prediction_type", "epsilon")
+
+    def schedule(self) -> NoiseSchedule:
+        return NoiseSchedule.from_scheduler_config(self.scheduler_config)
+
+    def check_resolution(self, resolution: int) -> None:
+        multiple = self.vae_scale_factor * self.unet_downsample
+        if resolution <= 0 or resolution % multiple:
+            raise UsageError(f"--resolution {resolution} must be a positive multiple of {multiple} for this teacher")
+
+
+def inspect_teacher(name: str) -> TeacherSpec:
+    """Read the teacher's layout, prediction type and schedule from its config files."""
+    source = resolve_teacher(name)
+    local = Path(source).expanduser()
+    if _looks_like_path(source) and not local.exists():
+        raise UsageError(f"teacher not found: {source}")
+    if local.exists() and not (local / "model_index.json").is_file():
+        raise UsageError(f"{source} is not a diffusers pipeline folder (no model_index.json)")
+    index = _load_json_config(source, None, "model_index.json")
+    pipeline_class = index.get("_class_name", "?")
+    has = lambda key: isinstance(index.get(key), list) and index[key][0] is not None  # noqa: E731
+    unet_class = index.get("unet", [None, None])[1] if has("unet") else None
+    if unet_class != "UNet2DConditionModel" or not (has("vae") and has("text_encoder") and has("scheduler")):
+        raise DmdError(
+            f"unsupported pipeline {pipeline_class} in {source}: dmd distills Stable Diffusion and SDXL "
+            "layouts (UNet2DConditionModel, AutoencoderKL, CLIP text encoders)"
+        )
+    layout = "sdxl" if has("text_encoder_2") else "sd"
+    unet_cfg = _load_json_config(source, "unet", "config.json")
+    vae_cfg = _load_json_config(source, "vae", "config.json")
+    scheduler_cfg = _load_json_config(source, "scheduler", "scheduler_config.json")
+    if layout == "sdxl" and unet_cfg.get("addition_embed_type") != "text_time":
+        raise DmdError(f"unsupported SDXL-like pipeline in {source}: its UNet takes no text_time conditioning")
+    vae_scale = 2 ** (len(vae_cfg.get("block_out_channels", [0] * 4)) - 1)
+    return TeacherSpec(
+        source=source,
+        layout=layout,
+        pipeline_class=pipeline_class,
+        scheduler_config=scheduler_cfg,
+        native_resolution=int(unet_cfg.get("sample_size", 64)) * vae_scale,
+        latent_channels=int(unet_cfg.get("in_channels", 4)),
+        vae_scale_factor=vae_scale,
+        unet_downsample=2 ** (len(unet_cfg.get("down_block_types", [0] * 4)) - 1),
+    )
+
+
+def _from_pretrained(cls, spec: TeacherSpec, subfolder: str, allow_pickle: bool, **kwargs):
+    try:
+        return cls.from_pretrained(spec.source, subfolder=subfolder, use_safetensors=None if allow_pickle else True, **kwargs)
+    except (OSError, ValueError, EnvironmentError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        hint = " (weights only as pickle files? pass --allow-pickle to load them)" if "safetensors" in str(e).lower() else ""
+        raise DmdError(f"could not load {subfolder} of teacher {spec.source}: {first}{hint}") from e
+
+
+class Teacher:
+    """The frozen parts of a teacher pipeline on one device.
+
+    Args:
+        spec: from `inspect_teacher`.
+        device: where the text encoders, VAE and UNet live.
+        dtype: dtype of the frozen text encoders and UNet (bf16 on CUDA); the VAE stays fp32
+            because SDXL's VAE breaks in half precision.
+        resolution: training resolution; SDXL's time ids are (R, R, 0, 0, R, R).
+    """
+
+    def __init__(self, spec: TeacherSpec, device: torch.device, dtype: torch.dtype, resolution: int, allow_pickle: bool = False):
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+        from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+        self.spec, self.device, self.dtype, self.resolution = spec, device, dtype, resolution
+        self.unet = _from_pretrained(UNet2DConditionModel, spec, "unet", allow_pickle)
+        self.vae = _from_pretrained(AutoencoderKL, spec, "vae", allow_pickle).to(device, torch.float32)
+        self.tokenizers = [_from_pretrained(CLIPTokenizer, spec, "tokenizer", True)]
+        self.text_encoders = [_from_pretrained(CLIPTextModel, spec, "text_encoder", allow_pickle)]
+        if spec.layout == "sdxl":
+            self.tokenizers.append(_from_pretrained(CLIPTokenizer, spec, "tokenizer_2", True))
+            self.text_encoders.append(_from_pretrained(CLIPTextModelWithProjection, spec, "text_encoder_2", allow_pickle))
+        for module in [self.unet, self.vae, *self.text_encoders]:
+            module.requires_grad_(False).eval()
+        self.text_encoders = [te.to(device, dtype) for te in self.text_encoders]
+        self.scaling_factor = float(self.vae.config.scaling_factor)
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> Cond:
+        """Prompt conditioning, as the diffusers pipelines compute it.
+
+        SD: the last hidden state of the CLIP encoder. SDXL: the penultimate hidden states of
+        both encoders concatenated, the second encoder's pooled projection, and the time ids.
+        """
+        hidden, pooled = [], None
+        for tokenizer, encoder in zip(self.tokenizers, self.text_encoders):
+            ids = tokenizer(
+                prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+            ).input_ids.to(self.device)
+            if self.spec.layout == "sd":
+                hidden.append(encoder(ids)[0])
+            else:
+                out = encoder(ids, output_hidden_states=True)
+                hidden.append(out.hidden_states[-2])
+                pooled = out[0]
+        cond = {"encoder_hidden_states": torch.cat(hidden, dim=-1).float()}
+        if self.spec.layout == "sdxl":
+            cond["text_embeds"] = pooled.float()
+            cond["time_ids"] = self.time_ids(len(prompts))
+        return cond
+
+    @property
+    def latent_size(self) -> tuple[int, int]:
+        side = self.resolution // self.spec.vae_scale_factor
+        return side, side
+
+    def time_ids(self, batch: int) -> Tensor:
+        """SDXL micro-conditioning (original size, crop top-left, target size), fixed square."""
+        r = float(self.resolution)
+        return torch.tensor([[r, r, 0.0, 0.0, r, r]], device=self.device).expand(batch, 6)
+
+    @torch.no_grad()
+    def empty_cond(self) -> Cond:
+        """The unconditional conditioning for CFG, batch 1.
+
+        SD: the empty prompt encoded. SDXL: zeros, as the SDXL pipeline does for an empty
+        negative prompt (force_zeros_for_empty_prompt) and the DMD2 reference does.
+        """
+        cond = self.encode_prompts([""])
+        if self.spec.layout == "sdxl":
+            cond["encoder_hidden_states"] = torch.zeros_like(cond["encoder_hidden_states"])
+            cond["text_embeds"] = torch.zeros_like(cond["text_embeds"])
+        return cond
+
+    @torch.no_grad()
+    def encode_images(self, images: Tensor) -> Tensor:
+        """Images [B, 3, R, R] in [-1, 1] → latents [B, C, R/f, R/f] (one posterior sample × scale)."""
+        posterior = self.vae.encode(images.to(self.device, torch.float32)).latent_dist
+        return (posterior.sample() * self.scaling_factor).float()
+
+    @torch.no_grad()
+    def decode(self, latents: Tensor) -> Tensor:
+        """Latents [B, C, h, w] → images [B, 3, H, W] in [-1, 1]."""
+        return self.vae.decode(latents.to(self.device, torch.float32) / self.scaling_factor).sample.float().clamp(-1, 1)

@@ -1,0 +1,1 @@
+"""The training runtime: configuration, the iteration, the loop and the run folder."""

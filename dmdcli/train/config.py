@@ -1,0 +1,169 @@
+"""The configuration of a distillation run: code defaults → recipe (TOML) → command line.
+
+Every field is also a recipe key and a `dmd distill` option of the same name (dashes for
+underscores), so a recipe is exactly a saved set of command-line choices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from dmdcli.errors import UsageError
+
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+# "resolved" is the table a run folder's config.toml adds, so that file works as a recipe too.
+RECIPE_ONLY_KEYS = {"description", "resolved"}
+
+
+@dataclass
+class DistillConfig:
+    # -- what to distill ---------------------------------------------------------------------
+    teacher: str | None = None
+    """Diffusers pipeline folder, hub id or alias (sd15, sd21, sdxl)."""
+    steps: int = 1
+    """Student sampling steps; timesteps evenly spaced from 999 (999, 749, 499, 249 for 4)."""
+    conditioning_timestep: int | None = None
+    """Timestep the 1-step student is told (None: 399 for SDXL, 999 for SD, as the reference)."""
+    prompts: str | None = None
+    """Prompt file (one a line, or JSON lines with prompt/text) for distribution matching."""
+    data: str | None = None
+    """Folder of real images with captions for the GAN term; without it the GAN is off."""
+    resolution: int | None = None
+    """Training resolution in pixels (None: the teacher's native size)."""
+
+    # -- the DMD2 objective --------------------------------------------------------------------
+    guidance_scale: float = 1.75
+    """Real-score CFG, uncond + s·(cond − uncond): 1.75 SD1.5, 8 SDXL."""
+    dm_weight: float = 1.0
+    gan_generator_weight: float = 1e-3
+    """softplus(−D(G(z))) weight: 1e-3 SD1.5, 5e-3 SDXL."""
+    gan_discriminator_weight: float = 1e-2
+    diffusion_gan: bool = False
+    """Noise real and fake latents before the classifier (t < diffusion_gan_max_timestep)."""
+    diffusion_gan_max_timestep: int = 1000
+    min_timestep_frac: float = 0.02
+    max_timestep_frac: float = 0.98
+    fake_updates_per_gen: int = 10
+    """Two time-scale rule: fake score updates per generator update (10 SD1.5, 5 SDXL)."""
+
+    # -- student -----------------------------------------------------------------------------
+    lora_rank: int = 0
+    """0: full fine-tune of the generator; R > 0: a LoRA head of rank R (reference: 64)."""
+    lora_alpha: float | None = None
+    """LoRA alpha (None: equal to the rank; the reference SDXL LoRA uses 8 with rank 64)."""
+
+    # -- optimization ---------------------------------------------------------------------------
+    iterations: int = 1000
+    batch_size: int = 2
+    """Per-process batch of prompts (and of real images when --data is given)."""
+    lr: float = 1e-5
+    """Generator learning rate (reference: 5e-7 full, 5e-5 LoRA)."""
+    fake_lr: float | None = None
+    """Fake score + classifier learning rate (None: same as lr)."""
+    warmup_steps: int = 500
+    weight_decay: float = 0.01
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    max_grad_norm: float = 10.0
+    mixed_precision: str = "auto"
+    """bf16 | no | auto (bf16 on CUDA, fp32 on CPU)."""
+    gradient_checkpointing: bool = False
+    seed: int = 0
+
+    # -- outputs -----------------------------------------------------------------------------
+    out: str | None = None
+    """Run folder (None: runs/<teacher>-<steps>step)."""
+    log_every: int = 10
+    sample_every: int = 250
+    """Write a sample grid every N iterations (0: only at the end)."""
+    grid_size: int = 4
+    """Images in each sample grid (fixed prompts and seeds)."""
+    allow_pickle: bool = False
+    """Load teacher weights stored as pickle (.bin/.ckpt) files; off by default."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+FIELD_NAMES = [f.name for f in fields(DistillConfig)]
+
+
+def recipe_path(name_or_path: str) -> Path:
+    """A recipe by name (recipes/NAME.toml) or by path."""
+    path = Path(name_or_path)
+    if path.suffix == ".toml" or path.exists():
+        if not path.is_file():
+            raise UsageError(f"recipe file not found: {path}")
+        return path
+    candidate = RECIPES_DIR / f"{name_or_path}.toml"
+    if not candidate.is_file():
+        raise UsageError(f"unknown recipe {name_or_path!r}; built-in recipes: {', '.join(list_recipes())}")
+    return candidate
+
+
+def list_recipes() -> list[str]:
+    return sorted(p.stem for p in RECIPES_DIR.glob("*.toml"))
+
+
+def load_recipe(name_or_path: str) -> dict[str, Any]:
+    path = recipe_path(name_or_path)
+    try:
+        values = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise UsageError(f"recipe {path} is not valid TOML: {e}") from e
+    check_keys(values, f"recipe {path}")
+    return {k: v for k, v in values.items() if k not in RECIPE_ONLY_KEYS}
+
+
+def check_keys(values: dict[str, Any], where: str) -> None:
+    unknown = sorted(set(values) - set(FIELD_NAMES) - RECIPE_ONLY_KEYS)
+    if unknown:
+        raise UsageError(f"{where}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(FIELD_NAMES)}")
+
+
+def resolve_config(recipe: str | None, overrides: dict[str, Any]) -> DistillConfig:
+    """Defaults, then the recipe's keys, then the command line's explicitly given options."""
+    values: dict[str, Any] = load_recipe(recipe) if recipe else {}
+    check_keys(overrides, "command line")
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    config = DistillConfig(**values)
+    validate(config)
+    return config
+
+
+def validate(c: DistillConfig) -> None:
+    """Range checks that need no files (those are checked where the files are opened)."""
+
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            raise UsageError(message)
+
+    need(c.teacher is not None, "no teacher: pass --teacher (a diffusers folder, hub id, or sd15/sdxl) or --recipe")
+    need(c.steps >= 1, f"--steps must be at least 1 (got {c.steps})")
+    need(c.iterations >= 1, f"--iterations must be at least 1 (got {c.iterations})")
+    need(c.batch_size >= 1, f"--batch-size must be at least 1 (got {c.batch_size})")
+    need(c.fake_updates_per_gen >= 1, f"--fake-updates-per-gen must be at least 1 (got {c.fake_updates_per_gen})")
+    need(c.lora_rank >= 0, f"--lora-rank must be 0 (full fine-tune) or positive (got {c.lora_rank})")
+    need(c.lr > 0 and (c.fake_lr is None or c.fake_lr > 0), "learning rates must be positive")
+    need(c.guidance_scale >= 1.0, f"--guidance-scale must be ≥ 1 (got {c.guidance_scale})")
+    need(0.0 <= c.min_timestep_frac < c.max_timestep_frac <= 1.0, "need 0 ≤ min_timestep_frac < max_timestep_frac ≤ 1")
+    need(c.mixed_precision in ("auto", "bf16", "no"), f"--mixed-precision must be bf16, no or auto (got {c.mixed_precision})")
+    need(c.prompts is not None or c.data is not None, "no prompts: pass --prompts FILE, or --data DIR whose captions become the prompts")
+    need(c.dm_weight > 0 or c.data is not None, "with --dm-weight 0 the generator needs the GAN term, which needs --data")
+    need(c.log_every >= 1 and c.sample_every >= 0 and c.grid_size >= 1, "log_every, grid_size ≥ 1 and sample_every ≥ 0")
+    if c.conditioning_timestep is not None:
+        need(0 <= c.conditioning_timestep < 1000, "--conditioning-timestep must lie in [0, 999]")
+
+
+def write_config(config: DistillConfig, path: Path, extra: dict[str, Any] | None = None) -> None:
+    """The resolved configuration as TOML (None values omitted: TOML has no null)."""
+    values = {k: v for k, v in config.to_dict().items() if v is not None}
+    if extra:
+        values["resolved"] = {k: v for k, v in extra.items() if v is not None}
+    path.write_text(tomli_w.dumps(values))

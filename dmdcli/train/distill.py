@@ -1,0 +1,285 @@
+"""The `dmd distill` runtime: build the three networks from a teacher, run DMD2, fill the run folder.
+
+The math lives in dmdcli.core and one iteration in dmdcli.train.step; this module is plumbing:
+devices and precision (accelerate), data, optimizers, logging, sample grids and the student file.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from dmdcli.core.denoiser import Cond, expand_cond
+from dmdcli.core.dmd2 import DMD2, DMD2Config
+from dmdcli.core.gan_head import ClassifierHead
+from dmdcli.core.sampler import sample
+from dmdcli.core.schedule import student_timesteps
+from dmdcli.data.images import RealLatents, load_or_build_latents
+from dmdcli.data.prompts import read_prompts
+from dmdcli.errors import DmdError, UsageError
+from dmdcli.models.lora import LORA_TARGET_MODULES, add_generator_lora, lora_state_dict
+from dmdcli.models.teacher import DEFAULT_CONDITIONING_TIMESTEP, Teacher, TeacherSpec, inspect_teacher
+from dmdcli.models.unet import UNetDenoiser
+from dmdcli.train import rundir
+from dmdcli.train.config import DistillConfig, write_config
+from dmdcli.train.step import Batch, DMD2Step
+
+
+class UI(Protocol):
+    """How the runtime talks to its user (rich in the CLI, silent in library use)."""
+
+    def message(self, text: str) -> None: ...
+
+    def task(self, description: str, total: int): ...  # context manager yielding update(done, logs)
+
+
+class SilentUI:
+    def message(self, text: str) -> None:
+        pass
+
+    def task(self, description: str, total: int):
+        import contextlib
+
+        return contextlib.nullcontext(lambda done, logs=None: None)
+
+
+def default_out(config: DistillConfig) -> Path:
+    name = Path(config.teacher.rstrip("/")).name or "teacher"
+    return Path("runs") / f"{name}-{config.steps}step"
+
+
+def prepare_run_folder(out: Path, overwrite: bool) -> None:
+    """Refuse to mix two runs in one folder unless asked to overwrite."""
+    holds_run = any((out / f).exists() for f in (rundir.CONFIG_FILE, rundir.STUDENT_FILE, rundir.METRICS_FILE))
+    if holds_run and not overwrite:
+        raise UsageError(f"{out} already holds a run; pass --overwrite to replace it or choose another --out")
+    if holds_run:
+        for f in (rundir.CONFIG_FILE, rundir.STUDENT_FILE, rundir.METRICS_FILE):
+            (out / f).unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+
+
+@dataclass
+class Data:
+    """Prompts for distribution matching and, optionally, real latents + captions for the GAN."""
+
+    prompts: list[str]
+    real: RealLatents | None
+
+    def batch(self, teacher: Teacher, seed: int, iteration: int, batch_size: int, uncond: Cond | None) -> Batch:
+        """The batch of one iteration, drawn from (seed, iteration) alone, so a run is the same
+        whether or not it was interrupted."""
+        g = torch.Generator().manual_seed(seed * 7919 + iteration)
+        picks = torch.randint(len(self.prompts), (batch_size,), generator=g).tolist()
+        cond = teacher.encode_prompts([self.prompts[i] for i in picks])
+        latent_shape = (batch_size, teacher.spec.latent_channels, *teacher.latent_size)
+        noise = torch.randn(latent_shape, device=teacher.device)
+        batch = Batch(noise=noise, cond=cond, uncond=expand_cond(uncond, batch_size) if uncond else None)
+        if self.real is not None:
+            real = torch.randint(len(self.real), (batch_size,), generator=g).tolist()
+            batch.x_real = self.real.latents[real].to(teacher.device)
+            batch.real_cond = teacher.encode_prompts([self.real.captions[i] for i in real])
+        return batch
+
+
+def load_data(config: DistillConfig, teacher: Teacher, ui: UI) -> Data:
+    real = None
+    if config.data:
+        with ui.task("encoding real images (cached for later runs)", total=0) as update:
+            real, scan = load_or_build_latents(
+                config.data, teacher.resolution, teacher.encode_images,
+                encoder_id=f"{teacher.spec.source}:vae", progress=lambda done, total: update(done, {"total": total}),
+            )
+        ui.message(f"real images: {len(real)} from {config.data}" + (f" ({len(scan.skipped)} skipped)" if scan.skipped else ""))
+        for path, reason in scan.skipped[:5]:
+            ui.message(f"  skipped {path}: {reason}")
+    else:
+        ui.message("no --data: the GAN term is off (distribution matching only)")
+    prompts = read_prompts(config.prompts) if config.prompts else real.captions
+    return Data(prompts, real)
+
+
+def _precision(config: DistillConfig) -> str:
+    if config.mixed_precision == "auto":
+        return "bf16" if torch.cuda.is_available() else "no"
+    if config.mixed_precision == "bf16" and not torch.cuda.is_available():
+        raise UsageError("--mixed-precision bf16 needs a CUDA GPU; use --mixed-precision no on CPU")
+    return config.mixed_precision
+
+
+def _warmup(optimizer: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up to the base LR over `steps` updates, then constant (the reference's schedule)."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda n: min(1.0, (n + 1) / max(1, steps)))
+
+
+def _adamw(params, lr: float, config: DistillConfig) -> torch.optim.AdamW:
+    return torch.optim.AdamW(params, lr=lr, betas=(config.adam_beta1, config.adam_beta2), weight_decay=config.weight_decay)
+
+
+class Distillation:
+    """One configured run: teacher, the three networks, the DMD2 step and the run folder."""
+
+    def __init__(self, config: DistillConfig, ui: UI, overwrite: bool = False):
+        from accelerate import Accelerator
+        from accelerate.utils import set_seed
+
+        self.config, self.ui = config, ui
+        self.spec: TeacherSpec = inspect_teacher(config.teacher)
+        self.resolution = config.resolution or self.spec.native_resolution
+        self.spec.check_resolution(self.resolution)
+        self.out = Path(config.out) if config.out else default_out(config)
+        prepare_run_folder(self.out, overwrite)
+
+        precision = _precision(config)
+        self.accelerator = Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available())
+        set_seed(config.seed)
+        frozen_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+        device = self.accelerator.device
+
+        ui.message(f"teacher: {self.spec.source} ({self.spec.layout}, {self.spec.prediction_type}) at {self.resolution}px on {device}")
+        self.teacher = Teacher(self.spec, device, frozen_dtype, self.resolution, config.allow_pickle)
+        self.data = load_data(config, self.teacher, ui)
+        self.uncond = self.teacher.empty_cond() if config.guidance_scale > 1 else None
+
+        self.schedule = self.spec.schedule()
+        conditioning = config.conditioning_timestep
+        if conditioning is None:
+            conditioning = DEFAULT_CONDITIONING_TIMESTEP[self.spec.layout]
+        self.timesteps = student_timesteps(config.steps, self.schedule.num_train_timesteps, conditioning)
+        self.conditioning_timestep = conditioning if config.steps == 1 else None
+        self._build_networks(device, frozen_dtype)
+
+    def _build_networks(self, device: torch.device, frozen_dtype: torch.dtype) -> None:
+        c = self.config
+        base = self.teacher.unet
+        # Generator and fake score start as fp32 copies of the teacher; the teacher itself stays
+        # frozen in bf16 on CUDA (fp32 master weights, bf16 autocast forwards, as the reference).
+        self.generator_unet = copy.deepcopy(base).to(device, torch.float32)
+        if c.lora_rank > 0:
+            generator_params = add_generator_lora(self.generator_unet, c.lora_rank, c.lora_alpha or c.lora_rank)
+        else:
+            generator_params = list(self.generator_unet.requires_grad_(True).parameters())
+        self.fake_unet = copy.deepcopy(base).to(device, torch.float32).requires_grad_(True)
+        base.to(device, frozen_dtype)
+        if c.gradient_checkpointing:
+            self.generator_unet.enable_gradient_checkpointing()
+            self.fake_unet.enable_gradient_checkpointing()
+
+        self.generator = UNetDenoiser(self.generator_unet)
+        fake_score = UNetDenoiser(self.fake_unet)
+        head = None
+        if self.data.real is not None:
+            probe = torch.zeros(1, self.spec.latent_channels, *self.teacher.latent_size, device=device)
+            with torch.no_grad():
+                features = fake_score.bottleneck(probe, torch.zeros(1, dtype=torch.long, device=device), self.teacher.encode_prompts([""]))
+            head = ClassifierHead.for_features(features).to(device)
+        fake_params = list(self.fake_unet.parameters()) + (list(head.parameters()) if head else [])
+
+        dmd2 = DMD2(
+            self.schedule, UNetDenoiser(base), fake_score, head,
+            DMD2Config(
+                guidance_scale=c.guidance_scale, min_timestep_frac=c.min_timestep_frac, max_timestep_frac=c.max_timestep_frac,
+                dm_weight=c.dm_weight, gan_generator_weight=c.gan_generator_weight,
+                gan_discriminator_weight=c.gan_discriminator_weight, diffusion_gan=c.diffusion_gan,
+                diffusion_gan_max_timestep=c.diffusion_gan_max_timestep,
+            ),
+        )
+        opt_g, opt_f = _adamw(generator_params, c.lr, c), _adamw(fake_params, c.fake_lr or c.lr, c)
+        self.step = DMD2Step(
+            dmd2, self.generator, self.timesteps, generator_params, fake_params, opt_g, opt_f,
+            generator_lr_scheduler=_warmup(opt_g, c.warmup_steps), fake_lr_scheduler=_warmup(opt_f, c.warmup_steps),
+            fake_updates_per_gen=c.fake_updates_per_gen, max_grad_norm=c.max_grad_norm, seed=c.seed,
+            backward=self.accelerator.backward, autocast=self.accelerator.autocast,
+        )
+        n_gen = sum(p.numel() for p in generator_params)
+        self.ui.message(
+            f"generator: {'LoRA rank ' + str(c.lora_rank) if c.lora_rank else 'full fine-tune'} ({n_gen / 1e6:.2f}M trainable), "
+            f"{c.steps} step(s) at t = {self.timesteps}; GAN {'on' if head else 'off'}"
+        )
+
+    # -- outputs -------------------------------------------------------------------------------
+
+    def student_info(self, iterations_done: int) -> dict[str, Any]:
+        c = self.config
+        info = {
+            "teacher": self.spec.source, "layout": self.spec.layout, "prediction_type": self.spec.prediction_type,
+            "kind": "lora" if c.lora_rank else "full", "steps": c.steps, "timesteps": self.timesteps,
+            "conditioning_timestep": self.conditioning_timestep, "resolution": self.resolution,
+            "iterations": iterations_done, "guidance_scale": c.guidance_scale, "seed": c.seed,
+        }
+        if c.lora_rank:
+            info.update(lora_rank=c.lora_rank, lora_alpha=c.lora_alpha or c.lora_rank, lora_target_modules=LORA_TARGET_MODULES)
+        return info
+
+    def save_student(self, iterations_done: int) -> Path:
+        unet = self.generator_unet
+        tensors = lora_state_dict(unet) if self.config.lora_rank else unet.state_dict()
+        path = self.out / rundir.STUDENT_FILE
+        rundir.save_student(path, tensors, self.student_info(iterations_done))
+        return path
+
+    @torch.no_grad()
+    def save_grid(self, iteration: int) -> Path:
+        """Student samples for fixed prompts and seeds: the same images at every grid."""
+        n, prompts = self.config.grid_size, self.data.prompts
+        cond = self.teacher.encode_prompts([prompts[i % len(prompts)] for i in range(n)])
+        g = torch.Generator().manual_seed(self.config.seed)
+        shape = (n, self.spec.latent_channels, *self.teacher.latent_size)
+        noise = torch.randn(shape, generator=g).to(self.teacher.device)
+        renoise = lambda x: torch.randn(x.shape, generator=g).to(x.device)  # noqa: E731
+        with self.accelerator.autocast():
+            latents = sample(self.generator, self.schedule, noise, cond, self.timesteps, renoise)
+        path = self.out / rundir.SAMPLES_DIR / f"iter-{iteration:06d}.png"
+        rundir.save_grid(self.teacher.decode(latents), path)
+        return path
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    def run(self) -> dict[str, Any]:
+        c = self.config
+        write_config(c, self.out / rundir.CONFIG_FILE, self.resolved())
+        metrics = rundir.MetricsLog(self.out / rundir.METRICS_FILE)
+        latest: dict[str, float] = {}
+        start = last_log = time.perf_counter()
+        last_log_iteration = 0
+        with self.ui.task("distilling", total=c.iterations) as update:
+            for it in range(c.iterations):
+                batch = self.data.batch(self.teacher, c.seed, it, c.batch_size, self.uncond)
+                logs = self.step(batch, it)
+                bad = [k for k, v in logs.items() if not math.isfinite(v)]
+                if bad:
+                    raise DmdError(f"non-finite {', '.join(bad)} at iteration {it + 1}; stopping (lower --lr?)")
+                latest.update(logs)
+                done = it + 1
+                if done % c.log_every == 0 or done == c.iterations:
+                    now = time.perf_counter()
+                    metrics.write({
+                        "iteration": done, **latest,
+                        "lr_generator": self.step.generator_optimizer.param_groups[0]["lr"],
+                        "lr_fake": self.step.fake_optimizer.param_groups[0]["lr"],
+                        "sec_per_iter": (now - last_log) / (done - last_log_iteration),
+                    })
+                    last_log, last_log_iteration = now, done
+                if c.sample_every and done % c.sample_every == 0 and done != c.iterations:
+                    self.save_grid(done)
+                update(done, latest)
+        grid = self.save_grid(c.iterations)
+        student = self.save_student(c.iterations)
+        seconds = time.perf_counter() - start
+        return {
+            "out": str(self.out), "student": str(student), "grid": str(grid), "iterations": c.iterations,
+            "seconds": round(seconds, 3), "losses": {k: v for k, v in latest.items() if k.startswith("loss_")},
+        }
+
+    def resolved(self) -> dict[str, Any]:
+        return {
+            "teacher": self.spec.source, "layout": self.spec.layout, "prediction_type": self.spec.prediction_type,
+            "resolution": self.resolution, "timesteps": self.timesteps, "out": str(self.out),
+            "gan": self.data.real is not None, "num_prompts": len(self.data.prompts),
+        }

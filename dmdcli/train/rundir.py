@@ -1,0 +1,85 @@
+"""What a run folder holds, and how each file is written.
+
+    RUN/config.toml          resolved configuration (reusable as a recipe)
+    RUN/metrics.jsonl        one JSON object per logged iteration
+    RUN/samples/iter-N.png   sample grids from fixed prompts and seeds
+    RUN/student.safetensors  the student (full UNet or LoRA adapter) + metadata for sample/export
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+
+from dmdcli.errors import DmdError
+
+STUDENT_FILE = "student.safetensors"
+CONFIG_FILE = "config.toml"
+METRICS_FILE = "metrics.jsonl"
+SAMPLES_DIR = "samples"
+STUDENT_FORMAT = "dmd-student/1"
+
+
+def atomic_save_file(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """safetensors save through a temporary file and a rename: never a half-written file."""
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+
+
+def save_student(path: Path, tensors: dict[str, Tensor], info: dict[str, Any]) -> None:
+    """Write the student's weights; `info` (teacher, steps, timesteps, ...) goes in the header.
+
+    safetensors metadata is str → str, so every value is JSON-encoded.
+    """
+    metadata = {"format": STUDENT_FORMAT, **{k: json.dumps(v) for k, v in info.items()}}
+    atomic_save_file(tensors, path, metadata)
+
+
+def read_student_info(path: Path) -> dict[str, Any]:
+    """The metadata of a student file (no tensors loaded)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+    except Exception as e:
+        raise DmdError(f"{path} is not a readable safetensors file: {e}") from e
+    if metadata.get("format") != STUDENT_FORMAT:
+        raise DmdError(f"{path} is not a dmd student file")
+    return {k: json.loads(v) for k, v in metadata.items() if k != "format"}
+
+
+class MetricsLog:
+    """Appends one JSON line per call to RUN/metrics.jsonl (flushed, so `tail -f` works)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def write(self, record: dict[str, Any]) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def save_grid(images: Tensor, path: Path) -> None:
+    """Images [N, 3, H, W] in [-1, 1] → one PNG grid, near-square."""
+    n, _, h, w = images.shape
+    cols = math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    pixels = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    grid = np.zeros((rows * h, cols * w, 3), dtype=np.uint8)
+    for i, image in enumerate(pixels):
+        r, c = divmod(i, cols)
+        grid[r * h : (r + 1) * h, c * w : (c + 1) * w] = image
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    Image.fromarray(grid).save(tmp, format="PNG")
+    os.replace(tmp, path)
