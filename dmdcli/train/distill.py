@@ -170,6 +170,9 @@ class Distillation:
         if c.gradient_checkpointing:
             self.generator_unet.enable_gradient_checkpointing()
             self.fake_unet.enable_gradient_checkpointing()
+        # diffusers checkpoints activations only in train mode (SD UNets have no dropout).
+        self.generator_unet.train()
+        self.fake_unet.train()
 
         self.generator = UNetDenoiser(self.generator_unet)
         fake_score = UNetDenoiser(self.fake_unet)

@@ -111,20 +111,23 @@ class DMD2Step:
         """Run iteration `iteration`; returns the loss terms and gradient norms as floats."""
         schedule, logs = self.dmd2.schedule, {}
         k = simulation_step(self.seed, iteration, len(self.timesteps))
-        x_t = backward_simulation(self.generator, schedule, batch.noise, batch.cond, self.timesteps, k)
+        with self.autocast():
+            x_t = backward_simulation(self.generator, schedule, batch.noise, batch.cond, self.timesteps, k)
         t = as_timestep_tensor(self.timesteps[k], x_t.shape[0], x_t.device)
 
-        terms: dict[str, Tensor] = {}
         if self.is_generator_iteration(iteration):
-            with self.autocast(), frozen(self.fake_params):
-                x = generator_x0(self.generator, schedule, x_t, t, batch.cond)
-                terms = self.dmd2.generator_losses(x, batch.cond, batch.uncond)
-        if terms:  # no terms when DM and GAN are both off (an ablation): the generator stays put
-            loss = self.dmd2.weighted_total(terms)
-            logs["grad_norm_generator"] = self._update(
-                loss, self.generator_params, self.generator_optimizer, self.generator_lr_scheduler
-            )
-            logs.update({f"loss_{k}": v.item() for k, v in terms.items()})
+            # The fake score stays frozen through backward too: under gradient checkpointing its
+            # blocks are recomputed during backward and must see the same requires_grad flags.
+            with frozen(self.fake_params):
+                with self.autocast():
+                    x = generator_x0(self.generator, schedule, x_t, t, batch.cond)
+                    terms = self.dmd2.generator_losses(x, batch.cond, batch.uncond)
+                if terms:  # none when DM and GAN are both off (an ablation): the generator stays put
+                    logs["grad_norm_generator"] = self._update(
+                        self.dmd2.weighted_total(terms), self.generator_params, self.generator_optimizer,
+                        self.generator_lr_scheduler,
+                    )
+            logs.update({f"loss_{name}": v.item() for name, v in terms.items()})
             x = x.detach()
         else:
             with torch.no_grad(), self.autocast():
@@ -134,5 +137,5 @@ class DMD2Step:
             terms = self.dmd2.fake_score_losses(x, batch.cond, batch.x_real, batch.real_cond)
             loss = self.dmd2.weighted_total(terms)
         logs["grad_norm_fake"] = self._update(loss, self.fake_params, self.fake_optimizer, self.fake_lr_scheduler)
-        logs.update({f"loss_{k}": v.item() for k, v in terms.items()})
+        logs.update({f"loss_{name}": v.item() for name, v in terms.items()})
         return logs

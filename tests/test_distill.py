@@ -1,0 +1,169 @@
+"""`dmd distill` end to end on tiny SD- and SDXL-layout teachers built from config dicts."""
+
+import hashlib
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from dmdcli.cli import app
+from dmdcli.models.teacher import inspect_teacher
+from dmdcli.train.config import resolve_config
+from dmdcli.train.distill import Distillation, SilentUI
+from dmdcli.train.rundir import read_student_info
+
+runner = CliRunner()
+FAST = ["--recipe", "tiny", "--iterations", "6", "--log-every", "2", "--sample-every", "3", "--batch-size", "2", "--quiet"]
+
+
+def folder_digest(folder):
+    h = hashlib.sha256()
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            h.update(path.name.encode() + path.read_bytes())
+    return h.hexdigest()
+
+
+@pytest.mark.parametrize(
+    "layout,steps,lora,with_data",
+    [
+        ("sd", 1, False, False),
+        ("sd", 4, True, True),
+        ("sdxl", 1, True, False),
+        ("sdxl", 4, False, True),
+    ],
+)
+def test_distill_cli_writes_a_complete_run(request, tmp_path, prompts_file, image_folder, layout, steps, lora, with_data):
+    teacher = request.getfixturevalue(f"tiny_{layout}")
+    before = folder_digest(teacher)
+    out = tmp_path / "run"
+    args = ["distill", *FAST, "--teacher", str(teacher), "--steps", str(steps), "--prompts", str(prompts_file), "--out", str(out), "--json"]
+    if lora:
+        args += ["--lora-rank", "4", "--lora-alpha", "2"]
+    if with_data:
+        args += ["--data", str(image_folder), "--gradient-checkpointing", "--diffusion-gan"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.stderr + repr(result.exception)
+
+    summary = json.loads(result.stdout.strip())  # one JSON line, nothing else on stdout
+    assert summary["iterations"] == 6
+    assert set(summary["losses"]) == ({"loss_dm", "loss_denoise"} | ({"loss_gan_g", "loss_gan_d"} if with_data else set()))
+    assert all(torch.isfinite(torch.tensor(v)) for v in summary["losses"].values())
+
+    assert (out / "config.toml").is_file()
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in records] == [2, 4, 6]
+    assert all(r["sec_per_iter"] > 0 and r["lr_fake"] > 0 for r in records)
+    assert sorted(p.name for p in (out / "samples").iterdir()) == ["iter-000003.png", "iter-000006.png"]
+
+    info = read_student_info(out / "student.safetensors")
+    assert info["steps"] == steps and info["kind"] == ("lora" if lora else "full")
+    assert info["timesteps"] == ([999, 749, 499, 249] if steps == 4 else [999 if layout == "sd" else 399])
+    assert info["conditioning_timestep"] == (None if steps == 4 else (999 if layout == "sd" else 399))
+    assert info["teacher"] == str(teacher) and info["layout"] == layout
+    weights = load_file(out / "student.safetensors")
+    assert all("lora" in k for k in weights) == lora
+    if lora:
+        assert info["lora_rank"] == 4 and info["lora_alpha"] == 2
+    assert folder_digest(teacher) == before  # the teacher's files are untouched
+
+
+def test_trained_networks_change_and_the_teacher_does_not(tmp_path, tiny_sdxl, prompts_file, image_folder):
+    config = resolve_config("tiny", {
+        "teacher": str(tiny_sdxl), "prompts": str(prompts_file), "data": str(image_folder), "iterations": 3,
+        "fake_updates_per_gen": 1, "batch_size": 2, "out": str(tmp_path / "run"), "steps": 2, "sample_every": 0,
+    })
+    run = Distillation(config, SilentUI())
+    snapshot = lambda m: {k: v.detach().clone() for k, v in m.state_dict().items()}  # noqa: E731
+    teacher, generator, fake = snapshot(run.teacher.unet), snapshot(run.generator_unet), snapshot(run.fake_unet)
+    head = snapshot(run.step.dmd2.discriminator)
+    run.run()
+    changed = lambda before, m: sum(not torch.equal(v, m.state_dict()[k]) for k, v in before.items())  # noqa: E731
+    assert changed(teacher, run.teacher.unet) == 0
+    assert changed(generator, run.generator_unet) > 0.5 * len(generator)
+    assert changed(fake, run.fake_unet) > 0.5 * len(fake)
+    assert changed(head, run.step.dmd2.discriminator) == len(head)
+
+
+def test_data_only_uses_captions_as_prompts_and_caches_latents(tmp_path, tiny_sd, image_folder):
+    args = ["distill", *FAST, "--iterations", "2", "--teacher", str(tiny_sd), "--data", str(image_folder)]
+    first = runner.invoke(app, [*args, "--out", str(tmp_path / "a")])
+    assert first.exit_code == 0, first.stderr
+    cache = list((image_folder / ".dmd-cache").iterdir())
+    assert len(cache) == 1
+    stamp = (cache[0] / "manifest.json").stat().st_mtime_ns
+    second = runner.invoke(app, [*args, "--out", str(tmp_path / "b")])
+    assert second.exit_code == 0, second.stderr
+    assert (cache[0] / "manifest.json").stat().st_mtime_ns == stamp  # reused, not re-encoded
+    config = (tmp_path / "a" / "config.toml").read_text()
+    assert "num_prompts = 8" in config and "gan = true" in config
+
+
+def test_without_data_the_run_says_the_gan_is_off(tmp_path, tiny_sd, prompts_file):
+    args = ["distill", "--recipe", "tiny", "--iterations", "1", "--teacher", str(tiny_sd),
+            "--prompts", str(prompts_file), "--out", str(tmp_path / "run")]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.stderr
+    assert "GAN term is off" in result.stderr
+    assert result.stdout == ""  # without --json nothing goes to stdout
+
+
+def test_same_seed_same_student(tmp_path, tiny_sd, prompts_file):
+    outs = []
+    for name in ("a", "b"):
+        result = runner.invoke(app, ["distill", *FAST, "--teacher", str(tiny_sd), "--prompts", str(prompts_file), "--out", str(tmp_path / name)])
+        assert result.exit_code == 0, result.stderr
+        outs.append(load_file(tmp_path / name / "student.safetensors"))
+    assert all(torch.equal(outs[0][k], outs[1][k]) for k in outs[0])
+
+
+def test_recipe_values_are_overridden_by_options_and_unknown_keys_are_listed(tmp_path):
+    config = resolve_config("sdxl-4step-lora", {"lr": 1e-3, "prompts": "p.txt"})
+    assert config.lr == 1e-3 and config.lora_rank == 64 and config.lora_alpha == 8 and config.steps == 4
+    bad = tmp_path / "bad.toml"
+    bad.write_text('teacher = "sdxl"\nlearning_rate = 1e-4\n')
+    result = runner.invoke(app, ["distill", "--recipe", str(bad), "--prompts", "p.txt"])
+    assert result.exit_code == 2
+    assert "unknown key(s) learning_rate" in result.stderr and "valid keys:" in result.stderr and "lora_rank" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--teacher", "/nonexistent/teacher", "--prompts", "p.txt"], "teacher not found"),
+        (["--teacher", "sdxl", "--steps", "0", "--prompts", "p.txt"], "--steps must be at least 1"),
+        (["--teacher", "sdxl"], "no prompts"),
+        (["--recipe", "no-such-recipe"], "unknown recipe"),
+    ],
+)
+def test_usage_errors_are_one_line_with_exit_code_2(args, message):
+    result = runner.invoke(app, ["distill", *args])
+    assert result.exit_code == 2, result.stderr
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_v_prediction_teacher_distills(tmp_path, prompts_file):
+    from dmdcli.models.tiny import tiny_pipeline_cached
+
+    teacher = tiny_pipeline_cached("sd", "v_prediction")
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["distill", *FAST, "--teacher", str(teacher), "--prompts", str(prompts_file), "--out", str(out), "--json"])
+    assert result.exit_code == 0, result.stderr
+    assert read_student_info(out / "student.safetensors")["prediction_type"] == "v_prediction"
+    assert all(torch.isfinite(torch.tensor(v)) for v in json.loads(result.stdout)["losses"].values())
+
+
+def test_teacher_detection(tiny_sd, tiny_sdxl, tmp_path):
+    assert inspect_teacher(str(tiny_sd)).layout == "sd"
+    spec = inspect_teacher(str(tiny_sdxl))
+    assert spec.layout == "sdxl" and spec.prediction_type == "epsilon" and spec.native_resolution == 32
+    not_pipeline = tmp_path / "folder"
+    not_pipeline.mkdir()
+    result = runner.invoke(app, ["distill", "--teacher", str(not_pipeline), "--prompts", "p.txt"])
+    assert result.exit_code == 2 and "not a diffusers pipeline folder" in result.stderr
+    (not_pipeline / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline", "transformer": ["diffusers", "FluxTransformer2DModel"]}))
+    result = runner.invoke(app, ["distill", "--teacher", str(not_pipeline), "--prompts", "p.txt"])
+    assert result.exit_code == 1 and "unsupported pipeline FluxPipeline" in result.stderr
