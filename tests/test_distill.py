@@ -145,6 +145,19 @@ def test_usage_errors_are_one_line_with_exit_code_2(args, message):
     assert "Traceback" not in result.stderr
 
 
+def test_a_failed_start_leaves_no_run_folder_and_a_run_is_not_overwritten(tmp_path, tiny_sd, prompts_file):
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["distill", "--teacher", str(tiny_sd), "--prompts", str(tmp_path / "missing.txt"), "--out", str(out)])
+    assert result.exit_code == 2 and "prompts file not found" in result.stderr
+    assert not out.exists()
+    args = ["distill", *FAST, "--iterations", "1", "--teacher", str(tiny_sd), "--prompts", str(prompts_file), "--out", str(out)]
+    assert runner.invoke(app, args).exit_code == 0
+    student = (out / "student.safetensors").read_bytes()
+    again = runner.invoke(app, args)
+    assert again.exit_code == 2 and "already holds a run" in again.stderr
+    assert (out / "student.safetensors").read_bytes() == student
+
+
 def test_v_prediction_teacher_distills(tmp_path, prompts_file):
     from dmdcli.models.tiny import tiny_pipeline_cached
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import math
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,15 +55,21 @@ def default_out(config: DistillConfig) -> Path:
     return Path("runs") / f"{name}-{config.steps}step"
 
 
-def prepare_run_folder(out: Path, overwrite: bool) -> None:
-    """Refuse to mix two runs in one folder unless asked to overwrite."""
-    holds_run = any((out / f).exists() for f in (rundir.CONFIG_FILE, rundir.STUDENT_FILE, rundir.METRICS_FILE))
-    if holds_run and not overwrite:
+RUN_FILES = (rundir.CONFIG_FILE, rundir.STUDENT_FILE, rundir.METRICS_FILE)
+
+
+def check_run_folder(out: Path, overwrite: bool) -> None:
+    """Refuse to mix two runs in one folder unless asked to overwrite (checked before any work)."""
+    if any((out / f).exists() for f in RUN_FILES) and not overwrite:
         raise UsageError(f"{out} already holds a run; pass --overwrite to replace it or choose another --out")
-    if holds_run:
-        for f in (rundir.CONFIG_FILE, rundir.STUDENT_FILE, rundir.METRICS_FILE):
-            (out / f).unlink(missing_ok=True)
+
+
+def create_run_folder(out: Path) -> None:
+    """Create the folder, clearing an overwritten run's files (only once everything has loaded)."""
     out.mkdir(parents=True, exist_ok=True)
+    for f in RUN_FILES:
+        (out / f).unlink(missing_ok=True)
+    shutil.rmtree(out / rundir.SAMPLES_DIR, ignore_errors=True)
 
 
 @dataclass
@@ -88,7 +95,7 @@ class Data:
         return batch
 
 
-def load_data(config: DistillConfig, teacher: Teacher, ui: UI) -> Data:
+def load_data(config: DistillConfig, prompts: list[str] | None, teacher: Teacher, ui: UI) -> Data:
     real = None
     if config.data:
         with ui.task("encoding real images (cached for later runs)", total=0) as update:
@@ -101,8 +108,7 @@ def load_data(config: DistillConfig, teacher: Teacher, ui: UI) -> Data:
             ui.message(f"  skipped {path}: {reason}")
     else:
         ui.message("no --data: the GAN term is off (distribution matching only)")
-    prompts = read_prompts(config.prompts) if config.prompts else real.captions
-    return Data(prompts, real)
+    return Data(prompts or real.captions, real)
 
 
 def _precision(config: DistillConfig) -> str:
@@ -134,7 +140,11 @@ class Distillation:
         self.resolution = config.resolution or self.spec.native_resolution
         self.spec.check_resolution(self.resolution)
         self.out = Path(config.out) if config.out else default_out(config)
-        prepare_run_folder(self.out, overwrite)
+        check_run_folder(self.out, overwrite)
+        # Cheap checks of the user's files first, before minutes of model loading.
+        prompts = read_prompts(config.prompts) if config.prompts else None
+        if config.data and not Path(config.data).is_dir():
+            raise UsageError(f"image folder not found: {config.data}")
 
         precision = _precision(config)
         self.accelerator = Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available())
@@ -144,7 +154,7 @@ class Distillation:
 
         ui.message(f"teacher: {self.spec.source} ({self.spec.layout}, {self.spec.prediction_type}) at {self.resolution}px on {device}")
         self.teacher = Teacher(self.spec, device, frozen_dtype, self.resolution, config.allow_pickle)
-        self.data = load_data(config, self.teacher, ui)
+        self.data = load_data(config, prompts, self.teacher, ui)
         self.uncond = self.teacher.empty_cond() if config.guidance_scale > 1 else None
 
         self.schedule = self.spec.schedule()
@@ -246,6 +256,7 @@ class Distillation:
 
     def run(self) -> dict[str, Any]:
         c = self.config
+        create_run_folder(self.out)
         write_config(c, self.out / rundir.CONFIG_FILE, self.resolved())
         metrics = rundir.MetricsLog(self.out / rundir.METRICS_FILE)
         latest: dict[str, float] = {}
