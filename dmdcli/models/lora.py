@@ -41,3 +41,13 @@ def lora_state_dict(unet: nn.Module) -> dict:
     from peft.utils import get_peft_model_state_dict
 
     return get_peft_model_state_dict(unet, adapter_name=GENERATOR_ADAPTER)
+
+
+def load_lora_state_dict(unet: nn.Module, state: dict) -> None:
+    """Load generator adapter weights saved by `lora_state_dict` into a UNet that has the adapter."""
+    from peft.utils import set_peft_model_state_dict
+
+    result = set_peft_model_state_dict(unet, state, adapter_name=GENERATOR_ADAPTER)
+    unexpected = getattr(result, "unexpected_keys", None)
+    if unexpected:
+        raise ValueError(f"LoRA weights do not fit this UNet: unexpected keys {unexpected[:3]}")
