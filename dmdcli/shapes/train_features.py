@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     acc = attribute_accuracy(world.render_array(test), test, net)
     wall = time.time() - start
     extra = {
-        "command": "python -m dmdcli.shapes.train_features " + shlex.join(sys.argv[1:] if argv is None else argv),
+        "command": ("python -m dmdcli.shapes.train_features " + shlex.join(sys.argv[1:] if argv is None else argv)).strip(),
         "seed": args.seed, "data_seed": data_seed, "iterations": args.iterations, "batch_size": args.batch_size,
         "wall_time_s": round(wall, 1), "accuracy_fresh_2000": acc, "torch": torch.__version__,
         "python": platform.python_version(),

@@ -296,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     save_pipeline(pipe, out)
     wall = time.time() - start
     record = {
-        "command": "python -m dmdcli.shapes.train_teacher " + shlex.join(sys.argv[1:] if argv is None else argv),
+        "command": ("python -m dmdcli.shapes.train_teacher " + shlex.join(sys.argv[1:] if argv is None else argv)).strip(),
         "seed": args.seed, "data_seed": data_seed, "num_scenes": args.num_scenes,
         "vae_iterations": args.vae_iterations, "iterations": args.iterations,
         "batch_size": args.batch_size, "lr": args.lr, "threads": args.threads,
