@@ -25,13 +25,15 @@ LORA_TARGET_MODULES = [
 GENERATOR_ADAPTER = "generator"
 
 
-def add_generator_lora(unet: nn.Module, rank: int, alpha: float) -> list[nn.Parameter]:
+def add_generator_lora(unet: nn.Module, rank: int, alpha: float, target_modules: list[str] | None = None) -> list[nn.Parameter]:
     """Freeze `unet`, add the generator's LoRA adapter (gaussian init as the reference) and
-    return its trainable parameters."""
+    return its trainable parameters. `target_modules` defaults to LORA_TARGET_MODULES (a saved
+    student passes the list from its metadata)."""
     from peft import LoraConfig
 
     unet.requires_grad_(False)
-    config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=LORA_TARGET_MODULES)
+    targets = list(target_modules or LORA_TARGET_MODULES)
+    config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=targets)
     unet.add_adapter(config, adapter_name=GENERATOR_ADAPTER)
     return [p for p in unet.parameters() if p.requires_grad]
 

@@ -1,0 +1,318 @@
+"""Load a model to sample from: a distilled student, or any diffusers text-to-image pipeline.
+
+`--model` of `dmd sample` (and of later commands that generate images) names one of:
+
+- a run folder of `dmd distill` (or its student.safetensors, or a `dmd export --format unet`
+  file): the teacher's text encoders and VAE from the teacher the student records, and the
+  teacher's UNet made into the student (full weights loaded, or the LoRA added and fused);
+- a folder written by `dmd export --format diffusers` (it holds a dmd_student.json);
+- any other diffusers pipeline folder or hub id: sampled by the pipeline itself, with its own
+  scheduler, so a teacher can be sampled the same way for comparison.
+
+Students run the DMD2 few-step sampler (dmdcli.core.sampler.sample): one UNet call per step,
+no classifier-free guidance. Every image has its own CPU torch.Generator, seeded by its own
+seed, that draws first the initial latent and then each step's re-noising noise, in the order
+diffusers' LCMScheduler pipeline draws them: an image never depends on the batch it was in,
+and the exported pipeline called with generator=torch.Generator("cpu").manual_seed(seed)
+reproduces it.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from dmdcli.core.denoiser import Cond
+from dmdcli.core.sampler import sample
+from dmdcli.core.schedule import student_timesteps
+from dmdcli.errors import DmdError, UsageError
+from dmdcli.models.teacher import Teacher, TeacherSpec, inspect_teacher, resolve_teacher
+from dmdcli.models.unet import UNetDenoiser
+from dmdcli.train import rundir
+
+# Written by `dmd export --format diffusers` beside model_index.json: the student's metadata.
+EXPORT_INFO_FILE = "dmd_student.json"
+
+
+@dataclass
+class ModelSource:
+    """What `--model` names, found from files alone (nothing heavy loaded).
+
+    kind: "student" (a student file: a run folder's student.safetensors or a unet export),
+    "export" (a diffusers folder written by `dmd export`) or "pipeline" (anything else).
+    """
+
+    kind: str
+    name: str  # as the user gave it (recorded in image metadata)
+    path: str  # the student file, the export folder, or the pipeline folder / hub id
+    info: dict[str, Any] | None = None  # the student's metadata (teacher, steps, timesteps, ...)
+
+    @property
+    def is_student(self) -> bool:
+        return self.kind != "pipeline"
+
+    def spec(self) -> TeacherSpec:
+        """The pipeline whose text encoders and VAE the student uses (and, for an export, its UNet)."""
+        spec = inspect_teacher(self.info["teacher"] if self.kind == "student" else self.path)
+        if self.info and spec.layout != self.info.get("layout", spec.layout):
+            raise DmdError(f"{self.name}: the student is {self.info['layout']}-layout but {spec.source} is {spec.layout}-layout")
+        return spec
+
+    def image_size(self, resolution: int | None, height: int | None, width: int | None) -> tuple[int | None, int | None]:
+        """(height, width) from --resolution / --height / --width: a missing side is the student's
+        resolution, or for a plain pipeline the other side (None, None: the pipeline's default)."""
+        height, width = height or resolution, width or resolution
+        if not self.is_student:
+            return (height or width, width or height)
+        spec = self.spec()
+        default = int(self.info.get("resolution") or spec.native_resolution)
+        height, width = height or default, width or default
+        multiple = spec.vae_scale_factor * spec.unet_downsample
+        for what, value in (("height", height), ("width", width)):
+            if value <= 0 or value % multiple:
+                raise UsageError(f"image {what} {value} must be a positive multiple of {multiple} for this model")
+        return height, width
+
+
+def find_model(name: str) -> ModelSource:
+    """Tell what `name` is. Raises UsageError for a missing path, DmdError for a run with no student."""
+    path = Path(name).expanduser()
+    if path.is_file():
+        if path.suffix != ".safetensors":
+            raise UsageError(f"{name} is not a run folder, a student .safetensors file or a diffusers pipeline")
+        return ModelSource("student", name, str(path), rundir.read_student_info(path))
+    if path.is_dir():
+        if (path / rundir.STUDENT_FILE).is_file():
+            return ModelSource("student", name, str(path / rundir.STUDENT_FILE), rundir.read_student_info(path / rundir.STUDENT_FILE))
+        if (path / "model_index.json").is_file():
+            if (path / EXPORT_INFO_FILE).is_file():
+                return ModelSource("export", name, str(path), json.loads((path / EXPORT_INFO_FILE).read_text()))
+            return ModelSource("pipeline", name, str(path))
+        if (path / rundir.CONFIG_FILE).is_file() or (path / rundir.METRICS_FILE).is_file():
+            raise DmdError(f"{name} holds no student yet: dmd distill writes {rundir.STUDENT_FILE} when the run ends")
+        raise UsageError(f"{name} is neither a dmd run folder nor a diffusers pipeline folder")
+    source = resolve_teacher(name)
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise UsageError(f"model not found: {name}")
+    return ModelSource("pipeline", name, source)
+
+
+# -- the student's UNet -----------------------------------------------------------------------
+
+
+def load_student_weights(unet: nn.Module, source: ModelSource) -> nn.Module:
+    """Make a UNet of the teacher's architecture into the student, in place.
+
+    A full student's state dict is loaded strictly. A LoRA student gets the adapter exactly as
+    `dmd distill` added it (same rank, alpha and target modules), its weights through peft's
+    set_peft_model_state_dict, and is then fused, so the result is a plain UNet2DConditionModel.
+    """
+    from safetensors.torch import load_file
+
+    if source.kind != "student":
+        raise DmdError(f"{source.name} holds no student weights to load")
+    info, weights = source.info, load_file(source.path)
+    if info.get("kind") == "lora":
+        fuse_lora_student(unet, weights, info)
+        return unet
+    try:
+        unet.load_state_dict({k: v.to(torch.float32) for k, v in weights.items()}, strict=True)
+    except RuntimeError as e:
+        raise DmdError(f"{source.path} does not fit the UNet of {info['teacher']}: {str(e).splitlines()[0]}") from e
+    return unet
+
+
+def fuse_lora_student(unet: nn.Module, weights: dict[str, Tensor], info: dict[str, Any]) -> None:
+    """Add the generator LoRA described by `info`, load `weights` (peft layout) and fuse it."""
+    from peft import set_peft_model_state_dict
+
+    from dmdcli.models.lora import GENERATOR_ADAPTER, add_generator_lora
+
+    add_generator_lora(unet, int(info["lora_rank"]), float(info["lora_alpha"]), info.get("lora_target_modules"))
+    result = set_peft_model_state_dict(unet, weights, adapter_name=GENERATOR_ADAPTER)
+    unexpected = list(getattr(result, "unexpected_keys", []) or [])
+    missing = [k for k in getattr(result, "missing_keys", []) or [] if "lora_" in k]
+    if unexpected or missing:
+        bad = (unexpected or missing)[:3]
+        raise DmdError(f"the student's LoRA does not fit the teacher's UNet ({'unexpected' if unexpected else 'missing'} keys: {', '.join(bad)})")
+    unet.fuse_lora()
+    unet.unload_lora()
+
+
+def load_student_unet(source: ModelSource, allow_pickle: bool = False) -> nn.Module:
+    """The student as a plain UNet2DConditionModel in float32 on the CPU (LoRA fused)."""
+    from diffusers import UNet2DConditionModel
+
+    from dmdcli.models.teacher import _from_pretrained
+
+    unet = _from_pretrained(UNet2DConditionModel, source.spec(), "unet", allow_pickle)
+    unet = unet.to(torch.float32).requires_grad_(False).eval()
+    if source.kind == "student":
+        load_student_weights(unet, source)
+    return unet
+
+
+# -- samplers ---------------------------------------------------------------------------------
+
+
+class ImageSampler(Protocol):
+    """Anything `dmd sample` can draw from: prompts and per-image seeds → uint8 images."""
+
+    name: str
+    default_steps: int
+    default_size: tuple[int, int] | None  # (height, width); None: the pipeline decides
+
+    def generate(self, prompts: list[str], seeds: list[int], height: int | None, width: int | None, steps: int) -> np.ndarray:
+        """[B, H, W, 3] uint8; image b depends only on (prompts[b], seeds[b], size, steps)."""
+        ...
+
+
+def to_uint8(images: Tensor) -> np.ndarray:
+    """[B, 3, H, W] in [-1, 1] → [B, H, W, 3] uint8, rounded exactly as diffusers' image processor."""
+    x = (images.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
+    return (x * 255).round().astype(np.uint8)
+
+
+def image_generators(seeds: list[int]) -> list[torch.Generator]:
+    """One CPU generator per image, as diffusers' `generator=torch.Generator("cpu").manual_seed(seed)`."""
+    return [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+
+
+def per_image_noise(generators: list[torch.Generator], shape: tuple[int, ...], device: torch.device) -> Tensor:
+    """[B, *shape] float32 noise, row b drawn from generators[b] alone (diffusers' randn_tensor on CPU)."""
+    rows = [torch.randn((1, *shape), generator=g, dtype=torch.float32) for g in generators]
+    return torch.cat(rows).to(device)
+
+
+class StudentSampler:
+    """A student on the DMD2 few-step sampler, with its teacher's text encoders and VAE.
+
+    Args:
+        source: a "student" or "export" ModelSource.
+        device, dtype: where and in which precision the UNet and text encoders run (the VAE
+            stays float32, as in training).
+    """
+
+    def __init__(self, source: ModelSource, device: torch.device, dtype: torch.dtype, allow_pickle: bool = False):
+        info = source.info
+        self.source, self.info, self.name = source, info, source.name
+        self.spec = source.spec()
+        resolution = int(info.get("resolution") or self.spec.native_resolution)
+        self.default_size = (resolution, resolution)
+        self.default_steps = int(info["steps"])
+        self.teacher = Teacher(self.spec, device, dtype, resolution, allow_pickle)
+        if source.kind == "student":
+            load_student_weights(self.teacher.unet.to(torch.float32), source)
+        self.unet = self.teacher.unet.to(device, dtype)
+        self.generator = UNetDenoiser(self.unet)
+        self.schedule = self.spec.schedule()
+        self.device = device
+
+    def timesteps(self, steps: int) -> list[int]:
+        """The student's own timesteps at its trained step count; evenly spaced from T−1 otherwise."""
+        if steps == self.default_steps:
+            return list(self.info["timesteps"])
+        conditioning = self.info.get("conditioning_timestep") if steps == 1 else None
+        return student_timesteps(steps, self.schedule.num_train_timesteps, conditioning)
+
+    def encode(self, prompts: list[str], height: int, width: int) -> Cond:
+        cond = self.teacher.encode_prompts(prompts)
+        if "time_ids" in cond:  # SDXL micro-conditioning as its pipeline: (H, W, 0, 0, H, W)
+            cond["time_ids"] = torch.tensor([[height, width, 0, 0, height, width]], dtype=torch.float32, device=self.device).expand(len(prompts), 6)
+        return cond
+
+    @torch.no_grad()
+    def generate(self, prompts: list[str], seeds: list[int], height: int | None, width: int | None, steps: int) -> np.ndarray:
+        height, width = height or self.default_size[0], width or self.default_size[1]
+        f = self.spec.vae_scale_factor
+        generators = image_generators(seeds)
+        shape = (self.spec.latent_channels, height // f, width // f)
+        noise = per_image_noise(generators, shape, self.device)
+        # LCMScheduler.step draws each step's noise from the same generator, after the latent.
+        renoise = lambda x: per_image_noise(generators, tuple(x.shape[1:]), x.device)  # noqa: E731
+        latents = sample(self.generator, self.schedule, noise, self.encode(prompts, height, width), self.timesteps(steps), renoise)
+        return to_uint8(self.teacher.decode(latents))
+
+
+class PipelineSampler:
+    """A plain diffusers pipeline, sampled with its own scheduler (and CFG, if it does that)."""
+
+    def __init__(self, source: ModelSource, device: torch.device, dtype: torch.dtype, guidance_scale: float | None, allow_pickle: bool = False):
+        from diffusers import DiffusionPipeline
+
+        self.name = source.name
+        try:
+            self.pipe = DiffusionPipeline.from_pretrained(source.path, use_safetensors=None if allow_pickle else True)
+        except Exception as e:  # missing files, offline hub, pickle-only weights, unknown class...
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            where = "" if Path(source.path).expanduser().exists() else " (no such local folder; tried it as a hub id)"
+            raise DmdError(f"could not load pipeline {source.path}{where}: {first}") from e
+        self.pipe.to(device, dtype)
+        self.pipe.set_progress_bar_config(disable=True)
+        params = inspect.signature(self.pipe.__call__).parameters
+        if "prompt" not in params or "generator" not in params:
+            raise DmdError(f"{source.path} ({type(self.pipe).__name__}) is not a text-to-image pipeline")
+        default = params.get("num_inference_steps")
+        self.default_steps = int(default.default) if default is not None and isinstance(default.default, int) else 50
+        self.default_size = None
+        self.guidance_scale = guidance_scale
+
+    @torch.no_grad()
+    def generate(self, prompts: list[str], seeds: list[int], height: int | None, width: int | None, steps: int) -> np.ndarray:
+        kwargs: dict[str, Any] = dict(num_inference_steps=steps, generator=image_generators(seeds), output_type="np")
+        if height:
+            kwargs.update(height=height, width=width)
+        if self.guidance_scale is not None:
+            kwargs["guidance_scale"] = self.guidance_scale
+        try:
+            images = self.pipe(prompt=list(prompts), **kwargs).images
+        except (ValueError, TypeError) as e:
+            raise DmdError(f"{type(self.pipe).__name__} refused the request: {str(e).splitlines()[0]}") from e
+        return (np.asarray(images) * 255).round().astype(np.uint8)
+
+
+def load_sampler(
+    source: ModelSource, device: torch.device, dtype: torch.dtype, guidance_scale: float | None = None, allow_pickle: bool = False
+) -> ImageSampler:
+    """The sampler for `source`; students take no guidance scale (they sample without CFG)."""
+    if source.is_student:
+        if guidance_scale is not None:
+            raise UsageError("a DMD2 student samples without classifier-free guidance; --guidance-scale is for plain pipelines")
+        return StudentSampler(source, device, dtype, allow_pickle)
+    return PipelineSampler(source, device, dtype, guidance_scale, allow_pickle)
+
+
+def pick_device(name: str | None) -> torch.device:
+    """--device: "auto" / None → cuda if available, else mps, else cpu."""
+    if name in (None, "", "auto"):
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise UsageError(f"unknown --device {name!r}: {e}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: no CUDA GPU is available")
+    return device
+
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    """--dtype: "auto" → fp16 on CUDA, fp32 elsewhere."""
+    if name == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if name not in DTYPES:
+        raise UsageError(f"unknown --dtype {name!r}; choose auto, {', '.join(DTYPES)}")
+    return DTYPES[name]
