@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from dmdcli import __version__
-from dmdcli.cli import distill
+from dmdcli.cli import distill, export, sample
 from dmdcli.cli.common import DEBUG
 
 app = typer.Typer(
@@ -32,6 +32,8 @@ def _root(
 
 
 app.command("distill", help=distill.HELP)(distill.distill)
+app.command("sample", help=sample.HELP)(sample.sample)
+app.command("export", help=export.HELP)(export.export)
 
 
 def _quiet_libraries() -> None:

@@ -1,0 +1,53 @@
+"""`dmd export`: a student as a diffusers pipeline, a LoRA (diffusers or kohya keys) or a UNet file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from dmdcli.cli.common import handle_errors, print_json
+from dmdcli.cli.sample import _quiet_diffusers
+from dmdcli.cli.ui import RichUI
+
+HELP = """Export a distilled student for diffusers, ComfyUI and Automatic1111.
+
+Formats: diffusers (a complete pipeline folder with an LCMScheduler set for the student), lora (diffusers LoRA file for the teacher pipeline), kohya (lora_unet_… keys with per-module alpha), unet (the student UNet's state dict, LoRA fused). Prints a diffusers snippet on stderr.
+
+Example: dmd export --model runs/sdxl4 --format diffusers --out sdxl4-pipeline
+"""
+
+
+def _opt(help: str, *names: str, **kwargs):
+    return typer.Option(*names, help=help, **kwargs)
+
+
+@handle_errors
+def export(
+    model: Annotated[str, _opt("Run folder of dmd distill (or its student.safetensors).", "--model", show_default=False)],
+    fmt: Annotated[str, _opt("diffusers, lora, kohya or unet.", "--format")] = "diffusers",
+    out: Annotated[Optional[Path], _opt("Where to write (default: MODEL/export/<format>).", "--out", show_default=False)] = None,
+    dtype: Annotated[str, _opt("Weights' precision: fp32, fp16 or bf16.", "--dtype")] = "fp32",
+    allow_pickle: Annotated[bool, _opt("Allow teacher weights stored as pickle files.", "--allow-pickle")] = False,
+    overwrite: Annotated[bool, _opt("Replace what is already at --out.", "--overwrite")] = False,
+    json_out: Annotated[bool, _opt("Print one JSON line on stdout saying what was written.", "--json")] = False,
+    quiet: Annotated[bool, _opt("No messages on stderr.", "--quiet", "-q")] = False,
+) -> None:
+    from dmdcli.export import check_dtype, check_format, check_out, default_out, export as run_export, snippet, student_source
+
+    ui = RichUI(quiet=quiet)
+    _quiet_diffusers()
+    check_format(fmt)
+    torch_dtype = check_dtype(dtype)
+    source = student_source(model)
+    out = out or default_out(source, fmt)
+    check_out(out, fmt, overwrite)
+    info = source.info
+    ui.message(f"student: {source.name} ({info['layout']}, {info['kind']}, {info['steps']} step(s), t = {info['timesteps']}); writing {fmt} to {out}")
+    with ui.task(f"exporting {fmt}", total=0):
+        record = run_export(source, fmt, out, torch_dtype, allow_pickle)
+    if not quiet:  # unwrapped, so that it can be copied as it is
+        ui.console.print(f"wrote {out}. In diffusers:\n\n{snippet(fmt, out, info, dtype)}\n", markup=False, soft_wrap=True)
+    if json_out:
+        print_json(record)

@@ -1,0 +1,87 @@
+"""`dmd sample`: images from a student (or any diffusers pipeline), one JSON line per image."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from dmdcli.cli.common import handle_errors, print_json
+from dmdcli.cli.ui import RichUI
+
+HELP = """Generate images from a distilled student, an exported pipeline, or any diffusers pipeline.
+
+A student runs its own few steps (one UNet call each, no guidance); a plain pipeline runs with its own scheduler, --steps and --guidance-scale.
+
+Seeds: image i of prompt p uses SEED + p·N + i (N = --num-images-per-prompt); with one prompt and one image, --seed S draws what diffusers draws with generator=torch.Generator("cpu").manual_seed(S).
+
+Example: cat prompts.txt | dmd sample --model runs/sdxl4 --prompts - --out images/ --json
+"""
+
+
+MODEL, WHAT, OUT = "Model", "What to draw", "Outputs"
+
+
+def _opt(help: str, panel: str, *names: str, **kwargs):
+    return typer.Option(*names, help=help, rich_help_panel=panel, **kwargs)
+
+
+@handle_errors
+def sample(
+    model: Annotated[str, _opt("Run folder, `dmd export --format diffusers` folder, or diffusers pipeline (folder or hub id).", MODEL, "--model", show_default=False)],
+    prompt: Annotated[Optional[list[str]], _opt("A prompt (repeatable).", WHAT, "--prompt", show_default=False)] = None,
+    prompts: Annotated[Optional[str], _opt("Prompts file, one a line (or JSON lines); - reads standard input.", WHAT, "--prompts", show_default=False)] = None,
+    num_images_per_prompt: Annotated[int, _opt("Images per prompt.", WHAT, "--num-images-per-prompt", min=1)] = 1,
+    seed: Annotated[int, _opt("Base seed: image i of prompt p uses SEED + p·N + i.", WHAT, "--seed", min=0)] = 0,
+    steps: Annotated[Optional[int], _opt("Sampling steps (default: the student's; a pipeline's own default).", WHAT, "--steps", min=1, show_default=False)] = None,
+    guidance_scale: Annotated[Optional[float], _opt("CFG scale, for plain pipelines only (default: the pipeline's).", WHAT, "--guidance-scale", show_default=False)] = None,
+    resolution: Annotated[Optional[int], _opt("Square image size in pixels (default: the student's).", WHAT, "--resolution", min=1, show_default=False)] = None,
+    height: Annotated[Optional[int], _opt("Image height (overrides --resolution).", WHAT, "--height", min=1, show_default=False)] = None,
+    width: Annotated[Optional[int], _opt("Image width (overrides --resolution).", WHAT, "--width", min=1, show_default=False)] = None,
+    batch_size: Annotated[int, _opt("Images per forward pass (images never depend on it).", MODEL, "--batch-size", min=1)] = 4,
+    device: Annotated[str, _opt("cuda, cuda:1, cpu, mps, or auto.", MODEL, "--device")] = "auto",
+    dtype: Annotated[str, _opt("auto (fp16 on CUDA, fp32 elsewhere), fp32, fp16, bf16.", MODEL, "--dtype")] = "auto",
+    allow_pickle: Annotated[bool, _opt("Allow weights stored as pickle files.", MODEL, "--allow-pickle")] = False,
+    out: Annotated[Path, _opt("Folder for the images.", OUT, "--out")] = Path("samples"),
+    image_format: Annotated[str, _opt("png, jpg or webp.", OUT, "--format")] = "png",
+    overwrite: Annotated[bool, _opt("Replace image files that already exist.", OUT, "--overwrite")] = False,
+    json_out: Annotated[bool, _opt("Print one JSON line per image written (path, prompt, seed, steps) on stdout.", OUT, "--json")] = False,
+    quiet: Annotated[bool, _opt("No progress or messages on stderr.", OUT, "--quiet", "-q")] = False,
+) -> None:
+    from dmdcli.data.prompts import read_prompts
+    from dmdcli.errors import UsageError
+    from dmdcli.models.student import find_model, load_sampler, pick_device, pick_dtype
+    from dmdcli.sample import check_free, plan, run
+
+    ui = RichUI(quiet=quiet)
+    _quiet_diffusers()
+    texts = [p for p in (prompt or []) if p.strip()] + (read_prompts(prompts) if prompts else [])
+    if not texts:
+        raise UsageError("no prompts: give --prompt TEXT (repeatable) or --prompts FILE (- for standard input)")
+    source = find_model(model)
+    size = source.image_size(resolution, height, width)
+    jobs = plan(texts, num_images_per_prompt, seed, out, image_format)
+    check_free(jobs, overwrite)
+    torch_device = pick_device(device)
+    sampler = load_sampler(source, torch_device, pick_dtype(dtype, torch_device), guidance_scale, allow_pickle)
+    n_steps = steps or sampler.default_steps
+    what = f"student, {n_steps} step(s)" if source.is_student else f"{type(sampler.pipe).__name__}, {n_steps} steps"
+    ui.message(f"model: {source.name} ({what}) on {torch_device}; {len(jobs)} image(s) → {out}/")
+    if source.is_student and n_steps != sampler.default_steps:
+        ui.message(f"note: the student was distilled for {sampler.default_steps} step(s); sampling at t = {sampler.timesteps(n_steps)}")
+
+    generate = lambda ps, ss: sampler.generate(ps, ss, size[0], size[1], n_steps)  # noqa: E731
+    with ui.task("sampling", total=len(jobs)) as update:
+        for done, record in enumerate(run(generate, jobs, batch_size, n_steps, source.name), start=1):
+            if json_out:
+                print_json(record)
+            update(done)
+    ui.message(f"wrote {len(jobs)} image(s) to {out}/")
+
+
+def _quiet_diffusers() -> None:
+    """diffusers' own loading bar would interleave with ours on stderr."""
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.disable_progress_bar()

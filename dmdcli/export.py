@@ -1,0 +1,295 @@
+"""`dmd export`: write a student in the formats other tools load.
+
+    diffusers  a complete pipeline folder: the teacher's text encoders, tokenizers and VAE, the
+               student UNet (LoRA fused), and an LCMScheduler configured for the student
+    lora       diffusers LoRA safetensors (peft keys under "unet.", lora_alpha in the header),
+               for `pipe.load_lora_weights(file)` on the teacher pipeline
+    kohya      the `lora_unet_…` layout with a per-module alpha (ComfyUI, Automatic1111, and
+               diffusers' load_lora_weights)
+    unet       one safetensors file with the student UNet's state dict (LoRA fused)
+
+Every file is safetensors, written to a temporary name and renamed into place.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from dmdcli.errors import DmdError, UsageError
+from dmdcli.models.student import DTYPES, EXPORT_INFO_FILE, ModelSource, find_model, load_student_unet
+from dmdcli.train import rundir
+
+FORMATS = ("diffusers", "lora", "kohya", "unet")
+DEFAULT_NAMES = {"diffusers": "diffusers", "lora": "lora.safetensors", "kohya": "kohya.safetensors", "unet": "unet.safetensors"}
+EXPORT_FORMAT = "dmd-export/1"
+# LCM's boundary condition denoised = c_out·x0 + c_skip·x_t, c_skip = σ²/((s·t)² + σ²) with
+# σ = 0.5. At s = 10 (LCM's default), t = 249 gives c_skip ≈ 4e-8; at s = 1e4 it is ≈ 4e-14,
+# far below float32 resolution, so the exported pipeline returns the student's x0 exactly.
+TIMESTEP_SCALING = 10000.0
+
+
+# -- the scheduler ---------------------------------------------------------------------------
+
+
+def student_scheduler(teacher_scheduler_config: dict[str, Any], timesteps: list[int]):
+    """An LCMScheduler whose `set_timesteps(len(timesteps))` yields the student's `timesteps`.
+
+    LCM with original_inference_steps = T picks N timesteps evenly from T−1 down: 999, 749, 499,
+    249 for N = 4 and T = 1000, the student's own. Its one-step timestep is T−1, so a one-step
+    student told another timestep c (SDXL: 399) gets a schedule truncated to c + 1 training
+    timesteps (the teacher's first c + 1 betas, given explicitly): then num_inference_steps=1
+    gives t = c by itself, and timesteps=[c] works too. ᾱ_t is the teacher's at every t used.
+    """
+    from diffusers import DDPMScheduler, LCMScheduler
+
+    ddpm = DDPMScheduler.from_config(dict(teacher_scheduler_config))  # the teacher's ᾱ_t, as training uses
+    total = int(ddpm.config.num_train_timesteps)
+    overrides: dict[str, Any] = dict(
+        original_inference_steps=total, timestep_scaling=TIMESTEP_SCALING, clip_sample=False, thresholding=False,
+        prediction_type=ddpm.config.prediction_type,
+    )
+    explicit_betas = lambda n: dict(num_train_timesteps=n, original_inference_steps=n, trained_betas=ddpm.betas[:n].tolist(), rescale_betas_zero_snr=False)  # noqa: E731
+    if len(timesteps) == 1 and timesteps[0] != total - 1:
+        overrides.update(explicit_betas(timesteps[0] + 1))
+    scheduler = _lcm(LCMScheduler, teacher_scheduler_config, overrides)
+    n = scheduler.config.num_train_timesteps
+    if not torch.equal(scheduler.alphas_cumprod, ddpm.alphas_cumprod[:n]):
+        # A beta schedule LCM does not build the same way (e.g. "sigmoid"): give the betas.
+        overrides.update(explicit_betas(n))
+        scheduler = _lcm(LCMScheduler, teacher_scheduler_config, overrides)
+    scheduler.set_timesteps(len(timesteps))
+    got = scheduler.timesteps.tolist()
+    if got != list(timesteps):
+        raise DmdError(f"no LCMScheduler configuration gives the student's timesteps {timesteps} (it gives {got})")
+    return _lcm(LCMScheduler, teacher_scheduler_config, overrides)  # a fresh one, as saved
+
+
+def _lcm(cls, base: dict[str, Any], overrides: dict[str, Any]):
+    """cls from the teacher's config, keeping only the keys it takes (the rest would be saved too)."""
+    import inspect
+
+    accepted = set(inspect.signature(cls.__init__).parameters) - {"self"}
+    return cls.from_config({**{k: v for k, v in base.items() if k in accepted}, **overrides})
+
+
+# -- writing safely --------------------------------------------------------------------------
+
+
+def default_out(source: ModelSource, fmt: str) -> Path:
+    return Path(source.path).parent / "export" / DEFAULT_NAMES[fmt]
+
+
+def check_out(out: Path, fmt: str, overwrite: bool) -> None:
+    """Refuse, before any work, to replace what is there unless asked (and never a non-pipeline folder)."""
+    if not out.exists() and not out.is_symlink():
+        return
+    if not overwrite:
+        raise UsageError(f"{out} already exists; pass --overwrite to replace it or choose another --out")
+    if fmt == "diffusers":
+        if not out.is_dir() or not (out / "model_index.json").is_file():
+            raise UsageError(f"--out {out} exists and is not a pipeline folder; refusing to replace it")
+    elif out.is_dir():
+        raise UsageError(f"--out {out} is a folder; give a file name for --format {fmt}")
+
+
+def _replace_folder(tmp: Path, out: Path) -> None:
+    """Move the finished folder `tmp` to `out`, replacing an old one only after the new one is whole."""
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+    os.replace(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _scratch(out: Path) -> Path:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+
+
+# -- formats ----------------------------------------------------------------------------------
+
+
+def _cast(tensors: dict[str, Tensor], dtype: torch.dtype) -> dict[str, Tensor]:
+    return {k: v.detach().to(dtype).contiguous() for k, v in tensors.items()}
+
+
+def _lora_weights(source: ModelSource) -> dict[str, Tensor]:
+    from safetensors.torch import load_file
+
+    if source.info.get("kind") != "lora":
+        raise UsageError(
+            f"{source.name} is a full fine-tune; LoRA formats need a LoRA student (dmd distill --lora-rank R). "
+            "Use --format unet or --format diffusers"
+        )
+    return load_file(source.path)
+
+
+def export_diffusers(source: ModelSource, out: Path, dtype: torch.dtype, allow_pickle: bool) -> list[Path]:
+    from diffusers import DiffusionPipeline
+
+    spec, info = source.spec(), source.info
+    unet = load_student_unet(source, allow_pickle)
+    # Pipelines default to unet.config.sample_size × the VAE factor: make that the student's resolution.
+    resolution = int(info.get("resolution") or spec.native_resolution)
+    unet.register_to_config(sample_size=resolution // spec.vae_scale_factor)
+    scheduler = student_scheduler(spec.scheduler_config, list(info["timesteps"]))
+    try:
+        pipe = DiffusionPipeline.from_pretrained(
+            spec.source, unet=unet, scheduler=scheduler, use_safetensors=None if allow_pickle else True
+        ).to(dtype=dtype, silence_dtype_warnings=True)
+    except (OSError, ValueError) as e:
+        raise DmdError(f"could not load teacher pipeline {spec.source}: {str(e).strip().splitlines()[0]}") from e
+    tmp = _scratch(out)
+    try:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        record = {"format": EXPORT_FORMAT, **info, "exported_from": str(source.path), "dtype": _dtype_name(dtype)}
+        (tmp / EXPORT_INFO_FILE).write_text(json.dumps(record, indent=2) + "\n")
+        _replace_folder(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return [out]
+
+
+def export_lora(source: ModelSource, out: Path, dtype: torch.dtype, allow_pickle: bool) -> list[Path]:
+    """peft-layout LoRA through diffusers' own writer, with the adapter's LoraConfig (rank, alpha,
+    targets) in its header so load_lora_weights restores alpha ≠ rank. (diffusers'
+    convert_state_dict_to_diffusers would rename only attention keys and make load_lora_weights
+    drop them beside conv/ff keys; the raw peft keys reload exactly.)"""
+    import inspect
+
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    weights, info = _lora_weights(source), source.info
+    pipeline_class = StableDiffusionXLPipeline if info["layout"] == "sdxl" else StableDiffusionPipeline
+    if "unet_lora_adapter_metadata" not in inspect.signature(pipeline_class.save_lora_weights).parameters:
+        raise DmdError("this diffusers is too old to store lora_alpha in a LoRA file; upgrade diffusers (>= 0.34)")
+    adapter = {"r": int(info["lora_rank"]), "lora_alpha": float(info["lora_alpha"]), "target_modules": list(info["lora_target_modules"])}
+    tmp = _scratch(out)
+    try:
+        pipeline_class.save_lora_weights(tmp, unet_lora_layers=_cast(weights, dtype), weight_name=out.name, unet_lora_adapter_metadata=adapter)
+        written = tmp / out.name
+        with safe_open(str(written), framework="pt") as f:
+            metadata = dict(f.metadata() or {})
+        metadata["dmd_student"] = json.dumps(info)
+        rundir.atomic_save_file(load_file(written), out, metadata)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return [out]
+
+
+def kohya_state_dict(weights: dict[str, Tensor], alpha: float, dtype: torch.dtype) -> dict[str, Tensor]:
+    """peft keys `<module>.lora_A.weight` / `.lora_B.weight` → `lora_unet_<module, dots as _>`
+    `.lora_down.weight` / `.lora_up.weight`, plus that module's `.alpha` (a 0-d tensor)."""
+    out: dict[str, Tensor] = {}
+    for key, value in weights.items():
+        module, _, part = key.rpartition(".lora_")
+        if part not in ("A.weight", "B.weight"):
+            raise DmdError(f"unexpected LoRA key {key} in the student")
+        name = "lora_unet_" + module.replace(".", "_")
+        out[f"{name}.{'lora_down' if part == 'A.weight' else 'lora_up'}.weight"] = value.to(dtype).contiguous()
+        out[f"{name}.alpha"] = torch.tensor(float(alpha), dtype=dtype)
+    return out
+
+
+def export_kohya(source: ModelSource, out: Path, dtype: torch.dtype, allow_pickle: bool) -> list[Path]:
+    weights, info = _lora_weights(source), source.info
+    rank, alpha = int(info["lora_rank"]), float(info["lora_alpha"])
+    metadata = {
+        "ss_network_module": "networks.lora", "ss_network_dim": str(rank), "ss_network_alpha": str(alpha),
+        "ss_base_model_version": "sdxl_base_v1-0" if info["layout"] == "sdxl" else "sd_v1",
+        "dmd_student": json.dumps(info),
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    rundir.atomic_save_file(kohya_state_dict(weights, alpha, dtype), out, metadata)
+    return [out]
+
+
+def export_unet(source: ModelSource, out: Path, dtype: torch.dtype, allow_pickle: bool) -> list[Path]:
+    """The fused UNet's state dict; its header is a full student's, so `dmd sample --model FILE` works."""
+    unet = load_student_unet(source, allow_pickle)
+    info = {k: v for k, v in source.info.items() if not k.startswith("lora_")}
+    info.update(kind="full", exported_from=str(source.path), dtype=_dtype_name(dtype))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    rundir.save_student(out, _cast(unet.state_dict(), dtype), info)
+    return [out]
+
+
+EXPORTERS: dict[str, Callable[[ModelSource, Path, torch.dtype, bool], list[Path]]] = {
+    "diffusers": export_diffusers, "lora": export_lora, "kohya": export_kohya, "unet": export_unet,
+}
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return {v: k for k, v in DTYPES.items()}[dtype]
+
+
+# -- the command's work -----------------------------------------------------------------------
+
+
+def student_source(model: str) -> ModelSource:
+    source = find_model(model)
+    if source.kind != "student":
+        raise UsageError(f"{model} is not a dmd run folder or student file; dmd export converts a distilled student")
+    return source
+
+
+def check_format(fmt: str) -> str:
+    if fmt not in FORMATS:
+        raise UsageError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    return fmt
+
+
+def check_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise UsageError(f"unknown --dtype {name!r}; choose one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def export(source: ModelSource, fmt: str, out: Path, dtype: torch.dtype, allow_pickle: bool = False) -> dict[str, Any]:
+    """Write `source` as `fmt` to `out` (already checked by check_out); returns what was written."""
+    paths = EXPORTERS[fmt](source, out, dtype, allow_pickle)
+    info = source.info
+    return {
+        "format": fmt, "path": str(out), "files": [str(p) for p in paths], "dtype": _dtype_name(dtype),
+        "teacher": info["teacher"], "layout": info["layout"], "kind": info["kind"], "steps": info["steps"],
+        "timesteps": info["timesteps"],
+    }
+
+
+def snippet(fmt: str, out: Path, info: dict[str, Any], dtype: str) -> str:
+    """A few lines of plain diffusers that use what was written (seed 0: `dmd sample --seed 0`'s image)."""
+    steps, timesteps, teacher = info["steps"], info["timesteps"], info["teacher"]
+    as_dtype = "" if dtype == "fp32" else f", torch_dtype=torch.{str(DTYPES[dtype]).removeprefix('torch.')}"
+    seed = 'generator=torch.Generator("cpu").manual_seed(0)'
+    lcm = "pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config, original_inference_steps=1000)"
+    call = f'image = pipe("a photo of a cat", timesteps={timesteps}, guidance_scale=0, {seed}).images[0]'
+    if fmt == "diffusers":
+        return "\n".join([
+            "import torch", "from diffusers import DiffusionPipeline",
+            f'pipe = DiffusionPipeline.from_pretrained("{out}"{as_dtype})',
+            f'image = pipe("a photo of a cat", num_inference_steps={steps}, guidance_scale=0, {seed}).images[0]',
+        ])
+    head = ["import torch", "from diffusers import DiffusionPipeline, LCMScheduler"]
+    if fmt in ("lora", "kohya"):
+        return "\n".join([
+            *head, f'pipe = DiffusionPipeline.from_pretrained("{teacher}"{as_dtype})', f'pipe.load_lora_weights("{out}")', lcm, call,
+        ])
+    return "\n".join([
+        *head, "from diffusers import UNet2DConditionModel", "from safetensors.torch import load_file",
+        f'unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config("{teacher}", subfolder="unet"))',
+        f'unet.load_state_dict(load_file("{out}"))',
+        f'pipe = DiffusionPipeline.from_pretrained("{teacher}", unet=unet{as_dtype})', lcm, call,
+    ])

@@ -1,0 +1,49 @@
+"""Student files for the sample and export tests, written directly (no training): the teacher's
+UNet with every weight nudged (full) or a LoRA whose A and B are both random (a freshly trained
+LoRA's B is still near zero, which would make "reproduces the student" checks vacuous)."""
+
+from pathlib import Path
+
+import torch
+
+from dmdcli.core.schedule import student_timesteps
+from dmdcli.models.lora import LORA_TARGET_MODULES, add_generator_lora, lora_state_dict
+from dmdcli.models.teacher import DEFAULT_CONDITIONING_TIMESTEP
+from dmdcli.train import rundir
+
+RANK, ALPHA = 4, 2.0  # alpha ≠ rank on purpose: exports must keep it
+
+
+def make_student(out: Path, teacher: Path, layout: str, kind: str, steps: int, seed: int = 0) -> Path:
+    """A run folder holding only student.safetensors, as `dmd distill` writes it."""
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(teacher, subfolder="unet")
+    g = torch.Generator().manual_seed(seed)
+    if kind == "lora":
+        add_generator_lora(unet, RANK, ALPHA)
+        weights = {k: 0.2 * torch.randn(v.shape, generator=g) for k, v in lora_state_dict(unet).items()}
+    else:
+        weights = {k: v + 0.02 * v.std().nan_to_num() * torch.randn(v.shape, generator=g) for k, v in unet.state_dict().items()}
+    conditioning = DEFAULT_CONDITIONING_TIMESTEP[layout] if steps == 1 else None
+    info = {
+        "teacher": str(teacher), "layout": layout, "prediction_type": "epsilon", "kind": kind, "steps": steps,
+        "timesteps": student_timesteps(steps, 1000, DEFAULT_CONDITIONING_TIMESTEP[layout]), "conditioning_timestep": conditioning,
+        "resolution": 32, "iterations": 0, "guidance_scale": 1.75, "seed": seed,
+    }
+    if kind == "lora":
+        info.update(lora_rank=RANK, lora_alpha=ALPHA, lora_target_modules=LORA_TARGET_MODULES)
+    out.mkdir(parents=True, exist_ok=True)
+    rundir.save_student(out / rundir.STUDENT_FILE, weights, info)
+    return out
+
+
+def unet_inputs(layout: str, batch: int = 2, seed: int = 1):
+    """Random (x_t, t, kwargs) for a tiny UNet of `layout`."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, 4, 16, 16, generator=g)
+    t = torch.tensor([999, 399][:batch] + [249] * max(0, batch - 2))
+    kwargs = {"encoder_hidden_states": torch.randn(batch, 77, 64 if layout == "sdxl" else 32, generator=g)}
+    if layout == "sdxl":
+        kwargs["added_cond_kwargs"] = {"text_embeds": torch.randn(batch, 32, generator=g), "time_ids": torch.tensor([[32.0, 32, 0, 0, 32, 32]] * batch)}
+    return x, t, kwargs

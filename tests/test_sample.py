@@ -1,0 +1,175 @@
+"""`dmd sample` on tiny SD / SDXL students and a plain tiny pipeline."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from dmdcli.cli import app
+from dmdcli.models import student as student_module
+from dmdcli.models.student import find_model, load_sampler
+from dmdcli.sample import MAX_SLUG, image_seed, slug
+from students import make_student
+
+runner = CliRunner()
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore:__array__ implementation:DeprecationWarning")
+
+
+@pytest.fixture(scope="module")
+def sdxl_run(tmp_path_factory, tiny_sdxl):
+    return make_student(tmp_path_factory.mktemp("sdxl") / "run", tiny_sdxl, "sdxl", "lora", 4)
+
+
+@pytest.fixture(scope="module")
+def sd_run(tmp_path_factory, tiny_sd):
+    return make_student(tmp_path_factory.mktemp("sd") / "run", tiny_sd, "sd", "full", 1)
+
+
+def invoke(*args, input=None):
+    result = runner.invoke(app, [str(a) for a in args], input=input)
+    assert result.exit_code == 0, result.stderr + repr(result.exception)
+    return result
+
+
+def pixels(path):
+    return np.asarray(Image.open(path).convert("RGB")).astype(int)
+
+
+def test_stdin_prompts_json_lines_and_png_metadata(tmp_path, sdxl_run):
+    out = tmp_path / "images"
+    result = invoke("sample", "--model", sdxl_run, "--prompts", "-", "--num-images-per-prompt", "2", "--seed", "10",
+                    "--out", out, "--json", input="a red circle\n\na blue square / on white\n")
+    records = [json.loads(line) for line in result.stdout.splitlines()]  # nothing but JSON on stdout
+    assert [(r["prompt"], r["seed"]) for r in records] == [
+        ("a red circle", 10), ("a red circle", 11), ("a blue square / on white", 12), ("a blue square / on white", 13)]
+    assert all(r["steps"] == 4 for r in records)
+    assert sorted(p.name for p in out.iterdir()) == sorted(f"{r['seed']:06d}-{slug(r['prompt'])}.png" for r in records)
+    for r in records:
+        image = Image.open(r["path"])
+        assert image.size == (32, 32)
+        assert (image.text["prompt"], image.text["seed"], image.text["steps"]) == (r["prompt"], str(r["seed"]), "4")
+        assert image.text["model"] == str(sdxl_run) and "Seed: " in image.text["parameters"]
+    assert "sampling" in result.stderr
+
+
+def test_an_image_depends_on_its_seed_only_not_on_the_batch(tmp_path, sdxl_run):
+    args = ["sample", "--model", sdxl_run, "--prompt", "a cat", "--prompt", "a dog", "--num-images-per-prompt", "3", "--seed", "5"]
+    invoke(*args, "--batch-size", "1", "--out", tmp_path / "b1")
+    invoke(*args, "--batch-size", "4", "--out", tmp_path / "b4")
+    names = sorted(p.name for p in (tmp_path / "b1").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "b4").iterdir()) and len(names) == 6
+    for name in names:
+        assert np.abs(pixels(tmp_path / "b1" / name) - pixels(tmp_path / "b4" / name)).max() <= 1
+    first = pixels(tmp_path / "b1" / names[0])
+    assert any(np.abs(first - pixels(tmp_path / "b1" / n)).mean() > 1 for n in names[1:])  # seeds differ
+    # Image 2 of prompt 1 has seed 5 + 1·3 + 2 = 10 and comes back alone with --seed 10.
+    assert image_seed(5, 1, 2, 3) == 10
+    invoke("sample", "--model", sdxl_run, "--prompt", "a dog", "--seed", "10", "--out", tmp_path / "alone")
+    assert np.abs(pixels(tmp_path / "alone" / "000010-a-dog.png") - pixels(tmp_path / "b4" / "000010-a-dog.png")).max() <= 1
+
+
+def test_one_unet_call_per_step_and_no_guidance_pass(sdxl_run, sd_run):
+    for run, steps in [(sdxl_run, 4), (sd_run, 1)]:
+        sampler = load_sampler(find_model(str(run)), torch.device("cpu"), torch.float32)
+        batches = []
+        sampler.unet.register_forward_hook(lambda module, args, kwargs, out: batches.append(args[0].shape[0]), with_kwargs=True)
+        images = sampler.generate(["a", "b", "c"], [0, 1, 2], None, None, steps)
+        assert images.shape == (3, 32, 32, 3) and images.dtype == np.uint8
+        assert batches == [3] * steps
+
+
+def test_file_names_are_safe_and_bounded(tmp_path, sd_run):
+    long = "x" * 500
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(f"../../etc/passwd\nC:\\Users\\me\n{long}\n{{\"prompt\": \"ünïcode ✓\"}}\n")
+    out = tmp_path / "images"
+    result = invoke("sample", "--model", sd_run, "--prompts", prompts, "--out", out, "--json", "--format", "jpg")
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    assert len(records) == 4 and len(list(out.iterdir())) == 4
+    for r in records:
+        path = out / r["path"].rsplit("/", 1)[-1]
+        assert str(path) == r["path"] and path.is_file() and path.parent == out
+        assert len(path.name) <= MAX_SLUG + len("000000-.jpg")
+        assert json.loads(Image.open(path).getexif()[0x010E])["prompt"] == r["prompt"]  # EXIF for JPEG
+    assert slug("../../etc/passwd") == "etc-passwd" and slug("✓") == "image"
+
+
+def test_existing_images_are_kept_unless_overwrite(tmp_path, sd_run):
+    args = ["sample", "--model", sd_run, "--prompt", "a cat", "--out", tmp_path, "--format", "webp"]
+    invoke(*args)
+    target = tmp_path / "000000-a-cat.webp"
+    target.write_bytes(b"mine")
+    result = runner.invoke(app, [str(a) for a in args])
+    assert result.exit_code == 2 and "already exist" in result.stderr and target.read_bytes() == b"mine"
+    invoke(*args, "--overwrite")
+    assert Image.open(target).size == (32, 32)
+
+
+def test_interrupted_sampling_keeps_announced_images(tmp_path, sdxl_run, monkeypatch):
+    real = student_module.StudentSampler.generate
+    calls = []
+
+    def generate(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(student_module.StudentSampler, "generate", generate)
+    out = tmp_path / "images"
+    result = runner.invoke(app, ["sample", "--model", str(sdxl_run), "--prompt", "a", "--num-images-per-prompt", "5",
+                                 "--batch-size", "2", "--out", str(out), "--json"])
+    assert result.exit_code == 130
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [r["seed"] for r in records] == [0, 1]
+    assert sorted(p.name for p in out.iterdir()) == sorted(r["path"].rsplit("/", 1)[-1] for r in records)  # no temp files
+
+
+def test_plain_pipeline_uses_its_own_scheduler_steps_and_guidance(tmp_path, tiny_sd):
+    from diffusers import DiffusionPipeline
+
+    out = tmp_path / "teacher"
+    result = invoke("sample", "--model", tiny_sd, "--prompt", "a red circle", "--steps", "3", "--guidance-scale", "2.5",
+                    "--seed", "4", "--out", out, "--json")
+    record = json.loads(result.stdout)
+    assert record["steps"] == 3 and record["seed"] == 4
+    pipe = DiffusionPipeline.from_pretrained(tiny_sd)
+    pipe.set_progress_bar_config(disable=True)
+    image = pipe("a red circle", num_inference_steps=3, guidance_scale=2.5, generator=torch.Generator("cpu").manual_seed(4)).images[0]
+    assert np.abs(np.asarray(image).astype(int) - pixels(record["path"])).max() <= 1
+
+
+@pytest.mark.parametrize(
+    "args,code,message",
+    [
+        (["--model", "/no/such/run", "--prompt", "a"], 2, "model not found"),
+        (["--model", "{run}"], 2, "no prompts"),
+        (["--model", "{run}", "--prompt", "a", "--guidance-scale", "3"], 2, "without classifier-free guidance"),
+        (["--model", "{run}", "--prompt", "a", "--height", "30"], 2, "multiple of"),
+        (["--model", "{run}", "--prompt", "a", "--format", "gif"], 2, "unknown image format"),
+        (["--model", "{empty}", "--prompt", "a"], 1, "no student yet"),
+    ],
+)
+def test_usage_errors(tmp_path, sd_run, args, code, message):
+    empty = tmp_path / "run"
+    empty.mkdir()
+    (empty / "metrics.jsonl").write_text("")
+    args = [a.format(run=sd_run, empty=empty) for a in args]
+    result = runner.invoke(app, ["sample", *args, "--out", str(tmp_path / "out")])
+    assert result.exit_code == code, result.stderr
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_distill_run_folder_samples_and_exports(tmp_path, tiny_sdxl, prompts_file):
+    run = tmp_path / "run"
+    invoke("distill", "--recipe", "tiny", "--iterations", "1", "--batch-size", "2", "--teacher", tiny_sdxl, "--steps", "2",
+           "--lora-rank", "2", "--prompts", prompts_file, "--out", run, "--sample-every", "0", "--quiet")
+    result = invoke("sample", "--model", run, "--prompts", prompts_file, "--out", tmp_path / "images", "--json", "--quiet")
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    assert len(records) == 3 and all(r["steps"] == 2 for r in records)
+    record = json.loads(invoke("export", "--model", run, "--format", "kohya", "--json", "--quiet").stdout)
+    assert record["path"] == str(run / "export" / "kohya.safetensors") and record["timesteps"] == [999, 499]
