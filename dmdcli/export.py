@@ -60,17 +60,20 @@ def student_scheduler(teacher_scheduler_config: dict[str, Any], timesteps: list[
     explicit_betas = lambda n: dict(num_train_timesteps=n, original_inference_steps=n, trained_betas=ddpm.betas[:n].tolist(), rescale_betas_zero_snr=False)  # noqa: E731
     if len(timesteps) == 1 and timesteps[0] != total - 1:
         overrides.update(explicit_betas(timesteps[0] + 1))
-    scheduler = _lcm(LCMScheduler, teacher_scheduler_config, overrides)
-    n = scheduler.config.num_train_timesteps
-    if not torch.equal(scheduler.alphas_cumprod, ddpm.alphas_cumprod[:n]):
-        # A beta schedule LCM does not build the same way (e.g. "sigmoid"): give the betas.
+    n = overrides.get("num_train_timesteps", total)
+    try:
+        scheduler = _lcm(LCMScheduler, teacher_scheduler_config, overrides)
+        same = torch.equal(scheduler.alphas_cumprod, ddpm.alphas_cumprod[:n])
+    except NotImplementedError:  # a beta schedule LCM does not build (e.g. "sigmoid")
+        same = False
+    if not same:  # give the teacher's betas explicitly
         overrides.update(explicit_betas(n))
         scheduler = _lcm(LCMScheduler, teacher_scheduler_config, overrides)
     scheduler.set_timesteps(len(timesteps))
     got = scheduler.timesteps.tolist()
     if got != list(timesteps):
         raise DmdError(f"no LCMScheduler configuration gives the student's timesteps {timesteps} (it gives {got})")
-    return _lcm(LCMScheduler, teacher_scheduler_config, overrides)  # a fresh one, as saved
+    return scheduler
 
 
 def _lcm(cls, base: dict[str, Any], overrides: dict[str, Any]):

@@ -8,7 +8,7 @@ import torch
 
 from dmdcli.core.schedule import student_timesteps
 from dmdcli.models.lora import LORA_TARGET_MODULES, add_generator_lora, lora_state_dict
-from dmdcli.models.teacher import DEFAULT_CONDITIONING_TIMESTEP
+from dmdcli.models.teacher import DEFAULT_CONDITIONING_TIMESTEP, inspect_teacher
 from dmdcli.train import rundir
 
 RANK, ALPHA = 4, 2.0  # alpha ≠ rank on purpose: exports must keep it
@@ -27,7 +27,7 @@ def make_student(out: Path, teacher: Path, layout: str, kind: str, steps: int, s
         weights = {k: v + 0.02 * v.std().nan_to_num() * torch.randn(v.shape, generator=g) for k, v in unet.state_dict().items()}
     conditioning = DEFAULT_CONDITIONING_TIMESTEP[layout] if steps == 1 else None
     info = {
-        "teacher": str(teacher), "layout": layout, "prediction_type": "epsilon", "kind": kind, "steps": steps,
+        "teacher": str(teacher), "layout": layout, "prediction_type": inspect_teacher(str(teacher)).prediction_type, "kind": kind, "steps": steps,
         "timesteps": student_timesteps(steps, 1000, DEFAULT_CONDITIONING_TIMESTEP[layout]), "conditioning_timestep": conditioning,
         "resolution": 32, "iterations": 0, "guidance_scale": 1.75, "seed": seed,
     }

@@ -46,6 +46,12 @@ def load_pipeline(path):
 def test_the_scheduler_gives_the_students_timesteps_and_pure_x0(tiny_sd, tiny_sdxl):
     from diffusers import DDPMScheduler
 
+    # Beta schedules LCMScheduler builds itself, and one it does not (then the betas are written out).
+    for beta_schedule in ("linear", "squaredcos_cap_v2", "sigmoid"):
+        config = {"num_train_timesteps": 1000, "beta_schedule": beta_schedule, "beta_start": 0.00085, "beta_end": 0.012}
+        scheduler = student_scheduler(config, [999, 749, 499, 249])
+        assert torch.equal(scheduler.alphas_cumprod, DDPMScheduler.from_config(config).alphas_cumprod)
+
     for teacher, timesteps in [(tiny_sd, [999, 749, 499, 249]), (tiny_sd, [999, 499]), (tiny_sd, [999]), (tiny_sdxl, [399])]:
         config = inspect_teacher(str(teacher)).scheduler_config
         scheduler = student_scheduler(config, timesteps)
@@ -87,6 +93,19 @@ def test_diffusers_export_reproduces_dmd_sample(tmp_path, students, case):
     invoke("sample", "--model", out, "--prompt", "a photo of a cat", "--seed", "0", "--out", tmp_path / "again")
     again = np.asarray(Image.open(next((tmp_path / "again").glob("*.png"))).convert("RGB")).astype(int)
     assert np.abs(again - ours).mean() <= 2.0
+
+
+def test_v_prediction_student_exports_to_the_same_image(tmp_path):
+    from dmdcli.models.tiny import tiny_pipeline_cached
+
+    run = make_student(tmp_path / "run", tiny_pipeline_cached("sd", "v_prediction"), "sd", "full", 2)
+    invoke("export", "--model", run, "--format", "diffusers", "--out", tmp_path / "pipeline")
+    record = json.loads(invoke("sample", "--model", run, "--prompt", "a cat", "--seed", "9", "--out", tmp_path / "ours", "--json").stdout)
+    pipe = load_pipeline(tmp_path / "pipeline")
+    assert pipe.scheduler.config.prediction_type == "v_prediction"
+    image = pipe("a cat", num_inference_steps=2, guidance_scale=0, generator=torch.Generator("cpu").manual_seed(9)).images[0]
+    ours = np.asarray(Image.open(record["path"]).convert("RGB")).astype(int)
+    assert np.abs(np.asarray(image).astype(int) - ours).mean() <= 2.0
 
 
 @pytest.mark.parametrize("layout", ["sd", "sdxl"])
