@@ -54,9 +54,13 @@ def test_distill_cli_writes_a_complete_run(request, tmp_path, prompts_file, imag
 
     assert (out / "config.toml").is_file()
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["iteration"] for r in records] == [2, 4, 6]
-    assert all(r["sec_per_iter"] > 0 and r["lr_fake"] > 0 for r in records)
-    assert sorted(p.name for p in (out / "samples").iterdir()) == ["iter-000003.png", "iter-000006.png"]
+    losses = [r for r in records if "loss_denoise" in r]
+    assert [r["iteration"] for r in losses] == [2, 4, 6]
+    assert all(r["sec_per_iter"] > 0 and r["lr_fake"] > 0 for r in losses)
+    grids = [r for r in records if "diversity" in r]
+    assert [r["iteration"] for r in grids] == [3, 6] and all(r["diversity_ratio"] > 0 for r in grids)
+    assert records[0]["iteration"] == 0 and records[0]["diversity_teacher"] > 0
+    assert sorted(p.name for p in (out / "samples").iterdir()) == ["iter-000003.png", "iter-000006.png", "teacher.png"]
 
     info = read_student_info(out / "student.safetensors")
     assert info["steps"] == steps and info["kind"] == ("lora" if lora else "full")

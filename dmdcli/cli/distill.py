@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -9,7 +10,8 @@ import typer
 from dmdcli.cli.common import handle_errors, print_json
 from dmdcli.cli.ui import RichUI
 from dmdcli.models.teacher import TEACHER_ALIASES
-from dmdcli.train.config import list_recipes, resolve_config
+from dmdcli.errors import UsageError
+from dmdcli.train.config import list_recipes, resolve_config, run_config_values
 
 HELP = f"""Distill a teacher into a 1- to 4-step student with DMD2.
 
@@ -55,22 +57,34 @@ def distill(
     mixed_precision: Annotated[Optional[str], _opt("bf16 | no | auto (bf16 on CUDA, fp32 on CPU).", OPT, "--mixed-precision")] = None,
     gradient_checkpointing: Annotated[Optional[bool], _opt("Recompute activations to save memory.", OPT, "--gradient-checkpointing/--no-gradient-checkpointing")] = None,
     seed: Annotated[Optional[int], _opt("Random seed (default 0).", OPT, "--seed")] = None,
+    skip_nonfinite: Annotated[Optional[bool], _opt("Skip and count updates with a non-finite loss or gradient instead of stopping.", OPT, "--skip-nonfinite/--no-skip-nonfinite")] = None,
     out: Annotated[Optional[str], _opt("Run folder (default runs/<teacher>-<steps>step).", OUT, "--out")] = None,
+    resume: Annotated[bool, _opt("Continue the run in --out from its newest complete checkpoint (raise --iterations to extend it).", OUT, "--resume")] = False,
     overwrite: Annotated[bool, _opt("Replace a run already in --out.", OUT, "--overwrite")] = False,
+    checkpoint_every: Annotated[Optional[int], _opt("Checkpoint every N iterations (default 500; also at the end and on Ctrl-C/SIGTERM).", OUT, "--checkpoint-every")] = None,
+    keep_checkpoints: Annotated[Optional[int], _opt("Newest checkpoints kept (default 2).", OUT, "--keep-checkpoints")] = None,
     log_every: Annotated[Optional[int], _opt("Write metrics every N iterations (default 10).", OUT, "--log-every")] = None,
     sample_every: Annotated[Optional[int], _opt("Write a sample grid every N iterations (default 250; 0: end only).", OUT, "--sample-every")] = None,
-    grid_size: Annotated[Optional[int], _opt("Images per sample grid (default 4).", OUT, "--grid-size")] = None,
+    grid_size: Annotated[Optional[int], _opt("Images per sample grid: grid-size/2 prompts × 2 seeds (default 4).", OUT, "--grid-size")] = None,
+    teacher_grid_steps: Annotated[Optional[int], _opt("DDIM steps of the teacher's reference grid for the collapse watch (default 25; 0: off).", OUT, "--teacher-grid-steps")] = None,
     json_out: Annotated[bool, _opt("Print one JSON summary line on stdout at the end.", OUT, "--json")] = False,
     quiet: Annotated[bool, _opt("No progress or messages on stderr.", OUT, "--quiet", "-q")] = False,
 ) -> None:
-    overrides = {k: v for k, v in locals().items() if k not in ("recipe", "overwrite", "json_out", "quiet")}
-    config = resolve_config(recipe, overrides)
+    overrides = {k: v for k, v in locals().items() if k not in ("recipe", "resume", "overwrite", "json_out", "quiet")}
+    base = None
+    if resume:
+        if overwrite or recipe:
+            raise UsageError("--resume continues the run in --out with its own config.toml; drop --overwrite/--recipe")
+        if out is None:
+            raise UsageError("--resume needs --out RUN, the run folder to continue")
+        base = run_config_values(Path(out))
+    config = resolve_config(recipe, overrides, base)
 
     # Imported here so that `dmd --help` and usage errors stay instant (torch is slow to import).
     from dmdcli.train.distill import Distillation
 
     ui = RichUI(quiet=quiet)
-    summary = Distillation(config, ui, overwrite=overwrite).run()
+    summary = Distillation(config, ui, overwrite=overwrite, resume=resume).run()
     ui.message(f"student: {summary['student']}  (samples: {summary['grid']})")
     if json_out:
         print_json(summary)

@@ -17,8 +17,9 @@ import torch
 from torch import Tensor
 
 from dmdcli.core import losses
-from dmdcli.core.denoiser import Cond, Denoiser, cat_cond
+from dmdcli.core.denoiser import Cond, Denoiser
 from dmdcli.core.gan_head import ClassifierHead
+from dmdcli.core.sampler import guided_prediction
 from dmdcli.core.schedule import NoiseSchedule
 
 
@@ -64,12 +65,8 @@ class DMD2:
 
     def real_x0(self, x_t: Tensor, t: Tensor, cond: Cond, uncond: Cond | None) -> Tensor:
         """Teacher's x0 with classifier-free guidance, in one batched forward of [uncond; cond]."""
-        s = self.config.guidance_scale
-        if uncond is None or s == 1.0:
-            return self.schedule.to_x0(x_t, self.real_score(x_t, t, cond), t)
-        both = self.real_score(torch.cat([x_t, x_t]), torch.cat([t, t]), cat_cond(uncond, cond))
-        pred_uncond, pred_cond = both.float().chunk(2)
-        return self.schedule.to_x0(x_t, pred_uncond + s * (pred_cond - pred_uncond), t)
+        prediction = guided_prediction(self.real_score, x_t, t, cond, uncond, self.config.guidance_scale)
+        return self.schedule.to_x0(x_t, prediction, t)
 
     def fake_x0(self, x_t: Tensor, t: Tensor, cond: Cond) -> Tensor:
         """Fake score's x0, no guidance (fake guidance = 1 in the reference)."""

@@ -12,10 +12,22 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from dmdcli.core.denoiser import Cond, Denoiser
-from dmdcli.core.schedule import NoiseSchedule, as_timestep_tensor
+from dmdcli.core.denoiser import Cond, Denoiser, cat_cond
+from dmdcli.core.schedule import NoiseSchedule, as_timestep_tensor, student_timesteps
 
 NoiseFn = Callable[[Tensor], Tensor]  # draws fresh noise shaped like its argument
+
+
+def guided_prediction(denoiser: Denoiser, x_t: Tensor, t: Tensor, cond: Cond, uncond: Cond | None, scale: float) -> Tensor:
+    """Classifier-free guidance, uncond + s·(cond − uncond), in one batched forward of [uncond; cond].
+
+    Returns the guided prediction [B, ...] float32; without uncond or with s = 1, one plain forward.
+    """
+    if uncond is None or scale == 1.0:
+        return denoiser(x_t, t, cond).float()
+    both = denoiser(torch.cat([x_t, x_t]), torch.cat([t, t]), cat_cond(uncond, cond))
+    pred_uncond, pred_cond = both.float().chunk(2)
+    return pred_uncond + scale * (pred_cond - pred_uncond)
 
 
 def generator_x0(generator: Denoiser, schedule: NoiseSchedule, x_t: Tensor, t: Tensor, cond: Cond) -> Tensor:
@@ -63,3 +75,30 @@ def backward_simulation(
     x0 = sample(generator, schedule, noise, cond, timesteps[:step], draw_noise)
     t = as_timestep_tensor(timesteps[step], noise.shape[0], noise.device)
     return schedule.add_noise(x0, draw_noise(x0), t)
+
+
+@torch.no_grad()
+def ddim_sample(
+    denoiser: Denoiser,
+    schedule: NoiseSchedule,
+    noise: Tensor,
+    cond: Cond,
+    uncond: Cond | None,
+    num_steps: int,
+    guidance_scale: float,
+) -> Tensor:
+    """Deterministic DDIM (η = 0) with CFG over `num_steps` evenly spaced timesteps from T−1.
+
+    The many-step teacher sampler: reference grids for the collapse watch, teacher baselines.
+    noise [B, ...] → x0 [B, ...].
+    """
+    timesteps = student_timesteps(num_steps, schedule.num_train_timesteps)
+    x_t, batch = noise, noise.shape[0]
+    for k, t_k in enumerate(timesteps):
+        t = as_timestep_tensor(t_k, batch, noise.device)
+        x0 = schedule.to_x0(x_t, guided_prediction(denoiser, x_t, t, cond, uncond, guidance_scale), t)
+        if k + 1 == len(timesteps):
+            return x0
+        eps = schedule.eps_from_x0(x_t, x0, t)
+        x_t = schedule.add_noise(x0, eps, as_timestep_tensor(timesteps[k + 1], batch, noise.device))
+    return x_t

@@ -71,6 +71,11 @@ class NoiseSchedule:
             x0 = prediction
         return x0.float()
 
+    def eps_from_x0(self, x_t: Tensor, x0: Tensor, t: Tensor) -> Tensor:
+        """The noise implied by x_t and an x0 estimate: ε = (x_t − sqrt(ᾱ)·x0) / sqrt(1 − ᾱ)."""
+        sa, sb = self._coefficients(t, x_t)
+        return ((x_t.double() - sa * x0.double()) / sb).float()
+
     def target(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
         """What a denoiser of this prediction type should output for x_t = add_noise(x0, noise, t)."""
         if self.prediction_type == "epsilon":

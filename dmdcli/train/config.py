@@ -83,7 +83,15 @@ class DistillConfig:
     sample_every: int = 250
     """Write a sample grid every N iterations (0: only at the end)."""
     grid_size: int = 4
-    """Images in each sample grid (fixed prompts and seeds)."""
+    """Images in each sample grid: grid_size/2 fixed prompts × 2 fixed seeds."""
+    teacher_grid_steps: int = 25
+    """Steps of the teacher's reference grid (CFG, DDIM) for the collapse watch; 0: no reference."""
+    checkpoint_every: int = 500
+    """Checkpoint every N iterations (0: only at the end and on SIGINT/SIGTERM)."""
+    keep_checkpoints: int = 2
+    """Newest complete checkpoints kept."""
+    skip_nonfinite: bool = False
+    """Skip (and count) an update whose loss or gradient is not finite instead of stopping."""
     allow_pickle: bool = False
     """Load teacher weights stored as pickle (.bin/.ckpt) files; off by default."""
 
@@ -127,9 +135,10 @@ def check_keys(values: dict[str, Any], where: str) -> None:
         raise UsageError(f"{where}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(FIELD_NAMES)}")
 
 
-def resolve_config(recipe: str | None, overrides: dict[str, Any]) -> DistillConfig:
-    """Defaults, then the recipe's keys, then the command line's explicitly given options."""
-    values: dict[str, Any] = load_recipe(recipe) if recipe else {}
+def resolve_config(recipe: str | None, overrides: dict[str, Any], base: dict[str, Any] | None = None) -> DistillConfig:
+    """Defaults, then the recipe's keys (or `base`, a resumed run's values), then the command
+    line's explicitly given options."""
+    values: dict[str, Any] = dict(base) if base else (load_recipe(recipe) if recipe else {})
     check_keys(overrides, "command line")
     values.update({k: v for k, v in overrides.items() if v is not None})
     config = DistillConfig(**values)
@@ -157,6 +166,8 @@ def validate(c: DistillConfig) -> None:
     need(c.prompts is not None or c.data is not None, "no prompts: pass --prompts FILE, or --data DIR whose captions become the prompts")
     need(c.dm_weight > 0 or c.data is not None, "with --dm-weight 0 the generator needs the GAN term, which needs --data")
     need(c.log_every >= 1 and c.sample_every >= 0 and c.grid_size >= 1, "log_every, grid_size ≥ 1 and sample_every ≥ 0")
+    need(c.checkpoint_every >= 0 and c.keep_checkpoints >= 1, "checkpoint_every ≥ 0 and keep_checkpoints ≥ 1")
+    need(c.teacher_grid_steps >= 0, "teacher_grid_steps ≥ 0")
     if c.conditioning_timestep is not None:
         need(0 <= c.conditioning_timestep < 1000, "--conditioning-timestep must lie in [0, 999]")
 
@@ -167,3 +178,25 @@ def write_config(config: DistillConfig, path: Path, extra: dict[str, Any] | None
     if extra:
         values["resolved"] = {k: v for k, v in extra.items() if v is not None}
     path.write_text(tomli_w.dumps(values))
+
+
+# Options that may change when a run is resumed; every other key must match the checkpoint.
+RESUMABLE_KEYS = {
+    "iterations", "out", "log_every", "sample_every", "grid_size", "teacher_grid_steps",
+    "checkpoint_every", "keep_checkpoints", "skip_nonfinite",
+}
+
+
+def resume_conflicts(saved: dict[str, Any], config: DistillConfig) -> list[str]:
+    """Keys whose value differs from the checkpoint's configuration (and may not)."""
+    current = config.to_dict()
+    return sorted(k for k in current if k not in RESUMABLE_KEYS and saved.get(k) != current[k])
+
+
+def run_config_values(run: Path) -> dict[str, Any]:
+    """The configuration values a run folder was started with (its config.toml)."""
+    path = run / "config.toml"
+    if not path.is_file():
+        raise UsageError(f"nothing to resume: {run} holds no run (no config.toml)")
+    values = tomllib.loads(path.read_text())
+    return {k: v for k, v in values.items() if k not in RECIPE_ONLY_KEYS}

@@ -9,6 +9,8 @@ from __future__ import annotations
 import copy
 import math
 import shutil
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,16 +21,19 @@ import torch
 from dmdcli.core.denoiser import Cond, expand_cond
 from dmdcli.core.dmd2 import DMD2, DMD2Config
 from dmdcli.core.gan_head import ClassifierHead
-from dmdcli.core.sampler import sample
 from dmdcli.core.schedule import student_timesteps
 from dmdcli.data.images import RealLatents, load_or_build_latents
 from dmdcli.data.prompts import read_prompts
 from dmdcli.errors import DmdError, UsageError
-from dmdcli.models.lora import LORA_TARGET_MODULES, add_generator_lora, lora_state_dict
+from dmdcli.models.lora import LORA_TARGET_MODULES, add_generator_lora, load_lora_state_dict, lora_state_dict
 from dmdcli.models.teacher import DEFAULT_CONDITIONING_TIMESTEP, Teacher, TeacherSpec, inspect_teacher
 from dmdcli.models.unet import UNetDenoiser
 from dmdcli.train import rundir
-from dmdcli.train.config import DistillConfig, write_config
+from dmdcli.train.checkpoint import (
+    CHECKPOINTS_DIR, latest_checkpoint, load_optimizer_state, load_rng_state, optimizer_state, read_checkpoint, rng_state, write_checkpoint,
+)
+from dmdcli.train.config import DistillConfig, resume_conflicts, write_config
+from dmdcli.train.grids import COLLAPSE_RATIO, SampleGrid, diversity
 from dmdcli.train.step import Batch, DMD2Step
 
 
@@ -61,7 +66,7 @@ RUN_FILES = (rundir.CONFIG_FILE, rundir.STUDENT_FILE, rundir.METRICS_FILE)
 def check_run_folder(out: Path, overwrite: bool) -> None:
     """Refuse to mix two runs in one folder unless asked to overwrite (checked before any work)."""
     if any((out / f).exists() for f in RUN_FILES) and not overwrite:
-        raise UsageError(f"{out} already holds a run; pass --overwrite to replace it or choose another --out")
+        raise UsageError(f"{out} already holds a run; pass --resume to continue it, --overwrite to replace it, or another --out")
 
 
 def create_run_folder(out: Path) -> None:
@@ -69,7 +74,8 @@ def create_run_folder(out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     for f in RUN_FILES:
         (out / f).unlink(missing_ok=True)
-    shutil.rmtree(out / rundir.SAMPLES_DIR, ignore_errors=True)
+    for folder in (rundir.SAMPLES_DIR, CHECKPOINTS_DIR):
+        shutil.rmtree(out / folder, ignore_errors=True)
 
 
 @dataclass
@@ -129,9 +135,13 @@ def _adamw(params, lr: float, config: DistillConfig) -> torch.optim.AdamW:
 
 
 class Distillation:
-    """One configured run: teacher, the three networks, the DMD2 step and the run folder."""
+    """One configured run: teacher, the three networks, the DMD2 step and the run folder.
 
-    def __init__(self, config: DistillConfig, ui: UI, overwrite: bool = False):
+    With `resume`, the newest complete checkpoint in the run folder is loaded and training
+    continues from its iteration: on CPU the result is bit-for-bit that of an uninterrupted run.
+    """
+
+    def __init__(self, config: DistillConfig, ui: UI, overwrite: bool = False, resume: bool = False):
         from accelerate import Accelerator
         from accelerate.utils import set_seed
 
@@ -140,7 +150,9 @@ class Distillation:
         self.resolution = config.resolution or self.spec.native_resolution
         self.spec.check_resolution(self.resolution)
         self.out = Path(config.out) if config.out else default_out(config)
-        check_run_folder(self.out, overwrite)
+        self.checkpoint = self._checkpoint_to_resume() if resume else None
+        if not resume:
+            check_run_folder(self.out, overwrite)
         # Cheap checks of the user's files first, before minutes of model loading.
         prompts = read_prompts(config.prompts) if config.prompts else None
         if config.data and not Path(config.data).is_dir():
@@ -148,7 +160,6 @@ class Distillation:
 
         precision = _precision(config)
         self.accelerator = Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available())
-        set_seed(config.seed)
         frozen_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
         device = self.accelerator.device
 
@@ -163,8 +174,25 @@ class Distillation:
             conditioning = DEFAULT_CONDITIONING_TIMESTEP[self.spec.layout]
         self.timesteps = student_timesteps(config.steps, self.schedule.num_train_timesteps, conditioning)
         self.conditioning_timestep = conditioning if config.steps == 1 else None
+        # Seeded after loading, so that a run which encodes its real images and one that reads
+        # them from the cache start training from the same random state.
+        set_seed(config.seed)
         self._build_networks(device, frozen_dtype)
+        self.grid = SampleGrid(
+            self.data.prompts, config.grid_size, config.seed, self.teacher.encode_prompts, self.teacher.decode,
+            (self.spec.latent_channels, *self.teacher.latent_size), device,
+        )
 
+    def _checkpoint_to_resume(self) -> Path:
+        found = latest_checkpoint(self.out)
+        if found is None:
+            raise UsageError(f"nothing to resume: {self.out} holds no complete checkpoint")
+        _, state = read_checkpoint(found)
+        conflicts = resume_conflicts(state["config"], self.config)
+        if conflicts:
+            details = ", ".join(f"{k} {state['config'].get(k)!r} → {getattr(self.config, k)!r}" for k in conflicts)
+            raise UsageError(f"--resume with a configuration that contradicts the checkpoint {found.name}: {details}")
+        return found
     def _build_networks(self, device: torch.device, frozen_dtype: torch.dtype) -> None:
         c = self.config
         base = self.teacher.unet
@@ -186,12 +214,12 @@ class Distillation:
 
         self.generator = UNetDenoiser(self.generator_unet)
         fake_score = UNetDenoiser(self.fake_unet)
-        head = None
+        self.head = head = None
         if self.data.real is not None:
             probe = torch.zeros(1, self.spec.latent_channels, *self.teacher.latent_size, device=device)
             with torch.no_grad():
                 features = fake_score.bottleneck(probe, torch.zeros(1, dtype=torch.long, device=device), self.teacher.encode_prompts([""]))
-            head = ClassifierHead.for_features(features).to(device)
+            self.head = head = ClassifierHead.for_features(features).to(device)
         fake_params = list(self.fake_unet.parameters()) + (list(head.parameters()) if head else [])
 
         dmd2 = DMD2(
@@ -208,13 +236,61 @@ class Distillation:
             dmd2, self.generator, self.timesteps, generator_params, fake_params, opt_g, opt_f,
             generator_lr_scheduler=_warmup(opt_g, c.warmup_steps), fake_lr_scheduler=_warmup(opt_f, c.warmup_steps),
             fake_updates_per_gen=c.fake_updates_per_gen, max_grad_norm=c.max_grad_norm, seed=c.seed,
-            backward=self.accelerator.backward, autocast=self.accelerator.autocast,
+            skip_nonfinite=c.skip_nonfinite, backward=self.accelerator.backward, autocast=self.accelerator.autocast,
         )
         n_gen = sum(p.numel() for p in generator_params)
         self.ui.message(
             f"generator: {'LoRA rank ' + str(c.lora_rank) if c.lora_rank else 'full fine-tune'} ({n_gen / 1e6:.2f}M trainable), "
             f"{c.steps} step(s) at t = {self.timesteps}; GAN {'on' if head else 'off'}"
         )
+
+    # -- checkpoints ---------------------------------------------------------------------------
+
+    def _generator_weights(self) -> dict[str, torch.Tensor]:
+        unet = self.generator_unet
+        return lora_state_dict(unet) if self.config.lora_rank else unet.state_dict()
+
+    def save_checkpoint(self, iteration: int, extra: dict[str, Any]) -> Path:
+        """Everything needed to continue exactly: weights, optimizers, LR schedules, RNG states."""
+        step = self.step
+        tensors = {f"generator.{k}": v for k, v in self._generator_weights().items()}
+        tensors.update({f"fake_score.{k}": v for k, v in self.fake_unet.state_dict().items()})
+        if self.head is not None:
+            tensors.update({f"discriminator.{k}": v for k, v in self.head.state_dict().items()})
+        opt_g, opt_g_json = optimizer_state(step.generator_optimizer, "optimizer.generator")
+        opt_f, opt_f_json = optimizer_state(step.fake_optimizer, "optimizer.fake")
+        rng, rng_json = rng_state()
+        tensors.update({**opt_g, **opt_f, **rng})
+        state = {
+            "config": self.config.to_dict(), "rng": rng_json, "skipped_updates": step.skipped_updates,
+            "optimizers": {"generator": opt_g_json, "fake": opt_f_json},
+            # LambdaLR's state is JSON-able: its lambdas (rebuilt from the config) appear as None.
+            "lr_schedulers": {"generator": step.generator_lr_scheduler.state_dict(), "fake": step.fake_lr_scheduler.state_dict()},
+            **extra,
+        }
+        path = write_checkpoint(self.out, iteration, tensors, state, self.config.keep_checkpoints)
+        self.save_student(iteration)
+        return path
+
+    def restore(self, path: Path) -> dict[str, Any]:
+        """Load a checkpoint written by `save_checkpoint`; returns its JSON state."""
+        tensors, state = read_checkpoint(path)
+        part = lambda prefix: {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}  # noqa: E731
+        if self.config.lora_rank:
+            load_lora_state_dict(self.generator_unet, part("generator."))
+        else:
+            self.generator_unet.load_state_dict(part("generator."))
+        self.fake_unet.load_state_dict(part("fake_score."))
+        if self.head is not None:
+            self.head.load_state_dict(part("discriminator."))
+        step = self.step
+        load_optimizer_state(step.generator_optimizer, "optimizer.generator", tensors, state["optimizers"]["generator"])
+        load_optimizer_state(step.fake_optimizer, "optimizer.fake", tensors, state["optimizers"]["fake"])
+        step.generator_lr_scheduler.load_state_dict(state["lr_schedulers"]["generator"])
+        step.fake_lr_scheduler.load_state_dict(state["lr_schedulers"]["fake"])
+        step.skipped_updates = state["skipped_updates"]
+        load_rng_state(tensors, state["rng"])
+        return state
 
     # -- outputs -------------------------------------------------------------------------------
 
@@ -231,45 +307,63 @@ class Distillation:
         return info
 
     def save_student(self, iterations_done: int) -> Path:
-        unet = self.generator_unet
-        tensors = lora_state_dict(unet) if self.config.lora_rank else unet.state_dict()
         path = self.out / rundir.STUDENT_FILE
-        rundir.save_student(path, tensors, self.student_info(iterations_done))
+        rundir.save_student(path, self._generator_weights(), self.student_info(iterations_done))
         return path
 
-    @torch.no_grad()
-    def save_grid(self, iteration: int) -> Path:
-        """Student samples for fixed prompts and seeds: the same images at every grid."""
-        n, prompts = self.config.grid_size, self.data.prompts
-        cond = self.teacher.encode_prompts([prompts[i % len(prompts)] for i in range(n)])
-        g = torch.Generator().manual_seed(self.config.seed)
-        shape = (n, self.spec.latent_channels, *self.teacher.latent_size)
-        noise = torch.randn(shape, generator=g).to(self.teacher.device)
-        renoise = lambda x: torch.randn(x.shape, generator=g).to(x.device)  # noqa: E731
+    def teacher_diversity(self) -> float:
+        """The collapse watch's reference: the teacher's grid (DDIM + CFG), saved as samples/teacher.png."""
         with self.accelerator.autocast():
-            latents = sample(self.generator, self.schedule, noise, cond, self.timesteps, renoise)
+            images = self.grid.teacher(self.step.dmd2.real_score, self.schedule, self.uncond, self.config.teacher_grid_steps, self.config.guidance_scale)
+        rundir.save_grid(images, self.out / rundir.SAMPLES_DIR / "teacher.png", columns=self.grid.seeds)
+        return diversity(images, self.grid.seeds)
+
+    def save_grid(self, iteration: int, teacher_diversity: float | None) -> tuple[Path, dict[str, float]]:
+        """The student's grid at `iteration`, and its diversity (with a warning on collapse)."""
+        with self.accelerator.autocast():
+            images = self.grid.student(self.generator, self.schedule, self.timesteps)
         path = self.out / rundir.SAMPLES_DIR / f"iter-{iteration:06d}.png"
-        rundir.save_grid(self.teacher.decode(latents), path)
-        return path
+        rundir.save_grid(images, path, columns=self.grid.seeds)
+        record = {"diversity": diversity(images, self.grid.seeds)}
+        if teacher_diversity and math.isfinite(teacher_diversity) and teacher_diversity > 0:
+            record["diversity_ratio"] = record["diversity"] / teacher_diversity
+            if record["diversity_ratio"] < COLLAPSE_RATIO:
+                self.ui.message(
+                    f"warning: at iteration {iteration} the student's samples vary {record['diversity_ratio']:.0%} as much "
+                    "across seeds as the teacher's: possible mode collapse (see samples/)"
+                )
+        return path, record
 
     # -- the loop ------------------------------------------------------------------------------
 
     def run(self) -> dict[str, Any]:
         c = self.config
-        create_run_folder(self.out)
-        write_config(c, self.out / rundir.CONFIG_FILE, self.resolved())
         metrics = rundir.MetricsLog(self.out / rundir.METRICS_FILE)
+        if self.checkpoint is not None:
+            state = self.restore(self.checkpoint)
+            start_iteration, teacher_div = state["iteration"], state.get("teacher_diversity")
+            metrics.truncate_after(start_iteration)  # lines a killed run wrote past its checkpoint
+            self.ui.message(f"resuming from {self.checkpoint} (iteration {start_iteration})")
+        else:
+            create_run_folder(self.out)
+            start_iteration = 0
+            teacher_div = self.teacher_diversity() if c.teacher_grid_steps else None
+            if teacher_div is not None:
+                metrics.write({"iteration": 0, "diversity_teacher": teacher_div})
+        write_config(c, self.out / rundir.CONFIG_FILE, self.resolved())
+        if start_iteration >= c.iterations:
+            self.ui.message(f"{self.out} is already at iteration {start_iteration}; raise --iterations to continue")
+        extra = {"teacher_diversity": teacher_div}
+
         latest: dict[str, float] = {}
         start = last_log = time.perf_counter()
-        last_log_iteration = 0
-        with self.ui.task("distilling", total=c.iterations) as update:
-            for it in range(c.iterations):
+        last_log_iteration = start_iteration
+        done = start_iteration
+        with _StopOnSignal() as stop, self.ui.task("distilling", total=c.iterations) as update:
+            update(done, None)
+            for it in range(start_iteration, c.iterations):
                 batch = self.data.batch(self.teacher, c.seed, it, c.batch_size, self.uncond)
-                logs = self.step(batch, it)
-                bad = [k for k, v in logs.items() if not math.isfinite(v)]
-                if bad:
-                    raise DmdError(f"non-finite {', '.join(bad)} at iteration {it + 1}; stopping (lower --lr?)")
-                latest.update(logs)
+                latest.update(self.step(batch, it))
                 done = it + 1
                 if done % c.log_every == 0 or done == c.iterations:
                     now = time.perf_counter()
@@ -281,14 +375,20 @@ class Distillation:
                     })
                     last_log, last_log_iteration = now, done
                 if c.sample_every and done % c.sample_every == 0 and done != c.iterations:
-                    self.save_grid(done)
+                    metrics.write({"iteration": done, **self.save_grid(done, teacher_div)[1]})
+                if c.checkpoint_every and done % c.checkpoint_every == 0 and done != c.iterations:
+                    self.save_checkpoint(done, extra)
                 update(done, latest)
-        grid = self.save_grid(c.iterations)
-        student = self.save_student(c.iterations)
-        seconds = time.perf_counter() - start
+                if stop.signal is not None:
+                    path = self.save_checkpoint(done, extra)
+                    raise Interrupted(stop.signal, done, path, self.out)
+        grid, grid_record = self.save_grid(done, teacher_div)
+        metrics.write({"iteration": done, **grid_record})
+        checkpoint = self.save_checkpoint(done, extra)
         return {
-            "out": str(self.out), "student": str(student), "grid": str(grid), "iterations": c.iterations,
-            "seconds": round(seconds, 3), "losses": {k: v for k, v in latest.items() if k.startswith("loss_")},
+            "out": str(self.out), "student": str(self.out / rundir.STUDENT_FILE), "checkpoint": str(checkpoint),
+            "grid": str(grid), "iterations": done, "seconds": round(time.perf_counter() - start, 3),
+            "losses": {k: v for k, v in latest.items() if k.startswith("loss_")}, **grid_record,
         }
 
     def resolved(self) -> dict[str, Any]:
@@ -297,3 +397,35 @@ class Distillation:
             "resolution": self.resolution, "timesteps": self.timesteps, "out": str(self.out),
             "gan": self.data.real is not None, "num_prompts": len(self.data.prompts),
         }
+
+
+class Interrupted(DmdError):
+    """SIGINT / SIGTERM: the run stopped after a checkpoint; exit 130 / 143 as shells expect."""
+
+    def __init__(self, signum: int, iteration: int, checkpoint: Path, out: Path):
+        self.exit_code = 128 + signum
+        super().__init__(
+            f"interrupted at iteration {iteration}; checkpoint saved to {checkpoint}. "
+            f"Continue with: dmd distill --out {out} --resume"
+        )
+
+
+class _StopOnSignal:
+    """Turn SIGINT/SIGTERM into a flag checked between iterations (a second Ctrl-C stops at once)."""
+
+    def __enter__(self) -> "_StopOnSignal":
+        self.signal: int | None = None
+        self.previous = {}
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self.previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.signal is not None:
+            raise KeyboardInterrupt
+        self.signal = signum
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)

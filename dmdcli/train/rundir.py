@@ -68,11 +68,20 @@ class MetricsLog:
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
 
+    def truncate_after(self, iteration: int) -> None:
+        """Drop records past `iteration` (a resumed run writes them again)."""
+        if not self.path.is_file():
+            return
+        kept = [line for line in self.path.read_text().splitlines() if line.strip() and json.loads(line)["iteration"] <= iteration]
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, self.path)
 
-def save_grid(images: Tensor, path: Path) -> None:
-    """Images [N, 3, H, W] in [-1, 1] → one PNG grid, near-square."""
+
+def save_grid(images: Tensor, path: Path, columns: int | None = None) -> None:
+    """Images [N, 3, H, W] in [-1, 1] → one PNG grid (near-square unless `columns` is given)."""
     n, _, h, w = images.shape
-    cols = math.ceil(math.sqrt(n))
+    cols = columns or math.ceil(math.sqrt(n))
     rows = math.ceil(n / cols)
     pixels = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
     grid = np.zeros((rows * h, cols * w, 3), dtype=np.uint8)

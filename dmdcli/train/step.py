@@ -17,6 +17,7 @@ from dmdcli.core.denoiser import Cond, Denoiser
 from dmdcli.core.dmd2 import DMD2
 from dmdcli.core.sampler import backward_simulation, generator_x0
 from dmdcli.core.schedule import as_timestep_tensor
+from dmdcli.errors import DmdError
 
 
 @contextlib.contextmanager
@@ -82,6 +83,7 @@ class DMD2Step:
         fake_updates_per_gen: int = 5,
         max_grad_norm: float = 10.0,
         seed: int = 0,
+        skip_nonfinite: bool = False,
         backward=None,
         autocast=contextlib.nullcontext,
     ):
@@ -92,15 +94,39 @@ class DMD2Step:
         self.fake_updates_per_gen = fake_updates_per_gen
         self.max_grad_norm = max_grad_norm
         self.seed = seed
+        self.skip_nonfinite = skip_nonfinite
+        self.skipped_updates = 0
         self.backward = backward or (lambda loss: loss.backward())
         self.autocast = autocast
 
     def is_generator_iteration(self, iteration: int) -> bool:
         return iteration % self.fake_updates_per_gen == 0
 
-    def _update(self, loss: Tensor, params: list[nn.Parameter], optimizer: torch.optim.Optimizer, lr_scheduler) -> float:
-        self.backward(loss)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
+    def _update(self, phase: str, terms: dict[str, Tensor], params: list[nn.Parameter], iteration: int) -> float | None:
+        """Backward, clip and step one phase ("generator" or "fake"); returns the gradient norm.
+
+        A non-finite loss term or gradient stops the run (DmdError naming the iteration and the
+        term) before the optimizer touches the weights, or, with skip_nonfinite, skips the update
+        and counts it.
+        """
+        optimizer = self.generator_optimizer if phase == "generator" else self.fake_optimizer
+        lr_scheduler = self.generator_lr_scheduler if phase == "generator" else self.fake_lr_scheduler
+        bad = [f"loss_{name}" for name, v in terms.items() if not torch.isfinite(v.detach()).all()]
+        grad_norm = None
+        if not bad:
+            self.backward(self.dmd2.weighted_total(terms))
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
+            if not torch.isfinite(grad_norm):
+                bad = [f"{phase} gradient"]
+        if bad:
+            optimizer.zero_grad(set_to_none=True)
+            if not self.skip_nonfinite:
+                raise DmdError(
+                    f"non-finite {', '.join(bad)} in the {phase} update at iteration {iteration + 1}; stopped before "
+                    "applying it (lower --lr, or pass --skip-nonfinite to skip such updates)"
+                )
+            self.skipped_updates += 1
+            return None
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if lr_scheduler is not None:  # warm-up counts this optimizer's own updates
@@ -123,10 +149,7 @@ class DMD2Step:
                     x = generator_x0(self.generator, schedule, x_t, t, batch.cond)
                     terms = self.dmd2.generator_losses(x, batch.cond, batch.uncond)
                 if terms:  # none when DM and GAN are both off (an ablation): the generator stays put
-                    logs["grad_norm_generator"] = self._update(
-                        self.dmd2.weighted_total(terms), self.generator_params, self.generator_optimizer,
-                        self.generator_lr_scheduler,
-                    )
+                    logs["grad_norm_generator"] = self._update("generator", terms, self.generator_params, iteration)
             logs.update({f"loss_{name}": v.item() for name, v in terms.items()})
             x = x.detach()
         else:
@@ -135,7 +158,8 @@ class DMD2Step:
 
         with self.autocast():
             terms = self.dmd2.fake_score_losses(x, batch.cond, batch.x_real, batch.real_cond)
-            loss = self.dmd2.weighted_total(terms)
-        logs["grad_norm_fake"] = self._update(loss, self.fake_params, self.fake_optimizer, self.fake_lr_scheduler)
+        logs["grad_norm_fake"] = self._update("fake", terms, self.fake_params, iteration)
         logs.update({f"loss_{name}": v.item() for name, v in terms.items()})
-        return logs
+        if self.skipped_updates:
+            logs["skipped_updates"] = self.skipped_updates
+        return {k: v for k, v in logs.items() if v is not None}

@@ -1,0 +1,144 @@
+"""Crash-safe checkpoints: tensors in safetensors, everything else in JSON, never pickle.
+
+    RUN/checkpoints/iter-000100/
+        tensors.safetensors   model weights, optimizer moments, torch RNG states
+        state.json            iteration, optimizer hyperparameters, LR schedules, Python and NumPy
+                              RNG, the configuration; written last
+
+A checkpoint is built in a hidden temporary folder and renamed into place, so a checkpoint cut
+short (SIGKILL, full disk) is never found under an `iter-*` name; `latest_checkpoint` also
+requires a readable state.json.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from dmdcli.errors import DmdError
+
+CHECKPOINTS_DIR = "checkpoints"
+TENSORS_FILE = "tensors.safetensors"
+STATE_FILE = "state.json"
+_NAME = re.compile(r"^iter-(\d{6,})$")
+
+
+# -- optimizer and RNG state as (tensors, JSON) ----------------------------------------------
+
+
+def optimizer_state(optimizer: torch.optim.Optimizer, prefix: str) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Split an optimizer's state_dict into named tensors and JSON-able values."""
+    sd = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for index, state in sd["state"].items():
+        for name, value in state.items():
+            if torch.is_tensor(value):
+                tensors[f"{prefix}.{index}.{name}"] = value
+            else:
+                scalars[f"{index}.{name}"] = value
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, prefix: str, tensors: dict[str, Tensor], saved: dict[str, Any]) -> None:
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        if key.startswith(prefix + "."):
+            index, name = key[len(prefix) + 1 :].split(".", 1)
+            state.setdefault(int(index), {})[name] = value
+    for key, value in saved["scalars"].items():
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": saved["param_groups"]})
+
+
+def rng_state() -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Every RNG this process draws from: Python, NumPy, torch CPU and each CUDA device."""
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    tensors = {"rng.torch": torch.get_rng_state(), "rng.numpy": torch.from_numpy(np_keys.astype(np.int64))}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{i}"] = s
+    version, internal, gauss = random.getstate()
+    return tensors, {"python": [version, list(internal), gauss], "numpy": [np_name, np_pos, np_has_gauss, np_gauss]}
+
+
+def load_rng_state(tensors: dict[str, Tensor], saved: dict[str, Any]) -> None:
+    torch.set_rng_state(tensors["rng.torch"])
+    name, pos, has_gauss, gauss = saved["numpy"]
+    np.random.set_state((name, tensors["rng.numpy"].numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, internal, gauss = saved["python"]
+    random.setstate((version, tuple(internal), gauss))
+    cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("rng.cuda."))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+# -- the checkpoint folder ---------------------------------------------------------------------
+
+
+def checkpoint_name(iteration: int) -> str:
+    return f"iter-{iteration:06d}"
+
+
+def write_checkpoint(run: Path, iteration: int, tensors: dict[str, Tensor], state: dict[str, Any], keep: int) -> Path:
+    """Write a checkpoint atomically, then remove all but the newest `keep` complete ones."""
+    root = run / CHECKPOINTS_DIR
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / checkpoint_name(iteration)
+    if final in complete_checkpoints(run):  # same iteration, same state: keep the one on disk
+        return final
+    tmp = root / f".tmp-{checkpoint_name(iteration)}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / TENSORS_FILE))
+        with open(tmp / STATE_FILE, "w") as f:
+            json.dump({"iteration": iteration, **state}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        if final.exists():  # an incomplete leftover under the final name
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for old in complete_checkpoints(run)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def complete_checkpoints(run: Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first (temporary or broken folders are ignored)."""
+    root = run / CHECKPOINTS_DIR
+    if not root.is_dir():
+        return []
+    found = []
+    for path in root.iterdir():
+        match = _NAME.match(path.name)
+        if match and (path / STATE_FILE).is_file() and (path / TENSORS_FILE).is_file():
+            found.append((int(match.group(1)), path))
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(run: Path) -> Path | None:
+    checkpoints = complete_checkpoints(run)
+    return checkpoints[-1] if checkpoints else None
+
+
+def read_checkpoint(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    try:
+        state = json.loads((path / STATE_FILE).read_text())
+        tensors = load_file(str(path / TENSORS_FILE))
+    except Exception as e:
+        raise DmdError(f"checkpoint {path} is unreadable ({type(e).__name__}: {e}); remove it to resume from an older one") from e
+    return tensors, state

@@ -1,0 +1,276 @@
+"""Checkpoints, exact resume, interruption, non-finite losses and bad input for `dmd distill`."""
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from dmdcli.cli import app
+from dmdcli.core.dmd2 import DMD2
+from dmdcli.train.checkpoint import complete_checkpoints
+from dmdcli.train.grids import diversity
+
+runner = CliRunner()
+BASE = ["distill", "--recipe", "tiny", "--batch-size", "2", "--log-every", "1", "--sample-every", "0",
+        "--teacher-grid-steps", "2", "--checkpoint-every", "0", "--quiet"]
+
+
+def distill(*args):
+    return runner.invoke(app, [*BASE, *map(str, args)])
+
+
+def checkpoint_tensors(out):
+    return load_file(complete_checkpoints(out)[-1] / "tensors.safetensors")
+
+
+def assert_same_tensors(a, b, skip=("rng.",)):
+    keys = [k for k in a if not k.startswith(skip)]
+    assert keys and sorted(keys) == sorted(k for k in b if not k.startswith(skip))
+    different = [k for k in keys if not torch.equal(a[k], b[k])]
+    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_resume_is_bit_exact(tmp_path, tiny_sdxl, prompts_file, image_folder, lora):
+    common = ["--teacher", tiny_sdxl, "--prompts", prompts_file, "--data", image_folder, "--steps", "2",
+              "--fake-updates-per-gen", "2", "--diffusion-gan"]
+    if lora:
+        common += ["--lora-rank", "4", "--lora-alpha", "8"]
+    whole, part = tmp_path / "whole", tmp_path / "part"
+    assert distill(*common, "--iterations", 6, "--out", whole).exit_code == 0
+    assert distill(*common, "--iterations", 3, "--out", part).exit_code == 0
+    resumed = runner.invoke(app, ["distill", "--out", str(part), "--resume", "--iterations", "6", "--quiet", "--json"])
+    assert resumed.exit_code == 0, resumed.stderr
+    assert json.loads(resumed.stdout)["iterations"] == 6
+    assert_same_tensors(checkpoint_tensors(whole), checkpoint_tensors(part), skip=())  # RNG states included
+    assert_same_tensors(load_file(whole / "student.safetensors"), load_file(part / "student.safetensors"))
+    iterations = [json.loads(line)["iteration"] for line in (part / "metrics.jsonl").read_text().splitlines()]
+    assert [i for i in iterations if i > 0] == sorted(i for i in iterations if i > 0)  # no duplicates after resume
+
+
+def test_checkpoints_are_pruned_and_rotated(tmp_path, tiny_sd, prompts_file):
+    out = tmp_path / "run"
+    assert distill("--teacher", tiny_sd, "--prompts", prompts_file, "--iterations", 5, "--checkpoint-every", 1,
+                   "--keep-checkpoints", 2, "--out", out).exit_code == 0
+    assert [p.name for p in complete_checkpoints(out)] == ["iter-000004", "iter-000005"]
+    assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".tmp")]
+
+
+KILLER = textwrap.dedent("""
+    import os, sys, time
+    import dmdcli.train.checkpoint as ck
+    marker = sys.argv[1]
+    real_save = ck.save_file
+    calls = {"n": 0}
+    def save_then_hang(tensors, path, *a, **k):
+        calls["n"] += 1
+        real_save(tensors, path, *a, **k)
+        if calls["n"] == 3:                      # the third checkpoint: killed half-way through
+            with open(marker, "w") as f:
+                f.write("in checkpoint")
+            time.sleep(600)
+    ck.save_file = save_then_hang
+    from dmdcli.cli import main
+    sys.argv = ["dmd"] + sys.argv[2:]
+    main()
+""")
+
+
+def test_sigkill_during_a_checkpoint_resumes_from_the_previous_one(tmp_path, tiny_sd, prompts_file):
+    out, marker = tmp_path / "run", tmp_path / "marker"
+    args = [*BASE, "--teacher", str(tiny_sd), "--prompts", str(prompts_file), "--iterations", "8",
+            "--checkpoint-every", "2", "--keep-checkpoints", "5", "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    log = tmp_path / "stderr.txt"
+    with log.open("w") as stderr:
+        child = subprocess.Popen([sys.executable, "-c", KILLER, str(marker), *args], env=env,
+                                 stdout=subprocess.DEVNULL, stderr=stderr)
+    deadline = time.time() + 300
+    while not marker.exists():
+        assert child.poll() is None, log.read_text()
+        assert time.time() < deadline, "the run never reached its third checkpoint"
+        time.sleep(0.2)
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    # Iterations 2 and 4 are complete; the one of iteration 6 was cut short and is invisible.
+    assert [p.name for p in complete_checkpoints(out)] == ["iter-000002", "iter-000004"]
+    assert any(p.name.startswith(".tmp-iter-000006") for p in (out / "checkpoints").iterdir())
+    resumed = runner.invoke(app, ["distill", "--out", str(out), "--resume", "--json", "--quiet"])
+    assert resumed.exit_code == 0, resumed.stderr
+    assert json.loads(resumed.stdout)["iterations"] == 8
+    whole = tmp_path / "whole"
+    assert distill("--teacher", tiny_sd, "--prompts", prompts_file, "--iterations", 8, "--out", whole).exit_code == 0
+    assert_same_tensors(load_file(whole / "student.safetensors"), load_file(out / "student.safetensors"))
+
+
+def test_sigint_checkpoints_and_exits_130(tmp_path, tiny_sd, prompts_file, monkeypatch):
+    real = DMD2.fake_score_losses
+    calls = {"n": 0}
+
+    def interrupt_on_third(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            os.kill(os.getpid(), signal.SIGINT)  # as Ctrl-C: handled between iterations
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(DMD2, "fake_score_losses", interrupt_on_third)
+    out = tmp_path / "run"
+    result = distill("--teacher", tiny_sd, "--prompts", prompts_file, "--iterations", 10, "--out", out)
+    assert result.exit_code == 130, result.stderr
+    assert "interrupted at iteration 3" in result.stderr and "--resume" in result.stderr
+    assert [p.name for p in complete_checkpoints(out)] == ["iter-000003"]
+    assert (out / "student.safetensors").is_file()
+    monkeypatch.setattr(DMD2, "fake_score_losses", real)
+    assert runner.invoke(app, ["distill", "--out", str(out), "--resume", "--quiet"]).exit_code == 0
+    assert complete_checkpoints(out)[-1].name == "iter-000010"
+
+
+def nan_at(monkeypatch, iteration):
+    real = DMD2.fake_score_losses
+    calls = {"n": 0}
+
+    def poisoned(self, *args, **kwargs):
+        calls["n"] += 1
+        terms = real(self, *args, **kwargs)
+        if calls["n"] == iteration:
+            terms["denoise"] = terms["denoise"] * float("nan")
+        return terms
+
+    monkeypatch.setattr(DMD2, "fake_score_losses", poisoned)
+
+
+def test_non_finite_loss_stops_naming_iteration_and_term(tmp_path, tiny_sd, prompts_file, monkeypatch):
+    nan_at(monkeypatch, 4)
+    out = tmp_path / "run"
+    result = distill("--teacher", tiny_sd, "--prompts", prompts_file, "--iterations", 6, "--checkpoint-every", 2, "--out", out)
+    assert result.exit_code == 1
+    assert "non-finite loss_denoise in the fake update at iteration 4" in result.stderr
+    assert [p.name for p in complete_checkpoints(out)] == ["iter-000002"]
+    assert all(torch.isfinite(v).all() for v in checkpoint_tensors(out).values() if v.is_floating_point())
+
+
+def test_skip_nonfinite_counts_skipped_updates(tmp_path, tiny_sd, prompts_file, monkeypatch):
+    nan_at(monkeypatch, 2)
+    out = tmp_path / "run"
+    result = distill("--teacher", tiny_sd, "--prompts", prompts_file, "--iterations", 4, "--skip-nonfinite", "--out", out)
+    assert result.exit_code == 0, result.stderr
+    last = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if "loss_dm" in line][-1]
+    assert last["skipped_updates"] == 1
+    assert all(torch.isfinite(v).all() for v in load_file(out / "student.safetensors").values())
+
+
+def test_resume_refuses_a_contradicting_configuration(tmp_path, tiny_sd, prompts_file):
+    out = tmp_path / "run"
+    assert distill("--teacher", tiny_sd, "--prompts", prompts_file, "--iterations", 2, "--out", out).exit_code == 0
+    result = runner.invoke(app, ["distill", "--out", str(out), "--resume", "--steps", "4", "--lr", "0.5"])
+    assert result.exit_code == 2
+    assert "contradicts the checkpoint" in result.stderr and "steps 1 → 4" in result.stderr and "lr" in result.stderr
+    nothing = runner.invoke(app, ["distill", "--out", str(tmp_path / "empty"), "--resume"])
+    assert nothing.exit_code == 2 and "nothing to resume" in nothing.stderr
+    # A finished run extends with a larger --iterations (and is left alone with the same one).
+    again = runner.invoke(app, ["distill", "--out", str(out), "--resume", "--quiet"])
+    assert again.exit_code == 0 and complete_checkpoints(out)[-1].name == "iter-000002"
+    longer = runner.invoke(app, ["distill", "--out", str(out), "--resume", "--iterations", "3", "--quiet"])
+    assert longer.exit_code == 0 and complete_checkpoints(out)[-1].name == "iter-000003"
+
+
+def test_collapse_watch(tmp_path, tiny_sd, prompts_file, monkeypatch):
+    same = torch.zeros(4, 3, 8, 8)
+    assert diversity(same, 2) == 0.0
+    two = torch.cat([torch.full((1, 3, 8, 8), -1.0), torch.full((1, 3, 8, 8), 1.0)])
+    assert diversity(two, 2) == pytest.approx(1.0)  # black vs white: RMS distance 1 in [0, 1] pixels
+    import dmdcli.train.distill as distill_module
+
+    monkeypatch.setattr(distill_module.Distillation, "teacher_diversity", lambda self: 1e6)
+    result = runner.invoke(app, [*BASE[:-1], "--teacher", str(tiny_sd), "--prompts", str(prompts_file),
+                                 "--iterations", "1", "--out", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.stderr
+    assert "possible mode collapse" in result.stderr
+
+
+# -- bad input: one clear line, exit 2 for usage and 1 for the rest, nothing half-written ------
+
+
+def broken_teacher(tmp_path, tiny, how):
+    teacher = tmp_path / "teacher"
+    shutil.copytree(tiny, teacher)
+    weights = teacher / "unet" / "diffusion_pytorch_model.safetensors"
+    if how == "truncated":
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    else:  # weights only in the pickle format: a .bin stands where the .safetensors was
+        weights.unlink()
+        (teacher / "unet" / "diffusion_pytorch_model.bin").write_bytes(b"not read")
+    return teacher
+
+
+@pytest.mark.parametrize("how,message", [("truncated", "could not load unet"), ("pickle", "--allow-pickle")])
+def test_broken_teacher_weights(tmp_path, tiny_sd, prompts_file, how, message):
+    teacher = broken_teacher(tmp_path, tiny_sd, how)
+    out = tmp_path / "run"
+    result = distill("--teacher", teacher, "--prompts", prompts_file, "--out", out)
+    assert result.exit_code == 1, result.stderr
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "make,args,code,message",
+    [
+        ("empty-prompts", [], 2, "holds no prompts"),
+        ("no-images", [], 1, "no images with captions"),
+        (None, ["--resolution", "30"], 2, "--resolution 30 must be a positive multiple of 4"),
+        (None, ["--iterations", "0"], 2, "--iterations must be at least 1"),
+        (None, ["--guidance-scale", "0.5"], 2, "--guidance-scale must be"),
+        (None, ["--data", "/no/such/folder"], 2, "image folder not found"),
+    ],
+)
+def test_bad_input_one_line(tmp_path, tiny_sd, prompts_file, make, args, code, message):
+    extra = ["--prompts", str(prompts_file)]
+    if make == "empty-prompts":
+        empty = tmp_path / "empty.txt"
+        empty.write_text("\n\n")
+        extra = ["--prompts", str(empty)]
+    elif make == "no-images":
+        folder = tmp_path / "nothing"
+        folder.mkdir()
+        (folder / "notes.txt").write_text("no images here")
+        extra += ["--data", str(folder)]
+    out = tmp_path / "run"
+    result = distill("--teacher", tiny_sd, *extra, *args, "--out", out)
+    assert result.exit_code == code, result.stderr
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert not out.exists()
+
+
+def test_unreadable_images_are_skipped_counted_and_reported(tmp_path, tiny_sd, image_folder):
+    (image_folder / "broken.png").write_bytes(b"\x89PNG not really")
+    (image_folder / "broken.txt").write_text("a broken image")
+    result = runner.invoke(app, ["distill", "--recipe", "tiny", "--teacher", str(tiny_sd), "--data", str(image_folder),
+                                 "--iterations", "1", "--teacher-grid-steps", "0", "--out", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.stderr
+    assert "real images: 8 from" in result.stderr and "(1 skipped)" in result.stderr
+    assert "broken.png" in result.stderr
+
+
+def test_no_pickle_and_no_remote_code_in_the_package():
+    package = Path(__file__).resolve().parent.parent / "dmdcli"
+    offenders = []
+    for path in package.rglob("*.py"):
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if re.search(r"import pickle|pickle\.load|trust_remote_code\s*=\s*True", line) or (
+                "torch.load(" in line and "weights_only=True" not in line
+            ):
+                offenders.append(f"{path.name}:{number}: {line.strip()}")
+    assert not offenders, offenders
