@@ -184,3 +184,39 @@ def test_teacher_detection(tiny_sd, tiny_sdxl, tmp_path):
     (not_pipeline / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline", "transformer": ["diffusers", "FluxTransformer2DModel"]}))
     result = runner.invoke(app, ["distill", "--teacher", str(not_pipeline), "--prompts", "p.txt"])
     assert result.exit_code == 1 and "unsupported pipeline FluxPipeline" in result.stderr
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_lora_layouts(tmp_path, tiny_sdxl, prompts_file, image_folder, shared):
+    config = resolve_config("tiny", {
+        "teacher": str(tiny_sdxl), "prompts": str(prompts_file), "data": str(image_folder), "iterations": 2,
+        "fake_updates_per_gen": 1, "batch_size": 2, "out": str(tmp_path / "run"), "lora_rank": 4, "fake_lora_rank": 2,
+        "shared_base": shared, "teacher_grid_steps": 0,
+    })
+    run = Distillation(config, SilentUI())
+    teacher_ids = {id(p) for p in run.teacher.unet.parameters()}
+    frozen = lambda m: [p for p in m.parameters() if not p.requires_grad]  # noqa: E731
+    trainable = lambda m: [p for p in m.parameters() if p.requires_grad]  # noqa: E731
+    if shared:  # one set of base weights: the frozen parameters of all three trees are the teacher's
+        assert all(id(p) in teacher_ids for p in frozen(run.generator_unet) + frozen(run.fake_unet))
+        assert all("lora" in n for n, p in run.fake_unet.named_parameters() if p.requires_grad)
+        ranks = {p.shape[0] for n, p in run.fake_unet.named_parameters() if "lora_A" in n}
+        assert ranks == {2}
+    else:  # the reference layout: a full trainable fake score and the generator on its own copy
+        assert not any(id(p) in teacher_ids for p in run.fake_unet.parameters())
+        assert len(trainable(run.fake_unet)) == len(list(run.teacher.unet.parameters()))
+    teacher_before = {k: v.clone() for k, v in run.teacher.unet.state_dict().items()}
+    lora_before = {id(p): p.detach().clone() for p in trainable(run.generator_unet) + trainable(run.fake_unet)}
+    run.run()
+    assert all(torch.equal(v, run.teacher.unet.state_dict()[k]) for k, v in teacher_before.items())
+    moved = [p for p in trainable(run.generator_unet) + trainable(run.fake_unet) if not torch.equal(p, lora_before[id(p)])]
+    assert len(moved) > 0.5 * len(lora_before)
+    # The teacher's forward is that of a fresh copy from disk: no adapter leaks into it.
+    from diffusers import UNet2DConditionModel
+
+    from dmdcli.models.unet import UNetDenoiser
+
+    fresh = UNetDenoiser(UNet2DConditionModel.from_pretrained(tiny_sdxl, subfolder="unet"))
+    x, t = torch.randn(1, 4, 16, 16), torch.tensor([500])
+    cond = run.teacher.encode_prompts(["a red circle"])
+    assert torch.equal(run.step.dmd2.real_score(x, t, cond), fresh(x, t, cond))

@@ -48,6 +48,8 @@ def distill(
     fake_updates_per_gen: Annotated[Optional[int], _opt("Fake score updates per generator update (default 10).", OBJ, "--fake-updates-per-gen")] = None,
     lora_rank: Annotated[Optional[int], _opt("Train the generator as a LoRA of this rank (default 0: full).", OPT, "--lora-rank")] = None,
     lora_alpha: Annotated[Optional[float], _opt("LoRA alpha (default: the rank).", OPT, "--lora-alpha")] = None,
+    shared_base: Annotated[Optional[bool], _opt("With LoRA: generator and fake score as two adapters on one frozen copy of the teacher (default), or the reference layout with a full fake score.", OPT, "--shared-base/--no-shared-base")] = None,
+    fake_lora_rank: Annotated[Optional[int], _opt("Rank of the fake score's adapter on the shared base (default: --lora-rank).", OPT, "--fake-lora-rank")] = None,
     iterations: Annotated[Optional[int], _opt("Training iterations (default 1000).", OPT, "--iterations")] = None,
     batch_size: Annotated[Optional[int], _opt("Per-process batch size (default 2).", OPT, "--batch-size")] = None,
     lr: Annotated[Optional[float], _opt("Generator learning rate (default 1e-5).", OPT, "--lr")] = None,

@@ -57,6 +57,11 @@ class DistillConfig:
     """0: full fine-tune of the generator; R > 0: a LoRA head of rank R (reference: 64)."""
     lora_alpha: float | None = None
     """LoRA alpha (None: equal to the rank; the reference SDXL LoRA uses 8 with rank 64)."""
+    shared_base: bool = True
+    """With LoRA: generator and fake score are two adapters on ONE frozen copy of the teacher's
+    weights (about one UNet in memory). False: the reference layout (full fp32 fake score)."""
+    fake_lora_rank: int | None = None
+    """Rank of the fake score's adapter with a shared base (None: --lora-rank)."""
 
     # -- optimization ---------------------------------------------------------------------------
     iterations: int = 1000

@@ -25,7 +25,9 @@ from dmdcli.core.schedule import student_timesteps
 from dmdcli.data.images import RealLatents, load_or_build_latents
 from dmdcli.data.prompts import read_prompts
 from dmdcli.errors import DmdError, UsageError
-from dmdcli.models.lora import LORA_TARGET_MODULES, add_generator_lora, load_lora_state_dict, lora_state_dict
+from dmdcli.models.lora import (
+    FAKE_SCORE_ADAPTER, LORA_TARGET_MODULES, add_generator_lora, load_lora_state_dict, lora_state_dict, share_weights,
+)
 from dmdcli.models.teacher import DEFAULT_CONDITIONING_TIMESTEP, Teacher, TeacherSpec, inspect_teacher
 from dmdcli.models.unet import UNetDenoiser
 from dmdcli.train import rundir
@@ -196,15 +198,26 @@ class Distillation:
     def _build_networks(self, device: torch.device, frozen_dtype: torch.dtype) -> None:
         c = self.config
         base = self.teacher.unet
-        # Generator and fake score start as fp32 copies of the teacher; the teacher itself stays
-        # frozen in bf16 on CUDA (fp32 master weights, bf16 autocast forwards, as the reference).
-        self.generator_unet = copy.deepcopy(base).to(device, torch.float32)
-        if c.lora_rank > 0:
-            generator_params = add_generator_lora(self.generator_unet, c.lora_rank, c.lora_alpha or c.lora_rank)
+        alpha = c.lora_alpha or c.lora_rank
+        self.shared_base = c.lora_rank > 0 and c.shared_base
+        if self.shared_base:
+            # One frozen copy of the teacher's weights (bf16 on CUDA) under three module trees:
+            # the teacher as it is, the generator and the fake score each with its own adapter.
+            base.to(device, frozen_dtype)
+            self.generator_unet, self.fake_unet = share_weights(base), share_weights(base)
+            generator_params = add_generator_lora(self.generator_unet, c.lora_rank, alpha)
+            fake_unet_params = add_generator_lora(self.fake_unet, c.fake_lora_rank or c.lora_rank, alpha, adapter_name=FAKE_SCORE_ADAPTER)
         else:
-            generator_params = list(self.generator_unet.requires_grad_(True).parameters())
-        self.fake_unet = copy.deepcopy(base).to(device, torch.float32).requires_grad_(True)
-        base.to(device, frozen_dtype)
+            # The reference layout: generator and fake score as fp32 copies of the teacher (fp32
+            # master weights, bf16 autocast forwards); the teacher frozen in bf16 on CUDA.
+            self.generator_unet = copy.deepcopy(base).to(device, torch.float32)
+            if c.lora_rank > 0:
+                generator_params = add_generator_lora(self.generator_unet, c.lora_rank, alpha)
+            else:
+                generator_params = list(self.generator_unet.requires_grad_(True).parameters())
+            self.fake_unet = copy.deepcopy(base).to(device, torch.float32).requires_grad_(True)
+            fake_unet_params = list(self.fake_unet.parameters())
+            base.to(device, frozen_dtype)
         if c.gradient_checkpointing:
             self.generator_unet.enable_gradient_checkpointing()
             self.fake_unet.enable_gradient_checkpointing()
@@ -220,7 +233,7 @@ class Distillation:
             with torch.no_grad():
                 features = fake_score.bottleneck(probe, torch.zeros(1, dtype=torch.long, device=device), self.teacher.encode_prompts([""]))
             self.head = head = ClassifierHead.for_features(features).to(device)
-        fake_params = list(self.fake_unet.parameters()) + (list(head.parameters()) if head else [])
+        fake_params = fake_unet_params + (list(head.parameters()) if head else [])
 
         dmd2 = DMD2(
             self.schedule, UNetDenoiser(base), fake_score, head,
@@ -238,10 +251,12 @@ class Distillation:
             fake_updates_per_gen=c.fake_updates_per_gen, max_grad_norm=c.max_grad_norm, seed=c.seed,
             skip_nonfinite=c.skip_nonfinite, backward=self.accelerator.backward, autocast=self.accelerator.autocast,
         )
-        n_gen = sum(p.numel() for p in generator_params)
+        count = lambda params: f"{sum(p.numel() for p in params) / 1e6:.2f}M trainable"  # noqa: E731
+        kind = f"LoRA rank {c.lora_rank}" if c.lora_rank else "full fine-tune"
+        fake_kind = f"LoRA rank {c.fake_lora_rank or c.lora_rank} on the shared base" if self.shared_base else "full copy"
         self.ui.message(
-            f"generator: {'LoRA rank ' + str(c.lora_rank) if c.lora_rank else 'full fine-tune'} ({n_gen / 1e6:.2f}M trainable), "
-            f"{c.steps} step(s) at t = {self.timesteps}; GAN {'on' if head else 'off'}"
+            f"generator: {kind} ({count(generator_params)}), {c.steps} step(s) at t = {self.timesteps}; "
+            f"fake score: {fake_kind} ({count(fake_params)}); GAN {'on' if head else 'off'}"
         )
 
     # -- checkpoints ---------------------------------------------------------------------------
@@ -250,11 +265,14 @@ class Distillation:
         unet = self.generator_unet
         return lora_state_dict(unet) if self.config.lora_rank else unet.state_dict()
 
+    def _fake_score_weights(self) -> dict[str, torch.Tensor]:
+        return lora_state_dict(self.fake_unet, FAKE_SCORE_ADAPTER) if self.shared_base else self.fake_unet.state_dict()
+
     def save_checkpoint(self, iteration: int, extra: dict[str, Any]) -> Path:
         """Everything needed to continue exactly: weights, optimizers, LR schedules, RNG states."""
         step = self.step
         tensors = {f"generator.{k}": v for k, v in self._generator_weights().items()}
-        tensors.update({f"fake_score.{k}": v for k, v in self.fake_unet.state_dict().items()})
+        tensors.update({f"fake_score.{k}": v for k, v in self._fake_score_weights().items()})
         if self.head is not None:
             tensors.update({f"discriminator.{k}": v for k, v in self.head.state_dict().items()})
         opt_g, opt_g_json = optimizer_state(step.generator_optimizer, "optimizer.generator")
@@ -280,7 +298,10 @@ class Distillation:
             load_lora_state_dict(self.generator_unet, part("generator."))
         else:
             self.generator_unet.load_state_dict(part("generator."))
-        self.fake_unet.load_state_dict(part("fake_score."))
+        if self.shared_base:
+            load_lora_state_dict(self.fake_unet, part("fake_score."), FAKE_SCORE_ADAPTER)
+        else:
+            self.fake_unet.load_state_dict(part("fake_score."))
         if self.head is not None:
             self.head.load_state_dict(part("discriminator."))
         step = self.step
