@@ -69,10 +69,11 @@ def distill(
     sample_every: Annotated[Optional[int], _opt("Write a sample grid every N iterations (default 250; 0: end only).", OUT, "--sample-every")] = None,
     grid_size: Annotated[Optional[int], _opt("Images per sample grid: grid-size/2 prompts × 2 seeds (default 4).", OUT, "--grid-size")] = None,
     teacher_grid_steps: Annotated[Optional[int], _opt("DDIM steps of the teacher's reference grid for the collapse watch (default 25; 0: off).", OUT, "--teacher-grid-steps")] = None,
+    dry_run: Annotated[bool, _opt("Print the resolved configuration and the estimated peak memory, load nothing heavy, and exit.", OUT, "--dry-run")] = False,
     json_out: Annotated[bool, _opt("Print one JSON summary line on stdout at the end.", OUT, "--json")] = False,
     quiet: Annotated[bool, _opt("No progress or messages on stderr.", OUT, "--quiet", "-q")] = False,
 ) -> None:
-    overrides = {k: v for k, v in locals().items() if k not in ("recipe", "resume", "overwrite", "json_out", "quiet")}
+    overrides = {k: v for k, v in locals().items() if k not in ("recipe", "resume", "overwrite", "dry_run", "json_out", "quiet")}
     base = None
     if resume:
         if overwrite or recipe:
@@ -81,6 +82,8 @@ def distill(
             raise UsageError("--resume needs --out RUN, the run folder to continue")
         base = run_config_values(Path(out))
     config = resolve_config(recipe, overrides, base)
+    if dry_run:
+        return _dry_run(config, json_out)
 
     # Imported here so that `dmd --help` and usage errors stay instant (torch is slow to import).
     from dmdcli.train.distill import Distillation
@@ -90,3 +93,33 @@ def distill(
     ui.message(f"student: {summary['student']}  (samples: {summary['grid']})")
     if json_out:
         print_json(summary)
+
+
+def _dry_run(config, json_out: bool) -> None:
+    """The resolved configuration (TOML) and the memory estimate, from config files alone."""
+    import dataclasses
+
+    import tomli_w
+    import torch
+    from rich.table import Table
+
+    from dmdcli.cli.ui import stderr_console
+    from dmdcli.models.teacher import inspect_teacher
+    from dmdcli.train.memory import estimate_memory
+
+    spec = inspect_teacher(config.teacher)
+    resolution = config.resolution or spec.native_resolution
+    spec.check_resolution(resolution)
+    on_cuda = torch.cuda.is_available() if config.mixed_precision == "auto" else config.mixed_precision == "bf16"
+    estimate = estimate_memory(spec, config, resolution, on_cuda)
+    console = stderr_console()
+    console.print(tomli_w.dumps({k: v for k, v in config.to_dict().items() if v is not None}), markup=False)
+    table = Table(title=f"estimated memory per process: {spec.layout} at {resolution}px, batch {config.batch_size}, "
+                        f"{'bf16 on CUDA' if on_cuda else 'fp32'}")
+    table.add_column("what")
+    table.add_column("GiB", justify="right")
+    for name, gib in estimate.rows():
+        table.add_row(name, f"{gib:.2f}")
+    console.print(table)
+    if json_out:
+        print_json({"config": config.to_dict(), "resolution": resolution, "memory_gib": dataclasses.asdict(estimate)})

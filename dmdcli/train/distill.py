@@ -6,7 +6,6 @@ devices and precision (accelerate), data, optimizers, logging, sample grids and 
 
 from __future__ import annotations
 
-import copy
 import math
 import shutil
 import signal
@@ -19,15 +18,11 @@ from typing import Any, Protocol
 import torch
 
 from dmdcli.core.denoiser import Cond, expand_cond
-from dmdcli.core.dmd2 import DMD2, DMD2Config
-from dmdcli.core.gan_head import ClassifierHead
 from dmdcli.core.schedule import student_timesteps
 from dmdcli.data.images import RealLatents, load_or_build_latents
 from dmdcli.data.prompts import read_prompts
 from dmdcli.errors import DmdError, UsageError
-from dmdcli.models.lora import (
-    FAKE_SCORE_ADAPTER, LORA_TARGET_MODULES, add_generator_lora, load_lora_state_dict, lora_state_dict, share_weights,
-)
+from dmdcli.models.lora import FAKE_SCORE_ADAPTER, LORA_TARGET_MODULES, load_lora_state_dict, lora_state_dict
 from dmdcli.models.teacher import DEFAULT_CONDITIONING_TIMESTEP, Teacher, TeacherSpec, inspect_teacher
 from dmdcli.models.unet import UNetDenoiser
 from dmdcli.train import rundir
@@ -36,7 +31,8 @@ from dmdcli.train.checkpoint import (
 )
 from dmdcli.train.config import DistillConfig, resume_conflicts, write_config
 from dmdcli.train.grids import COLLAPSE_RATIO, SampleGrid, diversity
-from dmdcli.train.step import Batch, DMD2Step
+from dmdcli.train.networks import build_networks, build_step
+from dmdcli.train.step import Batch
 
 
 class UI(Protocol):
@@ -127,15 +123,6 @@ def _precision(config: DistillConfig) -> str:
     return config.mixed_precision
 
 
-def _warmup(optimizer: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warm-up to the base LR over `steps` updates, then constant (the reference's schedule)."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda n: min(1.0, (n + 1) / max(1, steps)))
-
-
-def _adamw(params, lr: float, config: DistillConfig) -> torch.optim.AdamW:
-    return torch.optim.AdamW(params, lr=lr, betas=(config.adam_beta1, config.adam_beta2), weight_decay=config.weight_decay)
-
-
 class Distillation:
     """One configured run: teacher, the three networks, the DMD2 step and the run folder.
 
@@ -196,68 +183,17 @@ class Distillation:
             raise UsageError(f"--resume with a configuration that contradicts the checkpoint {found.name}: {details}")
         return found
     def _build_networks(self, device: torch.device, frozen_dtype: torch.dtype) -> None:
-        c = self.config
-        base = self.teacher.unet
-        alpha = c.lora_alpha or c.lora_rank
-        self.shared_base = c.lora_rank > 0 and c.shared_base
-        if self.shared_base:
-            # One frozen copy of the teacher's weights (bf16 on CUDA) under three module trees:
-            # the teacher as it is, the generator and the fake score each with its own adapter.
-            base.to(device, frozen_dtype)
-            self.generator_unet, self.fake_unet = share_weights(base), share_weights(base)
-            generator_params = add_generator_lora(self.generator_unet, c.lora_rank, alpha)
-            fake_unet_params = add_generator_lora(self.fake_unet, c.fake_lora_rank or c.lora_rank, alpha, adapter_name=FAKE_SCORE_ADAPTER)
-        else:
-            # The reference layout: generator and fake score as fp32 copies of the teacher (fp32
-            # master weights, bf16 autocast forwards); the teacher frozen in bf16 on CUDA.
-            self.generator_unet = copy.deepcopy(base).to(device, torch.float32)
-            if c.lora_rank > 0:
-                generator_params = add_generator_lora(self.generator_unet, c.lora_rank, alpha)
-            else:
-                generator_params = list(self.generator_unet.requires_grad_(True).parameters())
-            self.fake_unet = copy.deepcopy(base).to(device, torch.float32).requires_grad_(True)
-            fake_unet_params = list(self.fake_unet.parameters())
-            base.to(device, frozen_dtype)
-        if c.gradient_checkpointing:
-            self.generator_unet.enable_gradient_checkpointing()
-            self.fake_unet.enable_gradient_checkpointing()
-        # diffusers checkpoints activations only in train mode (SD UNets have no dropout).
-        self.generator_unet.train()
-        self.fake_unet.train()
-
-        self.generator = UNetDenoiser(self.generator_unet)
-        fake_score = UNetDenoiser(self.fake_unet)
-        self.head = head = None
+        probe = None
         if self.data.real is not None:
-            probe = torch.zeros(1, self.spec.latent_channels, *self.teacher.latent_size, device=device)
-            with torch.no_grad():
-                features = fake_score.bottleneck(probe, torch.zeros(1, dtype=torch.long, device=device), self.teacher.encode_prompts([""]))
-            self.head = head = ClassifierHead.for_features(features).to(device)
-        fake_params = fake_unet_params + (list(head.parameters()) if head else [])
-
-        dmd2 = DMD2(
-            self.schedule, UNetDenoiser(base), fake_score, head,
-            DMD2Config(
-                guidance_scale=c.guidance_scale, min_timestep_frac=c.min_timestep_frac, max_timestep_frac=c.max_timestep_frac,
-                dm_weight=c.dm_weight, gan_generator_weight=c.gan_generator_weight,
-                gan_discriminator_weight=c.gan_discriminator_weight, diffusion_gan=c.diffusion_gan,
-                diffusion_gan_max_timestep=c.diffusion_gan_max_timestep,
-            ),
-        )
-        opt_g, opt_f = _adamw(generator_params, c.lr, c), _adamw(fake_params, c.fake_lr or c.lr, c)
-        self.step = DMD2Step(
-            dmd2, self.generator, self.timesteps, generator_params, fake_params, opt_g, opt_f,
-            generator_lr_scheduler=_warmup(opt_g, c.warmup_steps), fake_lr_scheduler=_warmup(opt_f, c.warmup_steps),
-            fake_updates_per_gen=c.fake_updates_per_gen, max_grad_norm=c.max_grad_norm, seed=c.seed,
-            skip_nonfinite=c.skip_nonfinite, backward=self.accelerator.backward, autocast=self.accelerator.autocast,
-        )
-        count = lambda params: f"{sum(p.numel() for p in params) / 1e6:.2f}M trainable"  # noqa: E731
-        kind = f"LoRA rank {c.lora_rank}" if c.lora_rank else "full fine-tune"
-        fake_kind = f"LoRA rank {c.fake_lora_rank or c.lora_rank} on the shared base" if self.shared_base else "full copy"
-        self.ui.message(
-            f"generator: {kind} ({count(generator_params)}), {c.steps} step(s) at t = {self.timesteps}; "
-            f"fake score: {fake_kind} ({count(fake_params)}); GAN {'on' if head else 'off'}"
-        )
+            latent = torch.zeros(1, self.spec.latent_channels, *self.teacher.latent_size, device=device)
+            empty = self.teacher.encode_prompts([""])
+            probe = lambda fake_score: fake_score.bottleneck(latent, torch.zeros(1, dtype=torch.long, device=device), empty)  # noqa: E731
+        self.nets = build_networks(self.teacher.unet, self.config, device, frozen_dtype, probe)
+        self.generator_unet, self.fake_unet, self.head = self.nets.generator_unet, self.nets.fake_unet, self.nets.head
+        self.shared_base = self.nets.shared_base
+        self.step = build_step(self.nets, self.schedule, self.config, self.timesteps, self.accelerator)
+        self.generator = self.step.generator
+        self.ui.message(self.nets.describe(self.config, self.timesteps))
 
     # -- checkpoints ---------------------------------------------------------------------------
 

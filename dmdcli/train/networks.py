@@ -1,0 +1,112 @@
+"""The three networks of a run built from the teacher's UNet, and the DMD2 step over them."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from dmdcli.core.dmd2 import DMD2, DMD2Config
+from dmdcli.core.gan_head import ClassifierHead
+from dmdcli.core.schedule import NoiseSchedule
+from dmdcli.models.lora import FAKE_SCORE_ADAPTER, add_generator_lora, share_weights
+from dmdcli.models.unet import UNetDenoiser
+from dmdcli.train.step import DMD2Step
+
+
+@dataclass
+class Networks:
+    teacher_unet: nn.Module
+    generator_unet: nn.Module
+    fake_unet: nn.Module
+    head: ClassifierHead | None
+    generator_params: list[nn.Parameter]
+    fake_params: list[nn.Parameter]  # fake score's trainable weights + the classifier head's
+    shared_base: bool
+
+    def describe(self, config, timesteps: list[int]) -> str:
+        count = lambda params: f"{sum(p.numel() for p in params) / 1e6:.2f}M trainable"  # noqa: E731
+        kind = f"LoRA rank {config.lora_rank}" if config.lora_rank else "full fine-tune"
+        fake = f"LoRA rank {config.fake_lora_rank or config.lora_rank} on the shared base" if self.shared_base else "full copy"
+        return (
+            f"generator: {kind} ({count(self.generator_params)}), {config.steps} step(s) at t = {timesteps}; "
+            f"fake score: {fake} ({count(self.fake_params)}); GAN {'on' if self.head else 'off'}"
+        )
+
+
+def build_networks(
+    base: nn.Module, config, device: torch.device, frozen_dtype: torch.dtype,
+    gan_probe: Callable[[UNetDenoiser], torch.Tensor] | None = None,
+) -> Networks:
+    """Generator and fake score from the teacher's UNet `base` (which becomes the frozen real score).
+
+    gan_probe: given the fake score, returns bottleneck features of one sample, to size the
+    classifier head; None turns the GAN off.
+    """
+    c = config
+    alpha = c.lora_alpha or c.lora_rank
+    shared = c.lora_rank > 0 and c.shared_base
+    base.requires_grad_(False)
+    if shared:
+        # One frozen copy of the teacher's weights (bf16 on CUDA) under three module trees:
+        # the teacher as it is, the generator and the fake score each with its own adapter.
+        base.to(device, frozen_dtype)
+        generator, fake = share_weights(base), share_weights(base)
+        generator_params = add_generator_lora(generator, c.lora_rank, alpha)
+        fake_params = add_generator_lora(fake, c.fake_lora_rank or c.lora_rank, alpha, adapter_name=FAKE_SCORE_ADAPTER)
+    else:
+        # The reference layout: generator and fake score as fp32 copies of the teacher (fp32
+        # master weights, bf16 autocast forwards); the teacher frozen in bf16 on CUDA.
+        generator = copy.deepcopy(base).to(device, torch.float32)
+        if c.lora_rank > 0:
+            generator_params = add_generator_lora(generator, c.lora_rank, alpha)
+        else:
+            generator_params = list(generator.requires_grad_(True).parameters())
+        fake = copy.deepcopy(base).to(device, torch.float32).requires_grad_(True)
+        fake_params = list(fake.parameters())
+        base.to(device, frozen_dtype)
+    if c.gradient_checkpointing:
+        generator.enable_gradient_checkpointing()
+        fake.enable_gradient_checkpointing()
+    # diffusers checkpoints activations only in train mode (SD UNets have no dropout).
+    generator.train()
+    fake.train()
+    head = None
+    if gan_probe is not None:
+        with torch.no_grad():
+            head = ClassifierHead.for_features(gan_probe(UNetDenoiser(fake))).to(device)
+        fake_params = fake_params + list(head.parameters())
+    return Networks(base, generator, fake, head, generator_params, fake_params, shared)
+
+
+def _warmup(optimizer: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up to the base LR over `steps` updates, then constant (the reference's schedule)."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda n: min(1.0, (n + 1) / max(1, steps)))
+
+
+def _adamw(params, lr: float, config) -> torch.optim.AdamW:
+    return torch.optim.AdamW(params, lr=lr, betas=(config.adam_beta1, config.adam_beta2), weight_decay=config.weight_decay)
+
+
+def build_step(nets: Networks, schedule: NoiseSchedule, config, timesteps: list[int], accelerator) -> DMD2Step:
+    """The DMD2 objective and its two AdamW optimizers (warm-up, clipping) over `nets`."""
+    c = config
+    dmd2 = DMD2(
+        schedule, UNetDenoiser(nets.teacher_unet), UNetDenoiser(nets.fake_unet), nets.head,
+        DMD2Config(
+            guidance_scale=c.guidance_scale, min_timestep_frac=c.min_timestep_frac, max_timestep_frac=c.max_timestep_frac,
+            dm_weight=c.dm_weight, gan_generator_weight=c.gan_generator_weight,
+            gan_discriminator_weight=c.gan_discriminator_weight, diffusion_gan=c.diffusion_gan,
+            diffusion_gan_max_timestep=c.diffusion_gan_max_timestep,
+        ),
+    )
+    opt_g, opt_f = _adamw(nets.generator_params, c.lr, c), _adamw(nets.fake_params, c.fake_lr or c.lr, c)
+    return DMD2Step(
+        dmd2, UNetDenoiser(nets.generator_unet), timesteps, nets.generator_params, nets.fake_params, opt_g, opt_f,
+        generator_lr_scheduler=_warmup(opt_g, c.warmup_steps), fake_lr_scheduler=_warmup(opt_f, c.warmup_steps),
+        fake_updates_per_gen=c.fake_updates_per_gen, max_grad_norm=c.max_grad_norm, seed=c.seed,
+        skip_nonfinite=c.skip_nonfinite, backward=accelerator.backward, autocast=accelerator.autocast,
+    )

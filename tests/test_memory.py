@@ -1,0 +1,45 @@
+"""`dmd distill --dry-run`: the memory estimate from config files alone, on full-size architectures."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from dmdcli.cli import app
+from dmdcli.models.architectures import write_config_only_pipeline
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def sdxl_configs(tmp_path_factory):
+    """The SDXL architecture as config files only: no weights exist, so nothing heavy can load."""
+    return write_config_only_pipeline(tmp_path_factory.mktemp("sdxl"), "sdxl")
+
+
+def dry_run(teacher, *args):
+    result = runner.invoke(app, ["distill", "--teacher", str(teacher), "--prompts", "p.txt", "--data", "images/",
+                                 "--mixed-precision", "bf16", "--batch-size", "1", "--dry-run", "--json", *args])
+    assert result.exit_code == 0, result.stderr
+    return json.loads(result.stdout)["memory_gib"]
+
+
+def test_dry_run_sdxl_layouts(sdxl_configs, tmp_path):
+    shared = dry_run(sdxl_configs, "--steps", "4", "--lora-rank", "64", "--lora-alpha", "8", "--gradient-checkpointing", "--out", str(tmp_path / "run"))
+    reference = dry_run(sdxl_configs, "--steps", "4", "--lora-rank", "64", "--lora-alpha", "8", "--no-shared-base", "--gradient-checkpointing")
+    full = dry_run(sdxl_configs, "--steps", "4")
+    # Shared-base LoRA holds one copy of the UNet (2.57B parameters, bf16 ≈ 4.8 GiB).
+    assert shared["parameters"]["teacher UNet (frozen)"] == pytest.approx(2.567e9 * 2 / 2**30, rel=0.01)
+    assert shared["peak"] < 24, "the issue's goal: SDXL 1024², 4-step, LoRA, batch 1 in 24 GB"
+    assert reference["peak"] > 2.5 * shared["peak"]  # the reference's LoRA keeps a full fp32 fake score
+    assert full["peak"] > 80  # the reference could not fit full SDXL on one 80 GB GPU either
+    assert full["activations_per_sample"] > 10 * shared["activations_per_sample"]  # gradient checkpointing
+    assert not (tmp_path / "run").exists()  # a dry run writes nothing
+
+
+def test_dry_run_prints_the_resolved_configuration(sdxl_configs):
+    result = runner.invoke(app, ["distill", "--recipe", "sdxl-4step-lora", "--teacher", str(sdxl_configs),
+                                 "--prompts", "p.txt", "--dry-run"])
+    assert result.exit_code == 0, result.stderr
+    assert "lora_rank = 64" in result.stderr and "estimated peak" in result.stderr
+    assert result.stdout == ""
