@@ -6,6 +6,7 @@ import typer
 
 from dmdcli import __version__
 from dmdcli.cli import distill, export, sample
+from dmdcli.cli import eval as evaluate  # not `eval`: that name is a builtin
 from dmdcli.cli.common import DEBUG
 
 app = typer.Typer(
@@ -34,6 +35,7 @@ def _root(
 app.command("distill", help=distill.HELP)(distill.distill)
 app.command("sample", help=sample.HELP)(sample.sample)
 app.command("export", help=export.HELP)(export.export)
+app.command("eval", help=evaluate.HELP)(evaluate.eval_command)
 
 
 def _quiet_libraries() -> None:

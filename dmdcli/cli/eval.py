@@ -1,0 +1,112 @@
+"""`dmd eval`: FID, KID, patch FID and CLIP score of models on a COCO protocol or a captioned folder."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from dmdcli.cli.common import handle_errors, print_json
+from dmdcli.cli.sample import _quiet_diffusers
+from dmdcli.cli.ui import RichUI
+
+HELP = """Score models with FID, KID, patch FID and CLIP score on a prompt/reference set.
+
+Each --model (anything dmd sample accepts: run folder, exported pipeline, diffusers pipeline) draws one image per prompt of the set, image i with seed SEED + i; the images are scored against the set's reference images. Reference statistics are computed once and cached, so another model on the same set only generates and scores.
+
+Sets (--fid): coco30k (COCO-2014 val, 256²) or coco10k (512²) with --coco-root DIR, or a folder of captioned images (the layout dmd distill --data reads).
+
+Writes OUT/eval-<set>-<N>.json (OUT: the run folder, else eval/<model>), a grid of samples beside it and the images in OUT/eval-<set>-<N>/.
+
+Example: dmd eval --model runs/sd15 --model sd15 --fid coco30k --coco-root coco/ --num-samples 5000 --json
+"""
+
+MODEL, SET, SCORING, OUT = "Models", "Prompt/reference set", "Scoring", "Outputs"
+
+
+def _opt(help: str, panel: str, *names: str, **kwargs):
+    return typer.Option(*names, help=help, rich_help_panel=panel, **kwargs)
+
+
+@handle_errors
+def eval_command(
+    model: Annotated[list[str], _opt("Run folder, `dmd export --format diffusers` folder, or diffusers pipeline (folder or hub id); repeat to compare.", MODEL, "--model", show_default=False)],
+    fid: Annotated[str, _opt("coco30k, coco10k (with --coco-root) or a captioned image folder.", SET, "--fid", show_default=False)],
+    coco_root: Annotated[Optional[Path], _opt("COCO-2014 folder holding val2014/ and annotations/captions_val2014.json.", SET, "--coco-root", show_default=False)] = None,
+    num_samples: Annotated[Optional[int], _opt("Score the first N of the set (default: all of it).", SET, "--num-samples", show_default=False)] = None,
+    eval_resolution: Annotated[Optional[int], _opt("Side images are cropped and resized to before the feature network (default: 256 coco30k and folders, 512 coco10k).", SET, "--eval-resolution", min=1, show_default=False)] = None,
+    seed: Annotated[int, _opt("Base seed: image i of the set uses SEED + i.", MODEL, "--seed", min=0)] = 0,
+    steps: Annotated[Optional[int], _opt("Sampling steps of every model (default: the student's; a pipeline's own default).", MODEL, "--steps", min=1, show_default=False)] = None,
+    guidance_scale: Annotated[Optional[float], _opt("CFG scale of plain pipelines (students sample without CFG).", MODEL, "--guidance-scale", show_default=False)] = None,
+    resolution: Annotated[Optional[int], _opt("Square size of the generated images (default: the student's; the pipeline's).", MODEL, "--resolution", min=1, show_default=False)] = None,
+    batch_size: Annotated[int, _opt("Images per generation batch (images never depend on it).", MODEL, "--batch-size", min=1)] = 4,
+    device: Annotated[str, _opt("cuda, cuda:1, cpu, mps, or auto (generation and features).", MODEL, "--device")] = "auto",
+    dtype: Annotated[str, _opt("auto (fp16 on CUDA, fp32 elsewhere), fp32, fp16, bf16.", MODEL, "--dtype")] = "auto",
+    allow_pickle: Annotated[bool, _opt("Allow weights stored as pickle files.", MODEL, "--allow-pickle")] = False,
+    features: Annotated[Optional[Path], _opt("TorchScript feature extractor: float [B,3,H,W] in 0..255 → [B,D], instead of Inception.", SCORING, "--features", show_default=False)] = None,
+    inception: Annotated[Optional[Path], _opt("clean-fid's inception-2015-12-05.pt (or its folder) from disk; default: downloaded on first use.", SCORING, "--inception", show_default=False)] = None,
+    clip_model: Annotated[Optional[str], _opt("transformers CLIP model (folder or hub id) for the CLIP score; none without it.", SCORING, "--clip-model", show_default=False)] = None,
+    cache_dir: Annotated[Optional[Path], _opt("Reference statistics cache (default: $DMD_CACHE/eval, else ~/.cache/dmd/eval).", SCORING, "--cache-dir", show_default=False)] = None,
+    num_workers: Annotated[int, _opt("Processes that read and resize images for the feature network.", SCORING, "--num-workers", min=0)] = 0,
+    out: Annotated[Optional[Path], _opt("Folder for report, grid and images (default: the run folder, else eval/<model>; several models: OUT/<model>).", OUT, "--out", show_default=False)] = None,
+    overwrite: Annotated[bool, _opt("Replace an existing report and its images.", OUT, "--overwrite")] = False,
+    json_out: Annotated[bool, _opt("Print each report as one JSON line on stdout.", OUT, "--json")] = False,
+    quiet: Annotated[bool, _opt("No progress, messages or table on stderr.", OUT, "--quiet", "-q")] = False,
+) -> None:
+    from dmdcli.errors import UsageError
+    from dmdcli.eval.report import render_table
+    from dmdcli.eval.run import EvalOptions, evaluate, open_benchmark, plan_targets
+    from dmdcli.models.student import find_model, pick_device, pick_dtype
+
+    ui = RichUI(quiet=quiet)
+    _quiet_diffusers()
+    torch_device = pick_device(device)
+    torch_dtype = pick_dtype(dtype, torch_device)
+    options = EvalOptions(coco_root=coco_root, num_samples=num_samples, eval_resolution=eval_resolution, features=features,
+                          inception=inception, clip_model=clip_model, cache_dir=cache_dir, device=torch_device,
+                          num_workers=num_workers, allow_pickle=allow_pickle)
+    benchmark = open_benchmark(fid, options)
+    sources = [find_model(name) for name in model]
+    if guidance_scale is not None and all(source.is_student for source in sources):
+        raise UsageError("a DMD2 student samples without classifier-free guidance; --guidance-scale is for plain pipelines")
+    targets = plan_targets(sources, benchmark, out, seed=seed, steps=steps, guidance_scale=guidance_scale,
+                           resolution=resolution, overwrite=overwrite)
+    benchmark.prepare()  # feature networks and CLIP: a bad one fails here, before any model loads
+    ui.message(f"set: {benchmark.describe()}")
+    if guidance_scale is not None and any(source.is_student for source in sources):
+        ui.message(f"note: --guidance-scale {guidance_scale:g} applies to the plain pipelines only; students sample without CFG")
+
+    reports = []
+    for target in targets:
+        with _stages(ui, target.source.name) as progress:
+            report = evaluate(target, benchmark, device=torch_device, dtype=torch_dtype, steps=steps,
+                              guidance_scale=guidance_scale, batch_size=batch_size, seed=seed,
+                              allow_pickle=allow_pickle, progress=progress, message=ui.message)
+        cached = [kind for kind, entry in report.get("reference_stats", {}).items() if entry.get("cached")]
+        ui.message(f"wrote {target.report}" + (f" (reference statistics from the cache: {', '.join(cached)})" if cached else ""))
+        if json_out:
+            print_json(report)
+        reports.append(report)
+    if not quiet:
+        ui.console.print(render_table(reports))
+
+
+@contextlib.contextmanager
+def _stages(ui: RichUI, name: str) -> Iterator:
+    """One progress bar per stage (generating, reference features, ...), as score() reports them."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                        TextColumn("eta"), TimeRemainingColumn(), console=ui.console, disable=ui.quiet)
+    tasks: dict[str, int] = {}
+
+    def update(stage: str, done: int, total: int) -> None:
+        if stage not in tasks:
+            tasks[stage] = progress.add_task(f"{name}: {stage}", total=total)
+        progress.update(tasks[stage], completed=done, total=total)
+
+    with progress:
+        yield update

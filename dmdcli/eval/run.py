@@ -1,0 +1,406 @@
+"""`dmd eval` glue: generate a benchmark's prompts with `dmd sample`'s samplers, then score them.
+
+A *benchmark* is what ``--fid`` names: the prompts to generate for and how to score the images
+made from them (:class:`Benchmark`). The Inception-based one is built in
+(:class:`ReferenceBenchmark`: FID, KID, patch FID and CLIP score against a COCO protocol or a
+captioned folder, through :func:`dmdcli.eval.report.score`). A set whose metrics are not
+Inception-based plugs in through :data:`BENCHMARKS`.
+
+Generation (:func:`generate`): image i of the set comes from prompt i with seed S + i, which is
+how ``dmd sample --seed S`` numbers images with one image per prompt, so any image can be
+redrawn alone with ``dmd sample --prompt <its prompt> --seed <its seed>``. Images are written
+as PNG under the report's folder as they come (never all held in memory) and scored from
+their files. Seconds per image counts the sampler's calls only (no model loading, no file
+writing); network evaluations per image are counted by a hook on the denoiser (one UNet call on
+a batch of B images is one evaluation for each; a CFG pipeline's doubled batch is two).
+
+Files, for one model: ``OUT/<stem>.json`` (the report), ``OUT/<stem>-grid.png`` (the first
+images) and ``OUT/<stem>/`` (every image), stem = ``eval-<set>-<N>`` plus the options that change
+the images (``-<steps>steps``, ``-cfg<scale>``, ``-<size>px``, ``-seed<S>``) when given.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, Union
+
+import numpy as np
+import torch
+
+from dmdcli.errors import UsageError
+from dmdcli.eval.cache import StatsCache
+from dmdcli.eval.features import FeatureExtractor, load_extractor
+from dmdcli.eval.metrics import ClipScorer
+from dmdcli.eval.protocol import COCO_PROTOCOLS, ReferenceSet, load_reference_set
+from dmdcli.eval.report import Progress, score, write_report
+from dmdcli.models.student import ImageSampler, ModelSource
+from dmdcli.sample import Job, check_free, plan, run, slug
+from dmdcli.train import rundir
+
+GRID_IMAGES, GRID_COLUMNS, GRID_TILE = 16, 4, 256  # the grid beside the report: first 16, tiles ≤ 256 px
+FEATURE_BATCH = 32  # images per feature-extractor batch (generation uses --batch-size)
+SEED_RULE = "image i (from 0) of the set: prompt i, seed S + i (dmd sample --seed S, one image per prompt)"
+
+
+@dataclass
+class EvalOptions:
+    """The scoring options of `dmd eval`, as a benchmark factory receives them."""
+
+    coco_root: Path | None = None
+    num_samples: int | None = None  # score the first N of the set (None: all of it)
+    eval_resolution: int | None = None  # None: the protocol's (256 coco30k, 512 coco10k, 256 folders)
+    features: Path | None = None  # any TorchScript extractor instead of Inception
+    inception: Path | None = None  # clean-fid's inception-2015-12-05.pt from disk
+    clip_model: str | None = None  # transformers CLIP folder or hub id; None: no CLIP score
+    cache_dir: Path | None = None  # reference statistics (None: $DMD_CACHE/eval or ~/.cache/dmd/eval)
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    num_workers: int = 0
+    allow_pickle: bool = False
+
+
+@dataclass
+class Generation:
+    """One model's images of a benchmark and the facts of how they were made."""
+
+    model: str
+    seed: int
+    paths: list[Path]  # image i from prompt i
+    seconds_per_image: float
+    nfe_per_image: float | None
+    details: dict[str, Any]  # steps, timesteps, guidance, size, batch size, device, ... (report["generation"])
+
+
+class Benchmark(Protocol):
+    """What `dmd eval` generates for and how it scores (the extension point of :data:`BENCHMARKS`).
+
+    label: the set's name in report file names ("coco30k", "folder-<name>", "shapes").
+    prompts: the N prompts, in order; image i is generated from prompts[i].
+    """
+
+    label: str
+    prompts: list[str]
+
+    def describe(self) -> str:
+        """One line for the user: what the set is and what is scored."""
+        ...
+
+    def prepare(self) -> None:
+        """Load feature networks and scorers. Called once, after the command line is checked and
+        before any model loads, so that a bad extractor fails before hours of generation."""
+        ...
+
+    def score(self, generation: Generation, progress: Progress | None) -> dict:
+        """The report dict of `generation` (see dmdcli.eval.report.score for its layout: a
+        "metrics" dict, with seconds_per_image and nfe_per_image among them, and "num_samples")."""
+        ...
+
+
+#: Benchmarks that are not Inception-based, by their --fid name: a factory taking EvalOptions and
+#: returning a Benchmark, or "module:function" naming one (imported only when asked for), e.g.
+#: ``"shapes": "dmdcli.shapes.eval:benchmark"`` for FD-shapes and alignment. A name here takes
+#: precedence over a folder of the same name (pass ./shapes for the folder).
+BENCHMARKS: dict[str, Union[str, Callable[[EvalOptions], Benchmark]]] = {}
+
+
+def open_benchmark(spec: str, options: EvalOptions) -> Benchmark:
+    """The benchmark --fid names: a registered one, a COCO protocol, or a captioned folder.
+    Raises UsageError for a missing folder or --coco-root (nothing is loaded or written)."""
+    factory = BENCHMARKS.get(spec)
+    if isinstance(factory, str):
+        module, _, name = factory.partition(":")
+        factory = getattr(importlib.import_module(module), name)
+    if factory is not None:
+        return factory(options)
+    if spec not in COCO_PROTOCOLS and not spec.lower().startswith("coco") and not Path(spec).is_dir():
+        names = ", ".join([*COCO_PROTOCOLS, *BENCHMARKS])
+        raise UsageError(f"--fid {spec}: no such folder (give {names} or a folder of captioned images)")
+    reference = load_reference_set(spec, coco_root=options.coco_root, resolution=options.eval_resolution,
+                                   num_samples=options.num_samples)
+    return ReferenceBenchmark(reference, options)
+
+
+class ReferenceBenchmark:
+    """FID, KID, patch FID (clean-fid's Inception or --features) and CLIP score (--clip-model)
+    against a reference set, with reference statistics cached."""
+
+    def __init__(self, reference: ReferenceSet, options: EvalOptions):
+        self.reference, self.options = reference, options
+        if reference.name in COCO_PROTOCOLS:
+            self.label = reference.name
+        else:
+            self.label = f"folder-{slug(Path(reference.root).resolve().name, 40)}"
+        self.prompts = reference.prompts
+        self.extractor: FeatureExtractor | None = None
+        self.clip: ClipScorer | None = None
+
+    def describe(self) -> str:
+        r = self.reference
+        what = "FID, KID, patch FID" + (", CLIP score" if self.options.clip_model else "")
+        extractor = f" ({self.extractor.identity})" if self.extractor is not None else ""
+        return f"{r.name} ({r.root}): {r.num_samples} of {r.set_size} prompts; {what} at {r.resolution}²{extractor}"
+
+    def prepare(self) -> None:
+        o = self.options
+        self.extractor = load_extractor(inception=o.inception, features=o.features, device=o.device)
+        if o.clip_model:
+            self.clip = ClipScorer.load(o.clip_model, o.device, allow_pickle=o.allow_pickle)
+
+    def score(self, generation: Generation, progress: Progress | None) -> dict:
+        if self.extractor is None:
+            self.prepare()
+        return score(generation.paths, self.prompts, self.reference, self.extractor,
+                     cache=StatsCache(self.options.cache_dir), clip=self.clip, model=generation.model,
+                     seed=generation.seed, seconds_per_image=generation.seconds_per_image,
+                     nfe_per_image=generation.nfe_per_image, generation=generation.details,
+                     batch_size=FEATURE_BATCH, num_workers=self.options.num_workers, progress=progress)
+
+
+# ----------------------------------------------------------------------------- where files go
+
+
+@dataclass
+class Target:
+    """One model to evaluate: what it is, the image size it is drawn at, and its files."""
+
+    source: ModelSource
+    folder: Path
+    stem: str
+    jobs: list[Job]
+    size: tuple[int | None, int | None]  # (height, width); None: the pipeline's default
+
+    @property
+    def report(self) -> Path:
+        return self.folder / f"{self.stem}.json"
+
+    @property
+    def grid(self) -> Path:
+        return self.folder / f"{self.stem}-grid.png"
+
+    @property
+    def images(self) -> Path:
+        return self.folder / self.stem
+
+
+def report_stem(label: str, n: int, *, steps: int | None = None, guidance_scale: float | None = None,
+                resolution: int | None = None, seed: int = 0) -> str:
+    """eval-<set>-<N>, plus the options given that change the images, so that evaluating one
+    model two ways into one folder gives two reports."""
+    stem = f"eval-{label}-{n}"
+    if steps is not None:
+        stem += f"-{steps}steps"
+    if guidance_scale is not None:
+        stem += f"-cfg{guidance_scale:g}"
+    if resolution is not None:
+        stem += f"-{resolution}px"
+    if seed:
+        stem += f"-seed{seed}"
+    return stem
+
+
+def default_folder(source: ModelSource) -> Path:
+    """A run folder (or its student.safetensors) keeps its evaluations; anything else goes to
+    ./eval/<model slug> (an exported pipeline or a hub id is not ours to write into)."""
+    path = Path(source.name).expanduser()
+    if source.kind == "student" and path.is_dir():
+        return path
+    if source.kind == "student" and path.name == rundir.STUDENT_FILE:
+        return path.parent
+    return Path("eval") / slug(source.name)
+
+
+def plan_targets(sources: list[ModelSource], benchmark: Benchmark, out: Path | None, *, seed: int,
+                 steps: int | None = None, guidance_scale: float | None = None, resolution: int | None = None,
+                 overwrite: bool = False) -> list[Target]:
+    """Every model's files, checked before anything loads: a report that exists is refused
+    unless `overwrite`, and so is any image file of the run (as `dmd sample` refuses).
+    Several models with one `out` go to OUT/<model slug>/ each."""
+    folders: list[Path] = []
+    for source in sources:
+        folder = (out / slug(source.name) if len(sources) > 1 else out) if out is not None else default_folder(source)
+        base, k = folder, 2
+        while folder in folders:  # the same model twice, or two names with one slug
+            folder, k = base.with_name(f"{base.name}-{k}"), k + 1
+        folders.append(folder)
+    targets = []
+    for source, folder in zip(sources, folders):
+        stem = report_stem(benchmark.label, len(benchmark.prompts), steps=steps, resolution=resolution, seed=seed,
+                           guidance_scale=None if source.is_student else guidance_scale)
+        target = Target(source, folder, stem, plan(benchmark.prompts, 1, seed, folder / stem, "png"),
+                        source.image_size(resolution, None, None))
+        if target.report.exists() and not overwrite:
+            raise UsageError(f"{target.report} already exists; pass --overwrite to replace it, or choose another --out")
+        check_free(target.jobs, overwrite)
+        targets.append(target)
+    return targets
+
+
+# ----------------------------------------------------------------------------- generation
+
+
+def denoiser_module(sampler: ImageSampler) -> torch.nn.Module | None:
+    """The network called once per step: the student's UNet, a pipeline's unet or transformer."""
+    if getattr(sampler, "unet", None) is not None:
+        return sampler.unet
+    pipe = getattr(sampler, "pipe", None)
+    for name in ("unet", "transformer"):
+        module = getattr(pipe, name, None)
+        if isinstance(module, torch.nn.Module):
+            return module
+    return None
+
+
+class EvaluationCounter:
+    """Counts the rows of every batch a module is called on: rows / images = evaluations per image."""
+
+    def __init__(self, module: torch.nn.Module | None):
+        self.rows = self.calls = 0
+        self.handle = None if module is None else module.register_forward_pre_hook(self._count, with_kwargs=True)
+
+    def _count(self, module, args, kwargs) -> None:
+        first = next((a for a in args if isinstance(a, torch.Tensor)), None)
+        if first is None:
+            first = next((kwargs[k] for k in ("sample", "hidden_states", "x") if isinstance(kwargs.get(k), torch.Tensor)), None)
+        if first is not None:
+            self.rows += int(first.shape[0])
+            self.calls += 1
+
+    def close(self) -> None:
+        if self.handle is not None:
+            self.handle.remove()
+
+
+def generate(sampler: ImageSampler, target: Target, steps: int, batch_size: int, seed: int,
+             progress: Progress | None = None) -> Generation:
+    """Draw the target's images (its jobs) with `sampler`, writing each file as it comes."""
+    seconds: list[float] = []
+
+    def timed(prompts: list[str], seeds: list[int]) -> np.ndarray:
+        started = time.perf_counter()
+        images = sampler.generate(prompts, seeds, target.size[0], target.size[1], steps)  # numpy: work is done
+        seconds.append(time.perf_counter() - started)
+        return images
+
+    counter = EvaluationCounter(denoiser_module(sampler))
+    size = None
+    try:
+        for done, record in enumerate(run(timed, target.jobs, batch_size, steps, target.source.name), start=1):
+            size = size or [record["height"], record["width"]]
+            if progress is not None:
+                progress("generating", done, len(target.jobs))
+    finally:
+        counter.close()
+    n = len(target.jobs)
+    nfe = counter.rows / n if counter.rows else _nfe_from_settings(sampler, steps)
+    details = {
+        "kind": target.source.kind,
+        "steps": steps,
+        "timesteps": sampler.timesteps(steps) if hasattr(sampler, "timesteps") else None,
+        "guidance_scale": _guidance_scale(sampler),
+        "image_size": size,
+        "batch_size": batch_size,
+        "device": str(getattr(sampler, "device", None) or _pipe_device(sampler)),
+        "seed_rule": SEED_RULE,
+        "images": str(target.images),
+        "generation_seconds": round(sum(seconds), 3),
+        "first_batch_seconds": round(seconds[0], 3) if seconds else None,
+        "denoiser_calls": counter.calls,
+    }
+    return Generation(model=target.source.name, seed=seed, paths=[job.path for job in target.jobs],
+                      seconds_per_image=sum(seconds) / n, nfe_per_image=nfe, details=details)
+
+
+def _guidance_scale(sampler: ImageSampler) -> float | None:
+    """None for a student (no CFG); a pipeline's --guidance-scale, else its own default."""
+    pipe = getattr(sampler, "pipe", None)
+    if pipe is None:
+        return None
+    if getattr(sampler, "guidance_scale", None) is not None:
+        return float(sampler.guidance_scale)
+    default = inspect.signature(pipe.__call__).parameters.get("guidance_scale")
+    return float(default.default) if default is not None and isinstance(default.default, (int, float)) else None
+
+
+def _nfe_from_settings(sampler: ImageSampler, steps: int) -> float | None:
+    """When no denoiser could be hooked: steps, doubled when the pipeline ran CFG."""
+    pipe = getattr(sampler, "pipe", None)
+    if pipe is None:
+        return float(steps)
+    cfg = getattr(pipe, "do_classifier_free_guidance", None)
+    return None if cfg is None else float(steps * (2 if cfg else 1))
+
+
+def _pipe_device(sampler: ImageSampler) -> Any:
+    pipe = getattr(sampler, "pipe", None)
+    return getattr(pipe, "device", "?")
+
+
+def evaluate(target: Target, benchmark: Benchmark, *, device: torch.device, dtype: torch.dtype, steps: int | None,
+             guidance_scale: float | None, batch_size: int, seed: int, allow_pickle: bool = False,
+             progress: Progress | None = None, message: Callable[[str], None] = lambda text: None) -> dict:
+    """Load the target's model, draw its images, score them, write the grid and then the report
+    (last: a report on disk means a finished evaluation). Returns the report as written."""
+    from dmdcli.models.student import load_sampler
+
+    source = target.source
+    sampler = load_sampler(source, device, dtype, None if source.is_student else guidance_scale, allow_pickle)
+    n_steps = steps or sampler.default_steps
+    what = f"student, {n_steps} step(s)" if source.is_student else f"{type(sampler.pipe).__name__}, {n_steps} steps"
+    message(f"model: {source.name} ({what}) on {device}; {len(target.jobs)} image(s) → {target.images}/")
+    if source.is_student and n_steps != sampler.default_steps:
+        message(f"note: the student was distilled for {sampler.default_steps} step(s); sampling at t = {sampler.timesteps(n_steps)}")
+    try:
+        generation = generate(sampler, target, n_steps, batch_size, seed, progress)
+        generation.details["dtype"] = str(dtype).removeprefix("torch.")
+    finally:
+        del sampler
+        _free_memory(device)
+    report = benchmark.score(generation, progress)
+    write_grid(generation.paths, target.grid)
+    report["files"] = {"report": str(target.report), "grid": str(target.grid), "images": str(target.images)}
+    write_report(target.report, report)
+    return json.loads(target.report.read_text(encoding="utf-8"))  # as written: NaN made null
+
+
+def _free_memory(device: torch.device) -> None:
+    """Give the sampler's memory back before the feature networks run (and the next model loads)."""
+    import gc
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def write_grid(paths: list[Path], path: Path, count: int = GRID_IMAGES, columns: int = GRID_COLUMNS) -> Path:
+    """The first `count` images as one PNG, `columns` wide, each tile at most GRID_TILE px."""
+    from PIL import Image
+
+    tiles = []
+    for image_path in paths[:count]:
+        with Image.open(image_path) as image:
+            tile = image.convert("RGB")
+            tile.thumbnail((GRID_TILE, GRID_TILE), Image.LANCZOS)
+            tiles.append(tile)
+    width, height = tiles[0].size
+    columns = min(columns, len(tiles))
+    grid = Image.new("RGB", (columns * width, math.ceil(len(tiles) / columns) * height), "black")
+    for i, tile in enumerate(tiles):
+        grid.paste(tile, ((i % columns) * width, (i // columns) * height))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        grid.save(tmp, format="PNG")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
