@@ -89,8 +89,13 @@ def distill(
     from dmdcli.train.distill import Distillation
 
     ui = RichUI(quiet=quiet)
-    summary = Distillation(config, ui, overwrite=overwrite, resume=resume).run()
+    run = Distillation(config, ui, overwrite=overwrite, resume=resume)
+    summary = run.run()
+    if not run.accelerator.is_main_process:  # under torchrun / accelerate launch, one process reports
+        return
     ui.message(f"student: {summary['student']}  (samples: {summary['grid']})")
+    ui.message(f"next: dmd sample --model {summary['out']} --prompt \"...\"  |  dmd eval --model {summary['out']} --fid DIR  |  "
+               f"dmd export --model {summary['out']} --format diffusers")
     if json_out:
         print_json(summary)
 

@@ -1,9 +1,10 @@
 """Crash-safe checkpoints: tensors in safetensors, everything else in JSON, never pickle.
 
     RUN/checkpoints/iter-000100/
-        tensors.safetensors   model weights, optimizer moments, torch RNG states
-        state.json            iteration, optimizer hyperparameters, LR schedules, Python and NumPy
-                              RNG, the configuration; written last
+        rng-rank{R}.*         each process's Python, NumPy, torch CPU and CUDA RNG states
+        tensors.safetensors   model weights, optimizer moments
+        state.json            iteration, optimizer hyperparameters, LR schedules, the
+                              configuration; written last
 
 A checkpoint is built in a hidden temporary folder and renamed into place, so a checkpoint cut
 short (SIGKILL, full disk) is never found under an `iter-*` name; `latest_checkpoint` also
@@ -91,16 +92,43 @@ def checkpoint_name(iteration: int) -> str:
     return f"iter-{iteration:06d}"
 
 
-def write_checkpoint(run: Path, iteration: int, tensors: dict[str, Tensor], state: dict[str, Any], keep: int) -> Path:
-    """Write a checkpoint atomically, then remove all but the newest `keep` complete ones."""
+def staging_dir(run: Path, iteration: int) -> Path:
+    """Where every process leaves its RNG state before the main process assembles a checkpoint."""
+    return run / CHECKPOINTS_DIR / f".staging-{checkpoint_name(iteration)}"
+
+
+def write_rng(folder: Path, rank: int) -> None:
+    """This process's RNG states as rng-rank{R}.safetensors + rng-rank{R}.json."""
+    tensors, state = rng_state()
+    save_file(tensors, str(folder / f"rng-rank{rank}.safetensors"))
+    (folder / f"rng-rank{rank}.json").write_text(json.dumps(state))
+
+
+def restore_rng(checkpoint: Path, rank: int) -> None:
+    try:
+        tensors = load_file(str(checkpoint / f"rng-rank{rank}.safetensors"))
+        state = json.loads((checkpoint / f"rng-rank{rank}.json").read_text())
+    except Exception as e:
+        raise DmdError(f"checkpoint {checkpoint} has no readable RNG state for process {rank}: {e}") from e
+    load_rng_state(tensors, state)
+
+
+def write_checkpoint(
+    run: Path, iteration: int, tensors: dict[str, Tensor], state: dict[str, Any], keep: int, staged: Path | None = None
+) -> Path:
+    """Write a checkpoint atomically (with the files in `staged`), then keep the newest `keep`."""
     root = run / CHECKPOINTS_DIR
     root.mkdir(parents=True, exist_ok=True)
     final = root / checkpoint_name(iteration)
     if final in complete_checkpoints(run):  # same iteration, same state: keep the one on disk
+        if staged is not None:
+            shutil.rmtree(staged, ignore_errors=True)
         return final
     tmp = root / f".tmp-{checkpoint_name(iteration)}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
+        for path in sorted(staged.iterdir()) if staged is not None else []:
+            os.replace(path, tmp / path.name)
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / TENSORS_FILE))
         with open(tmp / STATE_FILE, "w") as f:
             json.dump({"iteration": iteration, **state}, f)
@@ -109,6 +137,8 @@ def write_checkpoint(run: Path, iteration: int, tensors: dict[str, Tensor], stat
         if final.exists():  # an incomplete leftover under the final name
             shutil.rmtree(final)
         os.replace(tmp, final)
+        if staged is not None:
+            shutil.rmtree(staged, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

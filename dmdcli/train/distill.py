@@ -27,7 +27,8 @@ from dmdcli.models.teacher import DEFAULT_CONDITIONING_TIMESTEP, Teacher, Teache
 from dmdcli.models.unet import UNetDenoiser
 from dmdcli.train import rundir
 from dmdcli.train.checkpoint import (
-    CHECKPOINTS_DIR, latest_checkpoint, load_optimizer_state, load_rng_state, optimizer_state, read_checkpoint, rng_state, write_checkpoint,
+    CHECKPOINTS_DIR, checkpoint_name, latest_checkpoint, load_optimizer_state, optimizer_state, read_checkpoint, restore_rng, staging_dir,
+    write_checkpoint, write_rng,
 )
 from dmdcli.train.config import DistillConfig, resume_conflicts, write_config
 from dmdcli.train.grids import COLLAPSE_RATIO, SampleGrid, diversity
@@ -83,10 +84,10 @@ class Data:
     prompts: list[str]
     real: RealLatents | None
 
-    def batch(self, teacher: Teacher, seed: int, iteration: int, batch_size: int, uncond: Cond | None) -> Batch:
-        """The batch of one iteration, drawn from (seed, iteration) alone, so a run is the same
-        whether or not it was interrupted."""
-        g = torch.Generator().manual_seed(seed * 7919 + iteration)
+    def batch(self, teacher: Teacher, seed: int, iteration: int, batch_size: int, uncond: Cond | None, rank: int = 0) -> Batch:
+        """This process's batch of one iteration, drawn from (seed, iteration, rank) alone, so a
+        run is the same whether or not it was interrupted, and processes draw different data."""
+        g = torch.Generator().manual_seed(seed * 7919 + iteration + rank * 1_000_000_007)
         picks = torch.randint(len(self.prompts), (batch_size,), generator=g).tolist()
         cond = teacher.encode_prompts([self.prompts[i] for i in picks])
         latent_shape = (batch_size, teacher.spec.latent_channels, *teacher.latent_size)
@@ -134,7 +135,11 @@ class Distillation:
         from accelerate import Accelerator
         from accelerate.utils import set_seed
 
-        self.config, self.ui = config, ui
+        precision = _precision(config)
+        # Under torchrun / accelerate launch this joins the process group (gloo on CPU).
+        self.accelerator = Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available())
+        self.config, self.ui = config, ui if self.accelerator.is_main_process else SilentUI()
+        ui = self.ui
         self.spec: TeacherSpec = inspect_teacher(config.teacher)
         self.resolution = config.resolution or self.spec.native_resolution
         self.spec.check_resolution(self.resolution)
@@ -147,14 +152,13 @@ class Distillation:
         if config.data and not Path(config.data).is_dir():
             raise UsageError(f"image folder not found: {config.data}")
 
-        precision = _precision(config)
-        self.accelerator = Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available())
         frozen_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
         device = self.accelerator.device
 
         ui.message(f"teacher: {self.spec.source} ({self.spec.layout}, {self.spec.prediction_type}) at {self.resolution}px on {device}")
         self.teacher = Teacher(self.spec, device, frozen_dtype, self.resolution, config.allow_pickle)
-        self.data = load_data(config, prompts, self.teacher, ui)
+        with self.accelerator.main_process_first():  # one process encodes the real images, the others read the cache
+            self.data = load_data(config, prompts, self.teacher, ui)
         self.uncond = self.teacher.empty_cond() if config.guidance_scale > 1 else None
 
         self.schedule = self.spec.schedule()
@@ -164,8 +168,9 @@ class Distillation:
         self.timesteps = student_timesteps(config.steps, self.schedule.num_train_timesteps, conditioning)
         self.conditioning_timestep = conditioning if config.steps == 1 else None
         # Seeded after loading, so that a run which encodes its real images and one that reads
-        # them from the cache start training from the same random state.
-        set_seed(config.seed)
+        # them from the cache start training from the same random state; each process gets its
+        # own stream (seed + process index) for its noise.
+        set_seed(config.seed, device_specific=True)
         self._build_networks(device, frozen_dtype)
         self.grid = SampleGrid(
             self.data.prompts, config.grid_size, config.seed, self.teacher.encode_prompts, self.teacher.decode,
@@ -177,6 +182,11 @@ class Distillation:
         if found is None:
             raise UsageError(f"nothing to resume: {self.out} holds no complete checkpoint")
         _, state = read_checkpoint(found)
+        if state.get("world_size", 1) != self.accelerator.num_processes:
+            raise UsageError(
+                f"--resume with {self.accelerator.num_processes} process(es), but checkpoint {found.name} was written by "
+                f"{state.get('world_size', 1)}: resume with the same number of processes"
+            )
         conflicts = resume_conflicts(state["config"], self.config)
         if conflicts:
             details = ", ".join(f"{k} {state['config'].get(k)!r} → {getattr(self.config, k)!r}" for k in conflicts)
@@ -191,7 +201,7 @@ class Distillation:
         self.nets = build_networks(self.teacher.unet, self.config, device, frozen_dtype, probe)
         self.generator_unet, self.fake_unet, self.head = self.nets.generator_unet, self.nets.fake_unet, self.nets.head
         self.shared_base = self.nets.shared_base
-        self.step = build_step(self.nets, self.schedule, self.config, self.timesteps, self.accelerator)
+        self.step = build_step(self.nets, self.schedule, self.config, self.timesteps, self.accelerator, self.any_process)
         self.generator = self.step.generator
         self.ui.message(self.nets.describe(self.config, self.timesteps))
 
@@ -213,17 +223,26 @@ class Distillation:
             tensors.update({f"discriminator.{k}": v for k, v in self.head.state_dict().items()})
         opt_g, opt_g_json = optimizer_state(step.generator_optimizer, "optimizer.generator")
         opt_f, opt_f_json = optimizer_state(step.fake_optimizer, "optimizer.fake")
-        rng, rng_json = rng_state()
-        tensors.update({**opt_g, **opt_f, **rng})
+        tensors.update({**opt_g, **opt_f})
         state = {
-            "config": self.config.to_dict(), "rng": rng_json, "skipped_updates": step.skipped_updates,
+            "config": self.config.to_dict(), "world_size": self.accelerator.num_processes, "skipped_updates": step.skipped_updates,
             "optimizers": {"generator": opt_g_json, "fake": opt_f_json},
             # LambdaLR's state is JSON-able: its lambdas (rebuilt from the config) appear as None.
             "lr_schedulers": {"generator": step.generator_lr_scheduler.state_dict(), "fake": step.fake_lr_scheduler.state_dict()},
             **extra,
         }
-        path = write_checkpoint(self.out, iteration, tensors, state, self.config.keep_checkpoints)
-        self.save_student(iteration)
+        # Every process leaves its RNG state in a staging folder; the main one assembles the rest.
+        acc, staged = self.accelerator, staging_dir(self.out, iteration)
+        if acc.is_main_process:
+            staged.mkdir(parents=True, exist_ok=True)
+        acc.wait_for_everyone()
+        write_rng(staged, acc.process_index)
+        acc.wait_for_everyone()
+        path = self.out / CHECKPOINTS_DIR / checkpoint_name(iteration)
+        if acc.is_main_process:
+            path = write_checkpoint(self.out, iteration, tensors, state, self.config.keep_checkpoints, staged)
+            self.save_student(iteration)
+        acc.wait_for_everyone()
         return path
 
     def restore(self, path: Path) -> dict[str, Any]:
@@ -246,7 +265,7 @@ class Distillation:
         step.generator_lr_scheduler.load_state_dict(state["lr_schedulers"]["generator"])
         step.fake_lr_scheduler.load_state_dict(state["lr_schedulers"]["fake"])
         step.skipped_updates = state["skipped_updates"]
-        load_rng_state(tensors, state["rng"])
+        restore_rng(path, self.accelerator.process_index)
         return state
 
     # -- outputs -------------------------------------------------------------------------------
@@ -293,21 +312,31 @@ class Distillation:
 
     # -- the loop ------------------------------------------------------------------------------
 
+    def any_process(self, flag: bool) -> bool:
+        """True on every process if `flag` is true on any (so all processes take the same branch)."""
+        if self.accelerator.num_processes == 1:
+            return flag
+        return bool(self.accelerator.reduce(torch.tensor([float(flag)], device=self.accelerator.device), "sum").item() > 0)
+
     def run(self) -> dict[str, Any]:
-        c = self.config
-        metrics = rundir.MetricsLog(self.out / rundir.METRICS_FILE)
+        c, main = self.config, self.accelerator.is_main_process
+        # Only the main process writes the run folder (metrics, grids, checkpoints, student).
+        metrics = rundir.MetricsLog(self.out / rundir.METRICS_FILE, enabled=main)
         if self.checkpoint is not None:
             state = self.restore(self.checkpoint)
             start_iteration, teacher_div = state["iteration"], state.get("teacher_diversity")
             metrics.truncate_after(start_iteration)  # lines a killed run wrote past its checkpoint
             self.ui.message(f"resuming from {self.checkpoint} (iteration {start_iteration})")
         else:
-            create_run_folder(self.out)
-            start_iteration = 0
-            teacher_div = self.teacher_diversity() if c.teacher_grid_steps else None
-            if teacher_div is not None:
-                metrics.write({"iteration": 0, "diversity_teacher": teacher_div})
-        write_config(c, self.out / rundir.CONFIG_FILE, self.resolved())
+            start_iteration, teacher_div = 0, None
+            if main:
+                create_run_folder(self.out)
+                teacher_div = self.teacher_diversity() if c.teacher_grid_steps else None
+                if teacher_div is not None:
+                    metrics.write({"iteration": 0, "diversity_teacher": teacher_div})
+        if main:
+            write_config(c, self.out / rundir.CONFIG_FILE, self.resolved())
+        self.accelerator.wait_for_everyone()
         if start_iteration >= c.iterations:
             self.ui.message(f"{self.out} is already at iteration {start_iteration}; raise --iterations to continue")
         extra = {"teacher_diversity": teacher_div}
@@ -319,7 +348,7 @@ class Distillation:
         with _StopOnSignal() as stop, self.ui.task("distilling", total=c.iterations) as update:
             update(done, None)
             for it in range(start_iteration, c.iterations):
-                batch = self.data.batch(self.teacher, c.seed, it, c.batch_size, self.uncond)
+                batch = self.data.batch(self.teacher, c.seed, it, c.batch_size, self.uncond, self.accelerator.process_index)
                 latest.update(self.step(batch, it))
                 done = it + 1
                 if done % c.log_every == 0 or done == c.iterations:
@@ -331,22 +360,23 @@ class Distillation:
                         "sec_per_iter": (now - last_log) / (done - last_log_iteration),
                     })
                     last_log, last_log_iteration = now, done
-                if c.sample_every and done % c.sample_every == 0 and done != c.iterations:
+                if main and c.sample_every and done % c.sample_every == 0 and done != c.iterations:
                     metrics.write({"iteration": done, **self.save_grid(done, teacher_div)[1]})
                 if c.checkpoint_every and done % c.checkpoint_every == 0 and done != c.iterations:
                     self.save_checkpoint(done, extra)
                 update(done, latest)
-                if stop.signal is not None:
+                signum = stop.signal or 0
+                if self.any_process(signum != 0):  # every process stops at the same iteration
                     path = self.save_checkpoint(done, extra)
-                    raise Interrupted(stop.signal, done, path, self.out)
-        grid, grid_record = self.save_grid(done, teacher_div)
-        metrics.write({"iteration": done, **grid_record})
-        checkpoint = self.save_checkpoint(done, extra)
-        return {
-            "out": str(self.out), "student": str(self.out / rundir.STUDENT_FILE), "checkpoint": str(checkpoint),
-            "grid": str(grid), "iterations": done, "seconds": round(time.perf_counter() - start, 3),
-            "losses": {k: v for k, v in latest.items() if k.startswith("loss_")}, **grid_record,
-        }
+                    raise Interrupted(signum or signal.SIGTERM, done, path, self.out)
+        summary = {"out": str(self.out), "student": str(self.out / rundir.STUDENT_FILE), "iterations": done}
+        if main:
+            grid, grid_record = self.save_grid(done, teacher_div)
+            metrics.write({"iteration": done, **grid_record})
+            summary.update(grid=str(grid), **grid_record)
+        summary["checkpoint"] = str(self.save_checkpoint(done, extra))
+        summary.update(seconds=round(time.perf_counter() - start, 3), losses={k: v for k, v in latest.items() if k.startswith("loss_")})
+        return summary
 
     def resolved(self) -> dict[str, Any]:
         return {

@@ -61,16 +61,18 @@ def read_student_info(path: Path) -> dict[str, Any]:
 class MetricsLog:
     """Appends one JSON line per call to RUN/metrics.jsonl (flushed, so `tail -f` works)."""
 
-    def __init__(self, path: Path):
-        self.path = path
+    def __init__(self, path: Path, enabled: bool = True):
+        self.path, self.enabled = path, enabled
 
     def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
 
     def truncate_after(self, iteration: int) -> None:
         """Drop records past `iteration` (a resumed run writes them again)."""
-        if not self.path.is_file():
+        if not self.enabled or not self.path.is_file():
             return
         kept = [line for line in self.path.read_text().splitlines() if line.strip() and json.loads(line)["iteration"] <= iteration]
         tmp = self.path.with_name(self.path.name + ".tmp")

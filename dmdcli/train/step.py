@@ -65,6 +65,36 @@ class Batch:
     real_cond: Cond | None = None
 
 
+class GeneratorPhase(nn.Module):
+    """The generator update's forward, x0 = G(x_t, t) and its DMD2 loss terms, as ONE module call.
+
+    A data-parallel wrapper (DDP) around this module sees one forward per backward; the real and
+    fake scores it calls through `dmd2` are not its parameters (they are frozen in this phase).
+    """
+
+    def __init__(self, dmd2: DMD2, generator: nn.Module):
+        super().__init__()
+        self.generator = generator
+        self.dmd2 = dmd2
+
+    def forward(self, x_t: Tensor, t: Tensor, cond: Cond, uncond: Cond | None) -> tuple[Tensor, dict[str, Tensor]]:
+        x = generator_x0(self.generator, self.dmd2.schedule, x_t, t, cond)
+        return x, self.dmd2.generator_losses(x, cond, uncond)
+
+
+class FakeScorePhase(nn.Module):
+    """The fake score update's forward (denoising + discriminator terms) as ONE module call over
+    the fake score and the classifier head, for the same reason."""
+
+    def __init__(self, dmd2: DMD2):
+        super().__init__()
+        self.fake_score, self.discriminator = dmd2.fake_score, dmd2.discriminator
+        self.dmd2 = dmd2
+
+    def forward(self, x_fake: Tensor, cond: Cond, x_real: Tensor | None, real_cond: Cond | None) -> dict[str, Tensor]:
+        return self.dmd2.fake_score_losses(x_fake, cond, x_real, real_cond)
+
+
 class DMD2Step:
     """Owns the optimizers and the update schedule of one DMD2 run."""
 
@@ -86,7 +116,10 @@ class DMD2Step:
         skip_nonfinite: bool = False,
         backward=None,
         autocast=contextlib.nullcontext,
+        wrap=None,
+        any_process=None,
     ):
+        """`wrap` wraps each phase module for data parallelism (accelerate's prepare_model)."""
         self.dmd2, self.generator, self.timesteps = dmd2, generator, list(timesteps)
         self.generator_params, self.fake_params = generator_params, fake_params
         self.generator_optimizer, self.fake_optimizer = generator_optimizer, fake_optimizer
@@ -98,6 +131,10 @@ class DMD2Step:
         self.skipped_updates = 0
         self.backward = backward or (lambda loss: loss.backward())
         self.autocast = autocast
+        self.any_process = any_process or (lambda flag: flag)
+        wrap = wrap or (lambda module: module)
+        self.generator_phase = wrap(GeneratorPhase(dmd2, generator))
+        self.fake_phase = wrap(FakeScorePhase(dmd2))
 
     def is_generator_iteration(self, iteration: int) -> bool:
         return iteration % self.fake_updates_per_gen == 0
@@ -113,11 +150,13 @@ class DMD2Step:
         lr_scheduler = self.generator_lr_scheduler if phase == "generator" else self.fake_lr_scheduler
         bad = [f"loss_{name}" for name, v in terms.items() if not torch.isfinite(v.detach()).all()]
         grad_norm = None
-        if not bad:
+        if not self.any_process(bool(bad)):
             self.backward(self.dmd2.weighted_total(terms))
             grad_norm = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
-            if not torch.isfinite(grad_norm):
+            if not torch.isfinite(grad_norm):  # gradients are averaged: the same on every process
                 bad = [f"{phase} gradient"]
+        else:
+            bad = bad or ["loss on another process"]
         if bad:
             optimizer.zero_grad(set_to_none=True)
             if not self.skip_nonfinite:
@@ -146,8 +185,7 @@ class DMD2Step:
             # blocks are recomputed during backward and must see the same requires_grad flags.
             with frozen(self.fake_params):
                 with self.autocast():
-                    x = generator_x0(self.generator, schedule, x_t, t, batch.cond)
-                    terms = self.dmd2.generator_losses(x, batch.cond, batch.uncond)
+                    x, terms = self.generator_phase(x_t, t, batch.cond, batch.uncond)
                 if terms:  # none when DM and GAN are both off (an ablation): the generator stays put
                     logs["grad_norm_generator"] = self._update("generator", terms, self.generator_params, iteration)
             logs.update({f"loss_{name}": v.item() for name, v in terms.items()})
@@ -157,7 +195,7 @@ class DMD2Step:
                 x = generator_x0(self.generator, schedule, x_t, t, batch.cond)
 
         with self.autocast():
-            terms = self.dmd2.fake_score_losses(x, batch.cond, batch.x_real, batch.real_cond)
+            terms = self.fake_phase(x, batch.cond, batch.x_real, batch.real_cond)
         logs["grad_norm_fake"] = self._update("fake", terms, self.fake_params, iteration)
         logs.update({f"loss_{name}": v.item() for name, v in terms.items()})
         if self.skipped_updates:
