@@ -1,0 +1,124 @@
+"""Seconds per iteration and peak memory of DMD2 on the full-size SD1.5 / SDXL architectures.
+
+The UNets are built from their public configs with random weights (no download), the text
+conditioning is random, and a few real DMD2 iterations run through the same code as
+`dmd distill` (dmdcli.train.networks). Each row also shows the `--dry-run` estimate for the same
+configuration, without the text encoders and VAE (which this benchmark does not load).
+
+    python benchmarks/memory_speed.py                       # CPU: SD1.5 shared-base LoRA at 256²
+    python benchmarks/memory_speed.py --arch sdxl --resolution 1024 --layouts full lora-reference lora-shared
+
+Peak memory is torch.cuda.max_memory_allocated on CUDA, and the growth of the process's peak
+resident set on CPU (coarser: it includes allocator slack and Python).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import resource
+import sys
+import tempfile
+import time
+
+import torch
+
+from dmdcli.core.schedule import student_timesteps
+from dmdcli.models.architectures import ARCHITECTURES, write_config_only_pipeline
+from dmdcli.models.teacher import inspect_teacher
+from dmdcli.train.config import DistillConfig
+from dmdcli.train.memory import GIB, estimate_memory
+from dmdcli.train.networks import build_networks, build_step
+from dmdcli.train.step import Batch
+
+LAYOUTS = {
+    "full": dict(lora_rank=0),
+    "lora-reference": dict(lora_rank=64, lora_alpha=8, shared_base=False),
+    "lora-shared": dict(lora_rank=64, lora_alpha=8, shared_base=True),
+}
+
+
+def rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB  # ru_maxrss is KiB on Linux
+
+
+def measure(arch: str, layout: str, args, spec) -> dict:
+    from accelerate import Accelerator
+    from diffusers import UNet2DConditionModel
+
+    cuda = torch.cuda.is_available()
+    accelerator = Accelerator(mixed_precision="bf16" if cuda else "no", cpu=not cuda)
+    device = accelerator.device
+    config = DistillConfig(
+        teacher=arch, steps=args.steps, batch_size=args.batch_size, gradient_checkpointing=not args.no_checkpointing,
+        fake_updates_per_gen=1, data="random", warmup_steps=1, guidance_scale=8.0, **LAYOUTS[layout],
+    )
+    estimate = estimate_memory(spec, config, args.resolution, on_cuda=cuda)
+    not_loaded = estimate.parameters["text encoders"] + estimate.parameters["VAE (fp32)"]
+
+    torch.manual_seed(0)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    rss_before = rss_gib()
+    base = UNet2DConditionModel.from_config(ARCHITECTURES[arch]["unet"])
+    side = args.resolution // spec.vae_scale_factor
+    unet_config = base.config
+    cond = {"encoder_hidden_states": torch.randn(args.batch_size, 77, unet_config.cross_attention_dim, device=device)}
+    if spec.layout == "sdxl":
+        pooled = unet_config.projection_class_embeddings_input_dim - 6 * unet_config.addition_time_embed_dim
+        cond["text_embeds"] = torch.randn(args.batch_size, pooled, device=device)
+        r = float(args.resolution)
+        cond["time_ids"] = torch.tensor([[r, r, 0, 0, r, r]], device=device).expand(args.batch_size, 6)
+    uncond = {k: torch.zeros_like(v) for k, v in cond.items()}
+    latent = (args.batch_size, spec.latent_channels, side, side)
+    probe = lambda fake: fake.bottleneck(torch.zeros(1, *latent[1:], device=device), torch.zeros(1, dtype=torch.long, device=device), {k: v[:1] for k, v in cond.items()})  # noqa: E731
+    nets = build_networks(base, config, device, torch.bfloat16 if cuda else torch.float32, probe)
+    schedule = spec.schedule()
+    step = build_step(nets, schedule, config, student_timesteps(args.steps, 1000, 399), accelerator)
+
+    times = []
+    for it in range(args.iterations):
+        batch = Batch(noise=torch.randn(latent, device=device), cond=cond, uncond=uncond,
+                      x_real=torch.randn(latent, device=device), real_cond=cond)
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        step(batch, it)  # fake_updates_per_gen = 1: every iteration updates both networks
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    peak = torch.cuda.max_memory_allocated() / GIB if cuda else rss_gib() - rss_before
+    result = {
+        "arch": arch, "layout": layout, "resolution": args.resolution, "batch": args.batch_size,
+        "device": torch.cuda.get_device_name() if cuda else "cpu",
+        "sec_per_iter": min(times[1:] or times), "peak_gib": peak, "estimate_gib": estimate.peak - not_loaded,
+    }
+    del nets, step, base
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", choices=sorted(ARCHITECTURES), default="sd15")
+    parser.add_argument("--resolution", type=int, default=256)
+    parser.add_argument("--layouts", nargs="+", choices=sorted(LAYOUTS), default=["lora-shared"])
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--iterations", type=int, default=3)
+    parser.add_argument("--no-checkpointing", action="store_true")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as folder:
+        spec = inspect_teacher(str(write_config_only_pipeline(folder, args.arch)))
+        print("| arch | layout | resolution | batch | device | s/iter | peak GiB | dry-run estimate GiB | estimate / peak |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+        for layout in args.layouts:
+            r = measure(args.arch, layout, args, spec)
+            print(f"| {r['arch']} | {r['layout']} | {r['resolution']} | {r['batch']} | {r['device']} | {r['sec_per_iter']:.2f} | "
+                  f"{r['peak_gib']:.2f} | {r['estimate_gib']:.2f} | {r['estimate_gib'] / r['peak_gib']:.2f} |", flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
