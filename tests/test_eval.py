@@ -37,6 +37,7 @@ from dmdcli.eval.preprocess import (
     to_uint8_rgb,
 )
 from dmdcli.eval.protocol import select_coco
+from extractors import TinyFeatures, save_tiny_extractor
 
 # torch.jit (the test extractor) and SciPy (inside clean-fid's own compute_fid) warn about deprecations
 pytestmark = pytest.mark.filterwarnings("ignore:.*torch.jit.*:FutureWarning",
@@ -48,29 +49,9 @@ SIZE = (48, 40)  # (width, height): non-square, so the long-edge crop matters
 # ----------------------------------------------------------------------------- helpers
 
 
-class TinyFeatures(torch.nn.Module):
-    """Fixed random 5×5 filters with zero mean on each channel (flat regions give 0), stride 4:
-    mean |response| (texture: noise is full of it, flat discs only at their edges) and mean
-    colour, scaled to norms of about 1 like Inception's pool features per dimension.
-
-    float [B, 3, H, W] in 0..255 -> [B, 11]."""
-
-    def __init__(self):
-        super().__init__()
-        w = torch.randn(8, 3, 5, 5, generator=torch.Generator().manual_seed(0)) / 5
-        self.register_buffer("w", w - w.mean(dim=(2, 3), keepdim=True))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x / 255.0
-        h = torch.nn.functional.conv2d(x, self.w, stride=4)
-        return torch.cat([3 * h.abs().mean(dim=(2, 3)), 0.3 * x.mean(dim=(2, 3))], dim=1)
-
-
 @pytest.fixture(scope="module")
 def features_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("extractor") / "tiny.pt"
-    torch.jit.script(TinyFeatures()).save(str(path))
-    return path
+    return Path(save_tiny_extractor(tmp_path_factory.mktemp("extractor") / "tiny.pt"))
 
 
 def disc_image(rng: np.random.Generator, size=SIZE) -> Image.Image:

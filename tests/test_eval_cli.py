@@ -16,6 +16,7 @@ from dmdcli.eval import run as eval_run
 from dmdcli.eval.features import FeatureExtractor
 from dmdcli.eval.protocol import select_coco
 from dmdcli.sample import slug
+from extractors import TinyFeatures, save_tiny_extractor
 from students import make_student
 
 runner = CliRunner()
@@ -27,26 +28,9 @@ N = 8
 WIDE = {"COLUMNS": "250"}  # rich tables fit long model paths on one line
 
 
-class TinyFeatures(torch.nn.Module):
-    """float [B, 3, H, W] in 0..255 → [B, 11]: mean |response| of 8 fixed zero-mean 5×5 filters
-    (texture) and the mean colour."""
-
-    def __init__(self):
-        super().__init__()
-        w = torch.randn(8, 3, 5, 5, generator=torch.Generator().manual_seed(0)) / 5
-        self.register_buffer("w", w - w.mean(dim=(2, 3), keepdim=True))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x / 255.0
-        h = torch.nn.functional.conv2d(x, self.w, stride=4)
-        return torch.cat([3 * h.abs().mean(dim=(2, 3)), 0.3 * x.mean(dim=(2, 3))], dim=1)
-
-
 @pytest.fixture(scope="module")
 def features(tmp_path_factory):
-    path = tmp_path_factory.mktemp("extractor") / "tiny.pt"
-    torch.jit.script(TinyFeatures()).save(str(path))
-    return path
+    return save_tiny_extractor(tmp_path_factory.mktemp("extractor") / "tiny.pt")
 
 
 @pytest.fixture(scope="module")

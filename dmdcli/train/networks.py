@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 from torch import nn
@@ -100,12 +100,8 @@ def build_step(nets: Networks, schedule: NoiseSchedule, config, timesteps: list[
     c = config
     dmd2 = DMD2(
         schedule, UNetDenoiser(nets.teacher_unet), UNetDenoiser(nets.fake_unet), nets.head,
-        DMD2Config(
-            guidance_scale=c.guidance_scale, min_timestep_frac=c.min_timestep_frac, max_timestep_frac=c.max_timestep_frac,
-            dm_weight=c.dm_weight, gan_generator_weight=c.gan_generator_weight,
-            gan_discriminator_weight=c.gan_discriminator_weight, diffusion_gan=c.diffusion_gan,
-            diffusion_gan_max_timestep=c.diffusion_gan_max_timestep,
-        ),
+        # The run's options carry the objective's settings under the same names.
+        DMD2Config(**{f.name: getattr(c, f.name) for f in fields(DMD2Config)}),
     )
     opt_g, opt_f = _adamw(nets.generator_params, c.lr, c), _adamw(nets.fake_params, c.fake_lr or c.lr, c)
     return DMD2Step(
