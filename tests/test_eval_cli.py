@@ -16,7 +16,7 @@ from dmdcli.eval import run as eval_run
 from dmdcli.eval.features import FeatureExtractor
 from dmdcli.eval.protocol import select_coco
 from dmdcli.sample import slug
-from extractors import TinyFeatures, save_tiny_extractor
+from extractors import save_tiny_extractor
 from students import make_student
 
 runner = CliRunner()
