@@ -76,6 +76,27 @@ def student_scheduler(teacher_scheduler_config: dict[str, Any], timesteps: list[
     return scheduler
 
 
+def ddim_student_scheduler(teacher_scheduler_config: dict[str, Any], timesteps: list[int], prediction_type: str):
+    """A DDIMScheduler for a progressive-distillation student (`dmd sample`'s DDIM, η = 0).
+
+    "trailing" spacing gives the student's timesteps (round(T − i·T/N) − 1), set_alpha_to_one
+    makes the last step land on the x0 estimate, and the prediction type is the student's. DDIM
+    steps from t to t − T//N, so this is exact only when N divides T (1, 2, 4, 5, 8, … for T = 1000).
+    """
+    from diffusers import DDIMScheduler
+
+    config = {k: v for k, v in teacher_scheduler_config.items() if not k.startswith("_")}
+    config.update(timestep_spacing="trailing", set_alpha_to_one=True, steps_offset=1, prediction_type=prediction_type,
+                  clip_sample=False, thresholding=False)
+    scheduler = DDIMScheduler.from_config(config)
+    total = int(scheduler.config.num_train_timesteps)
+    scheduler.set_timesteps(len(timesteps))
+    got = scheduler.timesteps.tolist()
+    if got != list(timesteps) or total % len(timesteps):
+        raise DmdError(f"no DDIMScheduler configuration steps exactly through the student's timesteps {timesteps} (it gives {got})")
+    return scheduler
+
+
 def _lcm(cls, base: dict[str, Any], overrides: dict[str, Any]):
     """cls from the teacher's config, keeping only the keys it takes (the rest would be saved too)."""
     import inspect
@@ -146,7 +167,10 @@ def export_diffusers(source: ModelSource, out: Path, dtype: torch.dtype, allow_p
     # Pipelines default to unet.config.sample_size × the VAE factor: make that the student's resolution.
     resolution = int(info.get("resolution") or spec.native_resolution)
     unet.register_to_config(sample_size=resolution // spec.vae_scale_factor)
-    scheduler = student_scheduler(spec.scheduler_config, list(info["timesteps"]))
+    if info.get("sampler") == "ddim":
+        scheduler = ddim_student_scheduler(spec.scheduler_config, list(info["timesteps"]), info["prediction_type"])
+    else:
+        scheduler = student_scheduler(spec.scheduler_config, list(info["timesteps"]))
     try:
         pipe = DiffusionPipeline.from_pretrained(
             spec.source, unet=unet, scheduler=scheduler, use_safetensors=None if allow_pickle else True
@@ -279,13 +303,18 @@ def snippet(fmt: str, out: Path, info: dict[str, Any], dtype: str) -> str:
     seed = 'generator=torch.Generator("cpu").manual_seed(0)'
     lcm = "pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config, original_inference_steps=1000)"
     call = f'image = pipe("a photo of a cat", timesteps={timesteps}, guidance_scale=0, {seed}).images[0]'
+    head = ["import torch", "from diffusers import DiffusionPipeline, LCMScheduler"]
+    if info.get("sampler") == "ddim":  # a progressive-distillation student
+        lcm = (f'pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing", set_alpha_to_one=True, '
+               f'clip_sample=False, prediction_type="{info["prediction_type"]}")')
+        call = f'image = pipe("a photo of a cat", num_inference_steps={steps}, guidance_scale=0, {seed}).images[0]'
+        head = ["import torch", "from diffusers import DiffusionPipeline, DDIMScheduler"]
     if fmt == "diffusers":
         return "\n".join([
             "import torch", "from diffusers import DiffusionPipeline",
             f'pipe = DiffusionPipeline.from_pretrained("{out}"{as_dtype})',
             f'image = pipe("a photo of a cat", num_inference_steps={steps}, guidance_scale=0, {seed}).images[0]',
         ])
-    head = ["import torch", "from diffusers import DiffusionPipeline, LCMScheduler"]
     if fmt in ("lora", "kohya"):
         return "\n".join([
             *head, f'pipe = DiffusionPipeline.from_pretrained("{teacher}"{as_dtype})', f'pipe.load_lora_weights("{out}")', lcm, call,

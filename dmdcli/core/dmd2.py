@@ -39,6 +39,8 @@ class DMD2Config:
     diffusion_gan: bool = False
     """Noise real and fake latents at t ~ U[0, diffusion_gan_max_timestep) before D (else t = 0)."""
     diffusion_gan_max_timestep: int = 1000
+    regression_weight: float = 0.0
+    """Weight λ of the regression loss on teacher noise→image pairs (DMD v1 eq. 9: 0.25)."""
 
 
 class DMD2:
@@ -104,6 +106,11 @@ class DMD2:
             out["gan_g"] = losses.gan_generator_loss(self.realism_logits(x, cond))
         return out
 
+    def regression_loss(self, x_pair: Tensor, latent_pair: Tensor, distance) -> Tensor:
+        """DMD v1's L_reg = E[ℓ(G(z), y)] on a teacher pair (z, y): x_pair = G(z) [B, ...] (with
+        grad), latent_pair = y from the teacher's deterministic sampler; `distance` → scalar."""
+        return distance(x_pair, latent_pair.detach())
+
     def fake_score_losses(
         self, x_fake: Tensor, cond: Cond, x_real: Tensor | None = None, real_cond: Cond | None = None
     ) -> dict[str, Tensor]:
@@ -128,5 +135,6 @@ class DMD2:
     def weighted_total(self, terms: dict[str, Tensor]) -> Tensor:
         """Sum of the loss terms with their configured weights."""
         c = self.config
-        weights = {"dm": c.dm_weight, "gan_g": c.gan_generator_weight, "denoise": 1.0, "gan_d": c.gan_discriminator_weight}
+        weights = {"dm": c.dm_weight, "gan_g": c.gan_generator_weight, "denoise": 1.0, "gan_d": c.gan_discriminator_weight,
+                   "regression": c.regression_weight}
         return sum(weights[k] * v for k, v in terms.items())

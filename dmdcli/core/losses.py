@@ -50,3 +50,24 @@ def gan_generator_loss(logits_fake: Tensor) -> Tensor:
 def gan_discriminator_loss(logits_real: Tensor, logits_fake: Tensor) -> Tensor:
     """Discriminator loss softplus(D(fake)) + softplus(−D(real)), each averaged."""
     return F.softplus(logits_fake.float()).mean() + F.softplus(-logits_real.float()).mean()
+
+
+def pseudo_huber_loss(x: Tensor, target: Tensor) -> Tensor:
+    """Pseudo-Huber distance sqrt(‖x − y‖² + c²) − c per sample, averaged over the batch.
+
+    c = 0.00054·sqrt(d), d = the number of elements per sample (Song & Dhariwal, "Improved
+    Techniques for Training Consistency Models", §3.3). x, target [B, ...] → scalar.
+    """
+    d = x[0].numel()
+    c = 0.00054 * d**0.5
+    squared = (x.float() - target.float()).pow(2).flatten(1).sum(dim=1)
+    return ((squared + c * c).sqrt() - c).mean()
+
+
+def mse_regression_loss(x: Tensor, target: Tensor) -> Tensor:
+    """Mean squared error over all elements (the DMD paper's ablation uses an L2 regression)."""
+    return F.mse_loss(x.float(), target.float(), reduction="mean")
+
+
+# Regression distances that need no network; "lpips" is built by dmdcli.train.regression.
+REGRESSION_DISTANCES = {"pseudo_huber": pseudo_huber_loss, "mse": mse_regression_loss}

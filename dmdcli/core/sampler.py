@@ -86,13 +86,16 @@ def ddim_sample(
     uncond: Cond | None,
     num_steps: int,
     guidance_scale: float,
+    timesteps: Sequence[int] | None = None,
 ) -> Tensor:
-    """Deterministic DDIM (η = 0) with CFG over `num_steps` evenly spaced timesteps from T−1.
+    """Deterministic DDIM (η = 0) with CFG over `num_steps` evenly spaced timesteps from T−1
+    (or over explicit `timesteps`, decreasing: a progressive-distillation student's own).
 
-    The many-step teacher sampler: reference grids for the collapse watch, teacher baselines.
-    noise [B, ...] → x0 [B, ...].
+    The many-step teacher sampler: reference grids for the collapse watch, teacher baselines,
+    DMD's regression pairs. noise [B, ...] → x0 [B, ...].
     """
-    timesteps = student_timesteps(num_steps, schedule.num_train_timesteps)
+    if timesteps is None:
+        timesteps = student_timesteps(num_steps, schedule.num_train_timesteps)
     x_t, batch = noise, noise.shape[0]
     for k, t_k in enumerate(timesteps):
         t = as_timestep_tensor(t_k, batch, noise.device)

@@ -54,6 +54,32 @@ class NoiseSchedule:
         shape = (-1,) + (1,) * (like.ndim - 1)
         return a.sqrt().view(shape), (1.0 - a).sqrt().view(shape)
 
+    def alpha_sigma(self, t: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
+        """(α_t, σ_t) = (sqrt(ᾱ_t), sqrt(1 − ᾱ_t)) in float64, shaped to broadcast against `like`.
+
+        t = −1 stands for the clean end of a DDIM trajectory: ᾱ = 1, so α = 1 and σ = 0 (DDIM's
+        final step lands on its x0 estimate, diffusers' `set_alpha_to_one`).
+        """
+        t = t.long().to(self.alphas_cumprod.device)
+        a = torch.where(t >= 0, self.alphas_cumprod[t.clamp(min=0)], torch.ones((), dtype=torch.float64))
+        shape = (-1,) + (1,) * (like.ndim - 1)
+        return a.sqrt().to(like.device).view(shape), (1.0 - a).sqrt().to(like.device).view(shape)
+
+    def snr(self, t: Tensor) -> Tensor:
+        """Signal-to-noise ratio α_t² / σ_t² = ᾱ_t / (1 − ᾱ_t), float64 [B]."""
+        a = self.alphas_cumprod[t.long().cpu()]
+        return (a / (1.0 - a)).to(t.device)
+
+    def ddim_step(self, x_t: Tensor, x0: Tensor, t: Tensor, t_next: Tensor) -> Tensor:
+        """One deterministic DDIM step (η = 0) t → t_next given an x0 estimate (Song et al. eq. 12):
+        z_next = α_next·x0 + σ_next·ε̂ with ε̂ = (x_t − α_t·x0) / σ_t. t_next = −1 returns x0.
+        Returns float32 [B, ...]."""
+        a_t, s_t = self.alpha_sigma(t, x_t)
+        a_n, s_n = self.alpha_sigma(t_next, x_t)
+        x_t, x0 = x_t.double(), x0.double()
+        eps = (x_t - a_t * x0) / s_t
+        return (a_n * x0 + s_n * eps).float()
+
     def add_noise(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
         """Forward process q(x_t | x0): x0, noise [B, ...], t [B] → x_t [B, ...] (dtype of x0)."""
         sa, sb = self._coefficients(t, x0)
@@ -98,6 +124,19 @@ def student_timesteps(num_steps: int, num_train_timesteps: int = 1000, condition
         return [int(conditioning_timestep)]
     stride = num_train_timesteps // num_steps
     return [num_train_timesteps - 1 - i * stride for i in range(num_steps)]
+
+
+def ddim_timesteps(num_steps: int, num_train_timesteps: int = 1000) -> list[int]:
+    """N DDIM timesteps with diffusers' "trailing" spacing: round(T − i·T/N) − 1, i = 0 … N−1.
+
+    999, 749, 499, 249 for N = 4 (as `student_timesteps`); 999, 874, …, 124 for N = 8. The ladder
+    for N/2 steps is every other rung of the ladder for N, which progressive distillation needs:
+    one student step t → t'' spans exactly two teacher steps t → t' → t''.
+    """
+    if num_steps < 1:
+        raise ValueError("num_steps must be at least 1")
+    T = num_train_timesteps
+    return [int(round(T - i * T / num_steps)) - 1 for i in range(num_steps)]
 
 
 def as_timestep_tensor(t: int | Sequence[int] | Tensor, batch: int, device: torch.device | str) -> Tensor:

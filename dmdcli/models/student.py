@@ -10,7 +10,9 @@
   scheduler, so a teacher can be sampled the same way for comparison.
 
 Students run the DMD2 few-step sampler (dmdcli.core.sampler.sample): one UNet call per step,
-no classifier-free guidance. Every image has its own CPU torch.Generator, seeded by its own
+no classifier-free guidance. Students whose metadata says "sampler": "ddim" (progressive
+distillation) run deterministic DDIM over their own timesteps instead (ddim_sample, no guidance),
+in the parameterization their metadata's prediction_type names. Every image has its own CPU torch.Generator, seeded by its own
 seed, that draws first the initial latent and then each step's re-noising noise, in the order
 diffusers' LCMScheduler pipeline draws them: an image never depends on the batch it was in,
 and the exported pipeline called with generator=torch.Generator("cpu").manual_seed(seed)
@@ -30,8 +32,8 @@ import torch
 from torch import Tensor, nn
 
 from dmdcli.core.denoiser import Cond
-from dmdcli.core.sampler import sample
-from dmdcli.core.schedule import student_timesteps
+from dmdcli.core.sampler import ddim_sample, sample
+from dmdcli.core.schedule import NoiseSchedule, ddim_timesteps, student_timesteps
 from dmdcli.errors import DmdError, UsageError
 from dmdcli.models.teacher import Teacher, TeacherSpec, inspect_teacher, resolve_teacher
 from dmdcli.models.unet import UNetDenoiser
@@ -212,13 +214,17 @@ class StudentSampler:
             load_student_weights(self.teacher.unet.to(torch.float32), source)
         self.unet = self.teacher.unet.to(device, dtype)
         self.generator = UNetDenoiser(self.unet)
-        self.schedule = self.spec.schedule()
+        teacher_schedule = self.spec.schedule()
+        self.schedule = NoiseSchedule(teacher_schedule.alphas_cumprod, info.get("prediction_type", teacher_schedule.prediction_type))
+        self.ddim = info.get("sampler") == "ddim"  # a progressive-distillation student
         self.device = device
 
     def timesteps(self, steps: int) -> list[int]:
         """The student's own timesteps at its trained step count; evenly spaced from T−1 otherwise."""
         if steps == self.default_steps:
             return list(self.info["timesteps"])
+        if self.ddim:
+            return ddim_timesteps(steps, self.schedule.num_train_timesteps)
         conditioning = self.info.get("conditioning_timestep") if steps == 1 else None
         return student_timesteps(steps, self.schedule.num_train_timesteps, conditioning)
 
@@ -237,7 +243,11 @@ class StudentSampler:
         noise = per_image_noise(generators, shape, self.device)
         # LCMScheduler.step draws each step's noise from the same generator, after the latent.
         renoise = lambda x: per_image_noise(generators, tuple(x.shape[1:]), x.device)  # noqa: E731
-        latents = sample(self.generator, self.schedule, noise, self.encode(prompts, height, width), self.timesteps(steps), renoise)
+        cond = self.encode(prompts, height, width)
+        if self.ddim:  # deterministic: nothing is drawn after the initial latent
+            latents = ddim_sample(self.generator, self.schedule, noise, cond, None, steps, 1.0, timesteps=self.timesteps(steps))
+        else:
+            latents = sample(self.generator, self.schedule, noise, cond, self.timesteps(steps), renoise)
         return to_uint8(self.teacher.decode(latents))
 
 

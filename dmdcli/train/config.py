@@ -52,6 +52,31 @@ class DistillConfig:
     fake_updates_per_gen: int = 10
     """Two time-scale rule: fake score updates per generator update (10 SD1.5, 5 SDXL)."""
 
+    # -- other methods (README "Other methods") -------------------------------------------------
+    method: str = "dmd2"
+    """dmd2 | dmd (DMD v1: DM + regression on teacher pairs, fake score every update, no GAN) |
+    progressive (Salimans & Ho progressive distillation)."""
+    regression_weight: float = 0.0
+    """Weight λ of the regression loss on teacher noise→latent pairs (DMD v1: 0.25; 0: off)."""
+    regression_iterations: int = 0
+    """Apply the regression term only for the first K iterations (0: always), e.g. a warm-up."""
+    regression_distance: str = "auto"
+    """lpips | pseudo_huber | mse | auto (LPIPS if the lpips package and its weights load, else pseudo_huber)."""
+    pairs: int = 64
+    """Regression pairs generated with the teacher (cached, reused by later runs)."""
+    pair_steps: int = 25
+    """DDIM steps (with CFG at --guidance-scale) of the teacher for each regression pair."""
+    pairs_dir: str | None = None
+    """Pair cache folder (None: $DMD_CACHE/pairs, else ~/.cache/dmd/pairs)."""
+    teacher_steps: int = 64
+    """Progressive: DDIM steps of the first round's teacher (halved each round down to --steps)."""
+    iterations_per_round: int = 1000
+    """Progressive: training iterations of each halving round."""
+    parameterization: str | None = None
+    """Progressive: what the student predicts, x | v | epsilon (None: the teacher's own type)."""
+    loss_weight: str = "truncated_snr"
+    """Progressive: truncated_snr (max(SNR, 1)) or snr_plus_one (1 + SNR) on the x-space MSE."""
+
     # -- student -----------------------------------------------------------------------------
     lora_rank: int = 0
     """0: full fine-tune of the generator; R > 0: a LoRA head of rank R (reference: 64)."""
@@ -145,7 +170,14 @@ def resolve_config(recipe: str | None, overrides: dict[str, Any], base: dict[str
     line's explicitly given options."""
     values: dict[str, Any] = dict(base) if base else (load_recipe(recipe) if recipe else {})
     check_keys(overrides, "command line")
-    values.update({k: v for k, v in overrides.items() if v is not None})
+    given = {k: v for k, v in overrides.items() if v is not None}
+    method = given.get("method", values.get("method", "dmd2"))
+    preset = METHOD_PRESETS.get(method, {})
+    if values.get("method", "dmd2") == method:
+        preset = {k: v for k, v in preset.items() if k not in values}  # a recipe written for this method wins
+    # Layers: code defaults → recipe → the method's preset (over a recipe written for another method) → command line.
+    values.update(preset)
+    values.update(given)
     config = DistillConfig(**values)
     validate(config)
     return config
@@ -175,6 +207,28 @@ def validate(c: DistillConfig) -> None:
     need(c.teacher_grid_steps >= 0, "teacher_grid_steps ≥ 0")
     if c.conditioning_timestep is not None:
         need(0 <= c.conditioning_timestep < 1000, "--conditioning-timestep must lie in [0, 999]")
+    need(c.method in METHODS, f"--method must be one of {', '.join(METHODS)} (got {c.method!r})")
+    need(c.regression_weight >= 0 and c.regression_iterations >= 0, "regression_weight and regression_iterations must be ≥ 0")
+    need(c.regression_distance in REGRESSION_DISTANCES, f"--regression-distance must be one of {', '.join(REGRESSION_DISTANCES)}")
+    need(c.pairs >= 1 and c.pair_steps >= 1, "--pairs and --pair-steps must be at least 1")
+    if c.method == "progressive":
+        need(c.teacher_steps > c.steps and c.teacher_steps % c.steps == 0 and _power_of_two(c.teacher_steps // c.steps),
+             f"--teacher-steps must be --steps × a power of two, larger than --steps (got {c.teacher_steps} and {c.steps})")
+        need(c.iterations_per_round >= 1, "--iterations-per-round must be at least 1")
+        need(c.parameterization in (None, "x", "v", "epsilon"), f"--parameterization must be x, v or epsilon (got {c.parameterization!r})")
+        need(c.loss_weight in ("truncated_snr", "snr_plus_one"), f"--loss-weight must be truncated_snr or snr_plus_one (got {c.loss_weight!r})")
+        need(c.lora_rank == 0, "--method progressive trains full students; drop --lora-rank")
+
+
+METHODS = ("dmd2", "dmd", "progressive")
+# DMD v1 (arXiv 2311.18828): the fake score is updated once per generator update, and the
+# regression loss (λ = 0.25) replaces DMD2's two time-scale rule and GAN as the stabilizer.
+METHOD_PRESETS = {"dmd": {"fake_updates_per_gen": 1, "regression_weight": 0.25}}
+REGRESSION_DISTANCES = ("auto", "lpips", "pseudo_huber", "mse")
+
+
+def _power_of_two(n: int) -> bool:
+    return n >= 1 and n & (n - 1) == 0
 
 
 def write_config(config: DistillConfig, path: Path, extra: dict[str, Any] | None = None) -> None:

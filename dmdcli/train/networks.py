@@ -91,7 +91,8 @@ def _adamw(params, lr: float, config) -> torch.optim.AdamW:
     return torch.optim.AdamW(params, lr=lr, betas=(config.adam_beta1, config.adam_beta2), weight_decay=config.weight_decay)
 
 
-def build_step(nets: Networks, schedule: NoiseSchedule, config, timesteps: list[int], accelerator, any_process=None) -> DMD2Step:
+def build_step(nets: Networks, schedule: NoiseSchedule, config, timesteps: list[int], accelerator, any_process=None,
+               regression_distance=None) -> DMD2Step:
     """The DMD2 objective and its two AdamW optimizers (warm-up, clipping) over `nets`.
 
     Under several processes each phase module is wrapped by accelerate (DDP), which averages
@@ -110,4 +111,5 @@ def build_step(nets: Networks, schedule: NoiseSchedule, config, timesteps: list[
         fake_updates_per_gen=c.fake_updates_per_gen, max_grad_norm=c.max_grad_norm, seed=c.seed,
         skip_nonfinite=c.skip_nonfinite, backward=accelerator.backward, autocast=accelerator.autocast,
         wrap=accelerator.prepare_model if accelerator.num_processes > 1 else None, any_process=any_process,
+        regression_distance=regression_distance, regression_iterations=c.regression_iterations,
     )

@@ -55,7 +55,8 @@ class Batch:
 
     noise [B, ...]: the generator's initial noise; cond / uncond: prompt and empty-prompt
     conditionings for the generator and the real score; x_real [B', ...] and real_cond: real
-    latents and their captions' conditioning for the GAN (None without real data).
+    latents and their captions' conditioning for the GAN (None without real data);
+    pair_noise / pair_latent / pair_cond: regression pairs (DMD v1), None without.
     """
 
     noise: Tensor
@@ -63,6 +64,10 @@ class Batch:
     uncond: Cond | None = None
     x_real: Tensor | None = None
     real_cond: Cond | None = None
+    # DMD v1's regression pairs (None without): teacher noise [B, ...], its DDIM latent, its prompt.
+    pair_noise: Tensor | None = None
+    pair_latent: Tensor | None = None
+    pair_cond: Cond | None = None
 
 
 class GeneratorPhase(nn.Module):
@@ -72,14 +77,23 @@ class GeneratorPhase(nn.Module):
     fake scores it calls through `dmd2` are not its parameters (they are frozen in this phase).
     """
 
-    def __init__(self, dmd2: DMD2, generator: nn.Module):
+    def __init__(self, dmd2: DMD2, generator: nn.Module, regression_distance=None, first_timestep: int = 999):
         super().__init__()
         self.generator = generator
         self.dmd2 = dmd2
+        self.regression_distance, self.first_timestep = regression_distance, first_timestep
 
-    def forward(self, x_t: Tensor, t: Tensor, cond: Cond, uncond: Cond | None) -> tuple[Tensor, dict[str, Tensor]]:
+    def forward(self, x_t: Tensor, t: Tensor, cond: Cond, uncond: Cond | None, pair: tuple | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         x = generator_x0(self.generator, self.dmd2.schedule, x_t, t, cond)
-        return x, self.dmd2.generator_losses(x, cond, uncond)
+        terms = self.dmd2.generator_losses(x, cond, uncond)
+        if pair is not None:
+            # The pair's noise through the generator's FIRST step (the whole student for 1 step;
+            # for N steps, its x0 estimate from pure noise at t_0), compared with the teacher's latent.
+            noise, latent, pair_cond = pair
+            t0 = as_timestep_tensor(self.first_timestep, noise.shape[0], noise.device)
+            x_pair = generator_x0(self.generator, self.dmd2.schedule, noise, t0, pair_cond)
+            terms["regression"] = self.dmd2.regression_loss(x_pair, latent, self.regression_distance)
+        return x, terms
 
 
 class FakeScorePhase(nn.Module):
@@ -118,8 +132,12 @@ class DMD2Step:
         autocast=contextlib.nullcontext,
         wrap=None,
         any_process=None,
+        regression_distance=None,
+        regression_iterations: int = 0,
     ):
-        """`wrap` wraps each phase module for data parallelism (accelerate's prepare_model)."""
+        """`wrap` wraps each phase module for data parallelism (accelerate's prepare_model).
+        `regression_distance` (x, y) → scalar enables DMD v1's regression term on batches that carry
+        pairs, for the first `regression_iterations` iterations (0: always)."""
         self.dmd2, self.generator, self.timesteps = dmd2, generator, list(timesteps)
         self.generator_params, self.fake_params = generator_params, fake_params
         self.generator_optimizer, self.fake_optimizer = generator_optimizer, fake_optimizer
@@ -133,11 +151,17 @@ class DMD2Step:
         self.autocast = autocast
         self.any_process = any_process or (lambda flag: flag)
         wrap = wrap or (lambda module: module)
-        self.generator_phase = wrap(GeneratorPhase(dmd2, generator))
+        self.regression_distance, self.regression_iterations = regression_distance, regression_iterations
+        self.generator_phase = wrap(GeneratorPhase(dmd2, generator, regression_distance, self.timesteps[0]))
         self.fake_phase = wrap(FakeScorePhase(dmd2))
 
     def is_generator_iteration(self, iteration: int) -> bool:
         return iteration % self.fake_updates_per_gen == 0
+
+    def regression_active(self, iteration: int) -> bool:
+        """Whether the regression term is part of this iteration's generator loss."""
+        return (self.regression_distance is not None and self.dmd2.config.regression_weight > 0
+                and (self.regression_iterations == 0 or iteration < self.regression_iterations))
 
     def _update(self, phase: str, terms: dict[str, Tensor], params: list[nn.Parameter], iteration: int) -> float | None:
         """Backward, clip and step one phase ("generator" or "fake"); returns the gradient norm.
@@ -185,7 +209,10 @@ class DMD2Step:
             # blocks are recomputed during backward and must see the same requires_grad flags.
             with frozen(self.fake_params):
                 with self.autocast():
-                    x, terms = self.generator_phase(x_t, t, batch.cond, batch.uncond)
+                    pair = None
+                    if batch.pair_noise is not None and self.regression_active(iteration):
+                        pair = (batch.pair_noise, batch.pair_latent, batch.pair_cond)
+                    x, terms = self.generator_phase(x_t, t, batch.cond, batch.uncond, pair)
                 if terms:  # none when DM and GAN are both off (an ablation): the generator stays put
                     logs["grad_norm_generator"] = self._update("generator", terms, self.generator_params, iteration)
             logs.update({f"loss_{name}": v.item() for name, v in terms.items()})

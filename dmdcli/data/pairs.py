@@ -1,0 +1,158 @@
+"""DMD v1's regression pairs: (noise z, teacher latent y, prompt) from the teacher's deterministic
+many-step sampler, generated once and cached on disk.
+
+Layout: `<cache>/<key>/pairs-00000.safetensors` (tensors "noise" and "latent", float32, the
+prompts as JSON in the metadata) and `manifest.json`, written last. The folder is built under a
+temporary name and renamed into place (as the latent cache of dmdcli.data.images), so a cut-short
+build is never read. The key hashes everything that determines the pairs: the teacher (source,
+layout, prediction type, and for a local folder the UNet files' names, sizes and mtimes), the
+prompts, seed, steps, guidance scale, resolution and count; another run with the same values
+reuses the pairs without calling the teacher.
+
+Pair i draws its noise from its own generator seeded with (seed, i), and its prompt is
+prompts[i mod len(prompts)]: the pairs do not depend on the batch size used to make them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from dmdcli.data.images import _publish
+from dmdcli.errors import DmdError
+
+MANIFEST_FILE = "manifest.json"
+PAIRS_FORMAT = 1
+
+
+@dataclass
+class Pairs:
+    """noise [N, C, h, w] and latent [N, C, h, w] (float32, CPU), prompts [N], and where they live."""
+
+    noise: Tensor
+    latent: Tensor
+    prompts: list[str]
+    folder: Path
+    built: bool  # False: read from an existing cache
+
+    def __len__(self) -> int:
+        return self.noise.shape[0]
+
+
+def default_pairs_dir() -> Path:
+    """$DMD_CACHE/pairs, else ~/.cache/dmd/pairs."""
+    root = os.environ.get("DMD_CACHE")
+    return (Path(root) if root else Path.home() / ".cache" / "dmd") / "pairs"
+
+
+def teacher_identity(source: str, layout: str, prediction_type: str) -> dict[str, Any]:
+    """What identifies a teacher's weights without reading them."""
+    identity: dict[str, Any] = {"source": source, "layout": layout, "prediction_type": prediction_type}
+    unet = Path(source).expanduser() / "unet"
+    if unet.is_dir():
+        identity["unet_files"] = sorted([p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in unet.iterdir() if p.is_file())
+    return identity
+
+
+def pair_key_inputs(teacher: dict[str, Any], prompts: list[str], seed: int, steps: int, guidance_scale: float,
+                    resolution: int, count: int) -> dict[str, Any]:
+    return {
+        "format": PAIRS_FORMAT, "teacher": teacher, "prompts_sha256": hashlib.sha256(json.dumps(prompts).encode()).hexdigest(),
+        "seed": seed, "steps": steps, "guidance_scale": guidance_scale, "resolution": resolution, "count": count,
+    }
+
+
+def pair_noise(seed: int, index: int, shape: tuple[int, ...]) -> Tensor:
+    """The noise of pair `index`: [*shape] float32 from a generator of its own."""
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed * 1_000_003 + index), dtype=torch.float32)
+
+
+def load_or_build_pairs(
+    cache_root: Path,
+    inputs: dict[str, Any],
+    prompts: list[str],
+    latent_shape: tuple[int, ...],
+    generate: Callable[[Tensor, list[str]], Tensor],
+    batch_size: int = 8,
+    shard_size: int = 1024,
+    progress: Callable[[int, int], None] | None = None,
+) -> Pairs:
+    """The pairs for `inputs` (see `pair_key_inputs`), from `cache_root/<key>/` or made now.
+
+    `generate(noise [B, C, h, w], prompts [B]) → latents [B, C, h, w]` runs the teacher's sampler
+    (the caller moves tensors to its device); it is never called on a cache hit.
+    """
+    key = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
+    final = Path(cache_root) / key
+    built = False
+    if not (final / MANIFEST_FILE).is_file():
+        _build(final, key, inputs, prompts, latent_shape, generate, batch_size, shard_size, progress)
+        built = True
+    noise, latent, pair_prompts = _load(final)
+    return Pairs(noise, latent, pair_prompts, final, built)
+
+
+def _build(final: Path, key: str, inputs: dict[str, Any], prompts: list[str], latent_shape: tuple[int, ...],
+           generate, batch_size: int, shard_size: int, progress) -> None:
+    count, seed = int(inputs["count"]), int(inputs["seed"])
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".{key}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        noises, latents, texts = [], [], []
+        for start in range(0, count, batch_size):
+            index = range(start, min(start + batch_size, count))
+            noise = torch.stack([pair_noise(seed, i, latent_shape) for i in index])
+            batch_prompts = [prompts[i % len(prompts)] for i in index]
+            latents.append(generate(noise, batch_prompts).detach().float().cpu())
+            noises.append(noise)
+            texts += batch_prompts
+            if progress:
+                progress(index.stop, count)
+        noise, latent = torch.cat(noises), torch.cat(latents)
+        if not torch.isfinite(latent).all():
+            raise DmdError("the teacher produced non-finite latents for the regression pairs")
+        shards = []
+        for n, start in enumerate(range(0, count, shard_size)):
+            name = f"pairs-{n:05d}.safetensors"
+            part = slice(start, min(start + shard_size, count))
+            save_file({"noise": noise[part].contiguous(), "latent": latent[part].contiguous()}, str(tmp / name),
+                      metadata={"prompts": json.dumps(texts[part])})
+            shards.append({"file": name, "count": part.stop - part.start})
+        manifest = {"format": PAIRS_FORMAT, "key": key, "inputs": inputs, "count": count, "shards": shards}
+        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1), encoding="utf-8")  # last: marks the folder complete
+        _publish(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _load(folder: Path) -> tuple[Tensor, Tensor, list[str]]:
+    hint = f"delete {folder} and run again"
+    try:
+        manifest = json.loads((folder / MANIFEST_FILE).read_text(encoding="utf-8"))
+        noises, latents, prompts = [], [], []
+        for shard in manifest["shards"]:
+            path = folder / shard["file"]
+            tensors = load_file(str(path))
+            with safe_open(str(path), framework="pt") as f:
+                prompts += json.loads(f.metadata()["prompts"])
+            noises.append(tensors["noise"])
+            latents.append(tensors["latent"])
+    except (OSError, ValueError, KeyError) as e:
+        raise DmdError(f"regression pair cache {folder} is unreadable ({e}); {hint}") from None
+    noise, latent = torch.cat(noises), torch.cat(latents)
+    if len(prompts) != noise.shape[0] or noise.shape[0] != manifest["count"]:
+        raise DmdError(f"regression pair cache {folder} is inconsistent; {hint}")
+    return noise, latent, prompts
