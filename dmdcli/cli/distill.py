@@ -19,10 +19,14 @@ Options override the recipe's keys of the same name; the resolved configuration 
 OUT/config.toml. Built-in recipes: {", ".join(list_recipes()) or "none"}.
 
 Example: dmd distill --recipe sdxl-4step-lora --prompts prompts.txt --data images/ --out runs/sdxl4
+
+Other methods: --method dmd (DMD v1; the teacher's regression pairs are made on first use and
+cached, see --pairs), --method progressive (rounds halving --teacher-steps down to --steps).
 """
 
 ALIASES = ", ".join(f"{k} = {v}" for k, v in TEACHER_ALIASES.items())
 MODEL, OBJ, OPT, OUT = "Teacher and data", "DMD2 objective", "Optimization", "Outputs"
+METHOD = "Other methods: DMD (v1) regression, progressive distillation"
 
 
 def _opt(help: str, panel: str, *names: str):
@@ -46,6 +50,17 @@ def distill(
     diffusion_gan: Annotated[Optional[bool], _opt("Noise latents before the classifier.", OBJ, "--diffusion-gan/--no-diffusion-gan")] = None,
     diffusion_gan_max_timestep: Annotated[Optional[int], _opt("Upper bound of the diffusion-GAN timesteps (default 1000).", OBJ, "--diffusion-gan-max-timestep")] = None,
     fake_updates_per_gen: Annotated[Optional[int], _opt("Fake score updates per generator update (default 10).", OBJ, "--fake-updates-per-gen")] = None,
+    method: Annotated[Optional[str], _opt("dmd2 (default) | dmd: DMD v1, distribution matching + regression on teacher noise→image pairs (λ 0.25, fake score updated every iteration, no GAN even with --data) | progressive: Progressive Distillation, rounds that halve the steps from --teacher-steps to --steps.", METHOD, "--method")] = None,
+    regression_weight: Annotated[Optional[float], _opt("Regression loss weight λ (default 0; 0.25 with --method dmd). Also usable with dmd2 as a warm-up (--regression-iterations).", METHOD, "--regression-weight")] = None,
+    regression_iterations: Annotated[Optional[int], _opt("Regression only for the first K iterations (default 0: always).", METHOD, "--regression-iterations")] = None,
+    regression_distance: Annotated[Optional[str], _opt("auto (LPIPS if the lpips package and its weights load, else pseudo_huber) | lpips | pseudo_huber | mse. The one that ran is in config.toml and metrics.jsonl.", METHOD, "--regression-distance")] = None,
+    pairs: Annotated[Optional[int], _opt("Regression pairs: made on first use by the teacher's deterministic DDIM with CFG, cached and reused (default 64).", METHOD, "--pairs")] = None,
+    pair_steps: Annotated[Optional[int], _opt("DDIM steps of the teacher per regression pair (default 25).", METHOD, "--pair-steps")] = None,
+    pairs_dir: Annotated[Optional[str], _opt("Regression pair cache (default $DMD_CACHE/pairs, else ~/.cache/dmd/pairs).", METHOD, "--pairs-dir")] = None,
+    teacher_steps: Annotated[Optional[int], _opt("Progressive: DDIM steps of the first round's teacher, --steps × a power of two (default 64).", METHOD, "--teacher-steps")] = None,
+    iterations_per_round: Annotated[Optional[int], _opt("Progressive: iterations of each halving round (default 1000).", METHOD, "--iterations-per-round")] = None,
+    parameterization: Annotated[Optional[str], _opt("Progressive: the student predicts x, v or epsilon (default: the teacher's own).", METHOD, "--parameterization")] = None,
+    loss_weight: Annotated[Optional[str], _opt("Progressive: truncated_snr (max(SNR, 1), default) | snr_plus_one.", METHOD, "--loss-weight")] = None,
     lora_rank: Annotated[Optional[int], _opt("Train the generator as a LoRA of this rank (default 0: full).", OPT, "--lora-rank")] = None,
     lora_alpha: Annotated[Optional[float], _opt("LoRA alpha (default: the rank).", OPT, "--lora-alpha")] = None,
     shared_base: Annotated[Optional[bool], _opt("With LoRA: generator and fake score as two adapters on one frozen copy of the teacher (default), or the reference layout with a full fake score.", OPT, "--shared-base/--no-shared-base")] = None,
@@ -85,10 +100,13 @@ def distill(
     if dry_run:
         return _dry_run(config, json_out)
 
+    ui = RichUI(quiet=quiet)
+    if config.method == "progressive":
+        return _progressive(config, ui, overwrite, resume, json_out)
+
     # Imported here so that `dmd --help` and usage errors stay instant (torch is slow to import).
     from dmdcli.train.distill import Distillation
 
-    ui = RichUI(quiet=quiet)
     run = Distillation(config, ui, overwrite=overwrite, resume=resume)
     summary = run.run()
     if not run.accelerator.is_main_process:  # under torchrun / accelerate launch, one process reports
@@ -96,6 +114,18 @@ def distill(
     ui.message(f"student: {summary['student']}  (samples: {summary['grid']})")
     ui.message(f"next: dmd sample --model {summary['out']} --prompt \"...\"  |  dmd eval --model {summary['out']} --fid DIR  |  "
                f"dmd export --model {summary['out']} --format diffusers")
+    if json_out:
+        print_json(summary)
+
+
+def _progressive(config, ui, overwrite: bool, resume: bool, json_out: bool) -> None:
+    if resume:
+        raise UsageError("--method progressive has no --resume; each round's student is in RUN/rounds/")
+    from dmdcli.train.progressive import ProgressiveDistillation
+
+    summary = ProgressiveDistillation(config, ui, overwrite=overwrite).run()
+    ui.message(f"student: {summary['student']} ({config.steps} DDIM steps; samples: {summary['grid']})")
+    ui.message(f"next: dmd sample --model {summary['out']} --prompt \"...\"  |  dmd export --model {summary['out']} --format diffusers")
     if json_out:
         print_json(summary)
 

@@ -6,6 +6,7 @@ devices and precision (accelerate), data, optimizers, logging, sample grids and 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import shutil
 import signal
@@ -20,6 +21,7 @@ import torch
 from dmdcli.core.denoiser import Cond, expand_cond
 from dmdcli.core.schedule import student_timesteps
 from dmdcli.data.images import RealLatents, load_or_build_latents
+from dmdcli.data.pairs import Pairs
 from dmdcli.data.prompts import read_prompts
 from dmdcli.errors import DmdError, UsageError
 from dmdcli.models.lora import FAKE_SCORE_ADAPTER, LORA_TARGET_MODULES, load_lora_state_dict, lora_state_dict
@@ -83,6 +85,7 @@ class Data:
 
     prompts: list[str]
     real: RealLatents | None
+    pairs: Pairs | None = None  # DMD v1's regression pairs
 
     def batch(self, teacher: Teacher, seed: int, iteration: int, batch_size: int, uncond: Cond | None, rank: int = 0) -> Batch:
         """This process's batch of one iteration, drawn from (seed, iteration, rank) alone, so a
@@ -97,6 +100,11 @@ class Data:
             real = torch.randint(len(self.real), (batch_size,), generator=g).tolist()
             batch.x_real = self.real.latents[real].to(teacher.device)
             batch.real_cond = teacher.encode_prompts([self.real.captions[i] for i in real])
+        if self.pairs is not None:
+            pick = torch.randint(len(self.pairs), (batch_size,), generator=g).tolist()
+            batch.pair_noise = self.pairs.noise[pick].to(teacher.device)
+            batch.pair_latent = self.pairs.latent[pick].to(teacher.device)
+            batch.pair_cond = teacher.encode_prompts([self.pairs.prompts[i] for i in pick])
         return batch
 
 
@@ -158,8 +166,17 @@ class Distillation:
         ui.message(f"teacher: {self.spec.source} ({self.spec.layout}, {self.spec.prediction_type}) at {self.resolution}px on {device}")
         self.teacher = Teacher(self.spec, device, frozen_dtype, self.resolution, config.allow_pickle)
         with self.accelerator.main_process_first():  # one process encodes the real images, the others read the cache
-            self.data = load_data(config, prompts, self.teacher, ui)
+            if config.method == "dmd" and config.data:  # DMD v1: no GAN term
+                ui.message("--method dmd has no GAN term: --data serves only for its captions" if prompts is None
+                           else "--method dmd has no GAN term: --data is not used")
+            self.data = load_data(dataclasses.replace(config, data=None) if config.method == "dmd" and prompts else config,
+                                  prompts, self.teacher, ui)
+            if config.method == "dmd":
+                self.data.real = None
         self.uncond = self.teacher.empty_cond() if config.guidance_scale > 1 else None
+        self.regression_distance, self.regression_distance_name = None, None
+        if config.regression_weight > 0:
+            self._load_regression(config, device)
 
         self.schedule = self.spec.schedule()
         conditioning = config.conditioning_timestep
@@ -176,6 +193,37 @@ class Distillation:
             self.data.prompts, config.grid_size, config.seed, self.teacher.encode_prompts, self.teacher.decode,
             (self.spec.latent_channels, *self.teacher.latent_size), device,
         )
+
+    def _load_regression(self, config: DistillConfig, device: torch.device) -> None:
+        """DMD v1's regression: the distance that runs, and the teacher's pairs (made once, cached)."""
+        from dmdcli.core.sampler import ddim_sample
+        from dmdcli.data.pairs import default_pairs_dir, load_or_build_pairs, pair_key_inputs, teacher_identity
+        from dmdcli.train.regression import build_distance
+
+        self.regression_distance, self.regression_distance_name, note = build_distance(
+            config.regression_distance, self.teacher.vae, self.teacher.scaling_factor)
+        if note:
+            self.ui.message(note)
+        teacher, schedule = UNetDenoiser(self.teacher.unet.to(device)), self.spec.schedule()
+        uncond = self.teacher.empty_cond() if config.guidance_scale > 1 else None
+
+        def generate(noise: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+            cond = self.teacher.encode_prompts(prompts)
+            batch_uncond = expand_cond(uncond, len(prompts)) if uncond else None
+            with self.accelerator.autocast():
+                return ddim_sample(teacher, schedule, noise.to(device), cond, batch_uncond, config.pair_steps, config.guidance_scale)
+
+        inputs = pair_key_inputs(
+            teacher_identity(self.spec.source, self.spec.layout, self.spec.prediction_type), self.data.prompts, config.seed,
+            config.pair_steps, config.guidance_scale, self.resolution, config.pairs)
+        root = Path(config.pairs_dir) if config.pairs_dir else default_pairs_dir()
+        with self.accelerator.main_process_first(), self.ui.task(f"regression pairs ({config.pair_steps}-step DDIM of the teacher)", total=config.pairs) as update:
+            self.data.pairs = load_or_build_pairs(
+                root, inputs, self.data.prompts, (self.spec.latent_channels, *self.teacher.latent_size), generate,
+                batch_size=max(1, config.batch_size), progress=lambda done, total: update(done, None))
+        self.ui.message(f"regression: {len(self.data.pairs)} pairs {'made and cached' if self.data.pairs.built else 'reused'} in "
+                        f"{self.data.pairs.folder}; distance {self.regression_distance_name}, weight {config.regression_weight}"
+                        + (f" for the first {config.regression_iterations} iterations" if config.regression_iterations else ""))
 
     def _checkpoint_to_resume(self) -> Path:
         found = latest_checkpoint(self.out)
@@ -201,7 +249,8 @@ class Distillation:
         self.nets = build_networks(self.teacher.unet, self.config, device, frozen_dtype, probe)
         self.generator_unet, self.fake_unet, self.head = self.nets.generator_unet, self.nets.fake_unet, self.nets.head
         self.shared_base = self.nets.shared_base
-        self.step = build_step(self.nets, self.schedule, self.config, self.timesteps, self.accelerator, self.any_process)
+        self.step = build_step(self.nets, self.schedule, self.config, self.timesteps, self.accelerator, self.any_process,
+                               self.regression_distance)
         self.generator = self.step.generator
         self.ui.message(self.nets.describe(self.config, self.timesteps))
 
@@ -358,6 +407,7 @@ class Distillation:
                         "lr_generator": self.step.generator_optimizer.param_groups[0]["lr"],
                         "lr_fake": self.step.fake_optimizer.param_groups[0]["lr"],
                         "sec_per_iter": (now - last_log) / (done - last_log_iteration),
+                        **({"regression_distance": self.regression_distance_name} if self.regression_distance_name else {}),
                     })
                     last_log, last_log_iteration = now, done
                 if main and c.sample_every and done % c.sample_every == 0 and done != c.iterations:
@@ -382,7 +432,9 @@ class Distillation:
         return {
             "teacher": self.spec.source, "layout": self.spec.layout, "prediction_type": self.spec.prediction_type,
             "resolution": self.resolution, "timesteps": self.timesteps, "out": str(self.out),
-            "gan": self.data.real is not None, "num_prompts": len(self.data.prompts),
+            "gan": self.data.real is not None, "num_prompts": len(self.data.prompts), "method": self.config.method,
+            "regression_distance": self.regression_distance_name,
+            "regression_pairs": str(self.data.pairs.folder) if self.data.pairs is not None else None,
         }
 
 

@@ -1,0 +1,226 @@
+"""`dmd distill --method progressive`: progressive distillation (Salimans & Ho, arXiv 2202.00512).
+
+Rounds halve the sampling steps, --teacher-steps N → N/2 → … → --steps. In each round a student
+(initialized from its teacher) learns to match two deterministic DDIM steps of the teacher with
+one of its own (dmdcli.core.progressive); the student of one round is the teacher of the next.
+The first round's teacher is the pipeline's UNet with classifier-free guidance at
+--guidance-scale; later teachers are students, which sample without guidance.
+
+Where z_t comes from: with --data, real latents noised to t (the paper's setting); without it
+(data-free), the teacher's own DDIM trajectory from pure noise down to t, which costs up to N
+teacher calls per iteration on the first round.
+
+Plumbing only: the math is in dmdcli.core; the run folder is the same as DMD2's (config.toml,
+metrics.jsonl, samples/, student.safetensors) plus rounds/round-<r>-<steps>step.safetensors,
+the student at the end of each round, each a complete student file that `dmd sample` takes.
+Single process; no --resume (a round's student files are its checkpoints).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dmdcli.core import progressive as pd
+from dmdcli.core.denoiser import Cond, expand_cond
+from dmdcli.core.sampler import ddim_sample, guided_prediction
+from dmdcli.core.schedule import NoiseSchedule, as_timestep_tensor, ddim_timesteps
+from dmdcli.data.images import load_or_build_latents
+from dmdcli.data.prompts import read_prompts
+from dmdcli.errors import DmdError, UsageError
+from dmdcli.models.teacher import Teacher, inspect_teacher
+from dmdcli.models.unet import UNetDenoiser
+from dmdcli.train import rundir
+from dmdcli.train.config import DistillConfig, write_config
+from dmdcli.train.distill import UI, Data, _precision, check_run_folder, create_run_folder, default_out
+from dmdcli.train.grids import SampleGrid
+
+ROUNDS_DIR = "rounds"
+
+
+def round_steps(teacher_steps: int, target: int) -> list[int]:
+    """The students' step counts, one per round: N/2, N/4, …, target."""
+    steps, out = teacher_steps, []
+    while steps > target:
+        steps //= 2
+        out.append(steps)
+    return out
+
+
+def student_step_index(seed: int, round_index: int, iteration: int, num_steps: int) -> int:
+    """Which student step an iteration trains, from (seed, round, iteration) alone."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + round_index * 100_003 + iteration)
+    return int(torch.randint(0, num_steps, (1,), generator=g))
+
+
+class ProgressiveDistillation:
+    def __init__(self, config: DistillConfig, ui: UI, overwrite: bool = False):
+        from accelerate import Accelerator
+
+        precision = _precision(config)
+        self.accelerator = Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available())
+        if self.accelerator.num_processes > 1:
+            raise UsageError("--method progressive runs in one process; launch it without torchrun / accelerate launch")
+        self.config, self.ui = config, ui
+        self.spec = inspect_teacher(config.teacher)
+        self.resolution = config.resolution or self.spec.native_resolution
+        self.spec.check_resolution(self.resolution)
+        self.out = Path(config.out) if config.out else default_out(config)
+        check_run_folder(self.out, overwrite)
+        prompts = read_prompts(config.prompts) if config.prompts else None
+        if config.data and not Path(config.data).is_dir():
+            raise UsageError(f"image folder not found: {config.data}")
+        self.device = self.accelerator.device
+        self.frozen_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+        ui.message(f"teacher: {self.spec.source} ({self.spec.layout}, {self.spec.prediction_type}) at {self.resolution}px on {self.device}")
+        self.teacher = Teacher(self.spec, self.device, self.frozen_dtype, self.resolution, config.allow_pickle)
+        self.data = Data(prompts, None)
+        if config.data:  # real latents, VAE-encoded once and cached (as for DMD2's GAN)
+            real, _ = load_or_build_latents(config.data, self.resolution, self.teacher.encode_images, encoder_id=f"{self.spec.source}:vae")
+            ui.message(f"real images: {len(real)} from {config.data} (z_t = real latents noised to t)")
+            self.data = Data(prompts or real.captions, real)
+        self.uncond = self.teacher.empty_cond() if config.guidance_scale > 1 else None
+        self.teacher_schedule = self.spec.schedule()
+        prediction = pd.PARAMETERIZATIONS[config.parameterization] if config.parameterization else self.spec.prediction_type
+        # The students predict in the chosen parameterization on the teacher's ᾱ_t.
+        self.student_schedule = NoiseSchedule(self.teacher_schedule.alphas_cumprod, prediction)
+        self.rounds = round_steps(config.teacher_steps, config.steps)
+        torch.manual_seed(config.seed)
+        self.grid = SampleGrid(
+            self.data.prompts, config.grid_size, config.seed, self.teacher.encode_prompts, self.teacher.decode,
+            (self.spec.latent_channels, *self.teacher.latent_size), self.device,
+        )
+        ui.message(f"progressive distillation: {config.teacher_steps} → {' → '.join(map(str, self.rounds))} steps, "
+                   f"{config.iterations_per_round} iterations a round, {prediction} parameterization, {config.loss_weight} weight"
+                   + ("" if config.data else "; data-free (z_t from the teacher's DDIM trajectories)"))
+
+    # -- one round -----------------------------------------------------------------------------
+
+    def _teacher_x0(self, teacher: UNetDenoiser, schedule: NoiseSchedule, guided: bool, cond: Cond, uncond: Cond | None):
+        scale = self.config.guidance_scale if guided else 1.0
+
+        def x0(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            with self.accelerator.autocast():
+                return schedule.to_x0(z, guided_prediction(teacher, z, t, cond, uncond if guided else None, scale), t)
+
+        return x0
+
+    def _z_t(self, batch, teacher_x0, schedule: NoiseSchedule, teacher_ts: list[int], k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The student's input at step k and the conditioning it is paired with."""
+        b = batch.noise.shape[0]
+        t = as_timestep_tensor(teacher_ts[2 * k], b, batch.noise.device)
+        if batch.x_real is not None:  # real latents, forward-noised (the paper's setting)
+            return schedule.add_noise(batch.x_real, batch.noise, t), t
+        z = batch.noise  # data-free: the teacher's own trajectory from pure noise, 2k DDIM steps
+        with torch.no_grad():
+            for j in range(2 * k):
+                tj = as_timestep_tensor(teacher_ts[j], b, z.device)
+                z = schedule.ddim_step(z, teacher_x0(z, tj), tj, as_timestep_tensor(teacher_ts[j + 1], b, z.device))
+        return z, t
+
+    def train_round(self, r: int, steps: int, teacher_unet, guided: bool, metrics: rundir.MetricsLog, iteration0: int) -> tuple[torch.nn.Module, dict[str, float]]:
+        c = self.config
+        teacher = UNetDenoiser(teacher_unet)
+        teacher_schedule = self.teacher_schedule if guided else self.student_schedule
+        student_unet = copy.deepcopy(teacher_unet).to(self.device, torch.float32).requires_grad_(True).train()
+        student = UNetDenoiser(student_unet)
+        params = list(student_unet.parameters())
+        optimizer = torch.optim.AdamW(params, lr=c.lr, betas=(c.adam_beta1, c.adam_beta2), weight_decay=c.weight_decay)
+        warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda n: min(1.0, (n + 1) / max(1, c.warmup_steps)))
+        teacher_ts, student_ts = ddim_timesteps(2 * steps), ddim_timesteps(steps)
+        logs: dict[str, float] = {}
+        last, last_done = time.perf_counter(), 0
+        with self.ui.task(f"round {r + 1}/{len(self.rounds)}: {2 * steps} → {steps} steps", total=c.iterations_per_round) as update:
+            for it in range(c.iterations_per_round):
+                batch = self.data.batch(self.teacher, c.seed + r, it, c.batch_size, self.uncond)
+                cond = batch.real_cond if batch.x_real is not None else batch.cond
+                uncond = expand_cond(self.uncond, batch.noise.shape[0]) if self.uncond else None
+                teacher_x0 = self._teacher_x0(teacher, teacher_schedule, guided, cond, uncond)
+                k = student_step_index(c.seed, r, it, steps)
+                t_, t1_, t2_ = pd.student_step_pair(teacher_ts, k)
+                z_t, t = self._z_t(batch, teacher_x0, teacher_schedule, teacher_ts, k)
+                b, dev = z_t.shape[0], z_t.device
+                t1, t2 = as_timestep_tensor(t1_, b, dev), as_timestep_tensor(t2_, b, dev)
+                z_t2 = pd.teacher_two_steps(teacher_x0, teacher_schedule, z_t, t, t1, t2)
+                alpha_t, sigma_t = self.student_schedule.alpha_sigma(t, z_t)
+                alpha_t2, sigma_t2 = self.student_schedule.alpha_sigma(t2, z_t)
+                target = pd.distillation_target(z_t, z_t2, alpha_t, sigma_t, alpha_t2, sigma_t2)
+                with self.accelerator.autocast():
+                    x_hat = self.student_schedule.to_x0(z_t, student(z_t, t, cond), t)
+                loss = pd.progressive_loss(x_hat, target, pd.loss_weight(self.student_schedule, t, c.loss_weight))
+                if not torch.isfinite(loss):
+                    raise DmdError(f"non-finite progressive loss in round {r + 1} at iteration {it + 1}; lower --lr")
+                self.accelerator.backward(loss)
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, c.max_grad_norm)
+                if not torch.isfinite(grad_norm):
+                    raise DmdError(f"non-finite gradient in round {r + 1} at iteration {it + 1}; lower --lr")
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                warmup.step()
+                logs = {"loss_progressive": loss.item(), "grad_norm_student": float(grad_norm), "lr_student": optimizer.param_groups[0]["lr"]}
+                done = it + 1
+                if done % c.log_every == 0 or done == c.iterations_per_round:
+                    now = time.perf_counter()
+                    metrics.write({"iteration": iteration0 + done, "round": r + 1, "steps": steps, "student_step": k, **logs,
+                                   "sec_per_iter": (now - last) / (done - last_done)})
+                    last, last_done = now, done
+                update(done, logs)
+        return student_unet.requires_grad_(False).eval(), logs
+
+    # -- outputs -------------------------------------------------------------------------------
+
+    def student_info(self, steps: int, rounds_done: int, iterations: int) -> dict[str, Any]:
+        c = self.config
+        return {
+            "teacher": self.spec.source, "layout": self.spec.layout, "prediction_type": self.student_schedule.prediction_type,
+            "kind": "full", "steps": steps, "timesteps": ddim_timesteps(steps), "conditioning_timestep": None,
+            "sampler": "ddim", "method": "progressive", "resolution": self.resolution, "iterations": iterations,
+            "rounds": rounds_done, "teacher_steps": c.teacher_steps, "guidance_scale": c.guidance_scale, "seed": c.seed,
+        }
+
+    def save_grid(self, student_unet, steps: int, name: str) -> Path:
+        with torch.no_grad(), self.accelerator.autocast():
+            latents = ddim_sample(UNetDenoiser(student_unet), self.student_schedule, self.grid.noise, self.grid.cond, None, steps, 1.0,
+                                  timesteps=ddim_timesteps(steps))
+        path = self.out / rundir.SAMPLES_DIR / f"{name}.png"
+        rundir.save_grid(self.grid.decode(latents), path, columns=self.grid.seeds)
+        return path
+
+    def run(self) -> dict[str, Any]:
+        c = self.config
+        start = time.perf_counter()
+        create_run_folder(self.out)
+        write_config(c, self.out / rundir.CONFIG_FILE, self.resolved())
+        metrics = rundir.MetricsLog(self.out / rundir.METRICS_FILE)
+        teacher_unet = self.teacher.unet.to(self.device, self.frozen_dtype)
+        logs: dict[str, float] = {}
+        grid = None
+        for r, steps in enumerate(self.rounds):
+            student_unet, logs = self.train_round(r, steps, teacher_unet, r == 0, metrics, r * c.iterations_per_round)
+            info = self.student_info(steps, r + 1, (r + 1) * c.iterations_per_round)
+            weights = student_unet.state_dict()
+            (self.out / ROUNDS_DIR).mkdir(exist_ok=True)
+            rundir.save_student(self.out / ROUNDS_DIR / f"round-{r + 1}-{steps}step.safetensors", weights, info)
+            rundir.save_student(self.out / rundir.STUDENT_FILE, weights, info)
+            grid = self.save_grid(student_unet, steps, f"round-{r + 1}-{steps}step")
+            self.ui.message(f"round {r + 1}: {steps}-step student saved (loss {logs.get('loss_progressive', float('nan')):.4g})")
+            if r > 0:
+                del teacher_unet  # the previous student: its file is on disk
+            teacher_unet = student_unet.to(self.device, self.frozen_dtype)
+        return {
+            "out": str(self.out), "student": str(self.out / rundir.STUDENT_FILE), "grid": str(grid), "method": "progressive",
+            "rounds": len(self.rounds), "steps": c.steps, "iterations": len(self.rounds) * c.iterations_per_round,
+            "seconds": round(time.perf_counter() - start, 3), "losses": {k: v for k, v in logs.items() if k.startswith("loss_")},
+        }
+
+    def resolved(self) -> dict[str, Any]:
+        return {
+            "teacher": self.spec.source, "layout": self.spec.layout, "prediction_type": self.spec.prediction_type,
+            "student_prediction_type": self.student_schedule.prediction_type, "resolution": self.resolution,
+            "rounds": self.rounds, "timesteps": ddim_timesteps(self.config.steps), "out": str(self.out), "method": "progressive",
+            "data_free": self.config.data is None, "num_prompts": len(self.data.prompts),
+        }

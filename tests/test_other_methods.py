@@ -1,0 +1,158 @@
+"""DMD (v1) regression and progressive distillation: their math against hand computations, and
+`dmd distill --method dmd|progressive` end to end on the tiny SD teacher."""
+
+import json
+import math
+import tomllib
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from dmdcli.cli import app
+from dmdcli.core import progressive as pd
+from dmdcli.core.losses import pseudo_huber_loss
+from dmdcli.core.schedule import NoiseSchedule, ddim_timesteps
+from dmdcli.train.config import resolve_config
+from dmdcli.train.rundir import read_student_info
+
+runner = CliRunner()
+QUICK = ["--recipe", "tiny", "--batch-size", "2", "--log-every", "1", "--sample-every", "0", "--teacher-grid-steps", "0", "--quiet"]
+
+
+# -- math ------------------------------------------------------------------------------------
+
+
+def test_progressive_target_against_a_hand_computation():
+    abar = torch.linspace(0.99, 0.10, 10, dtype=torch.float64)
+    schedule = NoiseSchedule(abar, "sample")
+    teacher_x0 = lambda z, t: 0.5 * z  # noqa: E731  (a teacher whose x0 estimate is z/2 at every t)
+    z = torch.tensor([[1.0, -2.0]])
+    t, t1, t2 = (torch.tensor([i]) for i in (8, 5, 2))
+    a = lambda i: math.sqrt(abar[i])  # noqa: E731
+    s = lambda i: math.sqrt(1 - abar[i])  # noqa: E731
+    for zi, got in zip(z[0].tolist(), pd.distillation_target(
+        z, pd.teacher_two_steps(teacher_x0, schedule, z, t, t1, t2), *schedule.alpha_sigma(t, z), *schedule.alpha_sigma(t2, z)
+    )[0].tolist()):
+        x0a = 0.5 * zi  # DDIM 8 → 5
+        z1 = a(5) * x0a + s(5) * (zi - a(8) * x0a) / s(8)
+        x0b = 0.5 * z1  # DDIM 5 → 2
+        z2 = a(2) * x0b + s(2) * (z1 - a(5) * x0b) / s(5)
+        expected = (z2 - s(2) / s(8) * zi) / (a(2) - s(2) / s(8) * a(8))  # Salimans & Ho, Algorithm 2
+        assert got == pytest.approx(expected, rel=1e-6)
+        # ... and one student DDIM step 8 → 2 with x̃ lands on the teacher's z_t''
+        assert a(2) * expected + s(2) * (zi - a(8) * expected) / s(8) == pytest.approx(z2, rel=1e-6)
+
+    # the last step (t'' = −1, ᾱ = 1): the target is the teacher's final x0
+    end = torch.tensor([-1])
+    z_end = pd.teacher_two_steps(teacher_x0, schedule, z, t1, t2, end)
+    target = pd.distillation_target(z, z_end, *schedule.alpha_sigma(t1, z), *schedule.alpha_sigma(end, z))
+    torch.testing.assert_close(target, z_end)
+
+    snr = abar / (1 - abar)
+    w = pd.loss_weight(schedule, torch.tensor([9, 0]), "truncated_snr")
+    assert w.tolist() == pytest.approx([1.0, float(snr[0])])  # max(SNR, 1)
+    assert pd.loss_weight(schedule, torch.tensor([9]), "snr_plus_one").item() == pytest.approx(1 / (1 - 0.10))
+
+
+def test_ddim_ladders_nest_and_pseudo_huber():
+    for n in (2, 4, 8, 64):
+        assert ddim_timesteps(n)[::2] == ddim_timesteps(n // 2)
+    assert ddim_timesteps(4) == [999, 749, 499, 249] and pd.student_step_pair(ddim_timesteps(4), 1) == (499, 249, -1)
+    x, y = torch.zeros(2, 4, 2, 2), torch.ones(2, 4, 2, 2)
+    c = 0.00054 * math.sqrt(16)
+    assert pseudo_huber_loss(x, y).item() == pytest.approx(math.sqrt(16 + c * c) - c, rel=1e-6)
+
+
+def test_method_presets(tiny_sd, prompts_file):
+    base = {"teacher": str(tiny_sd), "prompts": str(prompts_file)}
+    dmd = resolve_config("tiny", {**base, "method": "dmd"})  # tiny (a DMD2 recipe) says 5: the preset wins
+    assert (dmd.fake_updates_per_gen, dmd.regression_weight) == (1, 0.25)
+    assert resolve_config("tiny", {**base, "method": "dmd", "fake_updates_per_gen": 3}).fake_updates_per_gen == 3
+    assert resolve_config("tiny", base).regression_weight == 0
+    warmup = resolve_config("sdxl-1step-regression-warmup", base)
+    assert (warmup.method, warmup.regression_weight, warmup.regression_iterations) == ("dmd2", 0.25, 2000)
+
+
+# -- DMD v1 ------------------------------------------------------------------------------------
+
+
+def test_dmd_v1_pairs_are_deterministic_and_reused(tmp_path, tiny_sd, prompts_file, image_folder):
+    def run(name, pairs_dir, *extra):
+        args = ["distill", *QUICK, "--teacher", str(tiny_sd), "--prompts", str(prompts_file), "--method", "dmd", "--pairs", "3",
+                "--pair-steps", "2", "--pairs-dir", str(pairs_dir), "--out", str(tmp_path / name), *extra]
+        result = runner.invoke(app, [a for a in args if a != "--quiet"])
+        assert result.exit_code == 0, result.stderr + repr(result.exception)
+        return result
+
+    first = run("a", tmp_path / "pairs", "--iterations", "2", "--data", str(image_folder), "--json")
+    assert "no GAN term" in first.stderr and "made and cached" in first.stderr
+    (folder,) = (tmp_path / "pairs").iterdir()
+    stamp = (folder / "manifest.json").stat().st_mtime_ns
+    summary = json.loads(first.stdout.strip())
+    assert set(summary["losses"]) == {"loss_dm", "loss_regression", "loss_denoise"}  # no GAN even with --data
+    config = tomllib.loads((tmp_path / "a" / "config.toml").read_text())
+    used = config["resolved"]["regression_distance"]
+    assert used in ("lpips", "pseudo_huber") and config["fake_updates_per_gen"] == 1 and config["resolved"]["gan"] is False
+    records = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["regression_distance"] == used for r in records if "loss_regression" in r)
+
+    second = run("b", tmp_path / "pairs", "--iterations", "1")
+    assert "reused" in second.stderr
+    assert (folder / "manifest.json").stat().st_mtime_ns == stamp  # not regenerated
+
+    run("c", tmp_path / "pairs-again", "--iterations", "1")  # made again elsewhere: the same pairs, bit for bit
+    (again,) = (tmp_path / "pairs-again").iterdir()
+    assert again.name == folder.name
+    a, b = load_file(folder / "pairs-00000.safetensors"), load_file(again / "pairs-00000.safetensors")
+    assert a["noise"].shape[0] == 3 and a["latent"].shape == a["noise"].shape and torch.isfinite(a["latent"]).all()
+    assert all(torch.equal(a[k], b[k]) for k in ("noise", "latent"))
+
+
+# -- progressive distillation -------------------------------------------------------------------
+
+
+def test_one_progressive_round_halves_the_steps_and_the_student_samples_and_exports(tmp_path, tiny_sd, prompts_file):
+    out = tmp_path / "run"
+    args = ["distill", *QUICK, "--teacher", str(tiny_sd), "--prompts", str(prompts_file), "--method", "progressive",
+            "--teacher-steps", "4", "--steps", "2", "--iterations-per-round", "2", "--parameterization", "v",
+            "--loss-weight", "snr_plus_one", "--out", str(out), "--json"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.stderr + repr(result.exception)
+    summary = json.loads(result.stdout.strip())
+    assert summary["rounds"] == 1 and math.isfinite(summary["losses"]["loss_progressive"])
+
+    info = read_student_info(out / "student.safetensors")
+    assert (info["kind"], info["steps"], info["timesteps"], info["sampler"]) == ("full", 2, [999, 499], "ddim")
+    assert info["prediction_type"] == "v_prediction" and info["conditioning_timestep"] is None
+    assert read_student_info(out / "rounds" / "round-1-2step.safetensors")["steps"] == 2
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["iteration"], r["round"], r["steps"]) for r in records] == [(1, 1, 2), (2, 1, 2)]
+
+    sampled = runner.invoke(app, ["sample", "--model", str(out), "--prompt", "a red circle", "--out", str(tmp_path / "s"), "--json"])
+    assert sampled.exit_code == 0, sampled.stderr + repr(sampled.exception)
+    image = np.asarray(Image.open(json.loads(sampled.stdout.strip())["path"]), dtype=np.float64)
+
+    exported = runner.invoke(app, ["export", "--model", str(out), "--format", "diffusers", "--out", str(tmp_path / "pipe")])
+    assert exported.exit_code == 0, exported.stderr + repr(exported.exception)
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(tmp_path / "pipe")
+    assert type(pipe.scheduler).__name__ == "DDIMScheduler" and pipe.scheduler.config.prediction_type == "v_prediction"
+    pipe.set_progress_bar_config(disable=True)
+    theirs = pipe("a red circle", num_inference_steps=2, guidance_scale=0, generator=torch.Generator("cpu").manual_seed(0), output_type="np").images[0]
+    assert np.abs(theirs * 255 - image).mean() <= 2.0  # the exported DDIM pipeline gives `dmd sample`'s image
+
+
+def test_progressive_refuses_what_it_does_not_do(tiny_sd, prompts_file):
+    base = ["distill", "--teacher", str(tiny_sd), "--prompts", str(prompts_file), "--method", "progressive"]
+    for extra, message in (
+        (["--teacher-steps", "6", "--steps", "2"], "power of two"),
+        (["--teacher-steps", "4", "--steps", "1", "--lora-rank", "4"], "drop --lora-rank"),
+        (["--teacher-steps", "4", "--steps", "1", "--parameterization", "eps"], "--parameterization"),
+    ):
+        result = runner.invoke(app, [*base, *extra])
+        assert result.exit_code != 0 and message in result.stderr, result.stderr
