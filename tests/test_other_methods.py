@@ -112,6 +112,21 @@ def test_dmd_v1_pairs_are_deterministic_and_reused(tmp_path, tiny_sd, prompts_fi
     assert all(torch.equal(a[k], b[k]) for k in ("noise", "latent"))
 
 
+def test_regression_as_a_dmd2_warm_up_stops_after_k_iterations(tmp_path, tiny_sd, prompts_file):
+    from dmdcli.train.distill import Distillation, SilentUI
+
+    config = resolve_config("tiny", {
+        "teacher": str(tiny_sd), "prompts": str(prompts_file), "regression_weight": 0.5, "regression_iterations": 1,
+        "regression_distance": "mse", "fake_updates_per_gen": 1, "pairs": 2, "pair_steps": 2, "batch_size": 2,
+        "pairs_dir": str(tmp_path / "pairs"), "out": str(tmp_path / "run"), "teacher_grid_steps": 0,
+    })
+    run = Distillation(config, SilentUI())
+    assert run.regression_distance_name == "mse" and len(run.data.pairs) == 2
+    logs = [run.step(run.data.batch(run.teacher, config.seed, it, 2, run.uncond), it) for it in range(2)]
+    assert "loss_regression" in logs[0] and math.isfinite(logs[0]["loss_regression"])
+    assert "loss_regression" not in logs[1] and "loss_dm" in logs[1]  # only the first K = 1 iterations
+
+
 # -- progressive distillation -------------------------------------------------------------------
 
 
