@@ -156,5 +156,8 @@ def _dry_run(config, json_out: bool) -> None:
     for name, gib in estimate.rows():
         table.add_row(name, f"{gib:.2f}")
     console.print(table)
+    if config.method == "progressive":
+        console.print("note: this estimate is for DMD2's three networks; --method progressive holds two UNets (teacher and "
+                      "student) and one optimizer, so it needs less", markup=False)
     if json_out:
         print_json({"config": config.to_dict(), "resolution": resolution, "memory_gib": dataclasses.asdict(estimate)})
