@@ -90,6 +90,8 @@ def distill(
 ) -> None:
     overrides = {k: v for k, v in locals().items() if k not in ("recipe", "resume", "overwrite", "dry_run", "json_out", "quiet")}
     base = None
+    if recipe is None and teacher is None and not resume:
+        recipe = "shapes"  # `dmd distill` alone distills the built-in teacher
     if resume:
         if overwrite or recipe:
             raise UsageError("--resume continues the run in --out with its own config.toml; drop --overwrite/--recipe")

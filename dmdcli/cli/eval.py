@@ -34,7 +34,7 @@ def _opt(help: str, panel: str, *names: str, **kwargs):
 @handle_errors
 def eval_command(
     model: Annotated[list[str], _opt("Run folder, `dmd export --format diffusers` folder, or diffusers pipeline (folder or hub id); repeat to compare.", MODEL, "--model", show_default=False)],
-    fid: Annotated[str, _opt("coco30k, coco10k (with --coco-root) or a captioned image folder.", SET, "--fid", show_default=False)],
+    fid: Annotated[Optional[str], _opt("coco30k, coco10k (with --coco-root), a captioned image folder, or shapes (FD-shapes and alignment; the default for models of the built-in shapes teacher).", SET, "--fid", show_default=False)] = None,
     coco_root: Annotated[Optional[Path], _opt("COCO-2014 folder holding val2014/ and annotations/captions_val2014.json.", SET, "--coco-root", show_default=False)] = None,
     num_samples: Annotated[Optional[int], _opt("Score the first N of the set (default: all of it).", SET, "--num-samples", show_default=False)] = None,
     eval_resolution: Annotated[Optional[int], _opt("Side images are cropped and resized to before the feature network (default: 256 coco30k and folders, 512 coco10k).", SET, "--eval-resolution", min=1, show_default=False)] = None,
@@ -68,8 +68,12 @@ def eval_command(
     options = EvalOptions(coco_root=coco_root, num_samples=num_samples, eval_resolution=eval_resolution, features=features,
                           inception=inception, clip_model=clip_model, cache_dir=cache_dir, device=torch_device,
                           num_workers=num_workers, allow_pickle=allow_pickle)
-    benchmark = open_benchmark(fid, options)
     sources = [find_model(name) for name in model]
+    if fid is None:
+        if not all(_of_shapes_teacher(source) for source in sources):
+            raise UsageError("--fid is required: coco30k or coco10k (with --coco-root), a captioned image folder, or shapes")
+        fid = "shapes"
+    benchmark = open_benchmark(fid, options)
     if guidance_scale is not None and all(source.is_student for source in sources):
         raise UsageError("a DMD2 student samples without classifier-free guidance; --guidance-scale is for plain pipelines")
     targets = plan_targets(sources, benchmark, out, seed=seed, steps=steps, guidance_scale=guidance_scale,
@@ -92,6 +96,14 @@ def eval_command(
         reports.append(report)
     if not quiet:
         ui.console.print(render_table(reports))
+
+
+def _of_shapes_teacher(source) -> bool:
+    """Whether a model is the built-in shapes teacher or was distilled from it."""
+    from dmdcli.shapes import teacher_path
+
+    path = source.info.get("teacher") if source.info else source.path
+    return Path(path).expanduser().resolve() == teacher_path().resolve()
 
 
 @contextlib.contextmanager

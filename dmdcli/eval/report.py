@@ -205,6 +205,8 @@ _COLUMNS = (  # header, metric key, format
     ("KID", "kid", "{:.4f}"),
     ("patch FID", "patch_fid", "{:.2f}"),
     ("CLIP", "clip_score", "{:.4f}"),
+    ("FD-shapes", "fd_shapes", "{:.3f}"),
+    ("align", "alignment", "{:.1%}"),
     ("s/img", "seconds_per_image", "{:.3g}"),
     ("NFE", "nfe_per_image", "{:g}"),
 )
@@ -216,14 +218,16 @@ def render_table(reports: Sequence[dict]) -> Table:
     table.add_column("model")
     table.add_column("set")
     table.add_column("N", justify="right")
-    for header, _, _ in _COLUMNS:
+    # Only the metrics some report has (Inception sets and the shapes world score differently).
+    columns = [c for c in _COLUMNS if any(r.get("metrics", {}).get(c[1]) is not None for r in reports)]
+    for header, _, _ in columns:
         table.add_column(header, justify="right")
     for report in reports:
         metrics = report.get("metrics", {})
         protocol = report.get("protocol", {})
         cells = [str(report.get("model", "")), f"{protocol.get('name', '?')}@{protocol.get('resolution', '?')}",
                  str(report.get("num_samples", ""))]
-        for _, key, fmt in _COLUMNS:
+        for _, key, fmt in columns:
             value = metrics.get(key)
             cells.append("–" if value is None else fmt.format(value))
         table.add_row(*cells)

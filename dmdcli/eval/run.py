@@ -107,7 +107,7 @@ class Benchmark(Protocol):
 #: returning a Benchmark, or "module:function" naming one (imported only when asked for), e.g.
 #: ``"shapes": "dmdcli.shapes.eval:benchmark"`` for FD-shapes and alignment. A name here takes
 #: precedence over a folder of the same name (pass ./shapes for the folder).
-BENCHMARKS: dict[str, Union[str, Callable[[EvalOptions], Benchmark]]] = {}
+BENCHMARKS: dict[str, Union[str, Callable[[EvalOptions], Benchmark]]] = {"shapes": "dmdcli.shapes.eval:benchmark"}
 
 
 def open_benchmark(spec: str, options: EvalOptions) -> Benchmark:

@@ -32,7 +32,11 @@ DEFAULT_CONDITIONING_TIMESTEP = {"sd": 999, "sdxl": 399}
 
 
 def resolve_teacher(name: str) -> str:
-    """An alias → its hub id; a local folder or any other hub id unchanged."""
+    """An alias → its hub id (``shapes``: the built-in teacher's folder); a folder or other hub id unchanged."""
+    if name == "shapes":
+        from dmdcli.shapes import teacher_path
+
+        return str(teacher_path())
     return TEACHER_ALIASES.get(name, name)
 
 

@@ -6,7 +6,6 @@ devices and precision (accelerate), data, optimizers, logging, sample grids and 
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import shutil
 import signal
@@ -108,15 +107,15 @@ class Data:
         return batch
 
 
-def load_data(config: DistillConfig, prompts: list[str] | None, teacher: Teacher, ui: UI) -> Data:
+def load_data(folder: str | None, prompts: list[str] | None, teacher: Teacher, ui: UI) -> Data:
     real = None
-    if config.data:
+    if folder:
         with ui.task("encoding real images (cached for later runs)", total=0) as update:
             real, scan = load_or_build_latents(
-                config.data, teacher.resolution, teacher.encode_images,
+                folder, teacher.resolution, teacher.encode_images,
                 encoder_id=f"{teacher.spec.source}:vae", progress=lambda done, total: update(done, {"total": total}),
             )
-        ui.message(f"real images: {len(real)} from {config.data}" + (f" ({len(scan.skipped)} skipped)" if scan.skipped else ""))
+        ui.message(f"real images: {len(real)} from {folder}" + (f" ({len(scan.skipped)} skipped)" if scan.skipped else ""))
         for path, reason in scan.skipped[:5]:
             ui.message(f"  skipped {path}: {reason}")
     else:
@@ -157,7 +156,14 @@ class Distillation:
             check_run_folder(self.out, overwrite)
         # Cheap checks of the user's files first, before minutes of model loading.
         prompts = read_prompts(config.prompts) if config.prompts else None
-        if config.data and not Path(config.data).is_dir():
+        if config.data == "shapes":  # the built-in world's images, rendered once into a cache
+            from dmdcli.shapes.data import resolve_data
+
+            with self.accelerator.main_process_first():
+                self.data_folder = resolve_data(config.data)
+        else:
+            self.data_folder = config.data
+        if self.data_folder and not Path(self.data_folder).is_dir():
             raise UsageError(f"image folder not found: {config.data}")
 
         frozen_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
@@ -166,11 +172,11 @@ class Distillation:
         ui.message(f"teacher: {self.spec.source} ({self.spec.layout}, {self.spec.prediction_type}) at {self.resolution}px on {device}")
         self.teacher = Teacher(self.spec, device, frozen_dtype, self.resolution, config.allow_pickle)
         with self.accelerator.main_process_first():  # one process encodes the real images, the others read the cache
-            if config.method == "dmd" and config.data:  # DMD v1: no GAN term
+            if config.method == "dmd" and self.data_folder:  # DMD v1: no GAN term
                 ui.message("--method dmd has no GAN term: --data serves only for its captions" if prompts is None
                            else "--method dmd has no GAN term: --data is not used")
-            self.data = load_data(dataclasses.replace(config, data=None) if config.method == "dmd" and prompts else config,
-                                  prompts, self.teacher, ui)
+            folder = None if config.method == "dmd" and prompts else self.data_folder
+            self.data = load_data(folder, prompts, self.teacher, ui)
             if config.method == "dmd":
                 self.data.real = None
         self.uncond = self.teacher.empty_cond() if config.guidance_scale > 1 else None

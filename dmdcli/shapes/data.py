@@ -1,0 +1,45 @@
+"""The shapes world as `--data shapes` / `--prompts shapes`: procedural images written once.
+
+`dmd distill --data shapes` needs no files from the user: the first run renders DATA_IMAGES
+captioned scenes (seed DATA_SEED) into a cache folder, later runs reuse it. The folder is built
+under a temporary name and renamed into place, so an interrupted build is never used.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+from dmdcli.shapes import world
+
+ALIAS = "shapes"
+DATA_SEED = 1
+DATA_IMAGES = 2048
+
+
+def cache_root() -> Path:
+    """$DMD_CACHE/shapes, else ~/.cache/dmd/shapes."""
+    base = Path(os.environ["DMD_CACHE"]) if os.environ.get("DMD_CACHE") else Path.home() / ".cache" / "dmd"
+    return base / "shapes"
+
+
+def dataset_folder(n: int = DATA_IMAGES, seed: int = DATA_SEED) -> Path:
+    """The folder of n captioned scenes of `seed` (rendered on first use)."""
+    final = cache_root() / f"data-seed{seed}-n{n}-{world.RESOLUTION}px"
+    if (final / "metadata.jsonl").is_file():
+        return final
+    tmp = final.with_name(f".tmp-{final.name}-{uuid.uuid4().hex[:8]}")
+    try:
+        world.write_dataset(tmp, n, seed=seed, metadata=True)
+        if not final.exists():
+            os.replace(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def resolve_data(data: str | None) -> str | None:
+    """`--data shapes` → the rendered folder; anything else unchanged."""
+    return str(dataset_folder()) if data == ALIAS else data
