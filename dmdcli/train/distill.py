@@ -26,6 +26,7 @@ from dmdcli.errors import DmdError, UsageError
 from dmdcli.models.lora import FAKE_SCORE_ADAPTER, LORA_TARGET_MODULES, load_lora_state_dict, lora_state_dict
 from dmdcli.models.teacher import DEFAULT_CONDITIONING_TIMESTEP, Teacher, TeacherSpec, inspect_teacher
 from dmdcli.models.unet import UNetDenoiser
+from dmdcli.shapes.data import resolve_data
 from dmdcli.train import rundir
 from dmdcli.train.checkpoint import (
     CHECKPOINTS_DIR, checkpoint_name, latest_checkpoint, load_optimizer_state, optimizer_state, read_checkpoint, restore_rng, staging_dir,
@@ -156,13 +157,8 @@ class Distillation:
             check_run_folder(self.out, overwrite)
         # Cheap checks of the user's files first, before minutes of model loading.
         prompts = read_prompts(config.prompts) if config.prompts else None
-        if config.data == "shapes":  # the built-in world's images, rendered once into a cache
-            from dmdcli.shapes.data import resolve_data
-
-            with self.accelerator.main_process_first():
-                self.data_folder = resolve_data(config.data)
-        else:
-            self.data_folder = config.data
+        with self.accelerator.main_process_first():  # `--data shapes`: the built-in world's images, rendered once
+            self.data_folder = resolve_data(config.data)
         if self.data_folder and not Path(self.data_folder).is_dir():
             raise UsageError(f"image folder not found: {config.data}")
 

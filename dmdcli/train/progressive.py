@@ -34,6 +34,7 @@ from dmdcli.data.prompts import read_prompts
 from dmdcli.errors import DmdError, UsageError
 from dmdcli.models.teacher import Teacher, inspect_teacher
 from dmdcli.models.unet import UNetDenoiser
+from dmdcli.shapes.data import resolve_data
 from dmdcli.train import rundir
 from dmdcli.train.config import DistillConfig, write_config
 from dmdcli.train.distill import UI, Data, _precision, check_run_folder, create_run_folder, default_out
@@ -72,16 +73,17 @@ class ProgressiveDistillation:
         self.out = Path(config.out) if config.out else default_out(config)
         check_run_folder(self.out, overwrite)
         prompts = read_prompts(config.prompts) if config.prompts else None
-        if config.data and not Path(config.data).is_dir():
+        self.data_folder = resolve_data(config.data)  # `--data shapes`: the built-in world's images
+        if self.data_folder and not Path(self.data_folder).is_dir():
             raise UsageError(f"image folder not found: {config.data}")
         self.device = self.accelerator.device
         self.frozen_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
         ui.message(f"teacher: {self.spec.source} ({self.spec.layout}, {self.spec.prediction_type}) at {self.resolution}px on {self.device}")
         self.teacher = Teacher(self.spec, self.device, self.frozen_dtype, self.resolution, config.allow_pickle)
         self.data = Data(prompts, None)
-        if config.data:  # real latents, VAE-encoded once and cached (as for DMD2's GAN)
-            real, _ = load_or_build_latents(config.data, self.resolution, self.teacher.encode_images, encoder_id=f"{self.spec.source}:vae")
-            ui.message(f"real images: {len(real)} from {config.data} (z_t = real latents noised to t)")
+        if self.data_folder:  # real latents, VAE-encoded once and cached (as for DMD2's GAN)
+            real, _ = load_or_build_latents(self.data_folder, self.resolution, self.teacher.encode_images, encoder_id=f"{self.spec.source}:vae")
+            ui.message(f"real images: {len(real)} from {self.data_folder} (z_t = real latents noised to t)")
             self.data = Data(prompts or real.captions, real)
         self.uncond = self.teacher.empty_cond() if config.guidance_scale > 1 else None
         self.teacher_schedule = self.spec.schedule()
