@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
+import torch
 import pytest
 
 from dmdcli.shapes import features_path, teacher_path, world
@@ -83,6 +84,8 @@ def test_every_caption_word_is_one_token():
     text = world.caption(world.scenes(0, 1)[0])
     assert len(tokenizer(text).input_ids) == len(text.split()) + 2
     assert len(tokenizer("an unknown zebra!").input_ids) > 3  # other text still tokenizes
+    longest = max((world.caption(s) for s in world.scenes(0, 2000)), key=lambda c: len(c.split()))
+    assert len(tokenizer(longest).input_ids) <= tokenizer.model_max_length
 
 
 # ----------------------------------------------------------------------------- feature network
@@ -136,3 +139,24 @@ def test_shipped_teacher_draws_its_prompts():
     images = sample_teacher(teacher_path(), captions, steps=25, guidance_scale=4.0, seed=0)
     assert images.shape == (48, world.RESOLUTION, world.RESOLUTION, 3)
     assert alignment(images, captions) >= 0.90
+
+
+# ----------------------------------------------------------------------------- teacher training
+
+
+def test_teacher_training_resumes_bit_exactly(tmp_path):
+    """Stopped after 2 iterations and started again = run straight to 4; other settings refused."""
+    from safetensors.torch import load_file
+
+    from dmdcli.shapes import train_teacher
+
+    small = ["--num-scenes", "48", "--vae-iterations", "2", "--vae-batch-size", "4", "--text-iterations", "2",
+             "--batch-size", "4", "--checkpoint-every", "2"]
+    train_teacher.main([str(tmp_path / "straight"), *small, "--iterations", "4"])
+    train_teacher.main([str(tmp_path / "resumed"), *small, "--iterations", "2"])
+    train_teacher.main([str(tmp_path / "resumed"), *small, "--iterations", "4"])
+    weights = "unet/diffusion_pytorch_model.safetensors"
+    a, b = load_file(tmp_path / "straight" / weights), load_file(tmp_path / "resumed" / weights)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(SystemExit, match="--lr 0.5"):
+        train_teacher.main([str(tmp_path / "resumed"), *small, "--iterations", "6", "--lr", "0.5"])

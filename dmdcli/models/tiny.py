@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import argparse
 import atexit
-import inspect
-import json
 import shutil
 import sys
 import tempfile
@@ -35,6 +33,7 @@ import threading
 from pathlib import Path
 
 from dmdcli.errors import UsageError
+from dmdcli.models.clip_bpe import BOS, EOS, byte_symbols, clip_tokenizer, write_tokenizer_files
 
 LAYOUTS = ("sd", "sdxl")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
@@ -57,8 +56,6 @@ _MERGE_WORDS = (
     "yellow", "black", "white", "circle", "square", "triangle", "cat", "dog", "small", "big",
 )
 
-_BOS = "<|startoftext|>"
-_EOS = "<|endoftext|>"
 
 
 # --------------------------------------------------------------------------------------------
@@ -66,24 +63,9 @@ _EOS = "<|endoftext|>"
 # --------------------------------------------------------------------------------------------
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2 / CLIP byte-to-printable-unicode table (the same one CLIP's tokenizer uses)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-    bs += list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, (chr(c) for c in cs)))
-
-
 def _tiny_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
     """CLIP-style vocab: 256 byte symbols, the same with ``</w>``, merges, then the two specials."""
-    symbols = list(_bytes_to_unicode().values())
-    tokens: list[str] = symbols + [s + "</w>" for s in symbols]
+    tokens = byte_symbols()
     known = set(tokens)
     merges: list[tuple[str, str]] = []
     for word in _MERGE_WORDS:
@@ -96,38 +78,18 @@ def _tiny_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
                 tokens.append(merged)
                 known.add(merged)
             left = merged
-    tokens += [_BOS, _EOS]
+    tokens += [BOS, EOS]
     return {tok: i for i, tok in enumerate(tokens)}, merges
 
 
 def write_tiny_tokenizer_files(folder: str | Path) -> Path:
     """Write ``vocab.json`` and ``merges.txt`` of the tiny byte-level CLIP BPE into ``folder``."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    vocab, merges = _tiny_vocab_and_merges()
-    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
-    lines = ["#version: 0.2"] + [f"{a} {b}" for a, b in merges]
-    (folder / "merges.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return folder
+    return write_tokenizer_files(folder, *_tiny_vocab_and_merges())
 
 
 def make_tiny_tokenizer():
     """A CLIPTokenizer (model_max_length 77, pad = ``<|endoftext|>``) built here; no network."""
-    from transformers import CLIPTokenizer
-
-    kwargs = dict(model_max_length=MAX_TOKEN_LENGTH, pad_token=_EOS)
-    if "vocab_file" in inspect.signature(CLIPTokenizer.__init__).parameters:
-        # transformers 4.x: the (slow) CLIPTokenizer reads vocab.json + merges.txt from disk.
-        with tempfile.TemporaryDirectory(prefix="dmd-tiny-tok-") as tmp:
-            write_tiny_tokenizer_files(tmp)
-            return CLIPTokenizer(
-                vocab_file=str(Path(tmp) / "vocab.json"),
-                merges_file=str(Path(tmp) / "merges.txt"),
-                **kwargs,
-            )
-    # transformers 5.x: tokenizers-backed CLIPTokenizer built from the same vocab and merges.
-    vocab, merges = _tiny_vocab_and_merges()
-    return CLIPTokenizer(vocab=vocab, merges=merges, **kwargs)
+    return clip_tokenizer(*_tiny_vocab_and_merges(), model_max_length=MAX_TOKEN_LENGTH)
 
 
 # --------------------------------------------------------------------------------------------
@@ -233,8 +195,8 @@ def build_tiny_pipeline(layout: str = "sd", prediction_type: str = "epsilon", se
     _check(layout, prediction_type)
     tokenizer = make_tiny_tokenizer()
     vocab_size = len(tokenizer)
-    bos_id = tokenizer.convert_tokens_to_ids(_BOS)
-    eos_id = tokenizer.convert_tokens_to_ids(_EOS)
+    bos_id = tokenizer.convert_tokens_to_ids(BOS)
+    eos_id = tokenizer.convert_tokens_to_ids(EOS)
 
     with torch.random.fork_rng(devices=[]):
         # One fixed seed per component so that each is reproducible on its own.

@@ -25,8 +25,9 @@ def cache_root() -> Path:
     return base / "shapes"
 
 
-def dataset_folder(n: int = DATA_IMAGES, seed: int = DATA_SEED) -> Path:
-    """The folder of n captioned scenes of `seed` (rendered on first use)."""
+def dataset_folder(n: int | None = None, seed: int = DATA_SEED) -> Path:
+    """The folder of n (default DATA_IMAGES) captioned scenes of `seed` (rendered on first use)."""
+    n = DATA_IMAGES if n is None else n
     final = cache_root() / f"data-seed{seed}-n{n}-{world.RESOLUTION}px"
     if (final / "metadata.jsonl").is_file():
         return final

@@ -1,30 +1,24 @@
 """The shapes world's CLIP tokenizer, built offline: one token per caption word.
 
-A CLIP-style byte-level BPE (as in dmdcli.models.tiny): the 256 byte symbols and the same with
-``</w>``, then merges that build every word of the world's vocabulary up to a single
+A CLIP-style byte-level BPE (``dmdcli.models.clip_bpe``): the 256 byte symbols and the same
+with ``</w>``, then merges that build every word of the world's vocabulary up to a single
 end-of-word token, then ``<|startoftext|>`` / ``<|endoftext|>``. Any other text still
 tokenizes (into bytes and partial words), so arbitrary prompts do not crash the teacher.
 """
 
 from __future__ import annotations
 
-import inspect
-import json
-import tempfile
 from pathlib import Path
 
-from dmdcli.models.tiny import _bytes_to_unicode
+from dmdcli.models.clip_bpe import BOS, EOS, byte_symbols, clip_tokenizer, write_tokenizer_files
 from dmdcli.shapes.world import iter_vocabulary
 
-MAX_TOKEN_LENGTH = 77
-BOS = "<|startoftext|>"
-EOS = "<|endoftext|>"
+MAX_TOKEN_LENGTH = 32  # the longest caption is 23 tokens with BOS and EOS; SD uses 77
 
 
 def vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
     """Vocab (token → id) and BPE merges, deterministic."""
-    symbols = list(_bytes_to_unicode().values())
-    tokens: list[str] = symbols + [s + "</w>" for s in symbols]
+    tokens = byte_symbols()
     known = set(tokens)
     merges: list[tuple[str, str]] = []
     ranks: dict[tuple[str, str], int] = {}
@@ -55,24 +49,9 @@ def _bpe(word: str, ranks: dict[tuple[str, str], int]) -> list[str]:
 
 def write_shapes_tokenizer_files(folder: str | Path) -> Path:
     """Write ``vocab.json`` and ``merges.txt`` into ``folder``."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    vocab, merges = vocab_and_merges()
-    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
-    lines = ["#version: 0.2"] + [f"{a} {b}" for a, b in merges]
-    (folder / "merges.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return folder
+    return write_tokenizer_files(folder, *vocab_and_merges())
 
 
 def make_shapes_tokenizer():
-    """A CLIPTokenizer (model_max_length 77, pad = ``<|endoftext|>``); no network."""
-    from transformers import CLIPTokenizer
-
-    kwargs = dict(model_max_length=MAX_TOKEN_LENGTH, pad_token=EOS)
-    if "vocab_file" in inspect.signature(CLIPTokenizer.__init__).parameters:  # transformers 4.x
-        with tempfile.TemporaryDirectory(prefix="dmd-shapes-tok-") as tmp:
-            write_shapes_tokenizer_files(tmp)
-            return CLIPTokenizer(vocab_file=str(Path(tmp) / "vocab.json"),
-                                 merges_file=str(Path(tmp) / "merges.txt"), **kwargs)
-    vocab, merges = vocab_and_merges()
-    return CLIPTokenizer(vocab=vocab, merges=merges, **kwargs)
+    """A CLIPTokenizer (model_max_length 32, pad = ``<|endoftext|>``); no network."""
+    return clip_tokenizer(*vocab_and_merges(), model_max_length=MAX_TOKEN_LENGTH)

@@ -1,27 +1,32 @@
 """Train the built-in shapes teacher: a genuine Stable-Diffusion-layout diffusers pipeline.
 
-    python -m dmdcli.shapes.train_teacher OUT_DIR [--seed 0] [--iterations 4000] ...
+    python -m dmdcli.shapes.train_teacher OUT_DIR [--iterations 12000] [--eval-prompts 256] ...
 
-Three stages, all on the CPU with one thread and fixed seeds (the same command gives the same
-weights on the same torch build):
+All on the CPU with one thread and fixed seeds: the same command gives the same weights on the
+same torch build, and a run that is stopped (Ctrl-C, kill) resumes where its last checkpoint
+left off when started again with the same arguments. Training state lives in ``--state``
+(default ``OUT_DIR.state``); ``OUT_DIR`` is only written at the end.
 
 1. **VAE** — an AutoencoderKL for 32×32 RGB with two levels (latent 4×16×16, scale factor 2),
-   trained on shapes-world images by reconstruction MSE plus a small KL term (weight
-   ``--kl-weight`` on the per-image KL sum, as in SD's autoencoder). The latent scaling factor is
-   then set to 1 / std of the training latents, as SD did for its own VAE.
-2. **Text encoder + UNet** — a 2-layer CLIP text encoder over the world's tokenizer (every
-   caption word is one token; other text falls back to bytes) and a UNet2DConditionModel on the
-   latents, trained *jointly* on epsilon prediction with the SD1.5 schedule (1000 steps,
-   scaled_linear 0.00085 → 0.012) and min-SNR-5 loss weights (Hang et al. 2023). Joint training,
-   because a random frozen encoder would hand the UNet features it must first untangle, and the
-   encoder is tiny; once saved it is frozen like any teacher's. 10% of captions are replaced by
-   "" so classifier-free guidance works. Exponential moving averages of both are what ships.
-3. **Save** — a StableDiffusionPipeline (safety_checker None, EulerDiscreteScheduler) in
-   safetensors, plus ``TRAINING.json`` with the command, seed, iterations, wall time, versions
-   and losses (and the alignment at 25 steps when ``--eval-prompts`` > 0).
+   trained by reconstruction MSE plus a small KL term (as SD's autoencoder). The latent scaling
+   factor is 1 / std of the training latents, as SD set its own.
+2. **Text encoder** — a 2-layer CLIP text encoder over the world's tokenizer (one token per
+   caption word, 32 positions), first trained alone to read the scene from its caption (a
+   linear head on the pooled output predicts the 13 scene labels). This stands in for the
+   pretraining a real teacher's CLIP text tower has: a random encoder hands the UNet features it
+   must first untangle, and the diffusion loss alone teaches it to bind "red" to "top left"
+   slowly.
+3. **UNet** — a UNet2DConditionModel with cross-attention at every level, trained jointly with
+   the text encoder on epsilon prediction with SD1.5's schedule (1000 steps, scaled_linear
+   0.00085 → 0.012) and min-SNR-5 weights (Hang et al. 2023); 10% of captions are "" so
+   classifier-free guidance works. Constant learning rate after a warm-up, so a run can be
+   extended by raising ``--iterations``; exponential moving averages are what ships.
+4. **Save** — a StableDiffusionPipeline (safety_checker None, EulerDiscreteScheduler) in
+   safetensors, plus ``TRAINING.json`` (command, seeds, iterations, wall time, versions, losses,
+   and the alignment at 25 steps when ``--eval-prompts`` > 0).
 
-Training data are scenes of the world's stream ``--data-seed`` (default 1000 + seed), rendered
-once; the tests and benchmarks draw their prompts from other seeds.
+Training scenes come from world stream ``--data-seed`` (default 1000 + seed), rendered once;
+tests and benchmarks draw their prompts from other seeds.
 """
 
 from __future__ import annotations
@@ -29,9 +34,9 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import platform
 import shlex
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -41,11 +46,13 @@ import torch
 import torch.nn.functional as F
 
 from dmdcli.shapes import world
-from dmdcli.shapes.tokenizer import make_shapes_tokenizer
+from dmdcli.shapes.tokenizer import MAX_TOKEN_LENGTH, make_shapes_tokenizer
 
 TEXT_HIDDEN = 64
-MAX_TOKEN_LENGTH = 77
 LATENT_CHANNELS = 4
+# Arguments that change what is trained; a resumed run must agree on all of them.
+_STATE_ARGS = ("seed", "data_seed", "num_scenes", "vae_iterations", "vae_batch_size", "vae_lr", "kl_weight",
+               "text_iterations", "batch_size", "lr", "warmup", "ema_decay", "caption_dropout")
 
 
 def vae_config() -> dict:
@@ -61,11 +68,13 @@ def vae_config() -> dict:
 
 
 def unet_config() -> dict:
-    """UNet2DConditionModel on 4×16×16 latents: 3 levels (16, 8, 4), cross-attention at 8 and 4."""
+    """UNet2DConditionModel on 4×16×16 latents: 3 levels (16, 8, 4), cross-attention at each.
+
+    Attention at 16×16 too, so every latent cell can look up the words about its quadrant.
+    """
     return dict(
         sample_size=world.RESOLUTION // 2, in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        down_block_types=("CrossAttnDownBlock2D",) * 3, up_block_types=("CrossAttnUpBlock2D",) * 3,
         block_out_channels=(32, 64, 128), layers_per_block=1, attention_head_dim=(2, 4, 8),
         norm_num_groups=32, cross_attention_dim=TEXT_HIDDEN,
     )
@@ -104,11 +113,15 @@ def _to_tensor(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
 
 
-def _lr_at(step: int, total: int, peak: float, warmup: int) -> float:
-    """Linear warm-up, then cosine decay to 0."""
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    return 0.5 * peak * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+def _warmup_lr(step: int, peak: float, warmup: int) -> float:
+    return peak * min(1.0, (step + 1) / max(1, warmup))
+
+
+def _progress(stage: str, step: int, total: int, t0: float, first: int, **values: float) -> None:
+    if (step + 1) % 100 == 0 or step == first:
+        rate = (time.time() - t0) / (step + 1 - first)
+        shown = " ".join(f"{k} {v:.4f}" for k, v in values.items())
+        _log(f"{stage} {step + 1}/{total} {shown} ({rate:.3f} s/it, {rate * (total - step - 1) / 60:.0f} min left)")
 
 
 # ----------------------------------------------------------------------------- stage 1: VAE
@@ -117,30 +130,51 @@ def _lr_at(step: int, total: int, peak: float, warmup: int) -> float:
 def train_vae(images: np.ndarray, args, gen: torch.Generator):
     from diffusers import AutoencoderKL
 
+    torch.manual_seed(args.seed)  # the initial weights
     vae = AutoencoderKL(**vae_config())
     opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
     vae.train()
     t0, losses = time.time(), []
     for step in range(args.vae_iterations):
+        # Warm-up, then cosine decay: the VAE stage has a fixed length.
+        lr = _warmup_lr(step, args.vae_lr, 100) * 0.5 * (1 + np.cos(np.pi * step / args.vae_iterations))
         for g in opt.param_groups:
-            g["lr"] = _lr_at(step, args.vae_iterations, args.vae_lr, 50)
+            g["lr"] = lr
         idx = torch.randint(len(images), (args.vae_batch_size,), generator=gen)
         x = _to_tensor(images[idx.numpy()])
         posterior = vae.encode(x).latent_dist
         z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=gen)
-        recon = vae.decode(z).sample
-        mse = F.mse_loss(recon, x)
+        mse = F.mse_loss(vae.decode(z).sample, x)
         loss = mse + args.kl_weight * posterior.kl().mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         opt.step()
         losses.append(mse.item())
-        if (step + 1) % 50 == 0 or step == 0:
-            _log(f"vae {step + 1}/{args.vae_iterations} mse {np.mean(losses[-50:]):.5f} "
-                 f"({(time.time() - t0) / (step + 1):.3f} s/it)")
+        _progress("vae", step, args.vae_iterations, t0, 0, mse=np.mean(losses[-100:]))
     vae.eval().requires_grad_(False)
-    return vae, float(np.mean(losses[-50:]))
+    return vae, float(np.mean(losses[-100:]))
+
+
+def load_or_train_vae(images: np.ndarray, args, state: Path):
+    """The stage-1 VAE from ``state/vae`` if a run with the same arguments saved it, else trained."""
+    from diffusers import AutoencoderKL
+
+    folder, record = state / "vae", state / "vae.json"
+    if record.is_file():
+        saved = json.loads(record.read_text())
+        _check_args(saved["args"], args, record)
+        _log(f"vae: reusing {folder}")
+        return AutoencoderKL.from_pretrained(folder).eval().requires_grad_(False), saved["final_mse"]
+    gen = torch.Generator().manual_seed(args.seed)
+    vae, mse = train_vae(images, args, gen)
+    mean, std = encode_all(vae, images)
+    scaling = float(1.0 / mean.add(std * torch.randn(mean.shape, generator=gen)).std())
+    vae.register_to_config(scaling_factor=scaling)
+    vae.save_pretrained(folder, safe_serialization=True)
+    record.write_text(json.dumps({"args": _state_args(args), "final_mse": mse}, indent=2) + "\n")
+    _log(f"vae done: mse {mse:.5f}, scaling factor {scaling:.4f}")
+    return vae, mse
 
 
 @torch.no_grad()
@@ -154,7 +188,30 @@ def encode_all(vae, images: np.ndarray, batch: int = 500) -> tuple[torch.Tensor,
     return torch.cat(means), torch.cat(stds)
 
 
-# ----------------------------------------------------------------------------- stage 2: UNet
+# ----------------------------------------------------------------------------- stage 2: text encoder
+
+
+def pretrain_text_encoder(text_encoder, token_ids: torch.Tensor, labels: torch.Tensor, args,
+                          gen: torch.Generator) -> float:
+    """Teach the encoder to parse captions: pooled output → the 13 scene labels (cross-entropy)."""
+    from dmdcli.shapes.features import HEAD_SIZES, attribute_loss
+
+    head = torch.nn.Linear(TEXT_HIDDEN, sum(HEAD_SIZES))
+    params = list(text_encoder.parameters()) + list(head.parameters())
+    opt = torch.optim.AdamW(params, lr=2e-3, weight_decay=0.01)
+    t0, losses = time.time(), []
+    for step in range(args.text_iterations):
+        idx = torch.randint(len(token_ids), (256,), generator=gen)
+        loss = attribute_loss(head(text_encoder(token_ids[idx]).pooler_output), labels[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        _progress("text", step, args.text_iterations, t0, 0, loss=np.mean(losses[-100:]))
+    return float(np.mean(losses[-100:]))
+
+
+# ----------------------------------------------------------------------------- stage 3: UNet
 
 
 def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
@@ -163,57 +220,115 @@ def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> N
             pe.lerp_(pm, 1.0 - decay)
 
 
-def train_unet(latents: tuple[torch.Tensor, torch.Tensor], token_ids: torch.Tensor,
-               empty_ids: torch.Tensor, args, gen: torch.Generator):
-    from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextModel
+class Trainer:
+    """The UNet + text encoder stage, with checkpoints that resume bit-exactly."""
 
-    tokenizer = make_shapes_tokenizer()
-    unet = UNet2DConditionModel(**unet_config())
-    text_encoder = CLIPTextModel(text_config(tokenizer))
-    unet.train()
-    text_encoder.train()
-    ema_unet, ema_text = copy.deepcopy(unet).eval(), copy.deepcopy(text_encoder).eval()
-    params = list(unet.parameters()) + list(text_encoder.parameters())
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
-    sched = scheduler()
-    alphas_cumprod = sched.alphas_cumprod.float()  # [1000]
-    snr = alphas_cumprod / (1 - alphas_cumprod)
-    weight = torch.clamp(snr, max=5.0) / snr  # min-SNR-5 weights for epsilon prediction
-    mean, std = latents
-    n = len(mean)
-    t0, losses = time.time(), []
-    for step in range(args.iterations):
-        for g in opt.param_groups:
-            g["lr"] = _lr_at(step, args.iterations, args.lr, args.warmup)
-        idx = torch.randint(n, (args.batch_size,), generator=gen)
-        x0 = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen)) * args.scaling_factor
-        ids = token_ids[idx].clone()
-        drop = torch.rand(args.batch_size, generator=gen) < args.caption_dropout
-        ids[drop] = empty_ids
-        t = torch.randint(0, 1000, (args.batch_size,), generator=gen)
-        eps = torch.randn(x0.shape, generator=gen)
-        a = alphas_cumprod[t].view(-1, 1, 1, 1)
-        x_t = a.sqrt() * x0 + (1 - a).sqrt() * eps  # DDPM forward process
-        cond = text_encoder(ids)[0]
-        pred = unet(x_t, t, encoder_hidden_states=cond).sample
-        per = (pred - eps).pow(2).mean(dim=(1, 2, 3))
-        loss = (weight[t] * per).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        decay = min(args.ema_decay, (1 + step) / (10 + step))
-        _ema_update(ema_unet, unet, decay)
-        _ema_update(ema_text, text_encoder, decay)
-        losses.append(per.mean().item())
-        if (step + 1) % 50 == 0 or step == 0:
-            _log(f"unet {step + 1}/{args.iterations} eps-mse {np.mean(losses[-50:]):.4f} "
-                 f"lr {opt.param_groups[0]['lr']:.2e} ({(time.time() - t0) / (step + 1):.3f} s/it)")
-    return ema_unet, ema_text, tokenizer, float(np.mean(losses[-200:]))
+    def __init__(self, args, state: Path) -> None:
+        from diffusers import UNet2DConditionModel
+        from transformers import CLIPTextModel
+
+        self.args, self.state = args, state
+        self.tokenizer = make_shapes_tokenizer()
+        torch.manual_seed(args.seed)  # the initial weights
+        self.unet = UNet2DConditionModel(**unet_config()).train()
+        self.text_encoder = CLIPTextModel(text_config(self.tokenizer)).train()
+        self.ema_unet = copy.deepcopy(self.unet).eval().requires_grad_(False)
+        self.ema_text = copy.deepcopy(self.text_encoder).eval().requires_grad_(False)
+        self.params = list(self.unet.parameters()) + list(self.text_encoder.parameters())
+        self.opt = torch.optim.AdamW(self.params, lr=args.lr, weight_decay=0.01)
+        self.gen = torch.Generator().manual_seed(args.seed + 1)
+        self.step = 0
+        self.text_loss = float("nan")
+        self.losses: list[float] = []
+
+    def tokenize(self, texts: list[str]) -> torch.Tensor:
+        return self.tokenizer(texts, padding="max_length", max_length=MAX_TOKEN_LENGTH, truncation=True,
+                              return_tensors="pt").input_ids
+
+    # -- checkpoints: tensors in safetensors, the rest in JSON (dmdcli.train.checkpoint)
+    def save(self) -> None:
+        from dmdcli.train.checkpoint import optimizer_state, write_checkpoint
+
+        tensors, opt_state = optimizer_state(self.opt, "opt")
+        for name, module in self.modules().items():
+            tensors.update({f"{name}.{k}": v for k, v in module.state_dict().items()})
+        tensors["generator"] = self.gen.get_state()
+        write_checkpoint(self.state, self.step, tensors, {
+            "args": _state_args(self.args), "optimizer": opt_state, "text_loss": self.text_loss,
+            "losses": self.losses[-200:]}, keep=0)
+
+    def resume(self) -> bool:
+        from dmdcli.train.checkpoint import complete_checkpoints, load_optimizer_state, read_checkpoint
+
+        # The newest checkpoint not past --iterations: every one is kept, so the weights of any
+        # saved iteration N can be exported again by running with --iterations N.
+        found = [p for p in complete_checkpoints(self.state) if int(p.name.split("-")[1]) <= self.args.iterations]
+        if not found:
+            return False
+        path = found[-1]
+        tensors, saved = read_checkpoint(path)
+        _check_args(saved["args"], self.args, path)
+        for name, module in self.modules().items():
+            module.load_state_dict({k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")})
+        load_optimizer_state(self.opt, "opt", tensors, saved["optimizer"])
+        self.gen.set_state(tensors["generator"])
+        self.step, self.text_loss, self.losses = saved["iteration"], saved["text_loss"], saved["losses"]
+        _log(f"resumed from {path} (iteration {self.step})")
+        return True
+
+    def modules(self) -> dict[str, torch.nn.Module]:
+        return {"unet": self.unet, "text": self.text_encoder, "ema_unet": self.ema_unet, "ema_text": self.ema_text}
+
+    def train(self, latents: tuple[torch.Tensor, torch.Tensor], token_ids: torch.Tensor, scaling: float) -> None:
+        args = self.args
+        empty_ids = self.tokenize([""])[0]
+        alphas_cumprod = scheduler().alphas_cumprod.float()  # [1000]
+        snr = alphas_cumprod / (1 - alphas_cumprod)
+        weight = torch.clamp(snr, max=5.0) / snr  # min-SNR-5 weights for epsilon prediction
+        mean, std = latents
+        t0, first = time.time(), self.step
+        while self.step < args.iterations:
+            step, gen = self.step, self.gen
+            for g in self.opt.param_groups:
+                g["lr"] = _warmup_lr(step, args.lr, args.warmup)
+            idx = torch.randint(len(mean), (args.batch_size,), generator=gen)
+            x0 = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen)) * scaling
+            ids = token_ids[idx].clone()
+            ids[torch.rand(args.batch_size, generator=gen) < args.caption_dropout] = empty_ids
+            t = torch.randint(0, 1000, (args.batch_size,), generator=gen)
+            eps = torch.randn(x0.shape, generator=gen)
+            a = alphas_cumprod[t].view(-1, 1, 1, 1)
+            x_t = a.sqrt() * x0 + (1 - a).sqrt() * eps  # DDPM forward process
+            pred = self.unet(x_t, t, encoder_hidden_states=self.text_encoder(ids)[0]).sample
+            per = (pred - eps).pow(2).mean(dim=(1, 2, 3))
+            loss = (weight[t] * per).mean()
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+            self.opt.step()
+            decay = min(args.ema_decay, (1 + step) / (10 + step))
+            _ema_update(self.ema_unet, self.unet, decay)
+            _ema_update(self.ema_text, self.text_encoder, decay)
+            self.losses.append(per.mean().item())
+            self.step += 1
+            _progress("unet", step, args.iterations, t0, first, eps_mse=np.mean(self.losses[-100:]))
+            if self.step % args.checkpoint_every == 0 or self.step == args.iterations:
+                self.save()
 
 
-# ----------------------------------------------------------------------------- stage 3: save
+def _state_args(args) -> dict:
+    return {k: getattr(args, k) for k in _STATE_ARGS}
+
+
+def _check_args(saved: dict, args, where: Path) -> None:
+    differ = {k: (v, getattr(args, k)) for k, v in saved.items() if getattr(args, k) != v}
+    if differ:
+        shown = ", ".join(f"--{k.replace('_', '-')} {new} (saved {old})" for k, (old, new) in differ.items())
+        raise SystemExit(f"error: {where} was trained with other settings: {shown}; "
+                         f"use the same ones or another --state")
+
+
+# ----------------------------------------------------------------------------- stage 4: save
 
 
 def build_pipeline(vae, unet, text_encoder, tokenizer):
@@ -228,13 +343,17 @@ def build_pipeline(vae, unet, text_encoder, tokenizer):
 
 
 def save_pipeline(pipe, out: Path) -> None:
+    """Write the pipeline into a temporary folder beside ``out``, then swap it in."""
     from dmdcli.shapes.tokenizer import write_shapes_tokenizer_files
 
-    out.mkdir(parents=True, exist_ok=True)
-    pipe.save_pretrained(out, safe_serialization=True)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipe.save_pretrained(tmp, safe_serialization=True)
     # transformers 5 writes only tokenizer.json; keep vocab.json + merges.txt for transformers 4.
-    if not (out / "tokenizer" / "vocab.json").is_file():
-        write_shapes_tokenizer_files(out / "tokenizer")
+    if not (tmp / "tokenizer" / "vocab.json").is_file():
+        write_shapes_tokenizer_files(tmp / "tokenizer")
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
 
 
 def evaluate(pipe_dir: Path, n: int, seed: int, steps: int = 25, guidance: float = 4.0) -> dict:
@@ -246,78 +365,80 @@ def evaluate(pipe_dir: Path, n: int, seed: int, steps: int = 25, guidance: float
     return alignment_report(images, captions)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None):
     p = argparse.ArgumentParser(prog="python -m dmdcli.shapes.train_teacher",
-                                description="Train the shapes-world teacher (CPU, deterministic).")
+                                description="Train the shapes-world teacher (CPU, deterministic, resumable).")
     p.add_argument("out_dir")
+    p.add_argument("--state", default=None, help="training state folder (default OUT_DIR.state)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-seed", type=int, default=None, help="world stream of the training scenes (1000 + seed)")
     p.add_argument("--num-scenes", type=int, default=40000, help="training images rendered once")
-    p.add_argument("--vae-iterations", type=int, default=800)
-    p.add_argument("--vae-batch-size", type=int, default=16)
+    p.add_argument("--vae-iterations", type=int, default=2000)
+    p.add_argument("--vae-batch-size", type=int, default=32)
     p.add_argument("--vae-lr", type=float, default=2e-3)
     p.add_argument("--kl-weight", type=float, default=1e-6)
-    p.add_argument("--iterations", type=int, default=2600, help="UNet + text encoder iterations")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=8e-4)
-    p.add_argument("--warmup", type=int, default=200)
-    p.add_argument("--ema-decay", type=float, default=0.998)
+    p.add_argument("--text-iterations", type=int, default=1500, help="text encoder pretraining iterations")
+    p.add_argument("--iterations", type=int, default=12000, help="UNet + text encoder iterations")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup", type=int, default=300)
+    p.add_argument("--ema-decay", type=float, default=0.999)
     p.add_argument("--caption-dropout", type=float, default=0.1)
+    p.add_argument("--checkpoint-every", type=int, default=500)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--eval-prompts", type=int, default=0, help="alignment check on this many prompts after saving")
     args = p.parse_args(argv)
-    data_seed = 1000 + args.seed if args.data_seed is None else args.data_seed
+    if args.data_seed is None:
+        args.data_seed = 1000 + args.seed
+    return args
 
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.manual_seed(args.seed)
-    gen = torch.Generator().manual_seed(args.seed)
     start = time.time()
     out = Path(args.out_dir)
+    state = Path(args.state) if args.state else out.with_name(out.name + ".state")
+    state.mkdir(parents=True, exist_ok=True)
 
-    _log(f"rendering {args.num_scenes} scenes of world seed {data_seed}")
-    train_scenes = world.scenes(data_seed, args.num_scenes)
+    _log(f"rendering {args.num_scenes} scenes of world seed {args.data_seed}")
+    train_scenes = world.scenes(args.data_seed, args.num_scenes)
     images = world.render_array(train_scenes)
-    captions = [world.caption(s) for s in train_scenes]
+    vae, vae_mse = load_or_train_vae(images, args, state)
+    latents = encode_all(vae, images)
+    del images
 
-    vae, vae_mse = train_vae(images, args, gen)
-    mean, std = encode_all(vae, images)
-    args.scaling_factor = float(1.0 / mean.add(std * torch.randn(mean.shape, generator=gen)).std())
-    vae.register_to_config(scaling_factor=args.scaling_factor)
-    _log(f"vae done: mse {vae_mse:.5f}, scaling factor {args.scaling_factor:.4f}")
+    trainer = Trainer(args, state)
+    token_ids = trainer.tokenize([world.caption(s) for s in train_scenes])
+    if not trainer.resume():
+        labels = torch.from_numpy(np.stack([world.scene_labels(s) for s in train_scenes]))
+        trainer.text_loss = pretrain_text_encoder(trainer.text_encoder, token_ids, labels, args, trainer.gen)
+        trainer.ema_text.load_state_dict(trainer.text_encoder.state_dict())
+        trainer.save()  # iteration 0: the pretrained text encoder
+    trainer.train(latents, token_ids, vae.config.scaling_factor)
 
-    tokenizer = make_shapes_tokenizer()
-    tok = lambda texts: tokenizer(texts, padding="max_length", max_length=MAX_TOKEN_LENGTH,  # noqa: E731
-                                  truncation=True, return_tensors="pt").input_ids
-    token_ids, empty_ids = tok(captions), tok([""])[0]
-    unet, text_encoder, tokenizer, eps_mse = train_unet((mean, std), token_ids, empty_ids, args, gen)
-
-    pipe = build_pipeline(vae, unet, text_encoder, tokenizer)
+    pipe = build_pipeline(vae, trainer.ema_unet, trainer.ema_text, trainer.tokenizer)
     save_pipeline(pipe, out)
-    wall = time.time() - start
-    record = {
-        "command": ("python -m dmdcli.shapes.train_teacher " + shlex.join(sys.argv[1:] if argv is None else argv)).strip(),
-        "seed": args.seed, "data_seed": data_seed, "num_scenes": args.num_scenes,
-        "vae_iterations": args.vae_iterations, "iterations": args.iterations,
-        "batch_size": args.batch_size, "lr": args.lr, "threads": args.threads,
-        "wall_time_s": round(wall, 1),
-        "final_vae_mse": round(vae_mse, 6), "final_eps_mse": round(eps_mse, 5),
-        "scaling_factor": args.scaling_factor,
-        "torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
-    }
     import diffusers
     import transformers
-    record.update(diffusers=diffusers.__version__, transformers=transformers.__version__)
+    eps_mse = float(np.mean(trainer.losses[-200:])) if trainer.losses else float("nan")
+    record = {
+        "command": ("python -m dmdcli.shapes.train_teacher " + shlex.join(sys.argv[1:] if argv is None else argv)).strip(),
+        **_state_args(args), "iterations": args.iterations, "threads": args.threads,
+        "wall_time_s_this_run": round(time.time() - start, 1),
+        "final_vae_mse": round(vae_mse, 6), "final_text_loss": round(trainer.text_loss, 5),
+        "final_eps_mse": round(eps_mse, 5), "scaling_factor": vae.config.scaling_factor,
+        "torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
+        "diffusers": diffusers.__version__, "transformers": transformers.__version__,
+    }
     (out / "TRAINING.json").write_text(json.dumps(record, indent=2) + "\n")
     if args.eval_prompts > 0:
-        try:
-            record["eval"] = evaluate(out, args.eval_prompts, seed=7)
-            record["eval"].update(steps=25, guidance_scale=4.0, world_seed=7)
-            _log(f"alignment: {record['eval']}")
-        except Exception as e:  # the weights are saved; the check is extra
-            _log(f"evaluation failed: {type(e).__name__}: {e}")
+        record["eval"] = evaluate(out, args.eval_prompts, seed=7)
+        record["eval"].update(steps=25, guidance_scale=4.0, world_seed=7)
+        _log(f"alignment: {record['eval']}")
         (out / "TRAINING.json").write_text(json.dumps(record, indent=2) + "\n")
-    _log(f"saved to {out} in {wall / 60:.1f} min")
+    _log(f"saved to {out} in {(time.time() - start) / 60:.1f} min")
     return 0
 
 
