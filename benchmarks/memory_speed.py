@@ -54,7 +54,7 @@ def measure(arch: str, layout: str, args, spec) -> dict:
         fake_updates_per_gen=1, data="random", warmup_steps=1, guidance_scale=8.0, **LAYOUTS[layout],
     )
     estimate = estimate_memory(spec, config, args.resolution, on_cuda=cuda)
-    not_loaded = estimate.parameters["text encoders"] + estimate.parameters["VAE (fp32)"]
+    not_loaded = estimate.parameters.get("text encoders", 0.0) + estimate.parameters["VAE (fp32)"]  # absent with cached prompts
 
     torch.manual_seed(0)
     if cuda:

@@ -43,3 +43,13 @@ def test_dry_run_prints_the_resolved_configuration(sdxl_configs):
     assert result.exit_code == 0, result.stderr
     assert "lora_rank = 64" in result.stderr and "estimated peak" in result.stderr
     assert result.stdout == ""
+
+
+def test_cached_prompts_take_the_text_encoders_out_of_the_peak(sdxl_configs):
+    cached = dry_run(sdxl_configs, "--steps", "4", "--lora-rank", "64")
+    resident = dry_run(sdxl_configs, "--steps", "4", "--lora-rank", "64", "--no-cache-prompts")
+    text = resident["parameters"]["text encoders"]
+    assert text == pytest.approx(0.817e9 * 2 / 2**30, rel=0.02)  # CLIP ViT-L + OpenCLIP bigG in bf16
+    assert "text encoders" not in cached["parameters"]
+    assert cached["startup_only"] == {"text encoders (dropped once prompts are cached)": text}
+    assert cached["peak"] == pytest.approx(resident["peak"] - text)

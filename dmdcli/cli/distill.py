@@ -73,6 +73,7 @@ def distill(
     max_grad_norm: Annotated[Optional[float], _opt("Gradient clipping norm (default 10).", OPT, "--max-grad-norm")] = None,
     mixed_precision: Annotated[Optional[str], _opt("bf16 | no | auto (bf16 on CUDA, fp32 on CPU).", OPT, "--mixed-precision")] = None,
     gradient_checkpointing: Annotated[Optional[bool], _opt("Recompute activations to save memory.", OPT, "--gradient-checkpointing/--no-gradient-checkpointing")] = None,
+    cache_prompts: Annotated[Optional[bool], _opt("Encode every prompt once at start-up and keep the conditionings on the CPU, so the text encoders leave the GPU (default on; off or over 8 GiB: encode on the fly).", OPT, "--cache-prompts/--no-cache-prompts")] = None,
     seed: Annotated[Optional[int], _opt("Random seed (default 0).", OPT, "--seed")] = None,
     skip_nonfinite: Annotated[Optional[bool], _opt("Skip and count updates with a non-finite loss or gradient instead of stopping.", OPT, "--skip-nonfinite/--no-skip-nonfinite")] = None,
     out: Annotated[Optional[str], _opt("Run folder (default runs/<teacher>-<steps>step).", OUT, "--out")] = None,

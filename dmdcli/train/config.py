@@ -104,6 +104,9 @@ class DistillConfig:
     mixed_precision: str = "auto"
     """bf16 | no | auto (bf16 on CUDA, fp32 on CPU)."""
     gradient_checkpointing: bool = False
+    cache_prompts: bool = True
+    """Encode every prompt once at start-up, keep the conditionings on the CPU and drop the text
+    encoders (falls back to encoding on the fly when the cache would exceed 8 GiB of host memory)."""
     seed: int = 0
 
     # -- outputs -----------------------------------------------------------------------------
@@ -243,6 +246,7 @@ def write_config(config: DistillConfig, path: Path, extra: dict[str, Any] | None
 RESUMABLE_KEYS = {
     "iterations", "out", "log_every", "sample_every", "grid_size", "teacher_grid_steps",
     "checkpoint_every", "keep_checkpoints", "skip_nonfinite",
+    "cache_prompts",  # where the conditionings are computed, not what they are (and absent from older checkpoints)
 }
 
 

@@ -11,7 +11,7 @@ import shutil
 import signal
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -21,6 +21,7 @@ from dmdcli.core.denoiser import Cond, expand_cond
 from dmdcli.core.schedule import student_timesteps
 from dmdcli.data.images import RealLatents, load_or_build_latents
 from dmdcli.data.pairs import Pairs
+from dmdcli.data.prompt_cache import GIB, PromptCache, build_prompt_cache
 from dmdcli.data.prompts import read_prompts
 from dmdcli.errors import DmdError, UsageError
 from dmdcli.models.lora import FAKE_SCORE_ADAPTER, LORA_TARGET_MODULES, load_lora_state_dict, lora_state_dict
@@ -86,25 +87,57 @@ class Data:
     prompts: list[str]
     real: RealLatents | None
     pairs: Pairs | None = None  # DMD v1's regression pairs
+    cache: PromptCache | None = None  # every prompt above encoded once (`cache_prompts`)
+    _rows: list[torch.Tensor] = field(default_factory=list, repr=False)  # cache rows of each of _lists()
+
+    def _lists(self) -> list[list[str]]:
+        return [self.prompts, self.real.captions if self.real else [], self.pairs.prompts if self.pairs else []]
+
+    def cache_prompts(self, teacher: Teacher, ui: UI, extra: list[str]) -> PromptCache | None:
+        """Encode every prompt of the data and `extra` once, then drop the teacher's text encoders.
+
+        None (and the encoders stay) when the cache would not fit in host memory: prompts are then
+        encoded on the fly, as with --no-cache-prompts.
+        """
+        lists = self._lists()
+        count = len(set().union(*lists, extra))
+        with ui.task(f"encoding {count} prompts once (cached on the CPU)", total=count) as update:
+            cache, size = build_prompt_cache(teacher.encode_prompts, [p for ps in lists for p in ps] + extra, teacher.dtype,
+                                             teacher.device, progress=lambda done: update(done, None))
+        if cache is None:
+            ui.message(f"prompt cache: {count} prompts would take {size / GIB:.1f} GiB of host memory: encoding them on the fly "
+                       f"instead (the text encoders stay on {teacher.device})")
+            return None
+        self.cache, self._rows = cache, [cache.rows(ps) for ps in lists]
+        teacher.release_text_encoders()
+        ui.message(f"prompt cache: {count} prompts, {size / GIB:.2f} GiB on the CPU; text encoders released")
+        return cache
+
+    def _cond(self, teacher: Teacher, which: int, picks: list[int]) -> Cond:
+        """Conditioning of rows `picks` of prompt list `which` (0 prompts, 1 captions, 2 pair prompts)."""
+        if self.cache is not None:
+            return self.cache.take(self._rows[which][picks])
+        prompts = self._lists()[which]
+        return teacher.encode_prompts([prompts[i] for i in picks])
 
     def batch(self, teacher: Teacher, seed: int, iteration: int, batch_size: int, uncond: Cond | None, rank: int = 0) -> Batch:
         """This process's batch of one iteration, drawn from (seed, iteration, rank) alone, so a
         run is the same whether or not it was interrupted, and processes draw different data."""
         g = torch.Generator().manual_seed(seed * 7919 + iteration + rank * 1_000_000_007)
         picks = torch.randint(len(self.prompts), (batch_size,), generator=g).tolist()
-        cond = teacher.encode_prompts([self.prompts[i] for i in picks])
+        cond = self._cond(teacher, 0, picks)
         latent_shape = (batch_size, teacher.spec.latent_channels, *teacher.latent_size)
         noise = torch.randn(latent_shape, device=teacher.device)
         batch = Batch(noise=noise, cond=cond, uncond=expand_cond(uncond, batch_size) if uncond else None)
         if self.real is not None:
             real = torch.randint(len(self.real), (batch_size,), generator=g).tolist()
             batch.x_real = self.real.latents[real].to(teacher.device)
-            batch.real_cond = teacher.encode_prompts([self.real.captions[i] for i in real])
+            batch.real_cond = self._cond(teacher, 1, real)
         if self.pairs is not None:
             pick = torch.randint(len(self.pairs), (batch_size,), generator=g).tolist()
             batch.pair_noise = self.pairs.noise[pick].to(teacher.device)
             batch.pair_latent = self.pairs.latent[pick].to(teacher.device)
-            batch.pair_cond = teacher.encode_prompts([self.pairs.prompts[i] for i in pick])
+            batch.pair_cond = self._cond(teacher, 2, pick)
         return batch
 
 
@@ -179,6 +212,10 @@ class Distillation:
         self.regression_distance, self.regression_distance_name = None, None
         if config.regression_weight > 0:
             self._load_regression(config, device)
+        # Every prompt of the run (the grid's are among the data's; "" for the GAN probe) encoded
+        # once, so the text encoders leave the accelerator; no random numbers are drawn.
+        cache = self.data.cache_prompts(self.teacher, ui, [""]) if config.cache_prompts else None
+        self.encode = cache.encode if cache is not None else self.teacher.encode_prompts
 
         self.schedule = self.spec.schedule()
         conditioning = config.conditioning_timestep
@@ -192,7 +229,7 @@ class Distillation:
         set_seed(config.seed, device_specific=True)
         self._build_networks(device, frozen_dtype)
         self.grid = SampleGrid(
-            self.data.prompts, config.grid_size, config.seed, self.teacher.encode_prompts, self.teacher.decode,
+            self.data.prompts, config.grid_size, config.seed, self.encode, self.teacher.decode,
             (self.spec.latent_channels, *self.teacher.latent_size), device,
         )
 
@@ -246,7 +283,7 @@ class Distillation:
         probe = None
         if self.data.real is not None:
             latent = torch.zeros(1, self.spec.latent_channels, *self.teacher.latent_size, device=device)
-            empty = self.teacher.encode_prompts([""])
+            empty = self.encode([""])
             probe = lambda fake_score: fake_score.bottleneck(latent, torch.zeros(1, dtype=torch.long, device=device), empty)  # noqa: E731
         self.nets = build_networks(self.teacher.unet, self.config, device, frozen_dtype, probe)
         self.generator_unet, self.fake_unet, self.head = self.nets.generator_unet, self.nets.fake_unet, self.nets.head
@@ -435,6 +472,7 @@ class Distillation:
             "teacher": self.spec.source, "layout": self.spec.layout, "prediction_type": self.spec.prediction_type,
             "resolution": self.resolution, "timesteps": self.timesteps, "out": str(self.out),
             "gan": self.data.real is not None, "num_prompts": len(self.data.prompts), "method": self.config.method,
+            "cached_prompts": len(self.data.cache) if self.data.cache is not None else None,
             "regression_distance": self.regression_distance_name,
             "regression_pairs": str(self.data.pairs.folder) if self.data.pairs is not None else None,
         }

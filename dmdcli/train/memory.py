@@ -11,12 +11,14 @@ The peak is that of the heavier of the two phases of an iteration:
                    and mid blocks (A_down), and the generator's gradients;
   fake score phase: fake score forward with grad (A) + two classifier passes (2·A_down), and
                    the fake score's (and head's) gradients;
-on top of what persists: weights of all networks, AdamW moments (2 × fp32), text encoders, VAE.
+on top of what persists: weights of all networks, AdamW moments (2 × fp32), the VAE, and the text
+encoders unless the prompts are cached (`cache_prompts`, the default): then the encoders are on the
+accelerator only at start-up, before the networks are built, and are listed apart, outside the peak.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -35,10 +37,12 @@ class MemoryEstimate:
     activations: float
     peak: float
     phase: str  # which phase sets the peak
+    startup_only: dict[str, float] = field(default_factory=dict)  # GiB freed before training (not in the peak)
 
     def rows(self) -> list[tuple[str, float]]:
         return [
             *((f"weights: {name}", gib) for name, gib in self.parameters.items()),
+            *((f"start-up only: {name}", gib) for name, gib in self.startup_only.items()),
             ("AdamW moments (fp32)", self.optimizer_states),
             ("gradients (peak phase)", self.gradients),
             ("activations per sample", self.activations_per_sample),
@@ -133,9 +137,10 @@ def estimate_memory(spec: TeacherSpec, config, resolution: int, on_cuda: bool) -
         "teacher UNet (frozen)": p_unet * frozen,
         "generator": 4 * p_gen + (4 * p_unet if lora and not shared else 0),  # + its own fp32 base copy
         "fake score + classifier": 4 * (p_fake + p_head),
-        "text encoders": p_text * frozen,
         "VAE (fp32)": p_vae * 4,
     }
+    if not config.cache_prompts:  # else they leave the accelerator before the networks are built
+        weights["text encoders"] = p_text * frozen
     adam = 8 * (p_gen + p_fake + p_head)
     act, act_down = _saved_activations(unet, spec, resolution, compute, config.gradient_checkpointing)
     # Autocast keeps a bf16 copy of each trainable fp32 weight it casts, for the backward.
@@ -155,6 +160,7 @@ def estimate_memory(spec: TeacherSpec, config, resolution: int, on_cuda: bool) -
         activations=(top - grads) / GIB,
         peak=(static + top) / GIB,
         phase=phase,
+        startup_only={"text encoders (dropped once prompts are cached)": p_text * frozen / GIB} if config.cache_prompts else {},
     )
 
 

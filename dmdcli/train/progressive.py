@@ -96,6 +96,8 @@ class ProgressiveDistillation:
             self.data.prompts, config.grid_size, config.seed, self.teacher.encode_prompts, self.teacher.decode,
             (self.spec.latent_channels, *self.teacher.latent_size), self.device,
         )
+        if config.cache_prompts:  # the grid and the empty prompt are encoded above; the data's prompts once here
+            self.data.cache_prompts(self.teacher, ui, [])
         ui.message(f"progressive distillation: {config.teacher_steps} → {' → '.join(map(str, self.rounds))} steps, "
                    f"{config.iterations_per_round} iterations a round, {prediction} parameterization, {config.loss_weight} weight"
                    + ("" if config.data else "; data-free (z_t from the teacher's DDIM trajectories)"))

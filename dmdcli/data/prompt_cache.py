@@ -1,0 +1,78 @@
+"""Every prompt a run uses, encoded once at start-up and kept on the CPU (`--cache-prompts`).
+
+Training, the GAN's real captions, the regression pairs, the sample grid and the empty prompt are
+encoded in batches before the first iteration; afterwards a batch of conditionings is a row
+lookup in CPU tensors moved to the device, and the text encoders can leave the accelerator.
+
+The cached rows are exactly what `Teacher.encode_prompts` returned for the batches they were
+encoded in. They are stored in the teacher's frozen dtype where that loses nothing (bf16 encoders
+produce bf16 values, so caching them in bf16 halves host memory), else in float32, and come back as
+float32, as `encode_prompts` returns them. Encoding consumes no random numbers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import Tensor
+
+from dmdcli.core.denoiser import Cond
+
+GIB = 2**30
+HOST_LIMIT = 8 * GIB  # per process: above this the run encodes on the fly instead
+ENCODE_BATCH = 64
+
+
+class PromptCache:
+    """Conditioning rows [N, ...] on the CPU, one per distinct prompt, fetched by row index."""
+
+    def __init__(self, table: Cond, rows: dict[str, int], device: torch.device):
+        self.table, self.row_of, self.device = table, rows, device
+
+    def __len__(self) -> int:
+        return len(self.row_of)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(v.numel() * v.element_size() for v in self.table.values())
+
+    def rows(self, prompts: list[str]) -> Tensor:
+        """The cache rows of `prompts` (a dictionary lookup, once per prompt list; KeyError if not cached)."""
+        return torch.tensor([self.row_of[p] for p in prompts], dtype=torch.long)
+
+    def take(self, rows: Tensor) -> Cond:
+        """The conditioning of cache rows `rows`, float32 on the device."""
+        return {k: v[rows].to(self.device, torch.float32) for k, v in self.table.items()}
+
+    def encode(self, prompts: list[str]) -> Cond:
+        """A stand-in for `Teacher.encode_prompts` on prompts that were cached."""
+        return self.take(self.rows(prompts))
+
+
+def build_prompt_cache(encode: Callable[[list[str]], Cond], prompts: Iterable[str], dtype: torch.dtype, device: torch.device,
+                       progress: Callable[[int], None] = lambda done: None, batch_size: int = ENCODE_BATCH,
+                       limit: int | None = None) -> tuple[PromptCache | None, int]:
+    """Encode every distinct prompt once, `batch_size` at a time.
+
+    Returns (cache, bytes): bytes is the host memory the cache takes, or, when that would exceed
+    `limit` (default HOST_LIMIT), would take; then the cache is None (known after one batch).
+    """
+    limit = HOST_LIMIT if limit is None else limit
+    distinct = list(dict.fromkeys(prompts))
+    table: Cond = {}
+    for start in range(0, len(distinct), batch_size):
+        cond = encode(distinct[start:start + batch_size])
+        if not table:
+            table = {k: torch.empty((len(distinct), *v.shape[1:]), dtype=dtype) for k, v in cond.items()}
+            needed = sum(v.numel() * v.element_size() for v in table.values())
+            if needed > limit:
+                return None, needed
+        for k, v in cond.items():
+            v = v.detach().cpu()
+            if table[k].dtype != v.dtype and not torch.equal(v.to(table[k].dtype).to(v.dtype), v):
+                table[k] = table[k].to(v.dtype)  # the narrower dtype would round these values: keep them whole
+            table[k][start:start + len(v)] = v
+        progress(min(start + batch_size, len(distinct)))
+    cache = PromptCache(table, {p: i for i, p in enumerate(distinct)}, device)
+    return cache, cache.nbytes
