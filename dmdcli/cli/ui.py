@@ -10,7 +10,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 
 def stderr_console() -> Console:
-    return Console(stderr=True, highlight=False)
+    console = Console(stderr=True, highlight=False)
+    if not console.is_terminal:  # a log file or pipe: one message a line, never wrapped at 80 columns
+        console.soft_wrap = True
+    return console
 
 
 def format_logs(logs: dict | None) -> str:

@@ -157,7 +157,7 @@ def train_vae(images: np.ndarray, args, gen: torch.Generator):
 
 
 def load_or_train_vae(images: np.ndarray, args, state: Path):
-    """The stage-1 VAE from ``state/vae`` if a run with the same arguments saved it, else trained."""
+    """The stage-1 VAE (and its record) from ``state/vae`` if a run with the same arguments saved it, else trained."""
     from diffusers import AutoencoderKL
 
     folder, record = state / "vae", state / "vae.json"
@@ -165,16 +165,17 @@ def load_or_train_vae(images: np.ndarray, args, state: Path):
         saved = json.loads(record.read_text())
         _check_args(saved["args"], args, record)
         _log(f"vae: reusing {folder}")
-        return AutoencoderKL.from_pretrained(folder).eval().requires_grad_(False), saved["final_mse"]
-    gen = torch.Generator().manual_seed(args.seed)
+        return AutoencoderKL.from_pretrained(folder).eval().requires_grad_(False), saved
+    gen, t0 = torch.Generator().manual_seed(args.seed), time.time()
     vae, mse = train_vae(images, args, gen)
     mean, std = encode_all(vae, images)
     scaling = float(1.0 / mean.add(std * torch.randn(mean.shape, generator=gen)).std())
     vae.register_to_config(scaling_factor=scaling)
     vae.save_pretrained(folder, safe_serialization=True)
-    record.write_text(json.dumps({"args": _state_args(args), "final_mse": mse}, indent=2) + "\n")
+    record.write_text(json.dumps({"args": _state_args(args), "final_mse": mse, "threads": args.threads,
+                                  "wall_time_s": round(time.time() - t0, 1)}, indent=2) + "\n")
     _log(f"vae done: mse {mse:.5f}, scaling factor {scaling:.4f}")
-    return vae, mse
+    return vae, json.loads(record.read_text())
 
 
 @torch.no_grad()
@@ -240,6 +241,7 @@ class Trainer:
         self.step = 0
         self.text_loss = float("nan")
         self.losses: list[float] = []
+        self.wall_time = 0.0  # seconds spent in this stage, over every run that resumed it
 
     def tokenize(self, texts: list[str]) -> torch.Tensor:
         return self.tokenizer(texts, padding="max_length", max_length=MAX_TOKEN_LENGTH, truncation=True,
@@ -255,7 +257,7 @@ class Trainer:
         tensors["generator"] = self.gen.get_state()
         write_checkpoint(self.state, self.step, tensors, {
             "args": _state_args(self.args), "optimizer": opt_state, "text_loss": self.text_loss,
-            "losses": self.losses[-200:]}, keep=0)
+            "losses": self.losses[-200:], "wall_time_s": self.wall_time, "threads": torch.get_num_threads()}, keep=0)
 
     def resume(self) -> bool:
         from dmdcli.train.checkpoint import complete_checkpoints, load_optimizer_state, read_checkpoint
@@ -273,6 +275,7 @@ class Trainer:
         load_optimizer_state(self.opt, "opt", tensors, saved["optimizer"])
         self.gen.set_state(tensors["generator"])
         self.step, self.text_loss, self.losses = saved["iteration"], saved["text_loss"], saved["losses"]
+        self.wall_time = saved["wall_time_s"]
         _log(f"resumed from {path} (iteration {self.step})")
         return True
 
@@ -288,7 +291,7 @@ class Trainer:
         mean, std = latents
         t0, first = time.time(), self.step
         while self.step < args.iterations:
-            step, gen = self.step, self.gen
+            step, gen, started = self.step, self.gen, time.time()
             for g in self.opt.param_groups:
                 g["lr"] = _warmup_lr(step, args.lr, args.warmup)
             idx = torch.randint(len(mean), (args.batch_size,), generator=gen)
@@ -311,6 +314,7 @@ class Trainer:
             _ema_update(self.ema_text, self.text_encoder, decay)
             self.losses.append(per.mean().item())
             self.step += 1
+            self.wall_time += time.time() - started
             _progress("unet", step, args.iterations, t0, first, eps_mse=np.mean(self.losses[-100:]))
             if self.step % args.checkpoint_every == 0 or self.step == args.iterations:
                 self.save()
@@ -405,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
     _log(f"rendering {args.num_scenes} scenes of world seed {args.data_seed}")
     train_scenes = world.scenes(args.data_seed, args.num_scenes)
     images = world.render_array(train_scenes)
-    vae, vae_mse = load_or_train_vae(images, args, state)
+    vae, vae_record = load_or_train_vae(images, args, state)
     latents = encode_all(vae, images)
     del images
 
@@ -426,8 +430,8 @@ def main(argv: list[str] | None = None) -> int:
     record = {
         "command": ("python -m dmdcli.shapes.train_teacher " + shlex.join(sys.argv[1:] if argv is None else argv)).strip(),
         **_state_args(args), "iterations": args.iterations, "threads": args.threads,
-        "wall_time_s_this_run": round(time.time() - start, 1),
-        "final_vae_mse": round(vae_mse, 6), "final_text_loss": round(trainer.text_loss, 5),
+        "unet_stage_wall_time_s": round(trainer.wall_time, 1),
+        "vae_stage": {k: v for k, v in vae_record.items() if k != "args"}, "final_text_loss": round(trainer.text_loss, 5),
         "final_eps_mse": round(eps_mse, 5), "scaling_factor": vae.config.scaling_factor,
         "torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
         "diffusers": diffusers.__version__, "transformers": transformers.__version__,
