@@ -275,7 +275,7 @@ class Trainer:
         load_optimizer_state(self.opt, "opt", tensors, saved["optimizer"])
         self.gen.set_state(tensors["generator"])
         self.step, self.text_loss, self.losses = saved["iteration"], saved["text_loss"], saved["losses"]
-        self.wall_time = saved["wall_time_s"]
+        self.wall_time = saved.get("wall_time_s", 0.0)  # absent in checkpoints of the first v2 run
         _log(f"resumed from {path} (iteration {self.step})")
         return True
 
