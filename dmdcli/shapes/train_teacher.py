@@ -19,7 +19,8 @@ left off when started again with the same arguments. Training state lives in ``-
 3. **UNet** — a UNet2DConditionModel with cross-attention at every level, trained jointly with
    the text encoder on epsilon prediction with SD1.5's schedule (1000 steps, scaled_linear
    0.00085 → 0.012) and min-SNR-5 weights (Hang et al. 2023); 10% of captions are "" so
-   classifier-free guidance works. Constant learning rate after a warm-up, so a run can be
+   classifier-free guidance works, and the noise has an offset (a per-channel constant, std
+   ``--offset-noise``) so the background follows the caption. Constant learning rate after a warm-up, so a run can be
    extended by raising ``--iterations``; exponential moving averages are what ships.
 4. **Save** — a StableDiffusionPipeline (safety_checker None, EulerDiscreteScheduler) in
    safetensors, plus ``TRAINING.json`` (command, seeds, iterations, wall time, versions, losses,
@@ -50,9 +51,11 @@ from dmdcli.shapes.tokenizer import MAX_TOKEN_LENGTH, make_shapes_tokenizer
 
 TEXT_HIDDEN = 64
 LATENT_CHANNELS = 4
-# Arguments that change what is trained; a resumed run must agree on all of them.
-_STATE_ARGS = ("seed", "data_seed", "num_scenes", "vae_iterations", "vae_batch_size", "vae_lr", "kl_weight",
-               "text_iterations", "batch_size", "lr", "warmup", "ema_decay", "caption_dropout")
+# Arguments that change what is trained: a resumed run must agree on all of them (the saved VAE
+# only on the first ones).
+_VAE_ARGS = ("seed", "data_seed", "num_scenes", "vae_iterations", "vae_batch_size", "vae_lr", "kl_weight")
+_STATE_ARGS = _VAE_ARGS + ("text_iterations", "batch_size", "lr", "warmup", "ema_decay", "caption_dropout",
+                           "offset_noise")
 
 
 def vae_config() -> dict:
@@ -163,7 +166,7 @@ def load_or_train_vae(images: np.ndarray, args, state: Path):
     folder, record = state / "vae", state / "vae.json"
     if record.is_file():
         saved = json.loads(record.read_text())
-        _check_args(saved["args"], args, record)
+        _check_args({k: saved["args"].get(k) for k in _VAE_ARGS}, args, record)
         _log(f"vae: reusing {folder}")
         return AutoencoderKL.from_pretrained(folder).eval().requires_grad_(False), saved
     gen, t0 = torch.Generator().manual_seed(args.seed), time.time()
@@ -172,7 +175,7 @@ def load_or_train_vae(images: np.ndarray, args, state: Path):
     scaling = float(1.0 / mean.add(std * torch.randn(mean.shape, generator=gen)).std())
     vae.register_to_config(scaling_factor=scaling)
     vae.save_pretrained(folder, safe_serialization=True)
-    record.write_text(json.dumps({"args": _state_args(args), "final_mse": mse, "threads": args.threads,
+    record.write_text(json.dumps({"args": {k: getattr(args, k) for k in _VAE_ARGS}, "final_mse": mse, "threads": args.threads,
                                   "wall_time_s": round(time.time() - t0, 1)}, indent=2) + "\n")
     _log(f"vae done: mse {mse:.5f}, scaling factor {scaling:.4f}")
     return vae, json.loads(record.read_text())
@@ -299,7 +302,11 @@ class Trainer:
             ids = token_ids[idx].clone()
             ids[torch.rand(args.batch_size, generator=gen) < args.caption_dropout] = empty_ids
             t = torch.randint(0, 1000, (args.batch_size,), generator=gen)
+            # Offset noise (a per-image, per-channel constant added to the noise): at t = 999 SD's
+            # schedule still leaks sqrt(alpha_bar) ≈ 0.07 of the image, so without it the UNet
+            # reads the background from the mean of the initial noise instead of the caption.
             eps = torch.randn(x0.shape, generator=gen)
+            eps = eps + args.offset_noise * torch.randn(*x0.shape[:2], 1, 1, generator=gen)
             a = alphas_cumprod[t].view(-1, 1, 1, 1)
             x_t = a.sqrt() * x0 + (1 - a).sqrt() * eps  # DDPM forward process
             pred = self.unet(x_t, t, encoder_hidden_states=self.text_encoder(ids)[0]).sample
@@ -325,7 +332,7 @@ def _state_args(args) -> dict:
 
 
 def _check_args(saved: dict, args, where: Path) -> None:
-    differ = {k: (v, getattr(args, k)) for k, v in saved.items() if getattr(args, k) != v}
+    differ = {k: (v, getattr(args, k)) for k, v in saved.items() if getattr(args, k) != v}  # v None: not saved
     if differ:
         shown = ", ".join(f"--{k.replace('_', '-')} {new} (saved {old})" for k, (old, new) in differ.items())
         raise SystemExit(f"error: {where} was trained with other settings: {shown}; "
@@ -388,6 +395,7 @@ def parse_args(argv: list[str] | None):
     p.add_argument("--warmup", type=int, default=300)
     p.add_argument("--ema-decay", type=float, default=0.999)
     p.add_argument("--caption-dropout", type=float, default=0.1)
+    p.add_argument("--offset-noise", type=float, default=0.1, help="std of the per-channel constant added to the noise")
     p.add_argument("--checkpoint-every", type=int, default=500)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--eval-prompts", type=int, default=0, help="alignment check on this many prompts after saving")
