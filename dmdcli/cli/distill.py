@@ -115,7 +115,11 @@ def distill(
     if not run.accelerator.is_main_process:  # under torchrun / accelerate launch, one process reports
         return
     ui.message(f"student: {summary['student']}  (samples: {summary['grid']})")
-    ui.message(f"next: dmd sample --model {summary['out']} --prompt \"...\"  |  dmd eval --model {summary['out']} --fid DIR  |  "
+    if config.teacher == "shapes":  # the built-in world: a prompt it knows, and its own benchmark
+        prompt, fid = "a large red circle at the top left on a white background", ""
+    else:
+        prompt, fid = "...", " --fid DIR"
+    ui.message(f"next: dmd sample --model {summary['out']} --prompt \"{prompt}\"  |  dmd eval --model {summary['out']}{fid}  |  "
                f"dmd export --model {summary['out']} --format diffusers")
     if json_out:
         print_json(summary)
