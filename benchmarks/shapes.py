@@ -1,15 +1,18 @@
 """The shapes-world quality benchmark: does the DMD2 student match its 25-step teacher?
 
 Rows: the built-in teacher at 25 steps with CFG, the same teacher at 4 and at 1 step (what
-naive few-step sampling gives), and the 4-step and 1-step students distilled from it. Each row
-is one `dmd eval --fid shapes` call (FD-shapes, alignment, seconds and UNet evaluations per
-image, on N procedural prompts); missing students are distilled first with `dmd distill`.
+naive few-step sampling gives), and the 4-step and 1-step DMD2 students distilled from it; with
+``--methods dmd2,dmd,progressive`` also DMD (v1) and progressive-distillation students at 4 and
+1 step, on the same compute budget in iterations × batch (the recipe's, 400 × 16). Each row is
+one `dmd eval --fid shapes` call (FD-shapes, alignment, seconds and UNet evaluations per image,
+on N procedural prompts); missing students are distilled first with `dmd distill`, and the
+distillation's wall time is recorded beside the report.
 
     python benchmarks/shapes.py                              # 2000 samples, students in runs/
-    python benchmarks/shapes.py --num-samples 500 --student-iterations 400
+    python benchmarks/shapes.py --methods dmd2,dmd,progressive
 
 Prints a Markdown table (for the README) and the DMD2 paper's targets, met or not. Reports
-land in OUT/<row>/ (default benchmarks/results/shapes).
+land in OUT/<row>/ (default benchmarks/results/shapes), the table in OUT/table.md.
 """
 
 from __future__ import annotations
@@ -18,9 +21,14 @@ import argparse
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 GUIDANCE = 4.0  # the shapes recipe's real-score CFG, and the teacher rows' sampling CFG
+ITERATIONS = 400  # the shapes recipe's iterations (× batch 16): every student's budget
+PROGRESSIVE_TEACHER_STEPS = 32  # first round's teacher: DDIM 32 steps with CFG, halved each round
+DMD_PAIRS = 512  # DMD (v1)'s noise→image pairs (the paper: 25k–500k on real teachers)
+METHOD_NAMES = {"dmd2": "DMD2", "dmd": "DMD (v1)", "progressive": "progressive"}
 
 
 def run(cmd: list[str]) -> str:
@@ -31,15 +39,31 @@ def run(cmd: list[str]) -> str:
     return done.stdout
 
 
-def distill(run_dir: Path, steps: int, iterations: int | None) -> None:
+def distill_args(method: str, steps: int, iterations: int) -> list[str]:
+    """`dmd distill` options of one student; progressive splits the budget over its rounds."""
+    args = ["--recipe", "shapes", "--method", method, "--steps", str(steps)]
+    if method == "dmd":  # regression pairs: 25-step DDIM of the teacher, made once and cached
+        return args + ["--iterations", str(iterations), "--pairs", str(DMD_PAIRS)]
+    if method == "dmd2":
+        return args + ["--iterations", str(iterations)]
+    rounds = (PROGRESSIVE_TEACHER_STEPS // steps).bit_length() - 1
+    return args + ["--teacher-steps", str(PROGRESSIVE_TEACHER_STEPS), "--iterations-per-round", str(iterations // rounds)]
+
+
+def distill(run_dir: Path, method: str, steps: int, iterations: int, record: Path) -> None:
+    """Distill the student into `run_dir` unless it is there; its wall time goes to `record`."""
     if (run_dir / "student.safetensors").is_file():
         print(f"reusing the student in {run_dir}", file=sys.stderr)
         return
-    if (run_dir / "config.toml").is_file():  # stopped earlier: continue it
+    if method != "progressive" and (run_dir / "config.toml").is_file():  # stopped earlier: continue it
         cmd = ["dmd", "distill", "--resume", "--out", str(run_dir)]
     else:
-        cmd = ["dmd", "distill", "--recipe", "shapes", "--steps", str(steps), "--out", str(run_dir)]
-    run(cmd + (["--iterations", str(iterations)] if iterations else []))
+        cmd = ["dmd", "distill", *distill_args(method, steps, iterations), "--out", str(run_dir), "--overwrite"]
+    start = time.perf_counter()
+    summary = json.loads(run(cmd + ["--json", "--quiet"]).strip().splitlines()[-1])
+    record.parent.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps({"command": " ".join(cmd), "iterations": summary.get("iterations"),
+                                  "seconds": round(time.perf_counter() - start, 1)}) + "\n")
 
 
 def evaluate(model: str, out: Path, num_samples: int, steps: int | None, guidance: float | None) -> dict:
@@ -52,7 +76,7 @@ def evaluate(model: str, out: Path, num_samples: int, steps: int | None, guidanc
 
 def targets(rows: dict[str, dict]) -> list[tuple[str, bool]]:
     """The issue's targets, from the DMD2 paper's claim that a student can beat its teacher."""
-    teacher, s4, s1 = rows["teacher 25 steps"], rows["student 4 steps"], rows["student 1 step"]
+    teacher, s4, s1 = rows["teacher 25 steps"], rows["DMD2 4 steps"], rows["DMD2 1 step"]
     return [
         ("4-step student FD-shapes ≤ 25-step teacher's", s4["fd_shapes"] <= teacher["fd_shapes"]),
         ("1-step student FD-shapes ≤ 1.5 × 25-step teacher's", s1["fd_shapes"] <= 1.5 * teacher["fd_shapes"]),
@@ -63,42 +87,58 @@ def targets(rows: dict[str, dict]) -> list[tuple[str, bool]]:
     ]
 
 
-def table(rows: dict[str, dict]) -> str:
-    lines = ["| model | FD-shapes ↓ | alignment ↑ | s / image | UNet evals / image |",
-             "| --- | ---: | ---: | ---: | ---: |"]
+def table(rows: dict[str, dict], training: dict[str, dict]) -> str:
+    lines = ["| model | FD-shapes ↓ | alignment ↑ | s / image | UNet evals / image | distillation (CPU, 2 threads) |",
+             "| --- | ---: | ---: | ---: | ---: | --- |"]
     for name, m in rows.items():
+        t = training.get(name)
+        cost = f"{t['iterations']} its × 16, {t['seconds'] / 60:.1f} min" if t else ""
         lines.append(f"| {name} | {m['fd_shapes']:.2f} | {100 * m['alignment']:.1f}% | "
-                     f"{m['seconds_per_image']:.4f} | {m['nfe_per_image']:g} |")
+                     f"{m['seconds_per_image']:.4f} | {m['nfe_per_image']:g} | {cost} |")
     return "\n".join(lines)
+
+
+def step_name(steps: int) -> str:
+    return f"{steps} step{'s' if steps > 1 else ''}"
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--num-samples", type=int, default=2000)
-    p.add_argument("--student-4", type=Path, default=Path("runs/shapes-4step"), help="4-step run (distilled if missing)")
-    p.add_argument("--student-1", type=Path, default=Path("runs/shapes-1step"), help="1-step run (distilled if missing)")
-    p.add_argument("--student-iterations", type=int, default=None, help="iterations of missing students (recipe's)")
+    p.add_argument("--methods", default="dmd2", help="students to compare: a comma list of dmd2, dmd, progressive")
+    p.add_argument("--runs", type=Path, default=Path("runs"), help="students in RUNS/shapes-<method>-<steps>step (distilled if missing)")
+    p.add_argument("--iterations", type=int, default=ITERATIONS, help="each student's training iterations (batch 16)")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/shapes"))
     args = p.parse_args(argv)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if "dmd2" not in methods or any(m not in METHOD_NAMES for m in methods):
+        p.error(f"--methods must list dmd2 and any of {', '.join(METHOD_NAMES)} (got {args.methods!r})")
 
-    distill(args.student_4, 4, args.student_iterations)
-    distill(args.student_1, 1, args.student_iterations)
     plan = {  # row: (model, steps, CFG)
         "teacher 25 steps": ("shapes", 25, GUIDANCE),
         "teacher 4 steps": ("shapes", 4, GUIDANCE),
         "teacher 1 step": ("shapes", 1, GUIDANCE),
-        "student 4 steps": (str(args.student_4), None, None),
-        "student 1 step": (str(args.student_1), None, None),
     }
-    rows = {name: evaluate(model, args.out / name.replace(" ", "-"), args.num_samples, steps, cfg)
+    for method in methods:
+        for steps in (4, 1):
+            name, run_dir = f"{METHOD_NAMES[method]} {step_name(steps)}", args.runs / f"shapes-{method}-{steps}step"
+            distill(run_dir, method, steps, args.iterations, args.out / slug(name) / "distill.json")
+            plan[name] = (str(run_dir), None, None)
+    rows = {name: evaluate(model, args.out / slug(name), args.num_samples, steps, cfg)
             for name, (model, steps, cfg) in plan.items()}
+    training = {name: json.loads((args.out / slug(name) / "distill.json").read_text())
+                for name in rows if (args.out / slug(name) / "distill.json").is_file()}
     print(f"shapes world, {args.num_samples} prompts, teacher CFG {GUIDANCE:g}\n")
-    print(table(rows))
+    print(table(rows, training))
     print()
     for text, met in targets(rows):
         print(f"- {'met' if met else 'MISSED'}: {text}")
-    (args.out / "table.md").write_text(table(rows) + "\n")
+    (args.out / "table.md").write_text(table(rows, training) + "\n")
     return 0
+
+
+def slug(name: str) -> str:
+    return name.replace(" ", "-").replace("(", "").replace(")", "")
 
 
 if __name__ == "__main__":
