@@ -12,7 +12,8 @@ distillation's wall time is recorded beside the report.
     python benchmarks/shapes.py --methods dmd2,dmd,progressive
 
 Prints a Markdown table (for the README) and the DMD2 paper's targets, met or not. Reports
-land in OUT/<row>/ (default benchmarks/results/shapes), the table in OUT/table.md.
+land in OUT/<row>/ (default benchmarks/results/shapes), the table in OUT/table.md; a row whose
+student and report are already there is not made again (delete OUT/<row>/metrics.json to redo it).
 """
 
 from __future__ import annotations
@@ -51,27 +52,38 @@ def distill_args(method: str, steps: int, iterations: int) -> list[str]:
 
 
 def distill(run_dir: Path, method: str, steps: int, iterations: int, record: Path) -> None:
-    """Distill the student into `run_dir` unless it is there; its wall time goes to `record`."""
-    if (run_dir / "student.safetensors").is_file():
+    """Distill the student into `run_dir` unless it is there, extending a shorter DMD2/DMD run by
+    --resume; the wall time (summed over extensions) goes to `record`."""
+    done = json.loads(record.read_text()) if record.is_file() else None
+    if (run_dir / "student.safetensors").is_file() and (done is None or done["iterations"] >= iterations):
         print(f"reusing the student in {run_dir}", file=sys.stderr)
         return
-    if method != "progressive" and (run_dir / "config.toml").is_file():  # stopped earlier: continue it
-        cmd = ["dmd", "distill", "--resume", "--out", str(run_dir)]
+    if method != "progressive" and (run_dir / "config.toml").is_file():  # stopped earlier or shorter: continue it
+        cmd = ["dmd", "distill", "--resume", "--out", str(run_dir), "--iterations", str(iterations)]
     else:
-        cmd = ["dmd", "distill", *distill_args(method, steps, iterations), "--out", str(run_dir), "--overwrite"]
+        cmd, done = ["dmd", "distill", *distill_args(method, steps, iterations), "--out", str(run_dir), "--overwrite"], None
     start = time.perf_counter()
     summary = json.loads(run(cmd + ["--json", "--quiet"]).strip().splitlines()[-1])
     record.parent.mkdir(parents=True, exist_ok=True)
-    record.write_text(json.dumps({"command": " ".join(cmd), "iterations": summary.get("iterations"),
-                                  "seconds": round(time.perf_counter() - start, 1)}) + "\n")
+    (record.parent / "metrics.json").unlink(missing_ok=True)  # the student changed: score it again
+    record.write_text(json.dumps({
+        "commands": (done["commands"] if done else []) + [" ".join(cmd)], "iterations": summary.get("iterations"),
+        "seconds": round(time.perf_counter() - start + (done["seconds"] if done else 0.0), 1)}) + "\n")
 
 
 def evaluate(model: str, out: Path, num_samples: int, steps: int | None, guidance: float | None) -> dict:
+    """The row's metrics: from OUT/metrics.json when an earlier call scored the same model and N."""
     cmd = ["dmd", "eval", "--model", model, "--fid", "shapes", "--num-samples", str(num_samples),
            "--batch-size", "64", "--out", str(out), "--overwrite", "--json", "--quiet"]
     cmd += ["--steps", str(steps)] if steps else []
     cmd += ["--guidance-scale", str(guidance)] if guidance is not None else []
-    return json.loads(run(cmd).strip().splitlines()[-1])["metrics"]
+    saved, key = out / "metrics.json", [a for a in cmd if a != str(out)]  # a copied row folder is reused too
+    if saved.is_file() and json.loads(saved.read_text())["command"] == key:
+        print(f"reusing {saved}", file=sys.stderr)
+        return json.loads(saved.read_text())["metrics"]
+    metrics = json.loads(run(cmd).strip().splitlines()[-1])["metrics"]
+    saved.write_text(json.dumps({"command": key, "metrics": metrics}) + "\n")
+    return metrics
 
 
 def targets(rows: dict[str, dict]) -> list[tuple[str, bool]]:
