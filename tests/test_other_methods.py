@@ -67,6 +67,53 @@ def test_ddim_ladders_nest_and_pseudo_huber():
     assert pseudo_huber_loss(x, y).item() == pytest.approx(math.sqrt(16 + c * c) - c, rel=1e-6)
 
 
+class _StubLPIPS(torch.nn.Module):
+    """Stands in for lpips.LPIPS (its VGG weights need a download): a fixed conv "backbone" and
+    the squared feature difference, [B, 1, 1, 1] like the real one."""
+
+    seen: list = []
+
+    def __init__(self, net="alex", verbose=True):
+        super().__init__()
+        assert net == "vgg"  # DMD v1's choice
+        self.features = torch.nn.Conv2d(3, 8, 3, padding=1)
+
+    def forward(self, a, b):
+        _StubLPIPS.seen.append((a.detach().min().item(), a.detach().max().item()))
+        return (self.features(a) - self.features(b)).pow(2).mean(dim=(1, 2, 3), keepdim=True)
+
+
+def test_lpips_distance_decodes_latents_and_auto_picks_it(tiny_sd, monkeypatch):
+    """With lpips importable, "auto" runs LPIPS on VAE-decoded images in [-1, 1], with gradient to
+    the generator's latents only; without it, "auto" falls back with a note and "lpips" is a usage error."""
+    import sys
+    import types
+
+    from diffusers import AutoencoderKL
+
+    from dmdcli.errors import UsageError
+    from dmdcli.train.regression import build_distance
+
+    vae = AutoencoderKL.from_pretrained(f"{tiny_sd}/vae").requires_grad_(False)
+    monkeypatch.setitem(sys.modules, "lpips", types.SimpleNamespace(LPIPS=_StubLPIPS))
+    distance, used, note = build_distance("auto", vae, 0.18215)
+    assert (used, note) == ("lpips", None)
+    torch.manual_seed(0)
+    target = torch.randn(2, vae.config.latent_channels, 8, 8)
+    x = (target + 0.5 * torch.randn_like(target)).requires_grad_(True)
+    assert distance(target, target).item() == 0.0
+    loss = distance(x, target)
+    loss.backward()
+    assert loss.item() > 0 and x.grad.abs().sum() > 0
+    assert all(-1.0 <= lo and hi <= 1.0 for lo, hi in _StubLPIPS.seen)  # LPIPS' input range
+
+    monkeypatch.setitem(sys.modules, "lpips", None)  # "import lpips" now raises ImportError
+    distance, used, note = build_distance("auto", vae, 0.18215)
+    assert used == "pseudo_huber" and "LPIPS unavailable" in note
+    with pytest.raises(UsageError, match="needs the lpips package"):
+        build_distance("lpips", vae, 0.18215)
+
+
 def test_method_presets(tiny_sd, prompts_file):
     base = {"teacher": str(tiny_sd), "prompts": str(prompts_file)}
     dmd = resolve_config("tiny", {**base, "method": "dmd"})  # tiny (a DMD2 recipe) says 5: the preset wins
