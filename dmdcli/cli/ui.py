@@ -11,8 +11,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 def stderr_console() -> Console:
     console = Console(stderr=True, highlight=False)
-    if not console.is_terminal:  # a log file or pipe: one message a line, never wrapped at 80 columns
-        console.soft_wrap = True
+    if not console.is_terminal:  # a log file or pipe: one message a line, never wrapped at 80 columns,
+        console.soft_wrap = True  # and room for the progress line's counts, times and losses
+        console.width = 160
     return console
 
 
