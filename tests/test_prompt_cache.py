@@ -63,6 +63,20 @@ def test_release_drops_the_text_encoders(tiny_sdxl):
         teacher.encode_prompts(["a red circle"])
 
 
+def test_real_latents_do_not_depend_on_the_global_rng(tiny_sd):
+    """Two teachers encode the same images to the same posterior samples whatever the global RNG
+    holds, and encoding leaves the global RNG where it was (a cache build must not shift a run)."""
+    images = torch.rand(3, 3, 32, 32) * 2 - 1
+    torch.manual_seed(1)
+    first = cpu_teacher(tiny_sd).encode_images(images)
+    torch.manual_seed(2)
+    state = torch.get_rng_state()
+    teacher = cpu_teacher(tiny_sd)
+    assert torch.equal(teacher.encode_images(images), first)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert not torch.equal(teacher.encode_images(images), first)  # a sample, not the mean: the stream goes on
+
+
 def run_config(tmp_path, teacher, prompts_file, image_folder, name, **overrides):
     return resolve_config("tiny", {
         "teacher": str(teacher), "prompts": str(prompts_file), "data": str(image_folder), "iterations": 3, "steps": 2,

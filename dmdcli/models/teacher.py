@@ -158,6 +158,10 @@ class Teacher:
             module.requires_grad_(False).eval()
         self.text_encoders = [te.to(device, dtype) for te in self.text_encoders]
         self.scaling_factor = float(self.vae.config.scaling_factor)
+        # The posterior samples of real images come from their own generator, not the global RNG:
+        # the latent cache is then the same wherever and whenever it is built, and building it
+        # does not shift the random stream of the run that builds it.
+        self.latent_generator = torch.Generator().manual_seed(0)
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> Cond:
@@ -227,9 +231,13 @@ class Teacher:
 
     @torch.no_grad()
     def encode_images(self, images: Tensor) -> Tensor:
-        """Images [B, 3, R, R] in [-1, 1] → latents [B, C, R/f, R/f] (one posterior sample × scale)."""
+        """Images [B, 3, R, R] in [-1, 1] → latents [B, C, R/f, R/f] (one posterior sample × scale).
+
+        Successive calls continue one seeded stream (`latent_generator`), so a folder encoded in the
+        same order and batches gives the same latents."""
         posterior = self.vae.encode(images.to(self.device, torch.float32)).latent_dist
-        return (posterior.sample() * self.scaling_factor).float()
+        noise = torch.randn(posterior.mean.shape, generator=self.latent_generator).to(posterior.mean)
+        return ((posterior.mean + posterior.std * noise) * self.scaling_factor).float()
 
     @torch.no_grad()
     def decode(self, latents: Tensor) -> Tensor:
