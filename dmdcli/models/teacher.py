@@ -229,6 +229,12 @@ class Teacher:
             cond["text_embeds"] = torch.zeros_like(cond["text_embeds"])
         return cond
 
+    @property
+    def latent_cache_id(self) -> str:
+        """Names what encode_images computes, for the latent cache's key ("seed0": the seeded
+        posterior samples; caches built before them from the global RNG are not reused)."""
+        return f"{self.spec.source}:vae:seed0"
+
     @torch.no_grad()
     def encode_images(self, images: Tensor) -> Tensor:
         """Images [B, 3, R, R] in [-1, 1] → latents [B, C, R/f, R/f] (one posterior sample × scale).

@@ -147,7 +147,7 @@ def load_data(folder: str | None, prompts: list[str] | None, teacher: Teacher, u
         with ui.task("encoding real images (cached for later runs)", total=0) as update:
             real, scan = load_or_build_latents(
                 folder, teacher.resolution, teacher.encode_images,
-                encoder_id=f"{teacher.spec.source}:vae", progress=lambda done, total: update(done, {"total": total}),
+                encoder_id=teacher.latent_cache_id, progress=lambda done, total: update(done, {"total": total}),
             )
         ui.message(f"real images: {len(real)} from {folder}" + (f" ({len(scan.skipped)} skipped)" if scan.skipped else ""))
         for path, reason in scan.skipped[:5]:

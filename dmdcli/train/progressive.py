@@ -82,7 +82,7 @@ class ProgressiveDistillation:
         self.teacher = Teacher(self.spec, self.device, self.frozen_dtype, self.resolution, config.allow_pickle)
         self.data = Data(prompts, None)
         if self.data_folder:  # real latents, VAE-encoded once and cached (as for DMD2's GAN)
-            real, _ = load_or_build_latents(self.data_folder, self.resolution, self.teacher.encode_images, encoder_id=f"{self.spec.source}:vae")
+            real, _ = load_or_build_latents(self.data_folder, self.resolution, self.teacher.encode_images, encoder_id=self.teacher.latent_cache_id)
             ui.message(f"real images: {len(real)} from {self.data_folder} (z_t = real latents noised to t)")
             self.data = Data(prompts or real.captions, real)
         self.uncond = self.teacher.empty_cond() if config.guidance_scale > 1 else None
