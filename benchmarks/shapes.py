@@ -40,6 +40,15 @@ def run(cmd: list[str]) -> str:
     return done.stdout
 
 
+def progressive_rounds(steps: int) -> int:
+    return (PROGRESSIVE_TEACHER_STEPS // steps).bit_length() - 1
+
+
+def planned_iterations(method: str, steps: int, iterations: int) -> int:
+    """What a run with this budget trains in all (progressive: whole rounds only)."""
+    return iterations if method != "progressive" else iterations // progressive_rounds(steps) * progressive_rounds(steps)
+
+
 def distill_args(method: str, steps: int, iterations: int) -> list[str]:
     """`dmd distill` options of one student; progressive splits the budget over its rounds."""
     args = ["--recipe", "shapes", "--method", method, "--steps", str(steps)]
@@ -47,15 +56,16 @@ def distill_args(method: str, steps: int, iterations: int) -> list[str]:
         return args + ["--iterations", str(iterations), "--pairs", str(DMD_PAIRS)]
     if method == "dmd2":
         return args + ["--iterations", str(iterations)]
-    rounds = (PROGRESSIVE_TEACHER_STEPS // steps).bit_length() - 1
-    return args + ["--teacher-steps", str(PROGRESSIVE_TEACHER_STEPS), "--iterations-per-round", str(iterations // rounds)]
+    per_round = iterations // progressive_rounds(steps)
+    return args + ["--teacher-steps", str(PROGRESSIVE_TEACHER_STEPS), "--iterations-per-round", str(per_round)]
 
 
 def distill(run_dir: Path, method: str, steps: int, iterations: int, record: Path) -> None:
     """Distill the student into `run_dir` unless it is there, extending a shorter DMD2/DMD run by
     --resume; the wall time (summed over extensions) goes to `record`."""
     done = json.loads(record.read_text()) if record.is_file() else None
-    if (run_dir / "student.safetensors").is_file() and (done is None or done["iterations"] >= iterations):
+    planned = planned_iterations(method, steps, iterations)
+    if (run_dir / "student.safetensors").is_file() and (done is None or done["iterations"] >= planned):
         print(f"reusing the student in {run_dir}", file=sys.stderr)
         return
     if method != "progressive" and (run_dir / "config.toml").is_file():  # stopped earlier or shorter: continue it
@@ -78,9 +88,10 @@ def evaluate(model: str, out: Path, num_samples: int, steps: int | None, guidanc
     cmd += ["--steps", str(steps)] if steps else []
     cmd += ["--guidance-scale", str(guidance)] if guidance is not None else []
     saved, key = out / "metrics.json", [a for a in cmd if a != str(out)]  # a copied row folder is reused too
-    if saved.is_file() and json.loads(saved.read_text())["command"] == key:
+    previous = json.loads(saved.read_text()) if saved.is_file() else {}
+    if previous.get("command") == key:
         print(f"reusing {saved}", file=sys.stderr)
-        return json.loads(saved.read_text())["metrics"]
+        return previous["metrics"]
     metrics = json.loads(run(cmd).strip().splitlines()[-1])["metrics"]
     saved.write_text(json.dumps({"command": key, "metrics": metrics}) + "\n")
     return metrics

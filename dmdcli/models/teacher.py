@@ -242,8 +242,7 @@ class Teacher:
         Successive calls continue one seeded stream (`latent_generator`), so a folder encoded in the
         same order and batches gives the same latents."""
         posterior = self.vae.encode(images.to(self.device, torch.float32)).latent_dist
-        noise = torch.randn(posterior.mean.shape, generator=self.latent_generator).to(posterior.mean)
-        return ((posterior.mean + posterior.std * noise) * self.scaling_factor).float()
+        return (posterior.sample(generator=self.latent_generator) * self.scaling_factor).float()
 
     @torch.no_grad()
     def decode(self, latents: Tensor) -> Tensor:
