@@ -81,13 +81,13 @@ def test_trained_networks_change_and_the_teacher_does_not(tmp_path, tiny_sdxl, p
     })
     run = Distillation(config, SilentUI())
     snapshot = lambda m: {k: v.detach().clone() for k, v in m.state_dict().items()}  # noqa: E731
-    teacher, generator, fake = snapshot(run.teacher.unet), snapshot(run.generator_unet), snapshot(run.fake_unet)
+    teacher, generator, fake = snapshot(run.teacher.unet), snapshot(run.nets.generator_unet), snapshot(run.nets.fake_unet)
     head = snapshot(run.step.dmd2.discriminator)
     run.run()
     changed = lambda before, m: sum(not torch.equal(v, m.state_dict()[k]) for k, v in before.items())  # noqa: E731
     assert changed(teacher, run.teacher.unet) == 0
-    assert changed(generator, run.generator_unet) > 0.5 * len(generator)
-    assert changed(fake, run.fake_unet) > 0.5 * len(fake)
+    assert changed(generator, run.nets.generator_unet) > 0.5 * len(generator)
+    assert changed(fake, run.nets.fake_unet) > 0.5 * len(fake)
     assert changed(head, run.step.dmd2.discriminator) == len(head)
 
 
@@ -198,18 +198,18 @@ def test_lora_layouts(tmp_path, tiny_sdxl, prompts_file, image_folder, shared):
     frozen = lambda m: [p for p in m.parameters() if not p.requires_grad]  # noqa: E731
     trainable = lambda m: [p for p in m.parameters() if p.requires_grad]  # noqa: E731
     if shared:  # one set of base weights: the frozen parameters of all three trees are the teacher's
-        assert all(id(p) in teacher_ids for p in frozen(run.generator_unet) + frozen(run.fake_unet))
-        assert all("lora" in n for n, p in run.fake_unet.named_parameters() if p.requires_grad)
-        ranks = {p.shape[0] for n, p in run.fake_unet.named_parameters() if "lora_A" in n}
+        assert all(id(p) in teacher_ids for p in frozen(run.nets.generator_unet) + frozen(run.nets.fake_unet))
+        assert all("lora" in n for n, p in run.nets.fake_unet.named_parameters() if p.requires_grad)
+        ranks = {p.shape[0] for n, p in run.nets.fake_unet.named_parameters() if "lora_A" in n}
         assert ranks == {2}
     else:  # the reference layout: a full trainable fake score and the generator on its own copy
-        assert not any(id(p) in teacher_ids for p in run.fake_unet.parameters())
-        assert len(trainable(run.fake_unet)) == len(list(run.teacher.unet.parameters()))
+        assert not any(id(p) in teacher_ids for p in run.nets.fake_unet.parameters())
+        assert len(trainable(run.nets.fake_unet)) == len(list(run.teacher.unet.parameters()))
     teacher_before = {k: v.clone() for k, v in run.teacher.unet.state_dict().items()}
-    lora_before = {id(p): p.detach().clone() for p in trainable(run.generator_unet) + trainable(run.fake_unet)}
+    lora_before = {id(p): p.detach().clone() for p in trainable(run.nets.generator_unet) + trainable(run.nets.fake_unet)}
     run.run()
     assert all(torch.equal(v, run.teacher.unet.state_dict()[k]) for k, v in teacher_before.items())
-    moved = [p for p in trainable(run.generator_unet) + trainable(run.fake_unet) if not torch.equal(p, lora_before[id(p)])]
+    moved = [p for p in trainable(run.nets.generator_unet) + trainable(run.nets.fake_unet) if not torch.equal(p, lora_before[id(p)])]
     assert len(moved) > 0.5 * len(lora_before)
     # The teacher's forward is that of a fresh copy from disk: no adapter leaks into it.
     from diffusers import UNet2DConditionModel

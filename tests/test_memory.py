@@ -53,3 +53,20 @@ def test_cached_prompts_take_the_text_encoders_out_of_the_peak(sdxl_configs):
     assert "text encoders" not in cached["parameters"]
     assert cached["startup_only"] == {"text encoders (dropped once prompts are cached)": text}
     assert cached["peak"] == pytest.approx(resident["peak"] - text)
+
+
+def test_dry_run_fsdp_divides_the_sharded_state_by_the_process_count(sdxl_configs):
+    full = dry_run(sdxl_configs, "--steps", "4", "--gradient-checkpointing")
+    result = runner.invoke(app, ["distill", "--recipe", "sdxl-4step-fsdp", "--teacher", str(sdxl_configs), "--prompts", "p.txt",
+                                 "--data", "images/", "--mixed-precision", "bf16", "--batch-size", "1", "--dry-run", "--json"])
+    assert result.exit_code == 0, result.stderr
+    assert "GiB, 8 processes" in result.stderr
+    by = json.loads(result.stdout)["memory_gib_by_processes"]
+    for n, estimate in by.items():
+        assert estimate["processes"] == int(n)
+        assert estimate["parameters"]["generator"] == pytest.approx(full["parameters"]["generator"] / int(n))
+        assert estimate["optimizer_states"] == pytest.approx(full["optimizer_states"] / int(n))
+        assert estimate["parameters"]["VAE (fp32)"] == full["parameters"]["VAE (fp32)"]  # not sharded
+        assert 0 < estimate["gathered"] < full["parameters"]["teacher UNet (frozen)"] / 2  # a few units, not a UNet
+    assert full["peak"] > by["2"]["peak"] > by["4"]["peak"] > by["8"]["peak"]
+    assert by["8"]["peak"] < 24  # full-weight SDXL, batch 1: eight 24 GB GPUs

@@ -1,11 +1,13 @@
-"""Data-parallel `dmd distill` with two CPU processes (torchrun, gloo), as users launch it on GPUs."""
+"""`dmd distill` with two CPU processes (torchrun, gloo), as users launch it on GPUs: data-parallel (DDP) and sharded (FSDP)."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
 
+import pytest
 import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
@@ -56,3 +58,97 @@ def test_two_processes_keep_identical_weights_and_shard_data(tmp_path, tiny_sdxl
     # A checkpoint of two processes resumes only with two.
     resumed = CliRunner().invoke(app, ["distill", "--out", str(out), "--resume", "--iterations", "6"])
     assert resumed.exit_code == 2 and "same number of processes" in resumed.stderr
+
+
+def _torchrun(args: list[str], port: int) -> None:
+    """`torchrun --nproc_per_node 2 -m dmdcli ARGS` on CPU (gloo), as a user launches it."""
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
+    result = subprocess.run([*launcher, "-m", "dmdcli", *args, "--quiet"], env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def _max_difference(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+
+
+def test_fsdp_trains_what_data_parallel_trains_and_resumes_exactly(tmp_path, tiny_sdxl, prompts_file, image_folder):
+    common = ["distill", "--teacher", str(tiny_sdxl), "--prompts", str(prompts_file), "--data", str(image_folder),
+              "--steps", "2", "--iterations", "4", "--fake-updates-per-gen", "2", "--batch-size", "2", "--lr", "1e-4",
+              "--warmup-steps", "1", "--teacher-grid-steps", "2", "--checkpoint-every", "2", "--sample-every", "2"]
+    _torchrun([*common, "--out", str(tmp_path / "ddp")], 29521)
+    _torchrun([*common, "--fsdp", "--out", str(tmp_path / "fsdp")], 29522)
+    student = lambda run: load_file(tmp_path / run / "student.safetensors")  # noqa: E731
+    tensors = lambda run, it: load_file(tmp_path / run / "checkpoints" / f"iter-{it:06d}" / "tensors.safetensors")  # noqa: E731
+
+    # The same updates: FSDP's sharded gradients and optimizer give DDP's student up to float
+    # rounding (Adam magnifies it where gradients are near zero), far below what training moved.
+    teacher = load_file(tiny_sdxl / "unet" / "diffusion_pytorch_model.safetensors")
+    moved = _max_difference(student("ddp"), {k: teacher[k] for k in student("ddp")})
+    assert moved > 1e-5
+    assert _max_difference(student("fsdp"), student("ddp")) < 0.1 * moved
+    # One checkpoint layout: whole tensors under the same names (the classifier head included).
+    assert tensors("fsdp", 4).keys() == tensors("ddp", 4).keys()
+    assert (tmp_path / "fsdp" / "samples" / "iter-000002.png").is_file()
+
+    # Resumed from iteration 2 under FSDP: bit for bit the uninterrupted run.
+    for run, flag in (("fsdp", []), ("ddp", ["--fsdp"])):
+        resumed = tmp_path / f"{run}-resumed"
+        shutil.copytree(tmp_path / run, resumed)
+        shutil.rmtree(resumed / "checkpoints" / "iter-000004")
+        _torchrun(["distill", "--out", str(resumed), "--resume", *flag], 29523)
+        if run == "fsdp":
+            assert _max_difference(tensors(resumed.name, 4), tensors("fsdp", 4)) == 0
+        else:  # a data-parallel checkpoint continued sharded: its weights and optimizer states were loaded
+            assert _max_difference(student(resumed.name), student("ddp")) < 0.1 * moved
+
+
+def test_fsdp_usage_errors(tmp_path, tiny_sd, prompts_file):
+    runner = CliRunner()
+    base = ["distill", "--teacher", str(tiny_sd), "--prompts", str(prompts_file), "--out", str(tmp_path / "run"), "--fsdp"]
+    lora = runner.invoke(app, [*base, "--lora-rank", "4"])
+    assert lora.exit_code == 2 and "--fsdp shards full-weight runs" in lora.stderr
+    alone = runner.invoke(app, base)
+    assert alone.exit_code == 2 and "torchrun" in alone.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_sharding_options_follow_accelerates_fsdp_plugin():
+    from types import SimpleNamespace
+
+    from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy
+
+    from dmdcli.errors import UsageError
+    from dmdcli.train.sharding import sharding_options
+
+    accelerator = lambda plugin: SimpleNamespace(state=SimpleNamespace(fsdp_plugin=plugin))  # noqa: E731
+    assert sharding_options(accelerator(None), "bf16").param_dtype == torch.bfloat16
+    plugin = SimpleNamespace(fsdp_version=2, reshard_after_forward=False, cpu_offload=CPUOffloadPolicy())
+    options = sharding_options(accelerator(plugin), "no")
+    assert (options.param_dtype, options.reshard_after_forward, options.cpu_offload) == (None, False, True)
+    plugin = SimpleNamespace(fsdp_version=2, reshard_after_forward=True, cpu_offload=OffloadPolicy())
+    assert not sharding_options(accelerator(plugin), "no").cpu_offload
+    with pytest.raises(UsageError, match="fsdp_version: 2"):
+        sharding_options(accelerator(SimpleNamespace(fsdp_version=1)), "bf16")
+
+
+def test_shipped_accelerate_config_launches_fsdp2(monkeypatch):
+    """recipes/accelerate/fsdp.yaml as `accelerate launch` reads it (its own parser and environment)."""
+    from types import SimpleNamespace
+
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from accelerate.utils.launch import prepare_multi_gpu_env
+
+    from dmdcli.train.config import RECIPES_DIR
+    from dmdcli.train.sharding import sharding_options
+
+    args = launch_command_parser().parse_args(["--config_file", str(RECIPES_DIR / "accelerate" / "fsdp.yaml"), "-m", "dmdcli", "distill"])
+    args = _validate_launch_command(args)[0]
+    assert args.use_fsdp and args.num_processes == 8
+    for key, value in prepare_multi_gpu_env(args).items():
+        if key.startswith("FSDP_") or key == "ACCELERATE_USE_FSDP":
+            monkeypatch.setenv(key, value)
+    options = sharding_options(SimpleNamespace(state=SimpleNamespace(fsdp_plugin=FullyShardedDataParallelPlugin())), "bf16")
+    assert (options.param_dtype, options.reshard_after_forward, options.cpu_offload) == (torch.bfloat16, True, False)

@@ -24,6 +24,7 @@ Other methods: --method dmd (DMD v1; the teacher's regression pairs are made on 
 cached, see --pairs), --method progressive (rounds halving --teacher-steps down to --steps).
 """
 
+FSDP_PROCESS_COUNTS = (2, 4, 8)
 ALIASES = ", ".join(f"{k} = {v}" for k, v in TEACHER_ALIASES.items())
 MODEL, OBJ, OPT, OUT = "Teacher and data", "DMD2 objective", "Optimization", "Outputs"
 METHOD = "Other methods: DMD (v1) regression, progressive distillation"
@@ -73,6 +74,7 @@ def distill(
     max_grad_norm: Annotated[Optional[float], _opt("Gradient clipping norm (default 10).", OPT, "--max-grad-norm")] = None,
     mixed_precision: Annotated[Optional[str], _opt("bf16 | no | auto (bf16 on CUDA, fp32 on CPU).", OPT, "--mixed-precision")] = None,
     gradient_checkpointing: Annotated[Optional[bool], _opt("Recompute activations to save memory.", OPT, "--gradient-checkpointing/--no-gradient-checkpointing")] = None,
+    fsdp: Annotated[Optional[bool], _opt("Shard the generator, fake score and teacher across processes with PyTorch FSDP2 (full-weight runs under torchrun / accelerate launch).", OPT, "--fsdp/--no-fsdp")] = None,
     cache_prompts: Annotated[Optional[bool], _opt("Encode every prompt once at start-up and keep the conditionings on the CPU, so the text encoders leave the GPU (default on; off or over 8 GiB: encode on the fly).", OPT, "--cache-prompts/--no-cache-prompts")] = None,
     seed: Annotated[Optional[int], _opt("Random seed (default 0).", OPT, "--seed")] = None,
     skip_nonfinite: Annotated[Optional[bool], _opt("Skip and count updates with a non-finite loss or gradient instead of stopping.", OPT, "--skip-nonfinite/--no-skip-nonfinite")] = None,
@@ -153,18 +155,25 @@ def _dry_run(config, json_out: bool) -> None:
     resolution = config.resolution or spec.native_resolution
     spec.check_resolution(resolution)
     on_cuda = torch.cuda.is_available() if config.mixed_precision == "auto" else config.mixed_precision == "bf16"
-    estimate = estimate_memory(spec, config, resolution, on_cuda)
+    # Sharded, memory per process depends on how many there are: a column for each of a few.
+    counts = FSDP_PROCESS_COUNTS if config.fsdp else (1,)
+    estimates = {n: estimate_memory(spec, config, resolution, on_cuda, processes=n) for n in counts}
     console = stderr_console()
     console.print(tomli_w.dumps({k: v for k, v in config.to_dict().items() if v is not None}), markup=False)
     table = Table(title=f"estimated memory per process: {spec.layout} at {resolution}px, batch {config.batch_size}, "
-                        f"{'bf16 on CUDA' if on_cuda else 'fp32'}")
+                        f"{'bf16 on CUDA' if on_cuda else 'fp32'}" + (", sharded with FSDP" if config.fsdp else ""))
     table.add_column("what")
-    table.add_column("GiB", justify="right")
-    for name, gib in estimate.rows():
-        table.add_row(name, f"{gib:.2f}")
+    for n in counts:
+        table.add_column(f"GiB, {n} processes" if config.fsdp else "GiB", justify="right")
+    rows = [estimate.rows() for estimate in estimates.values()]
+    for i, (name, _) in enumerate(rows[0]):
+        table.add_row(name, *(f"{r[i][1]:.2f}" for r in rows))
     console.print(table)
     if config.method == "progressive":
         console.print("note: this estimate is for DMD2's three networks; --method progressive holds two UNets (teacher and "
                       "student) and one optimizer, so it needs less", markup=False)
     if json_out:
-        print_json({"config": config.to_dict(), "resolution": resolution, "memory_gib": dataclasses.asdict(estimate)})
+        summary = {"config": config.to_dict(), "resolution": resolution, "memory_gib": dataclasses.asdict(estimates[counts[0]])}
+        if config.fsdp:
+            summary["memory_gib_by_processes"] = {str(n): dataclasses.asdict(e) for n, e in estimates.items()}
+        print_json(summary)

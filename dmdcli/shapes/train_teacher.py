@@ -254,7 +254,7 @@ class Trainer:
     def save(self) -> None:
         from dmdcli.train.checkpoint import optimizer_state, write_checkpoint
 
-        tensors, opt_state = optimizer_state(self.opt, "opt")
+        tensors, opt_state = optimizer_state(self.opt.state_dict(), "opt")
         for name, module in self.modules().items():
             tensors.update({f"{name}.{k}": v for k, v in module.state_dict().items()})
         tensors["generator"] = self.gen.get_state()
@@ -263,7 +263,7 @@ class Trainer:
             "losses": self.losses[-200:], "wall_time_s": self.wall_time, "threads": torch.get_num_threads()}, keep=0)
 
     def resume(self) -> bool:
-        from dmdcli.train.checkpoint import complete_checkpoints, load_optimizer_state, read_checkpoint
+        from dmdcli.train.checkpoint import complete_checkpoints, optimizer_state_dict, read_checkpoint
 
         # The newest checkpoint not past --iterations: every one is kept, so the weights of any
         # saved iteration N can be exported again by running with --iterations N.
@@ -275,7 +275,7 @@ class Trainer:
         _check_args(saved["args"], self.args, path)
         for name, module in self.modules().items():
             module.load_state_dict({k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")})
-        load_optimizer_state(self.opt, "opt", tensors, saved["optimizer"])
+        self.opt.load_state_dict(optimizer_state_dict("opt", tensors, saved["optimizer"]))
         self.gen.set_state(tensors["generator"])
         self.step, self.text_loss, self.losses = saved["iteration"], saved["text_loss"], saved["losses"]
         self.wall_time = saved.get("wall_time_s", 0.0)  # absent in checkpoints of the first v2 run

@@ -38,20 +38,20 @@ _NAME = re.compile(r"^iter-(\d{6,})$")
 # -- optimizer and RNG state as (tensors, JSON) ----------------------------------------------
 
 
-def optimizer_state(optimizer: torch.optim.Optimizer, prefix: str) -> tuple[dict[str, Tensor], dict[str, Any]]:
+def optimizer_state(state_dict: dict[str, Any], prefix: str) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """Split an optimizer's state_dict into named tensors and JSON-able values."""
-    sd = optimizer.state_dict()
     tensors, scalars = {}, {}
-    for index, state in sd["state"].items():
+    for index, state in state_dict.get("state", {}).items():
         for name, value in state.items():
             if torch.is_tensor(value):
                 tensors[f"{prefix}.{index}.{name}"] = value
             else:
                 scalars[f"{index}.{name}"] = value
-    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+    return tensors, {"param_groups": state_dict.get("param_groups", []), "scalars": scalars}
 
 
-def load_optimizer_state(optimizer: torch.optim.Optimizer, prefix: str, tensors: dict[str, Tensor], saved: dict[str, Any]) -> None:
+def optimizer_state_dict(prefix: str, tensors: dict[str, Tensor], saved: dict[str, Any]) -> dict[str, Any]:
+    """The optimizer state_dict that `optimizer_state` split."""
     state: dict[int, dict[str, Any]] = {}
     for key, value in tensors.items():
         if key.startswith(prefix + "."):
@@ -60,7 +60,7 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, prefix: str, tensors:
     for key, value in saved["scalars"].items():
         index, name = key.split(".", 1)
         state.setdefault(int(index), {})[name] = value
-    optimizer.load_state_dict({"state": state, "param_groups": saved["param_groups"]})
+    return {"state": state, "param_groups": saved["param_groups"]}
 
 
 def rng_state() -> tuple[dict[str, Tensor], dict[str, Any]]:
@@ -165,10 +165,11 @@ def latest_checkpoint(run: Path) -> Path | None:
     return checkpoints[-1] if checkpoints else None
 
 
-def read_checkpoint(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
+def read_checkpoint(path: Path, with_tensors: bool = True) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """(tensors, JSON state); with_tensors=False reads only the state ({} for the tensors)."""
     try:
         state = json.loads((path / STATE_FILE).read_text())
-        tensors = load_file(str(path / TENSORS_FILE))
+        tensors = load_file(str(path / TENSORS_FILE)) if with_tensors else {}
     except Exception as e:
         raise DmdError(f"checkpoint {path} is unreadable ({type(e).__name__}: {e}); remove it to resume from an older one") from e
     return tensors, state

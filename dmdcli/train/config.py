@@ -104,6 +104,9 @@ class DistillConfig:
     mixed_precision: str = "auto"
     """bf16 | no | auto (bf16 on CUDA, fp32 on CPU)."""
     gradient_checkpointing: bool = False
+    fsdp: bool = False
+    """Shard the generator, fake score and teacher across processes with PyTorch FSDP2 (full-weight
+    runs under torchrun / accelerate launch; README "Many GPUs")."""
     cache_prompts: bool = True
     """Encode every prompt once at start-up, keep the conditionings on the CPU and drop the text
     encoders (falls back to encoding on the fly when the cache would exceed 8 GiB of host memory)."""
@@ -221,6 +224,9 @@ def validate(c: DistillConfig) -> None:
         need(c.parameterization in (None, "x", "v", "epsilon"), f"--parameterization must be x, v or epsilon (got {c.parameterization!r})")
         need(c.loss_weight in ("truncated_snr", "snr_plus_one"), f"--loss-weight must be truncated_snr or snr_plus_one (got {c.loss_weight!r})")
         need(c.lora_rank == 0, "--method progressive trains full students; drop --lora-rank")
+        need(not c.fsdp, "--method progressive runs in one process; drop --fsdp")
+    need(not (c.fsdp and c.lora_rank), f"--fsdp shards full-weight runs; a --lora-rank {c.lora_rank} run fits one GPU and "
+                                       "trains data-parallel without it: drop --fsdp or --lora-rank")
 
 
 METHODS = ("dmd2", "dmd", "progressive")
@@ -247,6 +253,7 @@ RESUMABLE_KEYS = {
     "iterations", "out", "log_every", "sample_every", "grid_size", "teacher_grid_steps",
     "checkpoint_every", "keep_checkpoints", "skip_nonfinite",
     "cache_prompts",  # where the conditionings are computed, not what they are (and absent from older checkpoints)
+    "fsdp",  # how the weights are laid out across processes, not what they are: checkpoints are the same
 }
 
 

@@ -30,12 +30,13 @@ from dmdcli.models.unet import UNetDenoiser
 from dmdcli.shapes.data import resolve_data
 from dmdcli.train import rundir
 from dmdcli.train.checkpoint import (
-    CHECKPOINTS_DIR, checkpoint_name, latest_checkpoint, load_optimizer_state, optimizer_state, read_checkpoint, restore_rng, staging_dir,
+    CHECKPOINTS_DIR, checkpoint_name, latest_checkpoint, optimizer_state, optimizer_state_dict, read_checkpoint, restore_rng, staging_dir,
     write_checkpoint, write_rng,
 )
 from dmdcli.train.config import DistillConfig, resume_conflicts, write_config
 from dmdcli.train.grids import COLLAPSE_RATIO, SampleGrid, diversity
-from dmdcli.train.networks import build_networks, build_step
+from dmdcli.train.networks import build_networks, build_step, shard_networks
+from dmdcli.train.sharding import full_model_state, full_optimizer_state, load_full_model_state, load_full_optimizer_state
 from dmdcli.train.step import Batch
 
 
@@ -181,6 +182,7 @@ class Distillation:
         self.accelerator = Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available())
         self.config, self.ui = config, ui if self.accelerator.is_main_process else SilentUI()
         ui = self.ui
+        self.sharding = self._sharding(config, precision)
         self.spec: TeacherSpec = inspect_teacher(config.teacher)
         self.resolution = config.resolution or self.spec.native_resolution
         self.spec.check_resolution(self.resolution)
@@ -233,6 +235,22 @@ class Distillation:
             (self.spec.latent_channels, *self.teacher.latent_size), device,
         )
 
+    def _sharding(self, config: DistillConfig, precision: str):
+        """FSDP options when the networks are to be sharded (--fsdp, or an FSDP accelerate config), else None."""
+        from accelerate.utils import DistributedType
+
+        from dmdcli.train.sharding import sharding_options
+
+        if not (config.fsdp or self.accelerator.distributed_type == DistributedType.FSDP):
+            return None
+        if self.accelerator.num_processes < 2:
+            raise UsageError("--fsdp shards the networks across processes: launch with torchrun --nproc_per_node N "
+                             "(or accelerate launch) and N ≥ 2")
+        if config.lora_rank:
+            raise UsageError(f"FSDP shards full-weight runs; --lora-rank {config.lora_rank} fits one GPU and trains "
+                             "data-parallel: drop --lora-rank or the FSDP launch configuration")
+        return sharding_options(self.accelerator, precision)
+
     def _load_regression(self, config: DistillConfig, device: torch.device) -> None:
         """DMD v1's regression: the distance that runs, and the teacher's pairs (made once, cached)."""
         from dmdcli.core.sampler import ddim_sample
@@ -268,7 +286,7 @@ class Distillation:
         found = latest_checkpoint(self.out)
         if found is None:
             raise UsageError(f"nothing to resume: {self.out} holds no complete checkpoint")
-        _, state = read_checkpoint(found)
+        _, state = read_checkpoint(found, with_tensors=False)
         if state.get("world_size", 1) != self.accelerator.num_processes:
             raise UsageError(
                 f"--resume with {self.accelerator.num_processes} process(es), but checkpoint {found.name} was written by "
@@ -279,6 +297,7 @@ class Distillation:
             details = ", ".join(f"{k} {state['config'].get(k)!r} → {getattr(self.config, k)!r}" for k in conflicts)
             raise UsageError(f"--resume with a configuration that contradicts the checkpoint {found.name}: {details}")
         return found
+
     def _build_networks(self, device: torch.device, frozen_dtype: torch.dtype) -> None:
         probe = None
         if self.data.real is not None:
@@ -286,8 +305,8 @@ class Distillation:
             empty = self.encode([""])
             probe = lambda fake_score: fake_score.bottleneck(latent, torch.zeros(1, dtype=torch.long, device=device), empty)  # noqa: E731
         self.nets = build_networks(self.teacher.unet, self.config, device, frozen_dtype, probe)
-        self.generator_unet, self.fake_unet, self.head = self.nets.generator_unet, self.nets.fake_unet, self.nets.head
-        self.shared_base = self.nets.shared_base
+        if self.sharding is not None:  # before the optimizers are built, so they hold the shards
+            self.nets = shard_networks(self.nets, self.sharding)
         self.step = build_step(self.nets, self.schedule, self.config, self.timesteps, self.accelerator, self.any_process,
                                self.regression_distance)
         self.generator = self.step.generator
@@ -295,22 +314,36 @@ class Distillation:
 
     # -- checkpoints ---------------------------------------------------------------------------
 
-    def _generator_weights(self) -> dict[str, torch.Tensor]:
-        unet = self.generator_unet
-        return lora_state_dict(unet) if self.config.lora_rank else unet.state_dict()
+    def _weights(self) -> dict[str, torch.Tensor]:
+        """The trained weights under their checkpoint names (generator., fake_score., discriminator.):
+        a LoRA adapter's or a whole network's. Sharded networks are gathered whole onto process 0
+        (every process must call this; the others get {})."""
+        nets, prefixed = self.nets, lambda prefix, sd: {prefix + k: v for k, v in sd.items()}  # noqa: E731
+        if nets.sharded:
+            return {**prefixed("generator.", full_model_state(nets.generator_unet)), **full_model_state(nets.fake_modules)}
+        weights = prefixed("generator.", lora_state_dict(nets.generator_unet) if self.config.lora_rank else nets.generator_unet.state_dict())
+        fake = lora_state_dict(nets.fake_unet, FAKE_SCORE_ADAPTER) if nets.shared_base else nets.fake_unet.state_dict()
+        weights.update(prefixed("fake_score.", fake))
+        if nets.head is not None:
+            weights.update(prefixed("discriminator.", nets.head.state_dict()))
+        return weights
 
-    def _fake_score_weights(self) -> dict[str, torch.Tensor]:
-        return lora_state_dict(self.fake_unet, FAKE_SCORE_ADAPTER) if self.shared_base else self.fake_unet.state_dict()
+    def _optimizer_states(self) -> tuple[dict, dict]:
+        """The two optimizers' state_dicts, keyed by parameter index (sharded: on process 0 only)."""
+        nets, step = self.nets, self.step
+        if nets.sharded:
+            return (full_optimizer_state(nets.generator_unet, step.generator_optimizer),
+                    full_optimizer_state(nets.fake_modules, step.fake_optimizer))
+        return step.generator_optimizer.state_dict(), step.fake_optimizer.state_dict()
 
     def save_checkpoint(self, iteration: int, extra: dict[str, Any]) -> Path:
         """Everything needed to continue exactly: weights, optimizers, LR schedules, RNG states."""
         step = self.step
-        tensors = {f"generator.{k}": v for k, v in self._generator_weights().items()}
-        tensors.update({f"fake_score.{k}": v for k, v in self._fake_score_weights().items()})
-        if self.head is not None:
-            tensors.update({f"discriminator.{k}": v for k, v in self.head.state_dict().items()})
-        opt_g, opt_g_json = optimizer_state(step.generator_optimizer, "optimizer.generator")
-        opt_f, opt_f_json = optimizer_state(step.fake_optimizer, "optimizer.fake")
+        tensors = self._weights()
+        generator_state, fake_state = self._optimizer_states()
+        opt_g, opt_g_json = optimizer_state(generator_state, "optimizer.generator")
+        opt_f, opt_f_json = optimizer_state(fake_state, "optimizer.fake")
+        student = {k[len("generator."):]: v for k, v in tensors.items() if k.startswith("generator.")}
         tensors.update({**opt_g, **opt_f})
         state = {
             "config": self.config.to_dict(), "world_size": self.accelerator.num_processes, "skipped_updates": step.skipped_updates,
@@ -329,27 +362,38 @@ class Distillation:
         path = self.out / CHECKPOINTS_DIR / checkpoint_name(iteration)
         if acc.is_main_process:
             path = write_checkpoint(self.out, iteration, tensors, state, self.config.keep_checkpoints, staged)
-            self.save_student(iteration)
+            self.save_student(iteration, student)
         acc.wait_for_everyone()
         return path
 
     def restore(self, path: Path) -> dict[str, Any]:
-        """Load a checkpoint written by `save_checkpoint`; returns its JSON state."""
-        tensors, state = read_checkpoint(path)
+        """Load a checkpoint written by `save_checkpoint`; returns its JSON state.
+
+        Sharded networks: process 0 reads the tensors and FSDP sends each process its shards.
+        """
+        nets, step, main = self.nets, self.step, self.accelerator.is_main_process
+        tensors, state = read_checkpoint(path, with_tensors=main or not nets.sharded)
         part = lambda prefix: {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}  # noqa: E731
-        if self.config.lora_rank:
-            load_lora_state_dict(self.generator_unet, part("generator."))
+        optimizers = [optimizer_state_dict(f"optimizer.{name}", tensors, state["optimizers"][name]) if tensors else {}
+                      for name in ("generator", "fake")]
+        if nets.sharded:
+            load_full_model_state(nets.generator_unet, part("generator."))
+            load_full_model_state(nets.fake_modules, {k: v for k, v in tensors.items() if k.startswith(("fake_score.", "discriminator."))})
+            load_full_optimizer_state(nets.generator_unet, step.generator_optimizer, optimizers[0])
+            load_full_optimizer_state(nets.fake_modules, step.fake_optimizer, optimizers[1])
         else:
-            self.generator_unet.load_state_dict(part("generator."))
-        if self.shared_base:
-            load_lora_state_dict(self.fake_unet, part("fake_score."), FAKE_SCORE_ADAPTER)
-        else:
-            self.fake_unet.load_state_dict(part("fake_score."))
-        if self.head is not None:
-            self.head.load_state_dict(part("discriminator."))
-        step = self.step
-        load_optimizer_state(step.generator_optimizer, "optimizer.generator", tensors, state["optimizers"]["generator"])
-        load_optimizer_state(step.fake_optimizer, "optimizer.fake", tensors, state["optimizers"]["fake"])
+            if self.config.lora_rank:
+                load_lora_state_dict(nets.generator_unet, part("generator."))
+            else:
+                nets.generator_unet.load_state_dict(part("generator."))
+            if nets.shared_base:
+                load_lora_state_dict(nets.fake_unet, part("fake_score."), FAKE_SCORE_ADAPTER)
+            else:
+                nets.fake_unet.load_state_dict(part("fake_score."))
+            if nets.head is not None:
+                nets.head.load_state_dict(part("discriminator."))
+            step.generator_optimizer.load_state_dict(optimizers[0])
+            step.fake_optimizer.load_state_dict(optimizers[1])
         step.generator_lr_scheduler.load_state_dict(state["lr_schedulers"]["generator"])
         step.fake_lr_scheduler.load_state_dict(state["lr_schedulers"]["fake"])
         step.skipped_updates = state["skipped_updates"]
@@ -370,16 +414,17 @@ class Distillation:
             info.update(lora_rank=c.lora_rank, lora_alpha=c.lora_alpha or c.lora_rank, lora_target_modules=LORA_TARGET_MODULES)
         return info
 
-    def save_student(self, iterations_done: int) -> Path:
+    def save_student(self, iterations_done: int, weights: dict[str, torch.Tensor]) -> Path:
         path = self.out / rundir.STUDENT_FILE
-        rundir.save_student(path, self._generator_weights(), self.student_info(iterations_done))
+        rundir.save_student(path, weights, self.student_info(iterations_done))
         return path
 
     def teacher_diversity(self) -> float:
         """The collapse watch's reference: the teacher's grid (DDIM + CFG), saved as samples/teacher.png."""
         with self.accelerator.autocast():
             images = self.grid.teacher(self.step.dmd2.real_score, self.schedule, self.uncond, self.config.teacher_grid_steps, self.config.guidance_scale)
-        rundir.save_grid(images, self.out / rundir.SAMPLES_DIR / "teacher.png", columns=self.grid.seeds)
+        if self.accelerator.is_main_process:
+            rundir.save_grid(images, self.out / rundir.SAMPLES_DIR / "teacher.png", columns=self.grid.seeds)
         return diversity(images, self.grid.seeds)
 
     def save_grid(self, iteration: int, teacher_diversity: float | None) -> tuple[Path, dict[str, float]]:
@@ -387,7 +432,8 @@ class Distillation:
         with self.accelerator.autocast():
             images = self.grid.student(self.generator, self.schedule, self.timesteps)
         path = self.out / rundir.SAMPLES_DIR / f"iter-{iteration:06d}.png"
-        rundir.save_grid(images, path, columns=self.grid.seeds)
+        if self.accelerator.is_main_process:
+            rundir.save_grid(images, path, columns=self.grid.seeds)
         record = {"diversity": diversity(images, self.grid.seeds)}
         if teacher_diversity and math.isfinite(teacher_diversity) and teacher_diversity > 0:
             record["diversity_ratio"] = record["diversity"] / teacher_diversity
@@ -408,7 +454,9 @@ class Distillation:
 
     def run(self) -> dict[str, Any]:
         c, main = self.config, self.accelerator.is_main_process
-        # Only the main process writes the run folder (metrics, grids, checkpoints, student).
+        # Only the main process writes the run folder (metrics, grids, checkpoints, student). It
+        # draws the grids alone, unless the networks are sharded: then every forward needs all.
+        grids = main or self.nets.sharded
         metrics = rundir.MetricsLog(self.out / rundir.METRICS_FILE, enabled=main)
         if self.checkpoint is not None:
             state = self.restore(self.checkpoint)
@@ -419,6 +467,7 @@ class Distillation:
             start_iteration, teacher_div = 0, None
             if main:
                 create_run_folder(self.out)
+            if grids:
                 teacher_div = self.teacher_diversity() if c.teacher_grid_steps else None
                 if teacher_div is not None:
                     metrics.write({"iteration": 0, "diversity_teacher": teacher_div})
@@ -449,7 +498,7 @@ class Distillation:
                         **({"regression_distance": self.regression_distance_name} if self.regression_distance_name else {}),
                     })
                     last_log, last_log_iteration = now, done
-                if main and c.sample_every and done % c.sample_every == 0 and done != c.iterations:
+                if grids and c.sample_every and done % c.sample_every == 0 and done != c.iterations:
                     metrics.write({"iteration": done, **self.save_grid(done, teacher_div)[1]})
                 if c.checkpoint_every and done % c.checkpoint_every == 0 and done != c.iterations:
                     self.save_checkpoint(done, extra)
@@ -459,7 +508,7 @@ class Distillation:
                     path = self.save_checkpoint(done, extra)
                     raise Interrupted(signum or signal.SIGTERM, done, path, self.out)
         summary = {"out": str(self.out), "student": str(self.out / rundir.STUDENT_FILE), "iterations": done}
-        if main:
+        if grids:
             grid, grid_record = self.save_grid(done, teacher_div)
             metrics.write({"iteration": done, **grid_record})
             summary.update(grid=str(grid), **grid_record)

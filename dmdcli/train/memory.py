@@ -14,6 +14,11 @@ The peak is that of the heavier of the two phases of an iteration:
 on top of what persists: weights of all networks, AdamW moments (2 × fp32), the VAE, and the text
 encoders unless the prompts are cached (`cache_prompts`, the default): then the encoders are on the
 accelerator only at start-up, before the networks are built, and are listed apart, outside the peak.
+
+Sharded over N processes (`--fsdp`), each process keeps 1/N of the networks' weights, moments and
+gradients, and gathers whole units while they run: a UNet's root unit (everything outside its
+ResNet and transformer blocks) for the whole forward, two blocks at a time (one computing, one
+prefetched), in bf16 under mixed precision; plus one unit's unsharded gradients in backward.
 """
 
 from __future__ import annotations
@@ -38,6 +43,8 @@ class MemoryEstimate:
     peak: float
     phase: str  # which phase sets the peak
     startup_only: dict[str, float] = field(default_factory=dict)  # GiB freed before training (not in the peak)
+    processes: int = 1  # the networks are sharded over this many processes (FSDP)
+    gathered: float = 0.0  # FSDP: whole units gathered while they run (in the peak phase)
 
     def rows(self) -> list[tuple[str, float]]:
         return [
@@ -47,6 +54,7 @@ class MemoryEstimate:
             ("gradients (peak phase)", self.gradients),
             ("activations per sample", self.activations_per_sample),
             ("activations (batch, peak phase)", self.activations),
+            *((("gathered units (FSDP)", self.gathered),) if self.processes > 1 else ()),
             (f"estimated peak ({self.phase} phase)", self.peak),
         ]
 
@@ -111,8 +119,9 @@ def _saved_activations(unet: nn.Module, spec: TeacherSpec, resolution: int, dtyp
     return float(total), float(down)
 
 
-def estimate_memory(spec: TeacherSpec, config, resolution: int, on_cuda: bool) -> MemoryEstimate:
-    """Estimated peak memory of `dmd distill` with this configuration, per process (GiB)."""
+def estimate_memory(spec: TeacherSpec, config, resolution: int, on_cuda: bool, processes: int = 1) -> MemoryEstimate:
+    """Estimated peak memory of `dmd distill` with this configuration, per process (GiB), with
+    the networks sharded over `processes` when config.fsdp."""
     from dmdcli.core.gan_head import ClassifierHead
     from dmdcli.models.lora import FAKE_SCORE_ADAPTER, GENERATOR_ADAPTER
 
@@ -133,34 +142,48 @@ def estimate_memory(spec: TeacherSpec, config, resolution: int, on_cuda: bool) -
             side = resolution // spec.vae_scale_factor // down
             p_head = _count(ClassifierHead(unet.config.block_out_channels[-1], side))
 
+    n = processes if config.fsdp else 1
     weights = {
-        "teacher UNet (frozen)": p_unet * frozen,
-        "generator": 4 * p_gen + (4 * p_unet if lora and not shared else 0),  # + its own fp32 base copy
-        "fake score + classifier": 4 * (p_fake + p_head),
+        "teacher UNet (frozen)": p_unet * frozen / n,
+        "generator": (4 * p_gen + (4 * p_unet if lora and not shared else 0)) / n,  # + its own fp32 base copy
+        "fake score + classifier": 4 * (p_fake + p_head) / n,
         "VAE (fp32)": p_vae * 4,
     }
     if not config.cache_prompts:  # else they leave the accelerator before the networks are built
         weights["text encoders"] = p_text * frozen
-    adam = 8 * (p_gen + p_fake + p_head)
+    adam = 8 * (p_gen + p_fake + p_head) / n
+    if n > 1:
+        from dmdcli.train.sharding import shard_units
+
+        blocks = [_count(m) for m in shard_units(unet)]
+        root = p_unet - sum(blocks)
+        # Gathered while running: the root units of the network with gradients and of the one it
+        # backpropagates through, two blocks, and one unit's unsharded fp32 gradients.
+        transient = frozen * (2 * root + 2 * max(blocks)) + 4 * max(root, max(blocks))
+        cast_gen = cast_fake = 0  # under the bf16 policy, the weights autocast would cast come gathered in bf16
+    else:
+        transient = 0
+        # Autocast keeps a bf16 copy of each trainable fp32 weight it casts, for the backward.
+        cast_gen, cast_fake = (2 * p_gen, 2 * p_fake) if on_cuda else (0, 0)
     act, act_down = _saved_activations(unet, spec, resolution, compute, config.gradient_checkpointing)
-    # Autocast keeps a bf16 copy of each trainable fp32 weight it casts, for the backward.
-    cast_gen, cast_fake = (2 * p_gen, 2 * p_fake) if on_cuda else (0, 0)
     b = config.batch_size
-    generator_phase = 4 * p_gen + b * (act + act_down) + cast_gen
-    fake_phase = 4 * (p_fake + p_head) + b * (act + 2 * act_down) + cast_fake
+    generator_phase = 4 * p_gen / n + b * (act + act_down) + cast_gen + transient
+    fake_phase = 4 * (p_fake + p_head) / n + b * (act + 2 * act_down) + cast_fake + transient
     phase = "generator" if generator_phase > fake_phase else "fake score"
     top = max(generator_phase, fake_phase)
-    grads = 4 * p_gen if phase == "generator" else 4 * (p_fake + p_head)
+    grads = (4 * p_gen if phase == "generator" else 4 * (p_fake + p_head)) / n
     static = sum(weights.values()) + adam
     return MemoryEstimate(
         parameters={k: v / GIB for k, v in weights.items()},
         optimizer_states=adam / GIB,
         gradients=grads / GIB,
         activations_per_sample=act / GIB,
-        activations=(top - grads) / GIB,
+        activations=(top - grads - transient) / GIB,
         peak=(static + top) / GIB,
         phase=phase,
         startup_only={"text encoders (dropped once prompts are cached)": p_text * frozen / GIB} if config.cache_prompts else {},
+        processes=n,
+        gathered=transient / GIB,
     )
 
 

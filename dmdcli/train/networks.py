@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import torch
 from torch import nn
@@ -26,6 +26,12 @@ class Networks:
     generator_params: list[nn.Parameter]
     fake_params: list[nn.Parameter]  # fake score's trainable weights + the classifier head's
     shared_base: bool
+    sharded: bool = False  # FSDP2 across processes (see sharding.py)
+
+    @property
+    def fake_modules(self) -> nn.Module:
+        """What the fake score's optimizer trains: the fake score and the classifier head."""
+        return nn.ModuleDict({"fake_score": self.fake_unet, **({"discriminator": self.head} if self.head else {})})
 
     def describe(self, config, timesteps: list[int]) -> str:
         count = lambda params: f"{sum(p.numel() for p in params) / 1e6:.2f}M trainable"  # noqa: E731
@@ -34,6 +40,7 @@ class Networks:
         return (
             f"generator: {kind} ({count(self.generator_params)}), {config.steps} step(s) at t = {timesteps}; "
             f"fake score: {fake} ({count(self.fake_params)}); GAN {'on' if self.head else 'off'}"
+            + ("; sharded across processes (FSDP2)" if self.sharded else "")
         )
 
 
@@ -82,6 +89,24 @@ def build_networks(
     return Networks(base, generator, fake, head, generator_params, fake_params, shared)
 
 
+def shard_networks(nets: Networks, options) -> Networks:
+    """The same networks sharded with FSDP2 (full-weight layout only: a shared LoRA base is one
+    set of weights under three module trees, which FSDP cannot shard three times)."""
+    from dmdcli.train.sharding import broadcast_from_rank0, shard_module, shard_unet, trainable
+
+    assert not nets.shared_base, "FSDP shards full-weight runs"
+    for unet in (nets.teacher_unet, nets.generator_unet, nets.fake_unet):
+        broadcast_from_rank0(unet)
+        shard_unet(unet, options)
+    if nets.head is not None:
+        broadcast_from_rank0(nets.head)
+        # Its Sequential: the head's own reshape of the logits stays outside FSDP's output hooks
+        # (which warn about views).
+        shard_module(nets.head.net, options)
+    # fully_shard replaces each parameter by a sharded one: the lists are taken again.
+    return replace(nets, generator_params=trainable(nets.generator_unet), fake_params=trainable(nets.fake_modules), sharded=True)
+
+
 def _warmup(optimizer: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warm-up to the base LR over `steps` updates, then constant (the reference's schedule)."""
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda n: min(1.0, (n + 1) / max(1, steps)))
@@ -96,7 +121,8 @@ def build_step(nets: Networks, schedule: NoiseSchedule, config, timesteps: list[
     """The DMD2 objective and its two AdamW optimizers (warm-up, clipping) over `nets`.
 
     Under several processes each phase module is wrapped by accelerate (DDP), which averages
-    the gradients; `any_process` makes every process take the same non-finite decision.
+    the gradients, unless the networks are sharded (FSDP reduces their gradients itself);
+    `any_process` makes every process take the same non-finite decision.
     """
     c = config
     dmd2 = DMD2(
@@ -110,6 +136,6 @@ def build_step(nets: Networks, schedule: NoiseSchedule, config, timesteps: list[
         generator_lr_scheduler=_warmup(opt_g, c.warmup_steps), fake_lr_scheduler=_warmup(opt_f, c.warmup_steps),
         fake_updates_per_gen=c.fake_updates_per_gen, max_grad_norm=c.max_grad_norm, seed=c.seed,
         skip_nonfinite=c.skip_nonfinite, backward=accelerator.backward, autocast=accelerator.autocast,
-        wrap=accelerator.prepare_model if accelerator.num_processes > 1 else None, any_process=any_process,
+        wrap=accelerator.prepare_model if accelerator.num_processes > 1 and not nets.sharded else None, any_process=any_process,
         regression_distance=regression_distance, regression_iterations=c.regression_iterations,
     )

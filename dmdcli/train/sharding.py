@@ -1,0 +1,150 @@
+"""FSDP for full-weight runs across GPUs and nodes: PyTorch's FSDP2 (`fully_shard`) on the
+UNets' blocks, and full (unsharded) state dicts for checkpoints.
+
+Why not `accelerator.prepare`: accelerate's FSDP2 path prepares ONE model with its optimizer,
+and DMD2 trains two networks with two optimizers through a frozen third (the teacher). So the
+engine is still PyTorch's FSDP2, applied here to each network before its optimizer is built
+(the optimizers then hold the sharded parameters); accelerate's FSDP plugin, when the launcher
+set one, contributes its options (reshard after forward, CPU offload).
+
+Sharding units are the UNet's ResNet and transformer blocks (the unit the all-gather brings
+whole onto a device); the rest of each UNet (conv_in/out, embeddings, resamplers, the
+transformers' projections) is its root unit. Checkpoints hold full tensors in the same layout
+as an unsharded run's: a sharded run resumes without FSDP and the other way round.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+from torch import Tensor, nn
+
+from dmdcli.errors import UsageError
+
+
+@dataclass(frozen=True)
+class ShardingOptions:
+    param_dtype: torch.dtype | None = None  # all-gathered weights' dtype (bf16 under bf16 mixed precision)
+    reshard_after_forward: bool = True  # free gathered weights after forward (ZeRO-3); False: ZeRO-2
+    cpu_offload: bool = False  # sharded weights, gradients and optimizer states in host memory
+
+
+def sharding_options(accelerator, precision: str) -> ShardingOptions:
+    """Options from accelerate's FSDP plugin when `accelerate launch` was given an FSDP config."""
+    options = ShardingOptions(param_dtype=torch.bfloat16 if precision == "bf16" else None)
+    plugin = getattr(accelerator.state, "fsdp_plugin", None)
+    if plugin is None:
+        return options
+    if plugin.fsdp_version != 2:
+        raise UsageError("dmd shards with FSDP2: set fsdp_version: 2 in the accelerate config (see recipes/accelerate/)")
+    from torch.distributed.fsdp import CPUOffloadPolicy
+
+    return replace(options, reshard_after_forward=bool(plugin.reshard_after_forward),
+                   cpu_offload=isinstance(plugin.cpu_offload, CPUOffloadPolicy))
+
+
+def _kwargs(options: ShardingOptions) -> dict:
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy
+
+    return dict(
+        reshard_after_forward=options.reshard_after_forward,
+        mp_policy=MixedPrecisionPolicy(param_dtype=options.param_dtype, reduce_dtype=torch.float32),
+        offload_policy=CPUOffloadPolicy() if options.cpu_offload else OffloadPolicy(),
+    )
+
+
+def broadcast_from_rank0(module: nn.Module) -> None:
+    """Give every process process 0's weights, as DDP does when it wraps a module: FSDP keeps
+    each process's own slice, and randomly initialised weights (the classifier head's, drawn
+    from each process's own seed) would otherwise be a patchwork of the processes' draws."""
+    import torch.distributed as dist
+
+    for tensor in [*module.parameters(), *module.buffers()]:
+        dist.broadcast(tensor.data, src=0)
+
+
+def shard_units(unet: nn.Module) -> list[nn.Module]:
+    """The UNet's blocks that are sharded (and gathered) as units: ResNet and transformer blocks."""
+    from diffusers.models.attention import BasicTransformerBlock
+    from diffusers.models.resnet import ResnetBlock2D
+
+    return [m for m in unet.modules() if isinstance(m, (ResnetBlock2D, BasicTransformerBlock))]
+
+
+def shard_unet(unet: nn.Module, options: ShardingOptions) -> nn.Module:
+    """fully_shard each of `unet`'s shard_units, then `unet` itself (the rest) (in place)."""
+    from torch.distributed.fsdp import fully_shard
+
+    for block in shard_units(unet):
+        fully_shard(block, **_kwargs(options))
+    fully_shard(unet, **_kwargs(options))
+    return unet
+
+
+def shard_module(module: nn.Module, options: ShardingOptions) -> nn.Module:
+    """fully_shard `module` as one unit (the classifier head)."""
+    from torch.distributed.fsdp import fully_shard
+
+    return fully_shard(module, **_kwargs(options))
+
+
+def trainable(module: nn.Module) -> list[nn.Parameter]:
+    return [p for p in module.parameters() if p.requires_grad]
+
+
+# -- full state dicts of sharded modules (collectives: every process calls them) -----------------
+
+
+def _options(**kwargs):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, **kwargs)
+
+
+def full_model_state(module: nn.Module) -> dict[str, Tensor]:
+    """The module's whole weights on the CPU of process 0 (empty elsewhere)."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    return get_model_state_dict(module, options=_options(cpu_offload=True))
+
+
+def load_full_model_state(module: nn.Module, state: dict[str, Tensor]) -> None:
+    """Load whole weights that process 0 holds (the others pass {}) into the sharded module."""
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+    set_model_state_dict(module, state, options=_options(broadcast_from_rank0=True))
+
+
+def _parameter_names(module: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    """Each optimizer parameter's name in `module`, in the optimizer's order (its state's indices)."""
+    names = {id(p): name for name, p in module.named_parameters()}
+    return [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+
+
+def full_optimizer_state(module: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """The optimizer's whole state on process 0 (empty elsewhere), keyed by parameter index as
+    `optimizer.state_dict()` of an unsharded run is, so both write the same checkpoint."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    state = get_optimizer_state_dict(module, optimizer, options=_options(cpu_offload=True))
+    if not state:
+        return {}
+    index = {name: i for i, name in enumerate(_parameter_names(module, optimizer))}
+    return {
+        "state": {index[name]: values for name, values in state["state"].items()},
+        "param_groups": [{**g, "params": [index[name] for name in g["params"]]} for g in state["param_groups"]],
+    }
+
+
+def load_full_optimizer_state(module: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Load an index-keyed optimizer state that process 0 holds (the others pass {})."""
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+    if state:
+        names = _parameter_names(module, optimizer)
+        state = {
+            "state": {names[i]: values for i, values in state["state"].items()},
+            "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in state["param_groups"]],
+        }
+    set_optimizer_state_dict(module, optimizer, state, options=_options(broadcast_from_rank0=True))
