@@ -7,6 +7,10 @@ configuration, without the text encoders and VAE (which this benchmark does not 
 
     python benchmarks/memory_speed.py                       # CPU: SD1.5 shared-base LoRA at 256²
     python benchmarks/memory_speed.py --arch sdxl --resolution 1024 --layouts full lora-reference lora-shared
+    torchrun --nproc_per_node 8 benchmarks/memory_speed.py --arch sdxl --resolution 1024 --layouts fsdp
+
+The fsdp layout (full weights sharded with FSDP2 over the launched processes, as `dmd distill
+--fsdp`) reports the largest peak among the processes, beside the per-process estimate.
 
 Peak memory is torch.cuda.max_memory_allocated on CUDA, and the growth of the process's peak
 resident set on CPU (coarser: it includes allocator slack and Python).
@@ -28,13 +32,15 @@ from dmdcli.models.architectures import ARCHITECTURES, write_config_only_pipelin
 from dmdcli.models.teacher import inspect_teacher
 from dmdcli.train.config import DistillConfig
 from dmdcli.train.memory import GIB, estimate_memory
-from dmdcli.train.networks import build_networks, build_step
+from dmdcli.train.networks import build_networks, build_step, shard_networks
+from dmdcli.train.sharding import sharding_options
 from dmdcli.train.step import Batch
 
 LAYOUTS = {
     "full": dict(lora_rank=0),
     "lora-reference": dict(lora_rank=64, lora_alpha=8, shared_base=False),
     "lora-shared": dict(lora_rank=64, lora_alpha=8, shared_base=True),
+    "fsdp": dict(lora_rank=0, fsdp=True),
 }
 
 
@@ -53,7 +59,9 @@ def measure(arch: str, layout: str, args, spec) -> dict:
         teacher=arch, steps=args.steps, batch_size=args.batch_size, gradient_checkpointing=not args.no_checkpointing,
         fake_updates_per_gen=1, data="random", warmup_steps=1, guidance_scale=8.0, **LAYOUTS[layout],
     )
-    estimate = estimate_memory(spec, config, args.resolution, on_cuda=cuda)
+    if config.fsdp and accelerator.num_processes < 2:
+        sys.exit("the fsdp layout shards over processes: launch with torchrun --nproc_per_node N (N ≥ 2)")
+    estimate = estimate_memory(spec, config, args.resolution, on_cuda=cuda, processes=accelerator.num_processes)
     not_loaded = estimate.parameters.get("text encoders", 0.0) + estimate.parameters["VAE (fp32)"]  # absent with cached prompts
 
     torch.manual_seed(0)
@@ -71,8 +79,12 @@ def measure(arch: str, layout: str, args, spec) -> dict:
         cond["time_ids"] = torch.tensor([[r, r, 0, 0, r, r]], device=device).expand(args.batch_size, 6)
     uncond = {k: torch.zeros_like(v) for k, v in cond.items()}
     latent = (args.batch_size, spec.latent_channels, side, side)
-    probe = lambda fake: fake.bottleneck(torch.zeros(1, *latent[1:], device=device), torch.zeros(1, dtype=torch.long, device=device), {k: v[:1] for k, v in cond.items()})  # noqa: E731
-    nets = build_networks(base, config, device, torch.bfloat16 if cuda else torch.float32, probe)
+    build_on = torch.device("cpu") if config.fsdp else device  # as `dmd distill --fsdp`: whole networks in host memory
+    probe = lambda fake: fake.bottleneck(torch.zeros(1, *latent[1:], device=build_on), torch.zeros(1, dtype=torch.long, device=build_on),  # noqa: E731
+                                         {k: v[:1].to(build_on) for k, v in cond.items()})
+    nets = build_networks(base, config, build_on, torch.bfloat16 if cuda else torch.float32, probe)
+    if config.fsdp:
+        nets = shard_networks(nets, sharding_options(accelerator, accelerator.mixed_precision), device)
     schedule = spec.schedule()
     step = build_step(nets, schedule, config, student_timesteps(args.steps, 1000, 399), accelerator)
 
@@ -88,8 +100,10 @@ def measure(arch: str, layout: str, args, spec) -> dict:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     peak = torch.cuda.max_memory_allocated() / GIB if cuda else rss_gib() - rss_before
+    if accelerator.num_processes > 1:  # the largest process's
+        peak = float(accelerator.reduce(torch.tensor([peak], device=device), "max"))
     result = {
-        "arch": arch, "layout": layout, "resolution": args.resolution, "batch": args.batch_size,
+        "arch": arch, "layout": layout + (f" ×{accelerator.num_processes}" if config.fsdp else ""), "resolution": args.resolution, "batch": args.batch_size,
         "device": torch.cuda.get_device_name() if cuda else "cpu",
         "sec_per_iter": min(times[1:] or times), "peak_gib": peak, "estimate_gib": estimate.peak - not_loaded,
     }
@@ -97,7 +111,7 @@ def measure(arch: str, layout: str, args, spec) -> dict:
     gc.collect()
     if cuda:
         torch.cuda.empty_cache()
-    return result
+    return result, accelerator.is_main_process
 
 
 def main() -> None:
@@ -112,10 +126,15 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as folder:
         spec = inspect_teacher(str(write_config_only_pipeline(folder, args.arch)))
-        print("| arch | layout | resolution | batch | device | s/iter | peak GiB | dry-run estimate GiB | estimate / peak |")
-        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+        header = ["| arch | layout | resolution | batch | device | s/iter | peak GiB | dry-run estimate GiB | estimate / peak |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for layout in args.layouts:
-            r = measure(args.arch, layout, args, spec)
+            r, main_process = measure(args.arch, layout, args, spec)
+            if not main_process:
+                continue
+            for line in header:
+                print(line)
+            header = []
             print(f"| {r['arch']} | {r['layout']} | {r['resolution']} | {r['batch']} | {r['device']} | {r['sec_per_iter']:.2f} | "
                   f"{r['peak_gib']:.2f} | {r['estimate_gib']:.2f} | {r['estimate_gib'] / r['peak_gib']:.2f} |", flush=True)
 

@@ -299,14 +299,18 @@ class Distillation:
         return found
 
     def _build_networks(self, device: torch.device, frozen_dtype: torch.dtype) -> None:
+        # Sharded, the whole networks are built in host memory and fully_shard moves each
+        # process's shards onto its accelerator: three whole SDXL UNets (~25 GB) would not fit
+        # the GPUs that the shards fit.
+        build_on = torch.device("cpu") if self.sharding is not None else device
         probe = None
         if self.data.real is not None:
-            latent = torch.zeros(1, self.spec.latent_channels, *self.teacher.latent_size, device=device)
-            empty = self.encode([""])
-            probe = lambda fake_score: fake_score.bottleneck(latent, torch.zeros(1, dtype=torch.long, device=device), empty)  # noqa: E731
-        self.nets = build_networks(self.teacher.unet, self.config, device, frozen_dtype, probe)
+            latent = torch.zeros(1, self.spec.latent_channels, *self.teacher.latent_size, device=build_on)
+            empty = {k: v.to(build_on) for k, v in self.encode([""]).items()}
+            probe = lambda fake_score: fake_score.bottleneck(latent, torch.zeros(1, dtype=torch.long, device=build_on), empty)  # noqa: E731
+        self.nets = build_networks(self.teacher.unet, self.config, build_on, frozen_dtype, probe)
         if self.sharding is not None:  # before the optimizers are built, so they hold the shards
-            self.nets = shard_networks(self.nets, self.sharding)
+            self.nets = shard_networks(self.nets, self.sharding, device)
         self.step = build_step(self.nets, self.schedule, self.config, self.timesteps, self.accelerator, self.any_process,
                                self.regression_distance)
         self.generator = self.step.generator

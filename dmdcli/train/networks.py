@@ -89,17 +89,16 @@ def build_networks(
     return Networks(base, generator, fake, head, generator_params, fake_params, shared)
 
 
-def shard_networks(nets: Networks, options) -> Networks:
-    """The same networks sharded with FSDP2 (full-weight layout only: a shared LoRA base is one
-    set of weights under three module trees, which FSDP cannot shard three times)."""
+def shard_networks(nets: Networks, options, device: torch.device) -> Networks:
+    """The same networks sharded with FSDP2 onto `device` (full-weight layout only: a shared LoRA
+    base is one set of weights under three module trees, which FSDP cannot shard three times)."""
     from dmdcli.train.sharding import broadcast_from_rank0, shard_module, shard_unet, trainable
 
     assert not nets.shared_base, "FSDP shards full-weight runs"
-    for unet in (nets.teacher_unet, nets.generator_unet, nets.fake_unet):
-        broadcast_from_rank0(unet)
+    for unet in (nets.teacher_unet, nets.generator_unet, nets.fake_unet):  # copies of the same teacher files
         shard_unet(unet, options)
     if nets.head is not None:
-        broadcast_from_rank0(nets.head)
+        broadcast_from_rank0(nets.head, device)  # drawn from each process's own seed
         # Its Sequential: the head's own reshape of the logits stays outside FSDP's output hooks
         # (which warn about views).
         shard_module(nets.head.net, options)

@@ -54,14 +54,16 @@ def _kwargs(options: ShardingOptions) -> dict:
     )
 
 
-def broadcast_from_rank0(module: nn.Module) -> None:
+def broadcast_from_rank0(module: nn.Module, device: torch.device) -> None:
     """Give every process process 0's weights, as DDP does when it wraps a module: FSDP keeps
-    each process's own slice, and randomly initialised weights (the classifier head's, drawn
-    from each process's own seed) would otherwise be a patchwork of the processes' draws."""
+    each process's own slice, and randomly initialised weights would otherwise be a patchwork of
+    the processes' draws. Sent through `device` (NCCL sends no host tensors)."""
     import torch.distributed as dist
 
     for tensor in [*module.parameters(), *module.buffers()]:
-        dist.broadcast(tensor.data, src=0)
+        sent = tensor.data.to(device)
+        dist.broadcast(sent, src=0)
+        tensor.data.copy_(sent)
 
 
 def shard_units(unet: nn.Module) -> list[nn.Module]:
