@@ -32,7 +32,7 @@ from dmdcli.models.architectures import ARCHITECTURES, write_config_only_pipelin
 from dmdcli.models.teacher import inspect_teacher
 from dmdcli.train.config import DistillConfig
 from dmdcli.train.memory import GIB, estimate_memory
-from dmdcli.train.networks import build_networks, build_step, shard_networks
+from dmdcli.train.networks import build_networks, build_step
 from dmdcli.train.sharding import sharding_options
 from dmdcli.train.step import Batch
 
@@ -79,12 +79,10 @@ def measure(arch: str, layout: str, args, spec) -> dict:
         cond["time_ids"] = torch.tensor([[r, r, 0, 0, r, r]], device=device).expand(args.batch_size, 6)
     uncond = {k: torch.zeros_like(v) for k, v in cond.items()}
     latent = (args.batch_size, spec.latent_channels, side, side)
-    build_on = torch.device("cpu") if config.fsdp else device  # as `dmd distill --fsdp`: whole networks in host memory
-    probe = lambda fake: fake.bottleneck(torch.zeros(1, *latent[1:], device=build_on), torch.zeros(1, dtype=torch.long, device=build_on),  # noqa: E731
-                                         {k: v[:1].to(build_on) for k, v in cond.items()})
-    nets = build_networks(base, config, build_on, torch.bfloat16 if cuda else torch.float32, probe)
-    if config.fsdp:
-        nets = shard_networks(nets, sharding_options(accelerator, accelerator.mixed_precision), device)
+    probe = lambda fake, on: fake.bottleneck(torch.zeros(1, *latent[1:], device=on), torch.zeros(1, dtype=torch.long, device=on),  # noqa: E731
+                                             {k: v[:1].to(on) for k, v in cond.items()})
+    sharding = sharding_options(accelerator, accelerator.mixed_precision) if config.fsdp else None
+    nets = build_networks(base, config, device, torch.bfloat16 if cuda else torch.float32, probe, sharding=sharding)
     schedule = spec.schedule()
     step = build_step(nets, schedule, config, student_timesteps(args.steps, 1000, 399), accelerator)
 

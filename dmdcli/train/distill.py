@@ -35,7 +35,7 @@ from dmdcli.train.checkpoint import (
 )
 from dmdcli.train.config import DistillConfig, resume_conflicts, write_config
 from dmdcli.train.grids import COLLAPSE_RATIO, SampleGrid, diversity
-from dmdcli.train.networks import build_networks, build_step, shard_networks
+from dmdcli.train.networks import build_networks, build_step
 from dmdcli.train.sharding import full_model_state, full_optimizer_state, load_full_model_state, load_full_optimizer_state
 from dmdcli.train.step import Batch
 
@@ -299,18 +299,12 @@ class Distillation:
         return found
 
     def _build_networks(self, device: torch.device, frozen_dtype: torch.dtype) -> None:
-        # Sharded, the whole networks are built in host memory and fully_shard moves each
-        # process's shards onto its accelerator: three whole SDXL UNets (~25 GB) would not fit
-        # the GPUs that the shards fit.
-        build_on = torch.device("cpu") if self.sharding is not None else device
         probe = None
         if self.data.real is not None:
-            latent = torch.zeros(1, self.spec.latent_channels, *self.teacher.latent_size, device=build_on)
-            empty = {k: v.to(build_on) for k, v in self.encode([""]).items()}
-            probe = lambda fake_score: fake_score.bottleneck(latent, torch.zeros(1, dtype=torch.long, device=build_on), empty)  # noqa: E731
-        self.nets = build_networks(self.teacher.unet, self.config, build_on, frozen_dtype, probe)
-        if self.sharding is not None:  # before the optimizers are built, so they hold the shards
-            self.nets = shard_networks(self.nets, self.sharding, device)
+            latent, empty = torch.zeros(1, self.spec.latent_channels, *self.teacher.latent_size), self.encode([""])
+            probe = lambda fake_score, on: fake_score.bottleneck(  # noqa: E731
+                latent.to(on), torch.zeros(1, dtype=torch.long, device=on), {k: v.to(on) for k, v in empty.items()})
+        self.nets = build_networks(self.teacher.unet, self.config, device, frozen_dtype, probe, sharding=self.sharding)
         self.step = build_step(self.nets, self.schedule, self.config, self.timesteps, self.accelerator, self.any_process,
                                self.regression_distance)
         self.generator = self.step.generator

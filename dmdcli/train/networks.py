@@ -46,14 +46,18 @@ class Networks:
 
 def build_networks(
     base: nn.Module, config, device: torch.device, frozen_dtype: torch.dtype,
-    gan_probe: Callable[[UNetDenoiser], torch.Tensor] | None = None,
+    gan_probe: Callable[[UNetDenoiser, torch.device], torch.Tensor] | None = None, sharding=None,
 ) -> Networks:
     """Generator and fake score from the teacher's UNet `base` (which becomes the frozen real score).
 
-    gan_probe: given the fake score, returns bottleneck features of one sample, to size the
-    classifier head; None turns the GAN off.
+    gan_probe: given the fake score and the device it is on, returns bottleneck features of one
+    sample, to size the classifier head; None turns the GAN off.
+    sharding: ShardingOptions to shard all networks across processes with FSDP (None: not sharded).
     """
     c = config
+    # Sharded, the whole networks are built in host memory and fully_shard moves each process's
+    # shards onto `device`: three whole SDXL UNets (~25 GB) would not fit the GPUs the shards fit.
+    device, shard_onto = (torch.device("cpu"), device) if sharding is not None else (device, None)
     alpha = c.lora_alpha or c.lora_rank
     shared = c.lora_rank > 0 and c.shared_base
     base.requires_grad_(False)
@@ -84,12 +88,14 @@ def build_networks(
     head = None
     if gan_probe is not None:
         with torch.no_grad():
-            head = ClassifierHead.for_features(gan_probe(UNetDenoiser(fake))).to(device)
+            head = ClassifierHead.for_features(gan_probe(UNetDenoiser(fake), device)).to(device)
         fake_params = fake_params + list(head.parameters())
-    return Networks(base, generator, fake, head, generator_params, fake_params, shared)
+    nets = Networks(base, generator, fake, head, generator_params, fake_params, shared)
+    # Before the optimizers are built, so that they hold the shards.
+    return _shard_networks(nets, sharding, shard_onto) if sharding is not None else nets
 
 
-def shard_networks(nets: Networks, options, device: torch.device) -> Networks:
+def _shard_networks(nets: Networks, options, device: torch.device) -> Networks:
     """The same networks sharded with FSDP2 onto `device` (full-weight layout only: a shared LoRA
     base is one set of weights under three module trees, which FSDP cannot shard three times)."""
     from dmdcli.train.sharding import broadcast_from_rank0, shard_module, shard_unet, trainable
