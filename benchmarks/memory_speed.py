@@ -6,6 +6,7 @@ conditioning is random, and a few real DMD2 iterations run through the same code
 configuration, without the text encoders and VAE (which this benchmark does not load).
 
     python benchmarks/memory_speed.py                       # CPU: SD1.5 shared-base LoRA at 256²
+    python benchmarks/memory_speed.py --mixed-precision bf16  # the same in the GPU's precision layout
     python benchmarks/memory_speed.py --arch sdxl --resolution 1024 --layouts full lora-reference lora-shared
     torchrun --nproc_per_node 8 benchmarks/memory_speed.py --arch sdxl --resolution 1024 --layouts fsdp
 
@@ -53,15 +54,17 @@ def measure(arch: str, layout: str, args, spec) -> dict:
     from diffusers import UNet2DConditionModel
 
     cuda = torch.cuda.is_available()
-    accelerator = Accelerator(mixed_precision="bf16" if cuda else "no", cpu=not cuda)
-    device = accelerator.device
     config = DistillConfig(
         teacher=arch, steps=args.steps, batch_size=args.batch_size, gradient_checkpointing=not args.no_checkpointing,
-        fake_updates_per_gen=1, data="random", warmup_steps=1, guidance_scale=8.0, **LAYOUTS[layout],
+        fake_updates_per_gen=1, data="random", warmup_steps=1, guidance_scale=8.0, mixed_precision=args.mixed_precision,
+        **LAYOUTS[layout],
     )
+    bf16 = config.precision() == "bf16"
+    accelerator = Accelerator(mixed_precision=config.precision(), cpu=not cuda)
+    device = accelerator.device
     if config.fsdp and accelerator.num_processes < 2:
         sys.exit("the fsdp layout shards over processes: launch with torchrun --nproc_per_node N (N ≥ 2)")
-    estimate = estimate_memory(spec, config, args.resolution, on_cuda=cuda, processes=accelerator.num_processes)
+    estimate = estimate_memory(spec, config, args.resolution, bf16, processes=accelerator.num_processes)
     not_loaded = estimate.parameters.get("text encoders", 0.0) + estimate.parameters["VAE (fp32)"]  # absent with cached prompts
 
     torch.manual_seed(0)
@@ -82,7 +85,7 @@ def measure(arch: str, layout: str, args, spec) -> dict:
     probe = lambda fake, on: fake.bottleneck(torch.zeros(1, *latent[1:], device=on), torch.zeros(1, dtype=torch.long, device=on),  # noqa: E731
                                              {k: v[:1].to(on) for k, v in cond.items()})
     sharding = sharding_options(accelerator, accelerator.mixed_precision) if config.fsdp else None
-    nets = build_networks(base, config, device, torch.bfloat16 if cuda else torch.float32, probe, sharding=sharding)
+    nets = build_networks(base, config, device, torch.bfloat16 if bf16 else torch.float32, probe, sharding=sharding)
     schedule = spec.schedule()
     step = build_step(nets, schedule, config, student_timesteps(args.steps, 1000, 399), accelerator)
 
@@ -102,7 +105,7 @@ def measure(arch: str, layout: str, args, spec) -> dict:
         peak = float(accelerator.reduce(torch.tensor([peak], device=device), "max"))
     result = {
         "arch": arch, "layout": layout + (f" ×{accelerator.num_processes}" if config.fsdp else ""), "resolution": args.resolution, "batch": args.batch_size,
-        "device": torch.cuda.get_device_name() if cuda else "cpu",
+        "device": f"{torch.cuda.get_device_name() if cuda else 'cpu'} ({'bf16' if bf16 else 'fp32'})",
         "sec_per_iter": min(times[1:] or times), "peak_gib": peak, "estimate_gib": estimate.peak - not_loaded,
     }
     del nets, step, base
@@ -121,6 +124,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--iterations", type=int, default=3)
     parser.add_argument("--no-checkpointing", action="store_true")
+    parser.add_argument("--mixed-precision", choices=["auto", "bf16", "no"], default="auto",
+                        help="auto: bf16 on CUDA, fp32 on CPU; bf16 on a CPU measures the GPU's layout (bf16 frozen weights, "
+                             "autocast) in host memory")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as folder:
         spec = inspect_teacher(str(write_config_only_pipeline(folder, args.arch)))

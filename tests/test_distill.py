@@ -220,3 +220,47 @@ def test_lora_layouts(tmp_path, tiny_sdxl, prompts_file, image_folder, shared):
     x, t = torch.randn(1, 4, 16, 16), torch.tensor([500])
     cond = run.encode(["a red circle"])  # the run's prompts are cached and its text encoders released
     assert torch.equal(run.step.dmd2.real_score(x, t, cond), fresh(x, t, cond))
+
+
+@pytest.fixture
+def fresh_accelerator_state():
+    """accelerate keeps one mixed-precision setting per process (a CLI run is one process); tests
+    that change it reset it before and after, as accelerate's own tests do."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state()
+    yield
+    AcceleratorState._reset_state()
+
+
+@pytest.mark.parametrize("shared", [True, False])
+@pytest.mark.usefixtures("fresh_accelerator_state")
+def test_bf16_keeps_frozen_weights_in_bf16_and_trained_weights_in_fp32(tmp_path, tiny_sd, prompts_file, image_folder, shared):
+    """--mixed-precision bf16 on the CPU runs the layout a GPU run uses: the frozen teacher (and a
+    shared LoRA base) in bf16 under autocast, every trained weight, its AdamW state and the saved
+    student in fp32, the VAE in fp32."""
+    config = resolve_config("tiny", {
+        "teacher": str(tiny_sd), "prompts": str(prompts_file), "data": str(image_folder), "iterations": 2,
+        "fake_updates_per_gen": 1, "batch_size": 2, "out": str(tmp_path / "run"), "steps": 2, "lora_rank": 4,
+        "shared_base": shared, "mixed_precision": "bf16", "teacher_grid_steps": 0, "sample_every": 0,
+    })
+    run = Distillation(config, SilentUI())
+    assert run.accelerator.mixed_precision == "bf16"
+    assert {p.dtype for p in run.teacher.unet.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in run.teacher.vae.parameters()} == {torch.float32}
+    nets = run.nets
+    trained = nets.generator_params + nets.fake_params
+    assert {p.dtype for p in trained} == {torch.float32}
+    frozen = [p for m in (nets.generator_unet, nets.fake_unet) for p in m.parameters() if not p.requires_grad]
+    # Shared base: the frozen weights under both adapters are the teacher's bf16 ones. Reference
+    # layout: the generator's LoRA sits on its own fp32 copy (the fake score is trained whole).
+    assert {p.dtype for p in frozen} == {torch.bfloat16 if shared else torch.float32}
+    before = [p.detach().clone() for p in trained]
+    run.run()
+    assert sum(not torch.equal(b, p) for b, p in zip(before, trained)) > 0.5 * len(trained)
+    losses = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    values = [v for r in losses for k, v in r.items() if k.startswith("loss_")]
+    assert values and all(torch.isfinite(torch.tensor(values)))
+    assert {v.dtype for v in load_file(tmp_path / "run" / "student.safetensors").values()} == {torch.float32}
+    checkpoint = next((tmp_path / "run" / "checkpoints").iterdir()) / "tensors.safetensors"
+    assert {v.dtype for k, v in load_file(checkpoint).items() if not k.startswith("rng")} == {torch.float32}

@@ -7,7 +7,6 @@ import shutil
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image, ImageDraw
 from typer.testing import CliRunner
 

@@ -144,7 +144,6 @@ def _dry_run(config, json_out: bool) -> None:
     import dataclasses
 
     import tomli_w
-    import torch
     from rich.table import Table
 
     from dmdcli.cli.ui import stderr_console
@@ -154,14 +153,14 @@ def _dry_run(config, json_out: bool) -> None:
     spec = inspect_teacher(config.teacher)
     resolution = config.resolution or spec.native_resolution
     spec.check_resolution(resolution)
-    on_cuda = torch.cuda.is_available() if config.mixed_precision == "auto" else config.mixed_precision == "bf16"
+    bf16 = config.precision() == "bf16"
     # Sharded, memory per process depends on how many there are: a column for each of a few.
     counts = FSDP_PROCESS_COUNTS if config.fsdp else (1,)
-    estimates = {n: estimate_memory(spec, config, resolution, on_cuda, processes=n) for n in counts}
+    estimates = {n: estimate_memory(spec, config, resolution, bf16, processes=n) for n in counts}
     console = stderr_console()
     console.print(tomli_w.dumps({k: v for k, v in config.to_dict().items() if v is not None}), markup=False)
     table = Table(title=f"estimated memory per process: {spec.layout} at {resolution}px, batch {config.batch_size}, "
-                        f"{'bf16 on CUDA' if on_cuda else 'fp32'}" + (", sharded with FSDP" if config.fsdp else ""))
+                        f"{'bf16' if bf16 else 'fp32'}" + (", sharded with FSDP" if config.fsdp else ""))
     table.add_column("what")
     for n in counts:
         table.add_column(f"GiB, {n} processes" if config.fsdp else "GiB", justify="right")

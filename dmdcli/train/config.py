@@ -102,7 +102,8 @@ class DistillConfig:
     adam_beta2: float = 0.999
     max_grad_norm: float = 10.0
     mixed_precision: str = "auto"
-    """bf16 | no | auto (bf16 on CUDA, fp32 on CPU)."""
+    """bf16 | no | auto (bf16 on CUDA, fp32 on CPU). bf16 on a CPU runs the same mixed-precision
+    path as on a GPU (frozen weights in bf16, autocast), slowly on most CPUs."""
     gradient_checkpointing: bool = False
     fsdp: bool = False
     """Shard the generator, fake score and teacher across processes with PyTorch FSDP2 (full-weight
@@ -130,6 +131,14 @@ class DistillConfig:
     """Skip (and count) an update whose loss or gradient is not finite instead of stopping."""
     allow_pickle: bool = False
     """Load teacher weights stored as pickle (.bin/.ckpt) files; off by default."""
+
+    def precision(self) -> str:
+        """What mixed_precision resolves to on this machine: "bf16" or "no" (fp32)."""
+        import torch
+
+        if self.mixed_precision == "auto":
+            return "bf16" if torch.cuda.is_available() else "no"
+        return self.mixed_precision
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

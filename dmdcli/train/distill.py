@@ -158,14 +158,6 @@ def load_data(folder: str | None, prompts: list[str] | None, teacher: Teacher, u
     return Data(prompts or real.captions, real)
 
 
-def _precision(config: DistillConfig) -> str:
-    if config.mixed_precision == "auto":
-        return "bf16" if torch.cuda.is_available() else "no"
-    if config.mixed_precision == "bf16" and not torch.cuda.is_available():
-        raise UsageError("--mixed-precision bf16 needs a CUDA GPU; use --mixed-precision no on CPU")
-    return config.mixed_precision
-
-
 class Distillation:
     """One configured run: teacher, the three networks, the DMD2 step and the run folder.
 
@@ -177,7 +169,7 @@ class Distillation:
         from accelerate import Accelerator
         from accelerate.utils import set_seed
 
-        precision = _precision(config)
+        precision = config.precision()
         # Under torchrun / accelerate launch this joins the process group (gloo on CPU).
         self.accelerator = Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available())
         self.config, self.ui = config, ui if self.accelerator.is_main_process else SilentUI()

@@ -119,14 +119,14 @@ def _saved_activations(unet: nn.Module, spec: TeacherSpec, resolution: int, dtyp
     return float(total), float(down)
 
 
-def estimate_memory(spec: TeacherSpec, config, resolution: int, on_cuda: bool, processes: int = 1) -> MemoryEstimate:
+def estimate_memory(spec: TeacherSpec, config, resolution: int, bf16: bool, processes: int = 1) -> MemoryEstimate:
     """Estimated peak memory of `dmd distill` with this configuration, per process (GiB), with
     the networks sharded over `processes` when config.fsdp."""
     from dmdcli.core.gan_head import ClassifierHead
     from dmdcli.models.lora import FAKE_SCORE_ADAPTER, GENERATOR_ADAPTER
 
-    frozen = 2 if on_cuda else 4  # bf16 frozen weights on CUDA
-    compute = torch.bfloat16 if on_cuda else torch.float32
+    frozen = 2 if bf16 else 4  # frozen weights in bf16 under mixed precision
+    compute = torch.bfloat16 if bf16 else torch.float32
     unet = _meta_unet(spec)
     p_unet = _count(unet)
     p_text, p_vae = _text_and_vae_parameters(spec)
@@ -164,7 +164,7 @@ def estimate_memory(spec: TeacherSpec, config, resolution: int, on_cuda: bool, p
     else:
         transient = 0
         # Autocast keeps a bf16 copy of each trainable fp32 weight it casts, for the backward.
-        cast_gen, cast_fake = (2 * p_gen, 2 * p_fake) if on_cuda else (0, 0)
+        cast_gen, cast_fake = (2 * p_gen, 2 * p_fake) if bf16 else (0, 0)
     act, act_down = _saved_activations(unet, spec, resolution, compute, config.gradient_checkpointing)
     b = config.batch_size
     generator_phase = 4 * p_gen / n + b * (act + act_down) + cast_gen + transient

@@ -37,7 +37,7 @@ from dmdcli.models.unet import UNetDenoiser
 from dmdcli.shapes.data import resolve_data
 from dmdcli.train import rundir
 from dmdcli.train.config import DistillConfig, write_config
-from dmdcli.train.distill import UI, Data, _precision, check_run_folder, create_run_folder, default_out
+from dmdcli.train.distill import UI, Data, check_run_folder, create_run_folder, default_out
 from dmdcli.train.grids import SampleGrid
 
 ROUNDS_DIR = "rounds"
@@ -62,7 +62,7 @@ class ProgressiveDistillation:
     def __init__(self, config: DistillConfig, ui: UI, overwrite: bool = False):
         from accelerate import Accelerator
 
-        precision = _precision(config)
+        precision = config.precision()
         self.accelerator = Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available())
         if self.accelerator.num_processes > 1:
             raise UsageError("--method progressive runs in one process; launch it without torchrun / accelerate launch")
@@ -135,7 +135,7 @@ class ProgressiveDistillation:
         params = list(student_unet.parameters())
         optimizer = torch.optim.AdamW(params, lr=c.lr, betas=(c.adam_beta1, c.adam_beta2), weight_decay=c.weight_decay)
         warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda n: min(1.0, (n + 1) / max(1, c.warmup_steps)))
-        teacher_ts, student_ts = ddim_timesteps(2 * steps), ddim_timesteps(steps)
+        teacher_ts = ddim_timesteps(2 * steps)
         logs: dict[str, float] = {}
         last, last_done = time.perf_counter(), 0
         with self.ui.task(f"round {r + 1}/{len(self.rounds)}: {2 * steps} → {steps} steps", total=c.iterations_per_round) as update:
