@@ -21,12 +21,15 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
 import resource
 import sys
 import tempfile
 import time
 
 import torch
+
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")  # as the CLI: not the warning that every .to(bf16) of a UNet prints
 
 from dmdcli.core.schedule import student_timesteps
 from dmdcli.models.architectures import ARCHITECTURES, write_config_only_pipeline

@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# Every measurement this project needs a GPU for, in one run that fits a short GPU lease:
+# benchmarks/memory_speed.py at full size (SDXL 1024², SD1.5 512²; shared-base LoRA, reference
+# LoRA, full) beside the --dry-run estimate, then `dmd distill` end to end on CUDA in bf16 (tiny
+# teacher: prompt cache, grids, checkpoint, resume, sample, export).
+#
+#   bash benchmarks/gpu_check.sh --fetch-wheels   # here, with a package registry: the packages a
+#                                                 # bare GPU image with torch lacks, into .whl/
+#   bash benchmarks/gpu_check.sh [RESULTS_DIR]    # on the GPU machine (default: $OUT, else
+#                                                 # benchmarks/results/gpu)
+#
+# Each step has its own time limit, so one that hangs does not take the others with it; a
+# step's failure is reported and the rest still run. The tables go to RESULTS_DIR/*.md, the
+# whole log to RESULTS_DIR/log.txt.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+if [ "${1:-}" = "--fetch-wheels" ]; then
+    # Versions of the CPU build machine's environment; diffusers needs huggingface-hub ≥ 1.32.
+    python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+        --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 -d .whl \
+        diffusers==0.42.1 tomli_w==1.2.0 clean-fid==0.1.35 importlib_metadata==10.2.0 lazy-importer==0.1.0
+    exit
+fi
+
+results=${1:-${OUT:-benchmarks/results/gpu}}
+mkdir -p "$results"
+exec > >(tee "$results/log.txt") 2>&1
+if compgen -G ".whl/*.whl" > /dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+    export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 DIFFUSERS_VERBOSITY=error
+python3 -c "import torch, diffusers, accelerate, peft; print('torch', torch.__version__, 'diffusers', diffusers.__version__,
+'accelerate', accelerate.__version__, 'peft', peft.__version__, '|', torch.cuda.get_device_name())" || exit 1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+
+failed=0
+step() {  # step NAME SECONDS COMMAND...: run with a time limit, keep going on failure
+    local name=$1 limit=$2
+    shift 2
+    echo "== $name ($(date +%T), limit ${limit}s)"
+    local start=$SECONDS
+    timeout "$limit" "$@"
+    local rc=$?
+    echo "== $name: exit $rc after $((SECONDS - start))s"
+    [ $rc -eq 0 ] || failed=$((failed + 1))
+}
+
+bench="python3 benchmarks/memory_speed.py --iterations 3"
+# The 24 GB goal first: SDXL 4-step shared-base LoRA at 1024².
+step sdxl-lora 150 bash -c "$bench --arch sdxl --resolution 1024 --layouts lora-shared lora-reference | tee $results/sdxl-lora.md"
+step sd15 150 bash -c "$bench --arch sd15 --resolution 512 --layouts lora-shared lora-reference full | tee $results/sd15.md"
+step sdxl-full 120 bash -c "$bench --arch sdxl --resolution 1024 --layouts full | tee $results/sdxl-full.md"
+
+# The CLI on CUDA in bf16, as a user runs it (tiny random teacher: checks the code path, not quality).
+run=/tmp/dmd-gpu-check
+rm -rf $run && mkdir -p $run
+printf 'a red circle\na blue square\na green triangle\n' > $run/prompts.txt
+dmd() { python3 -m dmdcli "$@"; }
+export -f dmd
+step cli-distill 120 bash -c "python3 -m dmdcli.models.tiny $run/teacher > /dev/null &&
+    dmd distill --recipe tiny --teacher $run/teacher --prompts $run/prompts.txt --iterations 20 --checkpoint-every 10 \
+        --steps 4 --lora-rank 4 --out $run/run --json | tee $results/cli.json &&
+    dmd distill --out $run/run --resume --iterations 30 --json | tee -a $results/cli.json &&
+    dmd sample --model $run/run --prompt 'a red circle' --out $run/images --json &&
+    dmd export --model $run/run --format diffusers --out $run/export &&
+    dmd sample --model $run/export --prompt 'a red circle' --out $run/images-export --json &&
+    dmd distill --recipe tiny --teacher $run/teacher --prompts $run/prompts.txt --dry-run --json > $results/cli-dry-run.json"
+echo "== done: $failed step(s) failed"
+exit $failed
