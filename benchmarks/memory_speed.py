@@ -14,7 +14,10 @@ The fsdp layout (full weights sharded with FSDP2 over the launched processes, as
 --fsdp`) reports the largest peak among the processes, beside the per-process estimate.
 
 Peak memory is torch.cuda.max_memory_allocated on CUDA, and the growth of the process's peak
-resident set on CPU (coarser: it includes allocator slack and Python).
+resident set on CPU (coarser: it includes allocator slack and the CPU kernels' scratch memory;
+freed tensors are returned to the system at once, see return_freed_memory_to_the_system).
+"weights" is the memory the networks hold once built, before the first step (AdamW's moments
+come with it), beside the estimate's weights.
 """
 
 from __future__ import annotations
@@ -49,7 +52,29 @@ LAYOUTS = {
 
 
 def rss_gib() -> float:
+    """The process's peak resident set so far."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB  # ru_maxrss is KiB on Linux
+
+
+def resident_gib() -> float:
+    """The process's resident set now."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / GIB
+
+
+def return_freed_memory_to_the_system() -> None:
+    """Make host memory track what tensors hold. glibc serves allocations under its mmap threshold
+    from heaps it seldom gives back, and raises that threshold (up to 32 MiB) each time a larger
+    block is freed, so a UNet's activations come to live in heaps and the resident set keeps their
+    high-water mark plus fragmentation. A fixed threshold of 128 KiB maps every tensor of note on
+    its own and unmaps it when freed."""
+    import ctypes
+
+    M_MMAP_THRESHOLD = -3
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, 128 * 1024)
+    except OSError:  # not glibc: the resident set stays a coarser upper bound
+        pass
 
 
 def measure(arch: str, layout: str, args, spec) -> dict:
@@ -71,10 +96,18 @@ def measure(arch: str, layout: str, args, spec) -> dict:
     not_loaded = estimate.parameters.get("text encoders", 0.0) + estimate.parameters["VAE (fp32)"]  # absent with cached prompts
 
     torch.manual_seed(0)
+    frozen = torch.bfloat16 if bf16 else torch.float32
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    rss_before = rss_gib()
-    base = UNet2DConditionModel.from_config(ARCHITECTURES[arch]["unet"])
+    rss_before, resident_before = rss_gib(), resident_gib()
+    # On the CPU the UNet is built in its frozen dtype, so that a whole fp32 copy does not set the
+    # peak before training starts (dmd distill loads it in host memory, not on the GPU).
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32 if cuda else frozen)
+    try:
+        base = UNet2DConditionModel.from_config(ARCHITECTURES[arch]["unet"])
+    finally:
+        torch.set_default_dtype(default_dtype)
     side = args.resolution // spec.vae_scale_factor
     unet_config = base.config
     cond = {"encoder_hidden_states": torch.randn(args.batch_size, 77, unet_config.cross_attention_dim, device=device)}
@@ -88,7 +121,8 @@ def measure(arch: str, layout: str, args, spec) -> dict:
     probe = lambda fake, on: fake.bottleneck(torch.zeros(1, *latent[1:], device=on), torch.zeros(1, dtype=torch.long, device=on),  # noqa: E731
                                              {k: v[:1].to(on) for k, v in cond.items()})
     sharding = sharding_options(accelerator, accelerator.mixed_precision) if config.fsdp else None
-    nets = build_networks(base, config, device, torch.bfloat16 if bf16 else torch.float32, probe, sharding=sharding)
+    nets = build_networks(base, config, device, frozen, probe, sharding=sharding)
+    weights = torch.cuda.memory_allocated() / GIB if cuda else resident_gib() - resident_before
     schedule = spec.schedule()
     step = build_step(nets, schedule, config, student_timesteps(args.steps, 1000, 399), accelerator)
 
@@ -110,6 +144,7 @@ def measure(arch: str, layout: str, args, spec) -> dict:
         "arch": arch, "layout": layout + (f" ×{accelerator.num_processes}" if config.fsdp else ""), "resolution": args.resolution, "batch": args.batch_size,
         "device": f"{torch.cuda.get_device_name() if cuda else 'cpu'} ({'bf16' if bf16 else 'fp32'})",
         "sec_per_iter": min(times[1:] or times), "peak_gib": peak, "estimate_gib": estimate.peak - not_loaded,
+        "weights_gib": weights, "weights_estimate_gib": sum(estimate.parameters.values()) - not_loaded,
     }
     del nets, step, base
     gc.collect()
@@ -131,10 +166,12 @@ def main() -> None:
                         help="auto: bf16 on CUDA, fp32 on CPU; bf16 on a CPU measures the GPU's layout (bf16 frozen weights, "
                              "autocast) in host memory")
     args = parser.parse_args()
+    if not torch.cuda.is_available():
+        return_freed_memory_to_the_system()
     with tempfile.TemporaryDirectory() as folder:
         spec = inspect_teacher(str(write_config_only_pipeline(folder, args.arch)))
-        header = ["| arch | layout | resolution | batch | device | s/iter | peak GiB | dry-run estimate GiB | estimate / peak |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        header = ["| arch | layout | resolution | batch | device | s/iter | weights GiB (estimate) | peak GiB | dry-run estimate GiB | estimate / peak |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for layout in args.layouts:
             r, main_process = measure(args.arch, layout, args, spec)
             if not main_process:
@@ -143,7 +180,7 @@ def main() -> None:
                 print(line)
             header = []
             print(f"| {r['arch']} | {r['layout']} | {r['resolution']} | {r['batch']} | {r['device']} | {r['sec_per_iter']:.2f} | "
-                  f"{r['peak_gib']:.2f} | {r['estimate_gib']:.2f} | {r['estimate_gib'] / r['peak_gib']:.2f} |", flush=True)
+                  f"{r['weights_gib']:.2f} ({r['weights_estimate_gib']:.2f}) | {r['peak_gib']:.2f} | {r['estimate_gib']:.2f} | {r['estimate_gib'] / r['peak_gib']:.2f} |", flush=True)
 
 
 if __name__ == "__main__":
