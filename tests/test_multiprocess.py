@@ -106,6 +106,22 @@ def test_fsdp_trains_what_data_parallel_trains_and_resumes_exactly(tmp_path, tin
             assert _max_difference(student(resumed.name), student(run)) < 0.1 * moved
 
 
+def test_fsdp_in_bf16_gathers_bf16_and_saves_fp32(tmp_path, tiny_sd, prompts_file, image_folder):
+    """The GPU's precision layout sharded: bf16 gathering under autocast (over gloo here, NCCL on
+    GPUs), fp32 shards, gradients reduced in fp32, a whole fp32 student saved."""
+    out = tmp_path / "run"
+    _torchrun(["distill", "--recipe", "tiny", "--teacher", str(tiny_sd), "--prompts", str(prompts_file), "--data",
+               str(image_folder), "--iterations", "2", "--fake-updates-per-gen", "1", "--teacher-grid-steps", "0",
+               "--sample-every", "0", "--log-every", "1", "--fsdp", "--mixed-precision", "bf16", "--out", str(out)], 29524)
+    student = load_file(out / "student.safetensors")
+    teacher = load_file(tiny_sd / "unet" / "diffusion_pytorch_model.safetensors")
+    assert {v.dtype for v in student.values()} == {torch.float32}
+    assert all(torch.isfinite(v).all() for v in student.values())
+    assert _max_difference(student, {k: teacher[k] for k in student}) > 0  # trained
+    losses = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in losses if "loss_gan_d" in r] == [1, 2]
+
+
 def test_fsdp_usage_errors(tmp_path, tiny_sd, prompts_file):
     runner = CliRunner()
     base = ["distill", "--teacher", str(tiny_sd), "--prompts", str(prompts_file), "--out", str(tmp_path / "run"), "--fsdp"]

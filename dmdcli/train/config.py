@@ -103,7 +103,7 @@ class DistillConfig:
     max_grad_norm: float = 10.0
     mixed_precision: str = "auto"
     """bf16 | no | auto (bf16 on CUDA, fp32 on CPU). bf16 on a CPU runs the same mixed-precision
-    path as on a GPU (frozen weights in bf16, autocast), slowly on most CPUs."""
+    path as on a GPU (frozen weights in bf16, autocast); fast only on CPUs with bf16 instructions."""
     gradient_checkpointing: bool = False
     fsdp: bool = False
     """Shard the generator, fake score and teacher across processes with PyTorch FSDP2 (full-weight
