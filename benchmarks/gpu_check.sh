@@ -49,9 +49,9 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, keep going on f
 
 bench="python3 benchmarks/memory_speed.py --iterations 3"
 # The 24 GB goal first: SDXL 4-step shared-base LoRA at 1024².
-step sdxl-lora 150 bash -c "$bench --arch sdxl --resolution 1024 --layouts lora-shared lora-reference | tee $results/sdxl-lora.md"
-step sd15 150 bash -c "$bench --arch sd15 --resolution 512 --layouts lora-shared lora-reference full | tee $results/sd15.md"
-step sdxl-full 120 bash -c "$bench --arch sdxl --resolution 1024 --layouts full | tee $results/sdxl-full.md"
+step sdxl-lora 200 bash -c "$bench --arch sdxl --resolution 1024 --layouts lora-shared lora-reference | tee $results/sdxl-lora.md"
+step sd15 110 bash -c "$bench --arch sd15 --resolution 512 --layouts lora-shared lora-reference full | tee $results/sd15.md"
+step sdxl-full 150 bash -c "$bench --arch sdxl --resolution 1024 --layouts full | tee $results/sdxl-full.md"
 
 # The CLI on CUDA in bf16, as a user runs it (tiny random teacher: checks the code path, not quality).
 run=/tmp/dmd-gpu-check
@@ -59,7 +59,7 @@ rm -rf $run && mkdir -p $run
 printf 'a red circle\na blue square\na green triangle\n' > $run/prompts.txt
 dmd() { python3 -m dmdcli "$@"; }
 export -f dmd
-step cli-distill 120 bash -c "python3 -m dmdcli.models.tiny $run/teacher > /dev/null &&
+step cli-distill 100 bash -c "python3 -m dmdcli.models.tiny $run/teacher > /dev/null &&
     dmd distill --recipe tiny --teacher $run/teacher --prompts $run/prompts.txt --iterations 20 --checkpoint-every 10 \
         --steps 4 --lora-rank 4 --out $run/run --json | tee $results/cli.json &&
     dmd distill --out $run/run --resume --iterations 30 --json | tee -a $results/cli.json &&
