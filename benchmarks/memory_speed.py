@@ -17,7 +17,7 @@ Peak memory is torch.cuda.max_memory_allocated on CUDA, and the growth of the pr
 resident set on CPU (coarser: it includes allocator slack and the CPU kernels' scratch memory;
 freed tensors are returned to the system at once, see return_freed_memory_to_the_system).
 "weights" is the memory the networks hold once built, before the first step (AdamW's moments
-come with it), beside the estimate's weights.
+come at the first step), beside the estimate's weights.
 """
 
 from __future__ import annotations
