@@ -96,7 +96,7 @@ def measure(arch: str, layout: str, args, spec) -> dict:
     not_loaded = estimate.parameters.get("text encoders", 0.0) + estimate.parameters["VAE (fp32)"]  # absent with cached prompts
 
     torch.manual_seed(0)
-    frozen = torch.bfloat16 if bf16 else torch.float32
+    frozen = config.frozen_dtype()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     rss_before, resident_before = rss_gib(), resident_gib()

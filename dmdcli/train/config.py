@@ -140,6 +140,13 @@ class DistillConfig:
             return "bf16" if torch.cuda.is_available() else "no"
         return self.mixed_precision
 
+    def frozen_dtype(self):
+        """The dtype of the frozen weights (teacher, shared LoRA base, text encoders): bf16 under
+        mixed precision, else fp32; trained weights stay fp32 either way."""
+        import torch
+
+        return torch.bfloat16 if self.precision() == "bf16" else torch.float32
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

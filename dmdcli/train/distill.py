@@ -189,7 +189,7 @@ class Distillation:
         if self.data_folder and not Path(self.data_folder).is_dir():
             raise UsageError(f"image folder not found: {config.data}")
 
-        frozen_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+        frozen_dtype = config.frozen_dtype()
         device = self.accelerator.device
 
         ui.message(f"teacher: {self.spec.source} ({self.spec.layout}, {self.spec.prediction_type}) at {self.resolution}px on {device}")

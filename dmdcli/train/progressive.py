@@ -62,8 +62,7 @@ class ProgressiveDistillation:
     def __init__(self, config: DistillConfig, ui: UI, overwrite: bool = False):
         from accelerate import Accelerator
 
-        precision = config.precision()
-        self.accelerator = Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available())
+        self.accelerator = Accelerator(mixed_precision=config.precision(), cpu=not torch.cuda.is_available())
         if self.accelerator.num_processes > 1:
             raise UsageError("--method progressive runs in one process; launch it without torchrun / accelerate launch")
         self.config, self.ui = config, ui
@@ -77,7 +76,7 @@ class ProgressiveDistillation:
         if self.data_folder and not Path(self.data_folder).is_dir():
             raise UsageError(f"image folder not found: {config.data}")
         self.device = self.accelerator.device
-        self.frozen_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+        self.frozen_dtype = config.frozen_dtype()
         ui.message(f"teacher: {self.spec.source} ({self.spec.layout}, {self.spec.prediction_type}) at {self.resolution}px on {self.device}")
         self.teacher = Teacher(self.spec, self.device, self.frozen_dtype, self.resolution, config.allow_pickle)
         self.data = Data(prompts, None)
