@@ -1,5 +1,9 @@
 """Errors that the CLI turns into one clear line and an exit code, never a traceback."""
 
+from __future__ import annotations
+
+import errno
+
 
 class DmdError(Exception):
     """A failure the user can act on (bad file, missing weights, ...): exit code 1."""
@@ -11,3 +15,11 @@ class UsageError(DmdError):
     """A mistake on the command line or in a recipe: exit code 2, like Typer's own usage errors."""
 
     exit_code = 2
+
+
+def describe_os_error(e: OSError) -> str:
+    """One line for an OSError: which file, and why (a full disk, a permission, ...)."""
+    path = e.filename or "a file"
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"no space left on the device while writing {path}; free some space and run again"
+    return f"{path}: {e.strerror or e}"

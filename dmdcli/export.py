@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from dmdcli.errors import DmdError, UsageError
+from dmdcli.files import atomic_save_file
 from dmdcli.models.student import DTYPES, EXPORT_INFO_FILE, ModelSource, find_model, load_student_unet
 from dmdcli.train import rundir
 
@@ -211,7 +212,7 @@ def export_lora(source: ModelSource, out: Path, dtype: torch.dtype, allow_pickle
         with safe_open(str(written), framework="pt") as f:
             metadata = dict(f.metadata() or {})
         metadata["dmd_student"] = json.dumps(info)
-        rundir.atomic_save_file(load_file(written), out, metadata)
+        atomic_save_file(load_file(written), out, metadata)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return [out]
@@ -240,7 +241,7 @@ def export_kohya(source: ModelSource, out: Path, dtype: torch.dtype, allow_pickl
         "dmd_student": json.dumps(info),
     }
     out.parent.mkdir(parents=True, exist_ok=True)
-    rundir.atomic_save_file(kohya_state_dict(weights, alpha, dtype), out, metadata)
+    atomic_save_file(kohya_state_dict(weights, alpha, dtype), out, metadata)
     return [out]
 
 

@@ -13,7 +13,6 @@ its metadata (PNG text chunks; EXIF ImageDescription as JSON for JPEG and WebP).
 from __future__ import annotations
 
 import json
-import os
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from dmdcli.errors import UsageError
+from dmdcli.files import atomic_write
 
 FORMATS = {"png": "PNG", "jpg": "JPEG", "webp": "WEBP"}
 MAX_SLUG = 60
@@ -91,12 +91,7 @@ def write_image(pixels: np.ndarray, path: Path, metadata: dict[str, Any]) -> Non
         exif = Image.Exif()
         exif[0x010E] = json.dumps(metadata)  # ImageDescription (ASCII: json.dumps escapes the rest)
         kwargs.update(exif=exif, quality=95)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        image.save(tmp, format=fmt, **kwargs)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write(path, lambda tmp: image.save(tmp, format=fmt, **kwargs))
 
 
 def image_metadata(job: Job, steps: int, model: str, height: int, width: int) -> dict[str, Any]:

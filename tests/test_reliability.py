@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -75,7 +76,7 @@ KILLER = textwrap.dedent("""
     calls = {"n": 0}
     def save_then_hang(tensors, path, *a, **k):
         real_save(tensors, path, *a, **k)
-        calls["n"] += path.endswith("tensors.safetensors")
+        calls["n"] += str(path).endswith("tensors.safetensors")
         if calls["n"] == 3:                      # the third checkpoint: killed half-way through
             with open(marker, "w") as f:
                 f.write("in checkpoint")
@@ -274,3 +275,37 @@ def test_no_pickle_and_no_remote_code_in_the_package():
             ):
                 offenders.append(f"{path.name}:{number}: {line.strip()}")
     assert not offenders, offenders
+
+
+@pytest.mark.parametrize("fails", ["rng-rank0.safetensors", "tensors.safetensors", "student.safetensors"])
+def test_a_full_disk_stops_in_one_line_keeps_the_last_checkpoint_and_resumes(tmp_path, tiny_sd, prompts_file, monkeypatch, fails):
+    import dmdcli.files as files
+
+    real_save = files._safetensors_save_file
+
+    seen = {"iteration_4": False}
+
+    def disk_fills_at_iteration_4(tensors, filename, metadata=None):
+        seen["iteration_4"] |= "000004" in filename
+        if seen["iteration_4"] and fails in filename:
+            Path(filename).write_bytes(b"half a file")  # what a full disk leaves behind
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        real_save(tensors, filename, metadata=metadata)
+
+    monkeypatch.setattr(files, "_safetensors_save_file", disk_fills_at_iteration_4)
+    out = tmp_path / "run"
+    result = distill("--teacher", tiny_sd, "--prompts", prompts_file, "--iterations", 6, "--checkpoint-every", 2,
+                     "--out", out)
+    assert result.exit_code == 1
+    message = result.stderr.strip().splitlines()[-1]  # (above it: the library's own loading bars)
+    assert message.startswith("error: ") and "Traceback" not in result.output, result.output
+    continue_from = "iter-000004" if fails == "student.safetensors" else "iter-000002"
+    assert "no space left on the device" in message and fails in message, message
+    assert continue_from in message and f"dmd distill --out {out} --resume" in message, message
+    assert complete_checkpoints(out)[-1].name == continue_from
+    assert not [p for p in out.rglob("*") if ".tmp" in p.name or p.is_file() and p.read_bytes() == b"half a file"]
+
+    monkeypatch.setattr(files, "_safetensors_save_file", real_save)  # space freed
+    resumed = runner.invoke(app, ["distill", "--out", str(out), "--resume", "--json", "--quiet"])
+    assert resumed.exit_code == 0, resumed.stderr
+    assert json.loads(resumed.stdout)["iterations"] == 6

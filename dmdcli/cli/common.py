@@ -8,15 +8,19 @@ import sys
 from typing import Any, Callable
 
 import typer
+from rich.markup import escape
 
 from dmdcli.cli.ui import stderr_console
-from dmdcli.errors import DmdError
+from dmdcli.errors import DmdError, describe_os_error
 
 DEBUG = {"on": False}  # set by the app's --debug option
 
 
 def handle_errors(command: Callable) -> Callable:
-    """Turn DmdError into one line on stderr and its exit code; Ctrl-C into exit 130."""
+    """Turn DmdError into one line on stderr and its exit code; Ctrl-C into exit 130.
+
+    An OSError (full disk, permissions) is the user's to fix too: one line, exit 1.
+    """
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
@@ -25,8 +29,13 @@ def handle_errors(command: Callable) -> Callable:
         except DmdError as e:
             if DEBUG["on"]:
                 raise
-            stderr_console().print(f"[bold red]error:[/] {e}", soft_wrap=True)
+            stderr_console().print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True)
             raise typer.Exit(e.exit_code) from None
+        except OSError as e:
+            if DEBUG["on"]:
+                raise
+            stderr_console().print(f"[bold red]error:[/] {escape(describe_os_error(e))}", soft_wrap=True)
+            raise typer.Exit(1) from None
         except KeyboardInterrupt:
             if DEBUG["on"]:
                 raise

@@ -110,10 +110,13 @@ def distill(
         return _progressive(config, ui, overwrite, resume, json_out)
 
     # Imported here so that `dmd --help` and usage errors stay instant (torch is slow to import).
-    from dmdcli.train.distill import Distillation
+    from dmdcli.train.distill import Distillation, WriteFailed
 
     run = Distillation(config, ui, overwrite=overwrite, resume=resume)
-    summary = run.run()
+    try:
+        summary = run.run()
+    except OSError as e:
+        raise WriteFailed(e, run.out) from e
     if not run.accelerator.is_main_process:  # under torchrun / accelerate launch, one process reports
         return
     ui.message(f"student: {summary['student']}  (samples: {summary['grid']})")

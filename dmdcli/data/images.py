@@ -20,11 +20,12 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor
 from torch.utils.data import Dataset
 
 from dmdcli.errors import DmdError, UsageError
+from dmdcli.files import save_file
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp"})
 CAPTION_FIELDS = ("text", "caption", "prompt")

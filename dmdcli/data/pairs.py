@@ -27,11 +27,12 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor
 
 from dmdcli.data.images import _publish
 from dmdcli.errors import DmdError
+from dmdcli.files import save_file
 
 MANIFEST_FILE = "manifest.json"
 PAIRS_FORMAT = 1

@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,9 +22,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from dmdcli.errors import DmdError
+from dmdcli.files import atomic_save_file, atomic_write
 from dmdcli.eval.metrics import FeatureStats, feature_stats
 
 CACHE_FORMAT = 1
@@ -99,19 +98,9 @@ class StatsCache:
         }
         try:
             self.root.mkdir(parents=True, exist_ok=True)
-            _atomic_write(self.root / f"{key}.json",
-                          lambda tmp: tmp.write_text(json.dumps({"key": key, **inputs}, indent=1), encoding="utf-8"))
-            _atomic_write(self.path(key), lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+            atomic_write(self.root / f"{key}.json",
+                         lambda tmp: tmp.write_text(json.dumps({"key": key, **inputs}, indent=1), encoding="utf-8"))
+            atomic_save_file(tensors, self.path(key), metadata)
         except OSError as exc:
             raise DmdError(f"cannot write reference statistics to {self.root}: {exc.strerror or exc}") from None
         return self.path(key)
-
-
-def _atomic_write(final: Path, write: Callable[[Path], object]) -> None:
-    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    try:
-        write(tmp)
-        os.replace(tmp, final)
-    finally:
-        if tmp.exists():
-            tmp.unlink()

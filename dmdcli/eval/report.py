@@ -10,9 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import math
-import os
 import time
-import uuid
 from collections import Counter
 from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
@@ -28,6 +26,7 @@ from dmdcli.eval.features import FeatureExtractor, extract
 from dmdcli.eval.metrics import ClipScorer, clip_scores, feature_stats, fid, kid
 from dmdcli.eval.preprocess import PATCH_SIZE, patch_crop, protocol_resize
 from dmdcli.eval.protocol import ReferenceSet
+from dmdcli.files import atomic_write
 
 REPORT_FORMAT = "dmd-eval/1"
 KID_SUBSETS, KID_SUBSET_SIZE = 100, 1000
@@ -161,17 +160,7 @@ def write_report(path: str | Path, report: dict) -> Path:
     """Write `report` as indented JSON (NaN/inf written as null), atomically."""
     path = Path(path)
     text = json.dumps(_finite(report), indent=2, allow_nan=False, ensure_ascii=False) + "\n"
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise DmdError(f"cannot write report {path}: {exc.strerror or exc}") from None
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def read_report(path: str | Path) -> dict:

@@ -25,7 +25,6 @@ import importlib
 import inspect
 import json
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -36,6 +35,7 @@ import numpy as np
 import torch
 
 from dmdcli.errors import UsageError
+from dmdcli.files import atomic_write
 from dmdcli.eval.cache import StatsCache
 from dmdcli.eval.features import FeatureExtractor, load_extractor
 from dmdcli.eval.metrics import ClipScorer
@@ -396,11 +396,4 @@ def write_grid(paths: list[Path], path: Path, count: int = GRID_IMAGES, columns:
     grid = Image.new("RGB", (columns * width, math.ceil(len(tiles) / columns) * height), "black")
     for i, tile in enumerate(tiles):
         grid.paste(tile, ((i % columns) * width, (i // columns) * height))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        grid.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return atomic_write(path, lambda tmp: grid.save(tmp, format="PNG"))

@@ -24,10 +24,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor
 
 from dmdcli.errors import DmdError
+from dmdcli.files import atomic_save_file, atomic_write, save_file
 
 CHECKPOINTS_DIR = "checkpoints"
 TENSORS_FILE = "tensors.safetensors"
@@ -100,8 +101,8 @@ def staging_dir(run: Path, iteration: int) -> Path:
 def write_rng(folder: Path, rank: int) -> None:
     """This process's RNG states as rng-rank{R}.safetensors + rng-rank{R}.json."""
     tensors, state = rng_state()
-    save_file(tensors, str(folder / f"rng-rank{rank}.safetensors"))
-    (folder / f"rng-rank{rank}.json").write_text(json.dumps(state))
+    atomic_save_file(tensors, folder / f"rng-rank{rank}.safetensors")
+    atomic_write(folder / f"rng-rank{rank}.json", lambda tmp: tmp.write_text(json.dumps(state)))
 
 
 def restore_rng(checkpoint: Path, rank: int) -> None:
@@ -129,7 +130,7 @@ def write_checkpoint(
     try:
         for path in sorted(staged.iterdir()) if staged is not None else []:
             os.replace(path, tmp / path.name)
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / TENSORS_FILE))
+        save_file(tensors, tmp / TENSORS_FILE)
         with open(tmp / STATE_FILE, "w") as f:
             json.dump({"iteration": iteration, **state}, f)
             f.flush()

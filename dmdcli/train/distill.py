@@ -23,7 +23,7 @@ from dmdcli.data.images import RealLatents, load_or_build_latents
 from dmdcli.data.pairs import Pairs
 from dmdcli.data.prompt_cache import GIB, PromptCache, build_prompt_cache
 from dmdcli.data.prompts import read_prompts
-from dmdcli.errors import DmdError, UsageError
+from dmdcli.errors import DmdError, UsageError, describe_os_error
 from dmdcli.models.lora import FAKE_SCORE_ADAPTER, LORA_TARGET_MODULES, load_lora_state_dict, lora_state_dict
 from dmdcli.models.teacher import DEFAULT_CONDITIONING_TIMESTEP, Teacher, TeacherSpec, inspect_teacher
 from dmdcli.models.unet import UNetDenoiser
@@ -526,6 +526,15 @@ class Interrupted(DmdError):
             f"interrupted at iteration {iteration}; checkpoint saved to {checkpoint}. "
             f"Continue with: dmd distill --out {out} --resume"
         )
+
+
+class WriteFailed(DmdError):
+    """A write failed mid-run (most often a full disk): say which checkpoint the run continues from."""
+
+    def __init__(self, error: OSError, out: Path):
+        found = latest_checkpoint(out)
+        hint = f". Checkpoint {found} is complete; continue from it with: dmd distill --out {out} --resume" if found else ""
+        super().__init__(describe_os_error(error) + hint)
 
 
 class _StopOnSignal:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
 
@@ -18,23 +17,16 @@ import numpy as np
 import torch
 from PIL import Image
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import Tensor
 
 from dmdcli.errors import DmdError
+from dmdcli.files import atomic_save_file, atomic_write
 
 STUDENT_FILE = "student.safetensors"
 CONFIG_FILE = "config.toml"
 METRICS_FILE = "metrics.jsonl"
 SAMPLES_DIR = "samples"
 STUDENT_FORMAT = "dmd-student/1"
-
-
-def atomic_save_file(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str]) -> None:
-    """safetensors save through a temporary file and a rename: never a half-written file."""
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
 
 
 def save_student(path: Path, tensors: dict[str, Tensor], info: dict[str, Any]) -> None:
@@ -75,9 +67,7 @@ class MetricsLog:
         if not self.enabled or not self.path.is_file():
             return
         kept = [line for line in self.path.read_text().splitlines() if line.strip() and json.loads(line)["iteration"] <= iteration]
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        os.replace(tmp, self.path)
+        atomic_write(self.path, lambda tmp: tmp.write_text("".join(line + "\n" for line in kept)))
 
 
 def save_grid(images: Tensor, path: Path, columns: int | None = None) -> None:
@@ -90,7 +80,4 @@ def save_grid(images: Tensor, path: Path, columns: int | None = None) -> None:
     for i, image in enumerate(pixels):
         r, c = divmod(i, cols)
         grid[r * h : (r + 1) * h, c * w : (c + 1) * w] = image
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    Image.fromarray(grid).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: Image.fromarray(grid).save(tmp, format="PNG"))

@@ -1,0 +1,58 @@
+"""Writing files so that a failure never leaves half a file behind, and reads as one clear line.
+
+Every file we write goes to a hidden temporary name beside its final path and is renamed over it
+once complete (a rename within one folder is atomic): a full disk or a Ctrl-C leaves the old file
+or none, never a truncated one a later command would trip over.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+from safetensors import SafetensorError
+from safetensors.torch import save_file as _safetensors_save_file
+from torch import Tensor
+
+_OS_ERROR = re.compile(r"os error (\d+)")
+
+
+def save_file(tensors: dict[str, Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
+    """safetensors' save_file, with its I/O failures raised as the OSError they are.
+
+    safetensors reports a full disk as SafetensorError("... I/O error: No space left on device
+    (os error 28)"); as an OSError it carries errno and filename, so the CLI can say what happened.
+    """
+    try:
+        _safetensors_save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path), metadata=metadata)
+    except SafetensorError as e:
+        match = _OS_ERROR.search(str(e))
+        if match is None:
+            raise
+        code = int(match.group(1))
+        raise OSError(code, os.strerror(code), str(path)) from e
+
+
+def atomic_write(final: Path, write: Callable[[Path], object]) -> Path:
+    """Call write(tmp) on a temporary file beside `final`, then rename it to `final`."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        write(tmp)
+        os.replace(tmp, final)
+    except OSError as e:
+        if e.filename in (None, str(tmp)):  # name the file the user asked for, not our temporary one
+            e.filename = str(final)
+        raise
+    finally:
+        tmp.unlink(missing_ok=True)
+    return final
+
+
+def atomic_save_file(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str] | None = None) -> Path:
+    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata))
+

@@ -1,0 +1,53 @@
+"""Atomic writes: a failed write leaves the old file (or none) and an OSError naming the user's path."""
+
+import errno
+
+import pytest
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+import dmdcli.files as files
+from dmdcli.errors import describe_os_error
+
+
+def test_a_failed_write_keeps_the_old_file_and_names_it(tmp_path):
+    path = tmp_path / "report.json"
+    path.write_text("old")
+
+    def fill_the_disk(tmp):
+        tmp.write_text("ne")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(OSError) as failure:
+        files.atomic_write(path, fill_the_disk)
+    assert path.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["report.json"]
+    assert describe_os_error(failure.value) == f"no space left on the device while writing {path}; free some space and run again"
+    files.atomic_write(path, lambda tmp: tmp.write_text("new"))
+    assert path.read_text() == "new"
+
+
+def test_safetensors_io_errors_become_os_errors(tmp_path, monkeypatch):
+    def full(tensors, filename, metadata=None):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(files, "_safetensors_save_file", full)
+    with pytest.raises(OSError) as failure:
+        files.atomic_save_file({"x": torch.ones(2)}, tmp_path / "w.safetensors")
+    assert (failure.value.errno, failure.value.filename) == (errno.ENOSPC, str(tmp_path / "w.safetensors"))
+    assert not list(tmp_path.iterdir())
+
+    def not_io(tensors, filename, metadata=None):
+        raise SafetensorError("invalid metadata")
+
+    monkeypatch.setattr(files, "_safetensors_save_file", not_io)  # not an I/O failure: left as it is
+    with pytest.raises(SafetensorError):
+        files.save_file({"x": torch.ones(2)}, tmp_path / "w.safetensors")
+
+
+def test_saved_tensors_round_trip(tmp_path):
+    weights = {"a": torch.arange(6.0).view(2, 3).t(), "b": torch.ones(1, dtype=torch.bfloat16)}  # a is not contiguous
+    files.atomic_save_file(weights, tmp_path / "w.safetensors", {"k": "v"})
+    loaded = load_file(tmp_path / "w.safetensors")
+    assert torch.equal(loaded["a"], weights["a"]) and loaded["b"].dtype == torch.bfloat16
