@@ -1,6 +1,9 @@
 """Atomic writes: a failed write leaves the old file (or none) and an OSError naming the user's path."""
 
 import errno
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -51,3 +54,13 @@ def test_saved_tensors_round_trip(tmp_path):
     files.atomic_save_file(weights, tmp_path / "w.safetensors", {"k": "v"})
     loaded = load_file(tmp_path / "w.safetensors")
     assert torch.equal(loaded["a"], weights["a"]) and loaded["b"].dtype == torch.bfloat16
+
+
+def test_a_closed_pipe_on_stdout_ends_quietly():
+    read, write = os.pipe()
+    os.close(read)  # `dmd ... --json | head -0`: the reader is gone before the JSON line comes
+    done = subprocess.run([sys.executable, "-m", "dmdcli", "distill", "--dry-run", "--json"], stdout=write,
+                          stderr=subprocess.PIPE, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    os.close(write)
+    assert done.returncode == 141, done.stderr
+    assert "Traceback" not in done.stderr and "error" not in done.stderr.lower(), done.stderr

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 from typing import Any, Callable
 
@@ -31,6 +32,9 @@ def handle_errors(command: Callable) -> Callable:
                 raise
             stderr_console().print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True)
             raise typer.Exit(e.exit_code) from None
+        except BrokenPipeError:  # `dmd ... --json | head -0`: the reader left; stop quietly, as `cat` does
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+            raise typer.Exit(141) from None
         except OSError as e:
             if DEBUG["on"]:
                 raise
