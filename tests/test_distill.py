@@ -133,6 +133,25 @@ def test_recipe_values_are_overridden_by_options_and_unknown_keys_are_listed(tmp
     assert "unknown key(s) learning_rate" in result.stderr and "valid keys:" in result.stderr and "lora_rank" in result.stderr
 
 
+def test_a_recipe_can_hold_values_for_one_step_count(tmp_path):
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('teacher = "sdxl"\nprompts = "p.txt"\nsteps = 4\nlr = 5e-5\nwarmup_steps = 7\n\n[per_steps.1]\nlr = 1e-4\n'
+                      'conditioning_timestep = 399\n')
+    four, one = resolve_config(str(recipe), {}), resolve_config(str(recipe), {"steps": 1})
+    assert (four.lr, four.conditioning_timestep) == (5e-5, None)
+    assert (one.lr, one.conditioning_timestep, one.warmup_steps) == (1e-4, 399, 7)  # the rest: the recipe's
+    assert resolve_config(str(recipe), {"steps": 1, "lr": 3e-5}).lr == 3e-5  # the command line still wins
+    # The built-in shapes recipe: half the LR for its default 4 steps (README, Benchmark).
+    assert (resolve_config("shapes", {}).lr, resolve_config("shapes", {"steps": 1}).lr) == (5e-5, 1e-4)
+
+    recipe.write_text('steps = 4\n[per_steps.1]\nlearning_rate = 1e-4\n')
+    result = runner.invoke(app, ["distill", "--recipe", str(recipe), "--teacher", "sdxl", "--prompts", "p.txt"])
+    assert result.exit_code == 2 and "[per_steps.1]: unknown key(s) learning_rate" in result.stderr, result.stderr
+    recipe.write_text('steps = 4\n[per_steps]\nlr = 1e-4\n')
+    result = runner.invoke(app, ["distill", "--recipe", str(recipe), "--teacher", "sdxl", "--prompts", "p.txt"])
+    assert result.exit_code == 2 and "tables named by a step count" in result.stderr, result.stderr
+
+
 @pytest.mark.parametrize(
     "args,message",
     [

@@ -19,6 +19,9 @@ from dmdcli.errors import UsageError
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 # "resolved" is the table a run folder's config.toml adds, so that file works as a recipe too.
 RECIPE_ONLY_KEYS = {"description", "resolved"}
+# A recipe's [per_steps.N] table: its values for an N-step student (--steps N) replace the
+# recipe's own, as the reference keeps a set of hyperparameters per step count.
+PER_STEPS = "per_steps"
 
 
 @dataclass
@@ -177,8 +180,14 @@ def load_recipe(name_or_path: str) -> dict[str, Any]:
         values = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as e:
         raise UsageError(f"recipe {path} is not valid TOML: {e}") from e
+    per_steps = values.pop(PER_STEPS, {})
     check_keys(values, f"recipe {path}")
-    return {k: v for k, v in values.items() if k not in RECIPE_ONLY_KEYS}
+    if not isinstance(per_steps, dict) or not all(k.isdigit() and isinstance(v, dict) for k, v in per_steps.items()):
+        raise UsageError(f"recipe {path}: [{PER_STEPS}] holds tables named by a step count, e.g. [{PER_STEPS}.1]")
+    for steps, table in per_steps.items():
+        check_keys(table, f"recipe {path}, [{PER_STEPS}.{steps}]")
+    values = {k: v for k, v in values.items() if k not in RECIPE_ONLY_KEYS}
+    return {**values, PER_STEPS: {int(k): v for k, v in per_steps.items()}} if per_steps else values
 
 
 def check_keys(values: dict[str, Any], where: str) -> None:
@@ -193,6 +202,8 @@ def resolve_config(recipe: str | None, overrides: dict[str, Any], base: dict[str
     values: dict[str, Any] = dict(base) if base else (load_recipe(recipe) if recipe else {})
     check_keys(overrides, "command line")
     given = {k: v for k, v in overrides.items() if v is not None}
+    steps = given.get("steps", values.get("steps", DistillConfig.steps))
+    values.update(values.pop(PER_STEPS, {}).get(steps, {}))
     method = given.get("method", values.get("method", "dmd2"))
     preset = METHOD_PRESETS.get(method, {})
     if values.get("method", "dmd2") == method:
