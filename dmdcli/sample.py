@@ -65,7 +65,11 @@ def plan(prompts: list[str], per_prompt: int, seed: int, out: Path, fmt: str) ->
 
 
 def check_free(jobs: list[Job], overwrite: bool) -> None:
-    """Refuse (before any model loads) to replace files that are already there, unless asked."""
+    """Refuse (before any model loads) to replace files that are already there, unless asked,
+    or to write into a folder that is a file."""
+    for folder in {job.path.parent for job in jobs}:
+        if folder.exists() and not folder.is_dir():
+            raise UsageError(f"--out {folder} is a file; it must be a folder (made if missing)")
     if overwrite:
         return
     taken = [job.path for job in jobs if job.path.exists()]
