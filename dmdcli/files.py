@@ -12,10 +12,12 @@ import re
 import uuid
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from safetensors import SafetensorError
-from safetensors.torch import save_file as _safetensors_save_file
-from torch import Tensor
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 _OS_ERROR = re.compile(r"os error (\d+)")
 
@@ -56,3 +58,8 @@ def atomic_write(final: Path, write: Callable[[Path], object]) -> Path:
 def atomic_save_file(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str] | None = None) -> Path:
     return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata))
 
+
+def _safetensors_save_file(tensors: dict[str, Tensor], filename: str, metadata: dict[str, str] | None = None) -> None:
+    from safetensors.torch import save_file  # here: torch is slow to import, and sample/--help need none
+
+    save_file(tensors, filename, metadata=metadata)

@@ -97,7 +97,6 @@ class StatsCache:
             "sigma": torch.from_numpy(np.ascontiguousarray(stats.sigma, dtype=np.float64)),
         }
         try:
-            self.root.mkdir(parents=True, exist_ok=True)
             atomic_write(self.root / f"{key}.json",
                          lambda tmp: tmp.write_text(json.dumps({"key": key, **inputs}, indent=1), encoding="utf-8"))
             atomic_save_file(tensors, self.path(key), metadata)
