@@ -15,6 +15,7 @@ from typing import Any
 import tomli_w
 
 from dmdcli.errors import UsageError
+from dmdcli.files import atomic_write
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 # "resolved" is the table a run folder's config.toml adds, so that file works as a recipe too.
@@ -272,7 +273,8 @@ def write_config(config: DistillConfig, path: Path, extra: dict[str, Any] | None
     values = {k: v for k, v in config.to_dict().items() if v is not None}
     if extra:
         values["resolved"] = {k: v for k, v in extra.items() if v is not None}
-    path.write_text(tomli_w.dumps(values))
+    text = tomli_w.dumps(values)
+    atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
 # Options that may change when a run is resumed; every other key must match the checkpoint.
