@@ -141,8 +141,11 @@ def test_a_recipe_can_hold_values_for_one_step_count(tmp_path):
     assert (four.lr, four.conditioning_timestep) == (5e-5, None)
     assert (one.lr, one.conditioning_timestep, one.warmup_steps) == (1e-4, 399, 7)  # the rest: the recipe's
     assert resolve_config(str(recipe), {"steps": 1, "lr": 3e-5}).lr == 3e-5  # the command line still wins
-    # The built-in shapes recipe: half the LR for its default 4 steps (README, Benchmark).
-    assert (resolve_config("shapes", {}).lr, resolve_config("shapes", {"steps": 1}).lr) == (5e-5, 1e-4)
+    # The built-in shapes recipe: half the LR for its default 4 steps, TTUR 2 for 1 step (README,
+    # Benchmark); DMD (v1)'s preset (fake score every iteration) still wins over the recipe's TTUR.
+    shapes4, shapes1 = resolve_config("shapes", {}), resolve_config("shapes", {"steps": 1})
+    assert (shapes4.lr, shapes4.fake_updates_per_gen, shapes1.lr, shapes1.fake_updates_per_gen) == (5e-5, 5, 1e-4, 2)
+    assert resolve_config("shapes", {"steps": 1, "method": "dmd"}).fake_updates_per_gen == 1
 
     recipe.write_text('steps = 4\n[per_steps.1]\nlearning_rate = 1e-4\n')
     result = runner.invoke(app, ["distill", "--recipe", str(recipe), "--teacher", "sdxl", "--prompts", "p.txt"])
