@@ -96,10 +96,8 @@ class StatsCache:
             "mu": torch.from_numpy(np.ascontiguousarray(stats.mu, dtype=np.float64)),
             "sigma": torch.from_numpy(np.ascontiguousarray(stats.sigma, dtype=np.float64)),
         }
-        try:
-            atomic_write(self.root / f"{key}.json",
-                         lambda tmp: tmp.write_text(json.dumps({"key": key, **inputs}, indent=1), encoding="utf-8"))
-            atomic_save_file(tensors, self.path(key), metadata)
-        except OSError as exc:
-            raise DmdError(f"cannot write reference statistics to {self.root}: {exc.strerror or exc}") from None
+        # A failed write (full disk, permissions) is an OSError naming the file: the CLI's one line.
+        atomic_write(self.root / f"{key}.json",
+                     lambda tmp: tmp.write_text(json.dumps({"key": key, **inputs}, indent=1), encoding="utf-8"))
+        atomic_save_file(tensors, self.path(key), metadata)
         return self.path(key)
