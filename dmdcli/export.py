@@ -110,6 +110,10 @@ def _lcm(cls, base: dict[str, Any], overrides: dict[str, Any]):
 
 
 def default_out(source: ModelSource, fmt: str) -> Path:
+    """RUN/export/<format>; of a checkpoint RUN/export/<checkpoint>-<format> (never inside the
+    checkpoint folder, which the run deletes when it keeps only the newest ones)."""
+    if source.checkpoint:
+        return source.run_folder / "export" / f"{source.checkpoint}-{DEFAULT_NAMES[fmt]}"
     return Path(source.path).parent / "export" / DEFAULT_NAMES[fmt]
 
 
@@ -150,14 +154,12 @@ def _cast(tensors: dict[str, Tensor], dtype: torch.dtype) -> dict[str, Tensor]:
 
 
 def _lora_weights(source: ModelSource) -> dict[str, Tensor]:
-    from safetensors.torch import load_file
-
     if source.info.get("kind") != "lora":
         raise UsageError(
             f"{source.name} is a full fine-tune; LoRA formats need a LoRA student (dmd distill --lora-rank R). "
             "Use --format unet or --format diffusers"
         )
-    return load_file(source.path)
+    return source.weights()
 
 
 def export_diffusers(source: ModelSource, out: Path, dtype: torch.dtype, allow_pickle: bool) -> list[Path]:

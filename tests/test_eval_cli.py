@@ -246,3 +246,26 @@ def test_a_benchmark_that_is_not_inception_based_plugs_in(student, tmp_path, mon
     assert calls[2] == ("score", ["000000-a-red-circle.png", "000001-a-blue-circle.png", "000002-a-green-circle.png"])
     assert report["metrics"]["nfe_per_image"] == 2 and 0 <= report["metrics"]["red"] <= 255
     assert json.loads((tmp_path / "eval-redness-3.json").read_text()) == report
+
+
+def test_a_checkpoint_is_scored_into_its_run_folder(run, refs, features, tmp_path):
+    """A checkpoint's report sits in the run folder beside the student's, named after it."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from dmdcli.train import rundir
+
+    checkpoint = run / "checkpoints" / "iter-000002"
+    checkpoint.mkdir(parents=True)
+    weights = load_file(run / rundir.STUDENT_FILE)
+    save_file({**{f"generator.{k}": v for k, v in weights.items()}, "fake_score.x": torch.zeros(3)},
+              checkpoint / "tensors.safetensors")
+    info = {**rundir.read_student_info(run / rundir.STUDENT_FILE), "iterations": 2}
+    (checkpoint / "state.json").write_text(json.dumps({"iteration": 2, "student": info}))
+    args = ["--fid", refs, "--features", features, "--cache-dir", tmp_path / "cache", "--json"]
+    of_checkpoint = json.loads(invoke("--model", checkpoint, *args).stdout)
+    of_student = json.loads(invoke("--model", run, *args).stdout)
+    assert of_checkpoint["files"]["report"] == str(run / f"eval-folder-refs-{N}-iter-000002.json")
+    assert of_student["files"]["report"] == str(run / f"eval-folder-refs-{N}.json")
+    same = lambda m: {k: v for k, v in m.items() if k != "seconds_per_image"}  # noqa: E731
+    assert same(of_checkpoint["metrics"]) == same(of_student["metrics"])  # the same generator weights

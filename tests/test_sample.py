@@ -175,3 +175,35 @@ def test_a_distill_run_folder_samples_and_exports(tmp_path, tiny_sdxl, prompts_f
     assert len(records) == 3 and all(r["steps"] == 2 for r in records)
     record = json.loads(invoke("export", "--model", run, "--format", "kohya", "--json", "--quiet").stdout)
     assert record["path"] == str(run / "export" / "kohya.safetensors") and record["timesteps"] == [999, 499]
+
+
+def test_a_checkpoint_is_the_generator_as_it_was_then(tmp_path, tiny_sd, prompts_file):
+    """`--model RUN/checkpoints/iter-N` samples and exports the generator of iteration N."""
+    from dmdcli.train import rundir
+
+    run = tmp_path / "run"
+    invoke("distill", "--recipe", "tiny", "--iterations", "4", "--batch-size", "2", "--teacher", tiny_sd, "--steps", "2",
+           "--fake-updates-per-gen", "1", "--warmup-steps", "0", "--lr", "1e-2", "--prompts", prompts_file, "--out", run,
+           "--checkpoint-every", "2", "--keep-checkpoints", "2", "--sample-every", "0", "--teacher-grid-steps", "0", "--quiet")
+    last, earlier = run / "checkpoints" / "iter-000004", run / "checkpoints" / "iter-000002"
+
+    def image(model, name):
+        invoke("sample", "--model", model, "--prompt", "a red circle", "--seed", "3", "--out", tmp_path / name, "--quiet")
+        return pixels(next((tmp_path / name).iterdir()))
+
+    final = image(run, "final")
+    assert np.array_equal(image(last, "last"), final)  # the run's student is its last checkpoint's generator
+    assert not np.array_equal(image(earlier, "earlier"), final)
+    assert find_model(str(earlier)).info["iterations"] == 2
+
+    record = json.loads(invoke("export", "--model", earlier, "--format", "unet", "--json", "--quiet").stdout)
+    exported = run / "export" / "iter-000002-unet.safetensors"  # beside the run's exports, not in the checkpoint
+    assert record["path"] == str(exported) and rundir.read_student_info(exported)["iterations"] == 2
+    assert np.array_equal(image(exported, "exported"), image(earlier, "earlier-again"))
+
+    # Checkpoints written before they recorded their student: the run's student file's metadata.
+    state = json.loads((earlier / "state.json").read_text())
+    del state["student"]
+    (earlier / "state.json").write_text(json.dumps(state))
+    old = find_model(str(earlier))
+    assert old.checkpoint == "iter-000002" and old.info == {**rundir.read_student_info(run / "student.safetensors"), "iterations": 2}

@@ -190,9 +190,10 @@ class Target:
 
 
 def report_stem(label: str, n: int, *, steps: int | None = None, guidance_scale: float | None = None,
-                resolution: int | None = None, seed: int = 0) -> str:
+                resolution: int | None = None, seed: int = 0, checkpoint: str | None = None) -> str:
     """eval-<set>-<N>, plus the options given that change the images, so that evaluating one
-    model two ways into one folder gives two reports."""
+    model two ways into one folder gives two reports; a checkpoint's reports end in its name,
+    so a run's checkpoints are scored side by side in the run folder."""
     stem = f"eval-{label}-{n}"
     if steps is not None:
         stem += f"-{steps}steps"
@@ -202,12 +203,17 @@ def report_stem(label: str, n: int, *, steps: int | None = None, guidance_scale:
         stem += f"-{resolution}px"
     if seed:
         stem += f"-seed{seed}"
+    if checkpoint:
+        stem += f"-{checkpoint}"
     return stem
 
 
 def default_folder(source: ModelSource) -> Path:
-    """A run folder (or its student.safetensors) keeps its evaluations; anything else goes to
-    ./eval/<model slug> (an exported pipeline or a hub id is not ours to write into)."""
+    """A run folder (or its student.safetensors, or one of its checkpoints) keeps its evaluations;
+    anything else goes to ./eval/<model slug> (an exported pipeline or a hub id is not ours to
+    write into)."""
+    if source.checkpoint:
+        return source.run_folder
     path = Path(source.name).expanduser()
     if source.kind == "student" and path.is_dir():
         return path
@@ -232,7 +238,7 @@ def plan_targets(sources: list[ModelSource], benchmark: Benchmark, out: Path | N
     targets = []
     for source, folder in zip(sources, folders):
         stem = report_stem(benchmark.label, len(benchmark.prompts), steps=steps, resolution=resolution, seed=seed,
-                           guidance_scale=None if source.is_student else guidance_scale)
+                           guidance_scale=None if source.is_student else guidance_scale, checkpoint=source.checkpoint)
         target = Target(source, folder, stem, plan(benchmark.prompts, 1, seed, folder / stem, "png"),
                         source.image_size(resolution, None, None))
         if target.report.exists() and not overwrite:

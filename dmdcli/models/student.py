@@ -5,6 +5,8 @@
 - a run folder of `dmd distill` (or its student.safetensors, or a `dmd export --format unet`
   file): the teacher's text encoders and VAE from the teacher the student records, and the
   teacher's UNet made into the student (full weights loaded, or the LoRA added and fused);
+- one of a run's checkpoints (RUN/checkpoints/iter-NNNNNN): the generator as it was then, so
+  a long run's checkpoints can be sampled, scored and exported to pick the best;
 - a folder written by `dmd export --format diffusers` (it holds a dmd_student.json);
 - any other diffusers pipeline folder or hub id: sampled by the pipeline itself, with its own
   scheduler, so a teacher can be sampled the same way for comparison.
@@ -37,7 +39,7 @@ from dmdcli.core.schedule import NoiseSchedule, ddim_timesteps, student_timestep
 from dmdcli.errors import DmdError, UsageError
 from dmdcli.models.teacher import Teacher, TeacherSpec, inspect_teacher, resolve_teacher
 from dmdcli.models.unet import UNetDenoiser
-from dmdcli.train import rundir
+from dmdcli.train import checkpoint, rundir
 
 # Written by `dmd export --format diffusers` beside model_index.json: the student's metadata.
 EXPORT_INFO_FILE = "dmd_student.json"
@@ -55,6 +57,21 @@ class ModelSource:
     name: str  # as the user gave it (recorded in image metadata)
     path: str  # the student file, the export folder, or the pipeline folder / hub id
     info: dict[str, Any] | None = None  # the student's metadata (teacher, steps, timesteps, ...)
+    checkpoint: str | None = None  # "iter-000800" when the student is a checkpoint's generator
+
+    @property
+    def run_folder(self) -> Path | None:
+        """The run a checkpoint belongs to (RUN/checkpoints/iter-N/tensors.safetensors)."""
+        return Path(self.path).parents[2] if self.checkpoint else None
+
+    def weights(self) -> dict[str, Tensor]:
+        """The student's tensors; of a checkpoint only the generator's (not the fake score's or
+        the optimizer moments, which are most of its size)."""
+        from safetensors import safe_open
+
+        prefix = "generator." if self.checkpoint else ""
+        with safe_open(self.path, framework="pt") as f:
+            return {k[len(prefix):]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
 
     @property
     def is_student(self) -> bool:
@@ -93,6 +110,8 @@ def find_model(name: str) -> ModelSource:
     if path.is_dir():
         if (path / rundir.STUDENT_FILE).is_file():
             return ModelSource("student", name, str(path / rundir.STUDENT_FILE), rundir.read_student_info(path / rundir.STUDENT_FILE))
+        if (path / checkpoint.STATE_FILE).is_file() and (path / checkpoint.TENSORS_FILE).is_file():
+            return checkpoint_source(name, path)
         if (path / "model_index.json").is_file():
             if (path / EXPORT_INFO_FILE).is_file():
                 return ModelSource("export", name, str(path), json.loads((path / EXPORT_INFO_FILE).read_text()))
@@ -106,6 +125,20 @@ def find_model(name: str) -> ModelSource:
     return ModelSource("pipeline", name, source)
 
 
+def checkpoint_source(name: str, folder: Path) -> ModelSource:
+    """A checkpoint's generator as a student. Its metadata is the checkpoint's own (state.json
+    "student"), or, for checkpoints written before that was recorded, the run's student file's
+    with the checkpoint's iteration."""
+    _, state = checkpoint.read_checkpoint(folder, with_tensors=False)
+    info = state.get("student")
+    if info is None:
+        student_file = folder.parent.parent / rundir.STUDENT_FILE
+        if not student_file.is_file():
+            raise DmdError(f"{name}: the checkpoint does not record its student's metadata and {student_file} is missing")
+        info = {**rundir.read_student_info(student_file), "iterations": int(state["iteration"])}
+    return ModelSource("student", name, str(folder / checkpoint.TENSORS_FILE), info, checkpoint=folder.name)
+
+
 # -- the student's UNet -----------------------------------------------------------------------
 
 
@@ -116,11 +149,9 @@ def load_student_weights(unet: nn.Module, source: ModelSource) -> nn.Module:
     `dmd distill` added it (same rank, alpha and target modules), its weights through peft's
     set_peft_model_state_dict, and is then fused, so the result is a plain UNet2DConditionModel.
     """
-    from safetensors.torch import load_file
-
     if source.kind != "student":
         raise DmdError(f"{source.name} holds no student weights to load")
-    info, weights = source.info, load_file(source.path)
+    info, weights = source.info, source.weights()
     if info.get("kind") == "lora":
         fuse_lora_student(unet, weights, info)
         return unet

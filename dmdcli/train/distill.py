@@ -340,6 +340,8 @@ class Distillation:
             "optimizers": {"generator": opt_g_json, "fake": opt_f_json},
             # LambdaLR's state is JSON-able: its lambdas (rebuilt from the config) appear as None.
             "lr_schedulers": {"generator": step.generator_lr_scheduler.state_dict(), "fake": step.fake_lr_scheduler.state_dict()},
+            # What `--model RUN/checkpoints/iter-N` needs to sample, score or export this generator.
+            "student": self.student_info(iteration),
             **extra,
         }
         # Every process leaves its RNG state in a staging folder; the main one assembles the rest.
