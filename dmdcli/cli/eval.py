@@ -33,7 +33,7 @@ def _opt(help: str, panel: str, *names: str, **kwargs):
 
 @handle_errors
 def eval_command(
-    model: Annotated[list[str], _opt("Run folder, `dmd export --format diffusers` folder, or diffusers pipeline (folder or hub id); repeat to compare.", MODEL, "--model", show_default=False)],
+    model: Annotated[list[str], _opt("Run folder (or one of its checkpoints, RUN/checkpoints/iter-N), `dmd export --format diffusers` folder, or diffusers pipeline (folder or hub id); repeat to compare.", MODEL, "--model", show_default=False)],
     fid: Annotated[Optional[str], _opt("coco30k, coco10k (with --coco-root), a captioned image folder, or shapes (FD-shapes and alignment; the default for models of the built-in shapes teacher).", SET, "--fid", show_default=False)] = None,
     coco_root: Annotated[Optional[Path], _opt("COCO-2014 folder holding val2014/ and annotations/captions_val2014.json.", SET, "--coco-root", show_default=False)] = None,
     num_samples: Annotated[Optional[int], _opt("Score the first N of the set (default: all of it).", SET, "--num-samples", show_default=False)] = None,

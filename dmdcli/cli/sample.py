@@ -29,7 +29,7 @@ def _opt(help: str, panel: str, *names: str, **kwargs):
 
 @handle_errors
 def sample(
-    model: Annotated[str, _opt("Run folder, `dmd export --format diffusers` folder, or diffusers pipeline (folder or hub id).", MODEL, "--model", show_default=False)],
+    model: Annotated[str, _opt("Run folder (or one of its checkpoints, RUN/checkpoints/iter-N), `dmd export --format diffusers` folder, or diffusers pipeline (folder or hub id).", MODEL, "--model", show_default=False)],
     prompt: Annotated[Optional[list[str]], _opt("A prompt (repeatable).", WHAT, "--prompt", show_default=False)] = None,
     prompts: Annotated[Optional[str], _opt("Prompts file, one a line (or JSON lines); - reads standard input.", WHAT, "--prompts", show_default=False)] = None,
     num_images_per_prompt: Annotated[int, _opt("Images per prompt.", WHAT, "--num-images-per-prompt", min=1)] = 1,
