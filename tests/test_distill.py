@@ -159,7 +159,9 @@ def test_a_recipe_can_hold_values_for_one_step_count(tmp_path):
     "args,message",
     [
         (["--teacher", "/nonexistent/teacher", "--prompts", "p.txt"], "teacher not found"),
-        (["--teacher", "sdxl", "--steps", "0", "--prompts", "p.txt"], "--steps must be at least 1"),
+        (["--teacher", "sdxl", "--steps", "0", "--prompts", "p.txt"], "--steps must lie in 1 … 1000"),
+        (["--teacher", "sdxl", "--steps", "2000", "--prompts", "p.txt"], "--steps must lie in 1 … 1000"),
+        (["--prompts", "p.txt"], "--prompts/--data without --teacher"),  # a forgotten --teacher, not the shapes teacher
         (["--teacher", "sdxl"], "no prompts"),
         (["--recipe", "no-such-recipe"], "unknown recipe"),
     ],
@@ -169,6 +171,67 @@ def test_usage_errors_are_one_line_with_exit_code_2(args, message):
     assert result.exit_code == 2, result.stderr
     assert message in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("line,message", [('iterations = "five"', "iterations = 'five' is not a whole number"),
+                                          ('steps = 4.5', "steps = 4.5 is not a whole number"),
+                                          ('lr = "1e-4"', "lr = '1e-4' is not a number"),
+                                          ('shared_base = 1', "shared_base = 1 is not true or false")])
+def test_a_recipe_value_of_the_wrong_type_is_one_line(tmp_path, line, message):
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(f'teacher = "sdxl"\nprompts = "p.txt"\n{line}\n')
+    for args in (["--recipe", str(recipe)], ["--recipe", str(recipe), "--dry-run"]):
+        result = runner.invoke(app, ["distill", *args])
+        assert result.exit_code == 2 and message in result.stderr and "Traceback" not in result.stderr, result.stderr
+    recipe.write_text(f'teacher = "sdxl"\n[per_steps.4]\n{line}\n')
+    result = runner.invoke(app, ["distill", "--recipe", str(recipe), "--steps", "4", "--prompts", "p.txt"])
+    assert result.exit_code == 2 and "[per_steps.4]" in result.stderr and message in result.stderr, result.stderr
+
+
+def test_out_must_be_a_run_or_a_new_folder(tmp_path, tiny_sd, prompts_file):
+    args = ["distill", *FAST, "--iterations", "1", "--teacher", str(tiny_sd), "--prompts", str(prompts_file)]
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    result = runner.invoke(app, [*args, "--out", str(victim), "--overwrite"])
+    assert result.exit_code == 2 and "is a file" in result.stderr and victim.read_text() == "keep me"
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "0.txt").write_text("a caption")
+    result = runner.invoke(app, [*args, "--out", str(data), "--overwrite"])
+    assert result.exit_code == 2 and "not a dmd run" in result.stderr and sorted(p.name for p in data.iterdir()) == ["0.txt"]
+
+    # --overwrite replaces a run with everything made from its student (exports, evaluations).
+    run = tmp_path / "run"
+    assert runner.invoke(app, [*args, "--out", str(run)]).exit_code == 0
+    for old in (run / "export" / "unet.safetensors", run / "eval-shapes-2000.json", run / "eval-shapes-2000" / "0.png"):
+        old.parent.mkdir(parents=True, exist_ok=True)
+        old.write_text("from the old student")
+    (run / "notes.md").write_text("mine")
+    assert runner.invoke(app, [*args, "--out", str(run), "--overwrite"]).exit_code == 0
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "config.toml", "metrics.jsonl", "notes.md", "samples",
+                                                     "student.safetensors"]
+
+
+def test_a_run_made_with_relative_paths_works_from_anywhere(tmp_path, tiny_sd, prompts_file, monkeypatch):
+    import shutil
+
+    here = tmp_path / "here"
+    here.mkdir()
+    shutil.copytree(tiny_sd, here / "teacher")
+    shutil.copy(prompts_file, here / "prompts.txt")
+    monkeypatch.chdir(here)
+    args = [*FAST, "--iterations", "2", "--checkpoint-every", "1", "--teacher", "teacher", "--prompts", "prompts.txt"]
+    assert runner.invoke(app, ["distill", *args, "--out", "run"]).exit_code == 0
+    config = (here / "run" / "config.toml").read_text()
+    assert f'teacher = "{here / "teacher"}"' in config and f'prompts = "{here / "prompts.txt"}"' in config
+    assert read_student_info(here / "run" / "student.safetensors")["teacher"] == str(here / "teacher")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    result = runner.invoke(app, ["sample", "--model", "../here/run", "--prompt", "a", "--out", "images", "--quiet"])
+    assert result.exit_code == 0 and len(list((elsewhere / "images").iterdir())) == 1, result.stderr
+    result = runner.invoke(app, ["distill", "--out", "../here/run", "--resume", "--iterations", "3", "--quiet"])
+    assert result.exit_code == 0, result.stderr
 
 
 def test_a_failed_start_leaves_no_run_folder_and_a_run_is_not_overwritten(tmp_path, tiny_sd, prompts_file):

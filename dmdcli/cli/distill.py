@@ -18,6 +18,10 @@ HELP = f"""Distill a teacher into a 1- to 4-step student with DMD2.
 Options override the recipe's keys of the same name; the resolved configuration is written to
 OUT/config.toml. Built-in recipes: {", ".join(list_recipes()) or "none"}.
 
+With no --teacher and no --recipe (or with --teacher shapes) the recipe is `shapes`: the
+built-in teacher, its prompts and images, a 4-step student in about 5 CPU minutes. The
+defaults listed below are those of a --teacher without a recipe.
+
 Example: dmd distill --recipe sdxl-4step-lora --prompts prompts.txt --data images/ --out runs/sdxl4
 
 Other methods: --method dmd (DMD v1; the teacher's regression pairs are made on first use and
@@ -93,7 +97,10 @@ def distill(
 ) -> None:
     overrides = {k: v for k, v in locals().items() if k not in ("recipe", "resume", "overwrite", "dry_run", "json_out", "quiet")}
     base = None
-    if recipe is None and teacher is None and not resume:
+    if recipe is None and teacher in (None, "shapes") and not resume:
+        if teacher is None and (prompts or data):  # most likely a forgotten --teacher
+            raise UsageError("--prompts/--data without --teacher: pass --teacher (a diffusers folder, hub id, or "
+                             f"{', '.join(TEACHER_ALIASES)}), or --recipe shapes to use them with the built-in teacher")
         recipe = "shapes"  # `dmd distill` alone distills the built-in teacher
     if resume:
         if overwrite or recipe:

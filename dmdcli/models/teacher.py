@@ -32,12 +32,17 @@ DEFAULT_CONDITIONING_TIMESTEP = {"sd": 999, "sdxl": 399}
 
 
 def resolve_teacher(name: str) -> str:
-    """An alias → its hub id (``shapes``: the built-in teacher's folder); a folder or other hub id unchanged."""
+    """An alias → its hub id (``shapes``: the built-in teacher's folder); a local folder → its
+    absolute path (students record it, and are used from other working directories); any
+    other hub id unchanged."""
     if name == "shapes":
         from dmdcli.shapes import teacher_path
 
         return str(teacher_path())
-    return TEACHER_ALIASES.get(name, name)
+    if name in TEACHER_ALIASES:
+        return TEACHER_ALIASES[name]
+    local = Path(name).expanduser()
+    return str(local.resolve()) if local.is_dir() else name
 
 
 def _looks_like_path(name: str) -> bool:

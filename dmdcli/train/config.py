@@ -192,9 +192,53 @@ def load_recipe(name_or_path: str) -> dict[str, Any]:
 
 
 def check_keys(values: dict[str, Any], where: str) -> None:
+    """Unknown keys, and values of the wrong type (`iterations = "five"`), are usage errors."""
     unknown = sorted(set(values) - set(FIELD_NAMES) - RECIPE_ONLY_KEYS)
     if unknown:
         raise UsageError(f"{where}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(FIELD_NAMES)}")
+    for key, value in values.items():
+        if key in FIELD_TYPES and value is not None and not _has_type(value, FIELD_TYPES[key]):
+            raise UsageError(f"{where}: {key} = {value!r} is not {_TYPE_WORDS[FIELD_TYPES[key]]}")
+
+
+def _has_type(value: Any, kind: type) -> bool:
+    if kind is float:  # TOML writes 1e-4 as a float but 5 as an int; both are numbers
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, kind)
+
+
+def _field_types() -> dict[str, type]:
+    """Each field's value type (str for `str | None`, ...), from the dataclass annotations."""
+    import typing
+
+    hints = typing.get_type_hints(DistillConfig)
+    return {name: next(t for t in typing.get_args(hint) or (hint,) if t is not type(None)) for name, hint in hints.items()}
+
+
+FIELD_TYPES = _field_types()
+_TYPE_WORDS = {int: "a whole number", float: "a number", bool: "true or false", str: "a string"}
+
+# Local paths a run reads again on --resume or that its student records: kept absolute, so a run
+# folder works from any working directory. (A teacher only when it is an existing folder: it may
+# be a hub id or an alias; `--data shapes` and `--prompts -` are names, not paths.)
+PATH_KEYS = ("teacher", "prompts", "data", "pairs_dir")
+NOT_PATHS = {"data": {"shapes"}, "prompts": {"-"}}
+
+
+def absolute_paths(values: dict[str, Any]) -> dict[str, Any]:
+    from dmdcli.models.teacher import TEACHER_ALIASES
+
+    values, aliases = dict(values), {**NOT_PATHS, "teacher": {"shapes", *TEACHER_ALIASES}}
+    for key in PATH_KEYS:
+        value = values.get(key)
+        if not isinstance(value, str) or value in aliases.get(key, ()):
+            continue
+        path = Path(value).expanduser()
+        if key != "teacher" or path.is_dir():
+            values[key] = str(path.resolve())
+    return values
 
 
 def resolve_config(recipe: str | None, overrides: dict[str, Any], base: dict[str, Any] | None = None) -> DistillConfig:
@@ -212,7 +256,7 @@ def resolve_config(recipe: str | None, overrides: dict[str, Any], base: dict[str
     # Layers: code defaults → recipe → the method's preset (over a recipe written for another method) → command line.
     values.update(preset)
     values.update(given)
-    config = DistillConfig(**values)
+    config = DistillConfig(**absolute_paths(values))
     validate(config)
     return config
 
@@ -225,7 +269,7 @@ def validate(c: DistillConfig) -> None:
             raise UsageError(message)
 
     need(c.teacher is not None, "no teacher: pass --teacher (a diffusers folder, hub id, or sd15/sdxl) or --recipe")
-    need(c.steps >= 1, f"--steps must be at least 1 (got {c.steps})")
+    need(1 <= c.steps <= 1000, f"--steps must lie in 1 … 1000 (got {c.steps})")
     need(c.iterations >= 1, f"--iterations must be at least 1 (got {c.iterations})")
     need(c.batch_size >= 1, f"--batch-size must be at least 1 (got {c.batch_size})")
     need(c.fake_updates_per_gen >= 1, f"--fake-updates-per-gen must be at least 1 (got {c.fake_updates_per_gen})")
@@ -288,7 +332,7 @@ RESUMABLE_KEYS = {
 
 def resume_conflicts(saved: dict[str, Any], config: DistillConfig) -> list[str]:
     """Keys whose value differs from the checkpoint's configuration (and may not)."""
-    current = config.to_dict()
+    current, saved = config.to_dict(), absolute_paths(saved)  # runs from before paths were stored absolute
     return sorted(k for k in current if k not in RESUMABLE_KEYS and saved.get(k) != current[k])
 
 

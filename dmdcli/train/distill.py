@@ -64,12 +64,22 @@ def default_out(config: DistillConfig) -> Path:
 
 
 RUN_FILES = (rundir.CONFIG_FILE, rundir.STUDENT_FILE, rundir.METRICS_FILE)
+# What the run and the commands run on its student write there; --overwrite clears all of it,
+# so no export or evaluation of the old student is left beside the new one.
+RUN_FOLDERS = (rundir.SAMPLES_DIR, CHECKPOINTS_DIR, "export")
+RUN_GLOBS = ("eval-*",)
 
 
 def check_run_folder(out: Path, overwrite: bool) -> None:
-    """Refuse to mix two runs in one folder unless asked to overwrite (checked before any work)."""
-    if any((out / f).exists() for f in RUN_FILES) and not overwrite:
+    """Refuse (before any work) to mix two runs in one folder unless asked to overwrite, and to
+    write a run into a file or into a folder of other things (--overwrite never clears those)."""
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file; a run needs a folder")
+    holds_run = any((out / f).exists() for f in RUN_FILES) or (out / CHECKPOINTS_DIR).is_dir()
+    if holds_run and not overwrite:
         raise UsageError(f"{out} already holds a run; pass --resume to continue it, --overwrite to replace it, or another --out")
+    if not holds_run and out.is_dir() and any(out.iterdir()):
+        raise UsageError(f"--out {out} is a folder that holds other files, not a dmd run; choose a new or empty folder")
 
 
 def create_run_folder(out: Path) -> None:
@@ -77,8 +87,12 @@ def create_run_folder(out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     for f in RUN_FILES:
         (out / f).unlink(missing_ok=True)
-    for folder in (rundir.SAMPLES_DIR, CHECKPOINTS_DIR):
-        shutil.rmtree(out / folder, ignore_errors=True)
+    old = [out / name for name in RUN_FOLDERS] + [p for pattern in RUN_GLOBS for p in out.glob(pattern)]
+    for path in old:
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
 
 
 @dataclass
