@@ -11,6 +11,7 @@ from PIL import Image, ImageDraw
 from typer.testing import CliRunner
 
 from dmdcli.cli import app
+from dmdcli.errors import UsageError
 from dmdcli.eval import run as eval_run
 from dmdcli.eval.features import FeatureExtractor
 from dmdcli.eval.protocol import select_coco
@@ -199,11 +200,17 @@ def test_fake_coco_layout_scores_a_prefix(student, features, tmp_path):
         (["--fid", "{refs}", "--num-samples", "9"], "more than the 8"),
         (["--fid", "{refs}", "--guidance-scale", "3"], "without classifier-free guidance"),
         (["--fid", "{refs}", "--features", "{missing}/tiny.pt"], "feature extractor not found"),
+        (["--fid", "{refs}", "--num-samples", "1"], "--num-samples must be at least 2"),
+        (["--fid", "shapes", "--num-samples", "-5"], "--num-samples must be at least 2"),  # every set, not only folders
+        (["--fid", "{empty}"], "no images with captions"),  # as much a usage error as a missing folder
     ],
 )
 def test_bad_input_is_one_line_exit_2_and_nothing_written(run, refs, features, tmp_path, args, message):
     missing = tmp_path / "no-such-folder"
-    args = [a.format(missing=missing, refs=refs) for a in args]
+    empty = tmp_path / "uncaptioned"
+    empty.mkdir()
+    disc("red").save(empty / "0.png")  # an image without a caption
+    args = [a.format(missing=missing, refs=refs, empty=empty) for a in args]
     if "--features" not in args:
         args += ["--features", str(features)]
     before = sorted(p.name for p in run.iterdir())
@@ -214,6 +221,21 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(run, refs, features, t
     assert not (tmp_path / "cache").exists()
     result = invoke("--model", run, *args, "--out", tmp_path / "out", code=2)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("n", [1, 0, -5])
+def test_every_set_refuses_fewer_than_two_samples_before_it_is_built(n):
+    """The shapes set read --num-samples 0 as "all 2000" and hung on 1; none of it may be built."""
+    with pytest.raises(UsageError, match="at least 2"):
+        eval_run.open_benchmark("shapes", eval_run.EvalOptions(num_samples=n))
+
+
+def test_steps_beyond_the_schedule_and_mistyped_paths_are_usage_errors(run, refs, tmp_path, monkeypatch):
+    result = invoke("--model", run, "--fid", refs, "--steps", "2000", "--out", tmp_path / "out", code=2)
+    assert "'--steps'" in result.stderr and not (tmp_path / "out").exists()
+    monkeypatch.chdir(tmp_path)  # holds run/: run/typo is a missing local path, not a hub id
+    result = invoke("--model", "run/typo", "--fid", refs, code=2)
+    assert result.stderr.strip() == "error: model not found: run/typo"
 
 
 def test_a_benchmark_that_is_not_inception_based_plugs_in(student, tmp_path, monkeypatch):

@@ -205,3 +205,15 @@ def test_non_square_sdxl_images_match_the_pipeline(tmp_path, students):
     pipe = load_pipeline(out)
     image = pipe("a cat", height=32, width=48, num_inference_steps=4, guidance_scale=0, generator=torch.Generator("cpu").manual_seed(3)).images[0]
     assert np.abs(np.asarray(image).astype(int) - ours).mean() <= 2.0
+
+
+def test_help_names_the_default_files_and_shows_no_value_for_flags():
+    wide = {"COLUMNS": "400"}  # one help line per option
+    result = runner.invoke(app, ["export", "--help"], env=wide)
+    assert result.exit_code == 0
+    out_line = next(line for line in result.stdout.splitlines() if "Where to write" in line)
+    assert "MODEL/export/<format>.safetensors for lora, kohya and unet" in out_line
+    for command in ([], ["distill"], ["sample"], ["export"], ["eval"]):
+        text = runner.invoke(app, [*command, "--help"], env=wide).stdout
+        assert "--overwrite" in text or "--debug" in text
+        assert "<bool>" not in text  # --overwrite, --json, -q, --debug, --version, --help take no value

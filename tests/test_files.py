@@ -64,3 +64,23 @@ def test_a_closed_pipe_on_stdout_ends_quietly():
     os.close(write)
     assert done.returncode == 141, done.stderr
     assert "Traceback" not in done.stderr and "error" not in done.stderr.lower(), done.stderr
+
+
+def test_only_out_of_memory_errors_become_one_line(capsys):
+    import typer
+
+    from dmdcli.cli.common import handle_errors
+
+    def command(error):
+        @handle_errors
+        def run():
+            raise error
+        return run
+
+    with pytest.raises(typer.Exit) as done:
+        command(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore detail"))()
+    assert done.value.exit_code == 1
+    err = capsys.readouterr().err
+    assert err.strip() == "error: out of memory (CUDA out of memory. Tried to allocate 2.00 GiB); try a smaller --batch-size or --resolution"
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):  # a bug stays a traceback
+        command(RuntimeError("mat1 and mat2 shapes cannot be multiplied (2x3 and 4x5)"))()

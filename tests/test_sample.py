@@ -153,6 +153,9 @@ def test_plain_pipeline_uses_its_own_scheduler_steps_and_guidance(tmp_path, tiny
         (["--model", "{run}", "--prompt", "a", "--height", "30"], 2, "multiple of"),
         (["--model", "{run}", "--prompt", "a", "--format", "gif"], 2, "unknown image format"),
         (["--model", "{empty}", "--prompt", "a"], 1, "no student yet"),
+        (["--model", "{run}", "--prompt", "a", "--resolution", "4"], 2, "at least 8"),  # the UNet's last 1×1 would fail
+        (["--model", "{run}", "--prompt", "a", "--steps", "1001"], 2, "'--steps'"),
+        (["--model", "{run}", "--prompts", "{empty}"], 2, "is a folder, not a prompts file"),
     ],
 )
 def test_usage_errors(tmp_path, sd_run, args, code, message):
@@ -164,6 +167,43 @@ def test_usage_errors(tmp_path, sd_run, args, code, message):
     assert result.exit_code == code, result.stderr
     assert message in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_a_mistyped_local_path_is_not_tried_as_a_hub_id(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()  # runs/ is here, so runs/shapes-4stpe is a path, and a missing one
+    result = runner.invoke(app, ["sample", "--model", "runs/shapes-4stpe", "--prompt", "a"])
+    assert result.exit_code == 2 and result.stderr.strip() == "error: model not found: runs/shapes-4stpe"
+    # A hub id that cannot be loaded (offline here): one line, without diffusers' pointer to a stack trace.
+    result = runner.invoke(app, ["sample", "--model", "nosuch-org/nosuch-model", "--prompt", "a"])
+    assert result.exit_code == 1 and "could not load pipeline nosuch-org/nosuch-model" in result.stderr
+    assert "stacktrace" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "samples").exists()
+
+
+def test_an_empty_prompt_is_kept_and_keeps_the_seed_rule(tmp_path, sd_run):
+    result = invoke("sample", "--model", sd_run, "--prompt", "", "--prompt", "b", "--out", tmp_path, "--json", "--quiet")
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [(r["prompt"], r["seed"]) for r in records] == [("", 0), ("b", 1)]
+
+
+@pytest.mark.parametrize("error", [
+    torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (GPU 0; 8.00 GiB total capacity)"),
+    RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: "
+                 "you tried to allocate 400000000000000 bytes. Error code 12 (Cannot allocate memory)"),
+    MemoryError(),
+])
+def test_out_of_memory_is_one_line_and_writes_nothing(tmp_path, sd_run, monkeypatch, error):
+    def generate(self, *args):
+        raise error
+
+    monkeypatch.setattr(student_module.StudentSampler, "generate", generate)
+    result = runner.invoke(app, ["sample", "--model", str(sd_run), "--prompt", "a", "--out", str(tmp_path / "out"), "--quiet"])
+    assert result.exit_code == 1, result.stderr + repr(result.exception)
+    last = result.stderr.strip().splitlines()[-1]  # (transformers' loading bar may come before it under CliRunner)
+    assert last.startswith("error: out of memory") and last.endswith("try a smaller --batch-size or --resolution")
+    assert result.stderr.count("error") == 1 and "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
 
 
 def test_a_distill_run_folder_samples_and_exports(tmp_path, tiny_sdxl, prompts_file):

@@ -9,6 +9,25 @@ from dmdcli.cli import distill, export, sample
 from dmdcli.cli import eval as evaluate  # not `eval`: that name is a builtin
 from dmdcli.cli.common import DEBUG
 
+
+def _no_type_on_flags() -> None:
+    """Typer's help shows each option's type, `<bool>` for on/off flags too, which read as if
+    they took a value (`--overwrite true` is an error); a flag shows none."""
+    from typer.core import TyperOption
+
+    show_type = getattr(TyperOption, "display_type_rich", None)
+    if show_type is None or getattr(show_type, "skips_flags", False):  # another Typer: leave its help as it is
+        return
+
+    def display_type_rich(self, ctx):
+        return None if self.is_flag else show_type(self, ctx)
+
+    display_type_rich.skips_flags = True
+    TyperOption.display_type_rich = display_type_rich
+
+
+_no_type_on_flags()
+
 app = typer.Typer(
     name="dmd",
     help="Distill diffusion text-to-image models into 1- to 4-step generators with DMD2.",

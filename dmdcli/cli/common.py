@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import sys
 from typing import Any, Callable
 
@@ -20,7 +21,8 @@ DEBUG = {"on": False}  # set by the app's --debug option
 def handle_errors(command: Callable) -> Callable:
     """Turn DmdError into one line on stderr and its exit code; Ctrl-C into exit 130.
 
-    An OSError (full disk, permissions) is the user's to fix too: one line, exit 1.
+    An OSError (full disk, permissions) is the user's to fix too: one line, exit 1; so is
+    running out of memory (torch.OutOfMemoryError, or a MemoryError / RuntimeError saying so).
     """
 
     @functools.wraps(command)
@@ -40,6 +42,13 @@ def handle_errors(command: Callable) -> Callable:
                 raise
             stderr_console().print(f"[bold red]error:[/] {escape(describe_os_error(e))}", soft_wrap=True)
             raise typer.Exit(1) from None
+        except (MemoryError, RuntimeError) as e:
+            if DEBUG["on"] or not is_out_of_memory(e):
+                raise
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            stderr_console().print(f"[bold red]error:[/] out of memory ({escape(first)}); "
+                                   "try a smaller --batch-size or --resolution", soft_wrap=True)
+            raise typer.Exit(1) from None
         except KeyboardInterrupt:
             if DEBUG["on"]:
                 raise
@@ -47,6 +56,15 @@ def handle_errors(command: Callable) -> Callable:
             raise typer.Exit(130) from None
 
     return wrapper
+
+
+# How torch says it could not allocate: CUDA/MPS "out of memory", the CPU allocator "can't allocate memory".
+_OOM_MESSAGE = re.compile(r"out of memory|(can't|cannot|could not|failed to) allocate|not enough memory", re.IGNORECASE)
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """Whether `e` is torch (or Python) running out of memory."""
+    return isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError" or bool(_OOM_MESSAGE.search(str(e)))
 
 
 def print_json(record: dict[str, Any]) -> None:

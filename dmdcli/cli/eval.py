@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 import typer
 
 from dmdcli.cli.common import handle_errors, print_json
-from dmdcli.cli.sample import _quiet_diffusers
+from dmdcli.cli.sample import MAX_STEPS, _quiet_diffusers
 from dmdcli.cli.ui import RichUI
 
 HELP = """Score models with FID, KID, patch FID and CLIP score on a prompt/reference set.
@@ -36,10 +36,10 @@ def eval_command(
     model: Annotated[list[str], _opt("Run folder (or one of its checkpoints, RUN/checkpoints/iter-N), `dmd export --format diffusers` folder, or diffusers pipeline (folder or hub id); repeat to compare.", MODEL, "--model", show_default=False)],
     fid: Annotated[Optional[str], _opt("coco30k, coco10k (with --coco-root), a captioned image folder, or shapes (FD-shapes and alignment; the default for models of the built-in shapes teacher).", SET, "--fid", show_default=False)] = None,
     coco_root: Annotated[Optional[Path], _opt("COCO-2014 folder holding val2014/ and annotations/captions_val2014.json.", SET, "--coco-root", show_default=False)] = None,
-    num_samples: Annotated[Optional[int], _opt("Score the first N of the set (default: all of it).", SET, "--num-samples", show_default=False)] = None,
+    num_samples: Annotated[Optional[int], _opt("Score the first N (at least 2) of the set (default: all of it).", SET, "--num-samples", show_default=False)] = None,
     eval_resolution: Annotated[Optional[int], _opt("Side images are cropped and resized to before the feature network (default: 256 coco30k and folders, 512 coco10k).", SET, "--eval-resolution", min=1, show_default=False)] = None,
     seed: Annotated[int, _opt("Base seed: image i of the set uses SEED + i.", MODEL, "--seed", min=0)] = 0,
-    steps: Annotated[Optional[int], _opt("Sampling steps of every model (default: the student's; a pipeline's own default).", MODEL, "--steps", min=1, show_default=False)] = None,
+    steps: Annotated[Optional[int], _opt("Sampling steps of every model (default: the student's; a pipeline's own default).", MODEL, "--steps", min=1, max=MAX_STEPS, show_default=False)] = None,
     guidance_scale: Annotated[Optional[float], _opt("CFG scale of plain pipelines (students sample without CFG).", MODEL, "--guidance-scale", show_default=False)] = None,
     resolution: Annotated[Optional[int], _opt("Square size of the generated images (default: the student's; the pipeline's).", MODEL, "--resolution", min=1, show_default=False)] = None,
     batch_size: Annotated[int, _opt("Images per generation batch (images never depend on it).", MODEL, "--batch-size", min=1)] = 4,

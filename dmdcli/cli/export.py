@@ -27,7 +27,7 @@ def _opt(help: str, *names: str, **kwargs):
 def export(
     model: Annotated[str, _opt("Run folder of dmd distill (or its student.safetensors, or one of its checkpoints, RUN/checkpoints/iter-N).", "--model", show_default=False)],
     fmt: Annotated[str, _opt("diffusers, lora, kohya or unet.", "--format")] = "diffusers",
-    out: Annotated[Optional[Path], _opt("Where to write (default: MODEL/export/<format>).", "--out", show_default=False)] = None,
+    out: Annotated[Optional[Path], _opt("Where to write (default: MODEL/export/diffusers, a folder; MODEL/export/<format>.safetensors for lora, kohya and unet).", "--out", show_default=False)] = None,
     dtype: Annotated[str, _opt("Weights' precision: fp32, fp16 or bf16.", "--dtype")] = "fp32",
     allow_pickle: Annotated[bool, _opt("Allow teacher weights stored as pickle files.", "--allow-pickle")] = False,
     overwrite: Annotated[bool, _opt("Replace what is already at --out.", "--overwrite")] = False,

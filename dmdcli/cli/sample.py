@@ -21,6 +21,7 @@ Example: cat prompts.txt | dmd sample --model runs/sdxl4 --prompts - --out image
 
 
 MODEL, WHAT, OUT = "Model", "What to draw", "Outputs"
+MAX_STEPS = 1000  # the noise schedule's 1000 timesteps: more steps would repeat t = 999
 
 
 def _opt(help: str, panel: str, *names: str, **kwargs):
@@ -30,11 +31,11 @@ def _opt(help: str, panel: str, *names: str, **kwargs):
 @handle_errors
 def sample(
     model: Annotated[str, _opt("Run folder (or one of its checkpoints, RUN/checkpoints/iter-N), `dmd export --format diffusers` folder, or diffusers pipeline (folder or hub id).", MODEL, "--model", show_default=False)],
-    prompt: Annotated[Optional[list[str]], _opt("A prompt (repeatable).", WHAT, "--prompt", show_default=False)] = None,
+    prompt: Annotated[Optional[list[str]], _opt('A prompt (repeatable; "" is the empty, unconditional prompt).', WHAT, "--prompt", show_default=False)] = None,
     prompts: Annotated[Optional[str], _opt("Prompts file, one a line (or JSON lines); - reads standard input.", WHAT, "--prompts", show_default=False)] = None,
     num_images_per_prompt: Annotated[int, _opt("Images per prompt.", WHAT, "--num-images-per-prompt", min=1)] = 1,
     seed: Annotated[int, _opt("Base seed: image i of prompt p uses SEED + p·N + i.", WHAT, "--seed", min=0)] = 0,
-    steps: Annotated[Optional[int], _opt("Sampling steps (default: the student's; a pipeline's own default).", WHAT, "--steps", min=1, show_default=False)] = None,
+    steps: Annotated[Optional[int], _opt("Sampling steps (default: the student's; a pipeline's own default).", WHAT, "--steps", min=1, max=MAX_STEPS, show_default=False)] = None,
     guidance_scale: Annotated[Optional[float], _opt("CFG scale, for plain pipelines only (default: the pipeline's).", WHAT, "--guidance-scale", show_default=False)] = None,
     resolution: Annotated[Optional[int], _opt("Square image size in pixels (default: the student's).", WHAT, "--resolution", min=1, show_default=False)] = None,
     height: Annotated[Optional[int], _opt("Image height (overrides --resolution).", WHAT, "--height", min=1, show_default=False)] = None,
@@ -56,7 +57,7 @@ def sample(
 
     ui = RichUI(quiet=quiet)
     _quiet_diffusers()
-    texts = [p for p in (prompt or []) if p.strip()] + (read_prompts(prompts) if prompts else [])
+    texts = list(prompt or []) + (read_prompts(prompts) if prompts else [])  # --prompt "" is the unconditional prompt
     if not texts:
         raise UsageError("no prompts: give --prompt TEXT (repeatable) or --prompts FILE (- for standard input)")
     source = find_model(model)

@@ -37,6 +37,8 @@ def _read_text(path: str | Path, name: str) -> str:
     if str(path) == "-":
         return sys.stdin.read().lstrip("\ufeff")
     p = Path(path)
+    if p.is_dir():
+        raise UsageError(f"{name} is a folder, not a prompts file (one prompt a line)")
     if not p.is_file():
         raise UsageError(f"prompts file not found: {name}")
     try:

@@ -106,6 +106,12 @@ class ReferenceSet:
         }
 
 
+def check_num_samples(num_samples: int | None) -> None:
+    """--num-samples of any set: None (all of it) or at least 2 (a Fréchet distance needs two images)."""
+    if num_samples is not None and num_samples < 2:
+        raise UsageError(f"--num-samples must be at least 2 (FID needs two images), got {num_samples}")
+
+
 def load_reference_set(spec: str | Path, *, coco_root: str | Path | None = None, resolution: int | None = None,
                        num_samples: int | None = None) -> ReferenceSet:
     """The set named by `spec` ("coco30k", "coco10k" or a folder path), cut to `num_samples`.
@@ -116,8 +122,7 @@ def load_reference_set(spec: str | Path, *, coco_root: str | Path | None = None,
     """
     if resolution is not None and resolution < 1:
         raise UsageError(f"--resolution must be positive, got {resolution}")
-    if num_samples is not None and num_samples < 2:
-        raise UsageError(f"--num-samples must be at least 2 (FID needs two images), got {num_samples}")
+    check_num_samples(num_samples)
     spec = str(spec)
     if spec in COCO_PROTOCOLS:
         if coco_root is None:
@@ -231,13 +236,18 @@ def _file_names(annotations: dict, source: Path | str) -> dict[int, str]:
 def folder_set(root: str | Path, *, resolution: int = FOLDER_RESOLUTION, num_samples: int | None = None) -> ReferenceSet:
     """A captioned image folder (``.txt`` beside each image or ``metadata.jsonl``), sorted by
     relative path, cut to its first `num_samples` images."""
-    scan = scan_image_folder(root)  # UsageError when missing, DmdError when it holds no captioned images
+    try:
+        scan = scan_image_folder(root)
+    except UsageError:
+        raise
+    except DmdError as e:  # no captioned images: as much the command line's mistake as a missing folder
+        raise UsageError(str(e)) from None
     total = len(scan.items)
     if num_samples is not None and num_samples > total:
         raise UsageError(f"--num-samples {num_samples} is more than the {total} captioned images in {scan.root}")
     items = scan.items[:num_samples] if num_samples is not None else list(scan.items)
     if len(items) < 2:
-        raise DmdError(f"{scan.root} holds {len(items)} captioned image; FID needs at least 2")
+        raise UsageError(f"{scan.root} holds {len(items)} captioned image; FID needs at least 2")
     selection = f"captioned images sorted by relative path; first {len(items)} of {total}"
     if scan.skipped:
         selection += f" ({len(scan.skipped)} files skipped: no caption or unreadable)"

@@ -39,7 +39,7 @@ from dmdcli.files import atomic_write
 from dmdcli.eval.cache import StatsCache
 from dmdcli.eval.features import FeatureExtractor, load_extractor
 from dmdcli.eval.metrics import ClipScorer
-from dmdcli.eval.protocol import COCO_PROTOCOLS, ReferenceSet, load_reference_set
+from dmdcli.eval.protocol import COCO_PROTOCOLS, ReferenceSet, check_num_samples, load_reference_set
 from dmdcli.eval.report import Progress, score, write_report
 from dmdcli.models.student import ImageSampler, ModelSource
 from dmdcli.sample import Job, check_free, plan, run, slug
@@ -112,7 +112,9 @@ BENCHMARKS: dict[str, Union[str, Callable[[EvalOptions], Benchmark]]] = {"shapes
 
 def open_benchmark(spec: str, options: EvalOptions) -> Benchmark:
     """The benchmark --fid names: a registered one, a COCO protocol, or a captioned folder.
-    Raises UsageError for a missing folder or --coco-root (nothing is loaded or written)."""
+    Raises UsageError for a missing folder or --coco-root, or --num-samples below 2, for every
+    set (nothing is loaded or written)."""
+    check_num_samples(options.num_samples)
     factory = BENCHMARKS.get(spec)
     if isinstance(factory, str):
         module, _, name = factory.partition(":")

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -93,10 +94,12 @@ class ModelSource:
         spec = self.spec()
         default = int(self.info.get("resolution") or spec.native_resolution)
         height, width = height or default, width or default
+        # The UNet halves the latent until it is `multiple` times smaller than the image; below
+        # 2×2 there, its group norms have a single value to normalize (a tiny UNet fails outright).
         multiple = spec.vae_scale_factor * spec.unet_downsample
         for what, value in (("height", height), ("width", width)):
-            if value <= 0 or value % multiple:
-                raise UsageError(f"image {what} {value} must be a positive multiple of {multiple} for this model")
+            if value < 2 * multiple or value % multiple:
+                raise UsageError(f"image {what} {value} must be a multiple of {multiple} and at least {2 * multiple} for this model")
         return height, width
 
 
@@ -120,8 +123,8 @@ def find_model(name: str) -> ModelSource:
             raise DmdError(f"{name} holds no student yet: dmd distill writes {rundir.STUDENT_FILE} when the run ends")
         raise UsageError(f"{name} is neither a dmd run folder nor a diffusers pipeline folder")
     source = resolve_teacher(name)
-    if name.startswith((".", "/", "~")) or name.count("/") > 1:
-        raise UsageError(f"model not found: {name}")
+    if name.startswith((".", "/", "~")) or name.count("/") > 1 or (len(path.parts) > 1 and Path(path.parts[0]).is_dir()):
+        raise UsageError(f"model not found: {name}")  # a path (runs/typo: runs/ is a folder here), not a hub id
     return ModelSource("pipeline", name, source)
 
 
@@ -293,6 +296,7 @@ class PipelineSampler:
             self.pipe = DiffusionPipeline.from_pretrained(source.path, use_safetensors=None if allow_pickle else True)
         except Exception as e:  # missing files, offline hub, pickle-only weights, unknown class...
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            first = re.sub(r"\s*(Please )?check out the root cause in the stacktrace above\.?", "", first, flags=re.IGNORECASE)
             where = "" if Path(source.path).expanduser().exists() else " (no such local folder; tried it as a hub id)"
             raise DmdError(f"could not load pipeline {source.path}{where}: {first}") from e
         self.pipe.to(device, dtype)

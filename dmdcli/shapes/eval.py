@@ -24,7 +24,7 @@ class ShapesBenchmark:
     label = "shapes"
 
     def __init__(self, options):
-        self.num_samples = options.num_samples or DEFAULT_SAMPLES
+        self.num_samples = DEFAULT_SAMPLES if options.num_samples is None else options.num_samples
         self.scenes = world.scenes(EVAL_SEED, self.num_samples)
         self.prompts = [world.caption(s) for s in self.scenes]
         self.net = None
