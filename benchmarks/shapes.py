@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import time
@@ -162,6 +163,28 @@ def main(argv: list[str] | None = None) -> int:
 
 def slug(name: str) -> str:
     return name.replace(" ", "-").replace("(", "").replace(")", "")
+
+
+# -- shared by shapes_seeds.py and shapes_checkpoints.py: variants of the recipe, one row each --
+
+
+def parse_variants(parser: argparse.ArgumentParser, given: list[str]) -> dict[str, str]:
+    """`--variant NAME=OPTIONS` values → {name: the `dmd distill` options it adds}."""
+    if any("=" not in v for v in given):
+        parser.error("--variant takes NAME=OPTIONS, e.g. \"lr 5e-5=--lr 5e-5\" (NAME= for the recipe as it is)")
+    return dict(v.split("=", 1) for v in given)
+
+
+def spread_table(scores: dict[str, list[dict]], columns: list[str]) -> str:
+    """A Markdown row per variant: FD-shapes / alignment per column, then their mean and range."""
+    lines = ["| variant | " + " | ".join(columns) + " | mean | range |",
+             "| --- | " + " | ".join("---:" for _ in columns) + " | ---: | ---: |"]
+    for name, rows in scores.items():
+        fd, align = [r["fd_shapes"] for r in rows], [100 * r["alignment"] for r in rows]
+        cells = [f"{f:.2f} / {a:.1f}%" for f, a in zip(fd, align)]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {statistics.mean(fd):.2f} / {statistics.mean(align):.1f}% | "
+                     f"{min(fd):.2f}–{max(fd):.2f} / {min(align):.1f}–{max(align):.1f}% |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -17,11 +17,10 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
-import statistics
 import sys
 from pathlib import Path
 
-from shapes import run, slug
+from shapes import parse_variants, run, slug, spread_table
 
 
 def checkpoint(run_folder: Path, iteration: int) -> Path:
@@ -48,9 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", type=Path, default=Path("runs/checkpoints"))
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/shapes-checkpoints"))
     args = p.parse_args(argv)
-    if any("=" not in v for v in args.variant):
-        p.error("--variant takes NAME=OPTIONS, e.g. \"diffusion GAN=--diffusion-gan\"")
-    variants = dict(v.split("=", 1) for v in args.variant)
+    variants = parse_variants(p, args.variant)
     iterations = list(range(args.every, args.iterations + 1, args.every))
 
     scores: dict[str, list[dict]] = {}
@@ -62,14 +59,8 @@ def main(argv: list[str] | None = None) -> int:
                  "--out", str(folder), "--overwrite", "--json", "--quiet"])
         scores[name] = [score(folder, i, args.num_samples) for i in iterations]
 
-    lines = ["| variant | " + " | ".join(f"{i} its" for i in iterations) + " | mean | range |",
-             "| --- | " + " | ".join("---:" for _ in iterations) + " | ---: | ---: |"]
-    for name, rows in scores.items():
-        fd, align = [r["fd_shapes"] for r in rows], [100 * r["alignment"] for r in rows]
-        cells = [f"{f:.2f} / {a:.1f}%" for f, a in zip(fd, align)]
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {statistics.mean(fd):.2f} / {statistics.mean(align):.1f}% | "
-                     f"{min(fd):.2f}–{max(fd):.2f} |")
-    text = f"FD-shapes / alignment of each checkpoint, {args.num_samples} prompts, training seed 0\n\n" + "\n".join(lines)
+    table = spread_table(scores, [f"{i} its" for i in iterations])
+    text = f"FD-shapes / alignment of each checkpoint, {args.num_samples} prompts, training seed 0\n\n{table}"
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "table.md").write_text(text + "\n")

@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import argparse
 import shlex
-import statistics
 import sys
 from pathlib import Path
 
-from shapes import evaluate, run, slug
+from shapes import evaluate, parse_variants, run, slug, spread_table
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,9 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", type=Path, default=Path("runs/seeds"))
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/shapes-seeds"))
     args = p.parse_args(argv)
-    if any("=" not in v for v in args.variant):
-        p.error("--variant takes NAME=OPTIONS, e.g. \"lr 5e-5=--lr 5e-5\"")
-    variants = dict(v.split("=", 1) for v in args.variant)
+    variants = parse_variants(p, args.variant)
     seeds = [int(s) for s in args.seeds.split(",")]
 
     scores: dict[str, list[dict]] = {}
@@ -46,14 +43,8 @@ def main(argv: list[str] | None = None) -> int:
                      "--out", str(student), "--overwrite", "--json", "--quiet"])
             scores.setdefault(name, []).append(evaluate(str(student), args.out / label, args.num_samples, None, None))
 
-    lines = ["| variant | " + " | ".join(f"seed {s}" for s in seeds) + " | mean | range |",
-             "| --- | " + " | ".join("---:" for _ in seeds) + " | ---: | ---: |"]
-    for name, rows in scores.items():
-        fd, align = [r["fd_shapes"] for r in rows], [100 * r["alignment"] for r in rows]
-        cells = [f"{f:.2f} / {a:.1f}%" for f, a in zip(fd, align)]
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {statistics.mean(fd):.2f} / {statistics.mean(align):.1f}% | "
-                     f"{min(fd):.2f}–{max(fd):.2f} / {min(align):.1f}–{max(align):.1f}% |")
-    text = f"FD-shapes / alignment, {args.num_samples} prompts, one student per cell\n\n" + "\n".join(lines)
+    table = spread_table(scores, [f"seed {s}" for s in seeds])
+    text = f"FD-shapes / alignment, {args.num_samples} prompts, one student per cell\n\n{table}"
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "table.md").write_text(text + "\n")
