@@ -175,6 +175,15 @@ def parse_variants(parser: argparse.ArgumentParser, given: list[str]) -> dict[st
     return dict(v.split("=", 1) for v in given)
 
 
+def publish_spread(scores: dict[str, list[dict]], columns: list[str], title: str, out: Path) -> int:
+    """Print the spread table under `title` and keep it as OUT/table.md."""
+    text = f"{title}\n\n{spread_table(scores, columns)}"
+    print(text)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "table.md").write_text(text + "\n")
+    return 0
+
+
 def spread_table(scores: dict[str, list[dict]], columns: list[str]) -> str:
     """A Markdown row per variant: FD-shapes / alignment per column, then their mean and range."""
     lines = ["| variant | " + " | ".join(columns) + " | mean | range |",

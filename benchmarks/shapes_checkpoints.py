@@ -20,7 +20,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from shapes import parse_variants, run, slug, spread_table
+from shapes import parse_variants, publish_spread, run, slug
 
 
 def checkpoint(run_folder: Path, iteration: int) -> Path:
@@ -59,12 +59,8 @@ def main(argv: list[str] | None = None) -> int:
                  "--out", str(folder), "--overwrite", "--json", "--quiet"])
         scores[name] = [score(folder, i, args.num_samples) for i in iterations]
 
-    table = spread_table(scores, [f"{i} its" for i in iterations])
-    text = f"FD-shapes / alignment of each checkpoint, {args.num_samples} prompts, training seed 0\n\n{table}"
-    print(text)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "table.md").write_text(text + "\n")
-    return 0
+    title = f"FD-shapes / alignment of each checkpoint, {args.num_samples} prompts, training seed 0"
+    return publish_spread(scores, [f"{i} its" for i in iterations], title, args.out)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from shapes import evaluate, parse_variants, run, slug, spread_table
+from shapes import evaluate, parse_variants, publish_spread, run, slug
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,12 +43,8 @@ def main(argv: list[str] | None = None) -> int:
                      "--out", str(student), "--overwrite", "--json", "--quiet"])
             scores.setdefault(name, []).append(evaluate(str(student), args.out / label, args.num_samples, None, None))
 
-    table = spread_table(scores, [f"seed {s}" for s in seeds])
-    text = f"FD-shapes / alignment, {args.num_samples} prompts, one student per cell\n\n{table}"
-    print(text)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "table.md").write_text(text + "\n")
-    return 0
+    title = f"FD-shapes / alignment, {args.num_samples} prompts, one student per cell"
+    return publish_spread(scores, [f"seed {s}" for s in seeds], title, args.out)
 
 
 if __name__ == "__main__":
