@@ -231,7 +231,7 @@ def test_broken_teacher_weights(tmp_path, tiny_sd, prompts_file, how, message):
     [
         ("empty-prompts", [], 2, "holds no prompts"),
         ("no-images", [], 1, "no images with captions"),
-        (None, ["--resolution", "30"], 2, "--resolution 30 must be a positive multiple of 4"),
+        (None, ["--resolution", "30"], 2, "--resolution 30 must be a multiple of 4 and at least 8"),
         (None, ["--iterations", "0"], 2, "--iterations must be at least 1"),
         (None, ["--guidance-scale", "0.5"], 2, "--guidance-scale must be"),
         (None, ["--data", "/no/such/folder"], 2, "image folder not found"),

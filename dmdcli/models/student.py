@@ -94,12 +94,8 @@ class ModelSource:
         spec = self.spec()
         default = int(self.info.get("resolution") or spec.native_resolution)
         height, width = height or default, width or default
-        # The UNet halves the latent until it is `multiple` times smaller than the image; below
-        # 2×2 there, its group norms have a single value to normalize (a tiny UNet fails outright).
-        multiple = spec.vae_scale_factor * spec.unet_downsample
         for what, value in (("height", height), ("width", width)):
-            if value < 2 * multiple or value % multiple:
-                raise UsageError(f"image {what} {value} must be a multiple of {multiple} and at least {2 * multiple} for this model")
+            spec.check_resolution(value, f"image {what}")
         return height, width
 
 

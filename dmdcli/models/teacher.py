@@ -85,10 +85,13 @@ class TeacherSpec:
     def schedule(self) -> NoiseSchedule:
         return NoiseSchedule.from_scheduler_config(self.scheduler_config)
 
-    def check_resolution(self, resolution: int) -> None:
+    def check_resolution(self, resolution: int, what: str = "--resolution") -> None:
+        """A side must be a multiple of what the VAE and the UNet divide it by, and at least twice
+        that: below a 2×2 latent at the UNet's bottom its group norms see a single value (a tiny
+        UNet fails outright)."""
         multiple = self.vae_scale_factor * self.unet_downsample
-        if resolution <= 0 or resolution % multiple:
-            raise UsageError(f"--resolution {resolution} must be a positive multiple of {multiple} for this teacher")
+        if resolution < 2 * multiple or resolution % multiple:
+            raise UsageError(f"{what} {resolution} must be a multiple of {multiple} and at least {2 * multiple} for this model")
 
 
 def inspect_teacher(name: str) -> TeacherSpec:
