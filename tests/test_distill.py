@@ -203,13 +203,15 @@ def test_out_must_be_a_run_or_a_new_folder(tmp_path, tiny_sd, prompts_file):
     # --overwrite replaces a run with everything made from its student (exports, evaluations).
     run = tmp_path / "run"
     assert runner.invoke(app, [*args, "--out", str(run)]).exit_code == 0
-    for old in (run / "export" / "unet.safetensors", run / "eval-shapes-2000.json", run / "eval-shapes-2000" / "0.png"):
+    for old in (run / "export" / "unet.safetensors", run / "eval-shapes-2000.json", run / "eval-shapes-2000" / "0.png",
+                run / "eval-shapes-2000-grid.png"):
         old.parent.mkdir(parents=True, exist_ok=True)
         old.write_text("from the old student")
     (run / "notes.md").write_text("mine")
+    (run / "eval-notes.txt").write_text("mine too")
     assert runner.invoke(app, [*args, "--out", str(run), "--overwrite"]).exit_code == 0
-    assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "config.toml", "metrics.jsonl", "notes.md", "samples",
-                                                     "student.safetensors"]
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "config.toml", "eval-notes.txt", "metrics.jsonl", "notes.md",
+                                                     "samples", "student.safetensors"]
 
 
 def test_a_run_made_with_relative_paths_works_from_anywhere(tmp_path, tiny_sd, prompts_file, monkeypatch):

@@ -67,7 +67,6 @@ RUN_FILES = (rundir.CONFIG_FILE, rundir.STUDENT_FILE, rundir.METRICS_FILE)
 # What the run and the commands run on its student write there; --overwrite clears all of it,
 # so no export or evaluation of the old student is left beside the new one.
 RUN_FOLDERS = (rundir.SAMPLES_DIR, CHECKPOINTS_DIR, "export")
-RUN_GLOBS = ("eval-*",)
 
 
 def check_run_folder(out: Path, overwrite: bool) -> None:
@@ -87,7 +86,9 @@ def create_run_folder(out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     for f in RUN_FILES:
         (out / f).unlink(missing_ok=True)
-    old = [out / name for name in RUN_FOLDERS] + [p for pattern in RUN_GLOBS for p in out.glob(pattern)]
+    old = [out / name for name in RUN_FOLDERS]
+    for report in out.glob("eval-*.json"):  # `dmd eval`'s report, its grid and its images
+        old += [report, report.with_name(f"{report.stem}-grid.png"), report.with_suffix("")]
     for path in old:
         if path.is_dir():
             shutil.rmtree(path, ignore_errors=True)
