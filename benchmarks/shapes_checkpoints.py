@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
                  "--out", str(folder), "--overwrite", "--json", "--quiet"])
         scores[name] = [score(folder, i, args.num_samples) for i in iterations]
 
-    title = f"FD-shapes / alignment of each checkpoint, {args.num_samples} prompts, training seed 0"
+    title = f"FD-shapes / alignment of each checkpoint, {args.num_samples} prompts, training seed 0 unless the variant sets one"
     return publish_spread(scores, [f"{i} its" for i in iterations], title, args.out)
 
 
