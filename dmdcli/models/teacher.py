@@ -41,8 +41,15 @@ def resolve_teacher(name: str) -> str:
         return str(teacher_path())
     if name in TEACHER_ALIASES:
         return TEACHER_ALIASES[name]
+    return local_teacher_folder(name) or name
+
+
+def local_teacher_folder(name: str) -> str | None:
+    """The absolute path of `name` when it names an existing local folder rather than an alias."""
+    if name == "shapes" or name in TEACHER_ALIASES:
+        return None
     local = Path(name).expanduser()
-    return str(local.resolve()) if local.is_dir() else name
+    return str(local.resolve()) if local.is_dir() else None
 
 
 def _looks_like_path(name: str) -> bool:

@@ -221,23 +221,22 @@ FIELD_TYPES = _field_types()
 _TYPE_WORDS = {int: "a whole number", float: "a number", bool: "true or false", str: "a string"}
 
 # Local paths a run reads again on --resume or that its student records: kept absolute, so a run
-# folder works from any working directory. (A teacher only when it is an existing folder: it may
-# be a hub id or an alias; `--data shapes` and `--prompts -` are names, not paths.)
-PATH_KEYS = ("teacher", "prompts", "data", "pairs_dir")
+# folder works from any working directory. (The teacher too when it is an existing folder, as
+# resolve_teacher makes it; `--data shapes` and `--prompts -` are names, not paths.)
+PATH_KEYS = ("prompts", "data", "pairs_dir")
 NOT_PATHS = {"data": {"shapes"}, "prompts": {"-"}}
 
 
 def absolute_paths(values: dict[str, Any]) -> dict[str, Any]:
-    from dmdcli.models.teacher import TEACHER_ALIASES
+    from dmdcli.models.teacher import local_teacher_folder
 
-    values, aliases = dict(values), {**NOT_PATHS, "teacher": {"shapes", *TEACHER_ALIASES}}
+    values = dict(values)
+    if isinstance(values.get("teacher"), str):
+        values["teacher"] = local_teacher_folder(values["teacher"]) or values["teacher"]
     for key in PATH_KEYS:
         value = values.get(key)
-        if not isinstance(value, str) or value in aliases.get(key, ()):
-            continue
-        path = Path(value).expanduser()
-        if key != "teacher" or path.is_dir():
-            values[key] = str(path.resolve())
+        if isinstance(value, str) and value not in NOT_PATHS.get(key, ()):
+            values[key] = str(Path(value).expanduser().resolve())
     return values
 
 
