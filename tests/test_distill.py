@@ -12,6 +12,7 @@ from dmdcli.cli import app
 from dmdcli.models.teacher import inspect_teacher
 from dmdcli.train.config import resolve_config
 from dmdcli.train.distill import Distillation, SilentUI
+from dmdcli.train.optim import lr_factor
 from dmdcli.train.rundir import read_student_info
 
 runner = CliRunner()
@@ -155,6 +156,24 @@ def test_a_recipe_can_hold_values_for_one_step_count(tmp_path):
     assert result.exit_code == 2 and "tables named by a step count" in result.stderr, result.stderr
 
 
+def test_lr_schedules_warm_up_then_hold_or_decay_to_zero():
+    warmup, updates = 4, 20
+    for shape in ("constant", "cosine", "linear"):
+        ramp = [lr_factor(n, warmup, updates, shape) for n in range(warmup)]
+        assert ramp == [0.25, 0.5, 0.75, 1.0], shape  # the first update already learns
+    after = {shape: [lr_factor(n, warmup, updates, shape) for n in range(warmup, updates)]
+             for shape in ("constant", "cosine", "linear")}
+    assert after["constant"] == [1.0] * (updates - warmup)
+    for shape in ("cosine", "linear"):
+        decay = after[shape]
+        assert decay[0] == 1.0 and all(a > b for a, b in zip(decay, decay[1:])) and 0 < decay[-1] < 0.1, shape
+        assert lr_factor(updates, warmup, updates, shape) == pytest.approx(0.0, abs=1e-12)  # reaches 0 just after the run
+    half = warmup + (updates - warmup) // 2
+    assert lr_factor(half, warmup, updates, "cosine") == pytest.approx(0.5)
+    assert lr_factor(half, warmup, updates, "linear") == pytest.approx(0.5)
+    assert lr_factor(updates + 5, warmup, updates, "cosine") == pytest.approx(0.0, abs=1e-12)  # a shortened run stays at 0
+
+
 @pytest.mark.parametrize(
     "args,message",
     [
@@ -164,6 +183,7 @@ def test_a_recipe_can_hold_values_for_one_step_count(tmp_path):
         (["--prompts", "p.txt"], "--prompts/--data without --teacher"),  # a forgotten --teacher, not the shapes teacher
         (["--teacher", "sdxl"], "no prompts"),
         (["--recipe", "no-such-recipe"], "unknown recipe"),
+        (["--teacher", "sdxl", "--prompts", "p.txt", "--lr-schedule", "step"], "--lr-schedule must be one of constant, cosine, linear"),
     ],
 )
 def test_usage_errors_are_one_line_with_exit_code_2(args, message):

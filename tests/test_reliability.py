@@ -115,26 +115,58 @@ def test_sigkill_during_a_checkpoint_resumes_from_the_previous_one(tmp_path, tin
     assert_same_tensors(load_file(whole / "student.safetensors"), load_file(out / "student.safetensors"))
 
 
-def test_sigint_checkpoints_and_exits_130(tmp_path, tiny_sd, prompts_file, monkeypatch):
+def interrupt_at(monkeypatch, iteration):
+    """Press Ctrl-C during `iteration` (from 1); undo() puts the real objective back."""
     real = DMD2.fake_score_losses
     calls = {"n": 0}
 
-    def interrupt_on_third(self, *args, **kwargs):
+    def interrupting(self, *args, **kwargs):
         calls["n"] += 1
-        if calls["n"] == 3:
+        if calls["n"] == iteration:
             os.kill(os.getpid(), signal.SIGINT)  # as Ctrl-C: handled between iterations
         return real(self, *args, **kwargs)
 
-    monkeypatch.setattr(DMD2, "fake_score_losses", interrupt_on_third)
+    monkeypatch.setattr(DMD2, "fake_score_losses", interrupting)
+    return lambda: monkeypatch.setattr(DMD2, "fake_score_losses", real)
+
+
+def test_sigint_checkpoints_and_exits_130(tmp_path, tiny_sd, prompts_file, monkeypatch):
+    undo = interrupt_at(monkeypatch, 3)
     out = tmp_path / "run"
     result = distill("--teacher", tiny_sd, "--prompts", prompts_file, "--iterations", 10, "--out", out)
     assert result.exit_code == 130, result.stderr
     assert "interrupted at iteration 3" in result.stderr and "--resume" in result.stderr
     assert [p.name for p in complete_checkpoints(out)] == ["iter-000003"]
     assert (out / "student.safetensors").is_file()
-    monkeypatch.setattr(DMD2, "fake_score_losses", real)
+    undo()
     assert runner.invoke(app, ["distill", "--out", str(out), "--resume", "--quiet"]).exit_code == 0
     assert complete_checkpoints(out)[-1].name == "iter-000010"
+
+
+def logged(out, key):
+    return [row[key] for row in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if key in row]
+
+
+def test_a_decaying_lr_is_resumed_exactly_and_says_when_its_span_changes(tmp_path, tiny_sd, prompts_file, monkeypatch):
+    common = ["--teacher", tiny_sd, "--prompts", prompts_file, "--iterations", 10, "--fake-updates-per-gen", 2,
+              "--warmup-steps", 2, "--lr-schedule", "cosine"]
+    whole, part = tmp_path / "whole", tmp_path / "part"
+    assert distill(*common, "--out", whole).exit_code == 0
+    lr_fake, lr_generator = logged(whole, "lr_fake"), logged(whole, "lr_generator")
+    assert len(lr_fake) == 10 and max(lr_fake) == lr_fake[1] and lr_fake[-1] < 0.01 * lr_fake[1]  # warm-up, then decay
+    assert lr_generator[-1] < 0.1 * max(lr_generator)  # its 5 updates decay over the same run
+
+    undo = interrupt_at(monkeypatch, 4)
+    assert distill(*common, "--out", part).exit_code == 130
+    undo()
+    resumed = runner.invoke(app, ["distill", "--out", str(part), "--resume"])
+    assert resumed.exit_code == 0, resumed.stderr
+    assert "LR decay" not in resumed.stderr
+    assert_same_tensors(checkpoint_tensors(whole), checkpoint_tensors(part), skip=())
+
+    longer = runner.invoke(app, ["distill", "--out", str(part), "--resume", "--iterations", "12"])
+    assert longer.exit_code == 0, longer.stderr
+    assert "cosine LR decay now spans 12 iterations instead of 10" in longer.stderr
 
 
 def nan_at(monkeypatch, iteration):

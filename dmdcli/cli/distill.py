@@ -75,6 +75,7 @@ def distill(
     lr: Annotated[Optional[float], _opt("Generator learning rate (default 1e-5).", OPT, "--lr")] = None,
     fake_lr: Annotated[Optional[float], _opt("Fake score learning rate (default: --lr).", OPT, "--fake-lr")] = None,
     warmup_steps: Annotated[Optional[int], _opt("Linear LR warm-up updates (default 500).", OPT, "--warmup-steps")] = None,
+    lr_schedule: Annotated[Optional[str], _opt("After the warm-up: constant (default, the reference) | cosine | linear, which decay to 0 at the last iteration.", OPT, "--lr-schedule")] = None,
     max_grad_norm: Annotated[Optional[float], _opt("Gradient clipping norm (default 10).", OPT, "--max-grad-norm")] = None,
     mixed_precision: Annotated[Optional[str], _opt("bf16 | no | auto (bf16 on CUDA, fp32 on CPU).", OPT, "--mixed-precision")] = None,
     gradient_checkpointing: Annotated[Optional[bool], _opt("Recompute activations to save memory.", OPT, "--gradient-checkpointing/--no-gradient-checkpointing")] = None,

@@ -101,6 +101,8 @@ class DistillConfig:
     fake_lr: float | None = None
     """Fake score + classifier learning rate (None: same as lr)."""
     warmup_steps: int = 500
+    lr_schedule: str = "constant"
+    """After the warm-up: constant (the reference) | cosine | linear (decay to 0 at the last iteration)."""
     weight_decay: float = 0.01
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
@@ -274,6 +276,7 @@ def validate(c: DistillConfig) -> None:
     need(c.fake_updates_per_gen >= 1, f"--fake-updates-per-gen must be at least 1 (got {c.fake_updates_per_gen})")
     need(c.lora_rank >= 0, f"--lora-rank must be 0 (full fine-tune) or positive (got {c.lora_rank})")
     need(c.lr > 0 and (c.fake_lr is None or c.fake_lr > 0), "learning rates must be positive")
+    need(c.lr_schedule in LR_SCHEDULES, f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)} (got {c.lr_schedule!r})")
     need(c.guidance_scale >= 1.0, f"--guidance-scale must be ≥ 1 (got {c.guidance_scale})")
     need(0.0 <= c.min_timestep_frac < c.max_timestep_frac <= 1.0, "need 0 ≤ min_timestep_frac < max_timestep_frac ≤ 1")
     need(c.mixed_precision in ("auto", "bf16", "no"), f"--mixed-precision must be bf16, no or auto (got {c.mixed_precision})")
@@ -301,6 +304,7 @@ def validate(c: DistillConfig) -> None:
 
 
 METHODS = ("dmd2", "dmd", "progressive")
+LR_SCHEDULES = ("constant", "cosine", "linear")
 # DMD v1 (arXiv 2311.18828): the fake score is updated once per generator update, and the
 # regression loss (λ = 0.25) replaces DMD2's two time-scale rule and GAN as the stabilizer.
 METHOD_PRESETS = {"dmd": {"fake_updates_per_gen": 1, "regression_weight": 0.25}}

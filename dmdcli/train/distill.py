@@ -303,6 +303,10 @@ class Distillation:
         if conflicts:
             details = ", ".join(f"{k} {state['config'].get(k)!r} → {getattr(self.config, k)!r}" for k in conflicts)
             raise UsageError(f"--resume with a configuration that contradicts the checkpoint {found.name}: {details}")
+        planned = state["config"].get("iterations")
+        if self.config.lr_schedule != "constant" and planned != self.config.iterations:
+            self.ui.message(f"the {self.config.lr_schedule} LR decay now spans {self.config.iterations} iterations instead of "
+                            f"{planned}: the LR goes up from where the run stopped and decays again")
         return found
 
     def _build_networks(self, device: torch.device, frozen_dtype: torch.dtype) -> None:

@@ -14,6 +14,7 @@ from dmdcli.core.gan_head import ClassifierHead
 from dmdcli.core.schedule import NoiseSchedule
 from dmdcli.models.lora import FAKE_SCORE_ADAPTER, add_generator_lora, share_weights
 from dmdcli.models.unet import UNetDenoiser
+from dmdcli.train.optim import adamw, lr_scheduler
 from dmdcli.train.step import DMD2Step
 
 
@@ -112,18 +113,9 @@ def _shard_networks(nets: Networks, options, device: torch.device) -> Networks:
     return replace(nets, generator_params=trainable(nets.generator_unet), fake_params=trainable(nets.fake_modules), sharded=True)
 
 
-def _warmup(optimizer: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warm-up to the base LR over `steps` updates, then constant (the reference's schedule)."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda n: min(1.0, (n + 1) / max(1, steps)))
-
-
-def _adamw(params, lr: float, config) -> torch.optim.AdamW:
-    return torch.optim.AdamW(params, lr=lr, betas=(config.adam_beta1, config.adam_beta2), weight_decay=config.weight_decay)
-
-
 def build_step(nets: Networks, schedule: NoiseSchedule, config, timesteps: list[int], accelerator, any_process=None,
                regression_distance=None) -> DMD2Step:
-    """The DMD2 objective and its two AdamW optimizers (warm-up, clipping) over `nets`.
+    """The DMD2 objective and its two AdamW optimizers (warm-up, LR schedule, clipping) over `nets`.
 
     Under several processes each phase module is wrapped by accelerate (DDP), which averages
     the gradients, unless the networks are sharded (FSDP reduces their gradients itself);
@@ -135,10 +127,11 @@ def build_step(nets: Networks, schedule: NoiseSchedule, config, timesteps: list[
         # The run's options carry the objective's settings under the same names.
         DMD2Config(**{f.name: getattr(c, f.name) for f in fields(DMD2Config)}),
     )
-    opt_g, opt_f = _adamw(nets.generator_params, c.lr, c), _adamw(nets.fake_params, c.fake_lr or c.lr, c)
+    opt_g, opt_f = adamw(nets.generator_params, c.lr, c), adamw(nets.fake_params, c.fake_lr or c.lr, c)
+    generator_updates = -(-c.iterations // c.fake_updates_per_gen)  # on iterations 0, TTUR, 2·TTUR, …
     return DMD2Step(
         dmd2, UNetDenoiser(nets.generator_unet), timesteps, nets.generator_params, nets.fake_params, opt_g, opt_f,
-        generator_lr_scheduler=_warmup(opt_g, c.warmup_steps), fake_lr_scheduler=_warmup(opt_f, c.warmup_steps),
+        generator_lr_scheduler=lr_scheduler(opt_g, c, generator_updates), fake_lr_scheduler=lr_scheduler(opt_f, c, c.iterations),
         fake_updates_per_gen=c.fake_updates_per_gen, max_grad_norm=c.max_grad_norm, seed=c.seed,
         skip_nonfinite=c.skip_nonfinite, backward=accelerator.backward, autocast=accelerator.autocast,
         wrap=accelerator.prepare_model if accelerator.num_processes > 1 and not nets.sharded else None, any_process=any_process,

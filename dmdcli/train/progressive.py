@@ -39,6 +39,7 @@ from dmdcli.train import rundir
 from dmdcli.train.config import DistillConfig, write_config
 from dmdcli.train.distill import UI, Data, check_run_folder, create_run_folder, default_out
 from dmdcli.train.grids import SampleGrid
+from dmdcli.train.optim import adamw, lr_scheduler
 
 ROUNDS_DIR = "rounds"
 
@@ -132,8 +133,8 @@ class ProgressiveDistillation:
         student_unet = copy.deepcopy(teacher_unet).to(self.device, torch.float32).requires_grad_(True).train()
         student = UNetDenoiser(student_unet)
         params = list(student_unet.parameters())
-        optimizer = torch.optim.AdamW(params, lr=c.lr, betas=(c.adam_beta1, c.adam_beta2), weight_decay=c.weight_decay)
-        warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda n: min(1.0, (n + 1) / max(1, c.warmup_steps)))
+        optimizer = adamw(params, c.lr, c)
+        lr_schedule = lr_scheduler(optimizer, c, c.iterations_per_round)  # each round warms up and decays anew
         teacher_ts = ddim_timesteps(2 * steps)
         logs: dict[str, float] = {}
         last, last_done = time.perf_counter(), 0
@@ -163,7 +164,7 @@ class ProgressiveDistillation:
                     raise DmdError(f"non-finite gradient in round {r + 1} at iteration {it + 1}; lower --lr")
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-                warmup.step()
+                lr_schedule.step()
                 logs = {"loss_progressive": loss.item(), "grad_norm_student": float(grad_norm), "lr_student": optimizer.param_groups[0]["lr"]}
                 done = it + 1
                 if done % c.log_every == 0 or done == c.iterations_per_round:
