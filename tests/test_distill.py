@@ -157,21 +157,21 @@ def test_a_recipe_can_hold_values_for_one_step_count(tmp_path):
 
 
 def test_lr_schedules_warm_up_then_hold_or_decay_to_zero():
-    warmup, updates = 4, 20
+    warmup, steps = 4, 20
     for shape in ("constant", "cosine", "linear"):
-        ramp = [lr_factor(n, warmup, updates, shape) for n in range(warmup)]
+        ramp = [lr_factor(n, warmup, steps, shape) for n in range(warmup)]
         assert ramp == [0.25, 0.5, 0.75, 1.0], shape  # the first update already learns
-    after = {shape: [lr_factor(n, warmup, updates, shape) for n in range(warmup, updates)]
+    after = {shape: [lr_factor(n, warmup, steps, shape) for n in range(warmup, steps)]
              for shape in ("constant", "cosine", "linear")}
-    assert after["constant"] == [1.0] * (updates - warmup)
+    assert after["constant"] == [1.0] * (steps - warmup)
     for shape in ("cosine", "linear"):
         decay = after[shape]
         assert decay[0] == 1.0 and all(a > b for a, b in zip(decay, decay[1:])) and 0 < decay[-1] < 0.1, shape
-        assert lr_factor(updates, warmup, updates, shape) == pytest.approx(0.0, abs=1e-12)  # reaches 0 just after the run
-    half = warmup + (updates - warmup) // 2
-    assert lr_factor(half, warmup, updates, "cosine") == pytest.approx(0.5)
-    assert lr_factor(half, warmup, updates, "linear") == pytest.approx(0.5)
-    assert lr_factor(updates + 5, warmup, updates, "cosine") == pytest.approx(0.0, abs=1e-12)  # a shortened run stays at 0
+        assert lr_factor(steps, warmup, steps, shape) == pytest.approx(0.0, abs=1e-12)  # reaches 0 just after the run
+    half = warmup + (steps - warmup) // 2
+    assert lr_factor(half, warmup, steps, "cosine") == pytest.approx(0.5)
+    assert lr_factor(half, warmup, steps, "linear") == pytest.approx(0.5)
+    assert lr_factor(steps + 5, warmup, steps, "cosine") == pytest.approx(0.0, abs=1e-12)  # a shortened run stays at 0
 
 
 @pytest.mark.parametrize(

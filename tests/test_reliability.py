@@ -152,9 +152,11 @@ def test_a_decaying_lr_is_resumed_exactly_and_says_when_its_span_changes(tmp_pat
               "--warmup-steps", 2, "--lr-schedule", "cosine"]
     whole, part = tmp_path / "whole", tmp_path / "part"
     assert distill(*common, "--out", whole).exit_code == 0
-    lr_fake, lr_generator = logged(whole, "lr_fake"), logged(whole, "lr_generator")
+    lr_fake = logged(whole, "lr_fake")
     assert len(lr_fake) == 10 and max(lr_fake) == lr_fake[1] and lr_fake[-1] < 0.01 * lr_fake[1]  # warm-up, then decay
-    assert lr_generator[-1] < 0.1 * max(lr_generator)  # its 5 updates decay over the same run
+    # The generator, updated on every 2nd iteration, follows the same curve: schedules count
+    # iterations (as the reference's), not each optimizer's updates.
+    assert logged(whole, "lr_generator") == lr_fake
 
     undo = interrupt_at(monkeypatch, 4)
     assert distill(*common, "--out", part).exit_code == 130

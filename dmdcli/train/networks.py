@@ -128,10 +128,9 @@ def build_step(nets: Networks, schedule: NoiseSchedule, config, timesteps: list[
         DMD2Config(**{f.name: getattr(c, f.name) for f in fields(DMD2Config)}),
     )
     opt_g, opt_f = adamw(nets.generator_params, c.lr, c), adamw(nets.fake_params, c.fake_lr or c.lr, c)
-    generator_updates = -(-c.iterations // c.fake_updates_per_gen)  # on iterations 0, TTUR, 2·TTUR, …
     return DMD2Step(
         dmd2, UNetDenoiser(nets.generator_unet), timesteps, nets.generator_params, nets.fake_params, opt_g, opt_f,
-        generator_lr_scheduler=lr_scheduler(opt_g, c, generator_updates), fake_lr_scheduler=lr_scheduler(opt_f, c, c.iterations),
+        generator_lr_scheduler=lr_scheduler(opt_g, c, c.iterations), fake_lr_scheduler=lr_scheduler(opt_f, c, c.iterations),
         fake_updates_per_gen=c.fake_updates_per_gen, max_grad_norm=c.max_grad_norm, seed=c.seed,
         skip_nonfinite=c.skip_nonfinite, backward=accelerator.backward, autocast=accelerator.autocast,
         wrap=accelerator.prepare_model if accelerator.num_processes > 1 and not nets.sharded else None, any_process=any_process,

@@ -11,20 +11,20 @@ def adamw(params, lr: float, config) -> torch.optim.AdamW:
     return torch.optim.AdamW(params, lr=lr, betas=(config.adam_beta1, config.adam_beta2), weight_decay=config.weight_decay)
 
 
-def lr_factor(update: int, warmup: int, updates: int, shape: str) -> float:
-    """The LR multiplier of update `update` (from 0) of an optimizer's `updates`.
+def lr_factor(step: int, warmup: int, steps: int, shape: str) -> float:
+    """The LR multiplier at step `step` (from 0) of `steps` (a run's iterations).
 
-    A linear warm-up over `warmup` updates that starts at 1/warmup (diffusers' warm-up starts at
+    A linear warm-up over `warmup` steps that starts at 1/warmup (diffusers' warm-up starts at
     0, which spends the first update on nothing); then `constant`, as the reference, or a
-    `cosine` or `linear` decay from 1 towards 0 at the last update.
+    `cosine` or `linear` decay from 1 towards 0 at the last step.
     """
-    if update < warmup or shape == "constant":
-        return min(1.0, (update + 1) / max(1, warmup))
-    progress = min(1.0, (update - warmup) / max(1, updates - warmup))
+    if step < warmup or shape == "constant":
+        return min(1.0, (step + 1) / max(1, warmup))
+    progress = min(1.0, (step - warmup) / max(1, steps - warmup))
     return 0.5 * (1.0 + math.cos(math.pi * progress)) if shape == "cosine" else 1.0 - progress
 
 
-def lr_scheduler(optimizer: torch.optim.Optimizer, config, updates: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """`config`'s warm-up and --lr-schedule over `updates` updates of `optimizer` (stepped once per update)."""
+def lr_scheduler(optimizer: torch.optim.Optimizer, config, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """`config`'s warm-up and --lr-schedule over `steps` steps (the caller steps it once per iteration)."""
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda n: lr_factor(n, config.warmup_steps, updates, config.lr_schedule))
+        optimizer, lambda n: lr_factor(n, config.warmup_steps, steps, config.lr_schedule))

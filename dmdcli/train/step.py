@@ -171,7 +171,6 @@ class DMD2Step:
         and counts it.
         """
         optimizer = self.generator_optimizer if phase == "generator" else self.fake_optimizer
-        lr_scheduler = self.generator_lr_scheduler if phase == "generator" else self.fake_lr_scheduler
         bad = [f"loss_{name}" for name, v in terms.items() if not torch.isfinite(v.detach()).all()]
         grad_norm = None
         if not self.any_process(bool(bad)):
@@ -192,8 +191,6 @@ class DMD2Step:
             return None
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if lr_scheduler is not None:  # warm-up counts this optimizer's own updates
-            lr_scheduler.step()
         return float(grad_norm)
 
     def __call__(self, batch: Batch, iteration: int) -> dict[str, float]:
@@ -225,6 +222,11 @@ class DMD2Step:
             terms = self.fake_phase(x, batch.cond, batch.x_real, batch.real_cond)
         logs["grad_norm_fake"] = self._update("fake", terms, self.fake_params, iteration)
         logs.update({f"loss_{name}": v.item() for name, v in terms.items()})
+        # Both schedules count iterations, as the reference's (its generator scheduler steps on
+        # every iteration, updated or not): a warm-up of W iterations, not of W generator updates.
+        for lr_scheduler in (self.generator_lr_scheduler, self.fake_lr_scheduler):
+            if lr_scheduler is not None:
+                lr_scheduler.step()
         if self.skipped_updates:
             logs["skipped_updates"] = self.skipped_updates
         return {k: v for k, v in logs.items() if v is not None}
