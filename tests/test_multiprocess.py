@@ -122,6 +122,20 @@ def test_fsdp_in_bf16_gathers_bf16_and_saves_fp32(tmp_path, tiny_sd, prompts_fil
     assert [r["iteration"] for r in losses if "loss_gan_d" in r] == [1, 2]
 
 
+def test_fsdp_starts_from_another_runs_networks(tmp_path, tiny_sd, prompts_file, image_folder):
+    """--init-from under FSDP: process 0 reads the first stage's checkpoint, every process gets its
+    shards; the first stage had no GAN head, so this run's starts fresh."""
+    base = ["distill", "--recipe", "tiny", "--teacher", str(tiny_sd), "--prompts", str(prompts_file), "--teacher-grid-steps", "0",
+            "--sample-every", "0", "--quiet"]
+    assert CliRunner().invoke(app, [*base, "--iterations", "2", "--out", str(tmp_path / "stage1")]).exit_code == 0
+    _torchrun([*base, "--data", str(image_folder), "--iterations", "1", "--lr", "1e-12", "--fsdp",
+               "--init-from", str(tmp_path / "stage1"), "--out", str(tmp_path / "stage2")], 29525)
+    first, second = (load_file(complete_checkpoints(tmp_path / run)[-1] / "tensors.safetensors") for run in ("stage1", "stage2"))
+    names = [k for k in first if k.startswith(("generator.", "fake_score."))]
+    assert names and _max_difference({k: second[k] for k in names}, {k: first[k] for k in names}) < 1e-8
+    assert any(k.startswith("discriminator.") for k in second)
+
+
 def test_fsdp_usage_errors(tmp_path, tiny_sd, prompts_file):
     runner = CliRunner()
     base = ["distill", "--teacher", str(tiny_sd), "--prompts", str(prompts_file), "--out", str(tmp_path / "run"), "--fsdp"]

@@ -343,3 +343,42 @@ def test_a_full_disk_stops_in_one_line_keeps_the_last_checkpoint_and_resumes(tmp
     resumed = runner.invoke(app, ["distill", "--out", str(out), "--resume", "--json", "--quiet"])
     assert resumed.exit_code == 0, resumed.stderr
     assert json.loads(resumed.stdout)["iterations"] == 6
+
+
+def test_a_second_stage_starts_from_the_first_stages_networks(tmp_path, tiny_sd, prompts_file, image_folder):
+    teacher = ["--teacher", tiny_sd, "--prompts", prompts_file]
+    stage1 = tmp_path / "stage1"
+    assert distill(*teacher, "--iterations", 3, "--out", stage1).exit_code == 0  # no --data: no GAN head
+    first = checkpoint_tensors(stage1)
+
+    def stage2(out, *extra):  # an LR so small that one update leaves the weights where they start
+        args = [*teacher, "--data", image_folder, "--iterations", 1, "--lr", "1e-12", "--out", out, *extra]
+        return runner.invoke(app, [a for a in BASE if a != "--quiet"] + list(map(str, args)))
+
+    result = stage2(tmp_path / "stage2", "--init-from", stage1)
+    assert result.exit_code == 0, result.stderr
+    assert f"generator, fake score from {complete_checkpoints(stage1)[-1]}" in result.stderr
+    second = checkpoint_tensors(tmp_path / "stage2")
+    for prefix in ("generator.", "fake_score."):
+        names = [k for k in first if k.startswith(prefix)]
+        assert names and all(torch.allclose(second[k], first[k], atol=1e-8) for k in names), prefix
+    assert any(k.startswith("discriminator.") for k in second)  # the GAN head stage 1 lacked starts fresh
+    assert stage2(tmp_path / "fresh").exit_code == 0
+    fresh = checkpoint_tensors(tmp_path / "fresh")
+    assert not all(torch.allclose(fresh[k], first[k], atol=1e-8) for k in first if k.startswith("generator."))
+
+
+@pytest.mark.parametrize("source,extra,message", [
+    ("nothing", [], "neither a checkpoint (RUN/checkpoints/iter-N) nor a run folder holding one"),
+    ("stage1", ["--lora-rank", "4"], "its networks are not this run's (lora_rank 0 there, 4 here)"),
+    ("stage1", ["--data", "IMAGES", "--resolution", "64"], "its weights do not fit this run's networks"),  # the GAN head's size
+])
+def test_init_from_what_does_not_fit_is_one_line_and_makes_no_run(tmp_path, tiny_sd, prompts_file, image_folder, source, extra, message):
+    teacher = ["--teacher", tiny_sd, "--prompts", prompts_file]
+    stage1 = tmp_path / "stage1"
+    assert distill(*teacher, "--data", image_folder, "--iterations", 1, "--out", stage1).exit_code == 0
+    extra = [str(image_folder) if a == "IMAGES" else a for a in extra]
+    result = distill(*teacher, "--iterations", 1, "--init-from", tmp_path / source, "--out", tmp_path / "stage2", *extra)
+    assert result.exit_code == 2 and message in result.stderr, result.stderr
+    ours = [line for line in result.stderr.splitlines() if line.strip() and not line.startswith(("\r", "Loading weights"))]  # transformers' bar
+    assert len(ours) == 1 and not (tmp_path / "stage2").exists(), result.stderr

@@ -84,6 +84,7 @@ def distill(
     seed: Annotated[Optional[int], _opt("Random seed (default 0).", OPT, "--seed")] = None,
     skip_nonfinite: Annotated[Optional[bool], _opt("Skip and count updates with a non-finite loss or gradient instead of stopping.", OPT, "--skip-nonfinite/--no-skip-nonfinite")] = None,
     out: Annotated[Optional[str], _opt("Run folder (default runs/<teacher>-<steps>step).", OUT, "--out")] = None,
+    init_from: Annotated[Optional[str], _opt("Start the generator, fake score and GAN head from another run (its newest checkpoint) or RUN/checkpoints/iter-N; optimizers and iterations start anew (second stages: sd15-1step after sd15-1step-stage1).", OUT, "--init-from")] = None,
     resume: Annotated[bool, _opt("Continue the run in --out from its newest complete checkpoint (raise --iterations to extend it).", OUT, "--resume")] = False,
     overwrite: Annotated[bool, _opt("Replace a run already in --out.", OUT, "--overwrite")] = False,
     checkpoint_every: Annotated[Optional[int], _opt("Checkpoint every N iterations (default 500; also at the end and on Ctrl-C/SIGTERM).", OUT, "--checkpoint-every")] = None,

@@ -109,7 +109,7 @@ def find_model(name: str) -> ModelSource:
     if path.is_dir():
         if (path / rundir.STUDENT_FILE).is_file():
             return ModelSource("student", name, str(path / rundir.STUDENT_FILE), rundir.read_student_info(path / rundir.STUDENT_FILE))
-        if (path / checkpoint.STATE_FILE).is_file() and (path / checkpoint.TENSORS_FILE).is_file():
+        if checkpoint.is_checkpoint(path):
             return checkpoint_source(name, path)
         if (path / "model_index.json").is_file():
             if (path / EXPORT_INFO_FILE).is_file():

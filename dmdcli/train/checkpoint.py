@@ -148,6 +148,19 @@ def write_checkpoint(
     return final
 
 
+def is_checkpoint(path: Path) -> bool:
+    """Whether `path` is a complete checkpoint folder (its state and its tensors written)."""
+    return (path / STATE_FILE).is_file() and (path / TENSORS_FILE).is_file()
+
+
+def checkpoint_keys(path: Path) -> list[str]:
+    """The names of a checkpoint's tensors, without reading the tensors."""
+    from safetensors import safe_open
+
+    with safe_open(str(path / TENSORS_FILE), framework="pt") as f:
+        return list(f.keys())
+
+
 def complete_checkpoints(run: Path) -> list[Path]:
     """Complete checkpoints of a run, oldest first (temporary or broken folders are ignored)."""
     root = run / CHECKPOINTS_DIR
@@ -156,7 +169,7 @@ def complete_checkpoints(run: Path) -> list[Path]:
     found = []
     for path in root.iterdir():
         match = _NAME.match(path.name)
-        if match and (path / STATE_FILE).is_file() and (path / TENSORS_FILE).is_file():
+        if match and is_checkpoint(path):
             found.append((int(match.group(1)), path))
     return [p for _, p in sorted(found)]
 

@@ -118,6 +118,10 @@ class DistillConfig:
     """Encode every prompt once at start-up, keep the conditionings on the CPU and drop the text
     encoders (falls back to encoding on the fly when the cache would exceed 8 GiB of host memory)."""
     seed: int = 0
+    init_from: str | None = None
+    """Start the generator, the fake score and (when both runs have one) the classifier head from
+    another run's checkpoint (RUN/checkpoints/iter-N, or RUN: its newest); optimizers, LR schedule
+    and iterations start anew. A two-stage recipe's second stage (sd15-1step after sd15-1step-stage1)."""
 
     # -- outputs -----------------------------------------------------------------------------
     out: str | None = None
@@ -225,7 +229,7 @@ _TYPE_WORDS = {int: "a whole number", float: "a number", bool: "true or false", 
 # Local paths a run reads again on --resume or that its student records: kept absolute, so a run
 # folder works from any working directory. (The teacher too when it is an existing folder, as
 # resolve_teacher makes it; `--data shapes` and `--prompts -` are names, not paths.)
-PATH_KEYS = ("prompts", "data", "pairs_dir")
+PATH_KEYS = ("prompts", "data", "pairs_dir", "init_from")
 NOT_PATHS = {"data": {"shapes"}, "prompts": {"-"}}
 
 
@@ -331,6 +335,17 @@ RESUMABLE_KEYS = {
     "cache_prompts",  # where the conditionings are computed, not what they are (and absent from older checkpoints)
     "fsdp",  # how the weights are laid out across processes, not what they are: checkpoints are the same
 }
+
+
+# What decides the shapes and meaning of the trained weights: another run's checkpoint can
+# initialize this one (--init-from) only where these agree.
+WEIGHT_KEYS = ("teacher", "lora_rank", "lora_alpha", "shared_base", "fake_lora_rank")
+
+
+def init_conflicts(saved: dict[str, Any], config: DistillConfig) -> list[str]:
+    """Keys of WEIGHT_KEYS whose value differs between another run's configuration and this one."""
+    current, saved = config.to_dict(), absolute_paths(saved)
+    return [k for k in WEIGHT_KEYS if saved.get(k) != current[k]]
 
 
 def resume_conflicts(saved: dict[str, Any], config: DistillConfig) -> list[str]:

@@ -30,10 +30,10 @@ from dmdcli.models.unet import UNetDenoiser
 from dmdcli.shapes.data import resolve_data
 from dmdcli.train import rundir
 from dmdcli.train.checkpoint import (
-    CHECKPOINTS_DIR, checkpoint_name, latest_checkpoint, optimizer_state, optimizer_state_dict, read_checkpoint, restore_rng, staging_dir,
-    write_checkpoint, write_rng,
+    CHECKPOINTS_DIR, checkpoint_keys, checkpoint_name, is_checkpoint, latest_checkpoint, optimizer_state, optimizer_state_dict,
+    read_checkpoint, restore_rng, staging_dir, write_checkpoint, write_rng,
 )
-from dmdcli.train.config import DistillConfig, resume_conflicts, write_config
+from dmdcli.train.config import DistillConfig, init_conflicts, resume_conflicts, write_config
 from dmdcli.train.grids import COLLAPSE_RATIO, SampleGrid, diversity
 from dmdcli.train.networks import build_networks, build_step
 from dmdcli.train.sharding import full_model_state, full_optimizer_state, load_full_model_state, load_full_optimizer_state
@@ -195,6 +195,8 @@ class Distillation:
         self.spec.check_resolution(self.resolution)
         self.out = Path(config.out) if config.out else default_out(config)
         self.checkpoint = self._checkpoint_to_resume() if resume else None
+        # A resumed run's own checkpoint already holds what --init-from gave it.
+        self.init_checkpoint = self._checkpoint_to_init_from() if config.init_from and not resume else None
         if not resume:
             check_run_folder(self.out, overwrite)
         # Cheap checks of the user's files first, before minutes of model loading.
@@ -309,6 +311,18 @@ class Distillation:
                             f"{planned}: the LR goes up from where the run stopped and decays again")
         return found
 
+    def _checkpoint_to_init_from(self) -> Path:
+        source = Path(self.config.init_from)
+        found = source if is_checkpoint(source) else latest_checkpoint(source)
+        if found is None:
+            raise UsageError(f"--init-from {source}: neither a checkpoint (RUN/checkpoints/iter-N) nor a run folder holding one")
+        _, state = read_checkpoint(found, with_tensors=False)
+        conflicts = init_conflicts(state["config"], self.config)
+        if conflicts:
+            details = ", ".join(f"{k} {state['config'].get(k)!r} there, {getattr(self.config, k)!r} here" for k in conflicts)
+            raise UsageError(f"--init-from {found}: its networks are not this run's ({details})")
+        return found
+
     def _build_networks(self, device: torch.device, frozen_dtype: torch.dtype) -> None:
         probe = None
         if self.data.real is not None:
@@ -384,25 +398,13 @@ class Distillation:
         """
         nets, step, main = self.nets, self.step, self.accelerator.is_main_process
         tensors, state = read_checkpoint(path, with_tensors=main or not nets.sharded)
-        part = lambda prefix: {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}  # noqa: E731
         optimizers = [optimizer_state_dict(f"optimizer.{name}", tensors, state["optimizers"][name]) if tensors else {}
                       for name in ("generator", "fake")]
+        self._load_weights(tensors, with_head=nets.head is not None)
         if nets.sharded:
-            load_full_model_state(nets.generator_unet, part("generator."))
-            load_full_model_state(nets.fake_modules, {k: v for k, v in tensors.items() if k.startswith(("fake_score.", "discriminator."))})
             load_full_optimizer_state(nets.generator_unet, step.generator_optimizer, optimizers[0])
             load_full_optimizer_state(nets.fake_modules, step.fake_optimizer, optimizers[1])
         else:
-            if self.config.lora_rank:
-                load_lora_state_dict(nets.generator_unet, part("generator."))
-            else:
-                nets.generator_unet.load_state_dict(part("generator."))
-            if nets.shared_base:
-                load_lora_state_dict(nets.fake_unet, part("fake_score."), FAKE_SCORE_ADAPTER)
-            else:
-                nets.fake_unet.load_state_dict(part("fake_score."))
-            if nets.head is not None:
-                nets.head.load_state_dict(part("discriminator."))
             step.generator_optimizer.load_state_dict(optimizers[0])
             step.fake_optimizer.load_state_dict(optimizers[1])
         step.generator_lr_scheduler.load_state_dict(state["lr_schedulers"]["generator"])
@@ -410,6 +412,44 @@ class Distillation:
         step.skipped_updates = state["skipped_updates"]
         restore_rng(path, self.accelerator.process_index)
         return state
+
+    def initialize_from(self, path: Path) -> None:
+        """--init-from: another run's generator, fake score and, when both runs have one, classifier
+        head (a first stage without GAN has none: this run's starts fresh)."""
+        nets, main = self.nets, self.accelerator.is_main_process
+        tensors, _ = read_checkpoint(path, with_tensors=main or not nets.sharded)
+        with_head = nets.head is not None and any(k.startswith("discriminator.") for k in checkpoint_keys(path))
+        try:
+            self._load_weights(tensors, with_head)
+        except (RuntimeError, ValueError, KeyError) as e:  # shapes that differ, e.g. a head made at another resolution
+            # load_state_dict's message is a heading line ("Error(s) in loading ...:") then the details.
+            lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+            reason = lines[1] if len(lines) > 1 and lines[0].endswith(":") else lines[0]
+            raise UsageError(f"--init-from {path}: its weights do not fit this run's networks ({reason})") from e
+        self.ui.message(f"generator, fake score{' and GAN head' if with_head else ''} from {path}")
+
+    def _load_weights(self, tensors: dict[str, torch.Tensor], with_head: bool) -> None:
+        """The weights `_weights` names, back into the networks (the classifier head's if
+        `with_head`). Sharded: process 0 holds the tensors and FSDP sends each process its shards."""
+        nets = self.nets
+        part = lambda prefix: {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}  # noqa: E731
+        if nets.sharded:
+            load_full_model_state(nets.generator_unet, part("generator."))
+            if with_head:
+                load_full_model_state(nets.fake_modules, {k: v for k, v in tensors.items() if k.startswith(("fake_score.", "discriminator."))})
+            else:
+                load_full_model_state(nets.fake_unet, part("fake_score."))
+            return
+        if self.config.lora_rank:
+            load_lora_state_dict(nets.generator_unet, part("generator."))
+        else:
+            nets.generator_unet.load_state_dict(part("generator."))
+        if nets.shared_base:
+            load_lora_state_dict(nets.fake_unet, part("fake_score."), FAKE_SCORE_ADAPTER)
+        else:
+            nets.fake_unet.load_state_dict(part("fake_score."))
+        if with_head:
+            nets.head.load_state_dict(part("discriminator."))
 
     # -- outputs -------------------------------------------------------------------------------
 
@@ -476,6 +516,8 @@ class Distillation:
             self.ui.message(f"resuming from {self.checkpoint} (iteration {start_iteration})")
         else:
             start_iteration, teacher_div = 0, None
+            if self.init_checkpoint is not None:  # before the run folder: weights that do not fit leave none
+                self.initialize_from(self.init_checkpoint)
             if main:
                 create_run_folder(self.out)
             if grids:
