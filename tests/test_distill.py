@@ -156,6 +156,26 @@ def test_a_recipe_can_hold_values_for_one_step_count(tmp_path):
     assert result.exit_code == 2 and "tables named by a step count" in result.stderr, result.stderr
 
 
+@pytest.mark.parametrize("layout,args,recipe", [("sdxl", ["--steps", "4"], "sdxl-4step"),
+                                                ("sdxl", ["--steps", "2", "--lora-rank", "8"], "sdxl-4step-lora"),
+                                                ("sdxl", [], "sdxl-1step"),
+                                                ("sd", ["--steps", "4"], None)])
+def test_a_teacher_without_a_recipe_gets_its_layouts_reference_values(request, prompts_file, layout, args, recipe):
+    teacher = str(request.getfixturevalue(f"tiny_{layout}"))
+    result = runner.invoke(app, ["distill", "--teacher", teacher, "--prompts", str(prompts_file), "--dry-run", "--json", *args])
+    assert result.exit_code == 0, result.stderr
+    config = json.loads(result.stdout)["config"]
+    given = {"teacher": teacher, "prompts": str(prompts_file), "steps": int(args[1]) if args else None,
+             "lora_rank": int(args[3]) if len(args) > 2 else None}
+    expected = resolve_config(recipe, {k: v for k, v in given.items() if v is not None}).to_dict()
+    assert config == expected
+    if recipe:  # SDXL: CFG 8, TTUR 5, GAN 5e-3 (not SD1.5's 1.75, 10, 1e-3), and the run says which recipe
+        assert (config["guidance_scale"], config["fake_updates_per_gen"], config["gan_generator_weight"]) == (8.0, 5, 5e-3)
+        assert f"recipe {recipe}: the reference's values for an SDXL teacher" in result.stderr
+    else:
+        assert config["guidance_scale"] == 1.75 and "recipe" not in result.stderr
+
+
 def test_lr_schedules_warm_up_then_hold_or_decay_to_zero():
     warmup, steps = 4, 20
     for shape in ("constant", "cosine", "linear"):

@@ -74,7 +74,7 @@ def _max_difference(a: dict, b: dict) -> float:
 
 
 def test_fsdp_trains_what_data_parallel_trains_and_resumes_exactly(tmp_path, tiny_sdxl, prompts_file, image_folder):
-    common = ["distill", "--teacher", str(tiny_sdxl), "--prompts", str(prompts_file), "--data", str(image_folder),
+    common = ["distill", "--recipe", "tiny", "--teacher", str(tiny_sdxl), "--prompts", str(prompts_file), "--data", str(image_folder),
               "--steps", "2", "--iterations", "4", "--fake-updates-per-gen", "2", "--batch-size", "2", "--lr", "1e-4",
               "--warmup-steps", "1", "--teacher-grid-steps", "2", "--checkpoint-every", "2", "--sample-every", "2"]
     _torchrun([*common, "--out", str(tmp_path / "ddp")], 29521)

@@ -9,9 +9,9 @@ import typer
 
 from dmdcli.cli.common import handle_errors, print_json
 from dmdcli.cli.ui import RichUI
-from dmdcli.models.teacher import TEACHER_ALIASES
+from dmdcli.models.teacher import TEACHER_ALIASES, teacher_layout
 from dmdcli.errors import UsageError
-from dmdcli.train.config import list_recipes, resolve_config, run_config_values
+from dmdcli.train.config import layout_recipe, list_recipes, resolve_config, run_config_values
 
 HELP = f"""Distill a teacher into a 1- to 4-step student with DMD2.
 
@@ -19,8 +19,9 @@ Options override the recipe's keys of the same name; the resolved configuration 
 OUT/config.toml. Built-in recipes: {", ".join(list_recipes()) or "none"}.
 
 With no --teacher and no --recipe (or with --teacher shapes) the recipe is `shapes`: the
-built-in teacher, its prompts and images, a 4-step student in about 5 CPU minutes. The
-defaults listed below are those of a --teacher without a recipe.
+built-in teacher, its prompts and images, a 4-step student in about 5 CPU minutes. An SDXL
+teacher without --recipe gets the reference's SDXL recipe (sdxl-1step, sdxl-4step, or with
+--lora-rank sdxl-4step-lora); the defaults listed below are those of an SD teacher without one.
 
 Example: dmd distill --recipe sdxl-4step-lora --prompts prompts.txt --data images/ --out runs/sdxl4
 
@@ -74,7 +75,7 @@ def distill(
     batch_size: Annotated[Optional[int], _opt("Per-process batch size (default 2).", OPT, "--batch-size")] = None,
     lr: Annotated[Optional[float], _opt("Generator learning rate (default 1e-5).", OPT, "--lr")] = None,
     fake_lr: Annotated[Optional[float], _opt("Fake score learning rate (default: --lr).", OPT, "--fake-lr")] = None,
-    warmup_steps: Annotated[Optional[int], _opt("Linear LR warm-up updates (default 500).", OPT, "--warmup-steps")] = None,
+    warmup_steps: Annotated[Optional[int], _opt("Linear LR warm-up iterations (default 500).", OPT, "--warmup-steps")] = None,
     lr_schedule: Annotated[Optional[str], _opt("After the warm-up: constant (default, the reference) | cosine | linear, which decay to 0 at the last iteration.", OPT, "--lr-schedule")] = None,
     max_grad_norm: Annotated[Optional[float], _opt("Gradient clipping norm (default 10).", OPT, "--max-grad-norm")] = None,
     mixed_precision: Annotated[Optional[str], _opt("bf16 | no | auto (bf16 on CUDA, fp32 on CPU).", OPT, "--mixed-precision")] = None,
@@ -104,6 +105,9 @@ def distill(
             raise UsageError("--prompts/--data without --teacher: pass --teacher (a diffusers folder, hub id, or "
                              f"{', '.join(TEACHER_ALIASES)}), or --recipe shapes to use them with the built-in teacher")
         recipe = "shapes"  # `dmd distill` alone distills the built-in teacher
+    chosen = None
+    if recipe is None and teacher is not None and not resume:
+        recipe = chosen = layout_recipe(teacher_layout(teacher), steps, lora_rank)
     if resume:
         if overwrite or recipe:
             raise UsageError("--resume continues the run in --out with its own config.toml; drop --overwrite/--recipe")
@@ -111,10 +115,12 @@ def distill(
             raise UsageError("--resume needs --out RUN, the run folder to continue")
         base = run_config_values(Path(out))
     config = resolve_config(recipe, overrides, base)
+    ui = RichUI(quiet=quiet)
+    if chosen:
+        ui.message(f"recipe {chosen}: the reference's values for an SDXL teacher (--recipe to choose another)")
     if dry_run:
         return _dry_run(config, json_out)
 
-    ui = RichUI(quiet=quiet)
     if config.method == "progressive":
         return _progressive(config, ui, overwrite, resume, json_out)
 

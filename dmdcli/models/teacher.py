@@ -52,6 +52,13 @@ def local_teacher_folder(name: str) -> str | None:
     return str(local.resolve()) if local.is_dir() else None
 
 
+def teacher_layout(name: str) -> str:
+    """"sd" or "sdxl": known for an alias, else read from the teacher's config files."""
+    if name in TEACHER_ALIASES:
+        return "sdxl" if TEACHER_ALIASES[name] == SDXL_BASE else "sd"
+    return inspect_teacher(name).layout
+
+
 def _looks_like_path(name: str) -> bool:
     return name.startswith((".", "/", "~")) or name.count("/") > 1 or Path(name).exists()
 

@@ -307,6 +307,17 @@ def validate(c: DistillConfig) -> None:
                                        "trains data-parallel without it: drop --fsdp or --lora-rank")
 
 
+def layout_recipe(layout: str, steps: int | None, lora_rank: int | None) -> str | None:
+    """The recipe a teacher of this layout gets without --recipe: an SDXL teacher the reference's
+    SDXL values (CFG 8, TTUR 5, GAN 5e-3, 1024², the LR of full or LoRA training); None for SD
+    layouts, whose values the code defaults already are (SD1.5's)."""
+    if layout != "sdxl":
+        return None
+    if (steps or DistillConfig.steps) == 1:
+        return "sdxl-1step"
+    return "sdxl-4step-lora" if lora_rank else "sdxl-4step"
+
+
 METHODS = ("dmd2", "dmd", "progressive")
 LR_SCHEDULES = ("constant", "cosine", "linear")
 # DMD v1 (arXiv 2311.18828): the fake score is updated once per generator update, and the
