@@ -204,6 +204,7 @@ def test_lr_schedules_warm_up_then_hold_or_decay_to_zero():
         (["--teacher", "sdxl"], "no prompts"),
         (["--recipe", "no-such-recipe"], "unknown recipe"),
         (["--teacher", "sdxl", "--prompts", "p.txt", "--lr-schedule", "step"], "--lr-schedule must be one of constant, cosine, linear"),
+        (["--teacher", "sd15", "--prompts", "p.txt", "--method", "progressive", "--init-from", "runs/a"], "drop --init-from"),
     ],
 )
 def test_usage_errors_are_one_line_with_exit_code_2(args, message):

@@ -303,6 +303,7 @@ def validate(c: DistillConfig) -> None:
         need(c.loss_weight in ("truncated_snr", "snr_plus_one"), f"--loss-weight must be truncated_snr or snr_plus_one (got {c.loss_weight!r})")
         need(c.lora_rank == 0, "--method progressive trains full students; drop --lora-rank")
         need(not c.fsdp, "--method progressive runs in one process; drop --fsdp")
+        need(c.init_from is None, "--method progressive starts from the teacher; drop --init-from")
     need(not (c.fsdp and c.lora_rank), f"--fsdp shards full-weight runs; a --lora-rank {c.lora_rank} run fits one GPU and "
                                        "trains data-parallel without it: drop --fsdp or --lora-rank")
 
