@@ -13,7 +13,7 @@ import typer
 from rich.markup import escape
 
 from dmdcli.cli.ui import stderr_console
-from dmdcli.errors import DmdError, describe_os_error
+from dmdcli.errors import DmdError, describe_os_error, first_line
 
 DEBUG = {"on": False}  # set by the app's --debug option
 
@@ -45,8 +45,7 @@ def handle_errors(command: Callable) -> Callable:
         except (MemoryError, RuntimeError) as e:
             if DEBUG["on"] or not is_out_of_memory(e):
                 raise
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            stderr_console().print(f"[bold red]error:[/] out of memory ({escape(first)}); "
+            stderr_console().print(f"[bold red]error:[/] out of memory ({escape(first_line(e))}); "
                                    "try a smaller --batch-size or --resolution", soft_wrap=True)
             raise typer.Exit(1) from None
         except KeyboardInterrupt:

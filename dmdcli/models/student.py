@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from dmdcli.core.denoiser import Cond
 from dmdcli.core.sampler import ddim_sample, sample
 from dmdcli.core.schedule import NoiseSchedule, ddim_timesteps, student_timesteps
-from dmdcli.errors import DmdError, UsageError
+from dmdcli.errors import DmdError, UsageError, first_line
 from dmdcli.models.teacher import Teacher, TeacherSpec, inspect_teacher, resolve_teacher
 from dmdcli.models.unet import UNetDenoiser
 from dmdcli.train import checkpoint, rundir
@@ -157,7 +157,7 @@ def load_student_weights(unet: nn.Module, source: ModelSource) -> nn.Module:
     try:
         unet.load_state_dict({k: v.to(torch.float32) for k, v in weights.items()}, strict=True)
     except RuntimeError as e:
-        raise DmdError(f"{source.path} does not fit the UNet of {info['teacher']}: {str(e).splitlines()[0]}") from e
+        raise DmdError(f"{source.path} does not fit the UNet of {info['teacher']}: {first_line(e)}") from e
     return unet
 
 
@@ -291,8 +291,7 @@ class PipelineSampler:
         try:
             self.pipe = DiffusionPipeline.from_pretrained(source.path, use_safetensors=None if allow_pickle else True)
         except Exception as e:  # missing files, offline hub, pickle-only weights, unknown class...
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            first = re.sub(r"\s*(Please )?check out the root cause in the stacktrace above\.?", "", first, flags=re.IGNORECASE)
+            first = re.sub(r"\s*(Please )?check out the root cause in the stacktrace above\.?", "", first_line(e), flags=re.IGNORECASE)
             where = "" if Path(source.path).expanduser().exists() else " (no such local folder; tried it as a hub id)"
             raise DmdError(f"could not load pipeline {source.path}{where}: {first}") from e
         self.pipe.to(device, dtype)

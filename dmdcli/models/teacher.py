@@ -18,7 +18,7 @@ from torch import Tensor
 
 from dmdcli.core.denoiser import Cond
 from dmdcli.core.schedule import NoiseSchedule
-from dmdcli.errors import DmdError, UsageError
+from dmdcli.errors import DmdError, UsageError, first_line
 
 SDXL_BASE = "stabilityai/stable-diffusion-xl-base-1.0"
 TEACHER_ALIASES = {
@@ -148,9 +148,8 @@ def _from_pretrained(cls, spec: TeacherSpec, subfolder: str, allow_pickle: bool,
     try:
         return cls.from_pretrained(spec.source, subfolder=subfolder, use_safetensors=None if allow_pickle else True, **kwargs)
     except (OSError, ValueError, EnvironmentError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         hint = " (weights only as pickle files? pass --allow-pickle to load them)" if "safetensors" in str(e).lower() else ""
-        raise DmdError(f"could not load {subfolder} of teacher {spec.source}: {first}{hint}") from e
+        raise DmdError(f"could not load {subfolder} of teacher {spec.source}: {first_line(e)}{hint}") from e
 
 
 class Teacher:

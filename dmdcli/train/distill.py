@@ -23,7 +23,7 @@ from dmdcli.data.images import RealLatents, load_or_build_latents
 from dmdcli.data.pairs import Pairs
 from dmdcli.data.prompt_cache import GIB, PromptCache, build_prompt_cache
 from dmdcli.data.prompts import read_prompts
-from dmdcli.errors import DmdError, UsageError, describe_os_error
+from dmdcli.errors import DmdError, UsageError, describe_os_error, first_line
 from dmdcli.models.lora import FAKE_SCORE_ADAPTER, LORA_TARGET_MODULES, load_lora_state_dict, lora_state_dict
 from dmdcli.models.teacher import DEFAULT_CONDITIONING_TIMESTEP, Teacher, TeacherSpec, inspect_teacher
 from dmdcli.models.unet import UNetDenoiser
@@ -422,10 +422,7 @@ class Distillation:
         try:
             self._load_weights(tensors, with_head)
         except (RuntimeError, ValueError, KeyError) as e:  # shapes that differ, e.g. a head made at another resolution
-            # load_state_dict's message is a heading line ("Error(s) in loading ...:") then the details.
-            lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
-            reason = lines[1] if len(lines) > 1 and lines[0].endswith(":") else lines[0]
-            raise UsageError(f"--init-from {path}: its weights do not fit this run's networks ({reason})") from e
+            raise UsageError(f"--init-from {path}: its weights do not fit this run's networks ({first_line(e)})") from e
         self.ui.message(f"generator, fake score{' and GAN head' if with_head else ''} from {path}")
 
     def _load_weights(self, tensors: dict[str, torch.Tensor], with_head: bool) -> None:
