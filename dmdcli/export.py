@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from dmdcli.errors import DmdError, UsageError
+from dmdcli.errors import DmdError, UsageError, first_line
 from dmdcli.files import atomic_save_file
 from dmdcli.models.student import DTYPES, EXPORT_INFO_FILE, ModelSource, find_model, load_student_unet
 from dmdcli.train import rundir
@@ -136,7 +136,12 @@ def _replace_folder(tmp: Path, out: Path) -> None:
     if out.exists():
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
         os.replace(out, old)
-    os.replace(tmp, out)
+    try:
+        os.replace(tmp, out)
+    except OSError:
+        if old is not None:  # put the user's export back where it was
+            os.replace(old, out)
+        raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
@@ -179,7 +184,7 @@ def export_diffusers(source: ModelSource, out: Path, dtype: torch.dtype, allow_p
             spec.source, unet=unet, scheduler=scheduler, use_safetensors=None if allow_pickle else True
         ).to(dtype=dtype, silence_dtype_warnings=True)
     except (OSError, ValueError) as e:
-        raise DmdError(f"could not load teacher pipeline {spec.source}: {str(e).strip().splitlines()[0]}") from e
+        raise DmdError(f"could not load teacher pipeline {spec.source}: {first_line(e)}") from e
     tmp = _scratch(out)
     try:
         pipe.save_pretrained(tmp, safe_serialization=True)

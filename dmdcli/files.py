@@ -1,25 +1,45 @@
-"""Writing files so that a failure never leaves half a file behind, and reads as one clear line.
+"""Reading and writing files so that a failure reads as one clear line and never leaves half a
+file behind.
 
 Every file we write goes to a hidden temporary name beside its final path and is renamed over it
 once complete (a rename within one folder is atomic): a full disk or a Ctrl-C leaves the old file
-or none, never a truncated one a later command would trip over.
+or none, never a truncated one a later command would trip over. The one exception is a run's
+metrics.jsonl, appended a line at a time; a resumed run drops a torn last line.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from safetensors import SafetensorError
+
+from dmdcli.errors import DmdError, first_line
 
 if TYPE_CHECKING:
     from torch import Tensor
 
 _OS_ERROR = re.compile(r"os error (\d+)")
+
+
+def cache_dir(name: str) -> Path:
+    """Where dmd keeps what it can make again (shapes data, regression pairs, eval statistics):
+    $DMD_CACHE/name, else ~/.cache/dmd/name."""
+    root = os.environ.get("DMD_CACHE")
+    return (Path(root) if root else Path.home() / ".cache" / "dmd") / name
+
+
+def read_json(path: Path) -> Any:
+    """A JSON file's value; DmdError naming the file when it is missing, unreadable or not JSON."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8-sig"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise DmdError(f"cannot read {path}: {first_line(e)}") from None
 
 
 def save_file(tensors: dict[str, Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:

@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import shutil
 
 import pytest
 import torch
@@ -205,6 +206,9 @@ def test_lr_schedules_warm_up_then_hold_or_decay_to_zero():
         (["--recipe", "no-such-recipe"], "unknown recipe"),
         (["--teacher", "sdxl", "--prompts", "p.txt", "--lr-schedule", "step"], "--lr-schedule must be one of constant, cosine, linear"),
         (["--teacher", "sd15", "--prompts", "p.txt", "--method", "progressive", "--init-from", "runs/a"], "drop --init-from"),
+        (["--teacher", "sd15", "--prompts", "p.txt", "--diffusion-gan-max-timestep", "0"], "--diffusion-gan-max-timestep must lie in 1 … 1000"),
+        (["--teacher", "sd15", "--prompts", "p.txt", "--diffusion-gan-max-timestep", "1001"], "--diffusion-gan-max-timestep must lie in 1 … 1000"),
+        (["--teacher", "sd15", "--prompts", "p.txt", "--warmup-steps", "-1"], "--warmup-steps must be ≥ 0"),
     ],
 )
 def test_usage_errors_are_one_line_with_exit_code_2(args, message):
@@ -212,6 +216,13 @@ def test_usage_errors_are_one_line_with_exit_code_2(args, message):
     assert result.exit_code == 2, result.stderr
     assert message in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_mistyped_teacher_folder_is_not_looked_up_on_the_hub(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "teachers").mkdir()
+    result = runner.invoke(app, ["distill", "--teacher", "teachers/typo", "--prompts", "p.txt", "--dry-run"])
+    assert result.exit_code == 2 and "teacher not found: teachers/typo" in result.stderr, result.stderr
 
 
 @pytest.mark.parametrize("line,message", [('iterations = "five"', "iterations = 'five' is not a whole number"),
@@ -241,11 +252,12 @@ def test_out_must_be_a_run_or_a_new_folder(tmp_path, tiny_sd, prompts_file):
     result = runner.invoke(app, [*args, "--out", str(data), "--overwrite"])
     assert result.exit_code == 2 and "not a dmd run" in result.stderr and sorted(p.name for p in data.iterdir()) == ["0.txt"]
 
-    # --overwrite replaces a run with everything made from its student (exports, evaluations).
+    # --overwrite replaces a run with everything made from its student (exports, evaluations) and
+    # by the run (a progressive run's rounds).
     run = tmp_path / "run"
     assert runner.invoke(app, [*args, "--out", str(run)]).exit_code == 0
     for old in (run / "export" / "unet.safetensors", run / "eval-shapes-2000.json", run / "eval-shapes-2000" / "0.png",
-                run / "eval-shapes-2000-grid.png"):
+                run / "eval-shapes-2000-grid.png", run / "rounds" / "round-1-2step.safetensors"):
         old.parent.mkdir(parents=True, exist_ok=True)
         old.write_text("from the old student")
     (run / "notes.md").write_text("mine")
@@ -312,6 +324,15 @@ def test_teacher_detection(tiny_sd, tiny_sdxl, tmp_path):
     (not_pipeline / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline", "transformer": ["diffusers", "FluxTransformer2DModel"]}))
     result = runner.invoke(app, ["distill", "--teacher", str(not_pipeline), "--prompts", "p.txt"])
     assert result.exit_code == 1 and "unsupported pipeline FluxPipeline" in result.stderr
+    # A pipeline missing a config file, or with one that is not JSON: one line, not a default schedule.
+    damaged = tmp_path / "damaged"
+    shutil.copytree(tiny_sd, damaged)
+    (damaged / "scheduler" / "scheduler_config.json").unlink()
+    result = runner.invoke(app, ["distill", "--teacher", str(damaged), "--prompts", "p.txt", "--dry-run"])
+    assert result.exit_code == 1 and "scheduler/scheduler_config.json is missing" in result.stderr, result.stderr
+    (damaged / "scheduler" / "scheduler_config.json").write_text("{not json")
+    result = runner.invoke(app, ["distill", "--teacher", str(damaged), "--prompts", "p.txt", "--dry-run"])
+    assert result.exit_code == 1 and "cannot read" in result.stderr and "Traceback" not in result.stderr, result.stderr
 
 
 @pytest.mark.parametrize("shared", [True, False])

@@ -1,6 +1,7 @@
 """Atomic writes: a failed write leaves the old file (or none) and an OSError naming the user's path."""
 
 import errno
+import json
 import os
 import subprocess
 import sys
@@ -84,3 +85,15 @@ def test_only_out_of_memory_errors_become_one_line(capsys):
     assert err.strip() == "error: out of memory (CUDA out of memory. Tried to allocate 2.00 GiB); try a smaller --batch-size or --resolution"
     with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):  # a bug stays a traceback
         command(RuntimeError("mat1 and mat2 shapes cannot be multiplied (2x3 and 4x5)"))()
+
+
+def test_a_resumed_metrics_log_drops_later_records_and_a_torn_line(tmp_path):
+    from dmdcli.train.rundir import MetricsLog
+
+    log = MetricsLog(tmp_path / "metrics.jsonl")
+    for iteration in (10, 20, 30):
+        log.write({"iteration": iteration, "loss_dm": 0.5})
+    with log.path.open("a") as f:
+        f.write('{"iteration": 40, "loss')  # a write cut short by a full disk
+    log.truncate_after(20)
+    assert [json.loads(line)["iteration"] for line in log.path.read_text().splitlines()] == [10, 20]

@@ -218,3 +218,17 @@ def test_progressive_refuses_what_it_does_not_do(tiny_sd, prompts_file):
     ):
         result = runner.invoke(app, [*base, *extra])
         assert result.exit_code != 0 and message in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("damage", ["corrupt shard", "no shards"])
+def test_a_damaged_pair_cache_is_one_line_naming_it(tmp_path, damage):
+    from dmdcli.data.pairs import MANIFEST_FILE, _load
+    from dmdcli.errors import DmdError
+
+    folder = tmp_path / "pairs" / "key"
+    folder.mkdir(parents=True)
+    shards = [{"file": "pairs-00000.safetensors"}] if damage == "corrupt shard" else []
+    (folder / MANIFEST_FILE).write_text(json.dumps({"count": 2, "shards": shards}))
+    (folder / "pairs-00000.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not a header")
+    with pytest.raises(DmdError, match=f"regression pair cache {folder} .*delete {folder} and run again"):
+        _load(folder)

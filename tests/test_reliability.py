@@ -218,6 +218,9 @@ def test_resume_refuses_a_contradicting_configuration(tmp_path, tiny_sd, prompts
     assert again.exit_code == 0 and complete_checkpoints(out)[-1].name == "iter-000002"
     longer = runner.invoke(app, ["distill", "--out", str(out), "--resume", "--iterations", "3", "--quiet"])
     assert longer.exit_code == 0 and complete_checkpoints(out)[-1].name == "iter-000003"
+    (out / "config.toml").write_text("steps = [")  # a hand edit gone wrong
+    broken = runner.invoke(app, ["distill", "--out", str(out), "--resume"])
+    assert broken.exit_code == 1 and f"cannot read {out / 'config.toml'}" in broken.stderr and "Traceback" not in broken.stderr
 
 
 def test_collapse_watch(tmp_path, tiny_sd, prompts_file, monkeypatch):

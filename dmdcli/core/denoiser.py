@@ -40,8 +40,3 @@ def cat_cond(*conds: Cond) -> Cond:
 def expand_cond(cond: Cond, batch: int) -> Cond:
     """Repeat a batch-1 conditioning (e.g. the empty prompt) to `batch` rows."""
     return {k: v.expand(batch, *v.shape[1:]) if v.shape[0] == 1 else v for k, v in cond.items()}
-
-
-def index_cond(cond: Cond, index: Tensor | slice) -> Cond:
-    """Rows `index` of every conditioning tensor."""
-    return {k: v[index] for k, v in cond.items()}

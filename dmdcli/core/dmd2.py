@@ -91,7 +91,7 @@ class DMD2:
         """Loss terms for the generator, given its output x [B, ...] (with grad).
 
         "dm": 0.5·MSE(x, stopgrad(x − grad)) with the normalized DM gradient at a random
-        t ∈ [0.02, 0.98]·T; "gan_g": softplus(−D(x)) when a classifier head is present.
+        t ∈ [min_timestep_frac, max_timestep_frac]·T (0.02 and 0.98 by default); "gan_g": softplus(−D(x)) when a classifier head is present.
         """
         out: dict[str, Tensor] = {}
         if self.config.dm_weight > 0:

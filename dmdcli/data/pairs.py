@@ -31,8 +31,8 @@ from safetensors.torch import load_file
 from torch import Tensor
 
 from dmdcli.data.images import _publish
-from dmdcli.errors import DmdError
-from dmdcli.files import save_file
+from dmdcli.errors import DmdError, first_line
+from dmdcli.files import cache_dir, save_file
 
 MANIFEST_FILE = "manifest.json"
 PAIRS_FORMAT = 1
@@ -53,9 +53,7 @@ class Pairs:
 
 
 def default_pairs_dir() -> Path:
-    """$DMD_CACHE/pairs, else ~/.cache/dmd/pairs."""
-    root = os.environ.get("DMD_CACHE")
-    return (Path(root) if root else Path.home() / ".cache" / "dmd") / "pairs"
+    return cache_dir("pairs")
 
 
 def teacher_identity(source: str, layout: str, prediction_type: str) -> dict[str, Any]:
@@ -148,12 +146,14 @@ def _load(folder: Path) -> tuple[Tensor, Tensor, list[str]]:
             path = folder / shard["file"]
             tensors = load_file(str(path))
             with safe_open(str(path), framework="pt") as f:
-                prompts += json.loads(f.metadata()["prompts"])
+                prompts += json.loads((f.metadata() or {})["prompts"])
             noises.append(tensors["noise"])
             latents.append(tensors["latent"])
-    except (OSError, ValueError, KeyError) as e:
-        raise DmdError(f"regression pair cache {folder} is unreadable ({e}); {hint}") from None
+    except Exception as e:  # safetensors raises its own error type for a corrupt header
+        raise DmdError(f"regression pair cache {folder} is unreadable ({first_line(e)}); {hint}") from None
+    if not noises:
+        raise DmdError(f"regression pair cache {folder} holds no pairs; {hint}")
     noise, latent = torch.cat(noises), torch.cat(latents)
-    if len(prompts) != noise.shape[0] or noise.shape[0] != manifest["count"]:
+    if len(prompts) != noise.shape[0] or noise.shape[0] != manifest.get("count"):
         raise DmdError(f"regression pair cache {folder} is inconsistent; {hint}")
     return noise, latent, prompts

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,15 +23,14 @@ import torch
 from safetensors import safe_open
 
 from dmdcli.errors import DmdError
-from dmdcli.files import atomic_save_file, atomic_write
+from dmdcli.files import atomic_save_file, atomic_write, cache_dir
 from dmdcli.eval.metrics import FeatureStats, feature_stats
 
 CACHE_FORMAT = 1
 
 
 def default_cache_dir() -> Path:
-    root = os.environ.get("DMD_CACHE")
-    return (Path(root) if root else Path.home() / ".cache" / "dmd") / "eval"
+    return cache_dir("eval")
 
 
 @dataclass

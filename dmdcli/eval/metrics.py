@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from cleanfid.fid import frechet_distance
 
-from dmdcli.errors import DmdError
+from dmdcli.errors import DmdError, first_line
 from dmdcli.eval.preprocess import protocol_resize, to_uint8_rgb
 
 CLIP_PREFIX = "A photo depicts "
@@ -102,10 +102,9 @@ class ClipScorer:
             model = CLIPModel.from_pretrained(name_or_path, use_safetensors=None if allow_pickle else True)
             processor = CLIPProcessor.from_pretrained(name_or_path)
         except Exception as exc:  # OSError (not found / offline), ValueError (bad config), ...
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             hint = "" if allow_pickle or "safetensors" not in str(exc) else \
                 " (weights stored only as pickle files load with --allow-pickle)"
-            raise DmdError(f"cannot load the CLIP model {name_or_path}: {first}{hint}") from None
+            raise DmdError(f"cannot load the CLIP model {name_or_path}: {first_line(exc)}{hint}") from None
         return cls(model, processor, name=str(name_or_path), device=device)
 
     @torch.no_grad()

@@ -25,7 +25,6 @@ from PIL import Image
 from dmdcli.errors import DmdError
 
 PATCH_SIZE = 299  # Inception's input side: patch FID crops exactly what the network sees
-CLEAN_SIZE = 299
 
 #: What the evaluation accepts as one image: a PIL image, a uint8 array or tensor [H, W, 3]
 #: (a tensor may also be [3, H, W]), or the path of an image file.

@@ -32,6 +32,7 @@ import numpy as np
 
 from dmdcli.data.images import scan_image_folder
 from dmdcli.errors import DmdError, UsageError
+from dmdcli.files import read_json
 
 COCO_CAPTIONS = ("annotations/captions_val2014.json", "captions_val2014.json")
 COCO_IMAGES = "val2014"
@@ -121,7 +122,7 @@ def load_reference_set(spec: str | Path, *, coco_root: str | Path | None = None,
     a COCO layout that lacks files.
     """
     if resolution is not None and resolution < 1:
-        raise UsageError(f"--resolution must be positive, got {resolution}")
+        raise UsageError(f"--eval-resolution must be positive, got {resolution}")
     check_num_samples(num_samples)
     spec = str(spec)
     if spec in COCO_PROTOCOLS:
@@ -193,10 +194,7 @@ def select_coco(annotations: dict, count: int, seed: int, *, source: Path | str 
 
 
 def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8-sig"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise DmdError(f"cannot read {path}: {exc}") from None
+    data = read_json(path)
     if not isinstance(data, dict):
         raise DmdError(f"{path} is not a COCO captions file (expected a JSON object)")
     return data

@@ -26,7 +26,7 @@ from dmdcli.eval.features import FeatureExtractor, extract
 from dmdcli.eval.metrics import ClipScorer, clip_scores, feature_stats, fid, kid
 from dmdcli.eval.preprocess import PATCH_SIZE, patch_crop, protocol_resize
 from dmdcli.eval.protocol import ReferenceSet
-from dmdcli.files import atomic_write
+from dmdcli.files import atomic_write, read_json
 
 REPORT_FORMAT = "dmd-eval/1"
 KID_SUBSETS, KID_SUBSET_SIZE = 100, 1000
@@ -165,10 +165,7 @@ def write_report(path: str | Path, report: dict) -> Path:
 
 def read_report(path: str | Path) -> dict:
     """A report written by write_report; DmdError when it is not one."""
-    try:
-        report = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise DmdError(f"cannot read report {path}: {exc}") from None
+    report = read_json(path)
     if not isinstance(report, dict) or report.get("format") != REPORT_FORMAT:
         raise DmdError(f"{path} is not a dmd eval report (format {REPORT_FORMAT})")
     return report

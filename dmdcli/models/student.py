@@ -24,7 +24,6 @@ reproduces it.
 from __future__ import annotations
 
 import inspect
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +37,8 @@ from dmdcli.core.denoiser import Cond
 from dmdcli.core.sampler import ddim_sample, sample
 from dmdcli.core.schedule import NoiseSchedule, ddim_timesteps, student_timesteps
 from dmdcli.errors import DmdError, UsageError, first_line
-from dmdcli.models.teacher import Teacher, TeacherSpec, inspect_teacher, resolve_teacher
+from dmdcli.files import read_json
+from dmdcli.models.teacher import Teacher, TeacherSpec, inspect_teacher, looks_like_path, resolve_teacher
 from dmdcli.models.unet import UNetDenoiser
 from dmdcli.train import checkpoint, rundir
 
@@ -113,13 +113,13 @@ def find_model(name: str) -> ModelSource:
             return checkpoint_source(name, path)
         if (path / "model_index.json").is_file():
             if (path / EXPORT_INFO_FILE).is_file():
-                return ModelSource("export", name, str(path), json.loads((path / EXPORT_INFO_FILE).read_text()))
+                return ModelSource("export", name, str(path), read_json(path / EXPORT_INFO_FILE))
             return ModelSource("pipeline", name, str(path))
         if (path / rundir.CONFIG_FILE).is_file() or (path / rundir.METRICS_FILE).is_file():
             raise DmdError(f"{name} holds no student yet: dmd distill writes {rundir.STUDENT_FILE} when the run ends")
         raise UsageError(f"{name} is neither a dmd run folder nor a diffusers pipeline folder")
     source = resolve_teacher(name)
-    if name.startswith((".", "/", "~")) or name.count("/") > 1 or (len(path.parts) > 1 and Path(path.parts[0]).is_dir()):
+    if looks_like_path(name):
         raise UsageError(f"model not found: {name}")  # a path (runs/typo: runs/ is a folder here), not a hub id
     return ModelSource("pipeline", name, source)
 
@@ -314,7 +314,7 @@ class PipelineSampler:
         try:
             images = self.pipe(prompt=list(prompts), **kwargs).images
         except (ValueError, TypeError) as e:
-            raise DmdError(f"{type(self.pipe).__name__} refused the request: {str(e).splitlines()[0]}") from e
+            raise DmdError(f"{type(self.pipe).__name__} refused the request: {first_line(e)}") from e
         return (np.asarray(images) * 255).round().astype(np.uint8)
 
 

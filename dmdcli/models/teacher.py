@@ -19,6 +19,7 @@ from torch import Tensor
 from dmdcli.core.denoiser import Cond
 from dmdcli.core.schedule import NoiseSchedule
 from dmdcli.errors import DmdError, UsageError, first_line
+from dmdcli.files import read_json
 
 SDXL_BASE = "stabilityai/stable-diffusion-xl-base-1.0"
 TEACHER_ALIASES = {
@@ -59,8 +60,12 @@ def teacher_layout(name: str) -> str:
     return inspect_teacher(name).layout
 
 
-def _looks_like_path(name: str) -> bool:
-    return name.startswith((".", "/", "~")) or name.count("/") > 1 or Path(name).exists()
+def looks_like_path(name: str) -> bool:
+    """Whether `name` means a local path, not a hub id ("org/model"): ./x, /x, ~/x, a/b/c, an
+    existing path, or dir/x where dir/ is a folder here (runs/typo, when runs/ exists)."""
+    parts = Path(name).parts
+    return (name.startswith((".", "/", "~")) or name.count("/") > 1 or Path(name).exists()
+            or (len(parts) > 1 and Path(parts[0]).is_dir()))
 
 
 def _load_json_config(source: str, subfolder: str | None, filename: str) -> dict[str, Any]:
@@ -69,14 +74,14 @@ def _load_json_config(source: str, subfolder: str | None, filename: str) -> dict
     if local.is_dir():
         path = local / subfolder / filename if subfolder else local / filename
         if not path.is_file():
-            return {}
-        return json.loads(path.read_text())
+            raise DmdError(f"{source} is not a complete diffusers pipeline: {path.relative_to(local)} is missing")
+        return read_json(path)
     from huggingface_hub import hf_hub_download
 
     try:
         return json.loads(Path(hf_hub_download(source, filename, subfolder=subfolder)).read_text())
     except Exception as e:  # offline, unknown repo, gated model...
-        raise DmdError(f"could not read {filename} of teacher {source!r}: {type(e).__name__}: {str(e).splitlines()[0]}") from e
+        raise DmdError(f"could not read {filename} of teacher {source!r}: {type(e).__name__}: {first_line(e)}") from e
 
 
 @dataclass
@@ -112,7 +117,7 @@ def inspect_teacher(name: str) -> TeacherSpec:
     """Read the teacher's layout, prediction type and schedule from its config files."""
     source = resolve_teacher(name)
     local = Path(source).expanduser()
-    if _looks_like_path(source) and not local.exists():
+    if looks_like_path(source) and not local.exists():
         raise UsageError(f"teacher not found: {source}")
     if local.exists() and not (local / "model_index.json").is_file():
         raise UsageError(f"{source} is not a diffusers pipeline folder (no model_index.json)")
@@ -157,9 +162,10 @@ class Teacher:
 
     Args:
         spec: from `inspect_teacher`.
-        device: where the text encoders, VAE and UNet live.
-        dtype: dtype of the frozen text encoders and UNet (bf16 on CUDA); the VAE stays fp32
-            because SDXL's VAE breaks in half precision.
+        device: where the text encoders and the VAE live (the UNet is loaded on the CPU in fp32:
+            the caller places it, as the frozen real score or as a shared LoRA base).
+        dtype: dtype of the frozen text encoders (bf16 on CUDA); the VAE stays fp32 because
+            SDXL's VAE breaks in half precision.
         resolution: training resolution; SDXL's time ids are (R, R, 0, 0, R, R).
     """
 

@@ -1,4 +1,4 @@
-"""The shapes world as `--data shapes` / `--prompts shapes`: procedural images written once.
+"""The shapes world as `--data shapes`: procedural images written once.
 
 `dmd distill --data shapes` needs no files from the user: the first run renders DATA_IMAGES
 captioned scenes (seed DATA_SEED) into a cache folder, later runs reuse it. The folder is built
@@ -12,6 +12,7 @@ import shutil
 import uuid
 from pathlib import Path
 
+from dmdcli.files import cache_dir
 from dmdcli.shapes import world
 
 ALIAS = "shapes"
@@ -19,22 +20,17 @@ DATA_SEED = 1
 DATA_IMAGES = 2048
 
 
-def cache_root() -> Path:
-    """$DMD_CACHE/shapes, else ~/.cache/dmd/shapes."""
-    base = Path(os.environ["DMD_CACHE"]) if os.environ.get("DMD_CACHE") else Path.home() / ".cache" / "dmd"
-    return base / "shapes"
-
-
 def dataset_folder(n: int | None = None, seed: int = DATA_SEED) -> Path:
     """The folder of n (default DATA_IMAGES) captioned scenes of `seed` (rendered on first use)."""
     n = DATA_IMAGES if n is None else n
-    final = cache_root() / f"data-seed{seed}-n{n}-{world.RESOLUTION}px"
+    final = cache_dir("shapes") / f"data-seed{seed}-n{n}-{world.RESOLUTION}px"
     if (final / "metadata.jsonl").is_file():
         return final
     tmp = final.with_name(f".tmp-{final.name}-{uuid.uuid4().hex[:8]}")
     try:
         world.write_dataset(tmp, n, seed=seed, metadata=True)
-        if not final.exists():
+        if not (final / "metadata.jsonl").is_file():  # another process may have finished first
+            shutil.rmtree(final, ignore_errors=True)  # a damaged copy
             os.replace(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

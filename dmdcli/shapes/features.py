@@ -161,11 +161,6 @@ def predict_labels(images, net: AttributeNet | None = None) -> np.ndarray:
     return labels_from_logits(_run(images, net)[0]).numpy()
 
 
-def predict_scenes(images, net: AttributeNet | None = None) -> list[world.Scene]:
-    """The scene the network sees in each image (no offsets)."""
-    return [world.scene_from_labels(row) for row in predict_labels(images, net)]
-
-
 def features(images, net: AttributeNet | None = None) -> np.ndarray:
     """Penultimate features, float64 [N, 256]."""
     return _run(images, net)[1].double().numpy()

@@ -7,8 +7,8 @@
                               configuration; written last
 
 A checkpoint is built in a hidden temporary folder and renamed into place, so a checkpoint cut
-short (SIGKILL, full disk) is never found under an `iter-*` name; `latest_checkpoint` also
-requires a readable state.json.
+short (SIGKILL, full disk) is never found under an `iter-*` name; `is_checkpoint` also requires
+both its state.json and its tensors, and a damaged one fails in `read_checkpoint` with one line.
 """
 
 from __future__ import annotations
@@ -143,7 +143,7 @@ def write_checkpoint(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    for old in complete_checkpoints(run)[:-keep] if keep > 0 else []:
+    for old in complete_checkpoints(run)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 

@@ -1,7 +1,8 @@
 """The configuration of a distillation run: code defaults → recipe (TOML) → command line.
 
-Every field is also a recipe key and a `dmd distill` option of the same name (dashes for
-underscores), so a recipe is exactly a saved set of command-line choices.
+Every field is also a recipe key, and all but a few rarely changed ones (the timestep range,
+AdamW's decay and betas) a `dmd distill` option of the same name (dashes for underscores), so a
+recipe is a saved set of command-line choices.
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ from typing import Any
 
 import tomli_w
 
-from dmdcli.errors import UsageError
+from dmdcli.errors import DmdError, UsageError, first_line
 from dmdcli.files import atomic_write
+from dmdcli.train.rundir import CONFIG_FILE
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 # "resolved" is the table a run folder's config.toml adds, so that file works as a recipe too.
@@ -85,12 +87,12 @@ class DistillConfig:
     lora_rank: int = 0
     """0: full fine-tune of the generator; R > 0: a LoRA head of rank R (reference: 64)."""
     lora_alpha: float | None = None
-    """LoRA alpha (None: equal to the rank; the reference SDXL LoRA uses 8 with rank 64)."""
+    """LoRA alpha of both adapters (None: equal to --lora-rank; the reference SDXL LoRA uses 8 with rank 64)."""
     shared_base: bool = True
     """With LoRA: generator and fake score are two adapters on ONE frozen copy of the teacher's
     weights (about one UNet in memory). False: the reference layout (full fp32 fake score)."""
     fake_lora_rank: int | None = None
-    """Rank of the fake score's adapter with a shared base (None: --lora-rank)."""
+    """Rank of the fake score's adapter with a shared base (None: --lora-rank); its alpha is the generator's."""
 
     # -- optimization ---------------------------------------------------------------------------
     iterations: int = 1000
@@ -156,6 +158,14 @@ class DistillConfig:
         import torch
 
         return torch.bfloat16 if self.precision() == "bf16" else torch.float32
+
+    def lora_alpha_value(self) -> float:
+        """The alpha of the generator's and the fake score's adapters."""
+        return self.lora_alpha or self.lora_rank
+
+    def fake_adapter_rank(self) -> int:
+        """The rank of the fake score's adapter on a shared base."""
+        return self.fake_lora_rank or self.lora_rank
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -280,6 +290,10 @@ def validate(c: DistillConfig) -> None:
     need(c.fake_updates_per_gen >= 1, f"--fake-updates-per-gen must be at least 1 (got {c.fake_updates_per_gen})")
     need(c.lora_rank >= 0, f"--lora-rank must be 0 (full fine-tune) or positive (got {c.lora_rank})")
     need(c.lr > 0 and (c.fake_lr is None or c.fake_lr > 0), "learning rates must be positive")
+    need(c.warmup_steps >= 0 and c.max_grad_norm > 0, "--warmup-steps must be ≥ 0 and --max-grad-norm > 0")
+    need(c.weight_decay >= 0 and 0 <= c.adam_beta1 < 1 and 0 <= c.adam_beta2 < 1,
+         "need weight_decay ≥ 0 and 0 ≤ adam_beta1, adam_beta2 < 1")
+    need(1 <= c.diffusion_gan_max_timestep <= 1000, f"--diffusion-gan-max-timestep must lie in 1 … 1000 (got {c.diffusion_gan_max_timestep})")
     need(c.lr_schedule in LR_SCHEDULES, f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)} (got {c.lr_schedule!r})")
     need(c.guidance_scale >= 1.0, f"--guidance-scale must be ≥ 1 (got {c.guidance_scale})")
     need(0.0 <= c.min_timestep_frac < c.max_timestep_frac <= 1.0, "need 0 ≤ min_timestep_frac < max_timestep_frac ≤ 1")
@@ -368,8 +382,11 @@ def resume_conflicts(saved: dict[str, Any], config: DistillConfig) -> list[str]:
 
 def run_config_values(run: Path) -> dict[str, Any]:
     """The configuration values a run folder was started with (its config.toml)."""
-    path = run / "config.toml"
+    path = run / CONFIG_FILE
     if not path.is_file():
-        raise UsageError(f"nothing to resume: {run} holds no run (no config.toml)")
-    values = tomllib.loads(path.read_text())
+        raise UsageError(f"nothing to resume: {run} holds no run (no {CONFIG_FILE})")
+    try:
+        values = tomllib.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+        raise DmdError(f"cannot read {path}: {first_line(e)}") from None
     return {k: v for k, v in values.items() if k not in RECIPE_ONLY_KEYS}

@@ -66,7 +66,7 @@ def default_out(config: DistillConfig) -> Path:
 RUN_FILES = (rundir.CONFIG_FILE, rundir.STUDENT_FILE, rundir.METRICS_FILE)
 # What the run and the commands run on its student write there; --overwrite clears all of it,
 # so no export or evaluation of the old student is left beside the new one.
-RUN_FOLDERS = (rundir.SAMPLES_DIR, CHECKPOINTS_DIR, "export")
+RUN_FOLDERS = (rundir.SAMPLES_DIR, rundir.ROUNDS_DIR, CHECKPOINTS_DIR, "export")
 
 
 def check_run_folder(out: Path, overwrite: bool) -> None:
@@ -286,7 +286,7 @@ class Distillation:
         with self.accelerator.main_process_first(), self.ui.task(f"regression pairs ({config.pair_steps}-step DDIM of the teacher)", total=config.pairs) as update:
             self.data.pairs = load_or_build_pairs(
                 root, inputs, self.data.prompts, (self.spec.latent_channels, *self.teacher.latent_size), generate,
-                batch_size=max(1, config.batch_size), progress=lambda done, total: update(done, None))
+                batch_size=config.batch_size, progress=lambda done, total: update(done, None))
         self.ui.message(f"regression: {len(self.data.pairs)} pairs {'made and cached' if self.data.pairs.built else 'reused'} in "
                         f"{self.data.pairs.folder}; distance {self.regression_distance_name}, weight {config.regression_weight}"
                         + (f" for the first {config.regression_iterations} iterations" if config.regression_iterations else ""))
@@ -459,7 +459,7 @@ class Distillation:
             "iterations": iterations_done, "guidance_scale": c.guidance_scale, "seed": c.seed,
         }
         if c.lora_rank:
-            info.update(lora_rank=c.lora_rank, lora_alpha=c.lora_alpha or c.lora_rank, lora_target_modules=LORA_TARGET_MODULES)
+            info.update(lora_rank=c.lora_rank, lora_alpha=c.lora_alpha_value(), lora_target_modules=LORA_TARGET_MODULES)
         return info
 
     def save_student(self, iterations_done: int, weights: dict[str, torch.Tensor]) -> Path:

@@ -132,10 +132,10 @@ def estimate_memory(spec: TeacherSpec, config, resolution: int, bf16: bool, proc
     p_text, p_vae = _text_and_vae_parameters(spec)
 
     lora, shared = config.lora_rank > 0, config.lora_rank > 0 and config.shared_base
-    alpha = config.lora_alpha or config.lora_rank
+    alpha = config.lora_alpha_value()
     with torch.device("meta"):
         p_gen = _adapter_parameters(unet, config.lora_rank, alpha, GENERATOR_ADAPTER) if lora else p_unet
-        p_fake = _adapter_parameters(unet, config.fake_lora_rank or config.lora_rank, alpha, FAKE_SCORE_ADAPTER) if shared else p_unet
+        p_fake = _adapter_parameters(unet, config.fake_adapter_rank(), alpha, FAKE_SCORE_ADAPTER) if shared else p_unet
         p_head = 0
         if config.data:
             down = 2 ** (len(unet.config.block_out_channels) - 1)

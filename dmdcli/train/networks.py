@@ -37,7 +37,7 @@ class Networks:
     def describe(self, config, timesteps: list[int]) -> str:
         count = lambda params: f"{sum(p.numel() for p in params) / 1e6:.2f}M trainable"  # noqa: E731
         kind = f"LoRA rank {config.lora_rank}" if config.lora_rank else "full fine-tune"
-        fake = f"LoRA rank {config.fake_lora_rank or config.lora_rank} on the shared base" if self.shared_base else "full copy"
+        fake = f"LoRA rank {config.fake_adapter_rank()} on the shared base" if self.shared_base else "full copy"
         return (
             f"generator: {kind} ({count(self.generator_params)}), {config.steps} step(s) at t = {timesteps}; "
             f"fake score: {fake} ({count(self.fake_params)}); GAN {'on' if self.head else 'off'}"
@@ -59,7 +59,7 @@ def build_networks(
     # Sharded, the whole networks are built in host memory and fully_shard moves each process's
     # shards onto `device`: three whole SDXL UNets (~25 GB) would not fit the GPUs the shards fit.
     device, shard_onto = (torch.device("cpu"), device) if sharding is not None else (device, None)
-    alpha = c.lora_alpha or c.lora_rank
+    alpha = c.lora_alpha_value()
     shared = c.lora_rank > 0 and c.shared_base
     base.requires_grad_(False)
     if shared:
@@ -68,7 +68,7 @@ def build_networks(
         base.to(device, frozen_dtype)
         generator, fake = share_weights(base), share_weights(base)
         generator_params = add_generator_lora(generator, c.lora_rank, alpha)
-        fake_params = add_generator_lora(fake, c.fake_lora_rank or c.lora_rank, alpha, adapter_name=FAKE_SCORE_ADAPTER)
+        fake_params = add_generator_lora(fake, c.fake_adapter_rank(), alpha, adapter_name=FAKE_SCORE_ADAPTER)
     else:
         # The reference layout: generator and fake score as fp32 copies of the teacher (fp32
         # master weights, bf16 autocast forwards); the teacher frozen in bf16 on CUDA.

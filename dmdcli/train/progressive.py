@@ -41,7 +41,6 @@ from dmdcli.train.distill import UI, Data, check_run_folder, create_run_folder, 
 from dmdcli.train.grids import SampleGrid
 from dmdcli.train.optim import adamw, lr_scheduler
 
-ROUNDS_DIR = "rounds"
 
 
 def round_steps(teacher_steps: int, target: int) -> list[int]:
@@ -207,8 +206,7 @@ class ProgressiveDistillation:
             student_unet, logs = self.train_round(r, steps, teacher_unet, r == 0, metrics, r * c.iterations_per_round)
             info = self.student_info(steps, r + 1, (r + 1) * c.iterations_per_round)
             weights = student_unet.state_dict()
-            (self.out / ROUNDS_DIR).mkdir(exist_ok=True)
-            rundir.save_student(self.out / ROUNDS_DIR / f"round-{r + 1}-{steps}step.safetensors", weights, info)
+            rundir.save_student(self.out / rundir.ROUNDS_DIR / f"round-{r + 1}-{steps}step.safetensors", weights, info)
             rundir.save_student(self.out / rundir.STUDENT_FILE, weights, info)
             grid = self.save_grid(student_unet, steps, f"round-{r + 1}-{steps}step")
             self.ui.message(f"round {r + 1}: {steps}-step student saved (loss {logs.get('loss_progressive', float('nan')):.4g})")

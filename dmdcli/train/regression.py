@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from dmdcli.core.losses import REGRESSION_DISTANCES
-from dmdcli.errors import UsageError
+from dmdcli.errors import UsageError, first_line
 
 Distance = Callable[[Tensor, Tensor], Tensor]
 
@@ -41,7 +41,7 @@ def build_distance(name: str, vae, scaling_factor: float) -> tuple[Distance, str
     try:
         return lpips_distance(vae, scaling_factor), "lpips", None
     except Exception as e:  # not installed, no network for its weights, ...
-        reason = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+        reason = f"{type(e).__name__}: {first_line(e)}"
         if name == "lpips":
             raise UsageError(f"--regression-distance lpips needs the lpips package and its pretrained weights ({reason}); "
                              "pip install lpips, or choose pseudo_huber or mse") from e

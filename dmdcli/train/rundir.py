@@ -26,6 +26,7 @@ STUDENT_FILE = "student.safetensors"
 CONFIG_FILE = "config.toml"
 METRICS_FILE = "metrics.jsonl"
 SAMPLES_DIR = "samples"
+ROUNDS_DIR = "rounds"  # progressive distillation's student after each halving round
 STUDENT_FORMAT = "dmd-student/1"
 
 
@@ -63,11 +64,20 @@ class MetricsLog:
             f.write(json.dumps(record) + "\n")
 
     def truncate_after(self, iteration: int) -> None:
-        """Drop records past `iteration` (a resumed run writes them again)."""
+        """Drop records past `iteration` (a resumed run writes them again), and a line torn by a
+        write that failed (a full disk, a killed process)."""
         if not self.enabled or not self.path.is_file():
             return
-        kept = [line for line in self.path.read_text().splitlines() if line.strip() and json.loads(line)["iteration"] <= iteration]
+        kept = [line for line in self.path.read_text().splitlines() if _iteration(line) <= iteration]
         atomic_write(self.path, lambda tmp: tmp.write_text("".join(line + "\n" for line in kept)))
+
+
+def _iteration(line: str) -> float:
+    """A metrics line's iteration; infinity (never kept) for a torn or foreign line."""
+    try:
+        return json.loads(line)["iteration"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
 
 
 def save_grid(images: Tensor, path: Path, columns: int | None = None) -> None:
