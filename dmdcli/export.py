@@ -173,7 +173,7 @@ def export_diffusers(source: ModelSource, out: Path, dtype: torch.dtype, allow_p
     spec, info = source.spec(), source.info
     unet = load_student_unet(source, allow_pickle)
     # Pipelines default to unet.config.sample_size × the VAE factor: make that the student's resolution.
-    resolution = int(info.get("resolution") or spec.native_resolution)
+    resolution = source.resolution(spec)
     unet.register_to_config(sample_size=resolution // spec.vae_scale_factor)
     if info.get("sampler") == "ddim":
         scheduler = ddim_student_scheduler(spec.scheduler_config, list(info["timesteps"]), info["prediction_type"])

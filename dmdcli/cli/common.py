@@ -70,3 +70,10 @@ def print_json(record: dict[str, Any]) -> None:
     """One JSON object on one line of stdout (the only thing commands print there)."""
     sys.stdout.write(json.dumps(record) + "\n")
     sys.stdout.flush()
+
+
+def quiet_diffusers() -> None:
+    """diffusers' own loading bar would interleave with ours on stderr."""
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.disable_progress_bar()

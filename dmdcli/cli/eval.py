@@ -9,8 +9,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from dmdcli.cli.common import handle_errors, print_json
-from dmdcli.cli.sample import MAX_STEPS, _quiet_diffusers
+from dmdcli.cli.common import handle_errors, print_json, quiet_diffusers
+from dmdcli.cli.sample import MAX_STEPS
 from dmdcli.cli.ui import RichUI
 
 HELP = """Score models with FID, KID, patch FID and CLIP score on a prompt/reference set.
@@ -59,10 +59,10 @@ def eval_command(
     from dmdcli.errors import UsageError
     from dmdcli.eval.report import render_table
     from dmdcli.eval.run import EvalOptions, evaluate, open_benchmark, plan_targets
-    from dmdcli.models.student import find_model, pick_device, pick_dtype
+    from dmdcli.models.student import STUDENT_TAKES_NO_CFG, find_model, pick_device, pick_dtype
 
     ui = RichUI(quiet=quiet)
-    _quiet_diffusers()
+    quiet_diffusers()
     torch_device = pick_device(device)
     torch_dtype = pick_dtype(dtype, torch_device)
     options = EvalOptions(coco_root=coco_root, num_samples=num_samples, eval_resolution=eval_resolution, features=features,
@@ -75,7 +75,7 @@ def eval_command(
         fid = "shapes"
     benchmark = open_benchmark(fid, options)
     if guidance_scale is not None and all(source.is_student for source in sources):
-        raise UsageError("a DMD2 student samples without classifier-free guidance; --guidance-scale is for plain pipelines")
+        raise UsageError(STUDENT_TAKES_NO_CFG)
     targets = plan_targets(sources, benchmark, out, seed=seed, steps=steps, guidance_scale=guidance_scale,
                            resolution=resolution, overwrite=overwrite)
     benchmark.prepare()  # feature networks and CLIP: a bad one fails here, before any model loads

@@ -7,8 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from dmdcli.cli.common import handle_errors, print_json
-from dmdcli.cli.sample import _quiet_diffusers
+from dmdcli.cli.common import handle_errors, print_json, quiet_diffusers
 from dmdcli.cli.ui import RichUI
 
 HELP = """Export a distilled student for diffusers, ComfyUI and Automatic1111.
@@ -37,7 +36,7 @@ def export(
     from dmdcli.export import check_dtype, check_format, check_out, default_out, export as run_export, snippet, student_source
 
     ui = RichUI(quiet=quiet)
-    _quiet_diffusers()
+    quiet_diffusers()
     check_format(fmt)
     torch_dtype = check_dtype(dtype)
     source = student_source(model)

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from dmdcli.cli.common import handle_errors, print_json
+from dmdcli.cli.common import handle_errors, print_json, quiet_diffusers
 from dmdcli.cli.ui import RichUI
 
 HELP = """Generate images from a distilled student, an exported pipeline, or any diffusers pipeline.
@@ -52,11 +52,11 @@ def sample(
 ) -> None:
     from dmdcli.data.prompts import read_prompts
     from dmdcli.errors import UsageError
-    from dmdcli.models.student import find_model, load_sampler, pick_device, pick_dtype
+    from dmdcli.models.student import find_model, load_sampler, pick_device, pick_dtype, sampling_messages
     from dmdcli.sample import check_free, plan, run
 
     ui = RichUI(quiet=quiet)
-    _quiet_diffusers()
+    quiet_diffusers()
     texts = list(prompt or []) + (read_prompts(prompts) if prompts else [])  # --prompt "" is the unconditional prompt
     if not texts:
         raise UsageError("no prompts: give --prompt TEXT (repeatable) or --prompts FILE (- for standard input)")
@@ -67,10 +67,8 @@ def sample(
     torch_device = pick_device(device)
     sampler = load_sampler(source, torch_device, pick_dtype(dtype, torch_device), guidance_scale, allow_pickle)
     n_steps = steps or sampler.default_steps
-    what = f"student, {n_steps} step(s)" if source.is_student else f"{type(sampler.pipe).__name__}, {n_steps} steps"
-    ui.message(f"model: {source.name} ({what}) on {torch_device}; {len(jobs)} image(s) → {out}/")
-    if source.is_student and n_steps != sampler.default_steps:
-        ui.message(f"note: the student was distilled for {sampler.default_steps} step(s); sampling at t = {sampler.timesteps(n_steps)}")
+    for line in sampling_messages(source, sampler, n_steps, torch_device, len(jobs), out):
+        ui.message(line)
 
     generate = lambda ps, ss: sampler.generate(ps, ss, size[0], size[1], n_steps)  # noqa: E731
     with ui.task("sampling", total=len(jobs)) as update:
@@ -79,10 +77,3 @@ def sample(
                 print_json(record)
             update(done)
     ui.message(f"wrote {len(jobs)} image(s) to {out}/")
-
-
-def _quiet_diffusers() -> None:
-    """diffusers' own loading bar would interleave with ours on stderr."""
-    from diffusers.utils import logging as diffusers_logging
-
-    diffusers_logging.disable_progress_bar()

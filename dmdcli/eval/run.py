@@ -355,15 +355,13 @@ def evaluate(target: Target, benchmark: Benchmark, *, device: torch.device, dtyp
              progress: Progress | None = None, message: Callable[[str], None] = lambda text: None) -> dict:
     """Load the target's model, draw its images, score them, write the grid and then the report
     (last: a report on disk means a finished evaluation). Returns the report as written."""
-    from dmdcli.models.student import load_sampler
+    from dmdcli.models.student import load_sampler, sampling_messages
 
     source = target.source
     sampler = load_sampler(source, device, dtype, None if source.is_student else guidance_scale, allow_pickle)
     n_steps = steps or sampler.default_steps
-    what = f"student, {n_steps} step(s)" if source.is_student else f"{type(sampler.pipe).__name__}, {n_steps} steps"
-    message(f"model: {source.name} ({what}) on {device}; {len(target.jobs)} image(s) → {target.images}/")
-    if source.is_student and n_steps != sampler.default_steps:
-        message(f"note: the student was distilled for {sampler.default_steps} step(s); sampling at t = {sampler.timesteps(n_steps)}")
+    for line in sampling_messages(source, sampler, n_steps, device, len(target.jobs), target.images):
+        message(line)
     try:
         generation = generate(sampler, target, n_steps, batch_size, seed, progress)
         generation.details["dtype"] = str(dtype).removeprefix("torch.")

@@ -85,6 +85,10 @@ class ModelSource:
             raise DmdError(f"{self.name}: the student is {self.info['layout']}-layout but {spec.source} is {spec.layout}-layout")
         return spec
 
+    def resolution(self, spec: TeacherSpec) -> int:
+        """The side the student was trained at (older students: its teacher's native one)."""
+        return int(self.info.get("resolution") or spec.native_resolution)
+
     def image_size(self, resolution: int | None, height: int | None, width: int | None) -> tuple[int | None, int | None]:
         """(height, width) from --resolution / --height / --width: a missing side is the student's
         resolution, or for a plain pipeline the other side (None, None: the pipeline's default)."""
@@ -92,7 +96,7 @@ class ModelSource:
         if not self.is_student:
             return (height or width, width or height)
         spec = self.spec()
-        default = int(self.info.get("resolution") or spec.native_resolution)
+        default = self.resolution(spec)
         height, width = height or default, width or default
         for what, value in (("height", height), ("width", width)):
             spec.check_resolution(value, f"image {what}")
@@ -206,6 +210,15 @@ class ImageSampler(Protocol):
         ...
 
 
+def sampling_messages(source: ModelSource, sampler: ImageSampler, steps: int, device: torch.device, count: int, dest: str) -> list[str]:
+    """What `dmd sample` and `dmd eval` say before drawing `count` images into `dest`."""
+    what = f"student, {steps} step(s)" if source.is_student else f"{type(sampler.pipe).__name__}, {steps} steps"
+    lines = [f"model: {source.name} ({what}) on {device}; {count} image(s) → {dest}/"]
+    if source.is_student and steps != sampler.default_steps:
+        lines.append(f"note: the student was distilled for {sampler.default_steps} step(s); sampling at t = {sampler.timesteps(steps)}")
+    return lines
+
+
 def to_uint8(images: Tensor) -> np.ndarray:
     """[B, 3, H, W] in [-1, 1] → [B, H, W, 3] uint8, rounded exactly as diffusers' image processor."""
     x = (images.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
@@ -236,7 +249,7 @@ class StudentSampler:
         info = source.info
         self.source, self.info, self.name = source, info, source.name
         self.spec = source.spec()
-        resolution = int(info.get("resolution") or self.spec.native_resolution)
+        resolution = source.resolution(self.spec)
         self.default_size = (resolution, resolution)
         self.default_steps = int(info["steps"])
         self.teacher = Teacher(self.spec, device, dtype, resolution, allow_pickle)
@@ -318,13 +331,16 @@ class PipelineSampler:
         return (np.asarray(images) * 255).round().astype(np.uint8)
 
 
+STUDENT_TAKES_NO_CFG = "a DMD2 student samples without classifier-free guidance; --guidance-scale is for plain pipelines"
+
+
 def load_sampler(
     source: ModelSource, device: torch.device, dtype: torch.dtype, guidance_scale: float | None = None, allow_pickle: bool = False
 ) -> ImageSampler:
     """The sampler for `source`; students take no guidance scale (they sample without CFG)."""
     if source.is_student:
         if guidance_scale is not None:
-            raise UsageError("a DMD2 student samples without classifier-free guidance; --guidance-scale is for plain pipelines")
+            raise UsageError(STUDENT_TAKES_NO_CFG)
         return StudentSampler(source, device, dtype, allow_pickle)
     return PipelineSampler(source, device, dtype, guidance_scale, allow_pickle)
 

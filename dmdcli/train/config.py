@@ -15,6 +15,8 @@ from typing import Any
 
 import tomli_w
 
+from dmdcli.core.losses import REGRESSION_DISTANCES
+from dmdcli.core.progressive import LOSS_WEIGHTS, PARAMETERIZATIONS
 from dmdcli.errors import DmdError, UsageError, first_line
 from dmdcli.files import atomic_write
 from dmdcli.train.rundir import CONFIG_FILE
@@ -307,14 +309,14 @@ def validate(c: DistillConfig) -> None:
         need(0 <= c.conditioning_timestep < 1000, "--conditioning-timestep must lie in [0, 999]")
     need(c.method in METHODS, f"--method must be one of {', '.join(METHODS)} (got {c.method!r})")
     need(c.regression_weight >= 0 and c.regression_iterations >= 0, "regression_weight and regression_iterations must be ≥ 0")
-    need(c.regression_distance in REGRESSION_DISTANCES, f"--regression-distance must be one of {', '.join(REGRESSION_DISTANCES)}")
+    need(c.regression_distance in DISTANCE_CHOICES, f"--regression-distance must be one of {', '.join(DISTANCE_CHOICES)}")
     need(c.pairs >= 1 and c.pair_steps >= 1, "--pairs and --pair-steps must be at least 1")
     if c.method == "progressive":
         need(c.teacher_steps > c.steps and c.teacher_steps % c.steps == 0 and _power_of_two(c.teacher_steps // c.steps),
              f"--teacher-steps must be --steps × a power of two, larger than --steps (got {c.teacher_steps} and {c.steps})")
         need(c.iterations_per_round >= 1, "--iterations-per-round must be at least 1")
-        need(c.parameterization in (None, "x", "v", "epsilon"), f"--parameterization must be x, v or epsilon (got {c.parameterization!r})")
-        need(c.loss_weight in ("truncated_snr", "snr_plus_one"), f"--loss-weight must be truncated_snr or snr_plus_one (got {c.loss_weight!r})")
+        need(c.parameterization in (None, *PARAMETERIZATIONS), f"--parameterization must be one of {', '.join(PARAMETERIZATIONS)} (got {c.parameterization!r})")
+        need(c.loss_weight in LOSS_WEIGHTS, f"--loss-weight must be one of {', '.join(LOSS_WEIGHTS)} (got {c.loss_weight!r})")
         need(c.lora_rank == 0, "--method progressive trains full students; drop --lora-rank")
         need(not c.fsdp, "--method progressive runs in one process; drop --fsdp")
         need(c.init_from is None, "--method progressive starts from the teacher; drop --init-from")
@@ -338,7 +340,7 @@ LR_SCHEDULES = ("constant", "cosine", "linear")
 # DMD v1 (arXiv 2311.18828): the fake score is updated once per generator update, and the
 # regression loss (λ = 0.25) replaces DMD2's two time-scale rule and GAN as the stabilizer.
 METHOD_PRESETS = {"dmd": {"fake_updates_per_gen": 1, "regression_weight": 0.25}}
-REGRESSION_DISTANCES = ("auto", "lpips", "pseudo_huber", "mse")
+DISTANCE_CHOICES = ("auto", "lpips", *REGRESSION_DISTANCES)  # LPIPS needs its package: train/regression.py
 
 
 def _power_of_two(n: int) -> bool:
