@@ -335,6 +335,22 @@ def test_teacher_detection(tiny_sd, tiny_sdxl, tmp_path):
     assert result.exit_code == 1 and "cannot read" in result.stderr and "Traceback" not in result.stderr, result.stderr
 
 
+def test_lora_weights_that_do_not_fit_name_their_keys(tiny_sd):
+    from diffusers import UNet2DConditionModel
+
+    from dmdcli.models.lora import add_generator_lora, load_lora_state_dict, lora_state_dict
+
+    unet = UNet2DConditionModel.from_pretrained(str(tiny_sd), subfolder="unet")
+    add_generator_lora(unet, 4, 4)
+    state = lora_state_dict(unet)
+    load_lora_state_dict(unet, state)  # its own weights fit
+    dropped = sorted(state)[0]
+    with pytest.raises(ValueError, match="missing keys: " + dropped.split(".lora_")[0]):  # named with the adapter's name
+        load_lora_state_dict(unet, {k: v for k, v in state.items() if k != dropped})
+    with pytest.raises(ValueError, match="unexpected keys: extra.lora_A"):
+        load_lora_state_dict(unet, {**state, "extra.lora_A.weight": torch.zeros(1)})
+
+
 @pytest.mark.parametrize("shared", [True, False])
 def test_lora_layouts(tmp_path, tiny_sdxl, prompts_file, image_folder, shared):
     config = resolve_config("tiny", {

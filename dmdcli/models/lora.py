@@ -67,10 +67,14 @@ def lora_state_dict(unet: nn.Module, adapter_name: str = GENERATOR_ADAPTER) -> d
 
 
 def load_lora_state_dict(unet: nn.Module, state: dict, adapter_name: str = GENERATOR_ADAPTER) -> None:
-    """Load adapter weights saved by `lora_state_dict` into a UNet that has the adapter."""
+    """Load adapter weights saved by `lora_state_dict` into a UNet that has the adapter. Weights
+    for other target modules are a ValueError naming the first keys left unexpected or missing
+    (another rank fails in peft, on the shapes)."""
     from peft.utils import set_peft_model_state_dict
 
     result = set_peft_model_state_dict(unet, state, adapter_name=adapter_name)
-    unexpected = getattr(result, "unexpected_keys", None)
-    if unexpected:
-        raise ValueError(f"LoRA weights do not fit this UNet: unexpected keys {unexpected[:3]}")
+    unexpected = list(getattr(result, "unexpected_keys", None) or [])
+    missing = [k for k in getattr(result, "missing_keys", None) or [] if f".{adapter_name}." in k]
+    if unexpected or missing:
+        kind, keys = ("unexpected", unexpected) if unexpected else ("missing", missing)
+        raise ValueError(f"LoRA weights do not fit this UNet ({kind} keys: {', '.join(keys[:3])})")

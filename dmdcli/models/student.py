@@ -167,17 +167,13 @@ def load_student_weights(unet: nn.Module, source: ModelSource) -> nn.Module:
 
 def fuse_lora_student(unet: nn.Module, weights: dict[str, Tensor], info: dict[str, Any]) -> None:
     """Add the generator LoRA described by `info`, load `weights` (peft layout) and fuse it."""
-    from peft import set_peft_model_state_dict
-
-    from dmdcli.models.lora import GENERATOR_ADAPTER, add_generator_lora
+    from dmdcli.models.lora import add_generator_lora, load_lora_state_dict
 
     add_generator_lora(unet, int(info["lora_rank"]), float(info["lora_alpha"]), info.get("lora_target_modules"))
-    result = set_peft_model_state_dict(unet, weights, adapter_name=GENERATOR_ADAPTER)
-    unexpected = list(getattr(result, "unexpected_keys", []) or [])
-    missing = [k for k in getattr(result, "missing_keys", []) or [] if "lora_" in k]
-    if unexpected or missing:
-        bad = (unexpected or missing)[:3]
-        raise DmdError(f"the student's LoRA does not fit the teacher's UNet ({'unexpected' if unexpected else 'missing'} keys: {', '.join(bad)})")
+    try:
+        load_lora_state_dict(unet, weights)
+    except (ValueError, RuntimeError) as e:  # RuntimeError: peft's shape mismatch (another rank)
+        raise DmdError(f"the student's LoRA does not fit the teacher's UNet: {first_line(e)}") from None
     unet.fuse_lora()
     unet.unload_lora()
 
