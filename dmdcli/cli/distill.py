@@ -169,8 +169,7 @@ def _dry_run(config, json_out: bool) -> None:
     from dmdcli.train.memory import estimate_memory
 
     spec = inspect_teacher(config.teacher)
-    resolution = config.resolution or spec.native_resolution
-    spec.check_resolution(resolution)
+    resolution = spec.training_resolution(config.resolution)
     bf16 = config.precision() == "bf16"
     # Sharded, memory per process depends on how many there are: a column for each of a few.
     counts = FSDP_PROCESS_COUNTS if config.fsdp else (1,)

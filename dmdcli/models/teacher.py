@@ -104,6 +104,12 @@ class TeacherSpec:
     def schedule(self) -> NoiseSchedule:
         return NoiseSchedule.from_scheduler_config(self.scheduler_config)
 
+    def training_resolution(self, requested: int | None) -> int:
+        """--resolution, or the teacher's native side; checked."""
+        resolution = requested or self.native_resolution
+        self.check_resolution(resolution)
+        return resolution
+
     def check_resolution(self, resolution: int, what: str = "--resolution") -> None:
         """A side must be a multiple of what the VAE and the UNet divide it by, and at least twice
         that: below a 2×2 latent at the UNet's bottom its group norms see a single value (a tiny

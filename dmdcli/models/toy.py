@@ -70,8 +70,7 @@ class ExactMixtureDenoiser(nn.Module):
         log_r = self.mixture.weights.to(x_t.device).log() - 0.5 * (centred**2).sum(-1) / var.squeeze(-1) - var.squeeze(-1).log()
         r = torch.softmax(log_r, dim=1).unsqueeze(-1)  # [B, K, 1]
         x0 = (r * (mu + a.sqrt() * s2 / var * centred)).sum(1)  # [B, 2]
-        a = a.view(-1, 1)
-        return ((x_t.double() - a.sqrt() * x0) / (1.0 - a).sqrt()).float()
+        return self.schedule.eps_from_x0(x_t, x0, t)
 
 
 class MLPDenoiser(nn.Module):

@@ -69,6 +69,17 @@ RUN_FILES = (rundir.CONFIG_FILE, rundir.STUDENT_FILE, rundir.METRICS_FILE)
 RUN_FOLDERS = (rundir.SAMPLES_DIR, rundir.ROUNDS_DIR, CHECKPOINTS_DIR, "export")
 
 
+def read_user_files(config: DistillConfig, accelerator) -> tuple[list[str] | None, str | None]:
+    """The prompts and the real-image folder: cheap checks of the user's files, before minutes of
+    model loading."""
+    prompts = read_prompts(config.prompts) if config.prompts else None
+    with accelerator.main_process_first():  # `--data shapes`: the built-in world's images, rendered once
+        folder = resolve_data(config.data)
+    if folder and not Path(folder).is_dir():
+        raise UsageError(f"image folder not found: {config.data}")
+    return prompts, folder
+
+
 def check_run_folder(out: Path, overwrite: bool) -> None:
     """Refuse (before any work) to mix two runs in one folder unless asked to overwrite, and to
     write a run into a file or into a folder of other things (--overwrite never clears those)."""
@@ -191,20 +202,14 @@ class Distillation:
         ui = self.ui
         self.sharding = self._sharding(config, precision)
         self.spec: TeacherSpec = inspect_teacher(config.teacher)
-        self.resolution = config.resolution or self.spec.native_resolution
-        self.spec.check_resolution(self.resolution)
+        self.resolution = self.spec.training_resolution(config.resolution)
         self.out = Path(config.out) if config.out else default_out(config)
         self.checkpoint = self._checkpoint_to_resume() if resume else None
         # A resumed run's own checkpoint already holds what --init-from gave it.
         self.init_checkpoint = self._checkpoint_to_init_from() if config.init_from and not resume else None
         if not resume:
             check_run_folder(self.out, overwrite)
-        # Cheap checks of the user's files first, before minutes of model loading.
-        prompts = read_prompts(config.prompts) if config.prompts else None
-        with self.accelerator.main_process_first():  # `--data shapes`: the built-in world's images, rendered once
-            self.data_folder = resolve_data(config.data)
-        if self.data_folder and not Path(self.data_folder).is_dir():
-            raise UsageError(f"image folder not found: {config.data}")
+        prompts, self.data_folder = read_user_files(config, self.accelerator)
 
         frozen_dtype = config.frozen_dtype()
         device = self.accelerator.device

@@ -30,14 +30,12 @@ from dmdcli.core.denoiser import Cond, expand_cond
 from dmdcli.core.sampler import ddim_sample, guided_prediction
 from dmdcli.core.schedule import NoiseSchedule, as_timestep_tensor, ddim_timesteps
 from dmdcli.data.images import load_or_build_latents
-from dmdcli.data.prompts import read_prompts
 from dmdcli.errors import DmdError, UsageError
 from dmdcli.models.teacher import Teacher, inspect_teacher
 from dmdcli.models.unet import UNetDenoiser
-from dmdcli.shapes.data import resolve_data
 from dmdcli.train import rundir
 from dmdcli.train.config import DistillConfig, write_config
-from dmdcli.train.distill import UI, Data, check_run_folder, create_run_folder, default_out
+from dmdcli.train.distill import UI, Data, check_run_folder, create_run_folder, default_out, read_user_files
 from dmdcli.train.grids import SampleGrid
 from dmdcli.train.optim import adamw, lr_scheduler
 
@@ -67,14 +65,10 @@ class ProgressiveDistillation:
             raise UsageError("--method progressive runs in one process; launch it without torchrun / accelerate launch")
         self.config, self.ui = config, ui
         self.spec = inspect_teacher(config.teacher)
-        self.resolution = config.resolution or self.spec.native_resolution
-        self.spec.check_resolution(self.resolution)
+        self.resolution = self.spec.training_resolution(config.resolution)
         self.out = Path(config.out) if config.out else default_out(config)
         check_run_folder(self.out, overwrite)
-        prompts = read_prompts(config.prompts) if config.prompts else None
-        self.data_folder = resolve_data(config.data)  # `--data shapes`: the built-in world's images
-        if self.data_folder and not Path(self.data_folder).is_dir():
-            raise UsageError(f"image folder not found: {config.data}")
+        prompts, self.data_folder = read_user_files(config, self.accelerator)
         self.device = self.accelerator.device
         self.frozen_dtype = config.frozen_dtype()
         ui.message(f"teacher: {self.spec.source} ({self.spec.layout}, {self.spec.prediction_type}) at {self.resolution}px on {self.device}")
