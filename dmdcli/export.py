@@ -331,5 +331,7 @@ def snippet(fmt: str, out: Path, info: dict[str, Any], dtype: str) -> str:
         *head, "from diffusers import UNet2DConditionModel", "from safetensors.torch import load_file",
         f'unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config("{teacher}", subfolder="unet"))',
         f'unet.load_state_dict(load_file("{out}"))',
+        # from_pretrained casts the components it loads, not one passed in.
+        *([f"unet.to({as_dtype.removeprefix(', torch_dtype=')})"] if as_dtype else []),
         f'pipe = DiffusionPipeline.from_pretrained("{teacher}", unet=unet{as_dtype})', lcm, call,
     ])

@@ -157,6 +157,9 @@ def test_unet_export_in_fp16_is_the_fused_student(tmp_path, students, tiny_sdxl)
         student = load_student_unet(find_model(str(run)))(x, t, **kwargs).sample
         got = unet(x, t, **kwargs).sample
     assert (got - student).abs().max() < 2e-2  # fp16 weights
+    namespace = {}
+    exec(result.stderr[result.stderr.index("import torch"):].strip(), namespace)  # noqa: S102 - the printed snippet runs
+    assert namespace["pipe"].unet.dtype == torch.float16 and namespace["image"].size[0] > 0
     # The file is also a (full) student that dmd sample takes.
     sample = invoke("sample", "--model", out, "--prompt", "a cat", "--out", tmp_path / "images", "--json")
     assert json.loads(sample.stdout)["steps"] == 4

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -213,11 +214,24 @@ def test_resume_refuses_a_contradicting_configuration(tmp_path, tiny_sd, prompts
     assert "contradicts the checkpoint" in result.stderr and "steps 1 → 4" in result.stderr and "lr" in result.stderr
     nothing = runner.invoke(app, ["distill", "--out", str(tmp_path / "empty"), "--resume"])
     assert nothing.exit_code == 2 and "nothing to resume" in nothing.stderr
+    both = runner.invoke(app, ["distill", "--out", str(out), "--resume", "--init-from", str(out)])
+    assert both.exit_code == 2 and "drop --overwrite/--recipe/--init-from" in both.stderr
+    # Spelling out a default that follows another option (fake lr = lr) is no change.
+    lr = tomllib.loads((out / "config.toml").read_text())["lr"]
+    same = runner.invoke(app, ["distill", "--out", str(out), "--resume", "--fake-lr", str(lr), "--quiet"])
+    assert same.exit_code == 0, same.stderr
     # A finished run extends with a larger --iterations (and is left alone with the same one).
     again = runner.invoke(app, ["distill", "--out", str(out), "--resume", "--quiet"])
     assert again.exit_code == 0 and complete_checkpoints(out)[-1].name == "iter-000002"
     longer = runner.invoke(app, ["distill", "--out", str(out), "--resume", "--iterations", "3", "--quiet"])
     assert longer.exit_code == 0 and complete_checkpoints(out)[-1].name == "iter-000003"
+    # Done already, or asked for fewer iterations than done: said before loading, and nothing rewritten.
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    done = runner.invoke(app, ["distill", "--out", str(out), "--resume"])
+    assert done.exit_code == 0 and "already at iteration 3; raise --iterations" in done.stderr, done.stderr
+    fewer = runner.invoke(app, ["distill", "--out", str(out), "--resume", "--iterations", "2"])
+    assert fewer.exit_code == 2 and "already at iteration 3, past --iterations 2" in fewer.stderr, fewer.stderr
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == before
     (out / "config.toml").write_text("steps = [")  # a hand edit gone wrong
     broken = runner.invoke(app, ["distill", "--out", str(out), "--resume"])
     assert broken.exit_code == 1 and f"cannot read {out / 'config.toml'}" in broken.stderr and "Traceback" not in broken.stderr

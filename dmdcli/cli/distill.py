@@ -109,8 +109,8 @@ def distill(
     if recipe is None and teacher is not None and not resume:
         recipe = chosen = layout_recipe(teacher_layout(teacher), steps, lora_rank)
     if resume:
-        if overwrite or recipe:
-            raise UsageError("--resume continues the run in --out with its own config.toml; drop --overwrite/--recipe")
+        if overwrite or recipe or init_from:
+            raise UsageError("--resume continues the run in --out with its own config.toml; drop --overwrite/--recipe/--init-from")
         if out is None:
             raise UsageError("--resume needs --out RUN, the run folder to continue")
         base = run_config_values(Path(out))
@@ -125,9 +125,12 @@ def distill(
         return _progressive(config, ui, overwrite, resume, json_out)
 
     # Imported here so that `dmd --help` and usage errors stay instant (torch is slow to import).
-    from dmdcli.train.distill import Distillation, WriteFailed
+    from dmdcli.train.distill import Distillation, RunFinished, WriteFailed
 
-    run = Distillation(config, ui, overwrite=overwrite, resume=resume)
+    try:
+        run = Distillation(config, ui, overwrite=overwrite, resume=resume)
+    except RunFinished as done:
+        return ui.message(str(done))
     try:
         summary = run.run()
     except OSError as e:

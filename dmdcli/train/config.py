@@ -370,16 +370,40 @@ RESUMABLE_KEYS = {
 WEIGHT_KEYS = ("teacher", "lora_rank", "lora_alpha", "shared_base", "fake_lora_rank")
 
 
-def init_conflicts(saved: dict[str, Any], config: DistillConfig) -> list[str]:
-    """Keys of WEIGHT_KEYS whose value differs between another run's configuration and this one."""
-    current, saved = config.to_dict(), absolute_paths(saved)
-    return [k for k in WEIGHT_KEYS if saved.get(k) != current[k]]
+def _as_used(values: dict[str, Any]) -> dict[str, Any]:
+    """Values as a run uses them, so that spelling a default out is no change: the defaults that
+    follow other keys filled in (alpha = rank, fake rank = rank, fake lr = lr), and the LoRA keys
+    of a full fine-tune dropped."""
+    v = dict(values)
+    rank = v.get("lora_rank") or 0
+    shared = bool(rank) and v.get("shared_base", DistillConfig.shared_base)
+    v["lora_alpha"] = (v.get("lora_alpha") or rank) if rank else None
+    v["shared_base"] = shared
+    v["fake_lora_rank"] = (v.get("fake_lora_rank") or rank) if shared else None
+    v["fake_lr"] = v.get("fake_lr") or v.get("lr")
+    return v
 
 
-def resume_conflicts(saved: dict[str, Any], config: DistillConfig) -> list[str]:
-    """Keys whose value differs from the checkpoint's configuration (and may not)."""
-    current, saved = config.to_dict(), absolute_paths(saved)  # runs from before paths were stored absolute
-    return sorted(k for k in current if k not in RESUMABLE_KEYS and saved.get(k) != current[k])
+def _differences(saved: dict[str, Any], config: DistillConfig, keys) -> list[tuple[str, Any, Any]]:
+    """(key, saved value, this run's) for each of `keys` that differs as used; the LoRA keys that
+    follow the rank are left out when the rank itself differs."""
+    # absolute_paths: runs from before paths were stored absolute
+    current, saved = _as_used(config.to_dict()), _as_used(absolute_paths(saved))
+    found = [(k, saved.get(k), current[k]) for k in keys if saved.get(k) != current[k]]
+    if any(k == "lora_rank" for k, _, _ in found):
+        found = [d for d in found if d[0] not in ("lora_alpha", "shared_base", "fake_lora_rank")]
+    return found
+
+
+def init_conflicts(saved: dict[str, Any], config: DistillConfig) -> list[tuple[str, Any, Any]]:
+    """Where another run's networks differ from this one's: (key, there, here) for WEIGHT_KEYS."""
+    return _differences(saved, config, WEIGHT_KEYS)
+
+
+def resume_conflicts(saved: dict[str, Any], config: DistillConfig) -> list[tuple[str, Any, Any]]:
+    """Where this configuration contradicts the checkpoint's: (key, then, now) for every key but
+    RESUMABLE_KEYS."""
+    return _differences(saved, config, [k for k in FIELD_NAMES if k not in RESUMABLE_KEYS])
 
 
 def run_config_values(run: Path) -> dict[str, Any]:

@@ -308,8 +308,13 @@ class Distillation:
             )
         conflicts = resume_conflicts(state["config"], self.config)
         if conflicts:
-            details = ", ".join(f"{k} {state['config'].get(k)!r} → {getattr(self.config, k)!r}" for k in conflicts)
+            details = ", ".join(f"{k} {before!r} → {now!r}" for k, before, now in conflicts)
             raise UsageError(f"--resume with a configuration that contradicts the checkpoint {found.name}: {details}")
+        done = state["iteration"]
+        if done > self.config.iterations:
+            raise UsageError(f"{self.out} is already at iteration {done}, past --iterations {self.config.iterations}; raise it to continue")
+        if done == self.config.iterations:
+            raise RunFinished(f"{self.out} is already at iteration {done}; raise --iterations to continue")
         planned = state["config"].get("iterations")
         if self.config.lr_schedule != "constant" and planned != self.config.iterations:
             self.ui.message(f"the {self.config.lr_schedule} LR decay now spans {self.config.iterations} iterations instead of "
@@ -324,7 +329,7 @@ class Distillation:
         _, state = read_checkpoint(found, with_tensors=False)
         conflicts = init_conflicts(state["config"], self.config)
         if conflicts:
-            details = ", ".join(f"{k} {state['config'].get(k)!r} there, {getattr(self.config, k)!r} here" for k in conflicts)
+            details = ", ".join(f"{k} {there!r} there, {here!r} here" for k, there, here in conflicts)
             raise UsageError(f"--init-from {found}: its networks are not this run's ({details})")
         return found
 
@@ -529,8 +534,6 @@ class Distillation:
         if main:
             write_config(c, self.out / rundir.CONFIG_FILE, self.resolved())
         self.accelerator.wait_for_everyone()
-        if start_iteration >= c.iterations:
-            self.ui.message(f"{self.out} is already at iteration {start_iteration}; raise --iterations to continue")
         extra = {"teacher_diversity": teacher_div}
 
         latest: dict[str, float] = {}
@@ -591,6 +594,10 @@ class Interrupted(DmdError):
             f"interrupted at iteration {iteration}; checkpoint saved to {checkpoint}. "
             f"Continue with: dmd distill --out {out} --resume"
         )
+
+
+class RunFinished(Exception):
+    """--resume of a run that has done its --iterations: nothing to do (found before any model loads)."""
 
 
 class WriteFailed(DmdError):
