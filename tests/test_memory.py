@@ -70,3 +70,15 @@ def test_dry_run_fsdp_divides_the_sharded_state_by_the_process_count(sdxl_config
         assert 0 < estimate["gathered"] < full["parameters"]["teacher UNet (frozen)"] / 2  # a few units, not a UNet
     assert full["peak"] > by["2"]["peak"] > by["4"]["peak"] > by["8"]["peak"]
     assert by["8"]["peak"] < 24  # full-weight SDXL, batch 1: eight 24 GB GPUs
+
+
+def test_an_alias_out_of_reach_is_estimated_from_its_bundled_configs(sdxl_configs, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the hub cannot be reached, as on a machine without network
+    args = ["--steps", "4", "--lora-rank", "64", "--lora-alpha", "8", "--gradient-checkpointing"]
+    result = runner.invoke(app, ["distill", "--teacher", "sdxl", "--prompts", "p.txt", "--data", "images/", "--mixed-precision",
+                                 "bf16", "--batch-size", "1", "--dry-run", "--json", *args])
+    assert result.exit_code == 0, result.stderr
+    assert "estimating with the public sdxl architecture" in result.stderr
+    assert json.loads(result.stdout)["memory_gib"] == dry_run(sdxl_configs, *args)
+    other = runner.invoke(app, ["distill", "--teacher", "org/unknown-model", "--prompts", "p.txt", "--dry-run"])
+    assert other.exit_code == 1 and "could not read model_index.json" in other.stderr  # no bundled configs: the error stands

@@ -162,22 +162,39 @@ def _progressive(config, ui, overwrite: bool, resume: bool, json_out: bool) -> N
 
 def _dry_run(config, json_out: bool) -> None:
     """The resolved configuration (TOML) and the memory estimate, from config files alone."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="dmd-dry-run-") as scratch:
+        _estimate(config, json_out, Path(scratch))
+
+
+def _estimate(config, json_out: bool, scratch: Path) -> None:
     import dataclasses
 
     import tomli_w
     from rich.table import Table
 
     from dmdcli.cli.ui import stderr_console
+    from dmdcli.errors import DmdError
+    from dmdcli.models.architectures import bundled_architecture, write_config_only_pipeline
     from dmdcli.models.teacher import inspect_teacher
     from dmdcli.train.memory import estimate_memory
 
-    spec = inspect_teacher(config.teacher)
+    console = stderr_console()
+    try:
+        spec = inspect_teacher(config.teacher)
+    except DmdError:  # offline: SD1.5's and SDXL's public configs ship with dmd
+        arch = bundled_architecture(config.teacher)
+        if arch is None:
+            raise
+        spec = inspect_teacher(str(write_config_only_pipeline(scratch, arch)))
+        console.print(f"note: could not read the config files of {config.teacher} (offline?); estimating with the public "
+                      f"{arch} architecture, whose configs ship with dmd", markup=False)
     resolution = spec.training_resolution(config.resolution)
     bf16 = config.precision() == "bf16"
     # Sharded, memory per process depends on how many there are: a column for each of a few.
     counts = FSDP_PROCESS_COUNTS if config.fsdp else (1,)
     estimates = {n: estimate_memory(spec, config, resolution, bf16, processes=n) for n in counts}
-    console = stderr_console()
     console.print(tomli_w.dumps({k: v for k, v in config.to_dict().items() if v is not None}), markup=False)
     table = Table(title=f"estimated memory per process: {spec.layout} at {resolution}px, batch {config.batch_size}, "
                         f"{'bf16' if bf16 else 'fp32'}" + (", sharded with FSDP" if config.fsdp else ""))

@@ -60,6 +60,17 @@ ARCHITECTURES = {
 }
 
 
+def bundled_architecture(teacher: str) -> str | None:
+    """The ARCHITECTURES key whose public configs stand for `teacher` (an alias or its hub id)
+    when they cannot be read from the hub, e.g. offline; None for any other teacher."""
+    from dmdcli.models.teacher import TEACHER_ALIASES
+
+    for name in ARCHITECTURES:
+        if teacher in (name, TEACHER_ALIASES[name]) or TEACHER_ALIASES.get(teacher) == TEACHER_ALIASES[name]:
+            return name
+    return None
+
+
 def write_config_only_pipeline(folder: str | Path, name: str) -> Path:
     """A diffusers pipeline folder holding only the config files of architecture `name`."""
     arch = ARCHITECTURES[name]
