@@ -203,6 +203,7 @@ def test_fake_coco_layout_scores_a_prefix(student, features, tmp_path):
         (["--fid", "{refs}", "--num-samples", "1"], "--num-samples must be at least 2"),
         (["--fid", "shapes", "--num-samples", "-5"], "--num-samples must be at least 2"),  # every set, not only folders
         (["--fid", "{empty}"], "no images with captions"),  # as much a usage error as a missing folder
+        (["--fid", "shapes", "--eval-resolution", "128"], "--eval-resolution, --features: for reference sets"),  # not ignored
     ],
 )
 def test_bad_input_is_one_line_exit_2_and_nothing_written(run, refs, features, tmp_path, args, message):
@@ -291,3 +292,14 @@ def test_a_checkpoint_is_scored_into_its_run_folder(run, refs, features, tmp_pat
     assert of_student["files"]["report"] == str(run / f"eval-folder-refs-{N}.json")
     same = lambda m: {k: v for k, v in m.items() if k != "seconds_per_image"}  # noqa: E731
     assert same(of_checkpoint["metrics"]) == same(of_student["metrics"])  # the same generator weights
+    # Side by side, each report goes where it goes alone; the same model twice is refused.
+    both = invoke("--model", run, "--model", checkpoint, *args, "--overwrite").stdout.splitlines()
+    assert [json.loads(line)["files"]["report"] for line in both] == [of_student["files"]["report"], of_checkpoint["files"]["report"]]
+    twice = invoke("--model", run, "--model", run / ".." / "run", *args, "--overwrite", code=2)
+    assert "names a model given before" in twice.stderr
+
+
+def test_another_eval_resolution_gets_its_own_report(refs):
+    """Scores at another --eval-resolution are another protocol: a report beside the default's, not a clash."""
+    assert eval_run.open_benchmark(str(refs), eval_run.EvalOptions()).label == "folder-refs"
+    assert eval_run.open_benchmark(str(refs), eval_run.EvalOptions(eval_resolution=64)).label == "folder-refs-at64px"

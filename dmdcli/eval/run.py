@@ -139,6 +139,8 @@ class ReferenceBenchmark:
             self.label = reference.name
         else:
             self.label = f"folder-{slug(Path(reference.root).resolve().name, 40)}"
+        if options.eval_resolution is not None:  # another protocol: its own report beside the default's
+            self.label += f"-at{options.eval_resolution}px"
         self.prompts = reference.prompts
         self.extractor: FeatureExtractor | None = None
         self.clip: ClipScorer | None = None
@@ -230,17 +232,16 @@ def plan_targets(sources: list[ModelSource], benchmark: Benchmark, out: Path | N
     """Every model's files, checked before anything loads: a report that exists is refused
     unless `overwrite`, and so is any image file of the run (as `dmd sample` refuses).
     Several models with one `out` go to OUT/<model slug>/ each."""
-    folders: list[Path] = []
+    targets: list[Target] = []
     for source in sources:
+        if any(Path(source.path).resolve() == Path(other.source.path).resolve() for other in targets):
+            raise UsageError(f"--model {source.name} names a model given before")
         folder = (out / slug(source.name) if len(sources) > 1 else out) if out is not None else default_folder(source)
-        base, k = folder, 2
-        while folder in folders:  # the same model twice, or two names with one slug
-            folder, k = base.with_name(f"{base.name}-{k}"), k + 1
-        folders.append(folder)
-    targets = []
-    for source, folder in zip(sources, folders):
         stem = report_stem(benchmark.label, len(benchmark.prompts), steps=steps, resolution=resolution, seed=seed,
                            guidance_scale=None if source.is_student else guidance_scale, checkpoint=source.checkpoint)
+        base, k = folder, 2
+        while any((folder / stem).resolve() == (other.folder / other.stem).resolve() for other in targets):  # two names, one slug
+            folder, k = base.with_name(f"{base.name}-{k}"), k + 1
         target = Target(source, folder, stem, plan(benchmark.prompts, 1, seed, folder / stem, "png"),
                         source.image_size(resolution, None, None))
         if target.report.exists() and not overwrite:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
+from dmdcli.errors import UsageError
 from dmdcli.shapes import features, world
 
 EVAL_SEED = 20_251_122
@@ -24,6 +25,11 @@ class ShapesBenchmark:
     label = "shapes"
 
     def __init__(self, options):
+        unused = [flag for flag, value in (("--coco-root", options.coco_root), ("--eval-resolution", options.eval_resolution),
+                                           ("--features", options.features), ("--inception", options.inception),
+                                           ("--clip-model", options.clip_model)) if value is not None]
+        if unused:
+            raise UsageError(f"{', '.join(unused)}: for reference sets; --fid shapes scores with its own attribute network")
         self.num_samples = DEFAULT_SAMPLES if options.num_samples is None else options.num_samples
         self.scenes = world.scenes(EVAL_SEED, self.num_samples)
         self.prompts = [world.caption(s) for s in self.scenes]
