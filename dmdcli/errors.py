@@ -9,6 +9,7 @@ class DmdError(Exception):
     """A failure the user can act on (bad file, missing weights, ...): exit code 1."""
 
     exit_code = 1
+    label = "error"  # how the CLI's one line starts
 
 
 class UsageError(DmdError):

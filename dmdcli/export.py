@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from dmdcli.errors import DmdError, UsageError, first_line
-from dmdcli.files import atomic_save_file
+from dmdcli.files import atomic_save_file, share_as_umask
 from dmdcli.models.student import DTYPES, EXPORT_INFO_FILE, ModelSource, find_model, load_student_unet
 from dmdcli.train import rundir
 
@@ -158,12 +158,17 @@ def _cast(tensors: dict[str, Tensor], dtype: torch.dtype) -> dict[str, Tensor]:
     return {k: v.detach().to(dtype).contiguous() for k, v in tensors.items()}
 
 
-def _lora_weights(source: ModelSource) -> dict[str, Tensor]:
-    if source.info.get("kind") != "lora":
+def check_kind(source: ModelSource, fmt: str) -> None:
+    """LoRA formats need a LoRA student."""
+    if fmt in ("lora", "kohya") and source.info.get("kind") != "lora":
         raise UsageError(
             f"{source.name} is a full fine-tune; LoRA formats need a LoRA student (dmd distill --lora-rank R). "
             "Use --format unet or --format diffusers"
         )
+
+
+def _lora_weights(source: ModelSource) -> dict[str, Tensor]:
+    check_kind(source, "lora")
     return source.weights()
 
 
@@ -190,6 +195,7 @@ def export_diffusers(source: ModelSource, out: Path, dtype: torch.dtype, allow_p
         pipe.save_pretrained(tmp, safe_serialization=True)
         record = {"format": EXPORT_FORMAT, **info, "exported_from": str(source.path), "dtype": _dtype_name(dtype)}
         (tmp / EXPORT_INFO_FILE).write_text(json.dumps(record, indent=2) + "\n")
+        share_as_umask(tmp)
         _replace_folder(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -56,6 +56,16 @@ def save_file(tensors: dict[str, Tensor], path: str | Path, metadata: dict[str, 
             raise
         code = int(match.group(1))
         raise OSError(code, os.strerror(code), str(path)) from e
+    share_as_umask(Path(path))
+
+
+def share_as_umask(path: Path) -> None:
+    """Give a file, or a folder and all it holds, the permissions the user's umask gives new files:
+    safetensors writes its files, and mkdtemp its folders, readable by their owner alone."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for p in [path, *path.rglob("*")] if path.is_dir() else [path]:
+        p.chmod((0o777 if p.is_dir() else 0o666) & ~mask)
 
 
 def atomic_write(final: Path, write: Callable[[Path], object]) -> Path:

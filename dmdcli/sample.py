@@ -74,8 +74,8 @@ def check_free(jobs: list[Job], overwrite: bool) -> None:
         return
     taken = [job.path for job in jobs if job.path.exists()]
     if taken:
-        more = f" and {len(taken) - 1} more" if len(taken) > 1 else ""
-        raise UsageError(f"{taken[0]}{more} already exist(s); pass --overwrite to replace, or choose another --out or --seed")
+        more = f" and {len(taken) - 1} more already exist" if len(taken) > 1 else " already exists"
+        raise UsageError(f"{taken[0]}{more}; pass --overwrite to replace, or choose another --out or --seed")
 
 
 def write_image(pixels: np.ndarray, path: Path, metadata: dict[str, Any]) -> None:

@@ -209,6 +209,7 @@ def test_lr_schedules_warm_up_then_hold_or_decay_to_zero():
         (["--teacher", "sd15", "--prompts", "p.txt", "--diffusion-gan-max-timestep", "0"], "--diffusion-gan-max-timestep must lie in 1 … 1000"),
         (["--teacher", "sd15", "--prompts", "p.txt", "--diffusion-gan-max-timestep", "1001"], "--diffusion-gan-max-timestep must lie in 1 … 1000"),
         (["--teacher", "sd15", "--prompts", "p.txt", "--warmup-steps", "-1"], "--warmup-steps must be ≥ 0"),
+        (["--teacher", "sd15", "--prompts", "p.txt", "--lr-schedule", "cosine", "--iterations", "500"], "--lr-schedule cosine decays after the warm-up"),
     ],
 )
 def test_usage_errors_are_one_line_with_exit_code_2(args, message):

@@ -97,3 +97,21 @@ def test_a_resumed_metrics_log_drops_later_records_and_a_torn_line(tmp_path):
         f.write('{"iteration": 40, "loss')  # a write cut short by a full disk
     log.truncate_after(20)
     assert [json.loads(line)["iteration"] for line in log.path.read_text().splitlines()] == [10, 20]
+
+
+def test_written_tensors_get_the_umasks_permissions(tmp_path):
+    """safetensors writes 0600 files: a student on a shared filesystem must be readable as any new file is."""
+    old = os.umask(0o022)
+    try:
+        path = files.atomic_save_file({"x": torch.ones(2)}, tmp_path / "student.safetensors")
+        folder = tmp_path / "pipeline"
+        (folder / "unet").mkdir(parents=True)
+        (folder / "unet" / "weights").write_text("")
+        (folder / "unet" / "weights").chmod(0o600)
+        folder.chmod(0o700)
+        files.share_as_umask(folder)
+    finally:
+        os.umask(old)
+    assert oct(path.stat().st_mode & 0o777) == oct(0o644)
+    assert oct(folder.stat().st_mode & 0o777) == oct(0o755)
+    assert oct((folder / "unet" / "weights").stat().st_mode & 0o777) == oct(0o644)

@@ -32,7 +32,7 @@ def handle_errors(command: Callable) -> Callable:
         except DmdError as e:
             if DEBUG["on"]:
                 raise
-            stderr_console().print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True)
+            stderr_console().print(f"[bold red]{e.label}:[/] {escape(str(e))}", soft_wrap=True)
             raise typer.Exit(e.exit_code) from None
         except BrokenPipeError:  # `dmd ... --json | head -0`: the reader left; stop quietly, as `cat` does
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush

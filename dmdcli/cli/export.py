@@ -33,13 +33,14 @@ def export(
     json_out: Annotated[bool, _opt("Print one JSON line on stdout saying what was written.", "--json")] = False,
     quiet: Annotated[bool, _opt("No messages on stderr.", "--quiet", "-q")] = False,
 ) -> None:
-    from dmdcli.export import check_dtype, check_format, check_out, default_out, export as run_export, snippet, student_source
+    from dmdcli.export import check_dtype, check_format, check_kind, check_out, default_out, export as run_export, snippet, student_source
 
     ui = RichUI(quiet=quiet)
     quiet_diffusers()
     check_format(fmt)
     torch_dtype = check_dtype(dtype)
     source = student_source(model)
+    check_kind(source, fmt)
     out = out or default_out(source, fmt)
     check_out(out, fmt, overwrite)
     info = source.info

@@ -297,6 +297,10 @@ def validate(c: DistillConfig) -> None:
          "need weight_decay ≥ 0 and 0 ≤ adam_beta1, adam_beta2 < 1")
     need(1 <= c.diffusion_gan_max_timestep <= 1000, f"--diffusion-gan-max-timestep must lie in 1 … 1000 (got {c.diffusion_gan_max_timestep})")
     need(c.lr_schedule in LR_SCHEDULES, f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)} (got {c.lr_schedule!r})")
+    span, what = (c.iterations_per_round, "--iterations-per-round") if c.method == "progressive" else (c.iterations, "--iterations")
+    need(c.lr_schedule == "constant" or c.warmup_steps < span,
+         f"--lr-schedule {c.lr_schedule} decays after the warm-up, which --warmup-steps {c.warmup_steps} makes as long as "
+         f"{what} {span}: lower --warmup-steps")
     need(c.guidance_scale >= 1.0, f"--guidance-scale must be ≥ 1 (got {c.guidance_scale})")
     need(0.0 <= c.min_timestep_frac < c.max_timestep_frac <= 1.0, "need 0 ≤ min_timestep_frac < max_timestep_frac ≤ 1")
     need(c.mixed_precision in ("auto", "bf16", "no"), f"--mixed-precision must be bf16, no or auto (got {c.mixed_precision})")

@@ -171,7 +171,7 @@ class Data:
 def load_data(folder: str | None, prompts: list[str] | None, teacher: Teacher, ui: UI) -> Data:
     real = None
     if folder:
-        with ui.task("encoding real images (cached for later runs)", total=0) as update:
+        with ui.task("real images (VAE-encoded on first use, then cached)", total=0) as update:
             real, scan = load_or_build_latents(
                 folder, teacher.resolution, teacher.encode_images,
                 encoder_id=teacher.latent_cache_id, progress=lambda done, total: update(done, {"total": total}),
@@ -587,6 +587,8 @@ class Distillation:
 
 class Interrupted(DmdError):
     """SIGINT / SIGTERM: the run stopped after a checkpoint; exit 130 / 143 as shells expect."""
+
+    label = "stopped"  # as asked, not failed
 
     def __init__(self, signum: int, iteration: int, checkpoint: Path, out: Path):
         self.exit_code = 128 + signum
