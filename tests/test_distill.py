@@ -430,3 +430,11 @@ def test_bf16_keeps_frozen_weights_in_bf16_and_trained_weights_in_fp32(tmp_path,
     assert {v.dtype for v in load_file(tmp_path / "run" / "student.safetensors").values()} == {torch.float32}
     checkpoint = next((tmp_path / "run" / "checkpoints").iterdir()) / "tensors.safetensors"
     assert {v.dtype for k, v in load_file(checkpoint).items() if not k.startswith("rng")} == {torch.float32}
+
+
+def test_a_second_stage_recipe_without_init_from_says_it_starts_from_the_teacher(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the dry run estimates from the bundled SD1.5 configs
+    alone = runner.invoke(app, ["distill", "--recipe", "sd15-1step", "--prompts", "p.txt", "--dry-run"])
+    assert alone.exit_code == 0 and "second stage of sd15-1step-stage1; without --init-from" in alone.stderr, alone.stderr
+    first = runner.invoke(app, ["distill", "--recipe", "sd15-1step-stage1", "--prompts", "p.txt", "--dry-run"])
+    assert first.exit_code == 0 and "second stage" not in first.stderr

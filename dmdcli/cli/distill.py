@@ -11,7 +11,7 @@ from dmdcli.cli.common import handle_errors, print_json
 from dmdcli.cli.ui import RichUI
 from dmdcli.models.teacher import TEACHER_ALIASES, teacher_layout
 from dmdcli.errors import UsageError
-from dmdcli.train.config import layout_recipe, list_recipes, resolve_config, run_config_values
+from dmdcli.train.config import layout_recipe, list_recipes, recipe_continues, resolve_config, run_config_values
 
 HELP = f"""Distill a teacher into a 1- to 4-step student with DMD2.
 
@@ -118,6 +118,9 @@ def distill(
     ui = RichUI(quiet=quiet)
     if chosen:
         ui.message(f"recipe {chosen}: the reference's values for an SDXL teacher (--recipe to choose another)")
+    if recipe and not resume and config.init_from is None and (first := recipe_continues(recipe)):
+        ui.message(f"note: recipe {recipe} is the second stage of {first}; without --init-from RUN (a {first} run) "
+                   "it starts from the teacher")
     if dry_run:
         return _dry_run(config, json_out)
 

@@ -23,7 +23,9 @@ from dmdcli.train.rundir import CONFIG_FILE
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 # "resolved" is the table a run folder's config.toml adds, so that file works as a recipe too.
-RECIPE_ONLY_KEYS = {"description", "resolved"}
+# description: what the recipe is; continues: the recipe whose run this one goes on from (its
+# stage 1, given with --init-from); resolved: what a run folder's config.toml adds.
+RECIPE_ONLY_KEYS = {"description", "continues", "resolved"}
 # A recipe's [per_steps.N] table: its values for an N-step student (--steps N) replace the
 # recipe's own, as the reference keeps a set of hyperparameters per step count.
 PER_STEPS = "per_steps"
@@ -193,12 +195,21 @@ def list_recipes() -> list[str]:
     return sorted(p.stem for p in RECIPES_DIR.glob("*.toml"))
 
 
-def load_recipe(name_or_path: str) -> dict[str, Any]:
-    path = recipe_path(name_or_path)
+def _read_recipe(path: Path) -> dict[str, Any]:
     try:
-        values = tomllib.loads(path.read_text())
+        return tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as e:
         raise UsageError(f"recipe {path} is not valid TOML: {e}") from e
+
+
+def recipe_continues(name_or_path: str) -> str | None:
+    """The recipe whose run this recipe's run continues (--init-from), if it is a second stage."""
+    return _read_recipe(recipe_path(name_or_path)).get("continues")
+
+
+def load_recipe(name_or_path: str) -> dict[str, Any]:
+    path = recipe_path(name_or_path)
+    values = _read_recipe(path)
     per_steps = values.pop(PER_STEPS, {})
     check_keys(values, f"recipe {path}")
     if not isinstance(per_steps, dict) or not all(k.isdigit() and isinstance(v, dict) for k, v in per_steps.items()):
