@@ -7,7 +7,6 @@ devices and precision (accelerate), data, optimizers, logging, sample grids and 
 from __future__ import annotations
 
 import math
-import shutil
 import signal
 import threading
 import time
@@ -58,17 +57,6 @@ class SilentUI:
         return contextlib.nullcontext(lambda done, logs=None: None)
 
 
-def default_out(config: DistillConfig) -> Path:
-    name = Path(config.teacher.rstrip("/")).name or "teacher"
-    return Path("runs") / f"{name}-{config.steps}step"
-
-
-RUN_FILES = (rundir.CONFIG_FILE, rundir.STUDENT_FILE, rundir.METRICS_FILE)
-# What the run and the commands run on its student write there; --overwrite clears all of it,
-# so no export or evaluation of the old student is left beside the new one.
-RUN_FOLDERS = (rundir.SAMPLES_DIR, rundir.ROUNDS_DIR, CHECKPOINTS_DIR, "export")
-
-
 def read_user_files(config: DistillConfig, accelerator) -> tuple[list[str] | None, str | None]:
     """The prompts and the real-image folder: cheap checks of the user's files, before minutes of
     model loading."""
@@ -78,33 +66,6 @@ def read_user_files(config: DistillConfig, accelerator) -> tuple[list[str] | Non
     if folder and not Path(folder).is_dir():
         raise UsageError(f"image folder not found: {config.data}")
     return prompts, folder
-
-
-def check_run_folder(out: Path, overwrite: bool) -> None:
-    """Refuse (before any work) to mix two runs in one folder unless asked to overwrite, and to
-    write a run into a file or into a folder of other things (--overwrite never clears those)."""
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out} is a file; a run needs a folder")
-    holds_run = any((out / f).exists() for f in RUN_FILES) or (out / CHECKPOINTS_DIR).is_dir()
-    if holds_run and not overwrite:
-        raise UsageError(f"{out} already holds a run; pass --resume to continue it, --overwrite to replace it, or another --out")
-    if not holds_run and out.is_dir() and any(out.iterdir()):
-        raise UsageError(f"--out {out} is a folder that holds other files, not a dmd run; choose a new or empty folder")
-
-
-def create_run_folder(out: Path) -> None:
-    """Create the folder, clearing an overwritten run's files (only once everything has loaded)."""
-    out.mkdir(parents=True, exist_ok=True)
-    for f in RUN_FILES:
-        (out / f).unlink(missing_ok=True)
-    old = [out / name for name in RUN_FOLDERS]
-    for report in out.glob("eval-*.json"):  # `dmd eval`'s report, its grid and its images
-        old += [report, report.with_name(f"{report.stem}-grid.png"), report.with_suffix("")]
-    for path in old:
-        if path.is_dir():
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            path.unlink(missing_ok=True)
 
 
 @dataclass
@@ -203,12 +164,12 @@ class Distillation:
         self.sharding = self._sharding(config, precision)
         self.spec: TeacherSpec = inspect_teacher(config.teacher)
         self.resolution = self.spec.training_resolution(config.resolution)
-        self.out = Path(config.out) if config.out else default_out(config)
+        self.out = rundir.run_folder(config.out, config.teacher, config.steps)
         self.checkpoint = self._checkpoint_to_resume() if resume else None
         # A resumed run's own checkpoint already holds what --init-from gave it.
         self.init_checkpoint = self._checkpoint_to_init_from() if config.init_from and not resume else None
         if not resume:
-            check_run_folder(self.out, overwrite)
+            rundir.check_run_folder(self.out, overwrite)
         prompts, self.data_folder = read_user_files(config, self.accelerator)
 
         frozen_dtype = config.frozen_dtype()
@@ -526,7 +487,7 @@ class Distillation:
             if self.init_checkpoint is not None:  # before the run folder: weights that do not fit leave none
                 self.initialize_from(self.init_checkpoint)
             if main:
-                create_run_folder(self.out)
+                rundir.create_run_folder(self.out)
             if grids:
                 teacher_div = self.teacher_diversity() if c.teacher_grid_steps else None
                 if teacher_div is not None:

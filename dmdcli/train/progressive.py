@@ -35,7 +35,7 @@ from dmdcli.models.teacher import Teacher, inspect_teacher
 from dmdcli.models.unet import UNetDenoiser
 from dmdcli.train import rundir
 from dmdcli.train.config import DistillConfig, write_config
-from dmdcli.train.distill import UI, Data, check_run_folder, create_run_folder, default_out, read_user_files
+from dmdcli.train.distill import UI, Data, read_user_files
 from dmdcli.train.grids import SampleGrid
 from dmdcli.train.optim import adamw, lr_scheduler
 
@@ -66,8 +66,8 @@ class ProgressiveDistillation:
         self.config, self.ui = config, ui
         self.spec = inspect_teacher(config.teacher)
         self.resolution = self.spec.training_resolution(config.resolution)
-        self.out = Path(config.out) if config.out else default_out(config)
-        check_run_folder(self.out, overwrite)
+        self.out = rundir.run_folder(config.out, config.teacher, config.steps)
+        rundir.check_run_folder(self.out, overwrite)
         prompts, self.data_folder = read_user_files(config, self.accelerator)
         self.device = self.accelerator.device
         self.frozen_dtype = config.frozen_dtype()
@@ -190,7 +190,7 @@ class ProgressiveDistillation:
     def run(self) -> dict[str, Any]:
         c = self.config
         start = time.perf_counter()
-        create_run_folder(self.out)
+        rundir.create_run_folder(self.out)
         write_config(c, self.out / rundir.CONFIG_FILE, self.resolved())
         metrics = rundir.MetricsLog(self.out / rundir.METRICS_FILE)
         teacher_unet = self.teacher.unet.to(self.device, self.frozen_dtype)

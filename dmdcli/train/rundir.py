@@ -4,12 +4,17 @@
     RUN/metrics.jsonl        one JSON object per logged iteration
     RUN/samples/iter-N.png   sample grids from fixed prompts and seeds
     RUN/student.safetensors  the student (full UNet or LoRA adapter) + metadata for sample/export
+    RUN/checkpoints/iter-N/  see checkpoint.py
+    RUN/rounds/              progressive distillation's student after each round
+
+and which of a folder's contents a new run refuses to mix with, or clears with --overwrite.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +24,9 @@ from PIL import Image
 from safetensors import safe_open
 from torch import Tensor
 
-from dmdcli.errors import DmdError
+from dmdcli.errors import DmdError, UsageError
 from dmdcli.files import atomic_save_file, atomic_write
+from dmdcli.train.checkpoint import CHECKPOINTS_DIR
 
 STUDENT_FILE = "student.safetensors"
 CONFIG_FILE = "config.toml"
@@ -49,6 +55,46 @@ def read_student_info(path: Path) -> dict[str, Any]:
     if metadata.get("format") != STUDENT_FORMAT:
         raise DmdError(f"{path} is not a dmd student file")
     return {k: json.loads(v) for k, v in metadata.items() if k != "format"}
+
+
+def run_folder(out: str | None, teacher: str, steps: int) -> Path:
+    """--out, or runs/<teacher's name>-<steps>step."""
+    if out:
+        return Path(out)
+    return Path("runs") / f"{Path(teacher.rstrip('/')).name or 'teacher'}-{steps}step"
+
+
+RUN_FILES = (CONFIG_FILE, STUDENT_FILE, METRICS_FILE)
+# What the run and the commands run on its student write there; --overwrite clears all of it,
+# so no export or evaluation of the old student is left beside the new one.
+RUN_FOLDERS = (SAMPLES_DIR, ROUNDS_DIR, CHECKPOINTS_DIR, "export")
+
+
+def check_run_folder(out: Path, overwrite: bool) -> None:
+    """Refuse (before any work) to mix two runs in one folder unless asked to overwrite, and to
+    write a run into a file or into a folder of other things (--overwrite never clears those)."""
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file; a run needs a folder")
+    holds_run = any((out / f).exists() for f in RUN_FILES) or (out / CHECKPOINTS_DIR).is_dir()
+    if holds_run and not overwrite:
+        raise UsageError(f"{out} already holds a run; pass --resume to continue it, --overwrite to replace it, or another --out")
+    if not holds_run and out.is_dir() and any(out.iterdir()):
+        raise UsageError(f"--out {out} is a folder that holds other files, not a dmd run; choose a new or empty folder")
+
+
+def create_run_folder(out: Path) -> None:
+    """Create the folder, clearing an overwritten run's files (only once everything has loaded)."""
+    out.mkdir(parents=True, exist_ok=True)
+    for f in RUN_FILES:
+        (out / f).unlink(missing_ok=True)
+    old = [out / name for name in RUN_FOLDERS]
+    for report in out.glob("eval-*.json"):  # `dmd eval`'s report, its grid and its images
+        old += [report, report.with_name(f"{report.stem}-grid.png"), report.with_suffix("")]
+    for path in old:
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
 
 
 class MetricsLog:
