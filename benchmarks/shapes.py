@@ -175,12 +175,12 @@ def parse_variants(parser: argparse.ArgumentParser, given: list[str]) -> dict[st
     return dict(v.split("=", 1) for v in given)
 
 
-def publish_spread(scores: dict[str, list[dict]], columns: list[str], title: str, out: Path) -> int:
-    """Print the spread table under `title` and keep it as OUT/table.md."""
+def publish_spread(scores: dict[str, list[dict]], columns: list[str], title: str, out: Path, name: str = "table.md") -> int:
+    """Print the spread table under `title` and keep it as OUT/<name>."""
     text = f"{title}\n\n{spread_table(scores, columns)}"
     print(text)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "table.md").write_text(text + "\n")
+    (out / name).write_text(text + "\n")
     return 0
 
 

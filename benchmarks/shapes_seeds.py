@@ -29,6 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-samples", type=int, default=2000)
     p.add_argument("--runs", type=Path, default=Path("runs/seeds"))
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/shapes-seeds"))
+    p.add_argument("--table", default="table.md", help="the table's file name in OUT (several tables can share one OUT's reports)")
     args = p.parse_args(argv)
     variants = parse_variants(p, args.variant)
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -44,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
             scores.setdefault(name, []).append(evaluate(str(student), args.out / label, args.num_samples, None, None))
 
     title = f"FD-shapes / alignment, {args.num_samples} prompts, one student per cell"
-    return publish_spread(scores, [f"seed {s}" for s in seeds], title, args.out)
+    return publish_spread(scores, [f"seed {s}" for s in seeds], title, args.out, args.table)
 
 
 if __name__ == "__main__":

@@ -22,9 +22,9 @@ from dmdcli.files import atomic_write
 from dmdcli.train.rundir import CONFIG_FILE
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
-# "resolved" is the table a run folder's config.toml adds, so that file works as a recipe too.
 # description: what the recipe is; continues: the recipe whose run this one goes on from (its
-# stage 1, given with --init-from); resolved: what a run folder's config.toml adds.
+# stage 1, given with --init-from); resolved: the table a run folder's config.toml adds, so that
+# file works as a recipe too.
 RECIPE_ONLY_KEYS = {"description", "continues", "resolved"}
 # A recipe's [per_steps.N] table: its values for an N-step student (--steps N) replace the
 # recipe's own, as the reference keeps a set of hyperparameters per step count.
