@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -82,6 +83,28 @@ def atomic_write(final: Path, write: Callable[[Path], object]) -> Path:
         raise
     finally:
         tmp.unlink(missing_ok=True)
+    return final
+
+
+def atomic_folder(final: Path, write: Callable[[Path], object], marker: str) -> Path:
+    """Call write(tmp) on a new temporary folder beside `final` (complete once it holds `marker`,
+    written last), then rename it to `final`. A `final` without its marker is debris and is
+    replaced; one that another process completed first is kept, and ours dropped."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir()
+    try:
+        write(tmp)
+        if not (final / marker).is_file():
+            shutil.rmtree(final, ignore_errors=True)
+            try:
+                os.replace(tmp, final)
+            except OSError:
+                if not (final / marker).is_file():  # not a process that finished first: a real failure
+                    raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return final
 
 

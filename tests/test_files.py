@@ -115,3 +115,28 @@ def test_written_tensors_get_the_umasks_permissions(tmp_path):
     assert oct(path.stat().st_mode & 0o777) == oct(0o644)
     assert oct(folder.stat().st_mode & 0o777) == oct(0o755)
     assert oct((folder / "unet" / "weights").stat().st_mode & 0o777) == oct(0o644)
+
+
+def test_a_folder_is_published_whole_once(tmp_path):
+    final = tmp_path / "cache" / "key"
+
+    def build(text):
+        def write(tmp):
+            (tmp / "shard").write_text(text)
+            (tmp / "manifest.json").write_text("{}")  # the marker, written last
+        return write
+
+    final.mkdir(parents=True)
+    (final / "shard").write_text("debris")  # a folder without its marker: replaced
+    files.atomic_folder(final, build("first"), "manifest.json")
+    assert (final / "shard").read_text() == "first"
+    files.atomic_folder(final, build("second"), "manifest.json")  # another process finished first: kept
+    assert (final / "shard").read_text() == "first"
+
+    def fails(tmp):
+        (tmp / "shard").write_text("half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(OSError):
+        files.atomic_folder(tmp_path / "cache" / "other", fails, "manifest.json")
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["key"]  # no temporary folder left

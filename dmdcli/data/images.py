@@ -10,8 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Callable
@@ -25,7 +23,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from dmdcli.errors import DmdError, UsageError
-from dmdcli.files import save_file
+from dmdcli.files import atomic_folder, save_file
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp"})
 CAPTION_FIELDS = ("text", "caption", "prompt")
@@ -267,12 +265,10 @@ def _build_cache(scan: ImageFolderScan, inputs: dict, key: str, final: Path, res
     latents, kept, failed = _encode_items(scan, resolution, encode, batch_size, progress)
     if not kept:
         raise DmdError(f"no images with captions in {scan.root} could be decoded")
-    final.parent.mkdir(parents=True, exist_ok=True)
-    # A unique temporary folder beside the final one: an interrupted build leaves only this,
+
+    # In a unique temporary folder beside the final one: an interrupted build leaves only that,
     # which is never read as a cache, and ranks building at once do not collide.
-    tmp = final.parent / f".{key}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
+    def write(tmp: Path) -> None:
         shards = _write_shards(tmp, latents, kept, shard_size)
         manifest = {
             "format": CACHE_FORMAT,
@@ -287,10 +283,8 @@ def _build_cache(scan: ImageFolderScan, inputs: dict, key: str, final: Path, res
         }
         # The manifest goes last: a folder without one is never a finished cache.
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
-        _publish(tmp, final)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+
+    atomic_folder(final, write, MANIFEST_FILE)
 
 
 def _encode_items(scan: ImageFolderScan, resolution: int, encode: Callable[[Tensor], Tensor],
@@ -338,21 +332,6 @@ def _write_shards(folder: Path, latents: Tensor, kept: list[tuple[str, str]],
         save_file({"latents": latents[start:start + len(part)].contiguous()}, str(folder / name), metadata=metadata)
         shards.append({"file": name, "count": len(part)})
     return shards
-
-
-def _publish(tmp: Path, final: Path) -> None:
-    """Move the finished `tmp` folder to `final`.
-
-    A `final` without a manifest is debris (e.g. copied by hand) and is replaced; if another
-    process published a complete cache first, ours is dropped (the caller removes `tmp`).
-    """
-    if final.exists() and not (final / MANIFEST_FILE).is_file():
-        shutil.rmtree(final, ignore_errors=True)
-    try:
-        os.replace(tmp, final)
-    except OSError as exc:
-        if not (final / MANIFEST_FILE).is_file():
-            raise DmdError(f"cannot write latent cache {final}: {exc.strerror or exc}") from None
 
 
 def _load_cache(folder: Path) -> tuple[RealLatents, dict[str, str]]:

@@ -17,9 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,9 +27,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import Tensor
 
-from dmdcli.data.images import _publish
 from dmdcli.errors import DmdError, first_line
-from dmdcli.files import cache_dir, save_file
+from dmdcli.files import atomic_folder, cache_dir, save_file
 
 MANIFEST_FILE = "manifest.json"
 PAIRS_FORMAT = 1
@@ -106,10 +102,8 @@ def load_or_build_pairs(
 def _build(final: Path, key: str, inputs: dict[str, Any], prompts: list[str], latent_shape: tuple[int, ...],
            generate, batch_size: int, shard_size: int, progress) -> None:
     count, seed = int(inputs["count"]), int(inputs["seed"])
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{key}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
+
+    def write(tmp: Path) -> None:
         noises, latents, texts = [], [], []
         for start in range(0, count, batch_size):
             index = range(start, min(start + batch_size, count))
@@ -132,9 +126,8 @@ def _build(final: Path, key: str, inputs: dict[str, Any], prompts: list[str], la
             shards.append({"file": name, "count": part.stop - part.start})
         manifest = {"format": PAIRS_FORMAT, "key": key, "inputs": inputs, "count": count, "shards": shards}
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1), encoding="utf-8")  # last: marks the folder complete
-        _publish(tmp, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    atomic_folder(final, write, MANIFEST_FILE)
 
 
 def _load(folder: Path) -> tuple[Tensor, Tensor, list[str]]:

@@ -7,12 +7,9 @@ under a temporary name and renamed into place, so an interrupted build is never 
 
 from __future__ import annotations
 
-import os
-import shutil
-import uuid
 from pathlib import Path
 
-from dmdcli.files import cache_dir
+from dmdcli.files import atomic_folder, cache_dir
 from dmdcli.shapes import world
 
 ALIAS = "shapes"
@@ -26,15 +23,7 @@ def dataset_folder(n: int | None = None, seed: int = DATA_SEED) -> Path:
     final = cache_dir("shapes") / f"data-seed{seed}-n{n}-{world.RESOLUTION}px"
     if (final / "metadata.jsonl").is_file():
         return final
-    tmp = final.with_name(f".tmp-{final.name}-{uuid.uuid4().hex[:8]}")
-    try:
-        world.write_dataset(tmp, n, seed=seed, metadata=True)
-        if not (final / "metadata.jsonl").is_file():  # another process may have finished first
-            shutil.rmtree(final, ignore_errors=True)  # a damaged copy
-            os.replace(tmp, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final
+    return atomic_folder(final, lambda tmp: world.write_dataset(tmp, n, seed=seed, metadata=True), "metadata.jsonl")
 
 
 def resolve_data(data: str | None) -> str | None:
