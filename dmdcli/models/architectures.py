@@ -65,10 +65,8 @@ def bundled_architecture(teacher: str) -> str | None:
     when they cannot be read from the hub, e.g. offline; None for any other teacher."""
     from dmdcli.models.teacher import TEACHER_ALIASES
 
-    for name in ARCHITECTURES:
-        if teacher in (name, TEACHER_ALIASES[name]) or TEACHER_ALIASES.get(teacher) == TEACHER_ALIASES[name]:
-            return name
-    return None
+    hub_id = TEACHER_ALIASES.get(teacher, teacher)  # every alias of a model, and its hub id, name one model
+    return next((name for name in ARCHITECTURES if TEACHER_ALIASES[name] == hub_id), None)
 
 
 def write_config_only_pipeline(folder: str | Path, name: str) -> Path:
