@@ -113,6 +113,13 @@ def test_lpips_distance_decodes_latents_and_auto_picks_it(tiny_sd, monkeypatch):
     with pytest.raises(UsageError, match="needs the lpips package"):
         build_distance("lpips", vae, 0.18215)
 
+    class Silent:  # an lpips whose import fails with no message: its type's name once, not twice
+        def __getattr__(self, name):
+            raise OSError()
+
+    monkeypatch.setitem(sys.modules, "lpips", Silent())
+    assert build_distance("auto", vae, 0.18215)[2].startswith("LPIPS unavailable (OSError):")
+
 
 def test_method_presets(tiny_sd, prompts_file):
     base = {"teacher": str(tiny_sd), "prompts": str(prompts_file)}

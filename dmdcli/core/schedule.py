@@ -48,22 +48,18 @@ class NoiseSchedule:
     def num_train_timesteps(self) -> int:
         return self.alphas_cumprod.shape[0]
 
-    def _coefficients(self, t: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
-        """sqrt(ᾱ_t) and sqrt(1 − ᾱ_t) for timesteps t [B], shaped to broadcast against `like`."""
-        a = self.alphas_cumprod.to(like.device)[t.long()]
-        shape = (-1,) + (1,) * (like.ndim - 1)
-        return a.sqrt().view(shape), (1.0 - a).sqrt().view(shape)
-
     def alpha_sigma(self, t: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
-        """(α_t, σ_t) = (sqrt(ᾱ_t), sqrt(1 − ᾱ_t)) in float64, shaped to broadcast against `like`.
+        """(α_t, σ_t) = (sqrt(ᾱ_t), sqrt(1 − ᾱ_t)) in float64 for timesteps t [B], shaped to broadcast
+        against `like`, on its device.
 
         t = −1 stands for the clean end of a DDIM trajectory: ᾱ = 1, so α = 1 and σ = 0 (DDIM's
         final step lands on its x0 estimate, diffusers' `set_alpha_to_one`).
         """
-        t = t.long().to(self.alphas_cumprod.device)
-        a = torch.where(t >= 0, self.alphas_cumprod[t.clamp(min=0)], torch.ones((), dtype=torch.float64))
+        t = t.long().to(like.device)  # index on the data's device: no device-to-host sync per call
+        table = self.alphas_cumprod.to(like.device)
+        a = torch.where(t >= 0, table[t.clamp(min=0)], 1.0)
         shape = (-1,) + (1,) * (like.ndim - 1)
-        return a.sqrt().to(like.device).view(shape), (1.0 - a).sqrt().to(like.device).view(shape)
+        return a.sqrt().view(shape), (1.0 - a).sqrt().view(shape)
 
     def snr(self, t: Tensor) -> Tensor:
         """Signal-to-noise ratio α_t² / σ_t² = ᾱ_t / (1 − ᾱ_t), float64 [B]."""
@@ -82,12 +78,12 @@ class NoiseSchedule:
 
     def add_noise(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
         """Forward process q(x_t | x0): x0, noise [B, ...], t [B] → x_t [B, ...] (dtype of x0)."""
-        sa, sb = self._coefficients(t, x0)
+        sa, sb = self.alpha_sigma(t, x0)
         return (sa * x0.double() + sb * noise.double()).to(x0.dtype)
 
     def to_x0(self, x_t: Tensor, prediction: Tensor, t: Tensor) -> Tensor:
         """x0 implied by a network prediction at (x_t, t). Returns float32 [B, ...]."""
-        sa, sb = self._coefficients(t, x_t)
+        sa, sb = self.alpha_sigma(t, x_t)
         x_t, prediction = x_t.double(), prediction.double()
         if self.prediction_type == "epsilon":
             x0 = (x_t - sb * prediction) / sa
@@ -99,7 +95,7 @@ class NoiseSchedule:
 
     def eps_from_x0(self, x_t: Tensor, x0: Tensor, t: Tensor) -> Tensor:
         """The noise implied by x_t and an x0 estimate: ε = (x_t − sqrt(ᾱ)·x0) / sqrt(1 − ᾱ)."""
-        sa, sb = self._coefficients(t, x_t)
+        sa, sb = self.alpha_sigma(t, x_t)
         return ((x_t.double() - sa * x0.double()) / sb).float()
 
     def target(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
@@ -107,7 +103,7 @@ class NoiseSchedule:
         if self.prediction_type == "epsilon":
             return noise.float()
         if self.prediction_type == "v_prediction":
-            sa, sb = self._coefficients(t, x0)
+            sa, sb = self.alpha_sigma(t, x0)
             return (sa * noise.double() - sb * x0.double()).float()
         return x0.float()
 

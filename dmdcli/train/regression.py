@@ -41,7 +41,8 @@ def build_distance(name: str, vae, scaling_factor: float) -> tuple[Distance, str
     try:
         return lpips_distance(vae, scaling_factor), "lpips", None
     except Exception as e:  # not installed, no network for its weights, ...
-        reason = f"{type(e).__name__}: {first_line(e)}"
+        message = first_line(e)  # the type's name alone when the exception has no message
+        reason = message if message == type(e).__name__ else f"{type(e).__name__}: {message}"
         if name == "lpips":
             raise UsageError(f"--regression-distance lpips needs the lpips package and its pretrained weights ({reason}); "
                              "pip install lpips, or choose pseudo_huber or mse") from e
