@@ -53,6 +53,13 @@ def test_schedule_round_trip(prediction_type):
     torch.testing.assert_close(schedule.to_x0(x_t, schedule.target(x0, noise, t), t), x0, atol=1e-4, rtol=1e-4)
 
 
+def test_schedule_precision_is_float64_except_on_mps():
+    from dmdcli.core.schedule import precision
+
+    assert precision(torch.device("cpu")) == torch.float64
+    assert precision(torch.device("mps")) == torch.float32  # MPS has no float64: sampling there must not crash
+
+
 def test_schedule_from_sd_scheduler_config():
     config = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
               "beta_schedule": "scaled_linear", "prediction_type": "v_prediction"}

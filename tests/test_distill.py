@@ -3,6 +3,7 @@
 import hashlib
 import json
 import shutil
+import tomllib
 
 import pytest
 import torch
@@ -105,6 +106,19 @@ def test_data_only_uses_captions_as_prompts_and_caches_latents(tmp_path, tiny_sd
     assert (cache[0] / "manifest.json").stat().st_mtime_ns == stamp  # reused, not re-encoded
     config = (tmp_path / "a" / "config.toml").read_text()
     assert "num_prompts = 8" in config and "gan = true" in config
+
+
+def test_zero_gan_weights_take_only_the_captions_of_data(tmp_path, tiny_sd, image_folder):
+    """sd15-1step-stage1's "no GAN, even when --data is given": no latents encoded, no head."""
+    args = ["distill", *FAST, "--iterations", "2", "--teacher", str(tiny_sd), "--data", str(image_folder), "--json",
+            "--gan-generator-weight", "0", "--gan-discriminator-weight", "0", "--out", str(tmp_path / "run")]
+    result = runner.invoke(app, [a for a in args if a != "--quiet"])
+    assert result.exit_code == 0, result.stderr
+    assert "both GAN weights are 0: --data serves only for its 8 captions" in result.stderr
+    assert not (image_folder / ".dmd-cache").exists()  # nothing VAE-encoded
+    assert set(json.loads(result.stdout)["losses"]) == {"loss_dm", "loss_denoise"}
+    resolved = tomllib.loads((tmp_path / "run" / "config.toml").read_text())["resolved"]
+    assert (resolved["num_prompts"], resolved["gan"]) == (8, False)
 
 
 def test_without_data_the_run_says_the_gan_is_off(tmp_path, tiny_sd, prompts_file):

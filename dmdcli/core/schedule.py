@@ -4,6 +4,7 @@ Variance-preserving diffusion (DDPM): x_t = sqrt(ᾱ_t)·x0 + sqrt(1 − ᾱ_t)�
 Every conversion runs in float64, as the DMD2 reference does, and returns float32: the
 distribution-matching gradient is a difference of two nearly equal x0 estimates, and at
 t ≈ T the 1/sqrt(ᾱ_t) factor amplifies rounding errors of half-precision network outputs.
+(On Apple's MPS, which has no float64, sampling converts in float32.)
 """
 
 from __future__ import annotations
@@ -15,6 +16,15 @@ import torch
 from torch import Tensor
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
+def precision(device: torch.device) -> torch.dtype:
+    """The conversions' dtype: float64, except on Apple's MPS, which has none (sampling there)."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+def precise(x: Tensor) -> Tensor:
+    return x.to(precision(x.device))
 
 
 class NoiseSchedule:
@@ -50,13 +60,13 @@ class NoiseSchedule:
 
     def alpha_sigma(self, t: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
         """(α_t, σ_t) = (sqrt(ᾱ_t), sqrt(1 − ᾱ_t)) in float64 for timesteps t [B], shaped to broadcast
-        against `like`, on its device.
+        against `like`, on its device (float32 on MPS, see `precision`).
 
         t = −1 stands for the clean end of a DDIM trajectory: ᾱ = 1, so α = 1 and σ = 0 (DDIM's
         final step lands on its x0 estimate, diffusers' `set_alpha_to_one`).
         """
         t = t.long().to(like.device)  # index on the data's device: no device-to-host sync per call
-        table = self.alphas_cumprod.to(like.device)
+        table = self.alphas_cumprod.to(precision(like.device)).to(like.device)
         a = torch.where(t >= 0, table[t.clamp(min=0)], 1.0)
         shape = (-1,) + (1,) * (like.ndim - 1)
         return a.sqrt().view(shape), (1.0 - a).sqrt().view(shape)
@@ -72,19 +82,19 @@ class NoiseSchedule:
         Returns float32 [B, ...]."""
         a_t, s_t = self.alpha_sigma(t, x_t)
         a_n, s_n = self.alpha_sigma(t_next, x_t)
-        x_t, x0 = x_t.double(), x0.double()
+        x_t, x0 = precise(x_t), precise(x0)
         eps = (x_t - a_t * x0) / s_t
         return (a_n * x0 + s_n * eps).float()
 
     def add_noise(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
         """Forward process q(x_t | x0): x0, noise [B, ...], t [B] → x_t [B, ...] (dtype of x0)."""
         sa, sb = self.alpha_sigma(t, x0)
-        return (sa * x0.double() + sb * noise.double()).to(x0.dtype)
+        return (sa * precise(x0) + sb * precise(noise)).to(x0.dtype)
 
     def to_x0(self, x_t: Tensor, prediction: Tensor, t: Tensor) -> Tensor:
         """x0 implied by a network prediction at (x_t, t). Returns float32 [B, ...]."""
         sa, sb = self.alpha_sigma(t, x_t)
-        x_t, prediction = x_t.double(), prediction.double()
+        x_t, prediction = precise(x_t), precise(prediction)
         if self.prediction_type == "epsilon":
             x0 = (x_t - sb * prediction) / sa
         elif self.prediction_type == "v_prediction":
@@ -96,7 +106,7 @@ class NoiseSchedule:
     def eps_from_x0(self, x_t: Tensor, x0: Tensor, t: Tensor) -> Tensor:
         """The noise implied by x_t and an x0 estimate: ε = (x_t − sqrt(ᾱ)·x0) / sqrt(1 − ᾱ)."""
         sa, sb = self.alpha_sigma(t, x_t)
-        return ((x_t.double() - sa * x0.double()) / sb).float()
+        return ((precise(x_t) - sa * precise(x0)) / sb).float()
 
     def target(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
         """What a denoiser of this prediction type should output for x_t = add_noise(x0, noise, t)."""
@@ -104,7 +114,7 @@ class NoiseSchedule:
             return noise.float()
         if self.prediction_type == "v_prediction":
             sa, sb = self.alpha_sigma(t, x0)
-            return (sa * noise.double() - sb * x0.double()).float()
+            return (sa * precise(noise) - sb * precise(x0)).float()
         return x0.float()
 
 

@@ -163,6 +163,10 @@ class DistillConfig:
 
         return torch.bfloat16 if self.precision() == "bf16" else torch.float32
 
+    def gan_term(self) -> bool:
+        """Whether the run has a GAN term (a classifier head, and --data's images as real latents)."""
+        return self.method != "dmd" and (self.gan_generator_weight > 0 or self.gan_discriminator_weight > 0)
+
     def lora_alpha_value(self) -> float:
         """The alpha of the generator's and the fake score's adapters."""
         return self.lora_alpha or self.lora_rank

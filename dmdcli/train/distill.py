@@ -18,7 +18,7 @@ import torch
 
 from dmdcli.core.denoiser import Cond, expand_cond
 from dmdcli.core.schedule import student_timesteps
-from dmdcli.data.images import RealLatents, load_or_build_latents
+from dmdcli.data.images import RealLatents, load_or_build_latents, scan_image_folder
 from dmdcli.data.pairs import Pairs
 from dmdcli.data.prompt_cache import GIB, PromptCache, build_prompt_cache
 from dmdcli.data.prompts import read_prompts
@@ -109,8 +109,10 @@ class Data:
         return teacher.encode_prompts([prompts[i] for i in picks])
 
     def batch(self, teacher: Teacher, seed: int, iteration: int, batch_size: int, uncond: Cond | None, rank: int = 0) -> Batch:
-        """This process's batch of one iteration, drawn from (seed, iteration, rank) alone, so a
-        run is the same whether or not it was interrupted, and processes draw different data."""
+        """This process's batch of one iteration. The picks of prompts, real images and pairs come
+        from (seed, iteration, rank) alone and the noise from the process's global generator
+        (seeded per rank, saved in checkpoints), so a run is the same whether or not it was
+        interrupted, and processes draw different data."""
         g = torch.Generator().manual_seed(seed * 7919 + iteration + rank * 1_000_000_007)
         picks = torch.randint(len(self.prompts), (batch_size,), generator=g).tolist()
         cond = self._cond(teacher, 0, picks)
@@ -177,14 +179,17 @@ class Distillation:
 
         ui.message(f"teacher: {self.spec.source} ({self.spec.layout}, {self.spec.prediction_type}) at {self.resolution}px on {device}")
         self.teacher = Teacher(self.spec, device, frozen_dtype, self.resolution, config.allow_pickle)
-        with self.accelerator.main_process_first():  # one process encodes the real images, the others read the cache
-            if config.method == "dmd" and self.data_folder:  # DMD v1: no GAN term
-                ui.message("--method dmd has no GAN term: --data serves only for its captions" if prompts is None
-                           else "--method dmd has no GAN term: --data is not used")
-            folder = None if config.method == "dmd" and prompts else self.data_folder
-            self.data = load_data(folder, prompts, self.teacher, ui)
-            if config.method == "dmd":
-                self.data.real = None
+        if self.data_folder and not config.gan_term():  # no real latents to encode, no classifier head
+            why = "--method dmd has no GAN term" if config.method == "dmd" else "both GAN weights are 0"
+            if prompts is None:
+                prompts = [caption for _, caption in scan_image_folder(self.data_folder).items]
+                ui.message(f"{why}: --data serves only for its {len(prompts)} captions")
+            else:
+                ui.message(f"{why}: --data is not used")
+            self.data = Data(prompts, None)
+        else:
+            with self.accelerator.main_process_first():  # one process encodes the real images, the others read the cache
+                self.data = load_data(self.data_folder, prompts, self.teacher, ui)
         self.uncond = self.teacher.empty_cond() if config.guidance_scale > 1 else None
         self.regression_distance, self.regression_distance_name = None, None
         if config.regression_weight > 0:
