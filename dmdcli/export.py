@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from dmdcli.errors import DmdError, UsageError, first_line
-from dmdcli.files import atomic_save_file, share_as_umask
+from dmdcli.files import atomic_save_file, check_can_make, share_as_umask
 from dmdcli.models.student import DTYPES, EXPORT_INFO_FILE, ModelSource, find_model, load_student_unet
 from dmdcli.train import rundir
 
@@ -119,6 +119,7 @@ def default_out(source: ModelSource, fmt: str) -> Path:
 
 def check_out(out: Path, fmt: str, overwrite: bool) -> None:
     """Refuse, before any work, to replace what is there unless asked (and never a non-pipeline folder)."""
+    check_can_make(out, folder=False)  # what stands at `out` itself is judged below
     if not out.exists() and not out.is_symlink():
         return
     if not overwrite:

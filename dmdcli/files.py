@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from safetensors import SafetensorError
 
-from dmdcli.errors import DmdError, first_line
+from dmdcli.errors import DmdError, UsageError, first_line
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -33,6 +33,18 @@ def cache_dir(name: str) -> Path:
     $DMD_CACHE/name, else ~/.cache/dmd/name."""
     root = os.environ.get("DMD_CACHE")
     return (Path(root) if root else Path.home() / ".cache" / "dmd") / name
+
+
+def check_can_make(path: Path, option: str = "--out", folder: bool = True) -> None:
+    """UsageError when a file stands in the way of `path`, a folder to make (`folder`) or a file to
+    write: found before any model loads, not when the first file is written."""
+    for above in ((path,) if folder else ()) + tuple(path.parents):
+        if above.exists():
+            if above.is_dir():
+                return
+            if above == path:
+                raise UsageError(f"{option} {path} is a file; it must be a folder (made if missing)")
+            raise UsageError(f"{option} {path} is below {above}, which is a file")
 
 
 def read_json(path: Path) -> Any:

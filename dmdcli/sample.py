@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from dmdcli.errors import UsageError
-from dmdcli.files import atomic_write
+from dmdcli.files import atomic_write, check_can_make
 
 FORMATS = {"png": "PNG", "jpg": "JPEG", "webp": "WEBP"}
 MAX_SLUG = 60
@@ -68,8 +68,7 @@ def check_free(jobs: list[Job], overwrite: bool) -> None:
     """Refuse (before any model loads) to replace files that are already there, unless asked,
     or to write into a folder that is a file."""
     for folder in {job.path.parent for job in jobs}:
-        if folder.exists() and not folder.is_dir():
-            raise UsageError(f"--out {folder} is a file; it must be a folder (made if missing)")
+        check_can_make(folder)
     if overwrite:
         return
     taken = [job.path for job in jobs if job.path.exists()]

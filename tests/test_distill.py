@@ -261,6 +261,8 @@ def test_out_must_be_a_run_or_a_new_folder(tmp_path, tiny_sd, prompts_file):
     victim.write_text("keep me")
     result = runner.invoke(app, [*args, "--out", str(victim), "--overwrite"])
     assert result.exit_code == 2 and "is a file" in result.stderr and victim.read_text() == "keep me"
+    result = runner.invoke(app, [*args, "--out", str(victim / "run")])
+    assert result.exit_code == 2 and "which is a file" in result.stderr and victim.read_text() == "keep me"
     data = tmp_path / "data"
     data.mkdir()
     (data / "0.txt").write_text("a caption")

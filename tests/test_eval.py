@@ -306,7 +306,7 @@ def test_extractor_loading(features_file, tmp_path, monkeypatch):
         clean_fid_inception()
 
 
-def test_extract_accepts_every_image_kind_and_workers(features_file, folder):
+def test_extract_accepts_every_image_kind_and_workers(features_file, folder, tmp_path):
     extractor = load_extractor(features=features_file)
     paths = sorted(folder.glob("*.png"))[:4]
     arrays = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in paths])
@@ -319,6 +319,12 @@ def test_extract_accepts_every_image_kind_and_workers(features_file, folder):
     sizes = []
     extract(paths, extractor, sizes=sizes)
     assert sizes == [(40, 48)] * 4
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(paths[0].read_bytes()[:100])  # truncated
+    for workers in (0, 1):  # the same one line from a worker process, not its traceback
+        with pytest.raises(DmdError) as caught:
+            extract([*paths, broken], extractor, num_workers=workers, batch_size=2)
+        assert str(caught.value).startswith(f"cannot read image {broken}") and "\n" not in str(caught.value)
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -539,8 +545,21 @@ def test_clip_score_prefix_preprocessing_and_report(tiny_clip, features_file, fo
                    cache=StatsCache(tmp_path / "cache"), patch_fid=False)
     assert report["metrics"]["clip_score"] == pytest.approx(float(cosines.mean()))
     assert report["clip_model"] == str(tiny_clip) and report["protocol"]["clip"]["prefix"] == "A photo depicts "
-    with pytest.raises(DmdError, match="cannot load the CLIP model"):
+    with pytest.raises(UsageError, match="CLIP model not found"):
         ClipScorer.load(str(tmp_path / "no-clip"))
+    with pytest.raises(DmdError, match="cannot load the CLIP model"):
+        ClipScorer.load(str(tmp_path))  # a folder, but no CLIP in it
+
+
+def test_clip_scores_in_float32_with_pil_preprocessing(tiny_clip, tmp_path):
+    """As the reference (clip.float(), open_clip's PIL resize), whatever the checkpoint's dtype."""
+    from transformers import CLIPModel, CLIPProcessor
+
+    CLIPModel.from_pretrained(tiny_clip).half().save_pretrained(tmp_path / "fp16")
+    CLIPProcessor.from_pretrained(tiny_clip).save_pretrained(tmp_path / "fp16")
+    scorer = ClipScorer.load(str(tmp_path / "fp16"))
+    assert {p.dtype for p in scorer.model.parameters()} == {torch.float32}
+    assert type(scorer.processor.image_processor).__name__ == "CLIPImageProcessorPil"
 
 
 def test_clip_weights_stored_as_pickle_need_allow_pickle(tiny_clip, tmp_path):

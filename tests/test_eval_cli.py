@@ -158,7 +158,9 @@ def test_two_models_two_reports_and_a_table(student, tiny_sd, refs, features, tm
     assert student_report["metrics"]["nfe_per_image"] == 2 and student_report["generation"]["guidance_scale"] is None
     assert teacher_report["metrics"]["nfe_per_image"] == 4 and teacher_report["generation"]["guidance_scale"] == 7.5
     assert teacher_report["generation"]["kind"] == "pipeline"
-    assert teacher_report["reference_stats"]["fid"]["cached"]  # computed once, for the first model
+    # computed once, before either model loaded (so neither report found them in the disk cache)
+    assert student_report["reference_stats"] == teacher_report["reference_stats"]
+    assert not teacher_report["reference_stats"]["fid"]["cached"]
     table = result.stderr[result.stderr.index("dmd eval"):]
     for report in (student_report, teacher_report):
         row = next(line for line in table.splitlines() if report["model"] in line)
@@ -253,7 +255,7 @@ def test_a_benchmark_that_is_not_inception_based_plugs_in(student, tmp_path, mon
         def describe(self):
             return "mean red channel"
 
-        def prepare(self):
+        def prepare(self, progress=None):
             calls.append(("prepare",))
 
         def score(self, generation, progress):
@@ -303,3 +305,28 @@ def test_another_eval_resolution_gets_its_own_report(refs):
     """Scores at another --eval-resolution are another protocol: a report beside the default's, not a clash."""
     assert eval_run.open_benchmark(str(refs), eval_run.EvalOptions()).label == "folder-refs"
     assert eval_run.open_benchmark(str(refs), eval_run.EvalOptions(eval_resolution=64)).label == "folder-refs-at64px"
+
+
+def test_reference_trouble_fails_before_generation_and_overwrite_drops_the_old_report(run, refs, features, tmp_path, monkeypatch):
+    bad = shutil.copytree(refs, tmp_path / "bad")
+    disc("red").save(bad / "3.jpg")
+    (bad / "3.jpg").write_bytes((bad / "3.jpg").read_bytes()[:-50])  # passes PIL's verify, fails to load
+    (bad / "3.png").rename(bad / "3.png.off")
+    for args, code, message in (([bad], 1, f"error: cannot read image {bad / '3.jpg'}: image file is truncated"),
+                                ([refs, "--cache-dir", refs / "0.png"], 2, f"error: --cache-dir {refs / '0.png'} is a file")):
+        result = invoke("--model", run, "--fid", *args, "--features", features, code=code)
+        errors = [line for line in result.stderr.splitlines() if "error" in line]
+        assert len(errors) == 1 and errors[0].startswith(message) and "Traceback" not in result.stderr, result.stderr
+        assert not list(run.glob("eval-*"))  # found before any image was generated
+
+    args = ["--model", run, "--fid", refs, "--features", features, "--cache-dir", tmp_path / "cache"]
+    invoke(*args)
+    report = run / f"eval-folder-refs-{N}.json"
+    assert report.is_file()
+
+    def fail(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(eval_run, "generate", fail)  # --overwrite, stopped while generating
+    runner.invoke(app, ["eval", *map(str, args), "--overwrite"])
+    assert not report.exists()  # not the old report beside new images

@@ -192,6 +192,9 @@ def test_export_never_overwrites_unless_asked(tmp_path, students):
     # A folder that is not a pipeline is never replaced, even with --overwrite.
     result = runner.invoke(app, ["export", "--model", str(run), "--format", "diffusers", "--out", str(run), "--overwrite"])
     assert result.exit_code == 2 and "not a pipeline folder" in result.stderr and (run / "student.safetensors").is_file()
+    # Below a file: refused before anything loads, the file untouched.
+    result = runner.invoke(app, ["export", "--model", str(run), "--format", "unet", "--out", str(out / "unet.safetensors")])
+    assert result.exit_code == 2 and "which is a file" in result.stderr and out.read_bytes() != before
     # The default place is inside the run folder.
     record = json.loads(invoke("export", "--model", run, "--format", "lora", "--json").stdout)
     assert record["path"] == str(run / "export" / "lora.safetensors")

@@ -108,6 +108,8 @@ def test_existing_images_are_kept_unless_overwrite(tmp_path, sd_run):
     assert Image.open(target).size == (32, 32)
     result = runner.invoke(app, [str(a) for a in args[:-4]] + ["--out", str(target), "--overwrite"])  # a file as --out
     assert result.exit_code == 2 and "is a file; it must be a folder" in result.stderr, result.stderr
+    result = runner.invoke(app, [str(a) for a in args[:-4]] + ["--out", str(target / "images")])  # below a file
+    assert result.exit_code == 2 and f"is below {target}, which is a file" in result.stderr, result.stderr
 
 
 def test_interrupted_sampling_keeps_announced_images(tmp_path, sdxl_run, monkeypatch):

@@ -58,6 +58,7 @@ def eval_command(
 ) -> None:
     from dmdcli.errors import UsageError
     from dmdcli.eval.report import render_table
+    from dmdcli.files import check_can_make
     from dmdcli.eval.run import EvalOptions, evaluate, open_benchmark, plan_targets
     from dmdcli.models.student import STUDENT_TAKES_NO_CFG, find_model, pick_device, pick_dtype
 
@@ -65,6 +66,8 @@ def eval_command(
     quiet_diffusers()
     torch_device = pick_device(device)
     torch_dtype = pick_dtype(dtype, torch_device)
+    if cache_dir is not None:
+        check_can_make(cache_dir, "--cache-dir")
     options = EvalOptions(coco_root=coco_root, num_samples=num_samples, eval_resolution=eval_resolution, features=features,
                           inception=inception, clip_model=clip_model, cache_dir=cache_dir, device=torch_device,
                           num_workers=num_workers, allow_pickle=allow_pickle)
@@ -78,7 +81,8 @@ def eval_command(
         raise UsageError(STUDENT_TAKES_NO_CFG)
     targets = plan_targets(sources, benchmark, out, seed=seed, steps=steps, guidance_scale=guidance_scale,
                            resolution=resolution, overwrite=overwrite)
-    benchmark.prepare()  # feature networks and CLIP: a bad one fails here, before any model loads
+    with _stages(ui, benchmark.label) as progress:  # feature networks, CLIP and the reference statistics:
+        benchmark.prepare(progress)                 # a bad one fails here, before any model loads
     ui.message(f"set: {benchmark.describe()}")
     if guidance_scale is not None and any(source.is_student for source in sources):
         ui.message(f"note: --guidance-scale {guidance_scale:g} applies to the plain pipelines only; students sample without CFG")

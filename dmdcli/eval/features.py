@@ -150,12 +150,21 @@ class _CleanImages(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, index: int) -> tuple[Tensor, int, int]:
-        image = to_uint8_rgb(self.images[index])
+    def __getitem__(self, index: int) -> tuple[Tensor, int, int] | DmdError:
+        try:
+            image = to_uint8_rgb(self.images[index])
+        except DmdError as e:  # returned, and raised by `extract`: raised in a worker process, torch
+            return e           # would hand it back with the worker's whole traceback as its message
         height, width = image.shape[:2]
         if self.transform is not None:
             image = self.transform(image)
         return torch.from_numpy(clean_resize(image).transpose(2, 0, 1).copy()), height, width
+
+
+def _collate(items: list) -> Any:
+    """A batch, or the first unreadable image's error."""
+    failed = next((item for item in items if isinstance(item, DmdError)), None)
+    return failed if failed is not None else torch.utils.data.default_collate(items)
 
 
 def extract(images: Sequence[Any], extractor: FeatureExtractor, *,
@@ -174,9 +183,12 @@ def extract(images: Sequence[Any], extractor: FeatureExtractor, *,
     if len(images) == 0:
         raise ValueError("no images to extract features from")
     loader = torch.utils.data.DataLoader(_CleanImages(images, transform), batch_size=batch_size, shuffle=False,
-                                         num_workers=num_workers)
+                                         num_workers=num_workers, collate_fn=_collate)
     chunks, done = [], 0
-    for batch, heights, widths in loader:
+    for batch in loader:
+        if isinstance(batch, DmdError):
+            raise batch
+        batch, heights, widths = batch
         chunks.append(extractor(batch))
         if sizes is not None:
             sizes.extend(zip(heights.tolist(), widths.tolist()))

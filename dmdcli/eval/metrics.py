@@ -15,13 +15,14 @@ import sys
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from cleanfid.fid import frechet_distance
 
-from dmdcli.errors import DmdError, first_line
+from dmdcli.errors import DmdError, UsageError, first_line
 from dmdcli.eval.preprocess import protocol_resize, to_uint8_rgb
 
 CLIP_PREFIX = "A photo depicts "
@@ -98,9 +99,15 @@ class ClipScorer:
         stored only as pickles are refused unless `allow_pickle`)."""
         from transformers import CLIPModel, CLIPProcessor
 
+        from dmdcli.models.teacher import looks_like_path
+
+        if looks_like_path(name_or_path) and not Path(name_or_path).expanduser().exists():
+            raise UsageError(f"CLIP model not found: {name_or_path}")  # not a hub id: transformers would say "Repo id must be …"
         try:
-            model = CLIPModel.from_pretrained(name_or_path, use_safetensors=None if allow_pickle else True)
-            processor = CLIPProcessor.from_pretrained(name_or_path)
+            # float32 whatever the checkpoint's dtype (transformers 5 keeps it by default), as the
+            # reference scores with clip.float(); the PIL backend resizes as open_clip does.
+            model = CLIPModel.from_pretrained(name_or_path, use_safetensors=None if allow_pickle else True, dtype=torch.float32)
+            processor = CLIPProcessor.from_pretrained(name_or_path, backend="pil")
         except Exception as exc:  # OSError (not found / offline), ValueError (bad config), ...
             hint = "" if allow_pickle or "safetensors" not in str(exc) else \
                 " (weights stored only as pickle files load with --allow-pickle)"

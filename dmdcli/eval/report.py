@@ -53,6 +53,7 @@ def score(
     batch_size: int = 32,
     num_workers: int = 0,
     progress: Progress | None = None,
+    references: dict[str, ReferenceStats] | None = None,
 ) -> dict:
     """Every metric of `generated` against `reference`, as the report dict.
 
@@ -60,6 +61,7 @@ def score(
         tensors, a uint8 array [N, H, W, 3], or paths of image files), N = reference.num_samples.
     prompts: the N prompts they were generated from (used by the CLIP score).
     cache: where reference statistics live (default: StatsCache() in ~/.cache/dmd/eval).
+    references: `reference_statistics` computed beforehand (else they are, with `cache`).
     clip: a ClipScorer, or None to leave the CLIP score out (null in the report).
     model, seed, seconds_per_image, nfe_per_image, generation: the caller's facts about how the
         images were made, copied into the report (`generation` under its own key).
@@ -68,14 +70,15 @@ def score(
     if len(generated) != n or len(prompts) != n:
         raise ValueError(f"{len(generated)} images and {len(prompts)} prompts for a reference set of {n}")
     started = time.perf_counter()
-    cache = cache if cache is not None else StatsCache()
-    fingerprint = reference.fingerprint()
+    if references is None:
+        references = reference_statistics(reference, extractor, cache, patch_fid=patch_fid, batch_size=batch_size,
+                                          num_workers=num_workers, progress=progress)
     step = functools.partial(_stage, progress)
     common = dict(extractor=extractor, batch_size=batch_size, num_workers=num_workers)
 
     sizes: list[tuple[int, int]] = []
     to_protocol = functools.partial(protocol_resize, resolution=reference.resolution)
-    ref = _reference_stats(reference, "fid", to_protocol, cache, fingerprint, step("reference features"), **common)
+    ref = references["fid"]
     gen = extract(generated, transform=to_protocol, sizes=sizes, progress=step("generated features"), **common)
     metrics: dict[str, float | None] = {
         "fid": fid(feature_stats(gen), ref.stats),
@@ -84,8 +87,7 @@ def score(
     }
     reference_stats = {"fid": {"key": ref.key, "cached": ref.cached}}
     if patch_fid:
-        ref_patch = _reference_stats(reference, "patch", patch_crop, cache, fingerprint,
-                                     step("reference patch features"), **common)
+        ref_patch = references["patch"]
         gen_patch = extract(generated, transform=patch_crop, progress=step("generated patch features"), **common)
         metrics["patch_fid"] = fid(feature_stats(gen_patch), ref_patch.stats)
         reference_stats["patch"] = {"key": ref_patch.key, "cached": ref_patch.cached}
@@ -119,6 +121,22 @@ def score(
         "generation": generation or {},
         "scoring_seconds": round(time.perf_counter() - started, 3),
     }
+
+
+def reference_statistics(reference: ReferenceSet, extractor: FeatureExtractor, cache: StatsCache | None = None, *,
+                         patch_fid: bool = True, batch_size: int = 32, num_workers: int = 0,
+                         progress: Progress | None = None) -> dict[str, ReferenceStats]:
+    """The reference set's statistics for FID ("fid") and patch FID ("patch"), from the cache or
+    computed and cached (default cache: StatsCache() in ~/.cache/dmd/eval)."""
+    cache = cache if cache is not None else StatsCache()
+    fingerprint = reference.fingerprint()
+    common = dict(extractor=extractor, batch_size=batch_size, num_workers=num_workers)
+    to_protocol = functools.partial(protocol_resize, resolution=reference.resolution)
+    found = {"fid": _reference_stats(reference, "fid", to_protocol, cache, fingerprint, _stage(progress, "reference features"), **common)}
+    if patch_fid:
+        found["patch"] = _reference_stats(reference, "patch", patch_crop, cache, fingerprint,
+                                          _stage(progress, "reference patch features"), **common)
+    return found
 
 
 def _reference_stats(reference: ReferenceSet, kind: str, transform: Callable, cache: StatsCache, fingerprint: str,

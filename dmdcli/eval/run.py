@@ -36,11 +36,11 @@ import torch
 
 from dmdcli.errors import UsageError
 from dmdcli.files import atomic_write
-from dmdcli.eval.cache import StatsCache
+from dmdcli.eval.cache import ReferenceStats, StatsCache
 from dmdcli.eval.features import FeatureExtractor, load_extractor
 from dmdcli.eval.metrics import ClipScorer
 from dmdcli.eval.protocol import COCO_PROTOCOLS, ReferenceSet, check_num_samples, load_reference_set
-from dmdcli.eval.report import Progress, score, write_report
+from dmdcli.eval.report import Progress, reference_statistics, score, write_report
 from dmdcli.models.student import ImageSampler, ModelSource
 from dmdcli.sample import Job, check_free, plan, run, slug
 from dmdcli.train import rundir
@@ -92,9 +92,10 @@ class Benchmark(Protocol):
         """One line for the user: what the set is and what is scored."""
         ...
 
-    def prepare(self) -> None:
-        """Load feature networks and scorers. Called once, after the command line is checked and
-        before any model loads, so that a bad extractor fails before hours of generation."""
+    def prepare(self, progress: Progress | None = None) -> None:
+        """Load feature networks and scorers, and whatever is scored against (reference statistics).
+        Called once, after the command line is checked and before any model loads, so that a bad
+        extractor or reference image fails before hours of generation."""
         ...
 
     def score(self, generation: Generation, progress: Progress | None) -> dict:
@@ -144,6 +145,7 @@ class ReferenceBenchmark:
         self.prompts = reference.prompts
         self.extractor: FeatureExtractor | None = None
         self.clip: ClipScorer | None = None
+        self.references: dict[str, ReferenceStats] | None = None
 
     def describe(self) -> str:
         r = self.reference
@@ -151,17 +153,19 @@ class ReferenceBenchmark:
         extractor = f" ({self.extractor.identity})" if self.extractor is not None else ""
         return f"{r.name} ({r.root}): {r.num_samples} of {r.set_size} prompts; {what} at {r.resolution}²{extractor}"
 
-    def prepare(self) -> None:
+    def prepare(self, progress: Progress | None = None) -> None:
         o = self.options
         self.extractor = load_extractor(inception=o.inception, features=o.features, device=o.device)
         if o.clip_model:
             self.clip = ClipScorer.load(o.clip_model, o.device, allow_pickle=o.allow_pickle)
+        self.references = reference_statistics(self.reference, self.extractor, StatsCache(o.cache_dir), batch_size=FEATURE_BATCH,
+                                               num_workers=o.num_workers, progress=progress)
 
     def score(self, generation: Generation, progress: Progress | None) -> dict:
-        if self.extractor is None:
-            self.prepare()
-        return score(generation.paths, self.prompts, self.reference, self.extractor,
-                     cache=StatsCache(self.options.cache_dir), clip=self.clip, model=generation.model,
+        if self.references is None:
+            self.prepare(progress)
+        return score(generation.paths, self.prompts, self.reference, self.extractor, references=self.references,
+                     clip=self.clip, model=generation.model,
                      seed=generation.seed, seconds_per_image=generation.seconds_per_image,
                      nfe_per_image=generation.nfe_per_image, generation=generation.details,
                      batch_size=FEATURE_BATCH, num_workers=self.options.num_workers, progress=progress)
@@ -359,6 +363,7 @@ def evaluate(target: Target, benchmark: Benchmark, *, device: torch.device, dtyp
     from dmdcli.models.student import load_sampler, sampling_messages
 
     source = target.source
+    target.report.unlink(missing_ok=True)  # being replaced (--overwrite): no stale report beside new images
     sampler = load_sampler(source, device, dtype, None if source.is_student else guidance_scale, allow_pickle)
     n_steps = steps or sampler.default_steps
     for line in sampling_messages(source, sampler, n_steps, device, len(target.jobs), target.images):

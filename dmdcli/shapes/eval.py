@@ -39,7 +39,7 @@ class ShapesBenchmark:
         return (f"shapes world: {self.num_samples} procedural prompts (seed {EVAL_SEED}); FD-shapes against the "
                 "same scenes rendered, and prompt alignment, with the shipped attribute network")
 
-    def prepare(self) -> None:
+    def prepare(self, progress=None) -> None:  # the reference scenes are rendered when scoring: a second or so
         self.net = features.load_feature_net()
 
     def score(self, generation, progress=None) -> dict:

@@ -25,7 +25,7 @@ from safetensors import safe_open
 from torch import Tensor
 
 from dmdcli.errors import DmdError, UsageError
-from dmdcli.files import atomic_save_file, atomic_write
+from dmdcli.files import atomic_save_file, atomic_write, check_can_make
 from dmdcli.train.checkpoint import CHECKPOINTS_DIR
 
 STUDENT_FILE = "student.safetensors"
@@ -73,8 +73,7 @@ RUN_FOLDERS = (SAMPLES_DIR, ROUNDS_DIR, CHECKPOINTS_DIR, "export")
 def check_run_folder(out: Path, overwrite: bool) -> None:
     """Refuse (before any work) to mix two runs in one folder unless asked to overwrite, and to
     write a run into a file or into a folder of other things (--overwrite never clears those)."""
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out} is a file; a run needs a folder")
+    check_can_make(out)
     holds_run = any((out / f).exists() for f in RUN_FILES) or (out / CHECKPOINTS_DIR).is_dir()
     if holds_run and not overwrite:
         raise UsageError(f"{out} already holds a run; pass --resume to continue it, --overwrite to replace it, or another --out")
