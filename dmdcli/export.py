@@ -327,18 +327,18 @@ def snippet(fmt: str, out: Path, info: dict[str, Any], dtype: str) -> str:
     if fmt == "diffusers":
         return "\n".join([
             "import torch", "from diffusers import DiffusionPipeline",
-            f'pipe = DiffusionPipeline.from_pretrained("{out}"{as_dtype})',
+            f'pipe = DiffusionPipeline.from_pretrained({str(out)!r}{as_dtype})',
             f'image = pipe("a photo of a cat", num_inference_steps={steps}, guidance_scale=0, {seed}).images[0]',
         ])
     if fmt in ("lora", "kohya"):
         return "\n".join([
-            *head, f'pipe = DiffusionPipeline.from_pretrained("{teacher}"{as_dtype})', f'pipe.load_lora_weights("{out}")', lcm, call,
+            *head, f'pipe = DiffusionPipeline.from_pretrained({teacher!r}{as_dtype})', f'pipe.load_lora_weights({str(out)!r})', lcm, call,
         ])
     return "\n".join([
         *head, "from diffusers import UNet2DConditionModel", "from safetensors.torch import load_file",
-        f'unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config("{teacher}", subfolder="unet"))',
-        f'unet.load_state_dict(load_file("{out}"))',
+        f'unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config({teacher!r}, subfolder="unet"))',
+        f'unet.load_state_dict(load_file({str(out)!r}))',
         # from_pretrained casts the components it loads, not one passed in.
         *([f"unet.to({as_dtype.removeprefix(', torch_dtype=')})"] if as_dtype else []),
-        f'pipe = DiffusionPipeline.from_pretrained("{teacher}", unet=unet{as_dtype})', lcm, call,
+        f'pipe = DiffusionPipeline.from_pretrained({teacher!r}, unet=unet{as_dtype})', lcm, call,
     ])

@@ -268,7 +268,7 @@ def test_extractor_loading(features_file, tmp_path, monkeypatch):
     with pytest.raises(UsageError, match="not found"):
         load_extractor(features=tmp_path / "missing.pt")
     (tmp_path / "junk.pt").write_bytes(b"not a torchscript archive")
-    with pytest.raises(DmdError, match="not a TorchScript module"):
+    with pytest.raises(UsageError, match="not a TorchScript module"):
         load_extractor(features=tmp_path / "junk.pt")
     with pytest.raises(UsageError, match="not both"):
         load_extractor(features=features_file, inception=features_file)

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from dmdcli.errors import DmdError, UsageError
+from dmdcli.errors import DmdError, UsageError, first_line
 from dmdcli.eval.preprocess import clean_resize, to_uint8_rgb
 
 INCEPTION_FILE = "inception-2015-12-05.pt"  # the name clean-fid's InceptionV3W loads
@@ -116,7 +116,7 @@ def torchscript_extractor(path: str | Path, device: str | torch.device = "cpu") 
         with _quiet_jit():
             model = torch.jit.load(str(path), map_location=device).eval()
     except Exception as exc:  # RuntimeError / ValueError for files that are not TorchScript archives
-        raise DmdError(f"{path} is not a TorchScript module ({exc})") from None
+        raise UsageError(f"--features {path} is not a TorchScript module ({first_line(exc)})") from None
     return FeatureExtractor(model=model, identity=f"torchscript:{file_sha256(path)[:16]}", device=device)
 
 
