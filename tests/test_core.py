@@ -130,3 +130,7 @@ def test_classifier_head_follows_reference_layout(size, convs):
     assert n_conv == convs  # SDXL 32²: three stride-2 + one stride-4; SD1.5 8²: one + one
     assert head(torch.randn(3, 64, size, size)).shape == (3,)
     assert ClassifierHead.for_features(torch.randn(3, 16)).forward(torch.randn(3, 16)).shape == (3,)
+    features = torch.randn(3, 64, size, size)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # as in training under mixed precision
+        logits = head(features)
+    assert logits.dtype == torch.float32 and torch.equal(logits, head(features))  # the head itself in fp32

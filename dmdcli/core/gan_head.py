@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+import torch
+
 from torch import Tensor, nn
 
 
@@ -49,5 +51,7 @@ class ClassifierHead(nn.Module):
         return cls(features.shape[1], None)
 
     def forward(self, features: Tensor) -> Tensor:
-        """features [B, C, S, S] or [B, C] → logits [B]."""
-        return self.net(features.float()).flatten(1).squeeze(1)
+        """features [B, C, S, S] or [B, C] → logits [B], in float32 even under autocast (as the
+        reference, which runs only the UNet trunk in bf16)."""
+        with torch.autocast(features.device.type, enabled=False):
+            return self.net(features.float()).flatten(1).squeeze(1)
