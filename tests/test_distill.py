@@ -224,6 +224,9 @@ def test_lr_schedules_warm_up_then_hold_or_decay_to_zero():
         (["--teacher", "sd15", "--prompts", "p.txt", "--diffusion-gan-max-timestep", "1001"], "--diffusion-gan-max-timestep must lie in 1 … 1000"),
         (["--teacher", "sd15", "--prompts", "p.txt", "--warmup-steps", "-1"], "--warmup-steps must be ≥ 0"),
         (["--teacher", "sd15", "--prompts", "p.txt", "--lr-schedule", "cosine", "--iterations", "500"], "--lr-schedule cosine decays after the warm-up"),
+        (["--teacher", "sd15", "--prompts", "p.txt", "--seed", "-1"], "--seed must lie in 0 … 2147483647"),
+        (["--teacher", "sd15", "--prompts", "p.txt", "--seed", str(2**32)], "--seed must lie in 0 … 2147483647"),
+        (["--teacher", "sd15", "--prompts", "p.txt", "--lora-rank", "4", "--lora-alpha", "0"], "--lora-alpha must be positive"),
     ],
 )
 def test_usage_errors_are_one_line_with_exit_code_2(args, message):

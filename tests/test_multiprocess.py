@@ -184,3 +184,30 @@ def test_shipped_accelerate_config_launches_fsdp2(monkeypatch):
             monkeypatch.setenv(key, value)
     options = sharding_options(SimpleNamespace(state=SimpleNamespace(fsdp_plugin=FullyShardedDataParallelPlugin())), "bf16")
     assert (options.param_dtype, options.reshard_after_forward, options.cpu_offload) == (torch.bfloat16, True, False)
+
+
+def test_ctrl_c_under_torchrun_checkpoints_once_and_resumes(tmp_path, tiny_sd, prompts_file):
+    """A terminal's Ctrl-C reaches torchrun and its workers, and torchrun forwards it again: each
+    process gets it twice. The run still checkpoints, one process says so, and it resumes."""
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    args = ["distill", "--recipe", "tiny", "--teacher", str(tiny_sd), "--prompts", str(prompts_file), "--iterations", "400",
+            "--log-every", "1", "--sample-every", "0", "--teacher-grid-steps", "0", "--checkpoint-every", "0",
+            "--batch-size", "2", "--out", str(out)]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29523", "-m", "dmdcli"]
+    child = subprocess.Popen([*launcher, *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                             start_new_session=True)
+    metrics, deadline = out / "metrics.jsonl", time.time() + 300
+    while not metrics.is_file() or len(metrics.read_text().splitlines()) < 3:
+        assert child.poll() is None and time.time() < deadline, child.stderr.read()[-3000:]
+        time.sleep(0.2)
+    os.killpg(child.pid, signal.SIGINT)  # as Ctrl-C in a terminal: the whole process group
+    _, stderr = child.communicate(timeout=300)
+    (checkpoint,) = complete_checkpoints(out)
+    assert stderr.count("stopped: interrupted at iteration") == 1, stderr[-3000:]
+    assert f"checkpoint saved to {checkpoint}" in stderr
+    _torchrun(["distill", "--out", str(out), "--resume", "--iterations", str(int(checkpoint.name[5:]) + 2)], port=29524)
+    assert complete_checkpoints(out)[-1].name == f"iter-{int(checkpoint.name[5:]) + 2:06d}"

@@ -111,6 +111,7 @@ def test_sigkill_during_a_checkpoint_resumes_from_the_previous_one(tmp_path, tin
     resumed = runner.invoke(app, ["distill", "--out", str(out), "--resume", "--json", "--quiet"])
     assert resumed.exit_code == 0, resumed.stderr
     assert json.loads(resumed.stdout)["iterations"] == 8
+    assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".")]  # the cut-short write: removed
     whole = tmp_path / "whole"
     assert distill("--teacher", tiny_sd, "--prompts", prompts_file, "--iterations", 8, "--out", whole).exit_code == 0
     assert_same_tensors(load_file(whole / "student.safetensors"), load_file(out / "student.safetensors"))
@@ -142,6 +143,34 @@ def test_sigint_checkpoints_and_exits_130(tmp_path, tiny_sd, prompts_file, monke
     undo()
     assert runner.invoke(app, ["distill", "--out", str(out), "--resume", "--quiet"]).exit_code == 0
     assert complete_checkpoints(out)[-1].name == "iter-000010"
+    # The metrics a resumed run logs are the straight run's, the generator's last losses included
+    # on the lines between its updates (TTUR 5: the resumed lines 4 and 5 carry iteration 1's).
+    whole = tmp_path / "whole"
+    assert distill("--teacher", tiny_sd, "--prompts", prompts_file, "--iterations", 10, "--out", whole).exit_code == 0
+    timeless = lambda run: [{k: v for k, v in json.loads(line).items() if k != "sec_per_iter"}  # noqa: E731
+                            for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert timeless(out) == timeless(whole) and "loss_dm" in timeless(out)[4]
+
+
+def test_a_signal_delivered_twice_is_one_request_and_a_later_ctrl_c_stops_at_once(monkeypatch):
+    """torchrun forwards the Ctrl-C (or a scheduler's SIGTERM) that already reached its workers:
+    that must not skip the checkpoint. A second Ctrl-C, later, is a person asking twice."""
+    from dmdcli.train.distill import _StopOnSignal
+
+    monkeypatch.setattr(_StopOnSignal, "ESCALATE_AFTER", 0.2)
+    for first, again in ((signal.SIGINT, signal.SIGINT), (signal.SIGTERM, signal.SIGTERM), (signal.SIGTERM, signal.SIGINT)):
+        with _StopOnSignal() as stop:
+            os.kill(os.getpid(), first)
+            os.kill(os.getpid(), again)  # at once: the same request
+            assert stop.signal == first
+    with _StopOnSignal() as stop:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.3)
+        os.kill(os.getpid(), signal.SIGTERM)  # a scheduler's repeat: still wait for the checkpoint
+        assert stop.signal == signal.SIGTERM
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C later: stop now
+            time.sleep(0.1)
 
 
 def logged(out, key):
@@ -232,6 +261,14 @@ def test_resume_refuses_a_contradicting_configuration(tmp_path, tiny_sd, prompts
     fewer = runner.invoke(app, ["distill", "--out", str(out), "--resume", "--iterations", "2"])
     assert fewer.exit_code == 2 and "already at iteration 3, past --iterations 2" in fewer.stderr, fewer.stderr
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == before
+    # The run stopped between its last checkpoint and its student (a full disk, a kill): --resume
+    # writes the student from that checkpoint rather than calling the run finished.
+    student = load_file(out / "student.safetensors")
+    (out / "student.safetensors").unlink()
+    repaired = runner.invoke(app, ["distill", "--out", str(out), "--resume"])
+    assert repaired.exit_code == 0 and "written from checkpoint iter-000003" in repaired.stderr, repaired.stderr
+    again = load_file(out / "student.safetensors")
+    assert again.keys() == student.keys() and all(torch.equal(again[k], student[k]) for k in student)
     (out / "config.toml").write_text("steps = [")  # a hand edit gone wrong
     broken = runner.invoke(app, ["distill", "--out", str(out), "--resume"])
     assert broken.exit_code == 1 and f"cannot read {out / 'config.toml'}" in broken.stderr and "Traceback" not in broken.stderr
@@ -281,7 +318,7 @@ def test_broken_teacher_weights(tmp_path, tiny_sd, prompts_file, how, message):
     "make,args,code,message",
     [
         ("empty-prompts", [], 2, "holds no prompts"),
-        ("no-images", [], 1, "no images with captions"),
+        ("no-images", [], 2, "no images with captions"),
         (None, ["--resolution", "30"], 2, "--resolution 30 must be a multiple of 4 and at least 8"),
         (None, ["--iterations", "0"], 2, "--iterations must be at least 1"),
         (None, ["--guidance-scale", "0.5"], 2, "--guidance-scale must be"),

@@ -133,7 +133,9 @@ def distill(
     try:
         run = Distillation(config, ui, overwrite=overwrite, resume=resume)
     except RunFinished as done:
-        return ui.message(str(done))
+        from accelerate import PartialState
+
+        return ui.message(str(done)) if PartialState().is_main_process else None  # one process says so
     try:
         summary = run.run()
     except OSError as e:

@@ -74,7 +74,7 @@ def scan_image_folder(root: str | Path) -> ImageFolderScan:
         else:
             scan.items.append((path, caption))
     if not scan.items:
-        raise DmdError(f"no images with captions in {root}")
+        raise UsageError(f"no images with captions in {root}")  # as much the command line's mistake as a missing folder
     return scan
 
 

@@ -234,12 +234,7 @@ def _file_names(annotations: dict, source: Path | str) -> dict[int, str]:
 def folder_set(root: str | Path, *, resolution: int = FOLDER_RESOLUTION, num_samples: int | None = None) -> ReferenceSet:
     """A captioned image folder (``.txt`` beside each image or ``metadata.jsonl``), sorted by
     relative path, cut to its first `num_samples` images."""
-    try:
-        scan = scan_image_folder(root)
-    except UsageError:
-        raise
-    except DmdError as e:  # no captioned images: as much the command line's mistake as a missing folder
-        raise UsageError(str(e)) from None
+    scan = scan_image_folder(root)
     total = len(scan.items)
     if num_samples is not None and num_samples > total:
         raise UsageError(f"--num-samples {num_samples} is more than the {total} captioned images in {scan.root}")

@@ -65,12 +65,12 @@ def optimizer_state_dict(prefix: str, tensors: dict[str, Tensor], saved: dict[st
 
 
 def rng_state() -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """Every RNG this process draws from: Python, NumPy, torch CPU and each CUDA device."""
+    """Every RNG this process draws from: Python, NumPy, torch CPU and its CUDA device (only its
+    own: each process draws on one, and may be shown only that one when it resumes)."""
     np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
     tensors = {"rng.torch": torch.get_rng_state(), "rng.numpy": torch.from_numpy(np_keys.astype(np.int64))}
     if torch.cuda.is_available():
-        for i, s in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"rng.cuda.{i}"] = s
+        tensors["rng.cuda"] = torch.cuda.get_rng_state()  # the current device: accelerate sets it per process
     version, internal, gauss = random.getstate()
     return tensors, {"python": [version, list(internal), gauss], "numpy": [np_name, np_pos, np_has_gauss, np_gauss]}
 
@@ -81,9 +81,11 @@ def load_rng_state(tensors: dict[str, Tensor], saved: dict[str, Any]) -> None:
     np.random.set_state((name, tensors["rng.numpy"].numpy().astype(np.uint32), pos, has_gauss, gauss))
     version, internal, gauss = saved["python"]
     random.setstate((version, tuple(internal), gauss))
-    cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("rng.cuda."))]
-    if cuda and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(cuda)
+    if torch.cuda.is_available():
+        # checkpoints before 2026-11-29 kept every visible device's state as rng.cuda.<index>
+        cuda = tensors.get("rng.cuda", tensors.get(f"rng.cuda.{torch.cuda.current_device()}"))
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda)
 
 
 # -- the checkpoint folder ---------------------------------------------------------------------
@@ -96,6 +98,16 @@ def checkpoint_name(iteration: int) -> str:
 def staging_dir(run: Path, iteration: int) -> Path:
     """Where every process leaves its RNG state before the main process assembles a checkpoint."""
     return run / CHECKPOINTS_DIR / f".staging-{checkpoint_name(iteration)}"
+
+
+def remove_leftovers(run: Path) -> int:
+    """Remove the temporary and staging folders of checkpoint writes that a kill (SIGKILL, the OOM
+    killer) cut short: each can hold gigabytes, left exactly when the disk is short. Returns how many."""
+    root = run / CHECKPOINTS_DIR
+    found = [*root.glob(".tmp-iter-*"), *root.glob(".staging-iter-*")] if root.is_dir() else []
+    for path in found:
+        shutil.rmtree(path, ignore_errors=True)
+    return len(found)
 
 
 def write_rng(folder: Path, rank: int) -> None:

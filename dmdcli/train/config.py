@@ -306,6 +306,9 @@ def validate(c: DistillConfig) -> None:
     need(c.batch_size >= 1, f"--batch-size must be at least 1 (got {c.batch_size})")
     need(c.fake_updates_per_gen >= 1, f"--fake-updates-per-gen must be at least 1 (got {c.fake_updates_per_gen})")
     need(c.lora_rank >= 0, f"--lora-rank must be 0 (full fine-tune) or positive (got {c.lora_rank})")
+    need(c.lora_alpha is None or c.lora_alpha > 0, f"--lora-alpha must be positive (got {c.lora_alpha})")
+    # numpy's seeds (accelerate's set_seed) stop at 2**32 − 1, and each process adds its index
+    need(0 <= c.seed < 2**31, f"--seed must lie in 0 … {2**31 - 1} (got {c.seed})")
     need(c.lr > 0 and (c.fake_lr is None or c.fake_lr > 0), "learning rates must be positive")
     need(c.warmup_steps >= 0 and c.max_grad_norm > 0, "--warmup-steps must be ≥ 0 and --max-grad-norm > 0")
     need(c.weight_decay >= 0 and 0 <= c.adam_beta1 < 1 and 0 <= c.adam_beta2 < 1,

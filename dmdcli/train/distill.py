@@ -30,7 +30,7 @@ from dmdcli.shapes.data import resolve_data
 from dmdcli.train import rundir
 from dmdcli.train.checkpoint import (
     CHECKPOINTS_DIR, checkpoint_keys, checkpoint_name, is_checkpoint, latest_checkpoint, optimizer_state, optimizer_state_dict,
-    read_checkpoint, restore_rng, staging_dir, write_checkpoint, write_rng,
+    read_checkpoint, remove_leftovers, restore_rng, staging_dir, write_checkpoint, write_rng,
 )
 from dmdcli.train.config import DistillConfig, init_conflicts, resume_conflicts, write_config
 from dmdcli.train.grids import COLLAPSE_RATIO, SampleGrid, diversity
@@ -280,12 +280,29 @@ class Distillation:
         if done > self.config.iterations:
             raise UsageError(f"{self.out} is already at iteration {done}, past --iterations {self.config.iterations}; raise it to continue")
         if done == self.config.iterations:
-            raise RunFinished(f"{self.out} is already at iteration {done}; raise --iterations to continue")
+            wrote = self._student_from_final_checkpoint(found, state)
+            raise RunFinished(f"{self.out} is already at iteration {done}{wrote}; raise --iterations to continue")
         planned = state["config"].get("iterations")
         if self.config.lr_schedule != "constant" and planned != self.config.iterations:
             self.ui.message(f"the {self.config.lr_schedule} LR decay now spans {self.config.iterations} iterations instead of "
                             f"{planned}: the LR goes up from where the run stopped and decays again")
         return found
+
+    def _student_from_final_checkpoint(self, found: Path, state: dict[str, Any]) -> str:
+        """The student of a finished run, written from its last checkpoint when the run stopped
+        between the two (a full disk, a kill); a note for the user, or "" when it was there."""
+        student = self.out / rundir.STUDENT_FILE
+        try:
+            if rundir.read_student_info(student).get("iterations") == state["iteration"]:
+                return ""
+        except DmdError:  # missing or damaged
+            pass
+        if self.accelerator.is_main_process:
+            tensors, _ = read_checkpoint(found)
+            rundir.save_student(student, {k.removeprefix("generator."): v for k, v in tensors.items() if k.startswith("generator.")},
+                                state["student"])
+        self.accelerator.wait_for_everyone()
+        return f" (its student was missing: written from checkpoint {found.name})"
 
     def _checkpoint_to_init_from(self) -> Path:
         source = Path(self.config.init_from)
@@ -476,6 +493,12 @@ class Distillation:
             return flag
         return bool(self.accelerator.reduce(torch.tensor([float(flag)], device=self.accelerator.device), "sum").item() > 0)
 
+    def agreed_signal(self, signum: int) -> int:
+        """The stop signal any process received (0: none), the same on every process."""
+        if self.accelerator.num_processes == 1:
+            return signum
+        return int(self.accelerator.reduce(torch.tensor([signum], device=self.accelerator.device), "max").item())
+
     def run(self) -> dict[str, Any]:
         c, main = self.config, self.accelerator.is_main_process
         # Only the main process writes the run folder (metrics, grids, checkpoints, student). It
@@ -483,6 +506,9 @@ class Distillation:
         grids = main or self.nets.sharded
         metrics = rundir.MetricsLog(self.out / rundir.METRICS_FILE, enabled=main)
         if self.checkpoint is not None:
+            if main and (removed := remove_leftovers(self.out)):
+                self.ui.message(f"removed {removed} unfinished checkpoint folder(s) that a killed run left in {self.out / CHECKPOINTS_DIR}")
+            self.accelerator.wait_for_everyone()
             state = self.restore(self.checkpoint)
             start_iteration, teacher_div = state["iteration"], state.get("teacher_diversity")
             metrics.truncate_after(start_iteration)  # lines a killed run wrote past its checkpoint
@@ -500,9 +526,11 @@ class Distillation:
         if main:
             write_config(c, self.out / rundir.CONFIG_FILE, self.resolved())
         self.accelerator.wait_for_everyone()
-        extra = {"teacher_diversity": teacher_div}
+        # The newest value of every logged loss and norm (the generator's come every TTUR-th
+        # iteration): kept in checkpoints, so that a resumed run logs the lines a straight one would.
+        latest: dict[str, float] = dict(state.get("latest", {})) if self.checkpoint is not None else {}
+        extra = {"teacher_diversity": teacher_div, "latest": latest}
 
-        latest: dict[str, float] = {}
         start = last_log = time.perf_counter()
         last_log_iteration = start_iteration
         done = start_iteration
@@ -527,16 +555,19 @@ class Distillation:
                 if c.checkpoint_every and done % c.checkpoint_every == 0 and done != c.iterations:
                     self.save_checkpoint(done, extra)
                 update(done, latest)
-                signum = stop.signal or 0
-                if self.any_process(signum != 0):  # every process stops at the same iteration
+                signum = self.agreed_signal(stop.signal or 0)
+                if signum:  # every process stops at the same iteration
                     path = self.save_checkpoint(done, extra)
-                    raise Interrupted(signum or signal.SIGTERM, done, path, self.out)
-        summary = {"out": str(self.out), "student": str(self.out / rundir.STUDENT_FILE), "iterations": done}
-        if grids:
-            grid, grid_record = self.save_grid(done, teacher_div)
-            metrics.write({"iteration": done, **grid_record})
-            summary.update(grid=str(grid), **grid_record)
-        summary["checkpoint"] = str(self.save_checkpoint(done, extra))
+                    if not main:  # one process says so, and every one exits with its code
+                        raise SystemExit(128 + signum)
+                    raise Interrupted(signum, done, path, self.out)
+            # Still under the handler: a signal now lets the final grid and checkpoint finish.
+            summary = {"out": str(self.out), "student": str(self.out / rundir.STUDENT_FILE), "iterations": done}
+            if grids:
+                grid, grid_record = self.save_grid(done, teacher_div)
+                metrics.write({"iteration": done, **grid_record})
+                summary.update(grid=str(grid), **grid_record)
+            summary["checkpoint"] = str(self.save_checkpoint(done, extra))
         summary.update(seconds=round(time.perf_counter() - start, 3), losses={k: v for k, v in latest.items() if k.startswith("loss_")})
         return summary
 
@@ -578,7 +609,12 @@ class WriteFailed(DmdError):
 
 
 class _StopOnSignal:
-    """Turn SIGINT/SIGTERM into a flag checked between iterations (a second Ctrl-C stops at once)."""
+    """Turn SIGINT/SIGTERM into a flag checked between iterations; a second Ctrl-C (SIGINT) stops
+    at once. A signal that comes again within ESCALATE_AFTER seconds is the same one delivered
+    twice, not a second request: torchrun forwards what it receives to processes that a
+    terminal's Ctrl-C or a scheduler's `kill` of the process group already reached."""
+
+    ESCALATE_AFTER = 0.5
 
     def __enter__(self) -> "_StopOnSignal":
         self.signal: int | None = None
@@ -589,9 +625,10 @@ class _StopOnSignal:
         return self
 
     def _handle(self, signum, frame) -> None:
-        if self.signal is not None:
+        if self.signal is None:
+            self.signal, self.since = signum, time.monotonic()
+        elif signum == signal.SIGINT and time.monotonic() - self.since >= self.ESCALATE_AFTER:
             raise KeyboardInterrupt
-        self.signal = signum
 
     def __exit__(self, *exc) -> None:
         for signum, handler in self.previous.items():
