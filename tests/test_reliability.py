@@ -152,6 +152,14 @@ def test_sigint_checkpoints_and_exits_130(tmp_path, tiny_sd, prompts_file, monke
     assert timeless(out) == timeless(whole) and "loss_dm" in timeless(out)[4]
 
 
+def test_a_stop_asked_during_the_last_iteration_finishes_the_run(tmp_path, tiny_sd, prompts_file, monkeypatch):
+    interrupt_at(monkeypatch, 3)
+    out = tmp_path / "run"
+    result = distill("--teacher", tiny_sd, "--prompts", prompts_file, "--iterations", 3, "--out", out)
+    assert result.exit_code == 0, result.stderr  # its final grid and checkpoint, not a stop one short of them
+    assert (out / "samples" / "iter-000003.png").is_file() and complete_checkpoints(out)[-1].name == "iter-000003"
+
+
 def test_a_signal_delivered_twice_is_one_request_and_a_later_ctrl_c_stops_at_once(monkeypatch):
     """torchrun forwards the Ctrl-C (or a scheduler's SIGTERM) that already reached its workers:
     that must not skip the checkpoint. A second Ctrl-C, later, is a person asking twice."""

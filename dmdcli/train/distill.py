@@ -556,7 +556,7 @@ class Distillation:
                     self.save_checkpoint(done, extra)
                 update(done, latest)
                 signum = self.agreed_signal(stop.signal or 0)
-                if signum:  # every process stops at the same iteration
+                if signum and done != c.iterations:  # every process stops at the same iteration (the last: finish it)
                     path = self.save_checkpoint(done, extra)
                     if not main:  # one process says so, and every one exits with its code
                         raise SystemExit(128 + signum)
