@@ -353,6 +353,18 @@ def test_teacher_detection(tiny_sd, tiny_sdxl, tmp_path):
     (damaged / "scheduler" / "scheduler_config.json").write_text("{not json")
     result = runner.invoke(app, ["distill", "--teacher", str(damaged), "--prompts", "p.txt", "--dry-run"])
     assert result.exit_code == 1 and "cannot read" in result.stderr and "Traceback" not in result.stderr, result.stderr
+    # An SD-layout pipeline on an EDM schedule with normalized latents (Playground v2.5's way) would
+    # train on DDPM's default betas and unnormalized latents: refused, one reason each.
+    from diffusers import EDMDPMSolverMultistepScheduler
+
+    EDMDPMSolverMultistepScheduler().save_pretrained(damaged / "scheduler")
+    result = runner.invoke(app, ["distill", "--teacher", str(damaged), "--prompts", "p.txt", "--dry-run"])
+    assert result.exit_code == 1 and "unsupported scheduler EDMDPMSolverMultistepScheduler" in result.stderr, result.stderr
+    shutil.copy(tiny_sd / "scheduler" / "scheduler_config.json", damaged / "scheduler")
+    vae = json.loads((damaged / "vae" / "config.json").read_text())
+    (damaged / "vae" / "config.json").write_text(json.dumps({**vae, "latents_mean": [0.0] * 4, "latents_std": [1.0] * 4}))
+    result = runner.invoke(app, ["distill", "--teacher", str(damaged), "--prompts", "p.txt", "--dry-run"])
+    assert result.exit_code == 1 and "its latents are normalized (latents_mean, latents_std)" in result.stderr, result.stderr
 
 
 def test_lora_weights_that_do_not_fit_name_their_keys(tiny_sd):

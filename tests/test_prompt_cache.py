@@ -46,6 +46,21 @@ def test_bf16_encoders_are_cached_in_bf16_losslessly(tiny_sdxl):
     assert all(torch.equal(cached[k], direct[k]) for k in direct)
 
 
+def test_training_runs_the_encoders_in_fp32_and_rounds_their_output_once(tiny_sdxl):
+    """As the DMD2 reference: fp32 CLIPs, their output rounded to bf16 once (what the UNets' linear
+    layers read under autocast), so the cache holds it in bf16 with nothing lost."""
+    spec = inspect_teacher(str(tiny_sdxl))
+    teacher = Teacher(spec, torch.device("cpu"), torch.bfloat16, 32, encoder_dtype=torch.float32)
+    assert {p.dtype for te in teacher.text_encoders for p in te.parameters()} == {torch.float32}
+    exact = Teacher(spec, torch.device("cpu"), torch.float32, 32).encode_prompts(PROMPTS[:2])
+    direct = teacher.encode_prompts(PROMPTS[:2])
+    for k in ("encoder_hidden_states", "text_embeds"):
+        assert torch.equal(direct[k], exact[k].to(torch.bfloat16).float()), k
+    cache, _ = build_prompt_cache(teacher.encode_prompts, PROMPTS[:2], teacher.dtype, teacher.device)
+    assert cache.table["encoder_hidden_states"].dtype == torch.bfloat16
+    assert all(torch.equal(cache.encode(PROMPTS[:2])[k], direct[k]) for k in direct)
+
+
 def test_values_the_storage_dtype_would_round_are_kept_in_float32():
     values = iter([torch.tensor([[1.0]]), torch.tensor([[1.0 + 2**-12]])])  # the second is not a bf16 number
     cache, _ = build_prompt_cache(lambda prompts: {"x": next(values)}, ["a", "b"], torch.bfloat16, torch.device("cpu"), batch_size=1)

@@ -5,9 +5,10 @@ encoded in batches before the first iteration; afterwards a batch of conditionin
 lookup in CPU tensors moved to the device, and the text encoders can leave the accelerator.
 
 The cached rows are exactly what `Teacher.encode_prompts` returned for the batches they were
-encoded in. They are stored in the teacher's frozen dtype where that loses nothing (bf16 encoders
-produce bf16 values, so caching them in bf16 halves host memory), else in float32, and come back as
-float32, as `encode_prompts` returns them. Encoding consumes no random numbers.
+encoded in. They are stored in the teacher's frozen dtype where that loses nothing (`encode_prompts`
+rounds the encoders' output to it, so caching in bf16 halves host memory), else in float32 (time ids
+a bf16 would round), and come back as float32, as `encode_prompts` returns them. Encoding consumes
+no random numbers.
 """
 
 from __future__ import annotations

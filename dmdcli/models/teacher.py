@@ -142,6 +142,7 @@ def inspect_teacher(name: str) -> TeacherSpec:
     scheduler_cfg = _load_json_config(source, "scheduler", "scheduler_config.json")
     if layout == "sdxl" and unet_cfg.get("addition_embed_type") != "text_time":
         raise DmdError(f"unsupported SDXL-like pipeline in {source}: its UNet takes no text_time conditioning")
+    _check_schedule_and_latents(source, scheduler_cfg, vae_cfg)
     vae_scale = 2 ** (len(vae_cfg.get("block_out_channels", [0] * 4)) - 1)
     return TeacherSpec(
         source=source,
@@ -153,6 +154,20 @@ def inspect_teacher(name: str) -> TeacherSpec:
         vae_scale_factor=vae_scale,
         unet_downsample=2 ** (len(unet_cfg.get("down_block_types", [0] * 4)) - 1),
     )
+
+
+def _check_schedule_and_latents(source: str, scheduler_cfg: dict[str, Any], vae_cfg: dict[str, Any]) -> None:
+    """Refuse what the schedule math and the VAE code here would get silently wrong: a teacher
+    trained on an EDM or flow-matching schedule (DDPMScheduler.from_config would fill in its default
+    linear betas), and a VAE whose latents are normalized by a mean/std or shift (Playground v2.5)."""
+    scheduler = scheduler_cfg.get("_class_name", "?")
+    discrete = "beta_schedule" in scheduler_cfg or scheduler_cfg.get("trained_betas") is not None
+    if not discrete or "EDM" in scheduler or "FlowMatch" in scheduler:
+        raise DmdError(f"unsupported scheduler {scheduler} in {source}: dmd distills teachers trained on a discrete "
+                       "DDPM schedule (betas); EDM and flow-matching teachers are not supported")
+    normalized = [k for k in ("latents_mean", "latents_std", "shift_factor") if vae_cfg.get(k) is not None]
+    if normalized:
+        raise DmdError(f"unsupported VAE in {source}: its latents are normalized ({', '.join(normalized)}), which dmd does not apply")
 
 
 def _from_pretrained(cls, spec: TeacherSpec, subfolder: str, allow_pickle: bool, **kwargs):
@@ -170,12 +185,17 @@ class Teacher:
         spec: from `inspect_teacher`.
         device: where the text encoders and the VAE live (the UNet is loaded on the CPU in fp32:
             the caller places it, as the frozen real score or as a shared LoRA base).
-        dtype: dtype of the frozen text encoders (bf16 on CUDA); the VAE stays fp32 because
-            SDXL's VAE breaks in half precision.
+        dtype: the frozen dtype (bf16 on CUDA): the prompt conditioning is rounded to it once, as
+            the UNets read it under autocast; the VAE stays fp32 because SDXL's VAE breaks in half
+            precision.
         resolution: training resolution; SDXL's time ids are (R, R, 0, 0, R, R).
+        encoder_dtype: the text encoders' dtype (default `dtype`, as a pipeline samples); training
+            runs them in fp32, as the DMD2 reference does (a bf16 CLIP is ~6× less exact than one
+            rounding of an fp32 CLIP's output), once per prompt when prompts are cached.
     """
 
-    def __init__(self, spec: TeacherSpec, device: torch.device, dtype: torch.dtype, resolution: int, allow_pickle: bool = False):
+    def __init__(self, spec: TeacherSpec, device: torch.device, dtype: torch.dtype, resolution: int, allow_pickle: bool = False,
+                 encoder_dtype: torch.dtype | None = None):
         from diffusers import AutoencoderKL, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
@@ -189,7 +209,7 @@ class Teacher:
             self.text_encoders.append(_from_pretrained(CLIPTextModelWithProjection, spec, "text_encoder_2", allow_pickle))
         for module in [self.unet, self.vae, *self.text_encoders]:
             module.requires_grad_(False).eval()
-        self.text_encoders = [te.to(device, dtype) for te in self.text_encoders]
+        self.text_encoders = [te.to(device, encoder_dtype or dtype) for te in self.text_encoders]
         self.scaling_factor = float(self.vae.config.scaling_factor)
         # The posterior samples of real images come from their own generator, not the global RNG:
         # the latent cache is then the same wherever and whenever it is built, and building it
@@ -218,9 +238,10 @@ class Teacher:
                 out = encoder(ids, output_hidden_states=True)
                 hidden.append(out.hidden_states[-2])
                 pooled = out[0]
-        cond = {"encoder_hidden_states": torch.cat(hidden, dim=-1).float()}
+        as_read = lambda x: x.to(self.dtype).float()  # noqa: E731 - the UNets' linear layers read the frozen dtype
+        cond = {"encoder_hidden_states": as_read(torch.cat(hidden, dim=-1))}
         if self.spec.layout == "sdxl":
-            cond["text_embeds"] = pooled.float()
+            cond["text_embeds"] = as_read(pooled)
             cond["time_ids"] = self.time_ids(len(prompts))
         return cond
 
@@ -228,8 +249,8 @@ class Teacher:
         """Drop the text encoders once every prompt of the run is cached, freeing their memory.
 
         Dropped rather than moved to the CPU: a CPU fallback would run them slowly and silently,
-        with numbers that differ from the accelerator's ones in the cache, and keep ~1.6 GB (SDXL)
-        of host memory; after release `encode_prompts` raises, so a missed caller shows at once.
+        with numbers that differ from the accelerator's ones in the cache, and keep ~3 GB (SDXL,
+        fp32) of host memory; after release `encode_prompts` raises, so a missed caller shows at once.
         """
         self.text_encoders = None
         if self.device.type == "cuda":

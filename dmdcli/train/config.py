@@ -157,7 +157,7 @@ class DistillConfig:
         return self.mixed_precision
 
     def frozen_dtype(self):
-        """The dtype of the frozen weights (teacher, shared LoRA base, text encoders): bf16 under
+        """The dtype of the frozen weights (teacher, shared LoRA base; the prompt conditioning): bf16 under
         mixed precision, else fp32; trained weights stay fp32 either way."""
         import torch
 

@@ -178,7 +178,7 @@ class Distillation:
         device = self.accelerator.device
 
         ui.message(f"teacher: {self.spec.source} ({self.spec.layout}, {self.spec.prediction_type}) at {self.resolution}px on {device}")
-        self.teacher = Teacher(self.spec, device, frozen_dtype, self.resolution, config.allow_pickle)
+        self.teacher = Teacher(self.spec, device, frozen_dtype, self.resolution, config.allow_pickle, encoder_dtype=torch.float32)
         if self.data_folder and not config.gan_term():  # no real latents to encode, no classifier head
             why = "--method dmd has no GAN term" if config.method == "dmd" else "both GAN weights are 0"
             if prompts is None:

@@ -150,7 +150,7 @@ def estimate_memory(spec: TeacherSpec, config, resolution: int, bf16: bool, proc
         "VAE (fp32)": p_vae * 4,
     }
     if not config.cache_prompts:  # else they leave the accelerator before the networks are built
-        weights["text encoders"] = p_text * frozen
+        weights["text encoders (fp32)"] = p_text * 4
     adam = 8 * (p_gen + p_fake + p_head) / n
     if n > 1:
         from dmdcli.train.sharding import shard_units
@@ -181,7 +181,7 @@ def estimate_memory(spec: TeacherSpec, config, resolution: int, bf16: bool, proc
         activations=(top - grads - transient) / GIB,
         peak=(static + top) / GIB,
         phase=phase,
-        startup_only={"text encoders (dropped once prompts are cached)": p_text * frozen / GIB} if config.cache_prompts else {},
+        startup_only={"text encoders (fp32, dropped once prompts are cached)": p_text * 4 / GIB} if config.cache_prompts else {},
         processes=n,
         gathered=transient / GIB,
     )

@@ -72,7 +72,7 @@ class ProgressiveDistillation:
         self.device = self.accelerator.device
         self.frozen_dtype = config.frozen_dtype()
         ui.message(f"teacher: {self.spec.source} ({self.spec.layout}, {self.spec.prediction_type}) at {self.resolution}px on {self.device}")
-        self.teacher = Teacher(self.spec, self.device, self.frozen_dtype, self.resolution, config.allow_pickle)
+        self.teacher = Teacher(self.spec, self.device, self.frozen_dtype, self.resolution, config.allow_pickle, encoder_dtype=torch.float32)
         self.data = Data(prompts, None)
         if self.data_folder:  # real latents, VAE-encoded once and cached (as for DMD2's GAN)
             real, _ = load_or_build_latents(self.data_folder, self.resolution, self.teacher.encode_images, encoder_id=self.teacher.latent_cache_id)
