@@ -229,6 +229,11 @@ def test_load_image_range_and_modes(tmp_path):
     black = tmp_path / "black.png"
     Image.new("RGBA", (10, 10), (0, 0, 0, 255)).save(black)
     assert torch.equal(load_image(black, 10), -torch.ones(3, 10, 10))
+    ramp = np.tile(np.linspace(0, 255, 10).round().astype(np.uint8), (10, 1))
+    Image.fromarray(ramp).save(tmp_path / "ramp8.png")
+    Image.fromarray(ramp.astype(np.uint16) * 257).save(tmp_path / "ramp16.png")  # 16-bit greyscale: mode I;16
+    assert Image.open(tmp_path / "ramp16.png").mode.startswith("I")
+    assert torch.equal(load_image(tmp_path / "ramp16.png", 10), load_image(tmp_path / "ramp8.png", 10))  # scaled, not clipped
 
 
 def test_load_image_unreadable_is_dmd_error(tmp_path):

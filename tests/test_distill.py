@@ -370,7 +370,7 @@ def test_teacher_detection(tiny_sd, tiny_sdxl, tmp_path):
 def test_lora_weights_that_do_not_fit_name_their_keys(tiny_sd):
     from diffusers import UNet2DConditionModel
 
-    from dmdcli.models.lora import add_generator_lora, load_lora_state_dict, lora_state_dict
+    from dmdcli.models.lora import GENERATOR_ADAPTER, add_generator_lora, load_lora_state_dict, lora_state_dict
 
     unet = UNet2DConditionModel.from_pretrained(str(tiny_sd), subfolder="unet")
     add_generator_lora(unet, 4, 4)
@@ -381,6 +381,11 @@ def test_lora_weights_that_do_not_fit_name_their_keys(tiny_sd):
         load_lora_state_dict(unet, {k: v for k, v in state.items() if k != dropped})
     with pytest.raises(ValueError, match="unexpected keys: extra.lora_A"):
         load_lora_state_dict(unet, {**state, "extra.lora_A.weight": torch.zeros(1)})
+    # The reference's LoraConfig init (peft's default): B zero, A Kaiming-uniform within 1/sqrt(fan_in)
+    # (a gaussian A of std 1/rank, peft's other choice, spreads past that bound).
+    linears = [m for m in unet.modules() if hasattr(m, "lora_A") and isinstance(m.base_layer, torch.nn.Linear)]
+    assert linears and all(not m.lora_B[GENERATOR_ADAPTER].weight.any() for m in linears)
+    assert all(m.lora_A[GENERATOR_ADAPTER].weight.abs().max() <= m.in_features ** -0.5 for m in linears)
 
 
 @pytest.mark.parametrize("shared", [True, False])

@@ -61,6 +61,20 @@ def test_training_runs_the_encoders_in_fp32_and_rounds_their_output_once(tiny_sd
     assert all(torch.equal(cache.encode(PROMPTS[:2])[k], direct[k]) for k in direct)
 
 
+def test_sdxl_unconditional_input_follows_the_pipelines_flag(tiny_sdxl, tmp_path):
+    import json
+    import shutil
+
+    empty = cpu_teacher(tiny_sdxl).empty_cond()  # the reference's and SDXL base's: zeros
+    assert not empty["encoder_hidden_states"].any() and not empty["text_embeds"].any()
+    folder = shutil.copytree(tiny_sdxl, tmp_path / "teacher")
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps({**index, "force_zeros_for_empty_prompt": False}))
+    teacher = cpu_teacher(folder)
+    encoded = teacher.encode_prompts([""])
+    assert all(torch.equal(teacher.empty_cond()[k], encoded[k]) for k in encoded) and encoded["text_embeds"].any()
+
+
 def test_values_the_storage_dtype_would_round_are_kept_in_float32():
     values = iter([torch.tensor([[1.0]]), torch.tensor([[1.0 + 2**-12]])])  # the second is not a bf16 number
     cache, _ = build_prompt_cache(lambda prompts: {"x": next(values)}, ["a", "b"], torch.bfloat16, torch.device("cpu"), batch_size=1)

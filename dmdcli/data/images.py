@@ -155,6 +155,14 @@ def _verify_image(path: Path) -> str | None:
 # ----------------------------------------------------------------------------- images
 
 
+def _rgb8(img: Image.Image) -> Image.Image:
+    """RGB, 8 bits a channel. PIL's convert("RGB") clips 16-bit greyscale (modes I;16, I) at 255
+    instead of scaling it, which turns nearly all of such an image white."""
+    if img.mode.startswith("I"):
+        img = Image.fromarray(np.clip(np.asarray(img, dtype=np.float64) / 257.0 + 0.5, 0, 255).astype(np.uint8))
+    return img.convert("RGB")
+
+
 def load_image(path: str | Path, resolution: int) -> Tensor:
     """Load an image as float32 [3, R, R] in [-1, 1], R = `resolution`.
 
@@ -164,7 +172,7 @@ def load_image(path: str | Path, resolution: int) -> Tensor:
     """
     try:
         with Image.open(path) as img:
-            img = ImageOps.exif_transpose(img).convert("RGB")
+            img = _rgb8(ImageOps.exif_transpose(img))
     except Exception as exc:  # see _verify_image
         raise DmdError(f"cannot read image {path}: {exc}") from None
     side = min(img.size)

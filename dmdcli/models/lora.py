@@ -44,14 +44,15 @@ def share_weights(module: nn.Module) -> nn.Module:
 def add_generator_lora(
     unet: nn.Module, rank: int, alpha: float, target_modules: list[str] | None = None, adapter_name: str = GENERATOR_ADAPTER
 ) -> list[nn.Parameter]:
-    """Freeze `unet`, add a LoRA adapter (gaussian init as the reference) and return its
+    """Freeze `unet`, add a LoRA adapter (peft's default init, as the reference's LoraConfig:
+    Kaiming-uniform A, zero B, so the student starts as the teacher) and return its
     trainable parameters, in fp32 whatever the base's dtype. `target_modules` defaults to
     LORA_TARGET_MODULES (a saved student passes the list from its metadata)."""
     from peft import LoraConfig
 
     unet.requires_grad_(False)
     targets = list(target_modules or LORA_TARGET_MODULES)
-    config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=targets)
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets)
     unet.add_adapter(config, adapter_name=adapter_name)
     params = [p for p in unet.parameters() if p.requires_grad]
     for p in params:  # fp32 master weights for the adapter, also on a bf16 base

@@ -96,6 +96,8 @@ class TeacherSpec:
     latent_channels: int
     vae_scale_factor: int
     unet_downsample: int  # the UNet halves the latent this many times overall
+    # SDXL's unconditional input is zeros unless its pipeline says otherwise (model_index.json)
+    force_zeros_for_empty_prompt: bool = True
 
     @property
     def prediction_type(self) -> str:
@@ -153,6 +155,7 @@ def inspect_teacher(name: str) -> TeacherSpec:
         latent_channels=int(unet_cfg.get("in_channels", 4)),
         vae_scale_factor=vae_scale,
         unet_downsample=2 ** (len(unet_cfg.get("down_block_types", [0] * 4)) - 1),
+        force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", True)),
     )
 
 
@@ -275,10 +278,11 @@ class Teacher:
         """The unconditional conditioning for CFG, batch 1.
 
         SD: the empty prompt encoded. SDXL: zeros, as the SDXL pipeline does for an empty
-        negative prompt (force_zeros_for_empty_prompt) and the DMD2 reference does.
+        negative prompt and the DMD2 reference does, unless the teacher's pipeline sets
+        force_zeros_for_empty_prompt false: then the empty prompt encoded, as that pipeline does.
         """
         cond = self.encode_prompts([""])
-        if self.spec.layout == "sdxl":
+        if self.spec.layout == "sdxl" and self.spec.force_zeros_for_empty_prompt:
             cond["encoder_hidden_states"] = torch.zeros_like(cond["encoder_hidden_states"])
             cond["text_embeds"] = torch.zeros_like(cond["text_embeds"])
         return cond
