@@ -58,8 +58,8 @@ def eval_command(
 ) -> None:
     from dmdcli.errors import UsageError
     from dmdcli.eval.report import render_table
-    from dmdcli.files import check_can_make
     from dmdcli.eval.run import EvalOptions, evaluate, open_benchmark, plan_targets
+    from dmdcli.files import check_can_make
     from dmdcli.models.student import STUDENT_TAKES_NO_CFG, find_model, pick_device, pick_dtype
 
     ui = RichUI(quiet=quiet)
