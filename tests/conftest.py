@@ -50,3 +50,14 @@ def image_folder(tmp_path):
         image.save(folder / f"{i}.png")
         (folder / f"{i}.txt").write_text(f"a {color} circle")
     return folder
+
+
+@pytest.fixture
+def fresh_accelerator_state():
+    """accelerate keeps one mixed-precision setting per process (a CLI run is one process); tests
+    that change it reset it before and after, as accelerate's own tests do."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state()
+    yield
+    AcceleratorState._reset_state()

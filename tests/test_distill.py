@@ -424,17 +424,6 @@ def test_lora_layouts(tmp_path, tiny_sdxl, prompts_file, image_folder, shared):
     assert torch.equal(run.step.dmd2.real_score(x, t, cond), fresh(x, t, cond))
 
 
-@pytest.fixture
-def fresh_accelerator_state():
-    """accelerate keeps one mixed-precision setting per process (a CLI run is one process); tests
-    that change it reset it before and after, as accelerate's own tests do."""
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state()
-    yield
-    AcceleratorState._reset_state()
-
-
 @pytest.mark.parametrize("shared", [True, False])
 @pytest.mark.usefixtures("fresh_accelerator_state")
 def test_bf16_keeps_frozen_weights_in_bf16_and_trained_weights_in_fp32(tmp_path, tiny_sd, prompts_file, image_folder, shared):

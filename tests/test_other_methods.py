@@ -16,6 +16,7 @@ from dmdcli.cli import app
 from dmdcli.core import progressive as pd
 from dmdcli.core.losses import pseudo_huber_loss
 from dmdcli.core.schedule import NoiseSchedule, ddim_timesteps
+from dmdcli.models.teacher import inspect_teacher
 from dmdcli.train.config import resolve_config
 from dmdcli.train.rundir import read_student_info
 
@@ -134,6 +135,7 @@ def test_method_presets(tiny_sd, prompts_file):
 # -- DMD v1 ------------------------------------------------------------------------------------
 
 
+@pytest.mark.usefixtures("fresh_accelerator_state")
 def test_dmd_v1_pairs_are_deterministic_and_reused(tmp_path, tiny_sd, prompts_file, image_folder):
     def run(name, pairs_dir, *extra):
         args = ["distill", *QUICK, "--teacher", str(tiny_sd), "--prompts", str(prompts_file), "--method", "dmd", "--pairs", "3",
@@ -164,6 +166,16 @@ def test_dmd_v1_pairs_are_deterministic_and_reused(tmp_path, tiny_sd, prompts_fi
     a, b = load_file(folder / "pairs-00000.safetensors"), load_file(again / "pairs-00000.safetensors")
     assert a["noise"].shape[0] == 3 and a["latent"].shape == a["noise"].shape and torch.isfinite(a["latent"]).all()
     assert all(torch.equal(a[k], b[k]) for k in ("noise", "latent"))
+    # Pairs made by a teacher run in bf16, or on another schedule, are other pairs.
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state()  # this process ran fp32 so far (reset again by the fixture)
+    assert "made and cached" in run("d", tmp_path / "pairs", "--iterations", "1", "--mixed-precision", "bf16").stderr
+    from dmdcli.data.pairs import teacher_identity
+
+    spec = inspect_teacher(str(tiny_sd))
+    other = {**spec.scheduler_config, "beta_end": 0.02}
+    assert teacher_identity(spec.source, "sd", "epsilon", other) != teacher_identity(spec.source, "sd", "epsilon", spec.scheduler_config)
 
 
 def test_regression_as_a_dmd2_warm_up_stops_after_k_iterations(tmp_path, tiny_sd, prompts_file):
@@ -216,10 +228,26 @@ def test_one_progressive_round_halves_the_steps_and_the_student_samples_and_expo
     assert np.abs(theirs * 255 - image).mean() <= 2.0  # the exported DDIM pipeline gives `dmd sample`'s image
 
 
+@pytest.mark.usefixtures("fresh_accelerator_state")
+def test_progressive_students_start_from_unrounded_weights_under_bf16(tmp_path, tiny_sd, prompts_file):
+    """Each round copies its fp32 student from the teacher before the teacher is cast to bf16."""
+    from diffusers import UNet2DConditionModel
+
+    out = tmp_path / "run"
+    args = ["distill", *QUICK, "--teacher", str(tiny_sd), "--prompts", str(prompts_file), "--method", "progressive",
+            "--teacher-steps", "4", "--steps", "2", "--iterations-per-round", "1", "--lr", "1e-12",
+            "--mixed-precision", "bf16", "--out", str(out)]
+    assert runner.invoke(app, args).exit_code == 0
+    teacher = UNet2DConditionModel.from_pretrained(str(tiny_sd), subfolder="unet").state_dict()
+    student = load_file(out / "student.safetensors")
+    assert max((student[k] - teacher[k]).abs().max().item() for k in teacher) < 1e-9  # one step of lr 1e-12, not bf16 rounding
+
+
 def test_progressive_refuses_what_it_does_not_do(tiny_sd, prompts_file):
     base = ["distill", "--teacher", str(tiny_sd), "--prompts", str(prompts_file), "--method", "progressive"]
     for extra, message in (
         (["--teacher-steps", "6", "--steps", "2"], "power of two"),
+        (["--teacher-steps", "2048", "--steps", "2"], "--teacher-steps must lie in 2 … 1000"),
         (["--teacher-steps", "4", "--steps", "1", "--lora-rank", "4"], "drop --lora-rank"),
         (["--teacher-steps", "4", "--steps", "1", "--parameterization", "eps"], "--parameterization"),
     ):

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from dmdcli.core.denoiser import Cond, Denoiser, cat_cond
-from dmdcli.core.schedule import NoiseSchedule, as_timestep_tensor, student_timesteps
+from dmdcli.core.schedule import NoiseSchedule, as_timestep_tensor, ddim_timesteps
 
 NoiseFn = Callable[[Tensor], Tensor]  # draws fresh noise shaped like its argument
 
@@ -88,14 +88,15 @@ def ddim_sample(
     guidance_scale: float,
     timesteps: Sequence[int] | None = None,
 ) -> Tensor:
-    """Deterministic DDIM (η = 0) with CFG over `num_steps` evenly spaced timesteps from T−1
-    (or over explicit `timesteps`, decreasing: a progressive-distillation student's own).
+    """Deterministic DDIM (η = 0) with CFG over `num_steps` timesteps from T−1 in diffusers'
+    "trailing" spacing (`ddim_timesteps`: the student's ladder when N divides T, and down to
+    T/N − 1 for any N ≤ T), or over explicit `timesteps`, decreasing (a progressive student's own).
 
     The many-step teacher sampler: reference grids for the collapse watch, teacher baselines,
     DMD's regression pairs. noise [B, ...] → x0 [B, ...].
     """
     if timesteps is None:
-        timesteps = student_timesteps(num_steps, schedule.num_train_timesteps)
+        timesteps = ddim_timesteps(num_steps, schedule.num_train_timesteps)
     x_t, batch = noise, noise.shape[0]
     for k, t_k in enumerate(timesteps):
         t = as_timestep_tensor(t_k, batch, noise.device)

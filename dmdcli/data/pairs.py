@@ -4,10 +4,11 @@ many-step sampler, generated once and cached on disk.
 Layout: `<cache>/<key>/pairs-00000.safetensors` (tensors "noise" and "latent", float32, the
 prompts as JSON in the metadata) and `manifest.json`, written last. The folder is built under a
 temporary name and renamed into place (as the latent cache of dmdcli.data.images), so a cut-short
-build is never read. The key hashes everything that determines the pairs: the teacher (source,
-layout, prediction type, and for a local folder the UNet files' names, sizes and mtimes), the
-prompts, seed, steps, guidance scale, resolution and count; another run with the same values
-reuses the pairs without calling the teacher.
+build is never read. The key hashes what determines the pairs: the teacher (source, layout,
+prediction type, scheduler config, and for a local folder the names, sizes and mtimes of its UNet,
+text encoder, tokenizer and scheduler files; a hub id is taken at its word), the prompts, seed,
+steps, guidance scale, resolution, count and precision; another run with the same values reuses
+the pairs without calling the teacher.
 
 Pair i draws its noise from its own generator seeded with (seed, i), and its prompt is
 prompts[i mod len(prompts)]: the pairs do not depend on the batch size used to make them.
@@ -52,20 +53,29 @@ def default_pairs_dir() -> Path:
     return cache_dir("pairs")
 
 
-def teacher_identity(source: str, layout: str, prediction_type: str) -> dict[str, Any]:
-    """What identifies a teacher's weights without reading them."""
-    identity: dict[str, Any] = {"source": source, "layout": layout, "prediction_type": prediction_type}
-    unet = Path(source).expanduser() / "unet"
-    if unet.is_dir():
-        identity["unet_files"] = sorted([p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in unet.iterdir() if p.is_file())
+# The parts of a pipeline folder that decide a pair: the UNet, how prompts are encoded, the schedule.
+PAIR_COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
+
+
+def teacher_identity(source: str, layout: str, prediction_type: str, scheduler_config: dict[str, Any]) -> dict[str, Any]:
+    """What identifies a teacher without reading its weights: for a local folder, the names, sizes
+    and mtimes of its components' files (a hub id stands for its files as downloaded)."""
+    identity: dict[str, Any] = {"source": source, "layout": layout, "prediction_type": prediction_type,
+                                "scheduler": {k: v for k, v in scheduler_config.items() if not k.startswith("_")}}
+    for component in PAIR_COMPONENTS:
+        folder = Path(source).expanduser() / component
+        if folder.is_dir():
+            identity[f"{component}_files"] = sorted(
+                [p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in folder.iterdir() if p.is_file())
     return identity
 
 
 def pair_key_inputs(teacher: dict[str, Any], prompts: list[str], seed: int, steps: int, guidance_scale: float,
-                    resolution: int, count: int) -> dict[str, Any]:
+                    resolution: int, count: int, precision: str) -> dict[str, Any]:
     return {
         "format": PAIRS_FORMAT, "teacher": teacher, "prompts_sha256": hashlib.sha256(json.dumps(prompts).encode()).hexdigest(),
         "seed": seed, "steps": steps, "guidance_scale": guidance_scale, "resolution": resolution, "count": count,
+        "precision": precision,  # the teacher runs in the frozen dtype: bf16 pairs are not fp32 ones
     }
 
 

@@ -326,14 +326,16 @@ def validate(c: DistillConfig) -> None:
     need(c.dm_weight > 0 or c.data is not None, "with --dm-weight 0 the generator needs the GAN term, which needs --data")
     need(c.log_every >= 1 and c.sample_every >= 0 and c.grid_size >= 1, "log_every, grid_size ≥ 1 and sample_every ≥ 0")
     need(c.checkpoint_every >= 0 and c.keep_checkpoints >= 1, "checkpoint_every ≥ 0 and keep_checkpoints ≥ 1")
-    need(c.teacher_grid_steps >= 0, "teacher_grid_steps ≥ 0")
+    need(0 <= c.teacher_grid_steps <= 1000, f"teacher_grid_steps must lie in 0 … 1000 (got {c.teacher_grid_steps})")
     if c.conditioning_timestep is not None:
         need(0 <= c.conditioning_timestep < 1000, "--conditioning-timestep must lie in [0, 999]")
     need(c.method in METHODS, f"--method must be one of {', '.join(METHODS)} (got {c.method!r})")
     need(c.regression_weight >= 0 and c.regression_iterations >= 0, "regression_weight and regression_iterations must be ≥ 0")
     need(c.regression_distance in DISTANCE_CHOICES, f"--regression-distance must be one of {', '.join(DISTANCE_CHOICES)}")
-    need(c.pairs >= 1 and c.pair_steps >= 1, "--pairs and --pair-steps must be at least 1")
+    # DDIM ladders of more steps than the 1000 training timesteps repeat timesteps
+    need(c.pairs >= 1 and 1 <= c.pair_steps <= 1000, f"--pairs must be at least 1 and --pair-steps lie in 1 … 1000 (got {c.pairs}, {c.pair_steps})")
     if c.method == "progressive":
+        need(2 <= c.teacher_steps <= 1000, f"--teacher-steps must lie in 2 … 1000 (got {c.teacher_steps})")
         need(c.teacher_steps > c.steps and c.teacher_steps % c.steps == 0 and _power_of_two(c.teacher_steps // c.steps),
              f"--teacher-steps must be --steps × a power of two, larger than --steps (got {c.teacher_steps} and {c.steps})")
         need(c.iterations_per_round >= 1, "--iterations-per-round must be at least 1")

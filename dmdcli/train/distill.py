@@ -251,8 +251,9 @@ class Distillation:
                 return ddim_sample(teacher, schedule, noise.to(device), cond, batch_uncond, config.pair_steps, config.guidance_scale)
 
         inputs = pair_key_inputs(
-            teacher_identity(self.spec.source, self.spec.layout, self.spec.prediction_type), self.data.prompts, config.seed,
-            config.pair_steps, config.guidance_scale, self.resolution, config.pairs)
+            teacher_identity(self.spec.source, self.spec.layout, self.spec.prediction_type, self.spec.scheduler_config),
+            self.data.prompts, config.seed, config.pair_steps, config.guidance_scale, self.resolution, config.pairs,
+            config.precision())
         root = Path(config.pairs_dir) if config.pairs_dir else default_pairs_dir()
         with self.accelerator.main_process_first(), self.ui.task(f"regression pairs ({config.pair_steps}-step DDIM of the teacher)", total=config.pairs) as update:
             self.data.pairs = load_or_build_pairs(

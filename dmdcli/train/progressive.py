@@ -13,7 +13,7 @@ teacher calls per iteration on the first round.
 Plumbing only: the math is in dmdcli.core; the run folder is the same as DMD2's (config.toml,
 metrics.jsonl, samples/, student.safetensors) plus rounds/round-<r>-<steps>step.safetensors,
 the student at the end of each round, each a complete student file that `dmd sample` takes.
-Single process; no --resume (a round's student files are its checkpoints).
+Single process; no --resume: a stopped run starts again from round 1.
 """
 
 from __future__ import annotations
@@ -120,10 +120,12 @@ class ProgressiveDistillation:
         return z, t
 
     def train_round(self, r: int, steps: int, teacher_unet, guided: bool, metrics: rundir.MetricsLog, iteration0: int) -> tuple[torch.nn.Module, dict[str, float]]:
+        """Train one round's student, copied from `teacher_unet` (fp32), which then becomes its frozen teacher
+        in the frozen dtype: copied first, so that the student starts from unrounded weights."""
         c = self.config
-        teacher = UNetDenoiser(teacher_unet)
-        teacher_schedule = self.teacher_schedule if guided else self.student_schedule
         student_unet = copy.deepcopy(teacher_unet).to(self.device, torch.float32).requires_grad_(True).train()
+        teacher = UNetDenoiser(teacher_unet.to(self.device, self.frozen_dtype).requires_grad_(False).eval())
+        teacher_schedule = self.teacher_schedule if guided else self.student_schedule
         student = UNetDenoiser(student_unet)
         params = list(student_unet.parameters())
         optimizer = adamw(params, c.lr, c)
@@ -193,7 +195,7 @@ class ProgressiveDistillation:
         rundir.create_run_folder(self.out)
         write_config(c, self.out / rundir.CONFIG_FILE, self.resolved())
         metrics = rundir.MetricsLog(self.out / rundir.METRICS_FILE)
-        teacher_unet = self.teacher.unet.to(self.device, self.frozen_dtype)
+        teacher_unet = self.teacher.unet  # fp32: each round copies its student from it before casting it
         logs: dict[str, float] = {}
         grid = None
         for r, steps in enumerate(self.rounds):
@@ -206,7 +208,7 @@ class ProgressiveDistillation:
             self.ui.message(f"round {r + 1}: {steps}-step student saved (loss {logs.get('loss_progressive', float('nan')):.4g})")
             if r > 0:
                 del teacher_unet  # the previous student: its file is on disk
-            teacher_unet = student_unet.to(self.device, self.frozen_dtype)
+            teacher_unet = student_unet
         return {
             "out": str(self.out), "student": str(self.out / rundir.STUDENT_FILE), "grid": str(grid), "method": "progressive",
             "rounds": len(self.rounds), "steps": c.steps, "iterations": len(self.rounds) * c.iterations_per_round,
