@@ -490,15 +490,13 @@ class Distillation:
 
     def any_process(self, flag: bool) -> bool:
         """True on every process if `flag` is true on any (so all processes take the same branch)."""
-        if self.accelerator.num_processes == 1:
-            return flag
-        return bool(self.accelerator.reduce(torch.tensor([float(flag)], device=self.accelerator.device), "sum").item() > 0)
+        return self.max_over_processes(int(flag)) > 0
 
-    def agreed_signal(self, signum: int) -> int:
-        """The stop signal any process received (0: none), the same on every process."""
+    def max_over_processes(self, value: int) -> int:
+        """The largest `value` of any process, the same on every process (a stop signal: 0 for none)."""
         if self.accelerator.num_processes == 1:
-            return signum
-        return int(self.accelerator.reduce(torch.tensor([signum], device=self.accelerator.device), "max").item())
+            return value
+        return int(self.accelerator.reduce(torch.tensor([value], device=self.accelerator.device), "max").item())
 
     def run(self) -> dict[str, Any]:
         c, main = self.config, self.accelerator.is_main_process
@@ -556,7 +554,7 @@ class Distillation:
                 if c.checkpoint_every and done % c.checkpoint_every == 0 and done != c.iterations:
                     self.save_checkpoint(done, extra)
                 update(done, latest)
-                signum = self.agreed_signal(stop.signal or 0)
+                signum = self.max_over_processes(stop.signal or 0)
                 if signum and done != c.iterations:  # every process stops at the same iteration (the last: finish it)
                     path = self.save_checkpoint(done, extra)
                     if not main:  # one process says so, and every one exits with its code
