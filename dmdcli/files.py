@@ -120,6 +120,26 @@ def atomic_folder(final: Path, write: Callable[[Path], object], marker: str) -> 
     return final
 
 
+def sync_folder(folder: Path, files: bool = True) -> None:
+    """Flush `folder`'s list of entries (and, with `files`, every file in it) to the disk. A rename
+    is atomic but not durable: after a power cut a folder renamed into place can hold empty files,
+    or none, unless they were synced before and its parent after. No-op on Windows."""
+    if os.name == "nt":
+        return
+    for path in sorted(Path(folder).iterdir()) if files else []:
+        if path.is_file():
+            _fsync(path)
+    _fsync(Path(folder))
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def atomic_save_file(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str] | None = None) -> Path:
     return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata))
 

@@ -279,6 +279,15 @@ def test_latent_cache_builds_then_reuses(tmp_path):
     assert [p for p, _ in scan2.items] == [p for p, _ in scan.items]
 
 
+def test_images_smaller_than_the_resolution_are_counted_on_build_and_on_hit(tmp_path):
+    root = captioned_folder(tmp_path / "imgs", n=3)  # 24×16: short side 16
+    write_image(root / "img1.png", size=(40, 32))
+    assert load_or_build_latents(root, 16, CountingEncoder(), "fake-vae")[0].upscaled == 0
+    built, _ = load_or_build_latents(root, 32, CountingEncoder(), "fake-vae")
+    assert built.upscaled == 2
+    assert load_or_build_latents(root, 32, never_encode, "fake-vae")[0].upscaled == 2
+
+
 def test_latent_cache_key_changes(tmp_path):
     root = captioned_folder(tmp_path / "imgs", n=3)
     cache = tmp_path / "cache"

@@ -121,13 +121,19 @@ def test_zero_gan_weights_take_only_the_captions_of_data(tmp_path, tiny_sd, imag
     assert (resolved["num_prompts"], resolved["gan"]) == (8, False)
 
 
-def test_without_data_the_run_says_the_gan_is_off(tmp_path, tiny_sd, prompts_file):
+def test_without_data_the_run_says_the_gan_is_off_and_names_long_prompts(tmp_path, tiny_sd, prompts_file):
     args = ["distill", "--recipe", "tiny", "--iterations", "1", "--teacher", str(tiny_sd),
             "--prompts", str(prompts_file), "--out", str(tmp_path / "run")]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.stderr
-    assert "GAN term is off" in result.stderr
+    assert "GAN term is off" in result.stderr and "longer than" not in result.stderr
     assert result.stdout == ""  # without --json nothing goes to stdout
+
+    long = " ".join(["a red circle beside a blue square"] * 12)  # 84 words: over CLIP's 77 tokens
+    prompts_file.write_text(prompts_file.read_text() + long + "\n" + long + "\n")
+    result = runner.invoke(app, args[:-1] + [str(tmp_path / "run2")])
+    assert result.exit_code == 0, result.stderr
+    assert "note: 1 of 4 prompts are longer than the text encoder's 77 tokens" in " ".join(result.stderr.split())
 
 
 def test_same_seed_same_student(tmp_path, tiny_sd, prompts_file):
@@ -331,6 +337,20 @@ def test_v_prediction_teacher_distills(tmp_path, prompts_file):
     assert result.exit_code == 0, result.stderr
     assert read_student_info(out / "student.safetensors")["prediction_type"] == "v_prediction"
     assert all(torch.isfinite(torch.tensor(v)) for v in json.loads(result.stdout)["losses"].values())
+
+
+def test_a_replaced_vae_is_not_served_the_old_latents(tmp_path, tiny_sd):
+    from dmdcli.models.teacher import Teacher
+
+    folder = shutil.copytree(tiny_sd, tmp_path / "teacher")
+    teacher = Teacher(inspect_teacher(str(folder)), torch.device("cpu"), torch.float32, 32)
+    before = teacher.latent_cache_id
+    weights = next((folder / "vae").glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes() + b" ")  # another VAE file in the same folder
+    after = teacher.latent_cache_id
+    assert after != before
+    (folder / "unet" / "config.json").write_text((folder / "unet" / "config.json").read_text() + " ")
+    assert teacher.latent_cache_id == after  # the UNet does not encode images
 
 
 def test_teacher_detection(tiny_sd, tiny_sdxl, tmp_path):

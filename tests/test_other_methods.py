@@ -63,9 +63,12 @@ def test_ddim_ladders_nest_and_pseudo_huber():
     for n in (2, 4, 8, 64):
         assert ddim_timesteps(n)[::2] == ddim_timesteps(n // 2)
     assert ddim_timesteps(4) == [999, 749, 499, 249] and pd.student_step_pair(ddim_timesteps(4), 1) == (499, 249, -1)
-    x, y = torch.zeros(2, 4, 2, 2), torch.ones(2, 4, 2, 2)
-    c = 0.00054 * math.sqrt(16)
-    assert pseudo_huber_loss(x, y).item() == pytest.approx(math.sqrt(16 + c * c) - c, rel=1e-6)
+    x, y = torch.zeros(2, 4, 2, 2), torch.full((2, 4, 2, 2), 2.0)
+    assert pseudo_huber_loss(x, y).item() == pytest.approx(math.sqrt(4 + 0.00054**2) - 0.00054, rel=1e-6)
+    # per element: the same differences at 4× the size give the same distance, so λ means the
+    # same at every latent size (the norm of Song & Dhariwal's form would double)
+    assert pseudo_huber_loss(x.repeat(1, 1, 2, 2), y.repeat(1, 1, 2, 2)).item() == pytest.approx(
+        pseudo_huber_loss(x, y).item(), rel=1e-6)
 
 
 class _StubLPIPS(torch.nn.Module):

@@ -69,6 +69,27 @@ def test_checkpoints_are_pruned_and_rotated(tmp_path, tiny_sd, prompts_file):
     assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".tmp")]
 
 
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="names synced descriptors through /proc")
+def test_a_checkpoint_is_on_disk_before_it_is_published(tmp_path, monkeypatch):
+    """A rename is atomic, not durable: its files and the folder entries are synced before and after."""
+    import dmdcli.files
+    from dmdcli.train.checkpoint import staging_dir, write_checkpoint, write_rng
+
+    synced = []
+    monkeypatch.setattr(dmdcli.files.os, "fsync", lambda fd: synced.append(os.readlink(f"/proc/self/fd/{fd}")))
+    run = tmp_path / "run"
+    staged = staging_dir(run, 3)
+    staged.mkdir(parents=True)
+    write_rng(staged, 0)
+    final = write_checkpoint(run, 3, {"x": torch.ones(2)}, {"note": 1}, keep=1, staged=staged)
+    root = str(run / "checkpoints")
+    assert synced[-1] == root  # the rename's entry, last
+    before = [Path(p) for p in synced[:-1]]
+    assert {p.parent.name for p in before if p.name != before[-1].name} == {before[-1].name}  # all in the temporary folder
+    assert before[-1].name.startswith(".tmp-iter-000003") and str(before[-1].parent) == root
+    assert sorted(p.name for p in before[:-1]) == sorted(p.name for p in final.iterdir())
+
+
 KILLER = textwrap.dedent("""
     import os, sys, time
     import dmdcli.train.checkpoint as ck

@@ -183,6 +183,13 @@ def test_a_mistyped_local_path_is_not_tried_as_a_hub_id(tmp_path, monkeypatch):
     assert not (tmp_path / "samples").exists()
 
 
+def test_a_prompt_over_the_text_encoders_limit_is_named(tmp_path, sd_run):
+    long = " ".join(["a red circle beside a blue square"] * 12)  # 84 words: over CLIP's 77 tokens
+    result = invoke("sample", "--model", sd_run, "--prompt", "a cat", "--prompt", long, "--out", tmp_path)
+    assert "note: 1 of 2 prompts are longer than the text encoder's 77 tokens" in " ".join(result.stderr.split())
+    assert "longer than" not in invoke("sample", "--model", sd_run, "--prompt", "a cat", "--out", tmp_path / "short").stderr
+
+
 def test_an_empty_prompt_is_kept_and_keeps_the_seed_rule(tmp_path, sd_run):
     result = invoke("sample", "--model", sd_run, "--prompt", "", "--prompt", "b", "--out", tmp_path, "--json", "--quiet")
     records = [json.loads(line) for line in result.stdout.splitlines()]

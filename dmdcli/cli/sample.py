@@ -67,7 +67,7 @@ def sample(
     torch_device = pick_device(device)
     sampler = load_sampler(source, torch_device, pick_dtype(dtype, torch_device), guidance_scale, allow_pickle)
     n_steps = steps or sampler.default_steps
-    for line in sampling_messages(source, sampler, n_steps, torch_device, len(jobs), out):
+    for line in sampling_messages(source, sampler, n_steps, torch_device, [j.prompt for j in jobs], out):
         ui.message(line)
 
     generate = lambda ps, ss: sampler.generate(ps, ss, size[0], size[1], n_steps)  # noqa: E731

@@ -53,14 +53,17 @@ def gan_discriminator_loss(logits_real: Tensor, logits_fake: Tensor) -> Tensor:
 
 
 def pseudo_huber_loss(x: Tensor, target: Tensor) -> Tensor:
-    """Pseudo-Huber distance sqrt(‖x − y‖² + c²) − c per sample, averaged over the batch.
+    """Pseudo-Huber distance per element, sqrt(mean((x − y)²) + c²) − c with c = 0.00054, per
+    sample, averaged over the batch.
 
-    c = 0.00054·sqrt(d), d = the number of elements per sample (Song & Dhariwal, "Improved
-    Techniques for Training Consistency Models", §3.3). x, target [B, ...] → scalar.
+    This is Song & Dhariwal's sqrt(‖x − y‖² + c²·d) − c·sqrt(d) ("Improved Techniques for Training
+    Consistency Models", §3.3; d elements per sample) divided by sqrt(d): their norm grows with
+    sqrt(d) while the DM loss is a mean, so one weight λ would pull 16× harder at SD1.5's 64×64
+    latents than at 4×16×16. Per element the ratio of the two gradients does not depend on d.
+    x, target [B, ...] → scalar.
     """
-    d = x[0].numel()
-    c = 0.00054 * d**0.5
-    squared = (x.float() - target.float()).pow(2).flatten(1).sum(dim=1)
+    c = 0.00054
+    squared = (x.float() - target.float()).pow(2).flatten(1).mean(dim=1)
     return ((squared + c * c).sqrt() - c).mean()
 
 

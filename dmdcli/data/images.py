@@ -194,13 +194,14 @@ class RealLatents(Dataset):
     """
 
     def __init__(self, latents: Tensor, captions: list[str], paths: list[str] | None = None,
-                 cache_path: Path | None = None) -> None:
+                 cache_path: Path | None = None, upscaled: int = 0) -> None:
         if latents.ndim != 4 or latents.shape[0] != len(captions):
             raise ValueError(f"latents {tuple(latents.shape)} do not match {len(captions)} captions")
         self.latents = latents
         self._captions = list(captions)
         self.paths = list(paths) if paths is not None else []  # relative to the image folder
         self.cache_path = cache_path  # the cache folder these came from (None if not cached)
+        self.upscaled = upscaled  # how many images were smaller than the resolution (0 in caches older than the count)
 
     def __len__(self) -> int:
         return len(self._captions)
@@ -270,7 +271,7 @@ def _build_cache(scan: ImageFolderScan, inputs: dict, key: str, final: Path, res
                  encode: Callable[[Tensor], Tensor], batch_size: int, shard_size: int,
                  progress: Callable[[int, int], None] | None) -> None:
     """Encode every item and publish the cache atomically at `final`."""
-    latents, kept, failed = _encode_items(scan, resolution, encode, batch_size, progress)
+    latents, kept, failed, upscaled = _encode_items(scan, resolution, encode, batch_size, progress)
     if not kept:
         raise DmdError(f"no images with captions in {scan.root} could be decoded")
 
@@ -288,6 +289,7 @@ def _build_cache(scan: ImageFolderScan, inputs: dict, key: str, final: Path, res
             "shards": shards,
             "key_inputs": inputs,
             "skipped": failed,
+            "upscaled": upscaled,
         }
         # The manifest goes last: a folder without one is never a finished cache.
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
@@ -297,10 +299,11 @@ def _build_cache(scan: ImageFolderScan, inputs: dict, key: str, final: Path, res
 
 def _encode_items(scan: ImageFolderScan, resolution: int, encode: Callable[[Tensor], Tensor],
                   batch_size: int, progress: Callable[[int, int], None] | None,
-                  ) -> tuple[Tensor, list[tuple[str, str]], list[list[str]]]:
+                  ) -> tuple[Tensor, list[tuple[str, str]], list[list[str]], int]:
     """Encode all items in batches: (latents float32 [N, C, h, w], kept (relpath, caption),
-    failed [relpath, reason])."""
+    failed [relpath, reason], how many kept images had a short side under `resolution`)."""
     chunks: list[Tensor] = []
+    upscaled = 0
     kept: list[tuple[str, str]] = []
     failed: list[list[str]] = []
     total = len(scan.items)
@@ -314,6 +317,8 @@ def _encode_items(scan: ImageFolderScan, resolution: int, encode: Callable[[Tens
                 failed.append([rel, f"unreadable: {exc}"])
                 continue
             kept.append((rel, caption))
+            with Image.open(path) as img:  # the header only; decoded above
+                upscaled += min(img.size) < resolution
         if images:
             with torch.no_grad():
                 out = encode(torch.stack(images))
@@ -323,7 +328,7 @@ def _encode_items(scan: ImageFolderScan, resolution: int, encode: Callable[[Tens
         if progress is not None:
             progress(min(start + batch_size, total), total)
     latents = torch.cat(chunks) if chunks else torch.empty(0, 0, 0, 0)
-    return latents, kept, failed
+    return latents, kept, failed, upscaled
 
 
 def _write_shards(folder: Path, latents: Tensor, kept: list[tuple[str, str]],
@@ -350,6 +355,7 @@ def _load_cache(folder: Path) -> tuple[RealLatents, dict[str, str]]:
         manifest = json.loads((folder / MANIFEST_FILE).read_text(encoding="utf-8"))
         shards = [(entry["file"], int(entry["count"])) for entry in manifest["shards"]]
         build_skipped = {str(rel): str(reason) for rel, reason in manifest.get("skipped", [])}
+        upscaled = int(manifest.get("upscaled", 0))
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise DmdError(f"latent cache manifest {folder / MANIFEST_FILE} is unreadable ({exc}); {hint}") from None
     tensors, captions, paths = [], [], []
@@ -363,7 +369,7 @@ def _load_cache(folder: Path) -> tuple[RealLatents, dict[str, str]]:
         paths += shard_paths
     if not tensors:
         raise DmdError(f"latent cache {folder} lists no shards; {hint}")
-    return RealLatents(torch.cat(tensors), captions, paths, cache_path=folder), build_skipped
+    return RealLatents(torch.cat(tensors), captions, paths, cache_path=folder, upscaled=upscaled), build_skipped
 
 
 def _read_shard(path: Path, hint: str) -> tuple[Tensor, list[str], list[str]]:

@@ -30,6 +30,7 @@ from torch import Tensor
 
 from dmdcli.errors import DmdError, first_line
 from dmdcli.files import atomic_folder, cache_dir, save_file
+from dmdcli.models.teacher import component_files
 
 MANIFEST_FILE = "manifest.json"
 PAIRS_FORMAT = 1
@@ -58,16 +59,10 @@ PAIR_COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "tokenizer", "token
 
 
 def teacher_identity(source: str, layout: str, prediction_type: str, scheduler_config: dict[str, Any]) -> dict[str, Any]:
-    """What identifies a teacher without reading its weights: for a local folder, the names, sizes
-    and mtimes of its components' files (a hub id stands for its files as downloaded)."""
-    identity: dict[str, Any] = {"source": source, "layout": layout, "prediction_type": prediction_type,
-                                "scheduler": {k: v for k, v in scheduler_config.items() if not k.startswith("_")}}
-    for component in PAIR_COMPONENTS:
-        folder = Path(source).expanduser() / component
-        if folder.is_dir():
-            identity[f"{component}_files"] = sorted(
-                [p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in folder.iterdir() if p.is_file())
-    return identity
+    """What identifies a teacher without reading its weights (`component_files`)."""
+    return {"source": source, "layout": layout, "prediction_type": prediction_type,
+            "scheduler": {k: v for k, v in scheduler_config.items() if not k.startswith("_")},
+            **component_files(source, PAIR_COMPONENTS)}
 
 
 def pair_key_inputs(teacher: dict[str, Any], prompts: list[str], seed: int, steps: int, guidance_scale: float,

@@ -366,7 +366,7 @@ def evaluate(target: Target, benchmark: Benchmark, *, device: torch.device, dtyp
     target.report.unlink(missing_ok=True)  # being replaced (--overwrite): no stale report beside new images
     sampler = load_sampler(source, device, dtype, None if source.is_student else guidance_scale, allow_pickle)
     n_steps = steps or sampler.default_steps
-    for line in sampling_messages(source, sampler, n_steps, device, len(target.jobs), target.images):
+    for line in sampling_messages(source, sampler, n_steps, device, [j.prompt for j in target.jobs], target.images):
         message(line)
     try:
         generation = generate(sampler, target, n_steps, batch_size, seed, progress)

@@ -206,12 +206,16 @@ class ImageSampler(Protocol):
         ...
 
 
-def sampling_messages(source: ModelSource, sampler: ImageSampler, steps: int, device: torch.device, count: int, dest: str) -> list[str]:
-    """What `dmd sample` and `dmd eval` say before drawing `count` images into `dest`."""
+def sampling_messages(source: ModelSource, sampler: ImageSampler, steps: int, device: torch.device, prompts: list[str],
+                      dest: str) -> list[str]:
+    """What `dmd sample` and `dmd eval` say before drawing an image per entry of `prompts` into `dest`."""
     what = f"student, {steps} step(s)" if source.is_student else f"{type(sampler.pipe).__name__}, {steps} steps"
-    lines = [f"model: {source.name} ({what}) on {device}; {count} image(s) → {dest}/"]
+    lines = [f"model: {source.name} ({what}) on {device}; {len(prompts)} image(s) → {dest}/"]
     if source.is_student and steps != sampler.default_steps:
         lines.append(f"note: the student was distilled for {sampler.default_steps} step(s); sampling at t = {sampler.timesteps(steps)}")
+    # (a pipeline warns about its own long prompts)
+    if source.is_student and (note := sampler.teacher.truncation_note(prompts)):
+        lines.append(note)
     return lines
 
 

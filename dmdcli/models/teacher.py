@@ -8,6 +8,7 @@ only ever sees tensors.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,6 +59,19 @@ def teacher_layout(name: str) -> str:
     if name in TEACHER_ALIASES:
         return "sdxl" if TEACHER_ALIASES[name] == SDXL_BASE else "sd"
     return inspect_teacher(name).layout
+
+
+def component_files(source: str, components: tuple[str, ...]) -> dict[str, list]:
+    """What identifies the weights of a local pipeline folder's components without reading them:
+    each component's file names, sizes and mtimes ({} for a hub id, which stands for its files
+    as downloaded). Keys the caches made from a teacher (real-image latents, regression pairs)."""
+    files = {}
+    for component in components:
+        folder = Path(source).expanduser() / component
+        if folder.is_dir():
+            files[f"{component}_files"] = sorted(
+                [p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in folder.iterdir() if p.is_file())
+    return files
 
 
 def looks_like_path(name: str) -> bool:
@@ -248,6 +262,20 @@ class Teacher:
             cond["time_ids"] = self.time_ids(len(prompts))
         return cond
 
+    def truncation_note(self, prompts: list[str]) -> str | None:
+        """A note naming how many distinct `prompts` are over the tokenizer's limit (CLIP: 77 tokens,
+        start and end included), or None. The encoders read the first tokens of such a prompt, as
+        diffusers' pipelines and the DMD2 reference do; only the pipelines say so."""
+        tokenizer = self.tokenizers[0]  # SDXL's two CLIP tokenizers share vocabulary and limit
+        distinct = list(dict.fromkeys(prompts))
+        lengths = (len(ids) for ids in tokenizer(distinct, truncation=False, verbose=False).input_ids)
+        cut = [p for p, n in zip(distinct, lengths) if n > tokenizer.model_max_length]
+        if not cut:
+            return None
+        example = cut[0] if len(cut[0]) <= 60 else cut[0][:57] + "..."
+        return (f"note: {len(cut)} of {len(distinct)} prompts are longer than the text encoder's {tokenizer.model_max_length} tokens; "
+                f"it reads only their start (e.g. {example!r})")
+
     def release_text_encoders(self) -> None:
         """Drop the text encoders once every prompt of the run is cached, freeing their memory.
 
@@ -290,8 +318,11 @@ class Teacher:
     @property
     def latent_cache_id(self) -> str:
         """Names what encode_images computes, for the latent cache's key ("seed0": the seeded
-        posterior samples; caches built before them from the global RNG are not reused)."""
-        return f"{self.spec.source}:vae:seed0"
+        posterior samples; caches built before them from the global RNG are not reused). A local
+        teacher's VAE files are in it, so a replaced VAE is not served its predecessor's latents."""
+        vae = component_files(self.spec.source, ("vae",))
+        digest = f":{hashlib.sha256(json.dumps(vae).encode()).hexdigest()[:16]}" if vae else ""
+        return f"{self.spec.source}:vae:seed0{digest}"
 
     @torch.no_grad()
     def encode_images(self, images: Tensor) -> Tensor:

@@ -28,7 +28,7 @@ from safetensors.torch import load_file
 from torch import Tensor
 
 from dmdcli.errors import DmdError
-from dmdcli.files import atomic_save_file, atomic_write, save_file
+from dmdcli.files import atomic_save_file, atomic_write, save_file, sync_folder
 
 CHECKPOINTS_DIR = "checkpoints"
 TENSORS_FILE = "tensors.safetensors"
@@ -143,13 +143,12 @@ def write_checkpoint(
         for path in sorted(staged.iterdir()) if staged is not None else []:
             os.replace(path, tmp / path.name)
         save_file(tensors, tmp / TENSORS_FILE)
-        with open(tmp / STATE_FILE, "w") as f:
-            json.dump({"iteration": iteration, **state}, f)
-            f.flush()
-            os.fsync(f.fileno())
+        (tmp / STATE_FILE).write_text(json.dumps({"iteration": iteration, **state}))
+        sync_folder(tmp)  # on disk before it is published: the older checkpoints are deleted below
         if final.exists():  # an incomplete leftover under the final name
             shutil.rmtree(final)
         os.replace(tmp, final)
+        sync_folder(root, files=False)
         if staged is not None:
             shutil.rmtree(staged, ignore_errors=True)
     except BaseException:

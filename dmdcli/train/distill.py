@@ -81,6 +81,9 @@ class Data:
     def _lists(self) -> list[list[str]]:
         return [self.prompts, self.real.captions if self.real else [], self.pairs.prompts if self.pairs else []]
 
+    def all_prompts(self) -> list[str]:
+        return [p for ps in self._lists() for p in ps]
+
     def cache_prompts(self, teacher: Teacher, ui: UI, extra: list[str]) -> PromptCache | None:
         """Encode every prompt of the data and `extra` once, then drop the teacher's text encoders.
 
@@ -90,7 +93,7 @@ class Data:
         lists = self._lists()
         count = len(set().union(*lists, extra))
         with ui.task(f"encoding {count} prompts once (cached on the CPU)", total=count) as update:
-            cache, size = build_prompt_cache(teacher.encode_prompts, [p for ps in lists for p in ps] + extra, teacher.dtype,
+            cache, size = build_prompt_cache(teacher.encode_prompts, self.all_prompts() + extra, teacher.dtype,
                                              teacher.device, progress=lambda done: update(done, None))
         if cache is None:
             ui.message(f"prompt cache: {count} prompts would take {size / GIB:.1f} GiB of host memory: encoding them on the fly "
@@ -139,7 +142,9 @@ def load_data(folder: str | None, prompts: list[str] | None, teacher: Teacher, u
                 folder, teacher.resolution, teacher.encode_images,
                 encoder_id=teacher.latent_cache_id, progress=lambda done, total: update(done, {"total": total}),
             )
-        ui.message(f"real images: {len(real)} from {folder}" + (f" ({len(scan.skipped)} skipped)" if scan.skipped else ""))
+        details = [f"{len(scan.skipped)} skipped"] if scan.skipped else []
+        details += [f"{real.upscaled} smaller than {teacher.resolution} px, upscaled"] if real.upscaled else []
+        ui.message(f"real images: {len(real)} from {folder}" + (f" ({'; '.join(details)})" if details else ""))
         for path, reason in scan.skipped[:5]:
             ui.message(f"  skipped {path}: {reason}")
     else:
@@ -194,6 +199,8 @@ class Distillation:
         self.regression_distance, self.regression_distance_name = None, None
         if config.regression_weight > 0:
             self._load_regression(config, device)
+        if note := self.teacher.truncation_note(self.data.all_prompts()):
+            ui.message(note)
         # Every prompt of the run (the grid's are among the data's; "" for the GAN probe) encoded
         # once, so the text encoders leave the accelerator; no random numbers are drawn.
         cache = self.data.cache_prompts(self.teacher, ui, [""]) if config.cache_prompts else None

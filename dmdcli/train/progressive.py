@@ -76,8 +76,11 @@ class ProgressiveDistillation:
         self.data = Data(prompts, None)
         if self.data_folder:  # real latents, VAE-encoded once and cached (as for DMD2's GAN)
             real, _ = load_or_build_latents(self.data_folder, self.resolution, self.teacher.encode_images, encoder_id=self.teacher.latent_cache_id)
-            ui.message(f"real images: {len(real)} from {self.data_folder} (z_t = real latents noised to t)")
+            upscaled = f"; {real.upscaled} smaller than {self.resolution} px, upscaled" if real.upscaled else ""
+            ui.message(f"real images: {len(real)} from {self.data_folder} (z_t = real latents noised to t{upscaled})")
             self.data = Data(prompts or real.captions, real)
+        if note := self.teacher.truncation_note(self.data.all_prompts()):
+            ui.message(note)
         self.uncond = self.teacher.empty_cond() if config.guidance_scale > 1 else None
         self.teacher_schedule = self.spec.schedule()
         prediction = pd.PARAMETERIZATIONS[config.parameterization] if config.parameterization else self.spec.prediction_type
