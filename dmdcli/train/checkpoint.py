@@ -95,16 +95,21 @@ def checkpoint_name(iteration: int) -> str:
     return f"iter-{iteration:06d}"
 
 
+# Beside the checkpoints, folders being written: a checkpoint before its rename, and the RNG
+# states every process leaves for the main process to assemble.
+TEMPORARY_PREFIX, STAGING_PREFIX = ".tmp-", ".staging-"
+
+
 def staging_dir(run: Path, iteration: int) -> Path:
     """Where every process leaves its RNG state before the main process assembles a checkpoint."""
-    return run / CHECKPOINTS_DIR / f".staging-{checkpoint_name(iteration)}"
+    return run / CHECKPOINTS_DIR / f"{STAGING_PREFIX}{checkpoint_name(iteration)}"
 
 
 def remove_leftovers(run: Path) -> int:
     """Remove the temporary and staging folders of checkpoint writes that a kill (SIGKILL, the OOM
     killer) cut short: each can hold gigabytes, left exactly when the disk is short. Returns how many."""
     root = run / CHECKPOINTS_DIR
-    found = [*root.glob(".tmp-iter-*"), *root.glob(".staging-iter-*")] if root.is_dir() else []
+    found = [p for prefix in (TEMPORARY_PREFIX, STAGING_PREFIX) for p in root.glob(f"{prefix}*")] if root.is_dir() else []
     for path in found:
         shutil.rmtree(path, ignore_errors=True)
     return len(found)
@@ -137,7 +142,7 @@ def write_checkpoint(
         if staged is not None:
             shutil.rmtree(staged, ignore_errors=True)
         return final
-    tmp = root / f".tmp-{checkpoint_name(iteration)}-{uuid.uuid4().hex[:8]}"
+    tmp = root / f"{TEMPORARY_PREFIX}{checkpoint_name(iteration)}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
         for path in sorted(staged.iterdir()) if staged is not None else []:
