@@ -90,6 +90,21 @@ def test_a_checkpoint_is_on_disk_before_it_is_published(tmp_path, monkeypatch):
     assert sorted(p.name for p in before[:-1]) == sorted(p.name for p in final.iterdir())
 
 
+def test_a_checkpoint_missing_a_processes_rng_state_is_not_published(tmp_path):
+    from dmdcli.errors import DmdError
+    from dmdcli.train.checkpoint import staging_dir, write_checkpoint, write_rng
+
+    run = tmp_path / "run"
+    staged = staging_dir(run, 3)
+    staged.mkdir(parents=True)
+    write_rng(staged, 0)  # process 1 wrote to a run folder of its own node
+    with pytest.raises(DmdError, match=r"RNG state of process\(es\) 1 is not in .*every node shares"):
+        write_checkpoint(run, 3, {"x": torch.ones(2)}, {}, keep=1, staged=staged, processes=2)
+    assert complete_checkpoints(run) == []
+    write_rng(staged, 1)
+    assert write_checkpoint(run, 3, {"x": torch.ones(2)}, {}, keep=1, staged=staged, processes=2) == complete_checkpoints(run)[0]
+
+
 KILLER = textwrap.dedent("""
     import os, sys, time
     import dmdcli.train.checkpoint as ck

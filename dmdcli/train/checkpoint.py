@@ -115,26 +115,39 @@ def remove_leftovers(run: Path) -> int:
     return len(found)
 
 
+def rng_files(rank: int) -> tuple[str, str]:
+    return f"rng-rank{rank}.safetensors", f"rng-rank{rank}.json"
+
+
 def write_rng(folder: Path, rank: int) -> None:
     """This process's RNG states as rng-rank{R}.safetensors + rng-rank{R}.json."""
     tensors, state = rng_state()
-    atomic_save_file(tensors, folder / f"rng-rank{rank}.safetensors")
-    atomic_write(folder / f"rng-rank{rank}.json", lambda tmp: tmp.write_text(json.dumps(state)))
+    weights, meta = rng_files(rank)
+    atomic_save_file(tensors, folder / weights)
+    atomic_write(folder / meta, lambda tmp: tmp.write_text(json.dumps(state)))
 
 
 def restore_rng(checkpoint: Path, rank: int) -> None:
     try:
-        tensors = load_file(str(checkpoint / f"rng-rank{rank}.safetensors"))
-        state = json.loads((checkpoint / f"rng-rank{rank}.json").read_text())
+        weights, meta = rng_files(rank)
+        tensors = load_file(str(checkpoint / weights))
+        state = json.loads((checkpoint / meta).read_text())
     except Exception as e:
         raise DmdError(f"checkpoint {checkpoint} has no readable RNG state for process {rank}: {e}") from e
     load_rng_state(tensors, state)
 
 
 def write_checkpoint(
-    run: Path, iteration: int, tensors: dict[str, Tensor], state: dict[str, Any], keep: int, staged: Path | None = None
+    run: Path, iteration: int, tensors: dict[str, Tensor], state: dict[str, Any], keep: int, staged: Path | None = None,
+    processes: int = 1,
 ) -> Path:
-    """Write a checkpoint atomically (with the files in `staged`), then keep the newest `keep`."""
+    """Write a checkpoint atomically (with the files in `staged`: the RNG states of `processes`
+    processes), then keep the newest `keep`."""
+    if staged is not None:  # a node that does not share the run folder wrote its state elsewhere
+        missing = [r for r in range(processes) if not all((staged / name).is_file() for name in rng_files(r))]
+        if missing:
+            raise DmdError(f"checkpoint {iteration}: the RNG state of process(es) {', '.join(map(str, missing))} is not in "
+                           f"{staged}; on several nodes, --out must be on a filesystem every node shares")
     root = run / CHECKPOINTS_DIR
     root.mkdir(parents=True, exist_ok=True)
     final = root / checkpoint_name(iteration)

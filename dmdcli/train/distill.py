@@ -387,7 +387,7 @@ class Distillation:
         acc.wait_for_everyone()
         path = self.out / CHECKPOINTS_DIR / checkpoint_name(iteration)
         if acc.is_main_process:
-            path = write_checkpoint(self.out, iteration, tensors, state, self.config.keep_checkpoints, staged)
+            path = write_checkpoint(self.out, iteration, tensors, state, self.config.keep_checkpoints, staged, acc.num_processes)
             self.save_student(iteration, student)
         acc.wait_for_everyone()
         return path
