@@ -6,8 +6,8 @@ import torch
 from dmdcli.core import losses
 from dmdcli.core.dmd2 import DMD2, DMD2Config
 from dmdcli.core.gan_head import ClassifierHead
-from dmdcli.core.sampler import backward_simulation, sample
-from dmdcli.core.schedule import NoiseSchedule, student_timesteps
+from dmdcli.core.sampler import backward_simulation, ddim_sample, sample
+from dmdcli.core.schedule import NoiseSchedule, ddim_timesteps, student_timesteps
 from dmdcli.models.toy import toy_schedule
 
 
@@ -134,3 +134,27 @@ def test_classifier_head_follows_reference_layout(size, convs):
     with torch.autocast("cpu", dtype=torch.bfloat16):  # as in training under mixed precision
         logits = head(features)
     assert logits.dtype == torch.float32 and torch.equal(logits, head(features))  # the head itself in fp32
+
+
+@pytest.mark.parametrize("steps, prediction", [(4, "epsilon"), (5, "v_prediction")])
+def test_ddim_sample_is_diffusers_ddim_landing_on_x0(steps, prediction):
+    """ddim_sample against DDIMScheduler (η = 0, trailing spacing, the last step onto x0)."""
+    from diffusers import DDIMScheduler
+
+    scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, prediction_type=prediction,
+                              timestep_spacing="trailing", set_alpha_to_one=True, clip_sample=False)
+    scheduler.set_timesteps(steps)
+    schedule = NoiseSchedule(scheduler.alphas_cumprod, prediction)
+
+    def denoiser(x, t, cond):  # any smooth function of (x, t, cond) will do
+        return torch.tanh(0.7 * x + cond["encoder_hidden_states"] * t.view(-1, 1, 1, 1) / 1000)
+
+    torch.manual_seed(0)
+    noise, cond = torch.randn(2, 4, 8, 8), {"encoder_hidden_states": torch.randn(2, 4, 1, 1)}
+    x = noise.double()
+    for t in scheduler.timesteps:
+        out = denoiser(x, t.expand(2), {"encoder_hidden_states": cond["encoder_hidden_states"].double()})
+        x = scheduler.step(out, t, x).prev_sample
+    ours = ddim_sample(denoiser, schedule, noise, cond, None, steps, 1.0)
+    assert [int(t) for t in scheduler.timesteps] == ddim_timesteps(steps)
+    torch.testing.assert_close(ours, x.float(), rtol=1e-5, atol=1e-5)

@@ -98,11 +98,8 @@ def ddim_sample(
     if timesteps is None:
         timesteps = ddim_timesteps(num_steps, schedule.num_train_timesteps)
     x_t, batch = noise, noise.shape[0]
-    for k, t_k in enumerate(timesteps):
+    for t_k, t_next in zip(timesteps, [*timesteps[1:], -1]):  # −1: the last step lands on its x0
         t = as_timestep_tensor(t_k, batch, noise.device)
         x0 = schedule.to_x0(x_t, guided_prediction(denoiser, x_t, t, cond, uncond, guidance_scale), t)
-        if k + 1 == len(timesteps):
-            return x0
-        eps = schedule.eps_from_x0(x_t, x0, t)
-        x_t = schedule.add_noise(x0, eps, as_timestep_tensor(timesteps[k + 1], batch, noise.device))
+        x_t = schedule.ddim_step(x_t, x0, t, as_timestep_tensor(t_next, batch, noise.device))
     return x_t
