@@ -58,7 +58,7 @@ def pseudo_huber_loss(x: Tensor, target: Tensor) -> Tensor:
 
     This is Song & Dhariwal's sqrt(‖x − y‖² + c²·d) − c·sqrt(d) ("Improved Techniques for Training
     Consistency Models", §3.3; d elements per sample) divided by sqrt(d): their norm grows with
-    sqrt(d) while the DM loss is a mean, so one weight λ would pull 16× harder at SD1.5's 64×64
+    sqrt(d) while the DM loss is a mean, so one weight λ would pull 4× harder at SD1.5's 4×64×64
     latents than at 4×16×16. Per element the ratio of the two gradients does not depend on d.
     x, target [B, ...] → scalar.
     """

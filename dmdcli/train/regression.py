@@ -47,5 +47,5 @@ def build_distance(name: str, vae, scaling_factor: float) -> tuple[Distance, str
             raise UsageError(f"--regression-distance lpips needs the lpips package and its pretrained weights ({reason}); "
                              "pip install lpips, or choose pseudo_huber or mse") from e
         return REGRESSION_DISTANCES["pseudo_huber"], "pseudo_huber", (
-            f"LPIPS unavailable ({reason}): regression uses pseudo-Huber on latents, which grows with the latent's size: "
-            "--regression-weight is LPIPS's λ, lower it for large latents (README, Other methods)")
+            f"LPIPS unavailable ({reason}): regression uses pseudo-Huber on latents, per element; the paper's λ 0.25 "
+            "is LPIPS's weight (README, Other methods)")
