@@ -175,6 +175,10 @@ class DistillConfig:
         """The rank of the fake score's adapter on a shared base."""
         return self.fake_lora_rank or self.lora_rank
 
+    def fake_lr_value(self) -> float:
+        """The fake score's learning rate (the generator's unless --fake-lr)."""
+        return self.fake_lr or self.lr
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -396,16 +400,13 @@ WEIGHT_KEYS = ("teacher", "lora_rank", "lora_alpha", "shared_base", "fake_lora_r
 
 def _as_used(values: dict[str, Any]) -> dict[str, Any]:
     """Values as a run uses them, so that spelling a default out is no change: the defaults that
-    follow other keys filled in (alpha = rank, fake rank = rank, fake lr = lr), and the LoRA keys
-    of a full fine-tune dropped."""
-    v = dict(values)
-    rank = v.get("lora_rank") or 0
-    shared = bool(rank) and v.get("shared_base", DistillConfig.shared_base)
-    v["lora_alpha"] = (v.get("lora_alpha") or rank) if rank else None
-    v["shared_base"] = shared
-    v["fake_lora_rank"] = (v.get("fake_lora_rank") or rank) if shared else None
-    v["fake_lr"] = v.get("fake_lr") or v.get("lr")
-    return v
+    follow other keys filled in by DistillConfig's own rules (alpha = rank, fake rank = rank, fake
+    lr = lr), and the LoRA keys of a full fine-tune dropped."""
+    c = DistillConfig(**{k: values[k] for k in FIELD_NAMES if k in values})
+    lora = bool(c.lora_rank)
+    shared = lora and c.shared_base
+    return {**values, "lora_alpha": c.lora_alpha_value() if lora else None, "shared_base": shared,
+            "fake_lora_rank": c.fake_adapter_rank() if shared else None, "fake_lr": c.fake_lr_value()}
 
 
 def _differences(saved: dict[str, Any], config: DistillConfig, keys) -> list[tuple[str, Any, Any]]:

@@ -127,7 +127,7 @@ def build_step(nets: Networks, schedule: NoiseSchedule, config, timesteps: list[
         # The run's options carry the objective's settings under the same names.
         DMD2Config(**{f.name: getattr(c, f.name) for f in fields(DMD2Config)}),
     )
-    opt_g, opt_f = adamw(nets.generator_params, c.lr, c), adamw(nets.fake_params, c.fake_lr or c.lr, c)
+    opt_g, opt_f = adamw(nets.generator_params, c.lr, c), adamw(nets.fake_params, c.fake_lr_value(), c)
     return DMD2Step(
         dmd2, UNetDenoiser(nets.generator_unet), timesteps, nets.generator_params, nets.fake_params, opt_g, opt_f,
         generator_lr_scheduler=lr_scheduler(opt_g, c, c.iterations), fake_lr_scheduler=lr_scheduler(opt_f, c, c.iterations),
