@@ -28,9 +28,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from dmdcli.data.prompt_cache import GIB
 from dmdcli.models.teacher import TeacherSpec, _load_json_config
-
-GIB = 2**30
 
 
 @dataclass
