@@ -29,13 +29,12 @@ from dmdcli.core import progressive as pd
 from dmdcli.core.denoiser import Cond, expand_cond
 from dmdcli.core.sampler import ddim_sample, guided_prediction
 from dmdcli.core.schedule import NoiseSchedule, as_timestep_tensor, ddim_timesteps
-from dmdcli.data.images import load_or_build_latents
 from dmdcli.errors import DmdError, UsageError
 from dmdcli.models.teacher import Teacher, inspect_teacher
 from dmdcli.models.unet import UNetDenoiser
 from dmdcli.train import rundir
 from dmdcli.train.config import DistillConfig, write_config
-from dmdcli.train.distill import UI, Data, read_user_files
+from dmdcli.train.distill import UI, Data, load_data, read_user_files
 from dmdcli.train.grids import SampleGrid
 from dmdcli.train.optim import adamw, lr_scheduler
 
@@ -73,12 +72,8 @@ class ProgressiveDistillation:
         self.frozen_dtype = config.frozen_dtype()
         ui.message(f"teacher: {self.spec.source} ({self.spec.layout}, {self.spec.prediction_type}) at {self.resolution}px on {self.device}")
         self.teacher = Teacher(self.spec, self.device, self.frozen_dtype, self.resolution, config.allow_pickle, encoder_dtype=torch.float32)
-        self.data = Data(prompts, None)
-        if self.data_folder:  # real latents, VAE-encoded once and cached (as for DMD2's GAN)
-            real, _ = load_or_build_latents(self.data_folder, self.resolution, self.teacher.encode_images, encoder_id=self.teacher.latent_cache_id)
-            upscaled = f"; {real.upscaled} smaller than {self.resolution} px, upscaled" if real.upscaled else ""
-            ui.message(f"real images: {len(real)} from {self.data_folder} (z_t = real latents noised to t{upscaled})")
-            self.data = Data(prompts or real.captions, real)
+        # real latents, VAE-encoded once and cached, as for DMD2's GAN
+        self.data = load_data(self.data_folder, prompts, self.teacher, ui) if self.data_folder else Data(prompts, None)
         if note := self.teacher.truncation_note(self.data.all_prompts()):
             ui.message(note)
         self.uncond = self.teacher.empty_cond() if config.guidance_scale > 1 else None
@@ -96,7 +91,7 @@ class ProgressiveDistillation:
             self.data.cache_prompts(self.teacher, ui, [])
         ui.message(f"progressive distillation: {config.teacher_steps} → {' → '.join(map(str, self.rounds))} steps, "
                    f"{config.iterations_per_round} iterations a round, {prediction} parameterization, {config.loss_weight} weight"
-                   + ("" if config.data else "; data-free (z_t from the teacher's DDIM trajectories)"))
+                   + ("; z_t = real latents noised to t" if config.data else "; data-free (z_t from the teacher's DDIM trajectories)"))
 
     # -- one round -----------------------------------------------------------------------------
 
