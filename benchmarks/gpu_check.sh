@@ -17,15 +17,25 @@ cd "$(dirname "$0")/.."
 
 if [ "${1:-}" = "--fetch-wheels" ]; then
     # Versions of the CPU build machine's environment; diffusers needs huggingface-hub ≥ 1.32.
+    # peft travels too: the image has one of a version nobody has read, and the run should measure
+    # memory, not find out whether our peft floor holds (the log prints the image's versions).
     python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
         --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 -d .whl \
-        diffusers==0.42.1 tomli_w==1.2.0 clean-fid==0.1.35 importlib_metadata==10.2.0 lazy-importer==0.1.0
+        diffusers==0.42.1 tomli_w==1.2.0 clean-fid==0.1.35 importlib_metadata==10.2.0 lazy-importer==0.1.0 \
+        peft==0.21.2
     exit
 fi
 
 results=${1:-${OUT:-benchmarks/results/gpu}}
 mkdir -p "$results"
 exec > >(tee "$results/log.txt") 2>&1
+python3 -c "from importlib.metadata import version, PackageNotFoundError
+def v(name):
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return 'absent'
+print('the image has:', *(f'{n} {v(n)},' for n in ['torch', 'transformers', 'accelerate', 'peft', 'huggingface_hub', 'typer', 'rich', 'safetensors', 'numpy', 'diffusers']))"
 if compgen -G ".whl/*.whl" > /dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
     export PYTHONPATH=/tmp/site
@@ -36,6 +46,7 @@ python3 -c "import torch, diffusers, accelerate, peft; print('torch', torch.__ve
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 
 failed=0
+budget=${GPU_CHECK_SECONDS:-540}  # the optional steps at the end run only if their limit fits in what is left of this
 step() {  # step NAME SECONDS COMMAND...: run with a time limit, keep going on failure
     local name=$1 limit=$2
     shift 2
@@ -67,5 +78,12 @@ step cli-distill 100 bash -c "python3 -m dmdcli.models.tiny $run/teacher > /dev/
     dmd export --model $run/run --format diffusers --out $run/export &&
     dmd sample --model $run/export --prompt 'a red circle' --out $run/images-export --json &&
     dmd distill --recipe tiny --teacher $run/teacher --prompts $run/prompts.txt --dry-run --json > $results/cli-dry-run.json"
-echo "== done: $failed step(s) failed"
+
+# Optional, when time is left: what gradient checkpointing costs in speed and saves in memory.
+if [ $((SECONDS + 120)) -le "$budget" ]; then
+    step sdxl-lora-no-checkpointing 120 bash -c "$bench --arch sdxl --resolution 1024 --layouts lora-shared --no-checkpointing | tee $results/sdxl-lora-no-checkpointing.md"
+else
+    echo "== sdxl-lora-no-checkpointing: skipped, $((budget - SECONDS))s left of ${budget}s"
+fi
+echo "== done: $failed step(s) failed after ${SECONDS}s"
 exit $failed
