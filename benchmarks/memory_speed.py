@@ -92,7 +92,8 @@ def measure(arch: str, layout: str, args, spec) -> dict:
     device = accelerator.device
     if config.fsdp and accelerator.num_processes < 2:
         sys.exit("the fsdp layout shards over processes: launch with torchrun --nproc_per_node N (N ≥ 2)")
-    estimate = estimate_memory(spec, config, args.resolution, bf16, processes=accelerator.num_processes)
+    estimate = estimate_memory(spec, config, args.resolution, bf16, processes=accelerator.num_processes,
+                               device_type="cuda" if cuda else "cpu")
     not_loaded = estimate.parameters.get("text encoders", 0.0) + estimate.parameters["VAE (fp32)"]  # absent with cached prompts
 
     torch.manual_seed(0)

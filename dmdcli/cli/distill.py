@@ -177,6 +177,7 @@ def _estimate(config, json_out: bool, scratch: Path) -> None:
     import dataclasses
 
     import tomli_w
+    import torch
     from rich.table import Table
 
     from dmdcli.cli.ui import stderr_console
@@ -197,9 +198,11 @@ def _estimate(config, json_out: bool, scratch: Path) -> None:
                       f"{arch} architecture, whose configs ship with dmd", markup=False)
     resolution = spec.training_resolution(config.resolution)
     bf16 = config.precision() == "bf16"
+    # bf16 is CUDA's layout, also when a CPU is asked for it (--mixed-precision bf16 to estimate a GPU run).
+    device_type = "cuda" if bf16 or torch.cuda.is_available() else "cpu"
     # Sharded, memory per process depends on how many there are: a column for each of a few.
     counts = FSDP_PROCESS_COUNTS if config.fsdp else (1,)
-    estimates = {n: estimate_memory(spec, config, resolution, bf16, processes=n) for n in counts}
+    estimates = {n: estimate_memory(spec, config, resolution, bf16, processes=n, device_type=device_type) for n in counts}
     console.print(tomli_w.dumps({k: v for k, v in config.to_dict().items() if v is not None}), markup=False)
     table = Table(title=f"estimated memory per process: {spec.layout} at {resolution}px, batch {config.batch_size}, "
                         f"{'bf16' if bf16 else 'fp32'}" + (", sharded with FSDP" if config.fsdp else ""))

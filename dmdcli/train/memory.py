@@ -2,15 +2,17 @@
 
 Every network is built on the meta device (shapes, no storage), so nothing is downloaded beyond
 config files and nothing heavy is allocated. Activations are measured, not guessed: one training
-forward of the UNet runs on meta tensors under a saved-tensors hook that adds up what autograd
-keeps for backward (with gradient checkpointing this is automatically only the block inputs,
-plus one block recomputed during backward).
+forward of each network, as it trains (adapter or full weights), runs on meta tensors under a
+saved-tensors hook that adds up what autograd keeps for backward, with autocast's dtypes and a
+fused attention kernel's saves; with gradient checkpointing, the checkpointed units' inputs plus
+the largest unit recomputed during backward (see `_saved_activations`).
 
-The peak is that of the heavier of the two phases of an iteration:
+The peak is that of the heaviest phase of an iteration:
   generator phase: generator forward with grad (A) + the GAN loss through the fake score's down
                    and mid blocks (A_down), and the generator's gradients;
   fake score phase: fake score forward with grad (A) + two classifier passes (2·A_down), and
                    the fake score's (and head's) gradients;
+  either network's AdamW step: its gradients, and on CUDA one fp32 temporary of its size;
 on top of what persists: weights of all networks, AdamW moments (2 × fp32), the VAE, and the text
 encoders unless the prompts are cached (`cache_prompts`, the default): then the encoders are on the
 accelerator only at start-up, before the networks are built, and are listed apart, outside the peak.
@@ -26,7 +28,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from dmdcli.data.prompt_cache import GIB
 from dmdcli.models.teacher import TeacherSpec, _load_json_config
@@ -44,6 +48,7 @@ class MemoryEstimate:
     startup_only: dict[str, float] = field(default_factory=dict)  # GiB freed before training (not in the peak)
     processes: int = 1  # the networks are sharded over this many processes (FSDP)
     gathered: float = 0.0  # FSDP: whole units gathered while they run (in the peak phase)
+    optimizer_step: float = 0.0  # AdamW's temporaries (in the peak phase)
 
     def rows(self) -> list[tuple[str, float]]:
         return [
@@ -53,6 +58,7 @@ class MemoryEstimate:
             ("gradients (peak phase)", self.gradients),
             ("activations per sample", self.activations_per_sample),
             ("activations (batch, peak phase)", self.activations),
+            ("AdamW step temporaries (fp32, peak phase)", self.optimizer_step),
             *((("gathered units (FSDP)", self.gathered),) if self.processes > 1 else ()),
             (f"estimated peak ({self.phase} phase)", self.peak),
         ]
@@ -80,65 +86,164 @@ def _text_and_vae_parameters(spec: TeacherSpec) -> tuple[int, int]:
     return text, vae
 
 
-def _saved_activations(unet: nn.Module, spec: TeacherSpec, resolution: int, dtype: torch.dtype, checkpointing: bool) -> tuple[float, float]:
-    """Bytes autograd keeps for one sample's training forward: (whole UNet, down + mid blocks).
+class _FusedAttention(torch.autograd.Function):
+    """What a fused attention kernel keeps for backward: q, k, v, the output and a float32 logsumexp
+    per query. On CUDA (flash / memory-efficient) and on the CPU (flash) `scaled_dot_product_attention`
+    runs one; on meta it would take the math path and keep the N×N attention matrices (at SDXL
+    1024² those alone are 22 GiB without checkpointing, measured on an H200 with the math path forced)."""
 
-    Runs with every weight trainable and in the compute dtype; weights themselves are not
-    counted (they are already), only the activations saved for backward.
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        out = q.new_empty(*q.shape[:-1], v.shape[-1])
+        ctx.save_for_backward(q, k, v, out, q.new_empty(q.shape[:-1], dtype=torch.float32))
+        return out
+
+
+class _AutocastRules(TorchFunctionMode):
+    """torch.autocast's dtype rules for the ops of a UNet, on meta tensors (which autocast itself
+    skips: it acts on CPU and CUDA tensors only). Matrix products and convolutions run in the
+    low-precision dtype; on CUDA, group and layer norm run in float32 (so a bf16 run keeps float32
+    copies of their inputs and of the SiLU that follows). Casts of parameters are reported to
+    `weight_cast`: they are counted apart, as the weights autocast keeps for the backward."""
+
+    LOWER = (F.linear, F.conv2d, torch.matmul, torch.bmm, torch.baddbmm, torch.mm, torch.addmm)
+    FLOAT32 = {"cuda": (F.group_norm, F.layer_norm, F.softmax, torch.softmax), "cpu": ()}
+
+    def __init__(self, dtype: torch.dtype | None, device_type: str, weight_cast):
+        super().__init__()
+        self.dtype, self.float32, self.weight_cast = dtype, self.FLOAT32[device_type], weight_cast
+
+    def _cast(self, value, dtype):
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and value.dtype != dtype:
+            cast = value.to(dtype)
+            if isinstance(value, nn.Parameter):
+                self.weight_cast(cast)
+            return cast
+        return value
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention:
+            q, k, v = (self._cast(t, self.dtype) if self.dtype else t for t in args[:3])
+            return _FusedAttention.apply(q, k, v)
+        target = self.dtype if func in self.LOWER else torch.float32 if func in self.float32 else None
+        if self.dtype is None or target is None:
+            return func(*args, **kwargs)
+        return func(*(self._cast(a, target) for a in args), **{k: self._cast(v, target) for k, v in kwargs.items()})
+
+
+def _training_unet(spec: TeacherSpec, frozen: torch.dtype, adapter: tuple[int, float, str] | None) -> nn.Module:
+    """A meta UNet as a run trains it: a LoRA adapter (rank, alpha, name) in fp32 on frozen weights
+    in `frozen`, or every weight trainable in fp32."""
+    from dmdcli.models.lora import add_generator_lora
+
+    with torch.device("meta"):
+        unet = _meta_unet(spec)
+        if adapter is None:
+            return unet.requires_grad_(True).train()
+        unet.to(frozen)
+        rank, alpha, name = adapter
+        add_generator_lora(unet, rank, alpha, adapter_name=name)
+    return unet.train()
+
+
+def _saved_activations(unet: nn.Module, spec: TeacherSpec, resolution: int, low_precision: torch.dtype | None,
+                       device_type: str, checkpointing: bool) -> tuple[float, float]:
+    """Bytes autograd keeps for one sample's training forward of `unet`: (whole UNet, down + mid
+    blocks, which the classifier runs).
+
+    Counted per storage (a linear layer saves its weight as a transposed view, which is not an
+    activation), with attention as a fused kernel keeps it and autocast's dtypes
+    (`low_precision`, None for fp32). With gradient checkpointing, diffusers hands each unit it
+    checkpoints (ResNet and transformer blocks) to a function we give it: what stays is what runs
+    outside the units, each unit's inputs, and one unit's activations while it is recomputed in
+    backward (the largest).
     """
-    unet.to(dtype).requires_grad_(True).train()
-    if checkpointing:
-        unet.enable_gradient_checkpointing()
-    weights = {id(p) for p in unet.parameters()}
-    saved: dict[int, tuple[int, bool]] = {}
-    in_down = {"on": True}
-    handles = [unet.up_blocks[0].register_forward_pre_hook(lambda *a: in_down.update(on=False))]
+    excluded = {t.untyped_storage()._cdata for t in [*unet.parameters(), *unet.buffers()]}
+    kept: dict[int, tuple[int, bool]] = {}  # storage -> (bytes, in the down / mid blocks)
+    units: list[tuple[dict[int, tuple[int, bool]], bool]] = []
+    state = {"unit": None, "down": True}
+    alive = []  # meta tensors cost nothing; holding them keeps their storages' ids unique
+
+    def note(t: torch.Tensor, into: dict) -> None:
+        storage = t.untyped_storage()
+        if storage._cdata not in excluded:
+            into.setdefault(storage._cdata, (storage.nbytes(), state["down"]))
+            alive.append(t)
 
     def pack(t: torch.Tensor) -> torch.Tensor:
-        if id(t) not in weights:
-            saved.setdefault(id(t), (t.numel() * t.element_size(), in_down["on"]))
+        note(t, kept if state["unit"] is None else state["unit"])
         return t
 
+    def checkpointed(unit, *args, **kwargs):  # stands in for torch.utils.checkpoint
+        for a in [*args, *kwargs.values()]:
+            if isinstance(a, torch.Tensor):
+                note(a, kept)
+        outer, state["unit"] = state["unit"], {}
+        try:
+            return unit(*args, **kwargs)
+        finally:
+            units.append((state["unit"], state["down"]))
+            state["unit"] = outer
+
+    if checkpointing:
+        unet.enable_gradient_checkpointing(gradient_checkpointing_func=checkpointed)
+    handle = unet.up_blocks[0].register_forward_pre_hook(lambda *a: state.update(down=False))
     side = resolution // spec.vae_scale_factor
+    dtype = low_precision or torch.float32
     meta = dict(device="meta", dtype=dtype)
-    x = torch.randn(1, spec.latent_channels, side, side, requires_grad=True, **meta)
+    x = torch.randn(1, spec.latent_channels, side, side, **meta)
     cond = torch.randn(1, 77, unet.config.cross_attention_dim, **meta)
     added = None
     if spec.layout == "sdxl":
         pooled = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
         added = {"text_embeds": torch.randn(1, pooled, **meta), "time_ids": torch.randn(1, 6, **meta)}
+
+    def weight_cast(t: torch.Tensor) -> None:
+        excluded.add(t.untyped_storage()._cdata)
+        alive.append(t)  # a bias's cast is not saved: freed, its storage's id would come back for an activation
+
     try:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with _AutocastRules(low_precision, device_type, weight_cast), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             unet(x, torch.zeros(1, dtype=torch.long, device="meta"), cond, added_cond_kwargs=added)
     finally:
-        for h in handles:
-            h.remove()
-    total = sum(b for b, _ in saved.values())
-    down = sum(b for b, d in saved.values() if d)
-    return float(total), float(down)
+        handle.remove()
+
+    def total(down_only: bool) -> float:
+        held = sum(b for b, d in kept.values() if d or not down_only)
+        recomputed = [sum(b for key, (b, _) in saves.items() if key not in kept) for saves, d in units if d or not down_only]
+        return float(held + max(recomputed, default=0))
+
+    return total(False), total(True)
 
 
-def estimate_memory(spec: TeacherSpec, config, resolution: int, bf16: bool, processes: int = 1) -> MemoryEstimate:
+def estimate_memory(spec: TeacherSpec, config, resolution: int, bf16: bool, processes: int = 1,
+                    device_type: str = "cuda") -> MemoryEstimate:
     """Estimated peak memory of `dmd distill` with this configuration, per process (GiB), with
-    the networks sharded over `processes` when config.fsdp."""
+    the networks sharded over `processes` when config.fsdp. `device_type` is the machine whose
+    autocast rules and AdamW implementation the run gets: "cuda", or "cpu" for a CPU run (in the
+    GPU's precision layout when `bf16`)."""
     from dmdcli.core.gan_head import ClassifierHead
     from dmdcli.models.lora import FAKE_SCORE_ADAPTER, GENERATOR_ADAPTER
 
     frozen = 2 if bf16 else 4  # frozen weights in bf16 under mixed precision
-    compute = torch.bfloat16 if bf16 else torch.float32
+    frozen_dtype = torch.bfloat16 if bf16 else torch.float32
     unet = _meta_unet(spec)
     p_unet = _count(unet)
     p_text, p_vae = _text_and_vae_parameters(spec)
 
     lora, shared = config.lora_rank > 0, config.lora_rank > 0 and config.shared_base
     alpha = config.lora_alpha_value()
-    with torch.device("meta"):
-        p_gen = _adapter_parameters(unet, config.lora_rank, alpha, GENERATOR_ADAPTER) if lora else p_unet
-        p_fake = _adapter_parameters(unet, config.fake_adapter_rank(), alpha, FAKE_SCORE_ADAPTER) if shared else p_unet
-        p_head = 0
-        if config.data:
-            down = 2 ** (len(unet.config.block_out_channels) - 1)
-            side = resolution // spec.vae_scale_factor // down
+    # Each network as it trains: an adapter (rank, alpha, name) on the frozen base, or all of it in fp32.
+    adapters = {"generator": (config.lora_rank, alpha, GENERATOR_ADAPTER) if lora else None,
+                "fake score": (config.fake_adapter_rank(), alpha, FAKE_SCORE_ADAPTER) if shared else None}
+    nets = {name: _training_unet(spec, frozen_dtype, adapter) for name, adapter in adapters.items()}
+    p_gen, p_fake = (_count(nets[name], trainable_only=True) for name in adapters)
+    p_head = 0
+    if config.data:
+        down = 2 ** (len(unet.config.block_out_channels) - 1)
+        side = resolution // spec.vae_scale_factor // down
+        with torch.device("meta"):
             p_head = _count(ClassifierHead(unet.config.block_out_channels[-1], side))
 
     n = processes if config.fsdp else 1
@@ -164,30 +269,37 @@ def estimate_memory(spec: TeacherSpec, config, resolution: int, bf16: bool, proc
         transient = 0
         # Autocast keeps a bf16 copy of each trainable fp32 weight it casts, for the backward.
         cast_gen, cast_fake = (2 * p_gen, 2 * p_fake) if bf16 else (0, 0)
-    act, act_down = _saved_activations(unet, spec, resolution, compute, config.gradient_checkpointing)
+    saved = {}  # per layout: the generator's and the fake score's are one measurement when alike
+    for name, adapter in adapters.items():
+        key = adapter[:2] if adapter else None
+        if key not in saved:
+            saved[key] = _saved_activations(nets[name], spec, resolution, torch.bfloat16 if bf16 else None, device_type,
+                                            config.gradient_checkpointing)
+    (act_gen, _), (act_fake, act_down) = (saved[a[:2] if a else None] for a in adapters.values())
     b = config.batch_size
-    generator_phase = 4 * p_gen / n + b * (act + act_down) + cast_gen + transient
-    fake_phase = 4 * (p_fake + p_head) / n + b * (act + 2 * act_down) + cast_fake + transient
-    phase = "generator" if generator_phase > fake_phase else "fake score"
-    top = max(generator_phase, fake_phase)
-    grads = (4 * p_gen if phase == "generator" else 4 * (p_fake + p_head)) / n
+    # On CUDA AdamW runs its foreach implementation, which holds one fp32 temporary as large as the
+    # weights it updates (the square root of the second moments) while their gradients are alive.
+    foreach = 4 if device_type == "cuda" else 0
+    g_gen, g_fake = 4 * p_gen / n, 4 * (p_fake + p_head) / n
+    phases = {  # name: (gradients, activations and autocast's weight casts, optimizer temporaries, gathered units)
+        "generator": (g_gen, b * (act_gen + act_down) + cast_gen, 0, transient),
+        "fake score": (g_fake, b * (act_fake + 2 * act_down) + cast_fake, 0, transient),
+        "generator's AdamW step": (g_gen, 0, foreach * p_gen / n, 0),
+        "fake score's AdamW step": (g_fake, 0, foreach * (p_fake + p_head) / n, 0),
+    }
+    phase = max(phases, key=lambda k: sum(phases[k]))
+    grads, activations, step, gathered = phases[phase]
     static = sum(weights.values()) + adam
     return MemoryEstimate(
         parameters={k: v / GIB for k, v in weights.items()},
         optimizer_states=adam / GIB,
         gradients=grads / GIB,
-        activations_per_sample=act / GIB,
-        activations=(top - grads - transient) / GIB,
-        peak=(static + top) / GIB,
+        activations_per_sample=max(act_gen, act_fake) / GIB,
+        activations=activations / GIB,
+        optimizer_step=step / GIB,
+        peak=(static + sum(phases[phase])) / GIB,
         phase=phase,
         startup_only={"text encoders (fp32, dropped once prompts are cached)": p_text * 4 / GIB} if config.cache_prompts else {},
         processes=n,
-        gathered=transient / GIB,
+        gathered=gathered / GIB,
     )
-
-
-def _adapter_parameters(unet: nn.Module, rank: int, alpha: float, adapter_name: str) -> int:
-    """Parameters of one LoRA adapter on (a weight-sharing meta copy of) `unet`."""
-    from dmdcli.models.lora import add_generator_lora, share_weights
-
-    return sum(p.numel() for p in add_generator_lora(share_weights(unet), rank, alpha, adapter_name=adapter_name))
