@@ -76,6 +76,8 @@ def test_diffusers_export_reproduces_dmd_sample(tmp_path, students, case):
     assert not list(tmp_path.glob(".*tmp*"))  # the scratch folder is gone
     assert all(not p.name.endswith((".bin", ".pt", ".pth", ".ckpt", ".pkl")) for p in out.rglob("*"))
     snippet = result.stderr[result.stderr.index("import torch"):].strip()
+    # One line of ours while it works: no bar stuck at "0/?", no transformers bar for the text encoders.
+    assert "exporting diffusers" in result.stderr and "0/?" not in result.stderr and "Writing model shards" not in result.stderr
 
     invoke("sample", "--model", run, "--prompt", "a photo of a cat", "--seed", "0", "--out", tmp_path / "ours")
     ours = np.asarray(Image.open(next((tmp_path / "ours").glob("*.png"))).convert("RGB")).astype(int)

@@ -73,7 +73,10 @@ def print_json(record: dict[str, Any]) -> None:
 
 
 def quiet_diffusers() -> None:
-    """diffusers' own loading bar would interleave with ours on stderr."""
+    """diffusers' and transformers' own bars (loading, "Writing model shards" when an export saves
+    the text encoders) would interleave with ours on stderr."""
     from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
 
     diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()

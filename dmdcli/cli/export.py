@@ -45,7 +45,7 @@ def export(
     check_out(out, fmt, overwrite)
     info = source.info
     ui.message(f"student: {source.name} ({info['layout']}, {info['kind']}, {info['steps']} step(s), t = {info['timesteps']}); writing {fmt} to {out}")
-    with ui.task(f"exporting {fmt}", total=0):
+    with ui.working(f"exporting {fmt}"):
         record = run_export(source, fmt, out, torch_dtype, allow_pickle)
     if not quiet:  # unwrapped, so that it can be copied as it is
         ui.console.print(f"wrote {out}. In diffusers:\n\n{snippet(fmt, out, info, dtype)}\n", markup=False, soft_wrap=True)

@@ -6,7 +6,7 @@ import contextlib
 from collections.abc import Iterator
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 
 def stderr_console() -> Console:
@@ -34,6 +34,15 @@ class RichUI:
     def message(self, text: str) -> None:
         if not self.quiet:
             self.console.print(text, markup=False)
+
+    @contextlib.contextmanager
+    def working(self, description: str) -> Iterator[None]:
+        """Work with no count to show: a spinner and the time elapsed."""
+        progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
+                            console=self.console, disable=self.quiet, transient=False)
+        with progress:
+            progress.add_task(description, total=None)
+            yield
 
     @contextlib.contextmanager
     def task(self, description: str, total: int) -> Iterator:
