@@ -160,7 +160,9 @@ def test_dmd_v1_pairs_are_deterministic_and_reused(tmp_path, tiny_sd, prompts_fi
     assert all(r["regression_distance"] == used for r in records if "loss_regression" in r)
 
     second = run("b", tmp_path / "pairs", "--iterations", "1")
-    assert "reused" in second.stderr
+    (bar,) = [line for line in second.stderr.splitlines() if line.startswith("regression pairs")]
+    assert "reused" in second.stderr and " 3/3 " in bar  # the bar says all are there, not 0 of 3
+    assert "Loading weights" not in second.stderr  # transformers' own bar, silenced as diffusers'
     assert (folder / "manifest.json").stat().st_mtime_ns == stamp  # not regenerated
 
     run("c", tmp_path / "pairs-again", "--iterations", "1")  # made again elsewhere: the same pairs, bit for bit

@@ -101,6 +101,8 @@ def load_or_build_pairs(
         _build(final, key, inputs, prompts, latent_shape, generate, batch_size, shard_size, progress)
         built = True
     noise, latent, pair_prompts = _load(final)
+    if progress and not built:  # a cache hit: all of them are there
+        progress(len(noise), len(noise))
     return Pairs(noise, latent, pair_prompts, final, built)
 
 
