@@ -81,7 +81,16 @@ step cli-distill 200 bash -c "python3 -m dmdcli.models.tiny $run/teacher > /dev/
     dmd sample --model $run/export --prompt 'a red circle' --out $run/images-export --json &&
     dmd distill --recipe tiny --teacher $run/teacher --prompts $run/prompts.txt --dry-run --json > $results/cli-dry-run.json"
 
-# Optional, when time is left: what gradient checkpointing costs in speed and saves in memory.
+# Optional, when time is left. First where a LoRA iteration's time goes: on the H200 (2026-11-30)
+# rank-64 LoRA networks took ~1 s more an iteration each than full ones at SDXL 1024², though their
+# extra FLOPs are a few percent; many small kernels and peft's per-layer Python would show as host
+# time above GPU time in these tables.
+if [ $((SECONDS + 150)) -le "$budget" ]; then
+    step sdxl-profile 150 bash -c "$bench --arch sdxl --resolution 1024 --layouts full lora-shared --iterations 2 --profile 25 2> $results/sdxl-profile.txt"
+else
+    echo "== sdxl-profile: skipped, $((budget - SECONDS))s left of ${budget}s"
+fi
+# Then what gradient checkpointing costs in speed and saves in memory.
 if [ $((SECONDS + 120)) -le "$budget" ]; then
     step sdxl-lora-no-checkpointing 120 bash -c "$bench --arch sdxl --resolution 1024 --layouts lora-shared --no-checkpointing | tee $results/sdxl-lora-no-checkpointing.md"
 else

@@ -8,6 +8,7 @@ configuration, without the text encoders and VAE (which this benchmark does not 
     python benchmarks/memory_speed.py                       # CPU: SD1.5 shared-base LoRA at 256²
     python benchmarks/memory_speed.py --mixed-precision bf16  # the same in the GPU's precision layout
     python benchmarks/memory_speed.py --arch sdxl --resolution 1024 --layouts full lora-reference lora-shared
+    python benchmarks/memory_speed.py --arch sdxl --resolution 1024 --layouts full lora-shared --profile 25  # where the time goes
     torchrun --nproc_per_node 8 benchmarks/memory_speed.py --arch sdxl --resolution 1024 --layouts fsdp
 
 The fsdp layout (full weights sharded with FSDP2 over the launched processes, as `dmd distill
@@ -23,12 +24,14 @@ come at the first step), beside the estimate's weights.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import os
 import resource
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 
 import torch
 
@@ -75,6 +78,27 @@ def return_freed_memory_to_the_system() -> None:
         ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, 128 * 1024)
     except OSError:  # not glibc: the resident set stays a coarser upper bound
         pass
+
+
+@contextlib.contextmanager
+def profiled(rows: int, title: str, cuda: bool) -> Iterator[None]:
+    """With rows > 0: torch.profiler over the block, then its `rows` costliest operators by time on
+    the host (Python and kernel launches) and on the GPU, and the count of kernels launched. Where
+    the GPU waits for the host (many small kernels), host time exceeds GPU time. The timed
+    iteration is then slower by the profiler's own overhead: profile the last one only."""
+    if rows <= 0:
+        yield
+        return
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        yield
+    events = prof.key_averages()
+    kernels = sum(e.count for e in events if e.device_type == torch.autograd.DeviceType.CUDA) if cuda else 0
+    print(f"\n### profile: {title} (one iteration; {kernels} CUDA kernels)\n", file=sys.stderr)
+    for key in ["self_cpu_time_total"] + (["self_device_time_total"] if cuda else []):
+        print(events.table(sort_by=key, row_limit=rows), file=sys.stderr)
 
 
 def measure(arch: str, layout: str, args, spec) -> dict:
@@ -131,13 +155,15 @@ def measure(arch: str, layout: str, args, spec) -> dict:
     for it in range(args.iterations):
         batch = Batch(noise=torch.randn(latent, device=device), cond=cond, uncond=uncond,
                       x_real=torch.randn(latent, device=device), real_cond=cond)
-        if cuda:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        step(batch, it)  # fake_updates_per_gen = 1: every iteration updates both networks
-        if cuda:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
+        last = it == args.iterations - 1
+        with profiled(args.profile if last else 0, f"{arch} {layout}", cuda):
+            if cuda:
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            step(batch, it)  # fake_updates_per_gen = 1: every iteration updates both networks
+            if cuda:
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
     peak = torch.cuda.max_memory_allocated() / GIB if cuda else rss_gib() - rss_before
     if accelerator.num_processes > 1:  # the largest process's
         peak = float(accelerator.reduce(torch.tensor([peak], device=device), "max"))
@@ -163,6 +189,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--iterations", type=int, default=3)
     parser.add_argument("--no-checkpointing", action="store_true")
+    parser.add_argument("--profile", type=int, default=0, metavar="ROWS",
+                        help="profile the last iteration: its ROWS costliest operators on the host and the GPU (stderr); "
+                             "the row's peak then includes the profiler's own memory (on the CPU, about 0.8 GiB)")
     parser.add_argument("--mixed-precision", choices=["auto", "bf16", "no"], default="auto",
                         help="auto: bf16 on CUDA, fp32 on CPU; bf16 on a CPU measures the GPU's layout (bf16 frozen weights, "
                              "autocast) in host memory")
