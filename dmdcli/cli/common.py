@@ -72,7 +72,7 @@ def print_json(record: dict[str, Any]) -> None:
     sys.stdout.flush()
 
 
-def quiet_diffusers() -> None:
+def quiet_library_bars() -> None:
     """diffusers' and transformers' own bars (loading, "Writing model shards" when an export saves
     the text encoders) would interleave with ours on stderr."""
     from diffusers.utils import logging as diffusers_logging

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from dmdcli.cli.common import handle_errors, print_json, quiet_diffusers
+from dmdcli.cli.common import handle_errors, print_json, quiet_library_bars
 from dmdcli.cli.ui import RichUI
 from dmdcli.models.teacher import TEACHER_ALIASES, teacher_layout
 from dmdcli.errors import UsageError
@@ -123,7 +123,7 @@ def distill(
                    "it starts from the teacher")
     if dry_run:
         return _dry_run(config, json_out)
-    quiet_diffusers()
+    quiet_library_bars()
 
     if config.method == "progressive":
         return _progressive(config, ui, overwrite, resume, json_out)

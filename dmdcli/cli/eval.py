@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from dmdcli.cli.common import handle_errors, print_json, quiet_diffusers
+from dmdcli.cli.common import handle_errors, print_json, quiet_library_bars
 from dmdcli.cli.sample import MAX_STEPS
 from dmdcli.cli.ui import RichUI
 
@@ -63,7 +63,7 @@ def eval_command(
     from dmdcli.models.student import STUDENT_TAKES_NO_CFG, find_model, pick_device, pick_dtype
 
     ui = RichUI(quiet=quiet)
-    quiet_diffusers()
+    quiet_library_bars()
     torch_device = pick_device(device)
     torch_dtype = pick_dtype(dtype, torch_device)
     if cache_dir is not None:

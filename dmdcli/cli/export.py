@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from dmdcli.cli.common import handle_errors, print_json, quiet_diffusers
+from dmdcli.cli.common import handle_errors, print_json, quiet_library_bars
 from dmdcli.cli.ui import RichUI
 
 HELP = """Export a distilled student for diffusers, ComfyUI and Automatic1111.
@@ -36,7 +36,7 @@ def export(
     from dmdcli.export import check_dtype, check_format, check_kind, check_out, default_out, export as run_export, snippet, student_source
 
     ui = RichUI(quiet=quiet)
-    quiet_diffusers()
+    quiet_library_bars()
     check_format(fmt)
     torch_dtype = check_dtype(dtype)
     source = student_source(model)

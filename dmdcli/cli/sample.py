@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from dmdcli.cli.common import handle_errors, print_json, quiet_diffusers
+from dmdcli.cli.common import handle_errors, print_json, quiet_library_bars
 from dmdcli.cli.ui import RichUI
 
 HELP = """Generate images from a distilled student, an exported pipeline, or any diffusers pipeline.
@@ -56,7 +56,7 @@ def sample(
     from dmdcli.sample import check_free, plan, run
 
     ui = RichUI(quiet=quiet)
-    quiet_diffusers()
+    quiet_library_bars()
     texts = list(prompt or []) + (read_prompts(prompts) if prompts else [])  # --prompt "" is the unconditional prompt
     if not texts:
         raise UsageError("no prompts: give --prompt TEXT (repeatable) or --prompts FILE (- for standard input)")
