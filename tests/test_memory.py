@@ -49,6 +49,15 @@ def test_dry_run_prints_the_resolved_configuration(sdxl_configs):
     assert result.stdout == ""
 
 
+def test_without_cuda_the_dry_run_says_how_to_estimate_a_gpu_run(sdxl_configs, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    args = ["distill", "--teacher", str(sdxl_configs), "--prompts", "p.txt", "--lora-rank", "64", "--dry-run"]
+    here = runner.invoke(app, args)
+    assert here.exit_code == 0 and "fp32" in here.stderr and "--mixed-precision bf16 estimates a GPU run" in here.stderr
+    gpu = runner.invoke(app, [*args, "--mixed-precision", "bf16"])
+    assert gpu.exit_code == 0 and "--mixed-precision bf16 estimates" not in gpu.stderr
+
+
 def test_cached_prompts_take_the_text_encoders_out_of_the_peak(sdxl_configs):
     cached = dry_run(sdxl_configs, "--steps", "4", "--lora-rank", "64")
     resident = dry_run(sdxl_configs, "--steps", "4", "--lora-rank", "64", "--no-cache-prompts")

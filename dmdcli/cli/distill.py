@@ -214,6 +214,9 @@ def _estimate(config, json_out: bool, scratch: Path) -> None:
     for i, (name, _) in enumerate(rows[0]):
         table.add_row(name, *(f"{r[i][1]:.2f}" for r in rows))
     console.print(table)
+    if config.mixed_precision == "auto" and not bf16:
+        console.print("note: no CUDA here, so this is a run on this machine, in fp32; --mixed-precision bf16 estimates a "
+                      "GPU run (bf16, what auto picks on CUDA)", markup=False)
     if config.method == "progressive":
         console.print("note: this estimate is for DMD2's three networks; --method progressive holds two UNets (teacher and "
                       "student) and one optimizer, so it needs less", markup=False)
