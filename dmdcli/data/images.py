@@ -170,6 +170,11 @@ def load_image(path: str | Path, resolution: int) -> Tensor:
     a square (the long edge is cut to the short one) and resized with LANCZOS.
     Raises DmdError naming the file when it cannot be decoded.
     """
+    return _load_square(path, resolution)[0]
+
+
+def _load_square(path: str | Path, resolution: int) -> tuple[Tensor, int]:
+    """`load_image`'s tensor and the image's short side before resizing (under `resolution`: upscaled)."""
     try:
         with Image.open(path) as img:
             img = _rgb8(ImageOps.exif_transpose(img))
@@ -181,7 +186,7 @@ def load_image(path: str | Path, resolution: int) -> Tensor:
     if side != resolution:
         img = img.resize((resolution, resolution), Image.Resampling.LANCZOS)
     pixels = np.asarray(img, dtype=np.float32) / 127.5 - 1.0  # [R, R, 3] in [-1, 1]
-    return torch.from_numpy(pixels).permute(2, 0, 1).contiguous()
+    return torch.from_numpy(pixels).permute(2, 0, 1).contiguous(), side
 
 
 # ----------------------------------------------------------------------------- latent dataset
@@ -312,13 +317,13 @@ def _encode_items(scan: ImageFolderScan, resolution: int, encode: Callable[[Tens
         for path, caption in scan.items[start:start + batch_size]:
             rel = _relpath(scan.root, path)
             try:
-                images.append(load_image(path, resolution))
+                image, side = _load_square(path, resolution)
             except DmdError as exc:  # passed verify() but does not decode (e.g. truncated)
                 failed.append([rel, f"unreadable: {exc}"])
                 continue
+            images.append(image)
             kept.append((rel, caption))
-            with Image.open(path) as img:  # the header only; decoded above
-                upscaled += min(img.size) < resolution
+            upscaled += side < resolution
         if images:
             with torch.no_grad():
                 out = encode(torch.stack(images))
