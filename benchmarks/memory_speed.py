@@ -35,7 +35,9 @@ from collections.abc import Iterator
 
 import torch
 
-os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")  # as the CLI: not the warning that every .to(bf16) of a UNet prints
+os.environ.setdefault(
+    "DIFFUSERS_VERBOSITY", "error"
+)  # as the CLI: not the warning that every .to(bf16) of a UNet prints
 
 from dmdcli.core.schedule import student_timesteps
 from dmdcli.models.architectures import ARCHITECTURES, write_config_only_pipeline
@@ -107,8 +109,15 @@ def measure(arch: str, layout: str, args, spec) -> dict:
 
     cuda = torch.cuda.is_available()
     config = DistillConfig(
-        teacher=arch, steps=args.steps, batch_size=args.batch_size, gradient_checkpointing=not args.no_checkpointing,
-        fake_updates_per_gen=1, data="random", warmup_steps=1, guidance_scale=8.0, mixed_precision=args.mixed_precision,
+        teacher=arch,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        gradient_checkpointing=not args.no_checkpointing,
+        fake_updates_per_gen=1,
+        data="random",
+        warmup_steps=1,
+        guidance_scale=8.0,
+        mixed_precision=args.mixed_precision,
         **LAYOUTS[layout],
     )
     bf16 = config.precision() == "bf16"
@@ -116,9 +125,12 @@ def measure(arch: str, layout: str, args, spec) -> dict:
     device = accelerator.device
     if config.fsdp and accelerator.num_processes < 2:
         sys.exit("the fsdp layout shards over processes: launch with torchrun --nproc_per_node N (N ≥ 2)")
-    estimate = estimate_memory(spec, config, args.resolution, bf16, processes=accelerator.num_processes,
-                               device_type="cuda" if cuda else "cpu")
-    not_loaded = estimate.parameters.get("text encoders", 0.0) + estimate.parameters["VAE (fp32)"]  # absent with cached prompts
+    estimate = estimate_memory(
+        spec, config, args.resolution, bf16, processes=accelerator.num_processes, device_type="cuda" if cuda else "cpu"
+    )
+    not_loaded = (
+        estimate.parameters.get("text encoders", 0.0) + estimate.parameters["VAE (fp32)"]
+    )  # absent with cached prompts
 
     torch.manual_seed(0)
     frozen = config.frozen_dtype()
@@ -143,8 +155,13 @@ def measure(arch: str, layout: str, args, spec) -> dict:
         cond["time_ids"] = torch.tensor([[r, r, 0, 0, r, r]], device=device).expand(args.batch_size, 6)
     uncond = {k: torch.zeros_like(v) for k, v in cond.items()}
     latent = (args.batch_size, spec.latent_channels, side, side)
-    probe = lambda fake, on: fake.bottleneck(torch.zeros(1, *latent[1:], device=on), torch.zeros(1, dtype=torch.long, device=on),  # noqa: E731
-                                             {k: v[:1].to(on) for k, v in cond.items()})
+    probe = (
+        lambda fake, on: fake.bottleneck(
+            torch.zeros(1, *latent[1:], device=on),
+            torch.zeros(1, dtype=torch.long, device=on),  # noqa: E731
+            {k: v[:1].to(on) for k, v in cond.items()},
+        )
+    )
     sharding = sharding_options(accelerator, accelerator.mixed_precision) if config.fsdp else None
     nets = build_networks(base, config, device, frozen, probe, sharding=sharding)
     weights = torch.cuda.memory_allocated() / GIB if cuda else resident_gib() - resident_before
@@ -153,8 +170,13 @@ def measure(arch: str, layout: str, args, spec) -> dict:
 
     times = []
     for it in range(args.iterations):
-        batch = Batch(noise=torch.randn(latent, device=device), cond=cond, uncond=uncond,
-                      x_real=torch.randn(latent, device=device), real_cond=cond)
+        batch = Batch(
+            noise=torch.randn(latent, device=device),
+            cond=cond,
+            uncond=uncond,
+            x_real=torch.randn(latent, device=device),
+            real_cond=cond,
+        )
         last = it == args.iterations - 1
         with profiled(args.profile if last else 0, f"{arch} {layout}", cuda):
             if cuda:
@@ -168,10 +190,16 @@ def measure(arch: str, layout: str, args, spec) -> dict:
     if accelerator.num_processes > 1:  # the largest process's
         peak = float(accelerator.reduce(torch.tensor([peak], device=device), "max"))
     result = {
-        "arch": arch, "layout": layout + (f" ×{accelerator.num_processes}" if config.fsdp else ""), "resolution": args.resolution, "batch": args.batch_size,
+        "arch": arch,
+        "layout": layout + (f" ×{accelerator.num_processes}" if config.fsdp else ""),
+        "resolution": args.resolution,
+        "batch": args.batch_size,
         "device": f"{torch.cuda.get_device_name() if cuda else 'cpu'} ({'bf16' if bf16 else 'fp32'})",
-        "sec_per_iter": min(times[1:] or times), "peak_gib": peak, "estimate_gib": estimate.peak - not_loaded,
-        "weights_gib": weights, "weights_estimate_gib": sum(estimate.parameters.values()) - not_loaded,
+        "sec_per_iter": min(times[1:] or times),
+        "peak_gib": peak,
+        "estimate_gib": estimate.peak - not_loaded,
+        "weights_gib": weights,
+        "weights_estimate_gib": sum(estimate.parameters.values()) - not_loaded,
     }
     del nets, step, base
     gc.collect()
@@ -189,19 +217,30 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--iterations", type=int, default=3)
     parser.add_argument("--no-checkpointing", action="store_true")
-    parser.add_argument("--profile", type=int, default=0, metavar="ROWS",
-                        help="profile the last iteration: its ROWS costliest operators on the host and the GPU (stderr); "
-                             "the row's peak then includes the profiler's own memory (on the CPU, about 0.8 GiB)")
-    parser.add_argument("--mixed-precision", choices=["auto", "bf16", "no"], default="auto",
-                        help="auto: bf16 on CUDA, fp32 on CPU; bf16 on a CPU measures the GPU's layout (bf16 frozen weights, "
-                             "autocast) in host memory")
+    parser.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="ROWS",
+        help="profile the last iteration: its ROWS costliest operators on the host and the GPU (stderr); "
+        "the row's peak then includes the profiler's own memory (on the CPU, about 0.8 GiB)",
+    )
+    parser.add_argument(
+        "--mixed-precision",
+        choices=["auto", "bf16", "no"],
+        default="auto",
+        help="auto: bf16 on CUDA, fp32 on CPU; bf16 on a CPU measures the GPU's layout (bf16 frozen weights, "
+        "autocast) in host memory",
+    )
     args = parser.parse_args()
     if not torch.cuda.is_available():
         return_freed_memory_to_the_system()
     with tempfile.TemporaryDirectory() as folder:
         spec = inspect_teacher(str(write_config_only_pipeline(folder, args.arch)))
-        header = ["| arch | layout | resolution | batch | device | s/iter | weights GiB (estimate) | peak GiB | dry-run estimate GiB | estimate / peak |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        header = [
+            "| arch | layout | resolution | batch | device | s/iter | weights GiB (estimate) | peak GiB | dry-run estimate GiB | estimate / peak |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]
         for layout in args.layouts:
             r, main_process = measure(args.arch, layout, args, spec)
             if not main_process:
@@ -209,8 +248,11 @@ def main() -> None:
             for line in header:
                 print(line)
             header = []
-            print(f"| {r['arch']} | {r['layout']} | {r['resolution']} | {r['batch']} | {r['device']} | {r['sec_per_iter']:.2f} | "
-                  f"{r['weights_gib']:.2f} ({r['weights_estimate_gib']:.2f}) | {r['peak_gib']:.2f} | {r['estimate_gib']:.2f} | {r['estimate_gib'] / r['peak_gib']:.2f} |", flush=True)
+            print(
+                f"| {r['arch']} | {r['layout']} | {r['resolution']} | {r['batch']} | {r['device']} | {r['sec_per_iter']:.2f} | "
+                f"{r['weights_gib']:.2f} ({r['weights_estimate_gib']:.2f}) | {r['peak_gib']:.2f} | {r['estimate_gib']:.2f} | {r['estimate_gib'] / r['peak_gib']:.2f} |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -47,7 +47,9 @@ def progressive_rounds(steps: int) -> int:
 
 def planned_iterations(method: str, steps: int, iterations: int) -> int:
     """What a run with this budget trains in all (progressive: whole rounds only)."""
-    return iterations if method != "progressive" else iterations // progressive_rounds(steps) * progressive_rounds(steps)
+    return (
+        iterations if method != "progressive" else iterations // progressive_rounds(steps) * progressive_rounds(steps)
+    )
 
 
 def distill_args(method: str, steps: int, iterations: int) -> list[str]:
@@ -72,20 +74,45 @@ def distill(run_dir: Path, method: str, steps: int, iterations: int, record: Pat
     if method != "progressive" and (run_dir / "config.toml").is_file():  # stopped earlier or shorter: continue it
         cmd = ["dmd", "distill", "--resume", "--out", str(run_dir), "--iterations", str(iterations)]
     else:
-        cmd, done = ["dmd", "distill", *distill_args(method, steps, iterations), "--out", str(run_dir), "--overwrite"], None
+        cmd, done = (
+            ["dmd", "distill", *distill_args(method, steps, iterations), "--out", str(run_dir), "--overwrite"],
+            None,
+        )
     start = time.perf_counter()
     summary = json.loads(run(cmd + ["--json", "--quiet"]).strip().splitlines()[-1])
     record.parent.mkdir(parents=True, exist_ok=True)
     (record.parent / "metrics.json").unlink(missing_ok=True)  # the student changed: score it again
-    record.write_text(json.dumps({
-        "commands": (done["commands"] if done else []) + [" ".join(cmd)], "iterations": summary.get("iterations"),
-        "seconds": round(time.perf_counter() - start + (done["seconds"] if done else 0.0), 1)}) + "\n")
+    record.write_text(
+        json.dumps(
+            {
+                "commands": (done["commands"] if done else []) + [" ".join(cmd)],
+                "iterations": summary.get("iterations"),
+                "seconds": round(time.perf_counter() - start + (done["seconds"] if done else 0.0), 1),
+            }
+        )
+        + "\n"
+    )
 
 
 def evaluate(model: str, out: Path, num_samples: int, steps: int | None, guidance: float | None) -> dict:
     """The row's metrics: from OUT/metrics.json when an earlier call scored the same model and N."""
-    cmd = ["dmd", "eval", "--model", model, "--fid", "shapes", "--num-samples", str(num_samples),
-           "--batch-size", "64", "--out", str(out), "--overwrite", "--json", "--quiet"]
+    cmd = [
+        "dmd",
+        "eval",
+        "--model",
+        model,
+        "--fid",
+        "shapes",
+        "--num-samples",
+        str(num_samples),
+        "--batch-size",
+        "64",
+        "--out",
+        str(out),
+        "--overwrite",
+        "--json",
+        "--quiet",
+    ]
     cmd += ["--steps", str(steps)] if steps else []
     cmd += ["--guidance-scale", str(guidance)] if guidance is not None else []
     saved, key = out / "metrics.json", [a for a in cmd if a != str(out)]  # a copied row folder is reused too
@@ -104,21 +131,29 @@ def targets(rows: dict[str, dict]) -> list[tuple[str, bool]]:
     return [
         ("4-step student FD-shapes ≤ 25-step teacher's", s4["fd_shapes"] <= teacher["fd_shapes"]),
         ("1-step student FD-shapes ≤ 1.5 × 25-step teacher's", s1["fd_shapes"] <= 1.5 * teacher["fd_shapes"]),
-        ("students' alignment ≥ teacher's − 3 points",
-         min(s4["alignment"], s1["alignment"]) >= teacher["alignment"] - 0.03),
-        ("students ≥ 10× faster per image than the 25-step CFG teacher",
-         max(s4["seconds_per_image"], s1["seconds_per_image"]) * 10 <= teacher["seconds_per_image"]),
+        (
+            "students' alignment ≥ teacher's − 3 points",
+            min(s4["alignment"], s1["alignment"]) >= teacher["alignment"] - 0.03,
+        ),
+        (
+            "students ≥ 10× faster per image than the 25-step CFG teacher",
+            max(s4["seconds_per_image"], s1["seconds_per_image"]) * 10 <= teacher["seconds_per_image"],
+        ),
     ]
 
 
 def table(rows: dict[str, dict], training: dict[str, dict]) -> str:
-    lines = ["| model | FD-shapes ↓ | alignment ↑ | s / image | UNet evals / image | distillation (CPU, 2 threads) |",
-             "| --- | ---: | ---: | ---: | ---: | --- |"]
+    lines = [
+        "| model | FD-shapes ↓ | alignment ↑ | s / image | UNet evals / image | distillation (CPU, 2 threads) |",
+        "| --- | ---: | ---: | ---: | ---: | --- |",
+    ]
     for name, m in rows.items():
         t = training.get(name)
         cost = f"{t['iterations']} its × 16, {t['seconds'] / 60:.1f} min" if t else ""
-        lines.append(f"| {name} | {m['fd_shapes']:.2f} | {100 * m['alignment']:.1f}% | "
-                     f"{m['seconds_per_image']:.4f} | {m['nfe_per_image']:g} | {cost} |")
+        lines.append(
+            f"| {name} | {m['fd_shapes']:.2f} | {100 * m['alignment']:.1f}% | "
+            f"{m['seconds_per_image']:.4f} | {m['nfe_per_image']:g} | {cost} |"
+        )
     return "\n".join(lines)
 
 
@@ -130,7 +165,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--num-samples", type=int, default=2000)
     p.add_argument("--methods", default="dmd2", help="students to compare: a comma list of dmd2, dmd, progressive")
-    p.add_argument("--runs", type=Path, default=Path("runs"), help="students in RUNS/shapes-<method>-<steps>step (distilled if missing)")
+    p.add_argument(
+        "--runs",
+        type=Path,
+        default=Path("runs"),
+        help="students in RUNS/shapes-<method>-<steps>step (distilled if missing)",
+    )
     p.add_argument("--iterations", type=int, default=ITERATIONS, help="each student's training iterations (batch 16)")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/shapes"))
     args = p.parse_args(argv)
@@ -148,10 +188,15 @@ def main(argv: list[str] | None = None) -> int:
             name, run_dir = f"{METHOD_NAMES[method]} {step_name(steps)}", args.runs / f"shapes-{method}-{steps}step"
             distill(run_dir, method, steps, args.iterations, args.out / slug(name) / "distill.json")
             plan[name] = (str(run_dir), None, None)
-    rows = {name: evaluate(model, args.out / slug(name), args.num_samples, steps, cfg)
-            for name, (model, steps, cfg) in plan.items()}
-    training = {name: json.loads((args.out / slug(name) / "distill.json").read_text())
-                for name in rows if (args.out / slug(name) / "distill.json").is_file()}
+    rows = {
+        name: evaluate(model, args.out / slug(name), args.num_samples, steps, cfg)
+        for name, (model, steps, cfg) in plan.items()
+    }
+    training = {
+        name: json.loads((args.out / slug(name) / "distill.json").read_text())
+        for name in rows
+        if (args.out / slug(name) / "distill.json").is_file()
+    }
     print(f"shapes world, {args.num_samples} prompts, teacher CFG {GUIDANCE:g}\n")
     print(table(rows, training))
     print()
@@ -175,7 +220,9 @@ def parse_variants(parser: argparse.ArgumentParser, given: list[str]) -> dict[st
     return dict(v.split("=", 1) for v in given)
 
 
-def publish_spread(scores: dict[str, list[dict]], columns: list[str], title: str, out: Path, name: str = "table.md") -> int:
+def publish_spread(
+    scores: dict[str, list[dict]], columns: list[str], title: str, out: Path, name: str = "table.md"
+) -> int:
     """Print the spread table under `title` and keep it as OUT/<name>."""
     text = f"{title}\n\n{spread_table(scores, columns)}"
     print(text)
@@ -186,13 +233,17 @@ def publish_spread(scores: dict[str, list[dict]], columns: list[str], title: str
 
 def spread_table(scores: dict[str, list[dict]], columns: list[str]) -> str:
     """A Markdown row per variant: FD-shapes / alignment per column, then their mean and range."""
-    lines = ["| variant | " + " | ".join(columns) + " | mean | range |",
-             "| --- | " + " | ".join("---:" for _ in columns) + " | ---: | ---: |"]
+    lines = [
+        "| variant | " + " | ".join(columns) + " | mean | range |",
+        "| --- | " + " | ".join("---:" for _ in columns) + " | ---: | ---: |",
+    ]
     for name, rows in scores.items():
         fd, align = [r["fd_shapes"] for r in rows], [100 * r["alignment"] for r in rows]
         cells = [f"{f:.2f} / {a:.1f}%" for f, a in zip(fd, align)]
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {statistics.mean(fd):.2f} / {statistics.mean(align):.1f}% | "
-                     f"{min(fd):.2f}–{max(fd):.2f} / {min(align):.1f}–{max(align):.1f}% |")
+        lines.append(
+            f"| {name} | " + " | ".join(cells) + f" | {statistics.mean(fd):.2f} / {statistics.mean(align):.1f}% | "
+            f"{min(fd):.2f}–{max(fd):.2f} / {min(align):.1f}–{max(align):.1f}% |"
+        )
     return "\n".join(lines)
 
 

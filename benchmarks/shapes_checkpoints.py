@@ -32,15 +32,34 @@ def score(run_folder: Path, iteration: int, num_samples: int) -> dict:
     if report.is_file():
         print(f"reusing {report}", file=sys.stderr)
         return json.loads(report.read_text())["metrics"]
-    out = run(["dmd", "eval", "--model", str(checkpoint(run_folder, iteration)), "--fid", "shapes", "--num-samples",
-               str(num_samples), "--batch-size", "64", "--json", "--quiet"])
+    out = run(
+        [
+            "dmd",
+            "eval",
+            "--model",
+            str(checkpoint(run_folder, iteration)),
+            "--fid",
+            "shapes",
+            "--num-samples",
+            str(num_samples),
+            "--batch-size",
+            "64",
+            "--json",
+            "--quiet",
+        ]
+    )
     return json.loads(out.strip().splitlines()[-1])["metrics"]
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--variant", action="append", required=True, metavar="NAME=OPTIONS",
-                   help="a name and the `dmd distill` options it adds to the shapes recipe (repeatable; NAME= for none)")
+    p.add_argument(
+        "--variant",
+        action="append",
+        required=True,
+        metavar="NAME=OPTIONS",
+        help="a name and the `dmd distill` options it adds to the shapes recipe (repeatable; NAME= for none)",
+    )
     p.add_argument("--iterations", type=int, default=1200)
     p.add_argument("--every", type=int, default=200, help="score every N-th iteration's checkpoint")
     p.add_argument("--num-samples", type=int, default=2000)
@@ -54,9 +73,26 @@ def main(argv: list[str] | None = None) -> int:
     for name, options in variants.items():
         folder = args.runs / slug(name)
         if not all(checkpoint(folder, i).is_dir() for i in iterations):
-            run(["dmd", "distill", "--recipe", "shapes", *shlex.split(options), "--iterations", str(args.iterations),
-                 "--checkpoint-every", str(args.every), "--keep-checkpoints", str(len(iterations)),
-                 "--out", str(folder), "--overwrite", "--json", "--quiet"])
+            run(
+                [
+                    "dmd",
+                    "distill",
+                    "--recipe",
+                    "shapes",
+                    *shlex.split(options),
+                    "--iterations",
+                    str(args.iterations),
+                    "--checkpoint-every",
+                    str(args.every),
+                    "--keep-checkpoints",
+                    str(len(iterations)),
+                    "--out",
+                    str(folder),
+                    "--overwrite",
+                    "--json",
+                    "--quiet",
+                ]
+            )
         scores[name] = [score(folder, i, args.num_samples) for i in iterations]
 
     title = f"FD-shapes / alignment of each checkpoint, {args.num_samples} prompts, training seed 0 unless the variant sets one"

@@ -23,13 +23,20 @@ from shapes import evaluate, parse_variants, publish_spread, run, slug
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--variant", action="append", required=True, metavar="NAME=OPTIONS",
-                   help="a name and the `dmd distill` options it adds to the shapes recipe (repeatable)")
+    p.add_argument(
+        "--variant",
+        action="append",
+        required=True,
+        metavar="NAME=OPTIONS",
+        help="a name and the `dmd distill` options it adds to the shapes recipe (repeatable)",
+    )
     p.add_argument("--seeds", default="0,1,2,3", help="training seeds, a comma list")
     p.add_argument("--num-samples", type=int, default=2000)
     p.add_argument("--runs", type=Path, default=Path("runs/seeds"))
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/shapes-seeds"))
-    p.add_argument("--table", default="table.md", help="the table's file name in OUT (several tables can share one OUT's reports)")
+    p.add_argument(
+        "--table", default="table.md", help="the table's file name in OUT (several tables can share one OUT's reports)"
+    )
     args = p.parse_args(argv)
     variants = parse_variants(p, args.variant)
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -40,8 +47,22 @@ def main(argv: list[str] | None = None) -> int:
             label = f"{slug(name)}-seed{seed}"
             student = args.runs / label
             if not (student / "student.safetensors").is_file():
-                run(["dmd", "distill", "--recipe", "shapes", *shlex.split(options), "--seed", str(seed),
-                     "--out", str(student), "--overwrite", "--json", "--quiet"])
+                run(
+                    [
+                        "dmd",
+                        "distill",
+                        "--recipe",
+                        "shapes",
+                        *shlex.split(options),
+                        "--seed",
+                        str(seed),
+                        "--out",
+                        str(student),
+                        "--overwrite",
+                        "--json",
+                        "--quiet",
+                    ]
+                )
             scores.setdefault(name, []).append(evaluate(str(student), args.out / label, args.num_samples, None, None))
 
     title = f"FD-shapes / alignment, {args.num_samples} prompts, one student per cell"

@@ -30,7 +30,12 @@ from dmdcli.models.student import DTYPES, EXPORT_INFO_FILE, ModelSource, find_mo
 from dmdcli.train import rundir
 
 FORMATS = ("diffusers", "lora", "kohya", "unet")
-DEFAULT_NAMES = {"diffusers": "diffusers", "lora": "lora.safetensors", "kohya": "kohya.safetensors", "unet": "unet.safetensors"}
+DEFAULT_NAMES = {
+    "diffusers": "diffusers",
+    "lora": "lora.safetensors",
+    "kohya": "kohya.safetensors",
+    "unet": "unet.safetensors",
+}
 EXPORT_FORMAT = "dmd-export/1"
 # LCM's boundary condition denoised = c_out·x0 + c_skip·x_t, c_skip = σ²/((s·t)² + σ²) with
 # σ = 0.5. At s = 10 (LCM's default), t = 249 gives c_skip ≈ 4e-8; at s = 1e4 it is ≈ 4e-14,
@@ -55,10 +60,18 @@ def student_scheduler(teacher_scheduler_config: dict[str, Any], timesteps: list[
     ddpm = DDPMScheduler.from_config(dict(teacher_scheduler_config))  # the teacher's ᾱ_t, as training uses
     total = int(ddpm.config.num_train_timesteps)
     overrides: dict[str, Any] = dict(
-        original_inference_steps=total, timestep_scaling=TIMESTEP_SCALING, clip_sample=False, thresholding=False,
+        original_inference_steps=total,
+        timestep_scaling=TIMESTEP_SCALING,
+        clip_sample=False,
+        thresholding=False,
         prediction_type=ddpm.config.prediction_type,
     )
-    explicit_betas = lambda n: dict(num_train_timesteps=n, original_inference_steps=n, trained_betas=ddpm.betas[:n].tolist(), rescale_betas_zero_snr=False)  # noqa: E731
+    explicit_betas = lambda n: dict(
+        num_train_timesteps=n,
+        original_inference_steps=n,
+        trained_betas=ddpm.betas[:n].tolist(),
+        rescale_betas_zero_snr=False,
+    )  # noqa: E731
     if len(timesteps) == 1 and timesteps[0] != total - 1:
         overrides.update(explicit_betas(timesteps[0] + 1))
     n = overrides.get("num_train_timesteps", total)
@@ -87,14 +100,22 @@ def ddim_student_scheduler(teacher_scheduler_config: dict[str, Any], timesteps: 
     from diffusers import DDIMScheduler
 
     config = {k: v for k, v in teacher_scheduler_config.items() if not k.startswith("_")}
-    config.update(timestep_spacing="trailing", set_alpha_to_one=True, steps_offset=1, prediction_type=prediction_type,
-                  clip_sample=False, thresholding=False)
+    config.update(
+        timestep_spacing="trailing",
+        set_alpha_to_one=True,
+        steps_offset=1,
+        prediction_type=prediction_type,
+        clip_sample=False,
+        thresholding=False,
+    )
     scheduler = DDIMScheduler.from_config(config)
     total = int(scheduler.config.num_train_timesteps)
     scheduler.set_timesteps(len(timesteps))
     got = scheduler.timesteps.tolist()
     if got != list(timesteps) or total % len(timesteps):
-        raise DmdError(f"no DDIMScheduler configuration steps exactly through the student's timesteps {timesteps} (it gives {got})")
+        raise DmdError(
+            f"no DDIMScheduler configuration steps exactly through the student's timesteps {timesteps} (it gives {got})"
+        )
     return scheduler
 
 
@@ -218,10 +239,16 @@ def export_lora(source: ModelSource, out: Path, dtype: torch.dtype, allow_pickle
     pipeline_class = StableDiffusionXLPipeline if info["layout"] == "sdxl" else StableDiffusionPipeline
     if "unet_lora_adapter_metadata" not in inspect.signature(pipeline_class.save_lora_weights).parameters:
         raise DmdError("this diffusers is too old to store lora_alpha in a LoRA file; upgrade diffusers (>= 0.34)")
-    adapter = {"r": int(info["lora_rank"]), "lora_alpha": float(info["lora_alpha"]), "target_modules": list(info["lora_target_modules"])}
+    adapter = {
+        "r": int(info["lora_rank"]),
+        "lora_alpha": float(info["lora_alpha"]),
+        "target_modules": list(info["lora_target_modules"]),
+    }
     tmp = _scratch(out)
     try:
-        pipeline_class.save_lora_weights(tmp, unet_lora_layers=_cast(weights, dtype), weight_name=out.name, unet_lora_adapter_metadata=adapter)
+        pipeline_class.save_lora_weights(
+            tmp, unet_lora_layers=_cast(weights, dtype), weight_name=out.name, unet_lora_adapter_metadata=adapter
+        )
         written = tmp / out.name
         with safe_open(str(written), framework="pt") as f:
             metadata = dict(f.metadata() or {})
@@ -250,7 +277,9 @@ def export_kohya(source: ModelSource, out: Path, dtype: torch.dtype, allow_pickl
     weights, info = _lora_weights(source), source.info
     rank, alpha = int(info["lora_rank"]), float(info["lora_alpha"])
     metadata = {
-        "ss_network_module": "networks.lora", "ss_network_dim": str(rank), "ss_network_alpha": str(alpha),
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(rank),
+        "ss_network_alpha": str(alpha),
         "ss_base_model_version": "sdxl_base_v1-0" if info["layout"] == "sdxl" else "sd_v1",
         "dmd_student": json.dumps(info),
     }
@@ -270,7 +299,10 @@ def export_unet(source: ModelSource, out: Path, dtype: torch.dtype, allow_pickle
 
 
 EXPORTERS: dict[str, Callable[[ModelSource, Path, torch.dtype, bool], list[Path]]] = {
-    "diffusers": export_diffusers, "lora": export_lora, "kohya": export_kohya, "unet": export_unet,
+    "diffusers": export_diffusers,
+    "lora": export_lora,
+    "kohya": export_kohya,
+    "unet": export_unet,
 }
 
 
@@ -305,8 +337,14 @@ def export(source: ModelSource, fmt: str, out: Path, dtype: torch.dtype, allow_p
     paths = EXPORTERS[fmt](source, out, dtype, allow_pickle)
     info = source.info
     return {
-        "format": fmt, "path": str(out), "files": [str(p) for p in paths], "dtype": _dtype_name(dtype),
-        "teacher": info["teacher"], "layout": info["layout"], "kind": info["kind"], "steps": info["steps"],
+        "format": fmt,
+        "path": str(out),
+        "files": [str(p) for p in paths],
+        "dtype": _dtype_name(dtype),
+        "teacher": info["teacher"],
+        "layout": info["layout"],
+        "kind": info["kind"],
+        "steps": info["steps"],
         "timesteps": info["timesteps"],
     }
 
@@ -320,25 +358,42 @@ def snippet(fmt: str, out: Path, info: dict[str, Any], dtype: str) -> str:
     call = f'image = pipe("a photo of a cat", timesteps={timesteps}, guidance_scale=0, {seed}).images[0]'
     head = ["import torch", "from diffusers import DiffusionPipeline, LCMScheduler"]
     if info.get("sampler") == "ddim":  # a progressive-distillation student
-        lcm = (f'pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing", set_alpha_to_one=True, '
-               f'clip_sample=False, prediction_type="{info["prediction_type"]}")')
+        lcm = (
+            f'pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing", set_alpha_to_one=True, '
+            f'clip_sample=False, prediction_type="{info["prediction_type"]}")'
+        )
         call = f'image = pipe("a photo of a cat", num_inference_steps={steps}, guidance_scale=0, {seed}).images[0]'
         head = ["import torch", "from diffusers import DiffusionPipeline, DDIMScheduler"]
     if fmt == "diffusers":
-        return "\n".join([
-            "import torch", "from diffusers import DiffusionPipeline",
-            f'pipe = DiffusionPipeline.from_pretrained({str(out)!r}{as_dtype})',
-            f'image = pipe("a photo of a cat", num_inference_steps={steps}, guidance_scale=0, {seed}).images[0]',
-        ])
+        return "\n".join(
+            [
+                "import torch",
+                "from diffusers import DiffusionPipeline",
+                f'pipe = DiffusionPipeline.from_pretrained({str(out)!r}{as_dtype})',
+                f'image = pipe("a photo of a cat", num_inference_steps={steps}, guidance_scale=0, {seed}).images[0]',
+            ]
+        )
     if fmt in ("lora", "kohya"):
-        return "\n".join([
-            *head, f'pipe = DiffusionPipeline.from_pretrained({teacher!r}{as_dtype})', f'pipe.load_lora_weights({str(out)!r})', lcm, call,
-        ])
-    return "\n".join([
-        *head, "from diffusers import UNet2DConditionModel", "from safetensors.torch import load_file",
-        f'unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config({teacher!r}, subfolder="unet"))',
-        f'unet.load_state_dict(load_file({str(out)!r}))',
-        # from_pretrained casts the components it loads, not one passed in.
-        *([f"unet.to({as_dtype.removeprefix(', torch_dtype=')})"] if as_dtype else []),
-        f'pipe = DiffusionPipeline.from_pretrained({teacher!r}, unet=unet{as_dtype})', lcm, call,
-    ])
+        return "\n".join(
+            [
+                *head,
+                f'pipe = DiffusionPipeline.from_pretrained({teacher!r}{as_dtype})',
+                f'pipe.load_lora_weights({str(out)!r})',
+                lcm,
+                call,
+            ]
+        )
+    return "\n".join(
+        [
+            *head,
+            "from diffusers import UNet2DConditionModel",
+            "from safetensors.torch import load_file",
+            f'unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config({teacher!r}, subfolder="unet"))',
+            f'unet.load_state_dict(load_file({str(out)!r}))',
+            # from_pretrained casts the components it loads, not one passed in.
+            *([f"unet.to({as_dtype.removeprefix(', torch_dtype=')})"] if as_dtype else []),
+            f'pipe = DiffusionPipeline.from_pretrained({teacher!r}, unet=unet{as_dtype})',
+            lcm,
+            call,
+        ]
+    )

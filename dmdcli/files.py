@@ -62,7 +62,9 @@ def save_file(tensors: dict[str, Tensor], path: str | Path, metadata: dict[str, 
     (os error 28)"); as an OSError it carries errno and filename, so the CLI can say what happened.
     """
     try:
-        _safetensors_save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path), metadata=metadata)
+        _safetensors_save_file(
+            {k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path), metadata=metadata
+        )
     except SafetensorError as e:
         match = _OS_ERROR.search(str(e))
         if match is None:

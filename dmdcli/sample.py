@@ -55,7 +55,9 @@ def plan(prompts: list[str], per_prompt: int, seed: int, out: Path, fmt: str) ->
         raise UsageError(f"unknown image format {fmt!r}; choose one of {', '.join(FORMATS)}")
     last = image_seed(seed, len(prompts) - 1, per_prompt - 1, per_prompt)
     if seed < 0 or last > MAX_SEED:
-        raise UsageError(f"seeds must lie in 0..{MAX_SEED}; --seed {seed} with {len(prompts) * per_prompt} images goes past it")
+        raise UsageError(
+            f"seeds must lie in 0..{MAX_SEED}; --seed {seed} with {len(prompts) * per_prompt} images goes past it"
+        )
     jobs = []
     for p, prompt in enumerate(prompts):
         for i in range(per_prompt):
@@ -100,7 +102,10 @@ def write_image(pixels: np.ndarray, path: Path, metadata: dict[str, Any]) -> Non
 def image_metadata(job: Job, steps: int, model: str, height: int, width: int) -> dict[str, Any]:
     """What each file carries: our keys, and Automatic1111's "parameters" line so its PNG Info reads it."""
     return {
-        "prompt": job.prompt, "seed": str(job.seed), "steps": str(steps), "model": model,
+        "prompt": job.prompt,
+        "seed": str(job.seed),
+        "steps": str(steps),
+        "model": model,
         "parameters": f"{job.prompt}\nSteps: {steps}, Seed: {job.seed}, Size: {width}x{height}, Model: {model}, Sampler: dmd",
     }
 
@@ -120,5 +125,12 @@ def run(
             height, width = pixels.shape[:2]
             job.path.parent.mkdir(parents=True, exist_ok=True)
             write_image(pixels, job.path, image_metadata(job, steps, model, height, width))
-            yield {"path": str(job.path), "prompt": job.prompt, "seed": job.seed, "steps": steps,
-                   "width": int(width), "height": int(height), "model": model}
+            yield {
+                "path": str(job.path),
+                "prompt": job.prompt,
+                "seed": job.seed,
+                "steps": steps,
+                "width": int(width),
+                "height": int(height),
+                "model": model,
+            }

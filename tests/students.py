@@ -24,12 +24,22 @@ def make_student(out: Path, teacher: Path, layout: str, kind: str, steps: int, s
         add_generator_lora(unet, RANK, ALPHA)
         weights = {k: 0.2 * torch.randn(v.shape, generator=g) for k, v in lora_state_dict(unet).items()}
     else:
-        weights = {k: v + 0.02 * v.std().nan_to_num() * torch.randn(v.shape, generator=g) for k, v in unet.state_dict().items()}
+        weights = {
+            k: v + 0.02 * v.std().nan_to_num() * torch.randn(v.shape, generator=g) for k, v in unet.state_dict().items()
+        }
     conditioning = DEFAULT_CONDITIONING_TIMESTEP[layout] if steps == 1 else None
     info = {
-        "teacher": str(teacher), "layout": layout, "prediction_type": inspect_teacher(str(teacher)).prediction_type, "kind": kind, "steps": steps,
-        "timesteps": student_timesteps(steps, 1000, DEFAULT_CONDITIONING_TIMESTEP[layout]), "conditioning_timestep": conditioning,
-        "resolution": 32, "iterations": 0, "guidance_scale": 1.75, "seed": seed,
+        "teacher": str(teacher),
+        "layout": layout,
+        "prediction_type": inspect_teacher(str(teacher)).prediction_type,
+        "kind": kind,
+        "steps": steps,
+        "timesteps": student_timesteps(steps, 1000, DEFAULT_CONDITIONING_TIMESTEP[layout]),
+        "conditioning_timestep": conditioning,
+        "resolution": 32,
+        "iterations": 0,
+        "guidance_scale": 1.75,
+        "seed": seed,
     }
     if kind == "lora":
         info.update(lora_rank=RANK, lora_alpha=ALPHA, lora_target_modules=LORA_TARGET_MODULES)
@@ -45,5 +55,8 @@ def unet_inputs(layout: str, batch: int = 2, seed: int = 1):
     t = torch.tensor([999, 399][:batch] + [249] * max(0, batch - 2))
     kwargs = {"encoder_hidden_states": torch.randn(batch, 77, 64 if layout == "sdxl" else 32, generator=g)}
     if layout == "sdxl":
-        kwargs["added_cond_kwargs"] = {"text_embeds": torch.randn(batch, 32, generator=g), "time_ids": torch.tensor([[32.0, 32, 0, 0, 32, 32]] * batch)}
+        kwargs["added_cond_kwargs"] = {
+            "text_embeds": torch.randn(batch, 32, generator=g),
+            "time_ids": torch.tensor([[32.0, 32, 0, 0, 32, 32]] * batch),
+        }
     return x, t, kwargs

@@ -61,8 +61,13 @@ def test_schedule_precision_is_float64_except_on_mps():
 
 
 def test_schedule_from_sd_scheduler_config():
-    config = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
-              "beta_schedule": "scaled_linear", "prediction_type": "v_prediction"}
+    config = {
+        "num_train_timesteps": 1000,
+        "beta_start": 0.00085,
+        "beta_end": 0.012,
+        "beta_schedule": "scaled_linear",
+        "prediction_type": "v_prediction",
+    }
     schedule = NoiseSchedule.from_scheduler_config(config)
     betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
     torch.testing.assert_close(schedule.alphas_cumprod, torch.cumprod(1 - betas, 0), rtol=1e-6, atol=1e-7)
@@ -141,8 +146,15 @@ def test_ddim_sample_is_diffusers_ddim_landing_on_x0(steps, prediction):
     """ddim_sample against DDIMScheduler (η = 0, trailing spacing, the last step onto x0)."""
     from diffusers import DDIMScheduler
 
-    scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, prediction_type=prediction,
-                              timestep_spacing="trailing", set_alpha_to_one=True, clip_sample=False)
+    scheduler = DDIMScheduler(
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        prediction_type=prediction,
+        timestep_spacing="trailing",
+        set_alpha_to_one=True,
+        clip_sample=False,
+    )
     scheduler.set_timesteps(steps)
     schedule = NoiseSchedule(scheduler.alphas_cumprod, prediction)
 

@@ -233,7 +233,9 @@ def test_load_image_range_and_modes(tmp_path):
     Image.fromarray(ramp).save(tmp_path / "ramp8.png")
     Image.fromarray(ramp.astype(np.uint16) * 257).save(tmp_path / "ramp16.png")  # 16-bit greyscale: mode I;16
     assert Image.open(tmp_path / "ramp16.png").mode.startswith("I")
-    assert torch.equal(load_image(tmp_path / "ramp16.png", 10), load_image(tmp_path / "ramp8.png", 10))  # scaled, not clipped
+    assert torch.equal(
+        load_image(tmp_path / "ramp16.png", 10), load_image(tmp_path / "ramp8.png", 10)
+    )  # scaled, not clipped
 
 
 def test_load_image_unreadable_is_dmd_error(tmp_path):
@@ -250,8 +252,9 @@ def test_latent_cache_builds_then_reuses(tmp_path):
     root = captioned_folder(tmp_path / "imgs", n=5)
     enc = CountingEncoder()
     seen = []
-    data, scan = load_or_build_latents(root, 16, enc, "fake-vae", batch_size=2, shard_size=2,
-                                       progress=lambda d, t: seen.append((d, t)))
+    data, scan = load_or_build_latents(
+        root, 16, enc, "fake-vae", batch_size=2, shard_size=2, progress=lambda d, t: seen.append((d, t))
+    )
     assert enc.calls == 3 and enc.images == 5
     assert seen == [(2, 5), (4, 5), (5, 5)]
     assert isinstance(data, RealLatents) and len(data) == 5
@@ -266,7 +269,11 @@ def test_latent_cache_builds_then_reuses(tmp_path):
     folder = root / ".dmd-cache" / key
     assert data.cache_path == folder and len(key) == 16
     assert sorted(p.name for p in folder.iterdir()) == [
-        "latents-00000.safetensors", "latents-00001.safetensors", "latents-00002.safetensors", MANIFEST_FILE]
+        "latents-00000.safetensors",
+        "latents-00001.safetensors",
+        "latents-00002.safetensors",
+        MANIFEST_FILE,
+    ]
     with safe_open(str(folder / "latents-00001.safetensors"), framework="pt") as f:
         assert json.loads(f.metadata()["captions"]) == ["caption 2", "caption 3"]
         assert f.get_tensor("latents").dtype == torch.float32

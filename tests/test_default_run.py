@@ -16,10 +16,17 @@ def test_no_arguments_runs_the_shapes_recipe(tmp_path, monkeypatch):
     monkeypatch.setenv("DMD_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(shapes_data, "DATA_IMAGES", 64)  # the full recipe renders 2048 scenes
     monkeypatch.chdir(tmp_path)
-    result = CliRunner().invoke(app, ["distill", "--iterations", "2", "--batch-size", "2", "--teacher-grid-steps", "2", "--json"])
+    result = CliRunner().invoke(
+        app, ["distill", "--iterations", "2", "--batch-size", "2", "--teacher-grid-steps", "2", "--json"]
+    )
     assert result.exit_code == 0, result.stderr
     summary = json.loads(result.stdout)
-    assert summary["iterations"] == 2 and set(summary["losses"]) == {"loss_dm", "loss_gan_g", "loss_denoise", "loss_gan_d"}
+    assert summary["iterations"] == 2 and set(summary["losses"]) == {
+        "loss_dm",
+        "loss_gan_g",
+        "loss_denoise",
+        "loss_gan_d",
+    }
     config = (tmp_path / summary["out"] / "config.toml").read_text()
     assert 'teacher = "shapes"' in config and 'data = "shapes"' in config
     assert "next: dmd sample" in result.stderr

@@ -18,7 +18,19 @@ from dmdcli.train.optim import lr_factor
 from dmdcli.train.rundir import read_student_info
 
 runner = CliRunner()
-FAST = ["--recipe", "tiny", "--iterations", "6", "--log-every", "2", "--sample-every", "3", "--batch-size", "2", "--quiet"]
+FAST = [
+    "--recipe",
+    "tiny",
+    "--iterations",
+    "6",
+    "--log-every",
+    "2",
+    "--sample-every",
+    "3",
+    "--batch-size",
+    "2",
+    "--quiet",
+]
 
 
 def folder_digest(folder):
@@ -38,11 +50,25 @@ def folder_digest(folder):
         ("sdxl", 4, False, True),
     ],
 )
-def test_distill_cli_writes_a_complete_run(request, tmp_path, prompts_file, image_folder, layout, steps, lora, with_data):
+def test_distill_cli_writes_a_complete_run(
+    request, tmp_path, prompts_file, image_folder, layout, steps, lora, with_data
+):
     teacher = request.getfixturevalue(f"tiny_{layout}")
     before = folder_digest(teacher)
     out = tmp_path / "run"
-    args = ["distill", *FAST, "--teacher", str(teacher), "--steps", str(steps), "--prompts", str(prompts_file), "--out", str(out), "--json"]
+    args = [
+        "distill",
+        *FAST,
+        "--teacher",
+        str(teacher),
+        "--steps",
+        str(steps),
+        "--prompts",
+        str(prompts_file),
+        "--out",
+        str(out),
+        "--json",
+    ]
     if lora:
         args += ["--lora-rank", "4", "--lora-alpha", "2"]
     if with_data:
@@ -52,7 +78,9 @@ def test_distill_cli_writes_a_complete_run(request, tmp_path, prompts_file, imag
 
     summary = json.loads(result.stdout.strip())  # one JSON line, nothing else on stdout
     assert summary["iterations"] == 6
-    assert set(summary["losses"]) == ({"loss_dm", "loss_denoise"} | ({"loss_gan_g", "loss_gan_d"} if with_data else set()))
+    assert set(summary["losses"]) == (
+        {"loss_dm", "loss_denoise"} | ({"loss_gan_g", "loss_gan_d"} if with_data else set())
+    )
     assert all(torch.isfinite(torch.tensor(v)) for v in summary["losses"].values())
 
     assert (out / "config.toml").is_file()
@@ -78,13 +106,27 @@ def test_distill_cli_writes_a_complete_run(request, tmp_path, prompts_file, imag
 
 
 def test_trained_networks_change_and_the_teacher_does_not(tmp_path, tiny_sdxl, prompts_file, image_folder):
-    config = resolve_config("tiny", {
-        "teacher": str(tiny_sdxl), "prompts": str(prompts_file), "data": str(image_folder), "iterations": 3,
-        "fake_updates_per_gen": 1, "batch_size": 2, "out": str(tmp_path / "run"), "steps": 2, "sample_every": 0,
-    })
+    config = resolve_config(
+        "tiny",
+        {
+            "teacher": str(tiny_sdxl),
+            "prompts": str(prompts_file),
+            "data": str(image_folder),
+            "iterations": 3,
+            "fake_updates_per_gen": 1,
+            "batch_size": 2,
+            "out": str(tmp_path / "run"),
+            "steps": 2,
+            "sample_every": 0,
+        },
+    )
     run = Distillation(config, SilentUI())
     snapshot = lambda m: {k: v.detach().clone() for k, v in m.state_dict().items()}  # noqa: E731
-    teacher, generator, fake = snapshot(run.teacher.unet), snapshot(run.nets.generator_unet), snapshot(run.nets.fake_unet)
+    teacher, generator, fake = (
+        snapshot(run.teacher.unet),
+        snapshot(run.nets.generator_unet),
+        snapshot(run.nets.fake_unet),
+    )
     head = snapshot(run.step.dmd2.discriminator)
     run.run()
     changed = lambda before, m: sum(not torch.equal(v, m.state_dict()[k]) for k, v in before.items())  # noqa: E731
@@ -110,8 +152,23 @@ def test_data_only_uses_captions_as_prompts_and_caches_latents(tmp_path, tiny_sd
 
 def test_zero_gan_weights_take_only_the_captions_of_data(tmp_path, tiny_sd, image_folder):
     """sd15-1step-stage1's "no GAN, even when --data is given": no latents encoded, no head."""
-    args = ["distill", *FAST, "--iterations", "2", "--teacher", str(tiny_sd), "--data", str(image_folder), "--json",
-            "--gan-generator-weight", "0", "--gan-discriminator-weight", "0", "--out", str(tmp_path / "run")]
+    args = [
+        "distill",
+        *FAST,
+        "--iterations",
+        "2",
+        "--teacher",
+        str(tiny_sd),
+        "--data",
+        str(image_folder),
+        "--json",
+        "--gan-generator-weight",
+        "0",
+        "--gan-discriminator-weight",
+        "0",
+        "--out",
+        str(tmp_path / "run"),
+    ]
     result = runner.invoke(app, [a for a in args if a != "--quiet"])
     assert result.exit_code == 0, result.stderr
     assert "both GAN weights are 0: --data serves only for its 8 captions" in result.stderr
@@ -122,8 +179,19 @@ def test_zero_gan_weights_take_only_the_captions_of_data(tmp_path, tiny_sd, imag
 
 
 def test_without_data_the_run_says_the_gan_is_off_and_names_long_prompts(tmp_path, tiny_sd, prompts_file):
-    args = ["distill", "--recipe", "tiny", "--iterations", "1", "--teacher", str(tiny_sd),
-            "--prompts", str(prompts_file), "--out", str(tmp_path / "run")]
+    args = [
+        "distill",
+        "--recipe",
+        "tiny",
+        "--iterations",
+        "1",
+        "--teacher",
+        str(tiny_sd),
+        "--prompts",
+        str(prompts_file),
+        "--out",
+        str(tmp_path / "run"),
+    ]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.stderr
     assert "GAN term is off" in result.stderr and "longer than" not in result.stderr
@@ -139,7 +207,19 @@ def test_without_data_the_run_says_the_gan_is_off_and_names_long_prompts(tmp_pat
 def test_same_seed_same_student(tmp_path, tiny_sd, prompts_file):
     outs = []
     for name in ("a", "b"):
-        result = runner.invoke(app, ["distill", *FAST, "--teacher", str(tiny_sd), "--prompts", str(prompts_file), "--out", str(tmp_path / name)])
+        result = runner.invoke(
+            app,
+            [
+                "distill",
+                *FAST,
+                "--teacher",
+                str(tiny_sd),
+                "--prompts",
+                str(prompts_file),
+                "--out",
+                str(tmp_path / name),
+            ],
+        )
         assert result.exit_code == 0, result.stderr
         outs.append(load_file(tmp_path / name / "student.safetensors"))
     assert all(torch.equal(outs[0][k], outs[1][k]) for k in outs[0])
@@ -152,13 +232,19 @@ def test_recipe_values_are_overridden_by_options_and_unknown_keys_are_listed(tmp
     bad.write_text('teacher = "sdxl"\nlearning_rate = 1e-4\n')
     result = runner.invoke(app, ["distill", "--recipe", str(bad), "--prompts", "p.txt"])
     assert result.exit_code == 2
-    assert "unknown key(s) learning_rate" in result.stderr and "valid keys:" in result.stderr and "lora_rank" in result.stderr
+    assert (
+        "unknown key(s) learning_rate" in result.stderr
+        and "valid keys:" in result.stderr
+        and "lora_rank" in result.stderr
+    )
 
 
 def test_a_recipe_can_hold_values_for_one_step_count(tmp_path):
     recipe = tmp_path / "r.toml"
-    recipe.write_text('teacher = "sdxl"\nprompts = "p.txt"\nsteps = 4\nlr = 5e-5\nwarmup_steps = 7\n\n[per_steps.1]\nlr = 1e-4\n'
-                      'conditioning_timestep = 399\n')
+    recipe.write_text(
+        'teacher = "sdxl"\nprompts = "p.txt"\nsteps = 4\nlr = 5e-5\nwarmup_steps = 7\n\n[per_steps.1]\nlr = 1e-4\n'
+        'conditioning_timestep = 399\n'
+    )
     four, one = resolve_config(str(recipe), {}), resolve_config(str(recipe), {"steps": 1})
     assert (four.lr, four.conditioning_timestep) == (5e-5, None)
     assert (one.lr, one.conditioning_timestep, one.warmup_steps) == (1e-4, 399, 7)  # the rest: the recipe's
@@ -177,21 +263,36 @@ def test_a_recipe_can_hold_values_for_one_step_count(tmp_path):
     assert result.exit_code == 2 and "tables named by a step count" in result.stderr, result.stderr
 
 
-@pytest.mark.parametrize("layout,args,recipe", [("sdxl", ["--steps", "4"], "sdxl-4step"),
-                                                ("sdxl", ["--steps", "2", "--lora-rank", "8"], "sdxl-4step-lora"),
-                                                ("sdxl", [], "sdxl-1step"),
-                                                ("sd", ["--steps", "4"], None)])
+@pytest.mark.parametrize(
+    "layout,args,recipe",
+    [
+        ("sdxl", ["--steps", "4"], "sdxl-4step"),
+        ("sdxl", ["--steps", "2", "--lora-rank", "8"], "sdxl-4step-lora"),
+        ("sdxl", [], "sdxl-1step"),
+        ("sd", ["--steps", "4"], None),
+    ],
+)
 def test_a_teacher_without_a_recipe_gets_its_layouts_reference_values(request, prompts_file, layout, args, recipe):
     teacher = str(request.getfixturevalue(f"tiny_{layout}"))
-    result = runner.invoke(app, ["distill", "--teacher", teacher, "--prompts", str(prompts_file), "--dry-run", "--json", *args])
+    result = runner.invoke(
+        app, ["distill", "--teacher", teacher, "--prompts", str(prompts_file), "--dry-run", "--json", *args]
+    )
     assert result.exit_code == 0, result.stderr
     config = json.loads(result.stdout)["config"]
-    given = {"teacher": teacher, "prompts": str(prompts_file), "steps": int(args[1]) if args else None,
-             "lora_rank": int(args[3]) if len(args) > 2 else None}
+    given = {
+        "teacher": teacher,
+        "prompts": str(prompts_file),
+        "steps": int(args[1]) if args else None,
+        "lora_rank": int(args[3]) if len(args) > 2 else None,
+    }
     expected = resolve_config(recipe, {k: v for k, v in given.items() if v is not None}).to_dict()
     assert config == expected
     if recipe:  # SDXL: CFG 8, TTUR 5, GAN 5e-3 (not SD1.5's 1.75, 10, 1e-3), and the run says which recipe
-        assert (config["guidance_scale"], config["fake_updates_per_gen"], config["gan_generator_weight"]) == (8.0, 5, 5e-3)
+        assert (config["guidance_scale"], config["fake_updates_per_gen"], config["gan_generator_weight"]) == (
+            8.0,
+            5,
+            5e-3,
+        )
         assert f"recipe {recipe}: the reference's values for an SDXL teacher" in result.stderr
     else:
         assert config["guidance_scale"] == 1.75 and "recipe" not in result.stderr
@@ -202,8 +303,10 @@ def test_lr_schedules_warm_up_then_hold_or_decay_to_zero():
     for shape in ("constant", "cosine", "linear"):
         ramp = [lr_factor(n, warmup, steps, shape) for n in range(warmup)]
         assert ramp == [0.25, 0.5, 0.75, 1.0], shape  # the first update already learns
-    after = {shape: [lr_factor(n, warmup, steps, shape) for n in range(warmup, steps)]
-             for shape in ("constant", "cosine", "linear")}
+    after = {
+        shape: [lr_factor(n, warmup, steps, shape) for n in range(warmup, steps)]
+        for shape in ("constant", "cosine", "linear")
+    }
     assert after["constant"] == [1.0] * (steps - warmup)
     for shape in ("cosine", "linear"):
         decay = after[shape]
@@ -224,15 +327,33 @@ def test_lr_schedules_warm_up_then_hold_or_decay_to_zero():
         (["--prompts", "p.txt"], "--prompts/--data without --teacher"),  # a forgotten --teacher, not the shapes teacher
         (["--teacher", "sdxl"], "no prompts"),
         (["--recipe", "no-such-recipe"], "unknown recipe"),
-        (["--teacher", "sdxl", "--prompts", "p.txt", "--lr-schedule", "step"], "--lr-schedule must be one of constant, cosine, linear"),
-        (["--teacher", "sd15", "--prompts", "p.txt", "--method", "progressive", "--init-from", "runs/a"], "drop --init-from"),
-        (["--teacher", "sd15", "--prompts", "p.txt", "--diffusion-gan-max-timestep", "0"], "--diffusion-gan-max-timestep must lie in 1 … 1000"),
-        (["--teacher", "sd15", "--prompts", "p.txt", "--diffusion-gan-max-timestep", "1001"], "--diffusion-gan-max-timestep must lie in 1 … 1000"),
+        (
+            ["--teacher", "sdxl", "--prompts", "p.txt", "--lr-schedule", "step"],
+            "--lr-schedule must be one of constant, cosine, linear",
+        ),
+        (
+            ["--teacher", "sd15", "--prompts", "p.txt", "--method", "progressive", "--init-from", "runs/a"],
+            "drop --init-from",
+        ),
+        (
+            ["--teacher", "sd15", "--prompts", "p.txt", "--diffusion-gan-max-timestep", "0"],
+            "--diffusion-gan-max-timestep must lie in 1 … 1000",
+        ),
+        (
+            ["--teacher", "sd15", "--prompts", "p.txt", "--diffusion-gan-max-timestep", "1001"],
+            "--diffusion-gan-max-timestep must lie in 1 … 1000",
+        ),
         (["--teacher", "sd15", "--prompts", "p.txt", "--warmup-steps", "-1"], "--warmup-steps must be ≥ 0"),
-        (["--teacher", "sd15", "--prompts", "p.txt", "--lr-schedule", "cosine", "--iterations", "500"], "--lr-schedule cosine decays after the warm-up"),
+        (
+            ["--teacher", "sd15", "--prompts", "p.txt", "--lr-schedule", "cosine", "--iterations", "500"],
+            "--lr-schedule cosine decays after the warm-up",
+        ),
         (["--teacher", "sd15", "--prompts", "p.txt", "--seed", "-1"], "--seed must lie in 0 … 2147483647"),
         (["--teacher", "sd15", "--prompts", "p.txt", "--seed", str(2**32)], "--seed must lie in 0 … 2147483647"),
-        (["--teacher", "sd15", "--prompts", "p.txt", "--lora-rank", "4", "--lora-alpha", "0"], "--lora-alpha must be positive"),
+        (
+            ["--teacher", "sd15", "--prompts", "p.txt", "--lora-rank", "4", "--lora-alpha", "0"],
+            "--lora-alpha must be positive",
+        ),
     ],
 )
 def test_usage_errors_are_one_line_with_exit_code_2(args, message):
@@ -249,10 +370,15 @@ def test_a_mistyped_teacher_folder_is_not_looked_up_on_the_hub(tmp_path, monkeyp
     assert result.exit_code == 2 and "teacher not found: teachers/typo" in result.stderr, result.stderr
 
 
-@pytest.mark.parametrize("line,message", [('iterations = "five"', "iterations = 'five' is not a whole number"),
-                                          ('steps = 4.5', "steps = 4.5 is not a whole number"),
-                                          ('lr = "1e-4"', "lr = '1e-4' is not a number"),
-                                          ('shared_base = 1', "shared_base = 1 is not true or false")])
+@pytest.mark.parametrize(
+    "line,message",
+    [
+        ('iterations = "five"', "iterations = 'five' is not a whole number"),
+        ('steps = 4.5', "steps = 4.5 is not a whole number"),
+        ('lr = "1e-4"', "lr = '1e-4' is not a number"),
+        ('shared_base = 1', "shared_base = 1 is not true or false"),
+    ],
+)
 def test_a_recipe_value_of_the_wrong_type_is_one_line(tmp_path, line, message):
     recipe = tmp_path / "r.toml"
     recipe.write_text(f'teacher = "sdxl"\nprompts = "p.txt"\n{line}\n')
@@ -276,21 +402,37 @@ def test_out_must_be_a_run_or_a_new_folder(tmp_path, tiny_sd, prompts_file):
     data.mkdir()
     (data / "0.txt").write_text("a caption")
     result = runner.invoke(app, [*args, "--out", str(data), "--overwrite"])
-    assert result.exit_code == 2 and "not a dmd run" in result.stderr and sorted(p.name for p in data.iterdir()) == ["0.txt"]
+    assert (
+        result.exit_code == 2
+        and "not a dmd run" in result.stderr
+        and sorted(p.name for p in data.iterdir()) == ["0.txt"]
+    )
 
     # --overwrite replaces a run with everything made from its student (exports, evaluations) and
     # by the run (a progressive run's rounds).
     run = tmp_path / "run"
     assert runner.invoke(app, [*args, "--out", str(run)]).exit_code == 0
-    for old in (run / "export" / "unet.safetensors", run / "eval-shapes-2000.json", run / "eval-shapes-2000" / "0.png",
-                run / "eval-shapes-2000-grid.png", run / "rounds" / "round-1-2step.safetensors"):
+    for old in (
+        run / "export" / "unet.safetensors",
+        run / "eval-shapes-2000.json",
+        run / "eval-shapes-2000" / "0.png",
+        run / "eval-shapes-2000-grid.png",
+        run / "rounds" / "round-1-2step.safetensors",
+    ):
         old.parent.mkdir(parents=True, exist_ok=True)
         old.write_text("from the old student")
     (run / "notes.md").write_text("mine")
     (run / "eval-notes.txt").write_text("mine too")
     assert runner.invoke(app, [*args, "--out", str(run), "--overwrite"]).exit_code == 0
-    assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "config.toml", "eval-notes.txt", "metrics.jsonl", "notes.md",
-                                                     "samples", "student.safetensors"]
+    assert sorted(p.name for p in run.iterdir()) == [
+        "checkpoints",
+        "config.toml",
+        "eval-notes.txt",
+        "metrics.jsonl",
+        "notes.md",
+        "samples",
+        "student.safetensors",
+    ]
 
 
 def test_a_run_made_with_relative_paths_works_from_anywhere(tmp_path, tiny_sd, prompts_file, monkeypatch):
@@ -317,10 +459,23 @@ def test_a_run_made_with_relative_paths_works_from_anywhere(tmp_path, tiny_sd, p
 
 def test_a_failed_start_leaves_no_run_folder_and_a_run_is_not_overwritten(tmp_path, tiny_sd, prompts_file):
     out = tmp_path / "run"
-    result = runner.invoke(app, ["distill", "--teacher", str(tiny_sd), "--prompts", str(tmp_path / "missing.txt"), "--out", str(out)])
+    result = runner.invoke(
+        app, ["distill", "--teacher", str(tiny_sd), "--prompts", str(tmp_path / "missing.txt"), "--out", str(out)]
+    )
     assert result.exit_code == 2 and "prompts file not found" in result.stderr
     assert not out.exists()
-    args = ["distill", *FAST, "--iterations", "1", "--teacher", str(tiny_sd), "--prompts", str(prompts_file), "--out", str(out)]
+    args = [
+        "distill",
+        *FAST,
+        "--iterations",
+        "1",
+        "--teacher",
+        str(tiny_sd),
+        "--prompts",
+        str(prompts_file),
+        "--out",
+        str(out),
+    ]
     assert runner.invoke(app, args).exit_code == 0
     student = (out / "student.safetensors").read_bytes()
     again = runner.invoke(app, args)
@@ -333,7 +488,9 @@ def test_v_prediction_teacher_distills(tmp_path, prompts_file):
 
     teacher = tiny_pipeline_cached("sd", "v_prediction")
     out = tmp_path / "run"
-    result = runner.invoke(app, ["distill", *FAST, "--teacher", str(teacher), "--prompts", str(prompts_file), "--out", str(out), "--json"])
+    result = runner.invoke(
+        app, ["distill", *FAST, "--teacher", str(teacher), "--prompts", str(prompts_file), "--out", str(out), "--json"]
+    )
     assert result.exit_code == 0, result.stderr
     assert read_student_info(out / "student.safetensors")["prediction_type"] == "v_prediction"
     assert all(torch.isfinite(torch.tensor(v)) for v in json.loads(result.stdout)["losses"].values())
@@ -361,7 +518,9 @@ def test_teacher_detection(tiny_sd, tiny_sdxl, tmp_path):
     not_pipeline.mkdir()
     result = runner.invoke(app, ["distill", "--teacher", str(not_pipeline), "--prompts", "p.txt"])
     assert result.exit_code == 2 and "not a diffusers pipeline folder" in result.stderr
-    (not_pipeline / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline", "transformer": ["diffusers", "FluxTransformer2DModel"]}))
+    (not_pipeline / "model_index.json").write_text(
+        json.dumps({"_class_name": "FluxPipeline", "transformer": ["diffusers", "FluxTransformer2DModel"]})
+    )
     result = runner.invoke(app, ["distill", "--teacher", str(not_pipeline), "--prompts", "p.txt"])
     assert result.exit_code == 1 and "unsupported pipeline FluxPipeline" in result.stderr
     # A pipeline missing a config file, or with one that is not JSON: one line, not a default schedule.
@@ -379,12 +538,18 @@ def test_teacher_detection(tiny_sd, tiny_sdxl, tmp_path):
 
     EDMDPMSolverMultistepScheduler().save_pretrained(damaged / "scheduler")
     result = runner.invoke(app, ["distill", "--teacher", str(damaged), "--prompts", "p.txt", "--dry-run"])
-    assert result.exit_code == 1 and "unsupported scheduler EDMDPMSolverMultistepScheduler" in result.stderr, result.stderr
+    assert result.exit_code == 1 and "unsupported scheduler EDMDPMSolverMultistepScheduler" in result.stderr, (
+        result.stderr
+    )
     shutil.copy(tiny_sd / "scheduler" / "scheduler_config.json", damaged / "scheduler")
     vae = json.loads((damaged / "vae" / "config.json").read_text())
-    (damaged / "vae" / "config.json").write_text(json.dumps({**vae, "latents_mean": [0.0] * 4, "latents_std": [1.0] * 4}))
+    (damaged / "vae" / "config.json").write_text(
+        json.dumps({**vae, "latents_mean": [0.0] * 4, "latents_std": [1.0] * 4})
+    )
     result = runner.invoke(app, ["distill", "--teacher", str(damaged), "--prompts", "p.txt", "--dry-run"])
-    assert result.exit_code == 1 and "its latents are normalized (latents_mean, latents_std)" in result.stderr, result.stderr
+    assert result.exit_code == 1 and "its latents are normalized (latents_mean, latents_std)" in result.stderr, (
+        result.stderr
+    )
 
 
 def test_lora_weights_that_do_not_fit_name_their_keys(tiny_sd):
@@ -397,7 +562,9 @@ def test_lora_weights_that_do_not_fit_name_their_keys(tiny_sd):
     state = lora_state_dict(unet)
     load_lora_state_dict(unet, state)  # its own weights fit
     dropped = sorted(state)[0]
-    with pytest.raises(ValueError, match="missing keys: " + dropped.split(".lora_")[0]):  # named with the adapter's name
+    with pytest.raises(
+        ValueError, match="missing keys: " + dropped.split(".lora_")[0]
+    ):  # named with the adapter's name
         load_lora_state_dict(unet, {k: v for k, v in state.items() if k != dropped})
     with pytest.raises(ValueError, match="unexpected keys: extra.lora_A"):
         load_lora_state_dict(unet, {**state, "extra.lora_A.weight": torch.zeros(1)})
@@ -405,16 +572,27 @@ def test_lora_weights_that_do_not_fit_name_their_keys(tiny_sd):
     # (a gaussian A of std 1/rank, peft's other choice, spreads past that bound).
     linears = [m for m in unet.modules() if hasattr(m, "lora_A") and isinstance(m.base_layer, torch.nn.Linear)]
     assert linears and all(not m.lora_B[GENERATOR_ADAPTER].weight.any() for m in linears)
-    assert all(m.lora_A[GENERATOR_ADAPTER].weight.abs().max() <= m.in_features ** -0.5 for m in linears)
+    assert all(m.lora_A[GENERATOR_ADAPTER].weight.abs().max() <= m.in_features**-0.5 for m in linears)
 
 
 @pytest.mark.parametrize("shared", [True, False])
 def test_lora_layouts(tmp_path, tiny_sdxl, prompts_file, image_folder, shared):
-    config = resolve_config("tiny", {
-        "teacher": str(tiny_sdxl), "prompts": str(prompts_file), "data": str(image_folder), "iterations": 2,
-        "fake_updates_per_gen": 1, "batch_size": 2, "out": str(tmp_path / "run"), "lora_rank": 4, "fake_lora_rank": 2,
-        "shared_base": shared, "teacher_grid_steps": 0,
-    })
+    config = resolve_config(
+        "tiny",
+        {
+            "teacher": str(tiny_sdxl),
+            "prompts": str(prompts_file),
+            "data": str(image_folder),
+            "iterations": 2,
+            "fake_updates_per_gen": 1,
+            "batch_size": 2,
+            "out": str(tmp_path / "run"),
+            "lora_rank": 4,
+            "fake_lora_rank": 2,
+            "shared_base": shared,
+            "teacher_grid_steps": 0,
+        },
+    )
     run = Distillation(config, SilentUI())
     teacher_ids = {id(p) for p in run.teacher.unet.parameters()}
     frozen = lambda m: [p for p in m.parameters() if not p.requires_grad]  # noqa: E731
@@ -428,10 +606,16 @@ def test_lora_layouts(tmp_path, tiny_sdxl, prompts_file, image_folder, shared):
         assert not any(id(p) in teacher_ids for p in run.nets.fake_unet.parameters())
         assert len(trainable(run.nets.fake_unet)) == len(list(run.teacher.unet.parameters()))
     teacher_before = {k: v.clone() for k, v in run.teacher.unet.state_dict().items()}
-    lora_before = {id(p): p.detach().clone() for p in trainable(run.nets.generator_unet) + trainable(run.nets.fake_unet)}
+    lora_before = {
+        id(p): p.detach().clone() for p in trainable(run.nets.generator_unet) + trainable(run.nets.fake_unet)
+    }
     run.run()
     assert all(torch.equal(v, run.teacher.unet.state_dict()[k]) for k, v in teacher_before.items())
-    moved = [p for p in trainable(run.nets.generator_unet) + trainable(run.nets.fake_unet) if not torch.equal(p, lora_before[id(p)])]
+    moved = [
+        p
+        for p in trainable(run.nets.generator_unet) + trainable(run.nets.fake_unet)
+        if not torch.equal(p, lora_before[id(p)])
+    ]
     assert len(moved) > 0.5 * len(lora_before)
     # The teacher's forward is that of a fresh copy from disk: no adapter leaks into it.
     from diffusers import UNet2DConditionModel
@@ -446,15 +630,30 @@ def test_lora_layouts(tmp_path, tiny_sdxl, prompts_file, image_folder, shared):
 
 @pytest.mark.parametrize("shared", [True, False])
 @pytest.mark.usefixtures("fresh_accelerator_state")
-def test_bf16_keeps_frozen_weights_in_bf16_and_trained_weights_in_fp32(tmp_path, tiny_sd, prompts_file, image_folder, shared):
+def test_bf16_keeps_frozen_weights_in_bf16_and_trained_weights_in_fp32(
+    tmp_path, tiny_sd, prompts_file, image_folder, shared
+):
     """--mixed-precision bf16 on the CPU runs the layout a GPU run uses: the frozen teacher (and a
     shared LoRA base) in bf16 under autocast, every trained weight, its AdamW state and the saved
     student in fp32, the VAE in fp32."""
-    config = resolve_config("tiny", {
-        "teacher": str(tiny_sd), "prompts": str(prompts_file), "data": str(image_folder), "iterations": 2,
-        "fake_updates_per_gen": 1, "batch_size": 2, "out": str(tmp_path / "run"), "steps": 2, "lora_rank": 4,
-        "shared_base": shared, "mixed_precision": "bf16", "teacher_grid_steps": 0, "sample_every": 0,
-    })
+    config = resolve_config(
+        "tiny",
+        {
+            "teacher": str(tiny_sd),
+            "prompts": str(prompts_file),
+            "data": str(image_folder),
+            "iterations": 2,
+            "fake_updates_per_gen": 1,
+            "batch_size": 2,
+            "out": str(tmp_path / "run"),
+            "steps": 2,
+            "lora_rank": 4,
+            "shared_base": shared,
+            "mixed_precision": "bf16",
+            "teacher_grid_steps": 0,
+            "sample_every": 0,
+        },
+    )
     run = Distillation(config, SilentUI())
     assert run.accelerator.mixed_precision == "bf16"
     assert {p.dtype for p in run.teacher.unet.parameters()} == {torch.bfloat16}
@@ -480,6 +679,8 @@ def test_bf16_keeps_frozen_weights_in_bf16_and_trained_weights_in_fp32(tmp_path,
 def test_a_second_stage_recipe_without_init_from_says_it_starts_from_the_teacher(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the dry run estimates from the bundled SD1.5 configs
     alone = runner.invoke(app, ["distill", "--recipe", "sd15-1step", "--prompts", "p.txt", "--dry-run"])
-    assert alone.exit_code == 0 and "second stage of sd15-1step-stage1; without --init-from" in alone.stderr, alone.stderr
+    assert alone.exit_code == 0 and "second stage of sd15-1step-stage1; without --init-from" in alone.stderr, (
+        alone.stderr
+    )
     first = runner.invoke(app, ["distill", "--recipe", "sd15-1step-stage1", "--prompts", "p.txt", "--dry-run"])
     assert first.exit_code == 0 and "second stage" not in first.stderr

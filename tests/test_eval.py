@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision.transforms.functional as TF
+from extractors import TinyFeatures, save_tiny_extractor
 from PIL import Image, ImageDraw
 from rich.console import Console
 
@@ -37,11 +38,11 @@ from dmdcli.eval.preprocess import (
     to_uint8_rgb,
 )
 from dmdcli.eval.protocol import select_coco
-from extractors import TinyFeatures, save_tiny_extractor
 
 # torch.jit (the test extractor) and SciPy (inside clean-fid's own compute_fid) warn about deprecations
-pytestmark = pytest.mark.filterwarnings("ignore:.*torch.jit.*:FutureWarning",
-                                        "ignore:The `disp` argument:DeprecationWarning")
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:.*torch.jit.*:FutureWarning", "ignore:The `disp` argument:DeprecationWarning"
+)
 
 N_IMAGES = 16
 SIZE = (48, 40)  # (width, height): non-square, so the long-edge crop matters
@@ -58,8 +59,9 @@ def disc_image(rng: np.random.Generator, size=SIZE) -> Image.Image:
     """A random-coloured ellipse at a random place on a random flat background."""
     image = Image.new("RGB", size, tuple(int(v) for v in rng.integers(0, 256, 3)))
     x, y = (int(v) for v in rng.integers(0, min(size) // 2, 2))
-    ImageDraw.Draw(image).ellipse([x, y, x + size[0] // 2, y + size[1] // 2],
-                                  fill=tuple(int(v) for v in rng.integers(0, 256, 3)))
+    ImageDraw.Draw(image).ellipse(
+        [x, y, x + size[0] // 2, y + size[1] // 2], fill=tuple(int(v) for v in rng.integers(0, 256, 3))
+    )
     return image
 
 
@@ -100,8 +102,9 @@ COCO_IDS = [391, 42, 7, 1000, 555, 13, 2718, 88, 3141, 64, 999, 5]
 def coco_annotations() -> dict:
     """Fake captions_val2014.json: 12 captioned images (1 to 4 captions each, annotation ids in a
     scrambled order), one image whose only caption is blank, one with no caption at all."""
-    images = [{"id": i, "file_name": f"COCO_val2014_{i:012d}.jpg", "width": 40, "height": 30}
-              for i in COCO_IDS + [77, 4242]]
+    images = [
+        {"id": i, "file_name": f"COCO_val2014_{i:012d}.jpg", "width": 40, "height": 30} for i in COCO_IDS + [77, 4242]
+    ]
     annotations = []
     for k, image_id in enumerate(COCO_IDS):
         for j in range(k % 4 + 1):
@@ -224,7 +227,9 @@ def test_protocol_resize_crops_the_long_edge_and_uses_lanczos():
     assert np.array_equal(tall, image.transpose(1, 0, 2)[10:50])
 
 
-@pytest.mark.parametrize("width,height,size", [(43, 40, 40), (45, 40, 40), (40, 47, 40), (400, 350, 299), (401, 351, 299)])
+@pytest.mark.parametrize(
+    "width,height,size", [(43, 40, 40), (45, 40, 40), (40, 47, 40), (400, 350, 299), (401, 351, 299)]
+)
 def test_center_crop_rounds_like_torchvision(width, height, size):
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8))
     left, top, right, bottom = center_crop_box(width, height, size)
@@ -246,8 +251,14 @@ def test_patch_crop_full_resolution_center_and_small_images():
 def test_to_uint8_rgb_accepts_pil_arrays_tensors_paths(tmp_path):
     hwc = np.random.default_rng(0).integers(0, 256, (5, 7, 3), dtype=np.uint8)
     Image.fromarray(hwc).save(tmp_path / "a.png")
-    for item in (hwc, Image.fromarray(hwc), torch.from_numpy(hwc), torch.from_numpy(hwc).permute(2, 0, 1),
-                 tmp_path / "a.png", str(tmp_path / "a.png")):
+    for item in (
+        hwc,
+        Image.fromarray(hwc),
+        torch.from_numpy(hwc),
+        torch.from_numpy(hwc).permute(2, 0, 1),
+        tmp_path / "a.png",
+        str(tmp_path / "a.png"),
+    ):
         assert np.array_equal(to_uint8_rgb(item), hwc)
     gray = to_uint8_rgb(hwc[..., 0])
     assert gray.shape == (5, 7, 3) and np.array_equal(gray[..., 2], hwc[..., 0])
@@ -349,8 +360,14 @@ def test_fid_matches_clean_fid_with_the_reference_transform(features_file, folde
     other = make_folder(tmp_path / "other", seed=5)
     reference = load_reference_set(str(folder), resolution=24)
     extractor = load_extractor(features=features_file)
-    ours = score(sorted(other.glob("*.png")), reference.prompts, reference, extractor, patch_fid=False,
-                 cache=StatsCache(tmp_path / "cache"))["metrics"]["fid"]
+    ours = score(
+        sorted(other.glob("*.png")),
+        reference.prompts,
+        reference,
+        extractor,
+        patch_fid=False,
+        cache=StatsCache(tmp_path / "cache"),
+    )["metrics"]["fid"]
 
     def reference_transform(image_np):
         image = Image.fromarray(image_np)
@@ -358,9 +375,17 @@ def test_fid_matches_clean_fid_with_the_reference_transform(features_file, folde
         return np.array(image.resize((24, 24), Image.LANCZOS))
 
     model = TinyFeatures()
-    theirs = cleanfid.compute_fid(str(other), str(folder), mode="clean", num_workers=0, batch_size=5,
-                                  device=torch.device("cpu"), custom_feat_extractor=lambda x: model(x),
-                                  custom_image_tranform=reference_transform, verbose=False)
+    theirs = cleanfid.compute_fid(
+        str(other),
+        str(folder),
+        mode="clean",
+        num_workers=0,
+        batch_size=5,
+        device=torch.device("cpu"),
+        custom_feat_extractor=lambda x: model(x),
+        custom_image_tranform=reference_transform,
+        verbose=False,
+    )
     assert ours > 1e-4  # not trivially zero
     assert ours == pytest.approx(theirs, rel=1e-6)
 
@@ -449,10 +474,29 @@ def test_report_json_round_trip_and_determinism(features_file, folder, tmp_path)
     extractor = load_extractor(features=features_file)
     cache = StatsCache(tmp_path / "cache")
     images = list(noise_images(12))
-    report = score(images, reference.prompts, reference, extractor, cache=cache, model="runs/a", seed=7,
-                   seconds_per_image=0.25, nfe_per_image=4, generation={"steps": 4})
-    again = score(images, reference.prompts, reference, extractor, cache=StatsCache(tmp_path / "other"),
-                  model="runs/a", seed=7, seconds_per_image=0.25, nfe_per_image=4)
+    report = score(
+        images,
+        reference.prompts,
+        reference,
+        extractor,
+        cache=cache,
+        model="runs/a",
+        seed=7,
+        seconds_per_image=0.25,
+        nfe_per_image=4,
+        generation={"steps": 4},
+    )
+    again = score(
+        images,
+        reference.prompts,
+        reference,
+        extractor,
+        cache=StatsCache(tmp_path / "other"),
+        model="runs/a",
+        seed=7,
+        seconds_per_image=0.25,
+        nfe_per_image=4,
+    )
     assert again["metrics"] == report["metrics"]  # same images and seed: the same numbers
 
     report["metrics"]["clip_score"] = float("nan")  # written as null
@@ -465,8 +509,15 @@ def test_report_json_round_trip_and_determinism(features_file, folder, tmp_path)
     assert loaded["protocol"]["num_samples"] == 12 and loaded["protocol"]["set_size"] == N_IMAGES
     assert loaded["extractor"] == extractor.identity and loaded["generation"] == {"steps": 4}
     assert loaded["image_size"] == [40, 48] and loaded["patch_fid_upsampled"] == 12
-    assert set(loaded["metrics"]) == {"fid", "kid", "patch_fid", "clip_score", "clip_score_100",
-                                      "seconds_per_image", "nfe_per_image"}
+    assert set(loaded["metrics"]) == {
+        "fid",
+        "kid",
+        "patch_fid",
+        "clip_score",
+        "clip_score_100",
+        "seconds_per_image",
+        "nfe_per_image",
+    }
     assert loaded["metrics"]["fid"] == report["metrics"]["fid"] and loaded["metrics"]["nfe_per_image"] == 4
     (tmp_path / "other.json").write_text('{"a": 1}')
     with pytest.raises(DmdError, match="not a dmd eval report"):
@@ -478,10 +529,30 @@ def test_report_json_round_trip_and_determinism(features_file, folder, tmp_path)
 def test_render_table_side_by_side():
     base = {"format": "dmd-eval/1", "num_samples": 30000, "protocol": {"name": "coco30k", "resolution": 256}}
     reports = [
-        {**base, "model": "teacher", "metrics": {"fid": 12.345, "kid": 0.00321, "patch_fid": None,
-                                                   "clip_score": 0.3212, "seconds_per_image": 2.5, "nfe_per_image": 50}},
-        {**base, "model": "student", "metrics": {"fid": 9.87, "kid": 0.0011, "patch_fid": 14.2,
-                                                   "clip_score": None, "seconds_per_image": 0.061, "nfe_per_image": 1}},
+        {
+            **base,
+            "model": "teacher",
+            "metrics": {
+                "fid": 12.345,
+                "kid": 0.00321,
+                "patch_fid": None,
+                "clip_score": 0.3212,
+                "seconds_per_image": 2.5,
+                "nfe_per_image": 50,
+            },
+        },
+        {
+            **base,
+            "model": "student",
+            "metrics": {
+                "fid": 9.87,
+                "kid": 0.0011,
+                "patch_fid": 14.2,
+                "clip_score": None,
+                "seconds_per_image": 0.061,
+                "nfe_per_image": 1,
+            },
+        },
     ]
     console = Console(record=True, width=200)
     console.print(render_table(reports))
@@ -505,16 +576,26 @@ def tiny_clip(tmp_path_factory):
     from dmdcli.models.tiny import make_tiny_tokenizer
 
     tokenizer = make_tiny_tokenizer()
-    text = dict(vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                num_attention_heads=2, max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
-                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                  image_size=32, patch_size=8)
+    text = dict(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        max_position_embeddings=77,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    vision = dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32, patch_size=8
+    )
     torch.manual_seed(0)
     model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16))
-    processor = CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32},
-                                                                 crop_size={"height": 32, "width": 32}),
-                              tokenizer=tokenizer)
+    processor = CLIPProcessor(
+        image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+        tokenizer=tokenizer,
+    )
     path = tmp_path_factory.mktemp("clip") / "tiny-clip"
     model.save_pretrained(path)
     processor.save_pretrained(path)
@@ -531,8 +612,9 @@ def test_clip_score_prefix_preprocessing_and_report(tiny_clip, features_file, fo
     # by hand: 256² center crop + LANCZOS, the processor, "A photo depicts " + prompt, cosine
     for i in (0, 3):
         square = TF.center_crop(images[i].convert("RGB"), min(images[i].size)).resize((256, 256), Image.LANCZOS)
-        inputs = scorer.processor(text=["A photo depicts " + prompts[i]], images=[square], return_tensors="pt",
-                                  padding=True)
+        inputs = scorer.processor(
+            text=["A photo depicts " + prompts[i]], images=[square], return_tensors="pt", padding=True
+        )
         with torch.no_grad():
             out = scorer.model(**inputs)
         assert cosines[i] == pytest.approx(float((out.image_embeds * out.text_embeds).sum()), abs=1e-5)
@@ -541,8 +623,15 @@ def test_clip_score_prefix_preprocessing_and_report(tiny_clip, features_file, fo
     scorer.prefix = "A photo depicts "
 
     reference = load_reference_set(str(folder), resolution=32, num_samples=5)
-    report = score(images, prompts, reference, load_extractor(features=features_file), clip=scorer,
-                   cache=StatsCache(tmp_path / "cache"), patch_fid=False)
+    report = score(
+        images,
+        prompts,
+        reference,
+        load_extractor(features=features_file),
+        clip=scorer,
+        cache=StatsCache(tmp_path / "cache"),
+        patch_fid=False,
+    )
     assert report["metrics"]["clip_score"] == pytest.approx(float(cosines.mean()))
     assert report["clip_model"] == str(tiny_clip) and report["protocol"]["clip"]["prefix"] == "A photo depicts "
     with pytest.raises(UsageError, match="CLIP model not found"):

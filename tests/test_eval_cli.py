@@ -7,7 +7,9 @@ import shutil
 
 import numpy as np
 import pytest
+from extractors import save_tiny_extractor
 from PIL import Image, ImageDraw
+from students import make_student
 from typer.testing import CliRunner
 
 from dmdcli.cli import app
@@ -16,13 +18,14 @@ from dmdcli.eval import run as eval_run
 from dmdcli.eval.features import FeatureExtractor
 from dmdcli.eval.protocol import select_coco
 from dmdcli.sample import slug
-from extractors import save_tiny_extractor
-from students import make_student
 
 runner = CliRunner()
-pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore:__array__ implementation:DeprecationWarning",
-                                        "ignore:The `disp` argument:DeprecationWarning",
-                                        "ignore:Matrix is singular")  # FID of 3 images in 11 dimensions
+pytestmark = pytest.mark.filterwarnings(
+    "ignore::FutureWarning",
+    "ignore:__array__ implementation:DeprecationWarning",
+    "ignore:The `disp` argument:DeprecationWarning",
+    "ignore:Matrix is singular",
+)  # FID of 3 images in 11 dimensions
 COLORS = ["red", "blue", "green"]
 N = 8
 WIDE = {"COLUMNS": "250"}  # rich tables fit long model paths on one line
@@ -113,11 +116,15 @@ def test_run_folder_report_grid_cache_reuse_and_same_numbers(run, refs, features
     files = sorted(images.iterdir())
     assert [f.name for f in files] == [f"{i:06d}-a-{COLORS[i % 3]}-circle.png" for i in range(N)]
     assert [(png_text(f)["prompt"], png_text(f)["seed"]) for f in files] == [
-        (f"a {COLORS[i % 3]} circle", str(i)) for i in range(N)]  # image i: prompt i, seed 0 + i
+        (f"a {COLORS[i % 3]} circle", str(i)) for i in range(N)
+    ]  # image i: prompt i, seed 0 + i
     grid = Image.open(run / f"eval-folder-refs-{N}-grid.png")
     assert grid.size == (4 * 32, 2 * 32)
-    assert first["files"] == {"report": str(report_path), "grid": str(run / f"eval-folder-refs-{N}-grid.png"),
-                              "images": str(images)}
+    assert first["files"] == {
+        "report": str(report_path),
+        "grid": str(run / f"eval-folder-refs-{N}-grid.png"),
+        "images": str(images),
+    }
 
     # An existing report is never replaced silently, and nothing is loaded to find that out.
     before = report_path.read_bytes()
@@ -147,8 +154,26 @@ def test_run_folder_report_grid_cache_reuse_and_same_numbers(run, refs, features
 
 def test_two_models_two_reports_and_a_table(student, tiny_sd, refs, features, tmp_path):
     out = tmp_path / "out"
-    result = invoke("--model", student, "--model", tiny_sd, "--fid", refs, "--num-samples", "4", "--steps", "2",
-                    "--features", features, "--cache-dir", tmp_path / "cache", "--out", out, "--json", env=WIDE)
+    result = invoke(
+        "--model",
+        student,
+        "--model",
+        tiny_sd,
+        "--fid",
+        refs,
+        "--num-samples",
+        "4",
+        "--steps",
+        "2",
+        "--features",
+        features,
+        "--cache-dir",
+        tmp_path / "cache",
+        "--out",
+        out,
+        "--json",
+        env=WIDE,
+    )
     student_report, teacher_report = [json.loads(line) for line in result.stdout.splitlines()]
     assert (student_report["model"], teacher_report["model"]) == (str(student), str(tiny_sd))
     for report in (student_report, teacher_report):
@@ -161,7 +186,7 @@ def test_two_models_two_reports_and_a_table(student, tiny_sd, refs, features, tm
     # computed once, before either model loaded (so neither report found them in the disk cache)
     assert student_report["reference_stats"] == teacher_report["reference_stats"]
     assert not teacher_report["reference_stats"]["fid"]["cached"]
-    table = result.stderr[result.stderr.index("dmd eval"):]
+    table = result.stderr[result.stderr.index("dmd eval") :]
     for report in (student_report, teacher_report):
         row = next(line for line in table.splitlines() if report["model"] in line)
         assert "folder@256" in row and f"{report['metrics']['fid']:.2f}" in row
@@ -172,8 +197,11 @@ def test_fake_coco_layout_scores_a_prefix(student, features, tmp_path):
     ids = [391, 42, 7, 1000, 555, 13]
     annotations = {
         "images": [{"id": i, "file_name": f"COCO_val2014_{i:012d}.jpg"} for i in ids],
-        "annotations": [{"id": 10 * k + j, "image_id": i, "caption": f"a {COLORS[(k + j) % 3]} disc {j}"}
-                        for k, i in enumerate(ids) for j in range(k % 3 + 1)],
+        "annotations": [
+            {"id": 10 * k + j, "image_id": i, "caption": f"a {COLORS[(k + j) % 3]} disc {j}"}
+            for k, i in enumerate(ids)
+            for j in range(k % 3 + 1)
+        ],
     }
     root = tmp_path / "coco"
     (root / "annotations").mkdir(parents=True)
@@ -183,10 +211,31 @@ def test_fake_coco_layout_scores_a_prefix(student, features, tmp_path):
         disc(COLORS[k % 3], (48, 36)).save(root / "val2014" / image["file_name"])
 
     out = tmp_path / "out"
-    report = json.loads(invoke("--model", student, "--fid", "coco30k", "--coco-root", root, "--num-samples", "3",
-                               "--features", features, "--cache-dir", tmp_path / "cache", "--out", out, "--json").stdout)
+    report = json.loads(
+        invoke(
+            "--model",
+            student,
+            "--fid",
+            "coco30k",
+            "--coco-root",
+            root,
+            "--num-samples",
+            "3",
+            "--features",
+            features,
+            "--cache-dir",
+            tmp_path / "cache",
+            "--out",
+            out,
+            "--json",
+        ).stdout
+    )
     assert report["num_samples"] == 3 and json.loads((out / "eval-coco30k-3.json").read_text()) == report
-    assert (report["protocol"]["name"], report["protocol"]["set_size"], report["protocol"]["resolution"]) == ("coco30k", 30000, 256)
+    assert (report["protocol"]["name"], report["protocol"]["set_size"], report["protocol"]["resolution"]) == (
+        "coco30k",
+        30000,
+        256,
+    )
     prompts = [caption for _, caption in select_coco(annotations, 3, seed=0)]
     images = sorted((out / "eval-coco30k-3").iterdir())
     assert [png_text(p)["prompt"] for p in images] == prompts
@@ -205,7 +254,10 @@ def test_fake_coco_layout_scores_a_prefix(student, features, tmp_path):
         (["--fid", "{refs}", "--num-samples", "1"], "--num-samples must be at least 2"),
         (["--fid", "shapes", "--num-samples", "-5"], "--num-samples must be at least 2"),  # every set, not only folders
         (["--fid", "{empty}"], "no images with captions"),  # as much a usage error as a missing folder
-        (["--fid", "shapes", "--eval-resolution", "128"], "--eval-resolution, --features: for reference sets"),  # not ignored
+        (
+            ["--fid", "shapes", "--eval-resolution", "128"],
+            "--eval-resolution, --features: for reference sets",
+        ),  # not ignored
     ],
 )
 def test_bad_input_is_one_line_exit_2_and_nothing_written(run, refs, features, tmp_path, args, message):
@@ -261,9 +313,16 @@ def test_a_benchmark_that_is_not_inception_based_plugs_in(student, tmp_path, mon
         def score(self, generation, progress):
             calls.append(("score", [p.name for p in generation.paths]))
             red = float(np.mean([pixels(p)[..., 0].mean() for p in generation.paths]))
-            return {"format": "redness/1", "model": generation.model, "num_samples": len(generation.paths),
-                    "metrics": {"red": red, "seconds_per_image": generation.seconds_per_image,
-                                "nfe_per_image": generation.nfe_per_image}}
+            return {
+                "format": "redness/1",
+                "model": generation.model,
+                "num_samples": len(generation.paths),
+                "metrics": {
+                    "red": red,
+                    "seconds_per_image": generation.seconds_per_image,
+                    "nfe_per_image": generation.nfe_per_image,
+                },
+            }
 
     monkeypatch.setitem(eval_run.BENCHMARKS, "redness", Redness)
     report = json.loads(invoke("--model", student, "--fid", "redness", "--out", tmp_path, "--json").stdout)
@@ -283,8 +342,10 @@ def test_a_checkpoint_is_scored_into_its_run_folder(run, refs, features, tmp_pat
     checkpoint = run / "checkpoints" / "iter-000002"
     checkpoint.mkdir(parents=True)
     weights = load_file(run / rundir.STUDENT_FILE)
-    save_file({**{f"generator.{k}": v for k, v in weights.items()}, "fake_score.x": torch.zeros(3)},
-              checkpoint / "tensors.safetensors")
+    save_file(
+        {**{f"generator.{k}": v for k, v in weights.items()}, "fake_score.x": torch.zeros(3)},
+        checkpoint / "tensors.safetensors",
+    )
     info = {**rundir.read_student_info(run / rundir.STUDENT_FILE), "iterations": 2}
     (checkpoint / "state.json").write_text(json.dumps({"iteration": 2, "student": info}))
     args = ["--fid", refs, "--features", features, "--cache-dir", tmp_path / "cache", "--json"]
@@ -296,7 +357,10 @@ def test_a_checkpoint_is_scored_into_its_run_folder(run, refs, features, tmp_pat
     assert same(of_checkpoint["metrics"]) == same(of_student["metrics"])  # the same generator weights
     # Side by side, each report goes where it goes alone; the same model twice is refused.
     both = invoke("--model", run, "--model", checkpoint, *args, "--overwrite").stdout.splitlines()
-    assert [json.loads(line)["files"]["report"] for line in both] == [of_student["files"]["report"], of_checkpoint["files"]["report"]]
+    assert [json.loads(line)["files"]["report"] for line in both] == [
+        of_student["files"]["report"],
+        of_checkpoint["files"]["report"],
+    ]
     twice = invoke("--model", run, "--model", run / ".." / "run", *args, "--overwrite", code=2)
     assert "names a model given before" in twice.stderr
 
@@ -307,13 +371,17 @@ def test_another_eval_resolution_gets_its_own_report(refs):
     assert eval_run.open_benchmark(str(refs), eval_run.EvalOptions(eval_resolution=64)).label == "folder-refs-at64px"
 
 
-def test_reference_trouble_fails_before_generation_and_overwrite_drops_the_old_report(run, refs, features, tmp_path, monkeypatch):
+def test_reference_trouble_fails_before_generation_and_overwrite_drops_the_old_report(
+    run, refs, features, tmp_path, monkeypatch
+):
     bad = shutil.copytree(refs, tmp_path / "bad")
     disc("red").save(bad / "3.jpg")
     (bad / "3.jpg").write_bytes((bad / "3.jpg").read_bytes()[:-50])  # passes PIL's verify, fails to load
     (bad / "3.png").rename(bad / "3.png.off")
-    for args, code, message in (([bad], 1, f"error: cannot read image {bad / '3.jpg'}: image file is truncated"),
-                                ([refs, "--cache-dir", refs / "0.png"], 2, f"error: --cache-dir {refs / '0.png'} is a file")):
+    for args, code, message in (
+        ([bad], 1, f"error: cannot read image {bad / '3.jpg'}: image file is truncated"),
+        ([refs, "--cache-dir", refs / "0.png"], 2, f"error: --cache-dir {refs / '0.png'} is a file"),
+    ):
         result = invoke("--model", run, "--fid", *args, "--features", features, code=code)
         errors = [line for line in result.stderr.splitlines() if "error" in line]
         assert len(errors) == 1 and errors[0].startswith(message) and "Traceback" not in result.stderr, result.stderr

@@ -8,13 +8,13 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
+from students import ALPHA, RANK, make_student, unet_inputs
 from typer.testing import CliRunner
 
 from dmdcli.cli import app
 from dmdcli.export import TIMESTEP_SCALING, student_scheduler
 from dmdcli.models.student import find_model, load_student_unet
 from dmdcli.models.teacher import inspect_teacher
-from students import ALPHA, RANK, make_student, unet_inputs
 
 runner = CliRunner()
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore:__array__ implementation:DeprecationWarning")
@@ -52,7 +52,12 @@ def test_the_scheduler_gives_the_students_timesteps_and_pure_x0(tiny_sd, tiny_sd
         scheduler = student_scheduler(config, [999, 749, 499, 249])
         assert torch.equal(scheduler.alphas_cumprod, DDPMScheduler.from_config(config).alphas_cumprod)
 
-    for teacher, timesteps in [(tiny_sd, [999, 749, 499, 249]), (tiny_sd, [999, 499]), (tiny_sd, [999]), (tiny_sdxl, [399])]:
+    for teacher, timesteps in [
+        (tiny_sd, [999, 749, 499, 249]),
+        (tiny_sd, [999, 499]),
+        (tiny_sd, [999]),
+        (tiny_sdxl, [399]),
+    ]:
         config = inspect_teacher(str(teacher)).scheduler_config
         scheduler = student_scheduler(config, timesteps)
         assert scheduler.config.original_inference_steps == scheduler.config.num_train_timesteps
@@ -75,9 +80,13 @@ def test_diffusers_export_reproduces_dmd_sample(tmp_path, students, case):
     assert record["path"] == str(out) and record["format"] == "diffusers" and (out / "model_index.json").is_file()
     assert not list(tmp_path.glob(".*tmp*"))  # the scratch folder is gone
     assert all(not p.name.endswith((".bin", ".pt", ".pth", ".ckpt", ".pkl")) for p in out.rglob("*"))
-    snippet = result.stderr[result.stderr.index("import torch"):].strip()
+    snippet = result.stderr[result.stderr.index("import torch") :].strip()
     # One line of ours while it works: no bar stuck at "0/?", no transformers bar for the text encoders.
-    assert "exporting diffusers" in result.stderr and "0/?" not in result.stderr and "Writing model shards" not in result.stderr
+    assert (
+        "exporting diffusers" in result.stderr
+        and "0/?" not in result.stderr
+        and "Writing model shards" not in result.stderr
+    )
 
     invoke("sample", "--model", run, "--prompt", "a photo of a cat", "--seed", "0", "--out", tmp_path / "ours")
     ours = np.asarray(Image.open(next((tmp_path / "ours").glob("*.png"))).convert("RGB")).astype(int)
@@ -85,7 +94,9 @@ def test_diffusers_export_reproduces_dmd_sample(tmp_path, students, case):
     # Plain diffusers, as the README says, and as the printed snippet does.
     pipe = load_pipeline(out)
     assert type(pipe.scheduler).__name__ == "LCMScheduler"
-    image = pipe("a photo of a cat", num_inference_steps=steps, guidance_scale=0, generator=torch.Generator("cpu").manual_seed(0)).images[0]
+    image = pipe(
+        "a photo of a cat", num_inference_steps=steps, guidance_scale=0, generator=torch.Generator("cpu").manual_seed(0)
+    ).images[0]
     assert np.abs(np.asarray(image).astype(int) - ours).mean() <= 2.0
     assert pipe.scheduler.timesteps.tolist() == ([999, 749, 499, 249] if steps == 4 else [399])
     namespace = {}
@@ -102,17 +113,25 @@ def test_v_prediction_student_exports_to_the_same_image(tmp_path):
 
     run = make_student(tmp_path / "run", tiny_pipeline_cached("sd", "v_prediction"), "sd", "full", 2)
     invoke("export", "--model", run, "--format", "diffusers", "--out", tmp_path / "pipeline")
-    record = json.loads(invoke("sample", "--model", run, "--prompt", "a cat", "--seed", "9", "--out", tmp_path / "ours", "--json").stdout)
+    record = json.loads(
+        invoke(
+            "sample", "--model", run, "--prompt", "a cat", "--seed", "9", "--out", tmp_path / "ours", "--json"
+        ).stdout
+    )
     pipe = load_pipeline(tmp_path / "pipeline")
     assert pipe.scheduler.config.prediction_type == "v_prediction"
-    image = pipe("a cat", num_inference_steps=2, guidance_scale=0, generator=torch.Generator("cpu").manual_seed(9)).images[0]
+    image = pipe(
+        "a cat", num_inference_steps=2, guidance_scale=0, generator=torch.Generator("cpu").manual_seed(9)
+    ).images[0]
     ours = np.asarray(Image.open(record["path"]).convert("RGB")).astype(int)
     assert np.abs(np.asarray(image).astype(int) - ours).mean() <= 2.0
 
 
 @pytest.mark.parametrize("layout", ["sd", "sdxl"])
 @pytest.mark.parametrize("fmt", ["lora", "kohya"])
-def test_lora_files_load_into_the_teacher_and_reproduce_the_student(tmp_path, students, tiny_sd, tiny_sdxl, layout, fmt):
+def test_lora_files_load_into_the_teacher_and_reproduce_the_student(
+    tmp_path, students, tiny_sd, tiny_sdxl, layout, fmt
+):
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     run = students[(layout, "lora", 1 if layout == "sd" else 4)]
@@ -122,7 +141,10 @@ def test_lora_files_load_into_the_teacher_and_reproduce_the_student(tmp_path, st
     weights = load_file(out)
     n_modules = len(load_file(run / "student.safetensors")) // 2
     if fmt == "kohya":
-        assert all(k.startswith("lora_unet_") and k.endswith((".lora_down.weight", ".lora_up.weight", ".alpha")) for k in weights)
+        assert all(
+            k.startswith("lora_unet_") and k.endswith((".lora_down.weight", ".lora_up.weight", ".alpha"))
+            for k in weights
+        )
         alphas = [v for k, v in weights.items() if k.endswith(".alpha")]
         assert len(alphas) == n_modules and all(float(a) == ALPHA for a in alphas)
     else:
@@ -160,7 +182,7 @@ def test_unet_export_in_fp16_is_the_fused_student(tmp_path, students, tiny_sdxl)
         got = unet(x, t, **kwargs).sample
     assert (got - student).abs().max() < 2e-2  # fp16 weights
     namespace = {}
-    exec(result.stderr[result.stderr.index("import torch"):].strip(), namespace)  # noqa: S102 - the printed snippet runs
+    exec(result.stderr[result.stderr.index("import torch") :].strip(), namespace)  # noqa: S102 - the printed snippet runs
     assert namespace["pipe"].unet.dtype == torch.float16 and namespace["image"].size[0] > 0
     # The file is also a (full) student that dmd sample takes.
     sample = invoke("sample", "--model", out, "--prompt", "a cat", "--out", tmp_path / "images", "--json")
@@ -169,7 +191,9 @@ def test_unet_export_in_fp16_is_the_fused_student(tmp_path, students, tiny_sdxl)
 
 def test_export_errors_are_one_line(tmp_path, students):
     full = students[("sd", "full", 4)]
-    result = runner.invoke(app, ["export", "--model", str(full), "--format", "lora", "--out", str(tmp_path / "x.safetensors")])
+    result = runner.invoke(
+        app, ["export", "--model", str(full), "--format", "lora", "--out", str(tmp_path / "x.safetensors")]
+    )
     assert result.exit_code == 2 and "full fine-tune" in result.stderr and "Traceback" not in result.stderr
     result = runner.invoke(app, ["export", "--model", str(full), "--format", "ckpt"])
     assert result.exit_code == 2 and "unknown export format 'ckpt'" in result.stderr
@@ -187,15 +211,23 @@ def test_export_never_overwrites_unless_asked(tmp_path, students):
     out = tmp_path / "k.safetensors"
     invoke("export", "--model", run, "--format", "kohya", "--out", out)
     before = out.read_bytes()
-    result = runner.invoke(app, ["export", "--model", str(run), "--format", "kohya", "--out", str(out), "--dtype", "fp16"])
+    result = runner.invoke(
+        app, ["export", "--model", str(run), "--format", "kohya", "--out", str(out), "--dtype", "fp16"]
+    )
     assert result.exit_code == 2 and "already exists" in result.stderr and out.read_bytes() == before
     invoke("export", "--model", run, "--format", "kohya", "--out", out, "--dtype", "fp16", "--overwrite")
     assert out.read_bytes() != before
     # A folder that is not a pipeline is never replaced, even with --overwrite.
-    result = runner.invoke(app, ["export", "--model", str(run), "--format", "diffusers", "--out", str(run), "--overwrite"])
-    assert result.exit_code == 2 and "not a pipeline folder" in result.stderr and (run / "student.safetensors").is_file()
+    result = runner.invoke(
+        app, ["export", "--model", str(run), "--format", "diffusers", "--out", str(run), "--overwrite"]
+    )
+    assert (
+        result.exit_code == 2 and "not a pipeline folder" in result.stderr and (run / "student.safetensors").is_file()
+    )
     # Below a file: refused before anything loads, the file untouched.
-    result = runner.invoke(app, ["export", "--model", str(run), "--format", "unet", "--out", str(out / "unet.safetensors")])
+    result = runner.invoke(
+        app, ["export", "--model", str(run), "--format", "unet", "--out", str(out / "unet.safetensors")]
+    )
     assert result.exit_code == 2 and "which is a file" in result.stderr and out.read_bytes() != before
     # The default place is inside the run folder.
     record = json.loads(invoke("export", "--model", run, "--format", "lora", "--json").stdout)
@@ -206,12 +238,35 @@ def test_non_square_sdxl_images_match_the_pipeline(tmp_path, students):
     run = students[("sdxl", "full", 4)]
     out = tmp_path / "pipeline"
     invoke("export", "--model", run, "--format", "diffusers", "--out", out)
-    record = json.loads(invoke("sample", "--model", run, "--prompt", "a cat", "--height", "32", "--width", "48",
-                               "--seed", "3", "--out", tmp_path / "ours", "--json").stdout)
+    record = json.loads(
+        invoke(
+            "sample",
+            "--model",
+            run,
+            "--prompt",
+            "a cat",
+            "--height",
+            "32",
+            "--width",
+            "48",
+            "--seed",
+            "3",
+            "--out",
+            tmp_path / "ours",
+            "--json",
+        ).stdout
+    )
     assert (record["width"], record["height"]) == (48, 32)
     ours = np.asarray(Image.open(record["path"]).convert("RGB")).astype(int)
     pipe = load_pipeline(out)
-    image = pipe("a cat", height=32, width=48, num_inference_steps=4, guidance_scale=0, generator=torch.Generator("cpu").manual_seed(3)).images[0]
+    image = pipe(
+        "a cat",
+        height=32,
+        width=48,
+        num_inference_steps=4,
+        guidance_scale=0,
+        generator=torch.Generator("cpu").manual_seed(3),
+    ).images[0]
     assert np.abs(np.asarray(image).astype(int) - ours).mean() <= 2.0
 
 

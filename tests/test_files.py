@@ -27,7 +27,10 @@ def test_a_failed_write_keeps_the_old_file_and_names_it(tmp_path):
         files.atomic_write(path, fill_the_disk)
     assert path.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["report.json"]
-    assert describe_os_error(failure.value) == f"no space left on the device while writing {path}; free some space and run again"
+    assert (
+        describe_os_error(failure.value)
+        == f"no space left on the device while writing {path}; free some space and run again"
+    )
     files.atomic_write(path, lambda tmp: tmp.write_text("new"))
     assert path.read_text() == "new"
 
@@ -60,8 +63,13 @@ def test_saved_tensors_round_trip(tmp_path):
 def test_a_closed_pipe_on_stdout_ends_quietly():
     read, write = os.pipe()
     os.close(read)  # `dmd ... --json | head -0`: the reader is gone before the JSON line comes
-    done = subprocess.run([sys.executable, "-m", "dmdcli", "distill", "--dry-run", "--json"], stdout=write,
-                          stderr=subprocess.PIPE, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    done = subprocess.run(
+        [sys.executable, "-m", "dmdcli", "distill", "--dry-run", "--json"],
+        stdout=write,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     os.close(write)
     assert done.returncode == 141, done.stderr
     assert "Traceback" not in done.stderr and "error" not in done.stderr.lower(), done.stderr
@@ -76,13 +84,17 @@ def test_only_out_of_memory_errors_become_one_line(capsys):
         @handle_errors
         def run():
             raise error
+
         return run
 
     with pytest.raises(typer.Exit) as done:
         command(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore detail"))()
     assert done.value.exit_code == 1
     err = capsys.readouterr().err
-    assert err.strip() == "error: out of memory (CUDA out of memory. Tried to allocate 2.00 GiB); try a smaller --batch-size or --resolution"
+    assert (
+        err.strip()
+        == "error: out of memory (CUDA out of memory. Tried to allocate 2.00 GiB); try a smaller --batch-size or --resolution"
+    )
     with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):  # a bug stays a traceback
         command(RuntimeError("mat1 and mat2 shapes cannot be multiplied (2x3 and 4x5)"))()
 
@@ -124,6 +136,7 @@ def test_a_folder_is_published_whole_once(tmp_path):
         def write(tmp):
             (tmp / "shard").write_text(text)
             (tmp / "manifest.json").write_text("{}")  # the marker, written last
+
         return write
 
     final.mkdir(parents=True)

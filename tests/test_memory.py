@@ -22,28 +22,70 @@ def sdxl_configs(tmp_path_factory):
 
 
 def dry_run(teacher, *args):
-    result = runner.invoke(app, ["distill", "--teacher", str(teacher), "--prompts", "p.txt", "--data", "images/",
-                                 "--mixed-precision", "bf16", "--batch-size", "1", "--dry-run", "--json", *args])
+    result = runner.invoke(
+        app,
+        [
+            "distill",
+            "--teacher",
+            str(teacher),
+            "--prompts",
+            "p.txt",
+            "--data",
+            "images/",
+            "--mixed-precision",
+            "bf16",
+            "--batch-size",
+            "1",
+            "--dry-run",
+            "--json",
+            *args,
+        ],
+    )
     assert result.exit_code == 0, result.stderr
     return json.loads(result.stdout)["memory_gib"]
 
 
 def test_dry_run_sdxl_layouts(sdxl_configs, tmp_path):
-    shared = dry_run(sdxl_configs, "--steps", "4", "--lora-rank", "64", "--lora-alpha", "8", "--gradient-checkpointing", "--out", str(tmp_path / "run"))
-    reference = dry_run(sdxl_configs, "--steps", "4", "--lora-rank", "64", "--lora-alpha", "8", "--no-shared-base", "--gradient-checkpointing")
+    shared = dry_run(
+        sdxl_configs,
+        "--steps",
+        "4",
+        "--lora-rank",
+        "64",
+        "--lora-alpha",
+        "8",
+        "--gradient-checkpointing",
+        "--out",
+        str(tmp_path / "run"),
+    )
+    reference = dry_run(
+        sdxl_configs,
+        "--steps",
+        "4",
+        "--lora-rank",
+        "64",
+        "--lora-alpha",
+        "8",
+        "--no-shared-base",
+        "--gradient-checkpointing",
+    )
     full = dry_run(sdxl_configs, "--steps", "4", "--no-gradient-checkpointing")  # (its recipe, sdxl-4step, checkpoints)
     # Shared-base LoRA holds one copy of the UNet (2.57B parameters, bf16 ≈ 4.8 GiB).
     assert shared["parameters"]["teacher UNet (frozen)"] == pytest.approx(2.567e9 * 2 / 2**30, rel=0.01)
     assert shared["peak"] < 24, "the issue's goal: SDXL 1024², 4-step, LoRA, batch 1 in 24 GB"
     assert reference["peak"] > 2.5 * shared["peak"]  # the reference's LoRA keeps a full fp32 fake score
     assert full["peak"] > 80  # the reference could not fit full SDXL on one 80 GB GPU either
-    assert full["activations_per_sample"] > 5 * shared["activations_per_sample"]  # gradient checkpointing (9.5x on an H200)
+    assert (
+        full["activations_per_sample"] > 5 * shared["activations_per_sample"]
+    )  # gradient checkpointing (9.5x on an H200)
     assert not (tmp_path / "run").exists()  # a dry run writes nothing
 
 
 def test_dry_run_prints_the_resolved_configuration(sdxl_configs):
-    result = runner.invoke(app, ["distill", "--recipe", "sdxl-4step-lora", "--teacher", str(sdxl_configs),
-                                 "--prompts", "p.txt", "--dry-run"])
+    result = runner.invoke(
+        app,
+        ["distill", "--recipe", "sdxl-4step-lora", "--teacher", str(sdxl_configs), "--prompts", "p.txt", "--dry-run"],
+    )
     assert result.exit_code == 0, result.stderr
     assert "lora_rank = 64" in result.stderr and "estimated peak" in result.stderr
     assert result.stdout == ""
@@ -70,8 +112,26 @@ def test_cached_prompts_take_the_text_encoders_out_of_the_peak(sdxl_configs):
 
 def test_dry_run_fsdp_divides_the_sharded_state_by_the_process_count(sdxl_configs):
     full = dry_run(sdxl_configs, "--steps", "4", "--gradient-checkpointing")
-    result = runner.invoke(app, ["distill", "--recipe", "sdxl-4step-fsdp", "--teacher", str(sdxl_configs), "--prompts", "p.txt",
-                                 "--data", "images/", "--mixed-precision", "bf16", "--batch-size", "1", "--dry-run", "--json"])
+    result = runner.invoke(
+        app,
+        [
+            "distill",
+            "--recipe",
+            "sdxl-4step-fsdp",
+            "--teacher",
+            str(sdxl_configs),
+            "--prompts",
+            "p.txt",
+            "--data",
+            "images/",
+            "--mixed-precision",
+            "bf16",
+            "--batch-size",
+            "1",
+            "--dry-run",
+            "--json",
+        ],
+    )
     assert result.exit_code == 0, result.stderr
     assert "GiB, 8 processes" in result.stderr
     by = json.loads(result.stdout)["memory_gib_by_processes"]
@@ -85,7 +145,9 @@ def test_dry_run_fsdp_divides_the_sharded_state_by_the_process_count(sdxl_config
         assert estimate["optimizer_step"] in (0, pytest.approx(estimate["gradients"]))
     # With 2 and 4 processes the fake score's AdamW step sets the peak; with 8 its forward and
     # backward do, with whole units gathered.
-    assert by["2"]["phase"] == "fake score's AdamW step" and by["8"]["phase"] == "fake score" and by["8"]["gathered"] > 0
+    assert (
+        by["2"]["phase"] == "fake score's AdamW step" and by["8"]["phase"] == "fake score" and by["8"]["gathered"] > 0
+    )
     assert full["peak"] > by["2"]["peak"] > by["4"]["peak"] > by["8"]["peak"]
     assert by["8"]["peak"] < 24  # full-weight SDXL, batch 1: eight 24 GB GPUs
 
@@ -93,13 +155,32 @@ def test_dry_run_fsdp_divides_the_sharded_state_by_the_process_count(sdxl_config
 def test_an_alias_out_of_reach_is_estimated_from_its_bundled_configs(sdxl_configs, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the hub cannot be reached, as on a machine without network
     args = ["--steps", "4", "--lora-rank", "64", "--lora-alpha", "8", "--gradient-checkpointing"]
-    result = runner.invoke(app, ["distill", "--teacher", "sdxl", "--prompts", "p.txt", "--data", "images/", "--mixed-precision",
-                                 "bf16", "--batch-size", "1", "--dry-run", "--json", *args])
+    result = runner.invoke(
+        app,
+        [
+            "distill",
+            "--teacher",
+            "sdxl",
+            "--prompts",
+            "p.txt",
+            "--data",
+            "images/",
+            "--mixed-precision",
+            "bf16",
+            "--batch-size",
+            "1",
+            "--dry-run",
+            "--json",
+            *args,
+        ],
+    )
     assert result.exit_code == 0, result.stderr
     assert "estimating with the public sdxl architecture" in result.stderr
     assert json.loads(result.stdout)["memory_gib"] == dry_run(sdxl_configs, *args)
     other = runner.invoke(app, ["distill", "--teacher", "org/unknown-model", "--prompts", "p.txt", "--dry-run"])
-    assert other.exit_code == 1 and "could not read model_index.json" in other.stderr  # no bundled configs: the error stands
+    assert (
+        other.exit_code == 1 and "could not read model_index.json" in other.stderr
+    )  # no bundled configs: the error stands
 
 
 # Peaks (torch.cuda.max_memory_allocated, GiB) of benchmarks/memory_speed.py on an H200, bf16, 4 steps,
@@ -114,10 +195,21 @@ H200_PEAKS = [
 
 
 @pytest.mark.parametrize("arch, resolution, layout, checkpointing, measured", H200_PEAKS)
-def test_the_estimate_is_within_ten_percent_of_the_peak_measured_on_a_gpu(tmp_path, arch, resolution, layout, checkpointing, measured):
+def test_the_estimate_is_within_ten_percent_of_the_peak_measured_on_a_gpu(
+    tmp_path, arch, resolution, layout, checkpointing, measured
+):
     spec = inspect_teacher(str(write_config_only_pipeline(tmp_path, arch)))
-    config = DistillConfig(teacher=arch, steps=4, batch_size=1, gradient_checkpointing=checkpointing, fake_updates_per_gen=1,
-                           data="random", guidance_scale=8.0, mixed_precision="bf16", **layout)
+    config = DistillConfig(
+        teacher=arch,
+        steps=4,
+        batch_size=1,
+        gradient_checkpointing=checkpointing,
+        fake_updates_per_gen=1,
+        data="random",
+        guidance_scale=8.0,
+        mixed_precision="bf16",
+        **layout,
+    )
     estimate = estimate_memory(spec, config, resolution, bf16=True, device_type="cuda")
     assert estimate.peak - estimate.parameters["VAE (fp32)"] == pytest.approx(measured, rel=0.10)
 
@@ -149,8 +241,12 @@ def _saved_by_a_real_forward(spec, adapter, resolution: int) -> int:
         pooled = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
         added = {"text_embeds": torch.randn(1, pooled), "time_ids": torch.randn(1, 6)}
     with torch.autocast("cpu", dtype=torch.bfloat16), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = unet(torch.randn(1, spec.latent_channels, side, side), torch.tensor([500]),
-                   torch.randn(1, 77, unet.config.cross_attention_dim), added_cond_kwargs=added).sample
+        out = unet(
+            torch.randn(1, spec.latent_channels, side, side),
+            torch.tensor([500]),
+            torch.randn(1, 77, unet.config.cross_attention_dim),
+            added_cond_kwargs=added,
+        ).sample
     assert out.requires_grad
     casts = sum(2 * p.numel() for p in unet.parameters() if p.requires_grad)
     return sum(saved.values()) - casts
@@ -164,7 +260,9 @@ def test_meta_activations_match_a_real_forward(layout, adapter):
     from dmdcli.models.tiny import tiny_pipeline_cached
 
     spec = inspect_teacher(str(tiny_pipeline_cached(layout)))
-    meta, _ = _saved_activations(_training_unet(spec, torch.bfloat16, adapter), spec, 256, torch.bfloat16, "cpu", checkpointing=False)
+    meta, _ = _saved_activations(
+        _training_unet(spec, torch.bfloat16, adapter), spec, 256, torch.bfloat16, "cpu", checkpointing=False
+    )
     real = _saved_by_a_real_forward(spec, adapter, 256)
     # The full layout's real count subtracts casts of norm weights that CPU autocast does not make: up to 5% over.
     assert real <= meta <= real * 1.06

@@ -37,21 +37,39 @@ DRIVER = textwrap.dedent("""
 def test_two_processes_keep_identical_weights_and_shard_data(tmp_path, tiny_sdxl, prompts_file, image_folder):
     out, digests = tmp_path / "run", tmp_path / "digests"
     digests.mkdir()
-    overrides = {"teacher": str(tiny_sdxl), "prompts": str(prompts_file), "data": str(image_folder), "steps": 2,
-                 "iterations": 4, "fake_updates_per_gen": 2, "batch_size": 2, "lora_rank": 4,
-                 "teacher_grid_steps": 2, "checkpoint_every": 2, "sample_every": 0, "log_every": 1}
+    overrides = {
+        "teacher": str(tiny_sdxl),
+        "prompts": str(prompts_file),
+        "data": str(image_folder),
+        "steps": 2,
+        "iterations": 4,
+        "fake_updates_per_gen": 2,
+        "batch_size": 2,
+        "lora_rank": 4,
+        "teacher_grid_steps": 2,
+        "checkpoint_every": 2,
+        "sample_every": 0,
+        "log_every": 1,
+    }
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517"]
-    result = subprocess.run([*launcher, "--no-python", sys.executable, "-c", DRIVER,
-                             str(out), str(digests), json.dumps(overrides)],
-                            env=env, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [*launcher, "--no-python", sys.executable, "-c", DRIVER, str(out), str(digests), json.dumps(overrides)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = [json.loads((digests / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0]["weights"] == ranks[1]["weights"], "the processes' weights diverged"
     assert ranks[0]["first_batch"] != ranks[1]["first_batch"], "both processes drew the same prompts"
     # Only the main process writes the run folder; every process's RNG state is in the checkpoint.
     checkpoint = complete_checkpoints(out)[-1]
-    assert sorted(p.name for p in checkpoint.glob("rng-rank*.safetensors")) == ["rng-rank0.safetensors", "rng-rank1.safetensors"]
+    assert sorted(p.name for p in checkpoint.glob("rng-rank*.safetensors")) == [
+        "rng-rank0.safetensors",
+        "rng-rank1.safetensors",
+    ]
     lines = (out / "metrics.jsonl").read_text().splitlines()
     assert len([line for line in lines if "loss_denoise" in line]) == 4  # one writer, not two
     assert all(torch.isfinite(v).all() for v in load_file(out / "student.safetensors").values())
@@ -64,7 +82,9 @@ def _torchrun(args: list[str], port: int) -> None:
     """`torchrun --nproc_per_node 2 -m dmdcli ARGS` on CPU (gloo), as a user launches it."""
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
-    result = subprocess.run([*launcher, "-m", "dmdcli", *args, "--quiet"], env=env, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [*launcher, "-m", "dmdcli", *args, "--quiet"], env=env, capture_output=True, text=True, timeout=600
+    )
     assert result.returncode == 0, result.stderr[-3000:]
 
 
@@ -74,9 +94,35 @@ def _max_difference(a: dict, b: dict) -> float:
 
 
 def test_fsdp_trains_what_data_parallel_trains_and_resumes_exactly(tmp_path, tiny_sdxl, prompts_file, image_folder):
-    common = ["distill", "--recipe", "tiny", "--teacher", str(tiny_sdxl), "--prompts", str(prompts_file), "--data", str(image_folder),
-              "--steps", "2", "--iterations", "4", "--fake-updates-per-gen", "2", "--batch-size", "2", "--lr", "1e-4",
-              "--warmup-steps", "1", "--teacher-grid-steps", "2", "--checkpoint-every", "2", "--sample-every", "2"]
+    common = [
+        "distill",
+        "--recipe",
+        "tiny",
+        "--teacher",
+        str(tiny_sdxl),
+        "--prompts",
+        str(prompts_file),
+        "--data",
+        str(image_folder),
+        "--steps",
+        "2",
+        "--iterations",
+        "4",
+        "--fake-updates-per-gen",
+        "2",
+        "--batch-size",
+        "2",
+        "--lr",
+        "1e-4",
+        "--warmup-steps",
+        "1",
+        "--teacher-grid-steps",
+        "2",
+        "--checkpoint-every",
+        "2",
+        "--sample-every",
+        "2",
+    ]
     _torchrun([*common, "--out", str(tmp_path / "ddp")], 29521)
     _torchrun([*common, "--fsdp", "--out", str(tmp_path / "fsdp")], 29522)
     student = lambda run: load_file(tmp_path / run / "student.safetensors")  # noqa: E731
@@ -110,9 +156,35 @@ def test_fsdp_in_bf16_gathers_bf16_and_saves_fp32(tmp_path, tiny_sd, prompts_fil
     """The GPU's precision layout sharded: bf16 gathering under autocast (over gloo here, NCCL on
     GPUs), fp32 shards, gradients reduced in fp32, a whole fp32 student saved."""
     out = tmp_path / "run"
-    _torchrun(["distill", "--recipe", "tiny", "--teacher", str(tiny_sd), "--prompts", str(prompts_file), "--data",
-               str(image_folder), "--iterations", "2", "--fake-updates-per-gen", "1", "--teacher-grid-steps", "0",
-               "--sample-every", "0", "--log-every", "1", "--fsdp", "--mixed-precision", "bf16", "--out", str(out)], 29524)
+    _torchrun(
+        [
+            "distill",
+            "--recipe",
+            "tiny",
+            "--teacher",
+            str(tiny_sd),
+            "--prompts",
+            str(prompts_file),
+            "--data",
+            str(image_folder),
+            "--iterations",
+            "2",
+            "--fake-updates-per-gen",
+            "1",
+            "--teacher-grid-steps",
+            "0",
+            "--sample-every",
+            "0",
+            "--log-every",
+            "1",
+            "--fsdp",
+            "--mixed-precision",
+            "bf16",
+            "--out",
+            str(out),
+        ],
+        29524,
+    )
     student = load_file(out / "student.safetensors")
     teacher = load_file(tiny_sd / "unet" / "diffusion_pytorch_model.safetensors")
     assert {v.dtype for v in student.values()} == {torch.float32}
@@ -125,12 +197,41 @@ def test_fsdp_in_bf16_gathers_bf16_and_saves_fp32(tmp_path, tiny_sd, prompts_fil
 def test_fsdp_starts_from_another_runs_networks(tmp_path, tiny_sd, prompts_file, image_folder):
     """--init-from under FSDP: process 0 reads the first stage's checkpoint, every process gets its
     shards; the first stage had no GAN head, so this run's starts fresh."""
-    base = ["distill", "--recipe", "tiny", "--teacher", str(tiny_sd), "--prompts", str(prompts_file), "--teacher-grid-steps", "0",
-            "--sample-every", "0", "--quiet"]
+    base = [
+        "distill",
+        "--recipe",
+        "tiny",
+        "--teacher",
+        str(tiny_sd),
+        "--prompts",
+        str(prompts_file),
+        "--teacher-grid-steps",
+        "0",
+        "--sample-every",
+        "0",
+        "--quiet",
+    ]
     assert CliRunner().invoke(app, [*base, "--iterations", "2", "--out", str(tmp_path / "stage1")]).exit_code == 0
-    _torchrun([*base, "--data", str(image_folder), "--iterations", "1", "--lr", "1e-12", "--fsdp",
-               "--init-from", str(tmp_path / "stage1"), "--out", str(tmp_path / "stage2")], 29525)
-    first, second = (load_file(complete_checkpoints(tmp_path / run)[-1] / "tensors.safetensors") for run in ("stage1", "stage2"))
+    _torchrun(
+        [
+            *base,
+            "--data",
+            str(image_folder),
+            "--iterations",
+            "1",
+            "--lr",
+            "1e-12",
+            "--fsdp",
+            "--init-from",
+            str(tmp_path / "stage1"),
+            "--out",
+            str(tmp_path / "stage2"),
+        ],
+        29525,
+    )
+    first, second = (
+        load_file(complete_checkpoints(tmp_path / run)[-1] / "tensors.safetensors") for run in ("stage1", "stage2")
+    )
     names = [k for k in first if k.startswith(("generator.", "fake_score."))]
     assert names and _max_difference({k: second[k] for k in names}, {k: first[k] for k in names}) < 1e-8
     assert any(k.startswith("discriminator.") for k in second)
@@ -138,7 +239,16 @@ def test_fsdp_starts_from_another_runs_networks(tmp_path, tiny_sd, prompts_file,
 
 def test_fsdp_usage_errors(tmp_path, tiny_sd, prompts_file):
     runner = CliRunner()
-    base = ["distill", "--teacher", str(tiny_sd), "--prompts", str(prompts_file), "--out", str(tmp_path / "run"), "--fsdp"]
+    base = [
+        "distill",
+        "--teacher",
+        str(tiny_sd),
+        "--prompts",
+        str(prompts_file),
+        "--out",
+        str(tmp_path / "run"),
+        "--fsdp",
+    ]
     lora = runner.invoke(app, [*base, "--lora-rank", "4"])
     assert lora.exit_code == 2 and "--fsdp shards full-weight runs" in lora.stderr
     alone = runner.invoke(app, base)
@@ -176,13 +286,17 @@ def test_shipped_accelerate_config_launches_fsdp2(monkeypatch):
     from dmdcli.train.config import RECIPES_DIR
     from dmdcli.train.sharding import sharding_options
 
-    args = launch_command_parser().parse_args(["--config_file", str(RECIPES_DIR / "accelerate" / "fsdp.yaml"), "-m", "dmdcli", "distill"])
+    args = launch_command_parser().parse_args(
+        ["--config_file", str(RECIPES_DIR / "accelerate" / "fsdp.yaml"), "-m", "dmdcli", "distill"]
+    )
     args = _validate_launch_command(args)[0]
     assert args.use_fsdp and args.num_processes == 8
     for key, value in prepare_multi_gpu_env(args).items():
         if key.startswith("FSDP_") or key == "ACCELERATE_USE_FSDP":
             monkeypatch.setenv(key, value)
-    options = sharding_options(SimpleNamespace(state=SimpleNamespace(fsdp_plugin=FullyShardedDataParallelPlugin())), "bf16")
+    options = sharding_options(
+        SimpleNamespace(state=SimpleNamespace(fsdp_plugin=FullyShardedDataParallelPlugin())), "bf16"
+    )
     assert (options.param_dtype, options.reshard_after_forward, options.cpu_offload) == (torch.bfloat16, True, False)
 
 
@@ -193,13 +307,49 @@ def test_ctrl_c_under_torchrun_checkpoints_once_and_resumes(tmp_path, tiny_sd, p
     import time
 
     out = tmp_path / "run"
-    args = ["distill", "--recipe", "tiny", "--teacher", str(tiny_sd), "--prompts", str(prompts_file), "--iterations", "400",
-            "--log-every", "1", "--sample-every", "0", "--teacher-grid-steps", "0", "--checkpoint-every", "0",
-            "--batch-size", "2", "--out", str(out)]
+    args = [
+        "distill",
+        "--recipe",
+        "tiny",
+        "--teacher",
+        str(tiny_sd),
+        "--prompts",
+        str(prompts_file),
+        "--iterations",
+        "400",
+        "--log-every",
+        "1",
+        "--sample-every",
+        "0",
+        "--teacher-grid-steps",
+        "0",
+        "--checkpoint-every",
+        "0",
+        "--batch-size",
+        "2",
+        "--out",
+        str(out),
+    ]
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29523", "-m", "dmdcli"]
-    child = subprocess.Popen([*launcher, *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                             start_new_session=True)
+    launcher = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29523",
+        "-m",
+        "dmdcli",
+    ]
+    child = subprocess.Popen(
+        [*launcher, *args],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     metrics, deadline = out / "metrics.jsonl", time.time() + 300
     while not metrics.is_file() or len(metrics.read_text().splitlines()) < 3:
         assert child.poll() is None and time.time() < deadline, child.stderr.read()[-3000:]

@@ -21,7 +21,19 @@ from dmdcli.train.config import resolve_config
 from dmdcli.train.rundir import read_student_info
 
 runner = CliRunner()
-QUICK = ["--recipe", "tiny", "--batch-size", "2", "--log-every", "1", "--sample-every", "0", "--teacher-grid-steps", "0", "--quiet"]
+QUICK = [
+    "--recipe",
+    "tiny",
+    "--batch-size",
+    "2",
+    "--log-every",
+    "1",
+    "--sample-every",
+    "0",
+    "--teacher-grid-steps",
+    "0",
+    "--quiet",
+]
 
 
 # -- math ------------------------------------------------------------------------------------
@@ -35,9 +47,15 @@ def test_progressive_target_against_a_hand_computation():
     t, t1, t2 = (torch.tensor([i]) for i in (8, 5, 2))
     a = lambda i: math.sqrt(abar[i])  # noqa: E731
     s = lambda i: math.sqrt(1 - abar[i])  # noqa: E731
-    for zi, got in zip(z[0].tolist(), pd.distillation_target(
-        z, pd.teacher_two_steps(teacher_x0, schedule, z, t, t1, t2), *schedule.alpha_sigma(t, z), *schedule.alpha_sigma(t2, z)
-    )[0].tolist()):
+    for zi, got in zip(
+        z[0].tolist(),
+        pd.distillation_target(
+            z,
+            pd.teacher_two_steps(teacher_x0, schedule, z, t, t1, t2),
+            *schedule.alpha_sigma(t, z),
+            *schedule.alpha_sigma(t2, z),
+        )[0].tolist(),
+    ):
         x0a = 0.5 * zi  # DDIM 8 → 5
         z1 = a(5) * x0a + s(5) * (zi - a(8) * x0a) / s(8)
         x0b = 0.5 * z1  # DDIM 5 → 2
@@ -68,7 +86,8 @@ def test_ddim_ladders_nest_and_pseudo_huber():
     # per element: the same differences at 4× the size give the same distance, so λ means the
     # same at every latent size (the norm of Song & Dhariwal's form would double)
     assert pseudo_huber_loss(x.repeat(1, 1, 2, 2), y.repeat(1, 1, 2, 2)).item() == pytest.approx(
-        pseudo_huber_loss(x, y).item(), rel=1e-6)
+        pseudo_huber_loss(x, y).item(), rel=1e-6
+    )
 
 
 class _StubLPIPS(torch.nn.Module):
@@ -141,8 +160,25 @@ def test_method_presets(tiny_sd, prompts_file):
 @pytest.mark.usefixtures("fresh_accelerator_state")
 def test_dmd_v1_pairs_are_deterministic_and_reused(tmp_path, tiny_sd, prompts_file, image_folder):
     def run(name, pairs_dir, *extra):
-        args = ["distill", *QUICK, "--teacher", str(tiny_sd), "--prompts", str(prompts_file), "--method", "dmd", "--pairs", "3",
-                "--pair-steps", "2", "--pairs-dir", str(pairs_dir), "--out", str(tmp_path / name), *extra]
+        args = [
+            "distill",
+            *QUICK,
+            "--teacher",
+            str(tiny_sd),
+            "--prompts",
+            str(prompts_file),
+            "--method",
+            "dmd",
+            "--pairs",
+            "3",
+            "--pair-steps",
+            "2",
+            "--pairs-dir",
+            str(pairs_dir),
+            "--out",
+            str(tmp_path / name),
+            *extra,
+        ]
         result = runner.invoke(app, [a for a in args if a != "--quiet"])
         assert result.exit_code == 0, result.stderr + repr(result.exception)
         return result
@@ -155,7 +191,9 @@ def test_dmd_v1_pairs_are_deterministic_and_reused(tmp_path, tiny_sd, prompts_fi
     assert set(summary["losses"]) == {"loss_dm", "loss_regression", "loss_denoise"}  # no GAN even with --data
     config = tomllib.loads((tmp_path / "a" / "config.toml").read_text())
     used = config["resolved"]["regression_distance"]
-    assert used in ("lpips", "pseudo_huber") and config["fake_updates_per_gen"] == 1 and config["resolved"]["gan"] is False
+    assert (
+        used in ("lpips", "pseudo_huber") and config["fake_updates_per_gen"] == 1 and config["resolved"]["gan"] is False
+    )
     records = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
     assert all(r["regression_distance"] == used for r in records if "loss_regression" in r)
 
@@ -180,17 +218,31 @@ def test_dmd_v1_pairs_are_deterministic_and_reused(tmp_path, tiny_sd, prompts_fi
 
     spec = inspect_teacher(str(tiny_sd))
     other = {**spec.scheduler_config, "beta_end": 0.02}
-    assert teacher_identity(spec.source, "sd", "epsilon", other) != teacher_identity(spec.source, "sd", "epsilon", spec.scheduler_config)
+    assert teacher_identity(spec.source, "sd", "epsilon", other) != teacher_identity(
+        spec.source, "sd", "epsilon", spec.scheduler_config
+    )
 
 
 def test_regression_as_a_dmd2_warm_up_stops_after_k_iterations(tmp_path, tiny_sd, prompts_file):
     from dmdcli.train.distill import Distillation, SilentUI
 
-    config = resolve_config("tiny", {
-        "teacher": str(tiny_sd), "prompts": str(prompts_file), "regression_weight": 0.5, "regression_iterations": 1,
-        "regression_distance": "mse", "fake_updates_per_gen": 1, "pairs": 2, "pair_steps": 2, "batch_size": 2,
-        "pairs_dir": str(tmp_path / "pairs"), "out": str(tmp_path / "run"), "teacher_grid_steps": 0,
-    })
+    config = resolve_config(
+        "tiny",
+        {
+            "teacher": str(tiny_sd),
+            "prompts": str(prompts_file),
+            "regression_weight": 0.5,
+            "regression_iterations": 1,
+            "regression_distance": "mse",
+            "fake_updates_per_gen": 1,
+            "pairs": 2,
+            "pair_steps": 2,
+            "batch_size": 2,
+            "pairs_dir": str(tmp_path / "pairs"),
+            "out": str(tmp_path / "run"),
+            "teacher_grid_steps": 0,
+        },
+    )
     run = Distillation(config, SilentUI())
     assert run.regression_distance_name == "mse" and len(run.data.pairs) == 2
     logs = [run.step(run.data.batch(run.teacher, config.seed, it, 2, run.uncond), it) for it in range(2)]
@@ -203,9 +255,29 @@ def test_regression_as_a_dmd2_warm_up_stops_after_k_iterations(tmp_path, tiny_sd
 
 def test_one_progressive_round_halves_the_steps_and_the_student_samples_and_exports(tmp_path, tiny_sd, prompts_file):
     out = tmp_path / "run"
-    args = ["distill", *QUICK, "--teacher", str(tiny_sd), "--prompts", str(prompts_file), "--method", "progressive",
-            "--teacher-steps", "4", "--steps", "2", "--iterations-per-round", "2", "--parameterization", "v",
-            "--loss-weight", "snr_plus_one", "--out", str(out), "--json"]
+    args = [
+        "distill",
+        *QUICK,
+        "--teacher",
+        str(tiny_sd),
+        "--prompts",
+        str(prompts_file),
+        "--method",
+        "progressive",
+        "--teacher-steps",
+        "4",
+        "--steps",
+        "2",
+        "--iterations-per-round",
+        "2",
+        "--parameterization",
+        "v",
+        "--loss-weight",
+        "snr_plus_one",
+        "--out",
+        str(out),
+        "--json",
+    ]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.stderr + repr(result.exception)
     summary = json.loads(result.stdout.strip())
@@ -218,18 +290,28 @@ def test_one_progressive_round_halves_the_steps_and_the_student_samples_and_expo
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [(r["iteration"], r["round"], r["steps"]) for r in records] == [(1, 1, 2), (2, 1, 2)]
 
-    sampled = runner.invoke(app, ["sample", "--model", str(out), "--prompt", "a red circle", "--out", str(tmp_path / "s"), "--json"])
+    sampled = runner.invoke(
+        app, ["sample", "--model", str(out), "--prompt", "a red circle", "--out", str(tmp_path / "s"), "--json"]
+    )
     assert sampled.exit_code == 0, sampled.stderr + repr(sampled.exception)
     image = np.asarray(Image.open(json.loads(sampled.stdout.strip())["path"]), dtype=np.float64)
 
-    exported = runner.invoke(app, ["export", "--model", str(out), "--format", "diffusers", "--out", str(tmp_path / "pipe")])
+    exported = runner.invoke(
+        app, ["export", "--model", str(out), "--format", "diffusers", "--out", str(tmp_path / "pipe")]
+    )
     assert exported.exit_code == 0, exported.stderr + repr(exported.exception)
     from diffusers import DiffusionPipeline
 
     pipe = DiffusionPipeline.from_pretrained(tmp_path / "pipe")
     assert type(pipe.scheduler).__name__ == "DDIMScheduler" and pipe.scheduler.config.prediction_type == "v_prediction"
     pipe.set_progress_bar_config(disable=True)
-    theirs = pipe("a red circle", num_inference_steps=2, guidance_scale=0, generator=torch.Generator("cpu").manual_seed(0), output_type="np").images[0]
+    theirs = pipe(
+        "a red circle",
+        num_inference_steps=2,
+        guidance_scale=0,
+        generator=torch.Generator("cpu").manual_seed(0),
+        output_type="np",
+    ).images[0]
     assert np.abs(theirs * 255 - image).mean() <= 2.0  # the exported DDIM pipeline gives `dmd sample`'s image
 
 
@@ -239,13 +321,34 @@ def test_progressive_students_start_from_unrounded_weights_under_bf16(tmp_path, 
     from diffusers import UNet2DConditionModel
 
     out = tmp_path / "run"
-    args = ["distill", *QUICK, "--teacher", str(tiny_sd), "--prompts", str(prompts_file), "--method", "progressive",
-            "--teacher-steps", "4", "--steps", "2", "--iterations-per-round", "1", "--lr", "1e-12",
-            "--mixed-precision", "bf16", "--out", str(out)]
+    args = [
+        "distill",
+        *QUICK,
+        "--teacher",
+        str(tiny_sd),
+        "--prompts",
+        str(prompts_file),
+        "--method",
+        "progressive",
+        "--teacher-steps",
+        "4",
+        "--steps",
+        "2",
+        "--iterations-per-round",
+        "1",
+        "--lr",
+        "1e-12",
+        "--mixed-precision",
+        "bf16",
+        "--out",
+        str(out),
+    ]
     assert runner.invoke(app, args).exit_code == 0
     teacher = UNet2DConditionModel.from_pretrained(str(tiny_sd), subfolder="unet").state_dict()
     student = load_file(out / "student.safetensors")
-    assert max((student[k] - teacher[k]).abs().max().item() for k in teacher) < 1e-9  # one step of lr 1e-12, not bf16 rounding
+    assert (
+        max((student[k] - teacher[k]).abs().max().item() for k in teacher) < 1e-9
+    )  # one step of lr 1e-12, not bf16 rounding
 
 
 def test_progressive_refuses_what_it_does_not_do(tiny_sd, prompts_file):

@@ -15,7 +15,15 @@ from dmdcli.models.teacher import Teacher, inspect_teacher
 from dmdcli.train.config import resolve_config
 from dmdcli.train.distill import Distillation, SilentUI
 
-PROMPTS = ["a red circle", "a blue square on white", "a red circle", "", "a green triangle", "two red circles", "a blue square on white"]
+PROMPTS = [
+    "a red circle",
+    "a blue square on white",
+    "a red circle",
+    "",
+    "a green triangle",
+    "two red circles",
+    "a blue square on white",
+]
 
 
 def cpu_teacher(folder, dtype=torch.float32):
@@ -29,9 +37,13 @@ def test_cached_conditioning_is_bit_identical_to_encode_prompts(request, layout)
     distinct = list(dict.fromkeys(PROMPTS))
     assert len(cache) == len(distinct) == 5 and size == cache.nbytes > 0
     for start in range(0, len(distinct), 2):  # the batches the cache was encoded in
-        chunk = distinct[start:start + 2]
+        chunk = distinct[start : start + 2]
         direct, cached = teacher.encode_prompts(chunk), cache.encode(chunk)
-        assert sorted(cached) == sorted(direct) == sorted(["encoder_hidden_states"] + (["text_embeds", "time_ids"] if layout == "sdxl" else []))
+        assert (
+            sorted(cached)
+            == sorted(direct)
+            == sorted(["encoder_hidden_states"] + (["text_embeds", "time_ids"] if layout == "sdxl" else []))
+        )
         for k in direct:
             assert cached[k].dtype == direct[k].dtype == torch.float32 and torch.equal(cached[k], direct[k]), k
     # Rows are found by index: a duplicate prompt maps to its one row.
@@ -77,7 +89,9 @@ def test_sdxl_unconditional_input_follows_the_pipelines_flag(tiny_sdxl, tmp_path
 
 def test_values_the_storage_dtype_would_round_are_kept_in_float32():
     values = iter([torch.tensor([[1.0]]), torch.tensor([[1.0 + 2**-12]])])  # the second is not a bf16 number
-    cache, _ = build_prompt_cache(lambda prompts: {"x": next(values)}, ["a", "b"], torch.bfloat16, torch.device("cpu"), batch_size=1)
+    cache, _ = build_prompt_cache(
+        lambda prompts: {"x": next(values)}, ["a", "b"], torch.bfloat16, torch.device("cpu"), batch_size=1
+    )
     assert cache.table["x"].dtype == torch.float32
     assert cache.encode(["b", "a"])["x"].flatten().tolist() == [1.0 + 2**-12, 1.0]
 
@@ -107,11 +121,23 @@ def test_real_latents_do_not_depend_on_the_global_rng(tiny_sd):
 
 
 def run_config(tmp_path, teacher, prompts_file, image_folder, name, **overrides):
-    return resolve_config("tiny", {
-        "teacher": str(teacher), "prompts": str(prompts_file), "data": str(image_folder), "iterations": 3, "steps": 2,
-        "fake_updates_per_gen": 2, "batch_size": 2, "sample_every": 0, "teacher_grid_steps": 2, "checkpoint_every": 0,
-        "out": str(tmp_path / name), **overrides,
-    })
+    return resolve_config(
+        "tiny",
+        {
+            "teacher": str(teacher),
+            "prompts": str(prompts_file),
+            "data": str(image_folder),
+            "iterations": 3,
+            "steps": 2,
+            "fake_updates_per_gen": 2,
+            "batch_size": 2,
+            "sample_every": 0,
+            "teacher_grid_steps": 2,
+            "checkpoint_every": 0,
+            "out": str(tmp_path / name),
+            **overrides,
+        },
+    )
 
 
 def test_a_run_caches_every_prompt_and_releases_the_encoders(tmp_path, tiny_sdxl, prompts_file, image_folder):
@@ -120,9 +146,14 @@ def test_a_run_caches_every_prompt_and_releases_the_encoders(tmp_path, tiny_sdxl
     assert cached == {"", *run.data.prompts, *run.data.real.captions, *run.grid.prompts}
     assert run.teacher.text_encoders_released
     batch = run.data.batch(run.teacher, 0, 0, 3, None)
-    assert batch.cond["encoder_hidden_states"].device == run.accelerator.device and batch.real_cond["text_embeds"].shape[0] == 3
+    assert (
+        batch.cond["encoder_hidden_states"].device == run.accelerator.device
+        and batch.real_cond["text_embeds"].shape[0] == 3
+    )
 
-    off = Distillation(run_config(tmp_path, tiny_sdxl, prompts_file, image_folder, "off", cache_prompts=False), SilentUI())
+    off = Distillation(
+        run_config(tmp_path, tiny_sdxl, prompts_file, image_folder, "off", cache_prompts=False), SilentUI()
+    )
     assert off.data.cache is None and not off.teacher.text_encoders_released
     assert all(p.device == off.accelerator.device for te in off.teacher.text_encoders for p in te.parameters())
 
@@ -132,7 +163,9 @@ def test_too_many_prompts_for_host_memory_encode_on_the_fly(tmp_path, tiny_sd, p
     messages = []
     ui = SilentUI()
     ui.message = messages.append
-    run = Distillation(resolve_config("tiny", {"teacher": str(tiny_sd), "prompts": str(prompts_file), "out": str(tmp_path / "r")}), ui)
+    run = Distillation(
+        resolve_config("tiny", {"teacher": str(tiny_sd), "prompts": str(prompts_file), "out": str(tmp_path / "r")}), ui
+    )
     assert run.data.cache is None and not run.teacher.text_encoders_released
     assert any(m.startswith("prompt cache: 4 prompts would take") and "on the fly" in m for m in messages)
 
@@ -145,10 +178,38 @@ def test_caching_on_and_off_train_the_same_student(request, tmp_path, prompts_fi
     students = []
     for switch in ("--cache-prompts", "--no-cache-prompts"):
         out = tmp_path / switch
-        result = CliRunner().invoke(app, [
-            "distill", "--recipe", "tiny", "--teacher", str(teacher), "--prompts", str(prompts_file), "--data", str(image_folder),
-            "--iterations", "3", "--steps", "2", "--fake-updates-per-gen", "2", "--batch-size", batch, "--sample-every", "0",
-            "--teacher-grid-steps", "0", "--checkpoint-every", "0", "--out", str(out), switch, "--quiet"])
+        result = CliRunner().invoke(
+            app,
+            [
+                "distill",
+                "--recipe",
+                "tiny",
+                "--teacher",
+                str(teacher),
+                "--prompts",
+                str(prompts_file),
+                "--data",
+                str(image_folder),
+                "--iterations",
+                "3",
+                "--steps",
+                "2",
+                "--fake-updates-per-gen",
+                "2",
+                "--batch-size",
+                batch,
+                "--sample-every",
+                "0",
+                "--teacher-grid-steps",
+                "0",
+                "--checkpoint-every",
+                "0",
+                "--out",
+                str(out),
+                switch,
+                "--quiet",
+            ],
+        )
         assert result.exit_code == 0, result.stderr + repr(result.exception)
         assert ("cache_prompts = true" in (out / "config.toml").read_text()) == (switch == "--cache-prompts")
         students.append(load_file(out / "student.safetensors"))

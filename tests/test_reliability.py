@@ -24,8 +24,22 @@ from dmdcli.train.checkpoint import complete_checkpoints
 from dmdcli.train.grids import diversity
 
 runner = CliRunner()
-BASE = ["distill", "--recipe", "tiny", "--batch-size", "2", "--log-every", "1", "--sample-every", "0",
-        "--teacher-grid-steps", "2", "--checkpoint-every", "0", "--quiet"]
+BASE = [
+    "distill",
+    "--recipe",
+    "tiny",
+    "--batch-size",
+    "2",
+    "--log-every",
+    "1",
+    "--sample-every",
+    "0",
+    "--teacher-grid-steps",
+    "2",
+    "--checkpoint-every",
+    "0",
+    "--quiet",
+]
 
 
 def distill(*args):
@@ -45,8 +59,19 @@ def assert_same_tensors(a, b, skip=("rng.",)):
 
 @pytest.mark.parametrize("lora", [False, True])
 def test_resume_is_bit_exact(tmp_path, tiny_sdxl, prompts_file, image_folder, lora):
-    common = ["--teacher", tiny_sdxl, "--prompts", prompts_file, "--data", image_folder, "--steps", "2",
-              "--fake-updates-per-gen", "2", "--diffusion-gan"]
+    common = [
+        "--teacher",
+        tiny_sdxl,
+        "--prompts",
+        prompts_file,
+        "--data",
+        image_folder,
+        "--steps",
+        "2",
+        "--fake-updates-per-gen",
+        "2",
+        "--diffusion-gan",
+    ]
     if lora:
         common += ["--lora-rank", "4", "--lora-alpha", "8"]
     whole, part = tmp_path / "whole", tmp_path / "part"
@@ -63,8 +88,23 @@ def test_resume_is_bit_exact(tmp_path, tiny_sdxl, prompts_file, image_folder, lo
 
 def test_checkpoints_are_pruned_and_rotated(tmp_path, tiny_sd, prompts_file):
     out = tmp_path / "run"
-    assert distill("--teacher", tiny_sd, "--prompts", prompts_file, "--iterations", 5, "--checkpoint-every", 1,
-                   "--keep-checkpoints", 2, "--out", out).exit_code == 0
+    assert (
+        distill(
+            "--teacher",
+            tiny_sd,
+            "--prompts",
+            prompts_file,
+            "--iterations",
+            5,
+            "--checkpoint-every",
+            1,
+            "--keep-checkpoints",
+            2,
+            "--out",
+            out,
+        ).exit_code
+        == 0
+    )
     assert [p.name for p in complete_checkpoints(out)] == ["iter-000004", "iter-000005"]
     assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".tmp")]
 
@@ -85,7 +125,9 @@ def test_a_checkpoint_is_on_disk_before_it_is_published(tmp_path, monkeypatch):
     root = str(run / "checkpoints")
     assert synced[-1] == root  # the rename's entry, last
     before = [Path(p) for p in synced[:-1]]
-    assert {p.parent.name for p in before if p.name != before[-1].name} == {before[-1].name}  # all in the temporary folder
+    assert {p.parent.name for p in before if p.name != before[-1].name} == {
+        before[-1].name
+    }  # all in the temporary folder
     assert before[-1].name.startswith(".tmp-iter-000003") and str(before[-1].parent) == root
     assert sorted(p.name for p in before[:-1]) == sorted(p.name for p in final.iterdir())
 
@@ -102,7 +144,10 @@ def test_a_checkpoint_missing_a_processes_rng_state_is_not_published(tmp_path):
         write_checkpoint(run, 3, {"x": torch.ones(2)}, {}, keep=1, staged=staged, processes=2)
     assert complete_checkpoints(run) == []
     write_rng(staged, 1)
-    assert write_checkpoint(run, 3, {"x": torch.ones(2)}, {}, keep=1, staged=staged, processes=2) == complete_checkpoints(run)[0]
+    assert (
+        write_checkpoint(run, 3, {"x": torch.ones(2)}, {}, keep=1, staged=staged, processes=2)
+        == complete_checkpoints(run)[0]
+    )
 
 
 KILLER = textwrap.dedent("""
@@ -127,13 +172,27 @@ KILLER = textwrap.dedent("""
 
 def test_sigkill_during_a_checkpoint_resumes_from_the_previous_one(tmp_path, tiny_sd, prompts_file):
     out, marker = tmp_path / "run", tmp_path / "marker"
-    args = [*BASE, "--teacher", str(tiny_sd), "--prompts", str(prompts_file), "--iterations", "8",
-            "--checkpoint-every", "2", "--keep-checkpoints", "5", "--out", str(out)]
+    args = [
+        *BASE,
+        "--teacher",
+        str(tiny_sd),
+        "--prompts",
+        str(prompts_file),
+        "--iterations",
+        "8",
+        "--checkpoint-every",
+        "2",
+        "--keep-checkpoints",
+        "5",
+        "--out",
+        str(out),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     log = tmp_path / "stderr.txt"
     with log.open("w") as stderr:
-        child = subprocess.Popen([sys.executable, "-c", KILLER, str(marker), *args], env=env,
-                                 stdout=subprocess.DEVNULL, stderr=stderr)
+        child = subprocess.Popen(
+            [sys.executable, "-c", KILLER, str(marker), *args], env=env, stdout=subprocess.DEVNULL, stderr=stderr
+        )
     deadline = time.time() + 300
     while not marker.exists():
         assert child.poll() is None, log.read_text()
@@ -183,8 +242,10 @@ def test_sigint_checkpoints_and_exits_130(tmp_path, tiny_sd, prompts_file, monke
     # on the lines between its updates (TTUR 5: the resumed lines 4 and 5 carry iteration 1's).
     whole = tmp_path / "whole"
     assert distill("--teacher", tiny_sd, "--prompts", prompts_file, "--iterations", 10, "--out", whole).exit_code == 0
-    timeless = lambda run: [{k: v for k, v in json.loads(line).items() if k != "sec_per_iter"}  # noqa: E731
-                            for line in (run / "metrics.jsonl").read_text().splitlines()]
+    timeless = lambda run: [
+        {k: v for k, v in json.loads(line).items() if k != "sec_per_iter"}  # noqa: E731
+        for line in (run / "metrics.jsonl").read_text().splitlines()
+    ]
     assert timeless(out) == timeless(whole) and "loss_dm" in timeless(out)[4]
 
 
@@ -202,7 +263,11 @@ def test_a_signal_delivered_twice_is_one_request_and_a_later_ctrl_c_stops_at_onc
     from dmdcli.train.distill import _StopOnSignal
 
     monkeypatch.setattr(_StopOnSignal, "ESCALATE_AFTER", 0.2)
-    for first, again in ((signal.SIGINT, signal.SIGINT), (signal.SIGTERM, signal.SIGTERM), (signal.SIGTERM, signal.SIGINT)):
+    for first, again in (
+        (signal.SIGINT, signal.SIGINT),
+        (signal.SIGTERM, signal.SIGTERM),
+        (signal.SIGTERM, signal.SIGINT),
+    ):
         with _StopOnSignal() as stop:
             os.kill(os.getpid(), first)
             os.kill(os.getpid(), again)  # at once: the same request
@@ -222,8 +287,20 @@ def logged(out, key):
 
 
 def test_a_decaying_lr_is_resumed_exactly_and_says_when_its_span_changes(tmp_path, tiny_sd, prompts_file, monkeypatch):
-    common = ["--teacher", tiny_sd, "--prompts", prompts_file, "--iterations", 10, "--fake-updates-per-gen", 2,
-              "--warmup-steps", 2, "--lr-schedule", "cosine"]
+    common = [
+        "--teacher",
+        tiny_sd,
+        "--prompts",
+        prompts_file,
+        "--iterations",
+        10,
+        "--fake-updates-per-gen",
+        2,
+        "--warmup-steps",
+        2,
+        "--lr-schedule",
+        "cosine",
+    ]
     whole, part = tmp_path / "whole", tmp_path / "part"
     assert distill(*common, "--out", whole).exit_code == 0
     lr_fake = logged(whole, "lr_fake")
@@ -262,7 +339,9 @@ def nan_at(monkeypatch, iteration):
 def test_non_finite_loss_stops_naming_iteration_and_term(tmp_path, tiny_sd, prompts_file, monkeypatch):
     nan_at(monkeypatch, 4)
     out = tmp_path / "run"
-    result = distill("--teacher", tiny_sd, "--prompts", prompts_file, "--iterations", 6, "--checkpoint-every", 2, "--out", out)
+    result = distill(
+        "--teacher", tiny_sd, "--prompts", prompts_file, "--iterations", 6, "--checkpoint-every", 2, "--out", out
+    )
     assert result.exit_code == 1
     assert "non-finite loss_denoise in the fake update at iteration 4" in result.stderr
     assert [p.name for p in complete_checkpoints(out)] == ["iter-000002"]
@@ -272,7 +351,9 @@ def test_non_finite_loss_stops_naming_iteration_and_term(tmp_path, tiny_sd, prom
 def test_skip_nonfinite_counts_skipped_updates(tmp_path, tiny_sd, prompts_file, monkeypatch):
     nan_at(monkeypatch, 2)
     out = tmp_path / "run"
-    result = distill("--teacher", tiny_sd, "--prompts", prompts_file, "--iterations", 4, "--skip-nonfinite", "--out", out)
+    result = distill(
+        "--teacher", tiny_sd, "--prompts", prompts_file, "--iterations", 4, "--skip-nonfinite", "--out", out
+    )
     assert result.exit_code == 0, result.stderr
     last = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if "loss_dm" in line][-1]
     assert last["skipped_updates"] == 1
@@ -315,7 +396,11 @@ def test_resume_refuses_a_contradicting_configuration(tmp_path, tiny_sd, prompts
     assert again.keys() == student.keys() and all(torch.equal(again[k], student[k]) for k in student)
     (out / "config.toml").write_text("steps = [")  # a hand edit gone wrong
     broken = runner.invoke(app, ["distill", "--out", str(out), "--resume"])
-    assert broken.exit_code == 1 and f"cannot read {out / 'config.toml'}" in broken.stderr and "Traceback" not in broken.stderr
+    assert (
+        broken.exit_code == 1
+        and f"cannot read {out / 'config.toml'}" in broken.stderr
+        and "Traceback" not in broken.stderr
+    )
 
 
 def test_collapse_watch(tmp_path, tiny_sd, prompts_file, monkeypatch):
@@ -326,8 +411,20 @@ def test_collapse_watch(tmp_path, tiny_sd, prompts_file, monkeypatch):
     import dmdcli.train.distill as distill_module
 
     monkeypatch.setattr(distill_module.Distillation, "teacher_diversity", lambda self: 1e6)
-    result = runner.invoke(app, [*BASE[:-1], "--teacher", str(tiny_sd), "--prompts", str(prompts_file),
-                                 "--iterations", "1", "--out", str(tmp_path / "run")])
+    result = runner.invoke(
+        app,
+        [
+            *BASE[:-1],
+            "--teacher",
+            str(tiny_sd),
+            "--prompts",
+            str(prompts_file),
+            "--iterations",
+            "1",
+            "--out",
+            str(tmp_path / "run"),
+        ],
+    )
     assert result.exit_code == 0, result.stderr
     assert "possible mode collapse" in result.stderr
 
@@ -390,8 +487,24 @@ def test_bad_input_one_line(tmp_path, tiny_sd, prompts_file, make, args, code, m
 def test_unreadable_images_are_skipped_counted_and_reported(tmp_path, tiny_sd, image_folder):
     (image_folder / "broken.png").write_bytes(b"\x89PNG not really")
     (image_folder / "broken.txt").write_text("a broken image")
-    result = runner.invoke(app, ["distill", "--recipe", "tiny", "--teacher", str(tiny_sd), "--data", str(image_folder),
-                                 "--iterations", "1", "--teacher-grid-steps", "0", "--out", str(tmp_path / "run")])
+    result = runner.invoke(
+        app,
+        [
+            "distill",
+            "--recipe",
+            "tiny",
+            "--teacher",
+            str(tiny_sd),
+            "--data",
+            str(image_folder),
+            "--iterations",
+            "1",
+            "--teacher-grid-steps",
+            "0",
+            "--out",
+            str(tmp_path / "run"),
+        ],
+    )
     assert result.exit_code == 0, result.stderr
     assert "real images: 8 from" in result.stderr and "(1 skipped)" in result.stderr
     assert "broken.png" in result.stderr
@@ -410,7 +523,9 @@ def test_no_pickle_and_no_remote_code_in_the_package():
 
 
 @pytest.mark.parametrize("fails", ["rng-rank0.safetensors", "tensors.safetensors", "student.safetensors"])
-def test_a_full_disk_stops_in_one_line_keeps_the_last_checkpoint_and_resumes(tmp_path, tiny_sd, prompts_file, monkeypatch, fails):
+def test_a_full_disk_stops_in_one_line_keeps_the_last_checkpoint_and_resumes(
+    tmp_path, tiny_sd, prompts_file, monkeypatch, fails
+):
     import dmdcli.files as files
 
     real_save = files._safetensors_save_file
@@ -426,8 +541,9 @@ def test_a_full_disk_stops_in_one_line_keeps_the_last_checkpoint_and_resumes(tmp
 
     monkeypatch.setattr(files, "_safetensors_save_file", disk_fills_at_iteration_4)
     out = tmp_path / "run"
-    result = distill("--teacher", tiny_sd, "--prompts", prompts_file, "--iterations", 6, "--checkpoint-every", 2,
-                     "--out", out)
+    result = distill(
+        "--teacher", tiny_sd, "--prompts", prompts_file, "--iterations", 6, "--checkpoint-every", 2, "--out", out
+    )
     assert result.exit_code == 1
     message = result.stderr.strip().splitlines()[-1]  # (above it: the library's own loading bars)
     assert message.startswith("error: ") and "Traceback" not in result.output, result.output
@@ -466,17 +582,30 @@ def test_a_second_stage_starts_from_the_first_stages_networks(tmp_path, tiny_sd,
     assert not all(torch.allclose(fresh[k], first[k], atol=1e-8) for k in first if k.startswith("generator."))
 
 
-@pytest.mark.parametrize("source,extra,message", [
-    ("nothing", [], "neither a checkpoint (RUN/checkpoints/iter-N) nor a run folder holding one"),
-    ("stage1", ["--lora-rank", "4"], "its networks are not this run's (lora_rank 0 there, 4 here)"),
-    ("stage1", ["--data", "IMAGES", "--resolution", "64"], "its weights do not fit this run's networks"),  # the GAN head's size
-])
-def test_init_from_what_does_not_fit_is_one_line_and_makes_no_run(tmp_path, tiny_sd, prompts_file, image_folder, source, extra, message):
+@pytest.mark.parametrize(
+    "source,extra,message",
+    [
+        ("nothing", [], "neither a checkpoint (RUN/checkpoints/iter-N) nor a run folder holding one"),
+        ("stage1", ["--lora-rank", "4"], "its networks are not this run's (lora_rank 0 there, 4 here)"),
+        (
+            "stage1",
+            ["--data", "IMAGES", "--resolution", "64"],
+            "its weights do not fit this run's networks",
+        ),  # the GAN head's size
+    ],
+)
+def test_init_from_what_does_not_fit_is_one_line_and_makes_no_run(
+    tmp_path, tiny_sd, prompts_file, image_folder, source, extra, message
+):
     teacher = ["--teacher", tiny_sd, "--prompts", prompts_file]
     stage1 = tmp_path / "stage1"
     assert distill(*teacher, "--data", image_folder, "--iterations", 1, "--out", stage1).exit_code == 0
     extra = [str(image_folder) if a == "IMAGES" else a for a in extra]
-    result = distill(*teacher, "--iterations", 1, "--init-from", tmp_path / source, "--out", tmp_path / "stage2", *extra)
+    result = distill(
+        *teacher, "--iterations", 1, "--init-from", tmp_path / source, "--out", tmp_path / "stage2", *extra
+    )
     assert result.exit_code == 2 and message in result.stderr, result.stderr
-    ours = [line for line in result.stderr.splitlines() if line.strip() and not line.startswith(("\r", "Loading weights"))]  # transformers' bar
+    ours = [
+        line for line in result.stderr.splitlines() if line.strip() and not line.startswith(("\r", "Loading weights"))
+    ]  # transformers' bar
     assert len(ours) == 1 and not (tmp_path / "stage2").exists(), result.stderr

@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from students import make_student
 from typer.testing import CliRunner
 
 from dmdcli.cli import app
 from dmdcli.models import student as student_module
 from dmdcli.models.student import find_model, load_sampler
 from dmdcli.sample import MAX_SLUG, image_seed, slug
-from students import make_student
 
 runner = CliRunner()
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore:__array__ implementation:DeprecationWarning")
@@ -40,11 +40,28 @@ def pixels(path):
 
 def test_stdin_prompts_json_lines_and_png_metadata(tmp_path, sdxl_run):
     out = tmp_path / "images"
-    result = invoke("sample", "--model", sdxl_run, "--prompts", "-", "--num-images-per-prompt", "2", "--seed", "10",
-                    "--out", out, "--json", input="a red circle\n\na blue square / on white\n")
+    result = invoke(
+        "sample",
+        "--model",
+        sdxl_run,
+        "--prompts",
+        "-",
+        "--num-images-per-prompt",
+        "2",
+        "--seed",
+        "10",
+        "--out",
+        out,
+        "--json",
+        input="a red circle\n\na blue square / on white\n",
+    )
     records = [json.loads(line) for line in result.stdout.splitlines()]  # nothing but JSON on stdout
     assert [(r["prompt"], r["seed"]) for r in records] == [
-        ("a red circle", 10), ("a red circle", 11), ("a blue square / on white", 12), ("a blue square / on white", 13)]
+        ("a red circle", 10),
+        ("a red circle", 11),
+        ("a blue square / on white", 12),
+        ("a blue square / on white", 13),
+    ]
     assert all(r["steps"] == 4 for r in records)
     assert sorted(p.name for p in out.iterdir()) == sorted(f"{r['seed']:06d}-{slug(r['prompt'])}.png" for r in records)
     for r in records:
@@ -56,7 +73,19 @@ def test_stdin_prompts_json_lines_and_png_metadata(tmp_path, sdxl_run):
 
 
 def test_an_image_depends_on_its_seed_only_not_on_the_batch(tmp_path, sdxl_run):
-    args = ["sample", "--model", sdxl_run, "--prompt", "a cat", "--prompt", "a dog", "--num-images-per-prompt", "3", "--seed", "5"]
+    args = [
+        "sample",
+        "--model",
+        sdxl_run,
+        "--prompt",
+        "a cat",
+        "--prompt",
+        "a dog",
+        "--num-images-per-prompt",
+        "3",
+        "--seed",
+        "5",
+    ]
     invoke(*args, "--batch-size", "1", "--out", tmp_path / "b1")
     invoke(*args, "--batch-size", "4", "--out", tmp_path / "b4")
     names = sorted(p.name for p in (tmp_path / "b1").iterdir())
@@ -68,14 +97,19 @@ def test_an_image_depends_on_its_seed_only_not_on_the_batch(tmp_path, sdxl_run):
     # Image 2 of prompt 1 has seed 5 + 1·3 + 2 = 10 and comes back alone with --seed 10.
     assert image_seed(5, 1, 2, 3) == 10
     invoke("sample", "--model", sdxl_run, "--prompt", "a dog", "--seed", "10", "--out", tmp_path / "alone")
-    assert np.abs(pixels(tmp_path / "alone" / "000010-a-dog.png") - pixels(tmp_path / "b4" / "000010-a-dog.png")).max() <= 1
+    assert (
+        np.abs(pixels(tmp_path / "alone" / "000010-a-dog.png") - pixels(tmp_path / "b4" / "000010-a-dog.png")).max()
+        <= 1
+    )
 
 
 def test_one_unet_call_per_step_and_no_guidance_pass(sdxl_run, sd_run):
     for run, steps in [(sdxl_run, 4), (sd_run, 1)]:
         sampler = load_sampler(find_model(str(run)), torch.device("cpu"), torch.float32)
         batches = []
-        sampler.unet.register_forward_hook(lambda module, args, kwargs, out: batches.append(args[0].shape[0]), with_kwargs=True)
+        sampler.unet.register_forward_hook(
+            lambda module, args, kwargs, out: batches.append(args[0].shape[0]), with_kwargs=True
+        )
         images = sampler.generate(["a", "b", "c"], [0, 1, 2], None, None, steps)
         assert images.shape == (3, 32, 32, 3) and images.dtype == np.uint8
         assert batches == [3] * steps
@@ -124,25 +158,58 @@ def test_interrupted_sampling_keeps_announced_images(tmp_path, sdxl_run, monkeyp
 
     monkeypatch.setattr(student_module.StudentSampler, "generate", generate)
     out = tmp_path / "images"
-    result = runner.invoke(app, ["sample", "--model", str(sdxl_run), "--prompt", "a", "--num-images-per-prompt", "5",
-                                 "--batch-size", "2", "--out", str(out), "--json"])
+    result = runner.invoke(
+        app,
+        [
+            "sample",
+            "--model",
+            str(sdxl_run),
+            "--prompt",
+            "a",
+            "--num-images-per-prompt",
+            "5",
+            "--batch-size",
+            "2",
+            "--out",
+            str(out),
+            "--json",
+        ],
+    )
     assert result.exit_code == 130
     records = [json.loads(line) for line in result.stdout.splitlines()]
     assert [r["seed"] for r in records] == [0, 1]
-    assert sorted(p.name for p in out.iterdir()) == sorted(r["path"].rsplit("/", 1)[-1] for r in records)  # no temp files
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        r["path"].rsplit("/", 1)[-1] for r in records
+    )  # no temp files
 
 
 def test_plain_pipeline_uses_its_own_scheduler_steps_and_guidance(tmp_path, tiny_sd):
     from diffusers import DiffusionPipeline
 
     out = tmp_path / "teacher"
-    result = invoke("sample", "--model", tiny_sd, "--prompt", "a red circle", "--steps", "3", "--guidance-scale", "2.5",
-                    "--seed", "4", "--out", out, "--json")
+    result = invoke(
+        "sample",
+        "--model",
+        tiny_sd,
+        "--prompt",
+        "a red circle",
+        "--steps",
+        "3",
+        "--guidance-scale",
+        "2.5",
+        "--seed",
+        "4",
+        "--out",
+        out,
+        "--json",
+    )
     record = json.loads(result.stdout)
     assert record["steps"] == 3 and record["seed"] == 4
     pipe = DiffusionPipeline.from_pretrained(tiny_sd)
     pipe.set_progress_bar_config(disable=True)
-    image = pipe("a red circle", num_inference_steps=3, guidance_scale=2.5, generator=torch.Generator("cpu").manual_seed(4)).images[0]
+    image = pipe(
+        "a red circle", num_inference_steps=3, guidance_scale=2.5, generator=torch.Generator("cpu").manual_seed(4)
+    ).images[0]
     assert np.abs(np.asarray(image).astype(int) - pixels(record["path"])).max() <= 1
 
 
@@ -187,27 +254,39 @@ def test_a_prompt_over_the_text_encoders_limit_is_named(tmp_path, sd_run):
     long = " ".join(["a red circle beside a blue square"] * 12)  # 84 words: over CLIP's 77 tokens
     result = invoke("sample", "--model", sd_run, "--prompt", "a cat", "--prompt", long, "--out", tmp_path)
     assert "note: 1 of 2 prompts are longer than the text encoder's 77 tokens" in " ".join(result.stderr.split())
-    assert "longer than" not in invoke("sample", "--model", sd_run, "--prompt", "a cat", "--out", tmp_path / "short").stderr
+    assert (
+        "longer than"
+        not in invoke("sample", "--model", sd_run, "--prompt", "a cat", "--out", tmp_path / "short").stderr
+    )
 
 
 def test_an_empty_prompt_is_kept_and_keeps_the_seed_rule(tmp_path, sd_run):
-    result = invoke("sample", "--model", sd_run, "--prompt", "", "--prompt", "b", "--out", tmp_path, "--json", "--quiet")
+    result = invoke(
+        "sample", "--model", sd_run, "--prompt", "", "--prompt", "b", "--out", tmp_path, "--json", "--quiet"
+    )
     records = [json.loads(line) for line in result.stdout.splitlines()]
     assert [(r["prompt"], r["seed"]) for r in records] == [("", 0), ("b", 1)]
 
 
-@pytest.mark.parametrize("error", [
-    torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (GPU 0; 8.00 GiB total capacity)"),
-    RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: "
-                 "you tried to allocate 400000000000000 bytes. Error code 12 (Cannot allocate memory)"),
-    MemoryError(),
-])
+@pytest.mark.parametrize(
+    "error",
+    [
+        torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (GPU 0; 8.00 GiB total capacity)"),
+        RuntimeError(
+            "[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: "
+            "you tried to allocate 400000000000000 bytes. Error code 12 (Cannot allocate memory)"
+        ),
+        MemoryError(),
+    ],
+)
 def test_out_of_memory_is_one_line_and_writes_nothing(tmp_path, sd_run, monkeypatch, error):
     def generate(self, *args):
         raise error
 
     monkeypatch.setattr(student_module.StudentSampler, "generate", generate)
-    result = runner.invoke(app, ["sample", "--model", str(sd_run), "--prompt", "a", "--out", str(tmp_path / "out"), "--quiet"])
+    result = runner.invoke(
+        app, ["sample", "--model", str(sd_run), "--prompt", "a", "--out", str(tmp_path / "out"), "--quiet"]
+    )
     assert result.exit_code == 1, result.stderr + repr(result.exception)
     last = result.stderr.strip().splitlines()[-1]  # (transformers' loading bar may come before it under CliRunner)
     assert last.startswith("error: out of memory") and last.endswith("try a smaller --batch-size or --resolution")
@@ -217,9 +296,31 @@ def test_out_of_memory_is_one_line_and_writes_nothing(tmp_path, sd_run, monkeypa
 
 def test_a_distill_run_folder_samples_and_exports(tmp_path, tiny_sdxl, prompts_file):
     run = tmp_path / "run"
-    invoke("distill", "--recipe", "tiny", "--iterations", "1", "--batch-size", "2", "--teacher", tiny_sdxl, "--steps", "2",
-           "--lora-rank", "2", "--prompts", prompts_file, "--out", run, "--sample-every", "0", "--quiet")
-    result = invoke("sample", "--model", run, "--prompts", prompts_file, "--out", tmp_path / "images", "--json", "--quiet")
+    invoke(
+        "distill",
+        "--recipe",
+        "tiny",
+        "--iterations",
+        "1",
+        "--batch-size",
+        "2",
+        "--teacher",
+        tiny_sdxl,
+        "--steps",
+        "2",
+        "--lora-rank",
+        "2",
+        "--prompts",
+        prompts_file,
+        "--out",
+        run,
+        "--sample-every",
+        "0",
+        "--quiet",
+    )
+    result = invoke(
+        "sample", "--model", run, "--prompts", prompts_file, "--out", tmp_path / "images", "--json", "--quiet"
+    )
     records = [json.loads(line) for line in result.stdout.splitlines()]
     assert len(records) == 3 and all(r["steps"] == 2 for r in records)
     record = json.loads(invoke("export", "--model", run, "--format", "kohya", "--json", "--quiet").stdout)
@@ -231,13 +332,44 @@ def test_a_checkpoint_is_the_generator_as_it_was_then(tmp_path, tiny_sd, prompts
     from dmdcli.train import rundir
 
     run = tmp_path / "run"
-    invoke("distill", "--recipe", "tiny", "--iterations", "4", "--batch-size", "2", "--teacher", tiny_sd, "--steps", "2",
-           "--fake-updates-per-gen", "1", "--warmup-steps", "0", "--lr", "1e-2", "--prompts", prompts_file, "--out", run,
-           "--checkpoint-every", "2", "--keep-checkpoints", "2", "--sample-every", "0", "--teacher-grid-steps", "0", "--quiet")
+    invoke(
+        "distill",
+        "--recipe",
+        "tiny",
+        "--iterations",
+        "4",
+        "--batch-size",
+        "2",
+        "--teacher",
+        tiny_sd,
+        "--steps",
+        "2",
+        "--fake-updates-per-gen",
+        "1",
+        "--warmup-steps",
+        "0",
+        "--lr",
+        "1e-2",
+        "--prompts",
+        prompts_file,
+        "--out",
+        run,
+        "--checkpoint-every",
+        "2",
+        "--keep-checkpoints",
+        "2",
+        "--sample-every",
+        "0",
+        "--teacher-grid-steps",
+        "0",
+        "--quiet",
+    )
     last, earlier = run / "checkpoints" / "iter-000004", run / "checkpoints" / "iter-000002"
 
     def image(model, name):
-        invoke("sample", "--model", model, "--prompt", "a red circle", "--seed", "3", "--out", tmp_path / name, "--quiet")
+        invoke(
+            "sample", "--model", model, "--prompt", "a red circle", "--seed", "3", "--out", tmp_path / name, "--quiet"
+        )
         return pixels(next((tmp_path / name).iterdir()))
 
     final = image(run, "final")
@@ -255,4 +387,7 @@ def test_a_checkpoint_is_the_generator_as_it_was_then(tmp_path, tiny_sd, prompts
     del state["student"]
     (earlier / "state.json").write_text(json.dumps(state))
     old = find_model(str(earlier))
-    assert old.checkpoint == "iter-000002" and old.info == {**rundir.read_student_info(run / "student.safetensors"), "iterations": 2}
+    assert old.checkpoint == "iter-000002" and old.info == {
+        **rundir.read_student_info(run / "student.safetensors"),
+        "iterations": 2,
+    }

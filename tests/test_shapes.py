@@ -5,8 +5,8 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
-import torch
 import pytest
+import torch
 
 from dmdcli.shapes import features_path, teacher_path, world
 from dmdcli.shapes.features import (
@@ -16,7 +16,6 @@ from dmdcli.shapes.features import (
     frechet_distance,
     sample_teacher,
 )
-
 
 # ----------------------------------------------------------------------------- the world
 
@@ -69,8 +68,11 @@ def test_caption_round_trip():
     swapped = "a large blue square at the bottom right and a small red circle at the top left on a gray background"
     parsed = world.parse_caption(swapped)
     assert [o.position for o in parsed.objects] == ["top left", "bottom right"]
-    for bad in ["a red circle", "a small red circle at the top left", "a small red circle at the top left and "
-                "a large red circle at the top left on a white background"]:
+    for bad in [
+        "a red circle",
+        "a small red circle at the top left",
+        "a small red circle at the top left and a large red circle at the top left on a white background",
+    ]:
         with pytest.raises(ValueError):
             world.parse_caption(bad)
 
@@ -108,8 +110,10 @@ def test_frechet_distance_closed_form():
 def test_fd_shapes_separates_distributions():
     base = world.render_array(world.scenes(31, 600))
     same = world.render_array(world.scenes(32, 600))  # same distribution, other images
-    only_circles = [dataclasses.replace(s, objects=tuple(dataclasses.replace(o, shape="circle") for o in s.objects))
-                    for s in world.scenes(33, 600)]
+    only_circles = [
+        dataclasses.replace(s, objects=tuple(dataclasses.replace(o, shape="circle") for o in s.objects))
+        for s in world.scenes(33, 600)
+    ]
     shifted = world.render_array(only_circles)
     assert fd_shapes(base, base) < 1e-6
     assert fd_shapes(base, shifted) > 3 * fd_shapes(base, same)
@@ -148,8 +152,20 @@ def test_teacher_training_resumes_bit_exactly(tmp_path):
 
     from dmdcli.shapes import train_teacher
 
-    small = ["--num-scenes", "48", "--vae-iterations", "2", "--vae-batch-size", "4", "--text-iterations", "2",
-             "--batch-size", "4", "--checkpoint-every", "2"]
+    small = [
+        "--num-scenes",
+        "48",
+        "--vae-iterations",
+        "2",
+        "--vae-batch-size",
+        "4",
+        "--text-iterations",
+        "2",
+        "--batch-size",
+        "4",
+        "--checkpoint-every",
+        "2",
+    ]
     train_teacher.main([str(tmp_path / "straight"), *small, "--iterations", "4"])
     train_teacher.main([str(tmp_path / "resumed"), *small, "--iterations", "2"])
     train_teacher.main([str(tmp_path / "resumed"), *small, "--iterations", "4"])

@@ -42,12 +42,20 @@ def distill(world, dm_weight, iterations=1500):
     schedule, mixture, init = world
     torch.manual_seed(1)
     generator, fake_score = copy.deepcopy(init), copy.deepcopy(init)
-    dmd2 = DMD2(schedule, ExactMixtureDenoiser(mixture, schedule), fake_score,
-                config=DMD2Config(guidance_scale=1.0, dm_weight=dm_weight))
+    dmd2 = DMD2(
+        schedule,
+        ExactMixtureDenoiser(mixture, schedule),
+        fake_score,
+        config=DMD2Config(guidance_scale=1.0, dm_weight=dm_weight),
+    )
     step = DMD2Step(
-        dmd2, generator, [CONDITIONING_TIMESTEP],
-        list(generator.parameters()), list(fake_score.parameters()),
-        torch.optim.AdamW(generator.parameters(), 1e-4), torch.optim.AdamW(fake_score.parameters(), 1e-3),
+        dmd2,
+        generator,
+        [CONDITIONING_TIMESTEP],
+        list(generator.parameters()),
+        list(fake_score.parameters()),
+        torch.optim.AdamW(generator.parameters(), 1e-4),
+        torch.optim.AdamW(fake_score.parameters(), 1e-3),
         fake_updates_per_gen=5,
     )
     for it in range(iterations):

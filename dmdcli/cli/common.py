@@ -45,8 +45,11 @@ def handle_errors(command: Callable) -> Callable:
         except (MemoryError, RuntimeError) as e:
             if DEBUG["on"] or not is_out_of_memory(e):
                 raise
-            stderr_console().print(f"[bold red]error:[/] out of memory ({escape(first_line(e))}); "
-                                   "try a smaller --batch-size or --resolution", soft_wrap=True)
+            stderr_console().print(
+                f"[bold red]error:[/] out of memory ({escape(first_line(e))}); "
+                "try a smaller --batch-size or --resolution",
+                soft_wrap=True,
+            )
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
             if DEBUG["on"]:

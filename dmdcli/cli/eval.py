@@ -33,25 +33,133 @@ def _opt(help: str, panel: str, *names: str, **kwargs):
 
 @handle_errors
 def eval_command(
-    model: Annotated[list[str], _opt("Run folder (or one of its checkpoints, RUN/checkpoints/iter-N), `dmd export --format diffusers` folder, or diffusers pipeline (folder or hub id); repeat to compare.", MODEL, "--model", show_default=False)],
-    fid: Annotated[Optional[str], _opt("coco30k, coco10k (with --coco-root), a captioned image folder, or shapes (FD-shapes and alignment; the default for models of the built-in shapes teacher).", SET, "--fid", show_default=False)] = None,
-    coco_root: Annotated[Optional[Path], _opt("COCO-2014 folder holding val2014/ and annotations/captions_val2014.json.", SET, "--coco-root", show_default=False)] = None,
-    num_samples: Annotated[Optional[int], _opt("Score the first N (at least 2) of the set (default: all of it).", SET, "--num-samples", show_default=False)] = None,
-    eval_resolution: Annotated[Optional[int], _opt("Side images are cropped and resized to before the feature network (default: 256 coco30k and folders, 512 coco10k).", SET, "--eval-resolution", min=1, show_default=False)] = None,
+    model: Annotated[
+        list[str],
+        _opt(
+            "Run folder (or one of its checkpoints, RUN/checkpoints/iter-N), `dmd export --format diffusers` folder, or diffusers pipeline (folder or hub id); repeat to compare.",
+            MODEL,
+            "--model",
+            show_default=False,
+        ),
+    ],
+    fid: Annotated[
+        Optional[str],
+        _opt(
+            "coco30k, coco10k (with --coco-root), a captioned image folder, or shapes (FD-shapes and alignment; the default for models of the built-in shapes teacher).",
+            SET,
+            "--fid",
+            show_default=False,
+        ),
+    ] = None,
+    coco_root: Annotated[
+        Optional[Path],
+        _opt(
+            "COCO-2014 folder holding val2014/ and annotations/captions_val2014.json.",
+            SET,
+            "--coco-root",
+            show_default=False,
+        ),
+    ] = None,
+    num_samples: Annotated[
+        Optional[int],
+        _opt(
+            "Score the first N (at least 2) of the set (default: all of it).", SET, "--num-samples", show_default=False
+        ),
+    ] = None,
+    eval_resolution: Annotated[
+        Optional[int],
+        _opt(
+            "Side images are cropped and resized to before the feature network (default: 256 coco30k and folders, 512 coco10k).",
+            SET,
+            "--eval-resolution",
+            min=1,
+            show_default=False,
+        ),
+    ] = None,
     seed: Annotated[int, _opt("Base seed: image i of the set uses SEED + i.", MODEL, "--seed", min=0)] = 0,
-    steps: Annotated[Optional[int], _opt("Sampling steps of every model (default: the student's; a pipeline's own default).", MODEL, "--steps", min=1, max=MAX_STEPS, show_default=False)] = None,
-    guidance_scale: Annotated[Optional[float], _opt("CFG scale of plain pipelines (students sample without CFG).", MODEL, "--guidance-scale", show_default=False)] = None,
-    resolution: Annotated[Optional[int], _opt("Square size of the generated images (default: the student's; the pipeline's).", MODEL, "--resolution", min=1, show_default=False)] = None,
-    batch_size: Annotated[int, _opt("Images per generation batch (images never depend on it).", MODEL, "--batch-size", min=1)] = 4,
-    device: Annotated[str, _opt("cuda, cuda:1, cpu, mps, or auto (generation and features).", MODEL, "--device")] = "auto",
+    steps: Annotated[
+        Optional[int],
+        _opt(
+            "Sampling steps of every model (default: the student's; a pipeline's own default).",
+            MODEL,
+            "--steps",
+            min=1,
+            max=MAX_STEPS,
+            show_default=False,
+        ),
+    ] = None,
+    guidance_scale: Annotated[
+        Optional[float],
+        _opt(
+            "CFG scale of plain pipelines (students sample without CFG).", MODEL, "--guidance-scale", show_default=False
+        ),
+    ] = None,
+    resolution: Annotated[
+        Optional[int],
+        _opt(
+            "Square size of the generated images (default: the student's; the pipeline's).",
+            MODEL,
+            "--resolution",
+            min=1,
+            show_default=False,
+        ),
+    ] = None,
+    batch_size: Annotated[
+        int, _opt("Images per generation batch (images never depend on it).", MODEL, "--batch-size", min=1)
+    ] = 4,
+    device: Annotated[
+        str, _opt("cuda, cuda:1, cpu, mps, or auto (generation and features).", MODEL, "--device")
+    ] = "auto",
     dtype: Annotated[str, _opt("auto (fp16 on CUDA, fp32 elsewhere), fp32, fp16, bf16.", MODEL, "--dtype")] = "auto",
     allow_pickle: Annotated[bool, _opt("Allow weights stored as pickle files.", MODEL, "--allow-pickle")] = False,
-    features: Annotated[Optional[Path], _opt("TorchScript feature extractor: float [B,3,H,W] in 0..255 → [B,D], instead of Inception.", SCORING, "--features", show_default=False)] = None,
-    inception: Annotated[Optional[Path], _opt("clean-fid's inception-2015-12-05.pt (or its folder) from disk; default: downloaded on first use.", SCORING, "--inception", show_default=False)] = None,
-    clip_model: Annotated[Optional[str], _opt("transformers CLIP model (folder or hub id) for the CLIP score; none without it.", SCORING, "--clip-model", show_default=False)] = None,
-    cache_dir: Annotated[Optional[Path], _opt("Reference statistics cache (default: $DMD_CACHE/eval, else ~/.cache/dmd/eval).", SCORING, "--cache-dir", show_default=False)] = None,
-    num_workers: Annotated[int, _opt("Processes that read and resize images for the feature network.", SCORING, "--num-workers", min=0)] = 0,
-    out: Annotated[Optional[Path], _opt("Folder for report, grid and images (default: the run folder, else eval/<model>; several models: OUT/<model>).", OUT, "--out", show_default=False)] = None,
+    features: Annotated[
+        Optional[Path],
+        _opt(
+            "TorchScript feature extractor: float [B,3,H,W] in 0..255 → [B,D], instead of Inception.",
+            SCORING,
+            "--features",
+            show_default=False,
+        ),
+    ] = None,
+    inception: Annotated[
+        Optional[Path],
+        _opt(
+            "clean-fid's inception-2015-12-05.pt (or its folder) from disk; default: downloaded on first use.",
+            SCORING,
+            "--inception",
+            show_default=False,
+        ),
+    ] = None,
+    clip_model: Annotated[
+        Optional[str],
+        _opt(
+            "transformers CLIP model (folder or hub id) for the CLIP score; none without it.",
+            SCORING,
+            "--clip-model",
+            show_default=False,
+        ),
+    ] = None,
+    cache_dir: Annotated[
+        Optional[Path],
+        _opt(
+            "Reference statistics cache (default: $DMD_CACHE/eval, else ~/.cache/dmd/eval).",
+            SCORING,
+            "--cache-dir",
+            show_default=False,
+        ),
+    ] = None,
+    num_workers: Annotated[
+        int, _opt("Processes that read and resize images for the feature network.", SCORING, "--num-workers", min=0)
+    ] = 0,
+    out: Annotated[
+        Optional[Path],
+        _opt(
+            "Folder for report, grid and images (default: the run folder, else eval/<model>; several models: OUT/<model>).",
+            OUT,
+            "--out",
+            show_default=False,
+        ),
+    ] = None,
     overwrite: Annotated[bool, _opt("Replace an existing report and its images.", OUT, "--overwrite")] = False,
     json_out: Annotated[bool, _opt("Print each report as one JSON line on stdout.", OUT, "--json")] = False,
     quiet: Annotated[bool, _opt("No progress, messages or table on stderr.", OUT, "--quiet", "-q")] = False,
@@ -68,33 +176,67 @@ def eval_command(
     torch_dtype = pick_dtype(dtype, torch_device)
     if cache_dir is not None:
         check_can_make(cache_dir, "--cache-dir")
-    options = EvalOptions(coco_root=coco_root, num_samples=num_samples, eval_resolution=eval_resolution, features=features,
-                          inception=inception, clip_model=clip_model, cache_dir=cache_dir, device=torch_device,
-                          num_workers=num_workers, allow_pickle=allow_pickle)
+    options = EvalOptions(
+        coco_root=coco_root,
+        num_samples=num_samples,
+        eval_resolution=eval_resolution,
+        features=features,
+        inception=inception,
+        clip_model=clip_model,
+        cache_dir=cache_dir,
+        device=torch_device,
+        num_workers=num_workers,
+        allow_pickle=allow_pickle,
+    )
     sources = [find_model(name) for name in model]
     if fid is None:
         if not all(_of_shapes_teacher(source) for source in sources):
-            raise UsageError("--fid is required: coco30k or coco10k (with --coco-root), a captioned image folder, or shapes")
+            raise UsageError(
+                "--fid is required: coco30k or coco10k (with --coco-root), a captioned image folder, or shapes"
+            )
         fid = "shapes"
     benchmark = open_benchmark(fid, options)
     if guidance_scale is not None and all(source.is_student for source in sources):
         raise UsageError(STUDENT_TAKES_NO_CFG)
-    targets = plan_targets(sources, benchmark, out, seed=seed, steps=steps, guidance_scale=guidance_scale,
-                           resolution=resolution, overwrite=overwrite)
+    targets = plan_targets(
+        sources,
+        benchmark,
+        out,
+        seed=seed,
+        steps=steps,
+        guidance_scale=guidance_scale,
+        resolution=resolution,
+        overwrite=overwrite,
+    )
     with _stages(ui, benchmark.label) as progress:  # feature networks, CLIP and the reference statistics:
-        benchmark.prepare(progress)                 # a bad one fails here, before any model loads
+        benchmark.prepare(progress)  # a bad one fails here, before any model loads
     ui.message(f"set: {benchmark.describe()}")
     if guidance_scale is not None and any(source.is_student for source in sources):
-        ui.message(f"note: --guidance-scale {guidance_scale:g} applies to the plain pipelines only; students sample without CFG")
+        ui.message(
+            f"note: --guidance-scale {guidance_scale:g} applies to the plain pipelines only; students sample without CFG"
+        )
 
     reports = []
     for target in targets:
         with _stages(ui, target.source.name) as progress:
-            report = evaluate(target, benchmark, device=torch_device, dtype=torch_dtype, steps=steps,
-                              guidance_scale=guidance_scale, batch_size=batch_size, seed=seed,
-                              allow_pickle=allow_pickle, progress=progress, message=ui.message)
+            report = evaluate(
+                target,
+                benchmark,
+                device=torch_device,
+                dtype=torch_dtype,
+                steps=steps,
+                guidance_scale=guidance_scale,
+                batch_size=batch_size,
+                seed=seed,
+                allow_pickle=allow_pickle,
+                progress=progress,
+                message=ui.message,
+            )
         cached = [kind for kind, entry in report.get("reference_stats", {}).items() if entry.get("cached")]
-        ui.message(f"wrote {target.report}" + (f" (reference statistics from the cache: {', '.join(cached)})" if cached else ""))
+        ui.message(
+            f"wrote {target.report}"
+            + (f" (reference statistics from the cache: {', '.join(cached)})" if cached else "")
+        )
         if json_out:
             print_json(report)
         reports.append(report)
@@ -113,10 +255,25 @@ def _of_shapes_teacher(source) -> bool:
 @contextlib.contextmanager
 def _stages(ui: RichUI, name: str) -> Iterator:
     """One progress bar per stage (generating, reference features, ...), as score() reports them."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
-    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                        TextColumn("eta"), TimeRemainingColumn(), console=ui.console, disable=ui.quiet)
+    progress = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+        console=ui.console,
+        disable=ui.quiet,
+    )
     tasks: dict[str, int] = {}
 
     def update(stage: str, done: int, total: int) -> None:

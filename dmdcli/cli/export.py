@@ -24,16 +24,41 @@ def _opt(help: str, *names: str, **kwargs):
 
 @handle_errors
 def export(
-    model: Annotated[str, _opt("Run folder of dmd distill (or its student.safetensors, or one of its checkpoints, RUN/checkpoints/iter-N).", "--model", show_default=False)],
+    model: Annotated[
+        str,
+        _opt(
+            "Run folder of dmd distill (or its student.safetensors, or one of its checkpoints, RUN/checkpoints/iter-N).",
+            "--model",
+            show_default=False,
+        ),
+    ],
     fmt: Annotated[str, _opt("diffusers, lora, kohya or unet.", "--format")] = "diffusers",
-    out: Annotated[Optional[Path], _opt("Where to write (default: MODEL/export/diffusers, a folder; MODEL/export/<format>.safetensors for lora, kohya and unet).", "--out", show_default=False)] = None,
+    out: Annotated[
+        Optional[Path],
+        _opt(
+            "Where to write (default: MODEL/export/diffusers, a folder; MODEL/export/<format>.safetensors for lora, kohya and unet).",
+            "--out",
+            show_default=False,
+        ),
+    ] = None,
     dtype: Annotated[str, _opt("Weights' precision: fp32, fp16 or bf16.", "--dtype")] = "fp32",
     allow_pickle: Annotated[bool, _opt("Allow teacher weights stored as pickle files.", "--allow-pickle")] = False,
     overwrite: Annotated[bool, _opt("Replace what is already at --out.", "--overwrite")] = False,
     json_out: Annotated[bool, _opt("Print one JSON line on stdout saying what was written.", "--json")] = False,
     quiet: Annotated[bool, _opt("No messages on stderr.", "--quiet", "-q")] = False,
 ) -> None:
-    from dmdcli.export import check_dtype, check_format, check_kind, check_out, default_out, export as run_export, snippet, student_source
+    from dmdcli.export import (
+        check_dtype,
+        check_format,
+        check_kind,
+        check_out,
+        default_out,
+        snippet,
+        student_source,
+    )
+    from dmdcli.export import (
+        export as run_export,
+    )
 
     ui = RichUI(quiet=quiet)
     quiet_library_bars()
@@ -44,10 +69,14 @@ def export(
     out = out or default_out(source, fmt)
     check_out(out, fmt, overwrite)
     info = source.info
-    ui.message(f"student: {source.name} ({info['layout']}, {info['kind']}, {info['steps']} step(s), t = {info['timesteps']}); writing {fmt} to {out}")
+    ui.message(
+        f"student: {source.name} ({info['layout']}, {info['kind']}, {info['steps']} step(s), t = {info['timesteps']}); writing {fmt} to {out}"
+    )
     with ui.working(f"exporting {fmt}"):
         record = run_export(source, fmt, out, torch_dtype, allow_pickle)
     if not quiet:  # unwrapped, so that it can be copied as it is
-        ui.console.print(f"wrote {out}. In diffusers:\n\n{snippet(fmt, out, info, dtype)}\n", markup=False, soft_wrap=True)
+        ui.console.print(
+            f"wrote {out}. In diffusers:\n\n{snippet(fmt, out, info, dtype)}\n", markup=False, soft_wrap=True
+        )
     if json_out:
         print_json(record)

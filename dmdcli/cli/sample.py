@@ -30,24 +30,69 @@ def _opt(help: str, panel: str, *names: str, **kwargs):
 
 @handle_errors
 def sample(
-    model: Annotated[str, _opt("Run folder (or one of its checkpoints, RUN/checkpoints/iter-N), `dmd export --format diffusers` folder, or diffusers pipeline (folder or hub id).", MODEL, "--model", show_default=False)],
-    prompt: Annotated[Optional[list[str]], _opt('A prompt (repeatable; "" is the empty, unconditional prompt).', WHAT, "--prompt", show_default=False)] = None,
-    prompts: Annotated[Optional[str], _opt("Prompts file, one a line (or JSON lines); - reads standard input.", WHAT, "--prompts", show_default=False)] = None,
+    model: Annotated[
+        str,
+        _opt(
+            "Run folder (or one of its checkpoints, RUN/checkpoints/iter-N), `dmd export --format diffusers` folder, or diffusers pipeline (folder or hub id).",
+            MODEL,
+            "--model",
+            show_default=False,
+        ),
+    ],
+    prompt: Annotated[
+        Optional[list[str]],
+        _opt('A prompt (repeatable; "" is the empty, unconditional prompt).', WHAT, "--prompt", show_default=False),
+    ] = None,
+    prompts: Annotated[
+        Optional[str],
+        _opt(
+            "Prompts file, one a line (or JSON lines); - reads standard input.", WHAT, "--prompts", show_default=False
+        ),
+    ] = None,
     num_images_per_prompt: Annotated[int, _opt("Images per prompt.", WHAT, "--num-images-per-prompt", min=1)] = 1,
     seed: Annotated[int, _opt("Base seed: image i of prompt p uses SEED + p·N + i.", WHAT, "--seed", min=0)] = 0,
-    steps: Annotated[Optional[int], _opt("Sampling steps (default: the student's; a pipeline's own default).", WHAT, "--steps", min=1, max=MAX_STEPS, show_default=False)] = None,
-    guidance_scale: Annotated[Optional[float], _opt("CFG scale, for plain pipelines only (default: the pipeline's).", WHAT, "--guidance-scale", show_default=False)] = None,
-    resolution: Annotated[Optional[int], _opt("Square image size in pixels (default: the student's).", WHAT, "--resolution", min=1, show_default=False)] = None,
-    height: Annotated[Optional[int], _opt("Image height (overrides --resolution).", WHAT, "--height", min=1, show_default=False)] = None,
-    width: Annotated[Optional[int], _opt("Image width (overrides --resolution).", WHAT, "--width", min=1, show_default=False)] = None,
-    batch_size: Annotated[int, _opt("Images per forward pass (images never depend on it).", MODEL, "--batch-size", min=1)] = 4,
+    steps: Annotated[
+        Optional[int],
+        _opt(
+            "Sampling steps (default: the student's; a pipeline's own default).",
+            WHAT,
+            "--steps",
+            min=1,
+            max=MAX_STEPS,
+            show_default=False,
+        ),
+    ] = None,
+    guidance_scale: Annotated[
+        Optional[float],
+        _opt(
+            "CFG scale, for plain pipelines only (default: the pipeline's).",
+            WHAT,
+            "--guidance-scale",
+            show_default=False,
+        ),
+    ] = None,
+    resolution: Annotated[
+        Optional[int],
+        _opt("Square image size in pixels (default: the student's).", WHAT, "--resolution", min=1, show_default=False),
+    ] = None,
+    height: Annotated[
+        Optional[int], _opt("Image height (overrides --resolution).", WHAT, "--height", min=1, show_default=False)
+    ] = None,
+    width: Annotated[
+        Optional[int], _opt("Image width (overrides --resolution).", WHAT, "--width", min=1, show_default=False)
+    ] = None,
+    batch_size: Annotated[
+        int, _opt("Images per forward pass (images never depend on it).", MODEL, "--batch-size", min=1)
+    ] = 4,
     device: Annotated[str, _opt("cuda, cuda:1, cpu, mps, or auto.", MODEL, "--device")] = "auto",
     dtype: Annotated[str, _opt("auto (fp16 on CUDA, fp32 elsewhere), fp32, fp16, bf16.", MODEL, "--dtype")] = "auto",
     allow_pickle: Annotated[bool, _opt("Allow weights stored as pickle files.", MODEL, "--allow-pickle")] = False,
     out: Annotated[Path, _opt("Folder for the images.", OUT, "--out")] = Path("samples"),
     image_format: Annotated[str, _opt("png, jpg or webp.", OUT, "--format")] = "png",
     overwrite: Annotated[bool, _opt("Replace image files that already exist.", OUT, "--overwrite")] = False,
-    json_out: Annotated[bool, _opt("Print one JSON line per image written (path, prompt, seed, steps) on stdout.", OUT, "--json")] = False,
+    json_out: Annotated[
+        bool, _opt("Print one JSON line per image written (path, prompt, seed, steps) on stdout.", OUT, "--json")
+    ] = False,
     quiet: Annotated[bool, _opt("No progress or messages on stderr.", OUT, "--quiet", "-q")] = False,
 ) -> None:
     from dmdcli.data.prompts import read_prompts

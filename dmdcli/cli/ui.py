@@ -6,7 +6,15 @@ import contextlib
 from collections.abc import Iterator
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 
 def stderr_console() -> Console:
@@ -38,8 +46,14 @@ class RichUI:
     @contextlib.contextmanager
     def working(self, description: str) -> Iterator[None]:
         """Work with no count to show: a spinner and the time elapsed."""
-        progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
-                            console=self.console, disable=self.quiet, transient=False)
+        progress = Progress(
+            SpinnerColumn(),
+            TextColumn("{task.description}"),
+            TimeElapsedColumn(),
+            console=self.console,
+            disable=self.quiet,
+            transient=False,
+        )
         with progress:
             progress.add_task(description, total=None)
             yield
@@ -47,9 +61,16 @@ class RichUI:
     @contextlib.contextmanager
     def task(self, description: str, total: int) -> Iterator:
         progress = Progress(
-            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-            TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[logs]}"),
-            console=self.console, disable=self.quiet, transient=False,
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("eta"),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[logs]}"),
+            console=self.console,
+            disable=self.quiet,
+            transient=False,
         )
         with progress:
             task = progress.add_task(description, total=total or None, logs="")

@@ -135,6 +135,11 @@ class DMD2:
     def weighted_total(self, terms: dict[str, Tensor]) -> Tensor:
         """Sum of the loss terms with their configured weights."""
         c = self.config
-        weights = {"dm": c.dm_weight, "gan_g": c.gan_generator_weight, "denoise": 1.0, "gan_d": c.gan_discriminator_weight,
-                   "regression": c.regression_weight}
+        weights = {
+            "dm": c.dm_weight,
+            "gan_g": c.gan_generator_weight,
+            "denoise": 1.0,
+            "gan_d": c.gan_discriminator_weight,
+            "regression": c.regression_weight,
+        }
         return sum(weights[k] * v for k, v in terms.items())

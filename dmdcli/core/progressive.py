@@ -19,7 +19,9 @@ LOSS_WEIGHTS = ("truncated_snr", "snr_plus_one")
 PARAMETERIZATIONS = {"x": "sample", "v": "v_prediction", "epsilon": "epsilon"}  # → NoiseSchedule prediction types
 
 
-def distillation_target(z_t: Tensor, z_t2: Tensor, alpha_t: Tensor, sigma_t: Tensor, alpha_t2: Tensor, sigma_t2: Tensor) -> Tensor:
+def distillation_target(
+    z_t: Tensor, z_t2: Tensor, alpha_t: Tensor, sigma_t: Tensor, alpha_t2: Tensor, sigma_t2: Tensor
+) -> Tensor:
     """The x̃ for which one DDIM step t → t'' from z_t lands on the teacher's z_t'' (Algorithm 2):
 
         x̃ = (z_t'' − (σ_t''/σ_t)·z_t) / (α_t'' − (σ_t''/σ_t)·α_t)
@@ -31,7 +33,9 @@ def distillation_target(z_t: Tensor, z_t2: Tensor, alpha_t: Tensor, sigma_t: Ten
 
 
 @torch.no_grad()
-def teacher_two_steps(teacher_x0: X0Fn, schedule: NoiseSchedule, z_t: Tensor, t: Tensor, t1: Tensor, t2: Tensor) -> Tensor:
+def teacher_two_steps(
+    teacher_x0: X0Fn, schedule: NoiseSchedule, z_t: Tensor, t: Tensor, t1: Tensor, t2: Tensor
+) -> Tensor:
     """z_t'' after two deterministic DDIM steps of the teacher, t → t' → t'' (t'' may be −1)."""
     z_t1 = schedule.ddim_step(z_t, teacher_x0(z_t, t), t, t1)
     return schedule.ddim_step(z_t1, teacher_x0(z_t1, t1), t1, t2)

@@ -18,7 +18,9 @@ from dmdcli.core.schedule import NoiseSchedule, as_timestep_tensor, ddim_timeste
 NoiseFn = Callable[[Tensor], Tensor]  # draws fresh noise shaped like its argument
 
 
-def guided_prediction(denoiser: Denoiser, x_t: Tensor, t: Tensor, cond: Cond, uncond: Cond | None, scale: float) -> Tensor:
+def guided_prediction(
+    denoiser: Denoiser, x_t: Tensor, t: Tensor, cond: Cond, uncond: Cond | None, scale: float
+) -> Tensor:
     """Classifier-free guidance, uncond + s·(cond − uncond), in one batched forward of [uncond; cond].
 
     Returns the guided prediction [B, ...] float32; without uncond or with s = 1, one plain forward.

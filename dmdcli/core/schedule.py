@@ -118,7 +118,9 @@ class NoiseSchedule:
         return x0.float()
 
 
-def student_timesteps(num_steps: int, num_train_timesteps: int = 1000, conditioning_timestep: int | None = None) -> list[int]:
+def student_timesteps(
+    num_steps: int, num_train_timesteps: int = 1000, conditioning_timestep: int | None = None
+) -> list[int]:
     """The generator's timesteps: N evenly spaced from T−1 (999, 749, 499, 249 for N = 4).
 
     A 1-step generator sees pure noise but is told `conditioning_timestep` (399 for the SDXL

@@ -198,8 +198,14 @@ class RealLatents(Dataset):
     `latents` is float32 [N, C, h, w]; item i is (latents[i] [C, h, w], caption str).
     """
 
-    def __init__(self, latents: Tensor, captions: list[str], paths: list[str] | None = None,
-                 cache_path: Path | None = None, upscaled: int = 0) -> None:
+    def __init__(
+        self,
+        latents: Tensor,
+        captions: list[str],
+        paths: list[str] | None = None,
+        cache_path: Path | None = None,
+        upscaled: int = 0,
+    ) -> None:
         if latents.ndim != 4 or latents.shape[0] != len(captions):
             raise ValueError(f"latents {tuple(latents.shape)} do not match {len(captions)} captions")
         self.latents = latents
@@ -272,9 +278,17 @@ def load_or_build_latents(
     return latents, scan
 
 
-def _build_cache(scan: ImageFolderScan, inputs: dict, key: str, final: Path, resolution: int,
-                 encode: Callable[[Tensor], Tensor], batch_size: int, shard_size: int,
-                 progress: Callable[[int, int], None] | None) -> None:
+def _build_cache(
+    scan: ImageFolderScan,
+    inputs: dict,
+    key: str,
+    final: Path,
+    resolution: int,
+    encode: Callable[[Tensor], Tensor],
+    batch_size: int,
+    shard_size: int,
+    progress: Callable[[int, int], None] | None,
+) -> None:
     """Encode every item and publish the cache atomically at `final`."""
     latents, kept, failed, upscaled = _encode_items(scan, resolution, encode, batch_size, progress)
     if not kept:
@@ -302,9 +316,13 @@ def _build_cache(scan: ImageFolderScan, inputs: dict, key: str, final: Path, res
     atomic_folder(final, write, MANIFEST_FILE)
 
 
-def _encode_items(scan: ImageFolderScan, resolution: int, encode: Callable[[Tensor], Tensor],
-                  batch_size: int, progress: Callable[[int, int], None] | None,
-                  ) -> tuple[Tensor, list[tuple[str, str]], list[list[str]], int]:
+def _encode_items(
+    scan: ImageFolderScan,
+    resolution: int,
+    encode: Callable[[Tensor], Tensor],
+    batch_size: int,
+    progress: Callable[[int, int], None] | None,
+) -> tuple[Tensor, list[tuple[str, str]], list[list[str]], int]:
     """Encode all items in batches: (latents float32 [N, C, h, w], kept (relpath, caption),
     failed [relpath, reason], how many kept images had a short side under `resolution`)."""
     chunks: list[Tensor] = []
@@ -314,7 +332,7 @@ def _encode_items(scan: ImageFolderScan, resolution: int, encode: Callable[[Tens
     total = len(scan.items)
     for start in range(0, total, batch_size):
         images = []
-        for path, caption in scan.items[start:start + batch_size]:
+        for path, caption in scan.items[start : start + batch_size]:
             rel = _relpath(scan.root, path)
             try:
                 image, side = _load_square(path, resolution)
@@ -336,18 +354,17 @@ def _encode_items(scan: ImageFolderScan, resolution: int, encode: Callable[[Tens
     return latents, kept, failed, upscaled
 
 
-def _write_shards(folder: Path, latents: Tensor, kept: list[tuple[str, str]],
-                  shard_size: int) -> list[dict]:
+def _write_shards(folder: Path, latents: Tensor, kept: list[tuple[str, str]], shard_size: int) -> list[dict]:
     """Write latents [N, C, h, w] as shards of at most `shard_size`; returns their manifest entries."""
     shards = []
     for index, start in enumerate(range(0, len(kept), shard_size)):
-        part = kept[start:start + shard_size]
+        part = kept[start : start + shard_size]
         name = f"latents-{index:05d}.safetensors"
         metadata = {
             "captions": json.dumps([caption for _, caption in part]),
             "paths": json.dumps([rel for rel, _ in part]),
         }
-        save_file({"latents": latents[start:start + len(part)].contiguous()}, str(folder / name), metadata=metadata)
+        save_file({"latents": latents[start : start + len(part)].contiguous()}, str(folder / name), metadata=metadata)
         shards.append({"file": name, "count": len(part)})
     return shards
 
@@ -367,8 +384,9 @@ def _load_cache(folder: Path) -> tuple[RealLatents, dict[str, str]]:
     for name, count in shards:
         latents, shard_captions, shard_paths = _read_shard(folder / name, hint)
         if latents.shape[0] != count or len(shard_captions) != count:
-            raise DmdError(f"latent cache shard {folder / name} holds {latents.shape[0]} latents, "
-                           f"expected {count}; {hint}")
+            raise DmdError(
+                f"latent cache shard {folder / name} holds {latents.shape[0]} latents, expected {count}; {hint}"
+            )
         tensors.append(latents)
         captions += shard_captions
         paths += shard_paths

@@ -58,18 +58,38 @@ def default_pairs_dir() -> Path:
 PAIR_COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
 
 
-def teacher_identity(source: str, layout: str, prediction_type: str, scheduler_config: dict[str, Any]) -> dict[str, Any]:
+def teacher_identity(
+    source: str, layout: str, prediction_type: str, scheduler_config: dict[str, Any]
+) -> dict[str, Any]:
     """What identifies a teacher without reading its weights (`component_files`)."""
-    return {"source": source, "layout": layout, "prediction_type": prediction_type,
-            "scheduler": {k: v for k, v in scheduler_config.items() if not k.startswith("_")},
-            **component_files(source, PAIR_COMPONENTS)}
-
-
-def pair_key_inputs(teacher: dict[str, Any], prompts: list[str], seed: int, steps: int, guidance_scale: float,
-                    resolution: int, count: int, precision: str) -> dict[str, Any]:
     return {
-        "format": PAIRS_FORMAT, "teacher": teacher, "prompts_sha256": hashlib.sha256(json.dumps(prompts).encode()).hexdigest(),
-        "seed": seed, "steps": steps, "guidance_scale": guidance_scale, "resolution": resolution, "count": count,
+        "source": source,
+        "layout": layout,
+        "prediction_type": prediction_type,
+        "scheduler": {k: v for k, v in scheduler_config.items() if not k.startswith("_")},
+        **component_files(source, PAIR_COMPONENTS),
+    }
+
+
+def pair_key_inputs(
+    teacher: dict[str, Any],
+    prompts: list[str],
+    seed: int,
+    steps: int,
+    guidance_scale: float,
+    resolution: int,
+    count: int,
+    precision: str,
+) -> dict[str, Any]:
+    return {
+        "format": PAIRS_FORMAT,
+        "teacher": teacher,
+        "prompts_sha256": hashlib.sha256(json.dumps(prompts).encode()).hexdigest(),
+        "seed": seed,
+        "steps": steps,
+        "guidance_scale": guidance_scale,
+        "resolution": resolution,
+        "count": count,
         "precision": precision,  # the teacher runs in the frozen dtype: bf16 pairs are not fp32 ones
     }
 
@@ -106,8 +126,17 @@ def load_or_build_pairs(
     return Pairs(noise, latent, pair_prompts, final, built)
 
 
-def _build(final: Path, key: str, inputs: dict[str, Any], prompts: list[str], latent_shape: tuple[int, ...],
-           generate, batch_size: int, shard_size: int, progress) -> None:
+def _build(
+    final: Path,
+    key: str,
+    inputs: dict[str, Any],
+    prompts: list[str],
+    latent_shape: tuple[int, ...],
+    generate,
+    batch_size: int,
+    shard_size: int,
+    progress,
+) -> None:
     count, seed = int(inputs["count"]), int(inputs["seed"])
 
     def write(tmp: Path) -> None:
@@ -128,11 +157,16 @@ def _build(final: Path, key: str, inputs: dict[str, Any], prompts: list[str], la
         for n, start in enumerate(range(0, count, shard_size)):
             name = f"pairs-{n:05d}.safetensors"
             part = slice(start, min(start + shard_size, count))
-            save_file({"noise": noise[part].contiguous(), "latent": latent[part].contiguous()}, str(tmp / name),
-                      metadata={"prompts": json.dumps(texts[part])})
+            save_file(
+                {"noise": noise[part].contiguous(), "latent": latent[part].contiguous()},
+                str(tmp / name),
+                metadata={"prompts": json.dumps(texts[part])},
+            )
             shards.append({"file": name, "count": part.stop - part.start})
         manifest = {"format": PAIRS_FORMAT, "key": key, "inputs": inputs, "count": count, "shards": shards}
-        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1), encoding="utf-8")  # last: marks the folder complete
+        (tmp / MANIFEST_FILE).write_text(
+            json.dumps(manifest, indent=1), encoding="utf-8"
+        )  # last: marks the folder complete
 
     atomic_folder(final, write, MANIFEST_FILE)
 

@@ -51,9 +51,15 @@ class PromptCache:
         return self.take(self.rows(prompts))
 
 
-def build_prompt_cache(encode: Callable[[list[str]], Cond], prompts: Iterable[str], dtype: torch.dtype, device: torch.device,
-                       progress: Callable[[int], None] = lambda done: None, batch_size: int = ENCODE_BATCH,
-                       limit: int | None = None) -> tuple[PromptCache | None, int]:
+def build_prompt_cache(
+    encode: Callable[[list[str]], Cond],
+    prompts: Iterable[str],
+    dtype: torch.dtype,
+    device: torch.device,
+    progress: Callable[[int], None] = lambda done: None,
+    batch_size: int = ENCODE_BATCH,
+    limit: int | None = None,
+) -> tuple[PromptCache | None, int]:
     """Encode every distinct prompt once, `batch_size` at a time.
 
     Returns (cache, bytes): bytes is the host memory the cache takes, or, when that would exceed
@@ -63,7 +69,7 @@ def build_prompt_cache(encode: Callable[[list[str]], Cond], prompts: Iterable[st
     distinct = list(dict.fromkeys(prompts))
     table: Cond = {}
     for start in range(0, len(distinct), batch_size):
-        cond = encode(distinct[start:start + batch_size])
+        cond = encode(distinct[start : start + batch_size])
         if not table:
             table = {k: torch.empty((len(distinct), *v.shape[1:]), dtype=dtype) for k, v in cond.items()}
             needed = sum(v.numel() * v.element_size() for v in table.values())
@@ -73,7 +79,7 @@ def build_prompt_cache(encode: Callable[[list[str]], Cond], prompts: Iterable[st
             v = v.detach().cpu()
             if table[k].dtype != v.dtype and not torch.equal(v.to(table[k].dtype).to(v.dtype), v):
                 table[k] = table[k].to(v.dtype)  # the narrower dtype would round these values: keep them whole
-            table[k][start:start + len(v)] = v
+            table[k][start : start + len(v)] = v
         progress(min(start + batch_size, len(distinct)))
     cache = PromptCache(table, {p: i for i, p in enumerate(distinct)}, device)
     return cache, cache.nbytes

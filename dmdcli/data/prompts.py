@@ -23,9 +23,7 @@ def read_prompts(path: str | Path) -> list[str]:
     name = "<stdin>" if str(path) == "-" else str(path)
     text = _read_text(path, name)
     prompts = [
-        prompt
-        for number, line in enumerate(text.splitlines(), start=1)
-        if (prompt := _parse_line(line, number, name))
+        prompt for number, line in enumerate(text.splitlines(), start=1) if (prompt := _parse_line(line, number, name))
     ]
     if not prompts:
         raise UsageError(f"prompts file {name} holds no prompts")

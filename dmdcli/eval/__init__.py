@@ -15,6 +15,17 @@ from dmdcli.eval.protocol import COCO_PROTOCOLS, ReferenceSet, load_reference_se
 from dmdcli.eval.report import read_report, render_table, score, write_report
 
 __all__ = [
-    "COCO_PROTOCOLS", "ClipScorer", "FeatureExtractor", "ReferenceSet", "StatsCache", "default_cache_dir",
-    "extract", "load_extractor", "load_reference_set", "read_report", "render_table", "score", "write_report",
+    "COCO_PROTOCOLS",
+    "ClipScorer",
+    "FeatureExtractor",
+    "ReferenceSet",
+    "StatsCache",
+    "default_cache_dir",
+    "extract",
+    "load_extractor",
+    "load_reference_set",
+    "read_report",
+    "render_table",
+    "score",
+    "write_report",
 ]

@@ -23,8 +23,8 @@ import torch
 from safetensors import safe_open
 
 from dmdcli.errors import DmdError
-from dmdcli.files import atomic_save_file, atomic_write, cache_dir
 from dmdcli.eval.metrics import FeatureStats, feature_stats
+from dmdcli.files import atomic_save_file, atomic_write, cache_dir
 
 CACHE_FORMAT = 1
 
@@ -80,7 +80,9 @@ class StatsCache:
                 metadata = handle.metadata() or {}
                 tensors = {name: handle.get_tensor(name) for name in ("features", "mu", "sigma")}
         except Exception as exc:  # safetensors raises its own error type for a corrupt file
-            raise DmdError(f"reference statistics {path} are unreadable ({exc}); delete the file and run again") from None
+            raise DmdError(
+                f"reference statistics {path} are unreadable ({exc}); delete the file and run again"
+            ) from None
         if metadata.get("key") != key:
             raise DmdError(f"reference statistics {path} belong to another key; delete the file and run again")
         stats = FeatureStats(mu=tensors["mu"].numpy(), sigma=tensors["sigma"].numpy())
@@ -95,7 +97,9 @@ class StatsCache:
             "sigma": torch.from_numpy(np.ascontiguousarray(stats.sigma, dtype=np.float64)),
         }
         # A failed write (full disk, permissions) is an OSError naming the file: the CLI's one line.
-        atomic_write(self.root / f"{key}.json",
-                     lambda tmp: tmp.write_text(json.dumps({"key": key, **inputs}, indent=1), encoding="utf-8"))
+        atomic_write(
+            self.root / f"{key}.json",
+            lambda tmp: tmp.write_text(json.dumps({"key": key, **inputs}, indent=1), encoding="utf-8"),
+        )
         atomic_save_file(tensors, self.path(key), metadata)
         return self.path(key)

@@ -45,13 +45,16 @@ class FeatureExtractor:
         """Features float32 [B, D] of float images [B, 3, 299, 299] in 0..255."""
         out = self.model(batch.to(self.device, torch.float32))
         if not isinstance(out, Tensor) or out.shape[0] != batch.shape[0]:
-            raise DmdError(f"feature extractor {self.identity} returned {getattr(out, 'shape', type(out))} "
-                           f"for a batch of {batch.shape[0]}; expected features [B, D]")
+            raise DmdError(
+                f"feature extractor {self.identity} returned {getattr(out, 'shape', type(out))} "
+                f"for a batch of {batch.shape[0]}; expected features [B, D]"
+            )
         return out.reshape(out.shape[0], -1).to("cpu", torch.float32).numpy()
 
 
-def load_extractor(*, inception: str | Path | None = None, features: str | Path | None = None,
-                   device: str | torch.device = "cpu") -> FeatureExtractor:
+def load_extractor(
+    *, inception: str | Path | None = None, features: str | Path | None = None, device: str | torch.device = "cpu"
+) -> FeatureExtractor:
     """The extractor the options ask for: --features, else --inception, else clean-fid's
     Inception (downloaded on first use)."""
     if inception is not None and features is not None:
@@ -74,8 +77,10 @@ def clean_fid_inception(device: str | torch.device = "cpu") -> FeatureExtractor:
         with _quiet_jit():
             model = InceptionV3W(folder, download=True, resize_inside=False)
     except Exception as exc:  # urllib/requests errors when offline, RuntimeError for a bad file
-        raise DmdError(f"cannot load clean-fid's Inception ({exc}); on a machine with no network pass "
-                       f"--inception PATH ({INCEPTION_FILE}) or --features PATH") from None
+        raise DmdError(
+            f"cannot load clean-fid's Inception ({exc}); on a machine with no network pass "
+            f"--inception PATH ({INCEPTION_FILE}) or --features PATH"
+        ) from None
     return _inception(model, Path(folder) / INCEPTION_FILE, device)
 
 
@@ -100,8 +105,9 @@ def inception_from_file(path: str | Path, device: str | torch.device = "cpu") ->
 
 def _inception(model: torch.nn.Module, file: Path, device: torch.device | str) -> FeatureExtractor:
     device = torch.device(device)
-    return FeatureExtractor(model=model.to(device).eval(), identity=f"inception:{file_sha256(file)[:16]}",
-                            device=device)
+    return FeatureExtractor(
+        model=model.to(device).eval(), identity=f"inception:{file_sha256(file)[:16]}", device=device
+    )
 
 
 def torchscript_extractor(path: str | Path, device: str | torch.device = "cpu") -> FeatureExtractor:
@@ -154,7 +160,7 @@ class _CleanImages(torch.utils.data.Dataset):
         try:
             image = to_uint8_rgb(self.images[index])
         except DmdError as e:  # returned, and raised by `extract`: raised in a worker process, torch
-            return e           # would hand it back with the worker's whole traceback as its message
+            return e  # would hand it back with the worker's whole traceback as its message
         height, width = image.shape[:2]
         if self.transform is not None:
             image = self.transform(image)
@@ -167,10 +173,16 @@ def _collate(items: list) -> Any:
     return failed if failed is not None else torch.utils.data.default_collate(items)
 
 
-def extract(images: Sequence[Any], extractor: FeatureExtractor, *,
-            transform: Callable[[np.ndarray], np.ndarray] | None = None, batch_size: int = 32,
-            num_workers: int = 0, progress: Callable[[int, int], None] | None = None,
-            sizes: list[tuple[int, int]] | None = None) -> np.ndarray:
+def extract(
+    images: Sequence[Any],
+    extractor: FeatureExtractor,
+    *,
+    transform: Callable[[np.ndarray], np.ndarray] | None = None,
+    batch_size: int = 32,
+    num_workers: int = 0,
+    progress: Callable[[int, int], None] | None = None,
+    sizes: list[tuple[int, int]] | None = None,
+) -> np.ndarray:
     """Features float32 [N, D] of N images (PIL, uint8 [H, W, 3] arrays/tensors, or paths;
     a uint8 array [N, H, W, 3] works too).
 
@@ -182,8 +194,13 @@ def extract(images: Sequence[Any], extractor: FeatureExtractor, *,
     """
     if len(images) == 0:
         raise ValueError("no images to extract features from")
-    loader = torch.utils.data.DataLoader(_CleanImages(images, transform), batch_size=batch_size, shuffle=False,
-                                         num_workers=num_workers, collate_fn=_collate)
+    loader = torch.utils.data.DataLoader(
+        _CleanImages(images, transform),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        collate_fn=_collate,
+    )
     chunks, done = [], 0
     for batch in loader:
         if isinstance(batch, DmdError):

@@ -57,8 +57,9 @@ def fid(generated: FeatureStats, reference: FeatureStats) -> float:
     return float(value)
 
 
-def kid(generated: np.ndarray, reference: np.ndarray, *, seed: int = 0, num_subsets: int = 100,
-        max_subset_size: int = 1000) -> float:
+def kid(
+    generated: np.ndarray, reference: np.ndarray, *, seed: int = 0, num_subsets: int = 100, max_subset_size: int = 1000
+) -> float:
     """Kernel Inception Distance of features [N, D] and [M, D].
 
     clean-fid's ``kernel_distance(generated, reference)`` in float64, with ``np.random.choice``
@@ -84,8 +85,15 @@ def kid(generated: np.ndarray, reference: np.ndarray, *, seed: int = 0, num_subs
 class ClipScorer:
     """CLIP image-text cosine similarity with a transformers CLIPModel and its processor."""
 
-    def __init__(self, model: Any, processor: Any, name: str, device: str | torch.device = "cpu",
-                 prefix: str = CLIP_PREFIX, image_size: int = CLIP_IMAGE_SIZE):
+    def __init__(
+        self,
+        model: Any,
+        processor: Any,
+        name: str,
+        device: str | torch.device = "cpu",
+        prefix: str = CLIP_PREFIX,
+        image_size: int = CLIP_IMAGE_SIZE,
+    ):
         self.model = model.to(device).eval()
         self.processor = processor
         self.name = name
@@ -102,15 +110,22 @@ class ClipScorer:
         from dmdcli.models.teacher import looks_like_path
 
         if looks_like_path(name_or_path) and not Path(name_or_path).expanduser().exists():
-            raise UsageError(f"CLIP model not found: {name_or_path}")  # not a hub id: transformers would say "Repo id must be …"
+            raise UsageError(
+                f"CLIP model not found: {name_or_path}"
+            )  # not a hub id: transformers would say "Repo id must be …"
         try:
             # float32 whatever the checkpoint's dtype (transformers 5 keeps it by default), as the
             # reference scores with clip.float(); the PIL backend resizes as open_clip does.
-            model = CLIPModel.from_pretrained(name_or_path, use_safetensors=None if allow_pickle else True, dtype=torch.float32)
+            model = CLIPModel.from_pretrained(
+                name_or_path, use_safetensors=None if allow_pickle else True, dtype=torch.float32
+            )
             processor = CLIPProcessor.from_pretrained(name_or_path, backend="pil")
         except Exception as exc:  # OSError (not found / offline), ValueError (bad config), ...
-            hint = "" if allow_pickle or "safetensors" not in str(exc) else \
-                " (weights stored only as pickle files load with --allow-pickle)"
+            hint = (
+                ""
+                if allow_pickle or "safetensors" not in str(exc)
+                else " (weights stored only as pickle files load with --allow-pickle)"
+            )
             raise DmdError(f"cannot load the CLIP model {name_or_path}: {first_line(exc)}{hint}") from None
         return cls(model, processor, name=str(name_or_path), device=device)
 
@@ -122,14 +137,17 @@ class ClipScorer:
         max_length = getattr(self.model.config.text_config, "max_position_embeddings", 77)
         out = []
         for start in range(0, len(images), batch_size):
-            pil = [self._prepare(image) for image in images[start:start + batch_size]]
-            texts = [self.prefix + prompt for prompt in prompts[start:start + batch_size]]
-            text = self.processor.tokenizer(texts, padding=True, truncation=True, max_length=max_length,
-                                            return_tensors="pt")
+            pil = [self._prepare(image) for image in images[start : start + batch_size]]
+            texts = [self.prefix + prompt for prompt in prompts[start : start + batch_size]]
+            text = self.processor.tokenizer(
+                texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt"
+            )
             pixels = self.processor.image_processor(images=pil, return_tensors="pt")["pixel_values"]
-            result = self.model(input_ids=text["input_ids"].to(self.device),
-                                attention_mask=text["attention_mask"].to(self.device),
-                                pixel_values=pixels.to(self.device))
+            result = self.model(
+                input_ids=text["input_ids"].to(self.device),
+                attention_mask=text["attention_mask"].to(self.device),
+                pixel_values=pixels.to(self.device),
+            )
             # image_embeds / text_embeds come L2-normalized, so their dot product is the cosine.
             out.append((result.image_embeds * result.text_embeds).sum(-1).double().cpu().numpy())
         return np.concatenate(out)

@@ -113,8 +113,13 @@ def check_num_samples(num_samples: int | None) -> None:
         raise UsageError(f"--num-samples must be at least 2 (FID needs two images), got {num_samples}")
 
 
-def load_reference_set(spec: str | Path, *, coco_root: str | Path | None = None, resolution: int | None = None,
-                       num_samples: int | None = None) -> ReferenceSet:
+def load_reference_set(
+    spec: str | Path,
+    *,
+    coco_root: str | Path | None = None,
+    resolution: int | None = None,
+    num_samples: int | None = None,
+) -> ReferenceSet:
     """The set named by `spec` ("coco30k", "coco10k" or a folder path), cut to `num_samples`.
 
     `resolution` overrides the protocol's (256 for coco30k, 512 for coco10k, 256 for a folder).
@@ -137,8 +142,9 @@ def load_reference_set(spec: str | Path, *, coco_root: str | Path | None = None,
 # ----------------------------------------------------------------------------- COCO
 
 
-def coco_set(protocol: CocoProtocol, coco_root: str | Path, *, resolution: int | None = None,
-             num_samples: int | None = None) -> ReferenceSet:
+def coco_set(
+    protocol: CocoProtocol, coco_root: str | Path, *, resolution: int | None = None, num_samples: int | None = None
+) -> ReferenceSet:
     """A COCO protocol's set from `coco_root` (val2014/ images + captions_val2014.json)."""
     root = Path(coco_root)
     if not root.is_dir():
@@ -156,21 +162,35 @@ def coco_set(protocol: CocoProtocol, coco_root: str | Path, *, resolution: int |
     if wanted > protocol.size:
         raise UsageError(f"--num-samples {num_samples} is more than {protocol.name}'s {protocol.size} images")
     if available < wanted:
-        raise DmdError(f"{captions_file} lists {available} captioned images; {protocol.name} needs {wanted}"
-                       + ("" if num_samples else f" (use --num-samples <= {available} to score a prefix)"))
+        raise DmdError(
+            f"{captions_file} lists {available} captioned images; {protocol.name} needs {wanted}"
+            + ("" if num_samples else f" (use --num-samples <= {available} to score a prefix)")
+        )
     selected = select_coco(annotations, min(protocol.size, available), protocol.seed, source=captions_file)
     items = [(images_dir / name, caption) for name, caption in selected[:wanted]]
     missing = [path for path, _ in items if not path.is_file()]
     if missing:
-        raise DmdError(f"{len(missing)} of {len(items)} selected COCO images are missing from {images_dir} "
-                       f"(first: {missing[0].name})")
-    selection = (f"COCO-2014 val: images with captions sorted by id, permuted with numpy default_rng({protocol.seed}); "
-                 f"one caption per image drawn with the same generator; first {wanted} of {protocol.size}")
-    return ReferenceSet(name=protocol.name, root=root, resolution=resolution or protocol.resolution, items=items,
-                        set_size=protocol.size, selection=selection)
+        raise DmdError(
+            f"{len(missing)} of {len(items)} selected COCO images are missing from {images_dir} "
+            f"(first: {missing[0].name})"
+        )
+    selection = (
+        f"COCO-2014 val: images with captions sorted by id, permuted with numpy default_rng({protocol.seed}); "
+        f"one caption per image drawn with the same generator; first {wanted} of {protocol.size}"
+    )
+    return ReferenceSet(
+        name=protocol.name,
+        root=root,
+        resolution=resolution or protocol.resolution,
+        items=items,
+        set_size=protocol.size,
+        selection=selection,
+    )
 
 
-def select_coco(annotations: dict, count: int, seed: int, *, source: Path | str = "captions json") -> list[tuple[str, str]]:
+def select_coco(
+    annotations: dict, count: int, seed: int, *, source: Path | str = "captions json"
+) -> list[tuple[str, str]]:
     """`count` (image file name, caption) pairs from a COCO captions JSON, one per image.
 
     See the module docstring for the rule. Raises DmdError when the JSON lacks the COCO fields
@@ -231,7 +251,9 @@ def _file_names(annotations: dict, source: Path | str) -> dict[int, str]:
 # ----------------------------------------------------------------------------- folders
 
 
-def folder_set(root: str | Path, *, resolution: int = FOLDER_RESOLUTION, num_samples: int | None = None) -> ReferenceSet:
+def folder_set(
+    root: str | Path, *, resolution: int = FOLDER_RESOLUTION, num_samples: int | None = None
+) -> ReferenceSet:
     """A captioned image folder (``.txt`` beside each image or ``metadata.jsonl``), sorted by
     relative path, cut to its first `num_samples` images."""
     scan = scan_image_folder(root)
@@ -244,8 +266,9 @@ def folder_set(root: str | Path, *, resolution: int = FOLDER_RESOLUTION, num_sam
     selection = f"captioned images sorted by relative path; first {len(items)} of {total}"
     if scan.skipped:
         selection += f" ({len(scan.skipped)} files skipped: no caption or unreadable)"
-    return ReferenceSet(name="folder", root=scan.root, resolution=resolution, items=items, set_size=total,
-                        selection=selection)
+    return ReferenceSet(
+        name="folder", root=scan.root, resolution=resolution, items=items, set_size=total, selection=selection
+    )
 
 
 def _relative(path: Path, root: Path) -> str:

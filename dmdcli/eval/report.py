@@ -71,8 +71,15 @@ def score(
         raise ValueError(f"{len(generated)} images and {len(prompts)} prompts for a reference set of {n}")
     started = time.perf_counter()
     if references is None:
-        references = reference_statistics(reference, extractor, cache, patch_fid=patch_fid, batch_size=batch_size,
-                                          num_workers=num_workers, progress=progress)
+        references = reference_statistics(
+            reference,
+            extractor,
+            cache,
+            patch_fid=patch_fid,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            progress=progress,
+        )
     step = functools.partial(_stage, progress)
     common = dict(extractor=extractor, batch_size=batch_size, num_workers=num_workers)
 
@@ -106,9 +113,9 @@ def score(
         "protocol": {
             **reference.describe(),
             "fid_preprocess": f"center crop on the long edge, PIL LANCZOS to {reference.resolution}², "
-                              "clean-fid 'clean' resize to 299²",
+            "clean-fid 'clean' resize to 299²",
             "patch_preprocess": f"{PATCH_SIZE}×{PATCH_SIZE} center crop of the full-resolution image "
-                                "(images with a shorter side: their centered square, resized up)",
+            "(images with a shorter side: their centered square, resized up)",
             "kid": {"subsets": KID_SUBSETS, "max_subset_size": KID_SUBSET_SIZE, "seed": kid_seed},
             "clip": None if clip is None else {"prefix": clip.prefix, "image_size": clip.image_size},
         },
@@ -123,25 +130,46 @@ def score(
     }
 
 
-def reference_statistics(reference: ReferenceSet, extractor: FeatureExtractor, cache: StatsCache | None = None, *,
-                         patch_fid: bool = True, batch_size: int = 32, num_workers: int = 0,
-                         progress: Progress | None = None) -> dict[str, ReferenceStats]:
+def reference_statistics(
+    reference: ReferenceSet,
+    extractor: FeatureExtractor,
+    cache: StatsCache | None = None,
+    *,
+    patch_fid: bool = True,
+    batch_size: int = 32,
+    num_workers: int = 0,
+    progress: Progress | None = None,
+) -> dict[str, ReferenceStats]:
     """The reference set's statistics for FID ("fid") and patch FID ("patch"), from the cache or
     computed and cached (default cache: StatsCache() in ~/.cache/dmd/eval)."""
     cache = cache if cache is not None else StatsCache()
     fingerprint = reference.fingerprint()
     common = dict(extractor=extractor, batch_size=batch_size, num_workers=num_workers)
     to_protocol = functools.partial(protocol_resize, resolution=reference.resolution)
-    found = {"fid": _reference_stats(reference, "fid", to_protocol, cache, fingerprint, _stage(progress, "reference features"), **common)}
+    found = {
+        "fid": _reference_stats(
+            reference, "fid", to_protocol, cache, fingerprint, _stage(progress, "reference features"), **common
+        )
+    }
     if patch_fid:
-        found["patch"] = _reference_stats(reference, "patch", patch_crop, cache, fingerprint,
-                                          _stage(progress, "reference patch features"), **common)
+        found["patch"] = _reference_stats(
+            reference, "patch", patch_crop, cache, fingerprint, _stage(progress, "reference patch features"), **common
+        )
     return found
 
 
-def _reference_stats(reference: ReferenceSet, kind: str, transform: Callable, cache: StatsCache, fingerprint: str,
-                     progress: Callable[[int, int], None] | None, *, extractor: FeatureExtractor, batch_size: int,
-                     num_workers: int) -> ReferenceStats:
+def _reference_stats(
+    reference: ReferenceSet,
+    kind: str,
+    transform: Callable,
+    cache: StatsCache,
+    fingerprint: str,
+    progress: Callable[[int, int], None] | None,
+    *,
+    extractor: FeatureExtractor,
+    batch_size: int,
+    num_workers: int,
+) -> ReferenceStats:
     """Reference features and statistics for `kind` ("fid" or "patch"), cached by everything
     they depend on (the patch crop does not depend on the protocol resolution)."""
     inputs = {
@@ -153,9 +181,17 @@ def _reference_stats(reference: ReferenceSet, kind: str, transform: Callable, ca
         "extractor": extractor.identity,
         "mode": "clean",
     }
-    return cache.get_or_compute(inputs, lambda: extract(reference.paths, extractor, transform=transform,
-                                                        batch_size=batch_size, num_workers=num_workers,
-                                                        progress=progress))
+    return cache.get_or_compute(
+        inputs,
+        lambda: extract(
+            reference.paths,
+            extractor,
+            transform=transform,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            progress=progress,
+        ),
+    )
 
 
 def _stage(progress: Progress | None, name: str) -> Callable[[int, int], None] | None:
@@ -229,8 +265,11 @@ def render_table(reports: Sequence[dict]) -> Table:
     for report in reports:
         metrics = report.get("metrics", {})
         protocol = report.get("protocol", {})
-        cells = [str(report.get("model", "")), f"{protocol.get('name', '?')}@{protocol.get('resolution', '?')}",
-                 str(report.get("num_samples", ""))]
+        cells = [
+            str(report.get("model", "")),
+            f"{protocol.get('name', '?')}@{protocol.get('resolution', '?')}",
+            str(report.get("num_samples", "")),
+        ]
         for _, key, fmt in columns:
             value = metrics.get(key)
             cells.append("–" if value is None else fmt.format(value))

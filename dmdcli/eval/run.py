@@ -35,12 +35,12 @@ import numpy as np
 import torch
 
 from dmdcli.errors import UsageError
-from dmdcli.files import atomic_write
 from dmdcli.eval.cache import ReferenceStats, StatsCache
 from dmdcli.eval.features import FeatureExtractor, load_extractor
 from dmdcli.eval.metrics import ClipScorer
 from dmdcli.eval.protocol import COCO_PROTOCOLS, ReferenceSet, check_num_samples, load_reference_set
 from dmdcli.eval.report import Progress, reference_statistics, score, write_report
+from dmdcli.files import atomic_write
 from dmdcli.models.student import ImageSampler, ModelSource
 from dmdcli.sample import Job, check_free, plan, run, slug
 from dmdcli.train import rundir
@@ -125,8 +125,9 @@ def open_benchmark(spec: str, options: EvalOptions) -> Benchmark:
     if spec not in COCO_PROTOCOLS and not spec.lower().startswith("coco") and not Path(spec).is_dir():
         names = ", ".join([*COCO_PROTOCOLS, *BENCHMARKS])
         raise UsageError(f"--fid {spec}: no such folder (give {names} or a folder of captioned images)")
-    reference = load_reference_set(spec, coco_root=options.coco_root, resolution=options.eval_resolution,
-                                   num_samples=options.num_samples)
+    reference = load_reference_set(
+        spec, coco_root=options.coco_root, resolution=options.eval_resolution, num_samples=options.num_samples
+    )
     return ReferenceBenchmark(reference, options)
 
 
@@ -158,17 +159,34 @@ class ReferenceBenchmark:
         self.extractor = load_extractor(inception=o.inception, features=o.features, device=o.device)
         if o.clip_model:
             self.clip = ClipScorer.load(o.clip_model, o.device, allow_pickle=o.allow_pickle)
-        self.references = reference_statistics(self.reference, self.extractor, StatsCache(o.cache_dir), batch_size=FEATURE_BATCH,
-                                               num_workers=o.num_workers, progress=progress)
+        self.references = reference_statistics(
+            self.reference,
+            self.extractor,
+            StatsCache(o.cache_dir),
+            batch_size=FEATURE_BATCH,
+            num_workers=o.num_workers,
+            progress=progress,
+        )
 
     def score(self, generation: Generation, progress: Progress | None) -> dict:
         if self.references is None:
             self.prepare(progress)
-        return score(generation.paths, self.prompts, self.reference, self.extractor, references=self.references,
-                     clip=self.clip, model=generation.model,
-                     seed=generation.seed, seconds_per_image=generation.seconds_per_image,
-                     nfe_per_image=generation.nfe_per_image, generation=generation.details,
-                     batch_size=FEATURE_BATCH, num_workers=self.options.num_workers, progress=progress)
+        return score(
+            generation.paths,
+            self.prompts,
+            self.reference,
+            self.extractor,
+            references=self.references,
+            clip=self.clip,
+            model=generation.model,
+            seed=generation.seed,
+            seconds_per_image=generation.seconds_per_image,
+            nfe_per_image=generation.nfe_per_image,
+            generation=generation.details,
+            batch_size=FEATURE_BATCH,
+            num_workers=self.options.num_workers,
+            progress=progress,
+        )
 
 
 # ----------------------------------------------------------------------------- where files go
@@ -197,8 +215,16 @@ class Target:
         return self.folder / self.stem
 
 
-def report_stem(label: str, n: int, *, steps: int | None = None, guidance_scale: float | None = None,
-                resolution: int | None = None, seed: int = 0, checkpoint: str | None = None) -> str:
+def report_stem(
+    label: str,
+    n: int,
+    *,
+    steps: int | None = None,
+    guidance_scale: float | None = None,
+    resolution: int | None = None,
+    seed: int = 0,
+    checkpoint: str | None = None,
+) -> str:
     """eval-<set>-<N>, plus the options given that change the images, so that evaluating one
     model two ways into one folder gives two reports; a checkpoint's reports end in its name,
     so a run's checkpoints are scored side by side in the run folder."""
@@ -230,9 +256,17 @@ def default_folder(source: ModelSource) -> Path:
     return Path("eval") / slug(source.name)
 
 
-def plan_targets(sources: list[ModelSource], benchmark: Benchmark, out: Path | None, *, seed: int,
-                 steps: int | None = None, guidance_scale: float | None = None, resolution: int | None = None,
-                 overwrite: bool = False) -> list[Target]:
+def plan_targets(
+    sources: list[ModelSource],
+    benchmark: Benchmark,
+    out: Path | None,
+    *,
+    seed: int,
+    steps: int | None = None,
+    guidance_scale: float | None = None,
+    resolution: int | None = None,
+    overwrite: bool = False,
+) -> list[Target]:
     """Every model's files, checked before anything loads: a report that exists is refused
     unless `overwrite`, and so is any image file of the run (as `dmd sample` refuses).
     Several models with one `out` go to OUT/<model slug>/ each."""
@@ -241,13 +275,27 @@ def plan_targets(sources: list[ModelSource], benchmark: Benchmark, out: Path | N
         if any(Path(source.path).resolve() == Path(other.source.path).resolve() for other in targets):
             raise UsageError(f"--model {source.name} names a model given before")
         folder = (out / slug(source.name) if len(sources) > 1 else out) if out is not None else default_folder(source)
-        stem = report_stem(benchmark.label, len(benchmark.prompts), steps=steps, resolution=resolution, seed=seed,
-                           guidance_scale=None if source.is_student else guidance_scale, checkpoint=source.checkpoint)
+        stem = report_stem(
+            benchmark.label,
+            len(benchmark.prompts),
+            steps=steps,
+            resolution=resolution,
+            seed=seed,
+            guidance_scale=None if source.is_student else guidance_scale,
+            checkpoint=source.checkpoint,
+        )
         base, k = folder, 2
-        while any((folder / stem).resolve() == (other.folder / other.stem).resolve() for other in targets):  # two names, one slug
+        while any(
+            (folder / stem).resolve() == (other.folder / other.stem).resolve() for other in targets
+        ):  # two names, one slug
             folder, k = base.with_name(f"{base.name}-{k}"), k + 1
-        target = Target(source, folder, stem, plan(benchmark.prompts, 1, seed, folder / stem, "png"),
-                        source.image_size(resolution, None, None))
+        target = Target(
+            source,
+            folder,
+            stem,
+            plan(benchmark.prompts, 1, seed, folder / stem, "png"),
+            source.image_size(resolution, None, None),
+        )
         if target.report.exists() and not overwrite:
             raise UsageError(f"{target.report} already exists; pass --overwrite to replace it, or choose another --out")
         check_free(target.jobs, overwrite)
@@ -280,7 +328,9 @@ class EvaluationCounter:
     def _count(self, module, args, kwargs) -> None:
         first = next((a for a in args if isinstance(a, torch.Tensor)), None)
         if first is None:
-            first = next((kwargs[k] for k in ("sample", "hidden_states", "x") if isinstance(kwargs.get(k), torch.Tensor)), None)
+            first = next(
+                (kwargs[k] for k in ("sample", "hidden_states", "x") if isinstance(kwargs.get(k), torch.Tensor)), None
+            )
         if first is not None:
             self.rows += int(first.shape[0])
             self.calls += 1
@@ -290,8 +340,9 @@ class EvaluationCounter:
             self.handle.remove()
 
 
-def generate(sampler: ImageSampler, target: Target, steps: int, batch_size: int, seed: int,
-             progress: Progress | None = None) -> Generation:
+def generate(
+    sampler: ImageSampler, target: Target, steps: int, batch_size: int, seed: int, progress: Progress | None = None
+) -> Generation:
     """Draw the target's images (its jobs) with `sampler`, writing each file as it comes."""
     seconds: list[float] = []
 
@@ -326,8 +377,14 @@ def generate(sampler: ImageSampler, target: Target, steps: int, batch_size: int,
         "first_batch_seconds": round(seconds[0], 3) if seconds else None,
         "denoiser_calls": counter.calls,
     }
-    return Generation(model=target.source.name, seed=seed, paths=[job.path for job in target.jobs],
-                      seconds_per_image=sum(seconds) / n, nfe_per_image=nfe, details=details)
+    return Generation(
+        model=target.source.name,
+        seed=seed,
+        paths=[job.path for job in target.jobs],
+        seconds_per_image=sum(seconds) / n,
+        nfe_per_image=nfe,
+        details=details,
+    )
 
 
 def _guidance_scale(sampler: ImageSampler) -> float | None:
@@ -355,9 +412,20 @@ def _pipe_device(sampler: ImageSampler) -> Any:
     return getattr(pipe, "device", "?")
 
 
-def evaluate(target: Target, benchmark: Benchmark, *, device: torch.device, dtype: torch.dtype, steps: int | None,
-             guidance_scale: float | None, batch_size: int, seed: int, allow_pickle: bool = False,
-             progress: Progress | None = None, message: Callable[[str], None] = lambda text: None) -> dict:
+def evaluate(
+    target: Target,
+    benchmark: Benchmark,
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+    steps: int | None,
+    guidance_scale: float | None,
+    batch_size: int,
+    seed: int,
+    allow_pickle: bool = False,
+    progress: Progress | None = None,
+    message: Callable[[str], None] = lambda text: None,
+) -> dict:
     """Load the target's model, draw its images, score them, write the grid and then the report
     (last: a report on disk means a finished evaluation). Returns the report as written."""
     from dmdcli.models.student import load_sampler, sampling_messages

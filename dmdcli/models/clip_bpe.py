@@ -58,7 +58,8 @@ def clip_tokenizer(vocab: Vocab, merges: Merges, model_max_length: int):
         # transformers 4.x: the (slow) CLIPTokenizer reads vocab.json + merges.txt from disk.
         with tempfile.TemporaryDirectory(prefix="dmd-tok-") as tmp:
             write_tokenizer_files(tmp, vocab, merges)
-            return CLIPTokenizer(vocab_file=str(Path(tmp) / "vocab.json"),
-                                 merges_file=str(Path(tmp) / "merges.txt"), **kwargs)
+            return CLIPTokenizer(
+                vocab_file=str(Path(tmp) / "vocab.json"), merges_file=str(Path(tmp) / "merges.txt"), **kwargs
+            )
     # transformers 5.x: tokenizers-backed CLIPTokenizer built from the same vocab and merges.
     return CLIPTokenizer(vocab=vocab, merges=merges, **kwargs)

@@ -42,7 +42,11 @@ def share_weights(module: nn.Module) -> nn.Module:
 
 
 def add_generator_lora(
-    unet: nn.Module, rank: int, alpha: float, target_modules: list[str] | None = None, adapter_name: str = GENERATOR_ADAPTER
+    unet: nn.Module,
+    rank: int,
+    alpha: float,
+    target_modules: list[str] | None = None,
+    adapter_name: str = GENERATOR_ADAPTER,
 ) -> list[nn.Parameter]:
     """Freeze `unet`, add a LoRA adapter (peft's default init, as the reference's LoraConfig:
     Kaiming-uniform A, zero B, so the student starts as the teacher) and return its

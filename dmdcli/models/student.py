@@ -72,7 +72,7 @@ class ModelSource:
 
         prefix = "generator." if self.checkpoint else ""
         with safe_open(self.path, framework="pt") as f:
-            return {k[len(prefix):]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
+            return {k[len(prefix) :]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
 
     @property
     def is_student(self) -> bool:
@@ -82,14 +82,18 @@ class ModelSource:
         """The pipeline whose text encoders and VAE the student uses (and, for an export, its UNet)."""
         spec = inspect_teacher(self.info["teacher"] if self.kind == "student" else self.path)
         if self.info and spec.layout != self.info.get("layout", spec.layout):
-            raise DmdError(f"{self.name}: the student is {self.info['layout']}-layout but {spec.source} is {spec.layout}-layout")
+            raise DmdError(
+                f"{self.name}: the student is {self.info['layout']}-layout but {spec.source} is {spec.layout}-layout"
+            )
         return spec
 
     def resolution(self, spec: TeacherSpec) -> int:
         """The side the student was trained at (older students: its teacher's native one)."""
         return int(self.info.get("resolution") or spec.native_resolution)
 
-    def image_size(self, resolution: int | None, height: int | None, width: int | None) -> tuple[int | None, int | None]:
+    def image_size(
+        self, resolution: int | None, height: int | None, width: int | None
+    ) -> tuple[int | None, int | None]:
         """(height, width) from --resolution / --height / --width: a missing side is the student's
         resolution, or for a plain pipeline the other side (None, None: the pipeline's default)."""
         height, width = height or resolution, width or resolution
@@ -112,7 +116,9 @@ def find_model(name: str) -> ModelSource:
         return ModelSource("student", name, str(path), rundir.read_student_info(path))
     if path.is_dir():
         if (path / rundir.STUDENT_FILE).is_file():
-            return ModelSource("student", name, str(path / rundir.STUDENT_FILE), rundir.read_student_info(path / rundir.STUDENT_FILE))
+            return ModelSource(
+                "student", name, str(path / rundir.STUDENT_FILE), rundir.read_student_info(path / rundir.STUDENT_FILE)
+            )
         if checkpoint.is_checkpoint(path):
             return checkpoint_source(name, path)
         if (path / "model_index.json").is_file():
@@ -137,7 +143,9 @@ def checkpoint_source(name: str, folder: Path) -> ModelSource:
     if info is None:
         student_file = folder.parent.parent / rundir.STUDENT_FILE
         if not student_file.is_file():
-            raise DmdError(f"{name}: the checkpoint does not record its student's metadata and {student_file} is missing")
+            raise DmdError(
+                f"{name}: the checkpoint does not record its student's metadata and {student_file} is missing"
+            )
         info = {**rundir.read_student_info(student_file), "iterations": int(state["iteration"])}
     return ModelSource("student", name, str(folder / checkpoint.TENSORS_FILE), info, checkpoint=folder.name)
 
@@ -201,18 +209,23 @@ class ImageSampler(Protocol):
     default_steps: int
     default_size: tuple[int, int] | None  # (height, width); None: the pipeline decides
 
-    def generate(self, prompts: list[str], seeds: list[int], height: int | None, width: int | None, steps: int) -> np.ndarray:
+    def generate(
+        self, prompts: list[str], seeds: list[int], height: int | None, width: int | None, steps: int
+    ) -> np.ndarray:
         """[B, H, W, 3] uint8; image b depends only on (prompts[b], seeds[b], size, steps)."""
         ...
 
 
-def sampling_messages(source: ModelSource, sampler: ImageSampler, steps: int, device: torch.device, prompts: list[str],
-                      dest: str) -> list[str]:
+def sampling_messages(
+    source: ModelSource, sampler: ImageSampler, steps: int, device: torch.device, prompts: list[str], dest: str
+) -> list[str]:
     """What `dmd sample` and `dmd eval` say before drawing an image per entry of `prompts` into `dest`."""
     what = f"student, {steps} step(s)" if source.is_student else f"{type(sampler.pipe).__name__}, {steps} steps"
     lines = [f"model: {source.name} ({what}) on {device}; {len(prompts)} image(s) → {dest}/"]
     if source.is_student and steps != sampler.default_steps:
-        lines.append(f"note: the student was distilled for {sampler.default_steps} step(s); sampling at t = {sampler.timesteps(steps)}")
+        lines.append(
+            f"note: the student was distilled for {sampler.default_steps} step(s); sampling at t = {sampler.timesteps(steps)}"
+        )
     # (a pipeline warns about its own long prompts)
     if source.is_student and (note := sampler.teacher.truncation_note(prompts)):
         lines.append(note)
@@ -258,7 +271,9 @@ class StudentSampler:
         self.unet = self.teacher.unet.to(device, dtype)
         self.generator = UNetDenoiser(self.unet)
         teacher_schedule = self.spec.schedule()
-        self.schedule = NoiseSchedule(teacher_schedule.alphas_cumprod, info.get("prediction_type", teacher_schedule.prediction_type))
+        self.schedule = NoiseSchedule(
+            teacher_schedule.alphas_cumprod, info.get("prediction_type", teacher_schedule.prediction_type)
+        )
         self.ddim = info.get("sampler") == "ddim"  # a progressive-distillation student
         self.device = device
 
@@ -274,11 +289,15 @@ class StudentSampler:
     def encode(self, prompts: list[str], height: int, width: int) -> Cond:
         cond = self.teacher.encode_prompts(prompts)
         if "time_ids" in cond:  # SDXL micro-conditioning as its pipeline: (H, W, 0, 0, H, W)
-            cond["time_ids"] = torch.tensor([[height, width, 0, 0, height, width]], dtype=torch.float32, device=self.device).expand(len(prompts), 6)
+            cond["time_ids"] = torch.tensor(
+                [[height, width, 0, 0, height, width]], dtype=torch.float32, device=self.device
+            ).expand(len(prompts), 6)
         return cond
 
     @torch.no_grad()
-    def generate(self, prompts: list[str], seeds: list[int], height: int | None, width: int | None, steps: int) -> np.ndarray:
+    def generate(
+        self, prompts: list[str], seeds: list[int], height: int | None, width: int | None, steps: int
+    ) -> np.ndarray:
         height, width = height or self.default_size[0], width or self.default_size[1]
         f = self.spec.vae_scale_factor
         generators = image_generators(seeds)
@@ -288,7 +307,9 @@ class StudentSampler:
         renoise = lambda x: per_image_noise(generators, tuple(x.shape[1:]), x.device)  # noqa: E731
         cond = self.encode(prompts, height, width)
         if self.ddim:  # deterministic: nothing is drawn after the initial latent
-            latents = ddim_sample(self.generator, self.schedule, noise, cond, None, steps, 1.0, timesteps=self.timesteps(steps))
+            latents = ddim_sample(
+                self.generator, self.schedule, noise, cond, None, steps, 1.0, timesteps=self.timesteps(steps)
+            )
         else:
             latents = sample(self.generator, self.schedule, noise, cond, self.timesteps(steps), renoise)
         return to_uint8(self.teacher.decode(latents))
@@ -297,14 +318,26 @@ class StudentSampler:
 class PipelineSampler:
     """A plain diffusers pipeline, sampled with its own scheduler (and CFG, if it does that)."""
 
-    def __init__(self, source: ModelSource, device: torch.device, dtype: torch.dtype, guidance_scale: float | None, allow_pickle: bool = False):
+    def __init__(
+        self,
+        source: ModelSource,
+        device: torch.device,
+        dtype: torch.dtype,
+        guidance_scale: float | None,
+        allow_pickle: bool = False,
+    ):
         from diffusers import DiffusionPipeline
 
         self.name = source.name
         try:
             self.pipe = DiffusionPipeline.from_pretrained(source.path, use_safetensors=None if allow_pickle else True)
         except Exception as e:  # missing files, offline hub, pickle-only weights, unknown class...
-            first = re.sub(r"\s*(Please )?check out the root cause in the stacktrace above\.?", "", first_line(e), flags=re.IGNORECASE)
+            first = re.sub(
+                r"\s*(Please )?check out the root cause in the stacktrace above\.?",
+                "",
+                first_line(e),
+                flags=re.IGNORECASE,
+            )
             where = "" if Path(source.path).expanduser().exists() else " (no such local folder; tried it as a hub id)"
             raise DmdError(f"could not load pipeline {source.path}{where}: {first}") from e
         self.pipe.to(device, dtype)
@@ -318,7 +351,9 @@ class PipelineSampler:
         self.guidance_scale = guidance_scale
 
     @torch.no_grad()
-    def generate(self, prompts: list[str], seeds: list[int], height: int | None, width: int | None, steps: int) -> np.ndarray:
+    def generate(
+        self, prompts: list[str], seeds: list[int], height: int | None, width: int | None, steps: int
+    ) -> np.ndarray:
         kwargs: dict[str, Any] = dict(num_inference_steps=steps, generator=image_generators(seeds), output_type="np")
         if height:
             kwargs.update(height=height, width=width)
@@ -331,11 +366,17 @@ class PipelineSampler:
         return (np.asarray(images) * 255).round().astype(np.uint8)
 
 
-STUDENT_TAKES_NO_CFG = "a DMD2 student samples without classifier-free guidance; --guidance-scale is for plain pipelines"
+STUDENT_TAKES_NO_CFG = (
+    "a DMD2 student samples without classifier-free guidance; --guidance-scale is for plain pipelines"
+)
 
 
 def load_sampler(
-    source: ModelSource, device: torch.device, dtype: torch.dtype, guidance_scale: float | None = None, allow_pickle: bool = False
+    source: ModelSource,
+    device: torch.device,
+    dtype: torch.dtype,
+    guidance_scale: float | None = None,
+    allow_pickle: bool = False,
 ) -> ImageSampler:
     """The sampler for `source`; students take no guidance scale (they sample without CFG)."""
     if source.is_student:

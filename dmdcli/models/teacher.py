@@ -55,7 +55,7 @@ def local_teacher_folder(name: str) -> str | None:
 
 
 def teacher_layout(name: str) -> str:
-    """"sd" or "sdxl": known for an alias, else read from the teacher's config files."""
+    """ "sd" or "sdxl": known for an alias, else read from the teacher's config files."""
     if name in TEACHER_ALIASES:
         return "sdxl" if TEACHER_ALIASES[name] == SDXL_BASE else "sd"
     return inspect_teacher(name).layout
@@ -70,7 +70,8 @@ def component_files(source: str, components: tuple[str, ...]) -> dict[str, list]
         folder = Path(source).expanduser() / component
         if folder.is_dir():
             files[f"{component}_files"] = sorted(
-                [p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in folder.iterdir() if p.is_file())
+                [p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in folder.iterdir() if p.is_file()
+            )
     return files
 
 
@@ -78,8 +79,12 @@ def looks_like_path(name: str) -> bool:
     """Whether `name` means a local path, not a hub id ("org/model"): ./x, /x, ~/x, a/b/c, an
     existing path, or dir/x where dir/ is a folder here (runs/typo, when runs/ exists)."""
     parts = Path(name).parts
-    return (name.startswith((".", "/", "~")) or name.count("/") > 1 or Path(name).exists()
-            or (len(parts) > 1 and Path(parts[0]).is_dir()))
+    return (
+        name.startswith((".", "/", "~"))
+        or name.count("/") > 1
+        or Path(name).exists()
+        or (len(parts) > 1 and Path(parts[0]).is_dir())
+    )
 
 
 def _load_json_config(source: str, subfolder: str | None, filename: str) -> dict[str, Any]:
@@ -132,7 +137,9 @@ class TeacherSpec:
         UNet fails outright)."""
         multiple = self.vae_scale_factor * self.unet_downsample
         if resolution < 2 * multiple or resolution % multiple:
-            raise UsageError(f"{what} {resolution} must be a multiple of {multiple} and at least {2 * multiple} for this model")
+            raise UsageError(
+                f"{what} {resolution} must be a multiple of {multiple} and at least {2 * multiple} for this model"
+            )
 
 
 def inspect_teacher(name: str) -> TeacherSpec:
@@ -180,18 +187,28 @@ def _check_schedule_and_latents(source: str, scheduler_cfg: dict[str, Any], vae_
     scheduler = scheduler_cfg.get("_class_name", "?")
     discrete = "beta_schedule" in scheduler_cfg or scheduler_cfg.get("trained_betas") is not None
     if not discrete or "EDM" in scheduler or "FlowMatch" in scheduler:
-        raise DmdError(f"unsupported scheduler {scheduler} in {source}: dmd distills teachers trained on a discrete "
-                       "DDPM schedule (betas); EDM and flow-matching teachers are not supported")
+        raise DmdError(
+            f"unsupported scheduler {scheduler} in {source}: dmd distills teachers trained on a discrete "
+            "DDPM schedule (betas); EDM and flow-matching teachers are not supported"
+        )
     normalized = [k for k in ("latents_mean", "latents_std", "shift_factor") if vae_cfg.get(k) is not None]
     if normalized:
-        raise DmdError(f"unsupported VAE in {source}: its latents are normalized ({', '.join(normalized)}), which dmd does not apply")
+        raise DmdError(
+            f"unsupported VAE in {source}: its latents are normalized ({', '.join(normalized)}), which dmd does not apply"
+        )
 
 
 def _from_pretrained(cls, spec: TeacherSpec, subfolder: str, allow_pickle: bool, **kwargs):
     try:
-        return cls.from_pretrained(spec.source, subfolder=subfolder, use_safetensors=None if allow_pickle else True, **kwargs)
+        return cls.from_pretrained(
+            spec.source, subfolder=subfolder, use_safetensors=None if allow_pickle else True, **kwargs
+        )
     except (OSError, ValueError, EnvironmentError) as e:
-        hint = " (weights only as pickle files? pass --allow-pickle to load them)" if "safetensors" in str(e).lower() else ""
+        hint = (
+            " (weights only as pickle files? pass --allow-pickle to load them)"
+            if "safetensors" in str(e).lower()
+            else ""
+        )
         raise DmdError(f"could not load {subfolder} of teacher {spec.source}: {first_line(e)}{hint}") from e
 
 
@@ -211,8 +228,15 @@ class Teacher:
             rounding of an fp32 CLIP's output), once per prompt when prompts are cached.
     """
 
-    def __init__(self, spec: TeacherSpec, device: torch.device, dtype: torch.dtype, resolution: int, allow_pickle: bool = False,
-                 encoder_dtype: torch.dtype | None = None):
+    def __init__(
+        self,
+        spec: TeacherSpec,
+        device: torch.device,
+        dtype: torch.dtype,
+        resolution: int,
+        allow_pickle: bool = False,
+        encoder_dtype: torch.dtype | None = None,
+    ):
         from diffusers import AutoencoderKL, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
@@ -223,7 +247,9 @@ class Teacher:
         self.text_encoders = [_from_pretrained(CLIPTextModel, spec, "text_encoder", allow_pickle)]
         if spec.layout == "sdxl":
             self.tokenizers.append(_from_pretrained(CLIPTokenizer, spec, "tokenizer_2", True))
-            self.text_encoders.append(_from_pretrained(CLIPTextModelWithProjection, spec, "text_encoder_2", allow_pickle))
+            self.text_encoders.append(
+                _from_pretrained(CLIPTextModelWithProjection, spec, "text_encoder_2", allow_pickle)
+            )
         for module in [self.unet, self.vae, *self.text_encoders]:
             module.requires_grad_(False).eval()
         self.text_encoders = [te.to(device, encoder_dtype or dtype) for te in self.text_encoders]
@@ -242,12 +268,18 @@ class Teacher:
         """
         if self.text_encoders is None:
             # A bug, not a user's mistake: every caller after release must go through the cache.
-            raise RuntimeError("the text encoders were released after caching the run's prompts; "
-                               "encode through the prompt cache (dmdcli.data.prompt_cache)")
+            raise RuntimeError(
+                "the text encoders were released after caching the run's prompts; "
+                "encode through the prompt cache (dmdcli.data.prompt_cache)"
+            )
         hidden, pooled = [], None
         for tokenizer, encoder in zip(self.tokenizers, self.text_encoders):
             ids = tokenizer(
-                prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+                prompts,
+                padding="max_length",
+                max_length=tokenizer.model_max_length,
+                truncation=True,
+                return_tensors="pt",
             ).input_ids.to(self.device)
             if self.spec.layout == "sd":
                 hidden.append(encoder(ids)[0])
@@ -273,8 +305,10 @@ class Teacher:
         if not cut:
             return None
         example = cut[0] if len(cut[0]) <= 60 else cut[0][:57] + "..."
-        return (f"note: {len(cut)} of {len(distinct)} prompts are longer than the text encoder's {tokenizer.model_max_length} tokens; "
-                f"it reads only their start (e.g. {example!r})")
+        return (
+            f"note: {len(cut)} of {len(distinct)} prompts are longer than the text encoder's {tokenizer.model_max_length} tokens; "
+            f"it reads only their start (e.g. {example!r})"
+        )
 
     def release_text_encoders(self) -> None:
         """Drop the text encoders once every prompt of the run is cached, freeing their memory.

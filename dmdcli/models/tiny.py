@@ -52,10 +52,29 @@ _ADDITION_TIME_EMBED_DIM = 8
 
 # A few whole-word merges so that common demo prompts are not all single characters.
 _MERGE_WORDS = (
-    "a", "an", "the", "of", "and", "with", "on", "in", "photo", "red", "green", "blue",
-    "yellow", "black", "white", "circle", "square", "triangle", "cat", "dog", "small", "big",
+    "a",
+    "an",
+    "the",
+    "of",
+    "and",
+    "with",
+    "on",
+    "in",
+    "photo",
+    "red",
+    "green",
+    "blue",
+    "yellow",
+    "black",
+    "white",
+    "circle",
+    "square",
+    "triangle",
+    "cat",
+    "dog",
+    "small",
+    "big",
 )
-
 
 
 # --------------------------------------------------------------------------------------------

@@ -67,7 +67,11 @@ class ExactMixtureDenoiser(nn.Module):
         x = x_t.double().unsqueeze(1)  # [B, 1, 2]
         var = a * s2 + 1.0 - a
         centred = x - a.sqrt() * mu  # [B, K, 2]
-        log_r = self.mixture.weights.to(x_t.device).log() - 0.5 * (centred**2).sum(-1) / var.squeeze(-1) - var.squeeze(-1).log()
+        log_r = (
+            self.mixture.weights.to(x_t.device).log()
+            - 0.5 * (centred**2).sum(-1) / var.squeeze(-1)
+            - var.squeeze(-1).log()
+        )
         r = torch.softmax(log_r, dim=1).unsqueeze(-1)  # [B, K, 1]
         x0 = (r * (mu + a.sqrt() * s2 / var * centred)).sum(1)  # [B, 2]
         return self.schedule.eps_from_x0(x_t, x0, t)

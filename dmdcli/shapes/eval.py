@@ -25,19 +25,31 @@ class ShapesBenchmark:
     label = "shapes"
 
     def __init__(self, options):
-        unused = [flag for flag, value in (("--coco-root", options.coco_root), ("--eval-resolution", options.eval_resolution),
-                                           ("--features", options.features), ("--inception", options.inception),
-                                           ("--clip-model", options.clip_model)) if value is not None]
+        unused = [
+            flag
+            for flag, value in (
+                ("--coco-root", options.coco_root),
+                ("--eval-resolution", options.eval_resolution),
+                ("--features", options.features),
+                ("--inception", options.inception),
+                ("--clip-model", options.clip_model),
+            )
+            if value is not None
+        ]
         if unused:
-            raise UsageError(f"{', '.join(unused)}: for reference sets; --fid shapes scores with its own attribute network")
+            raise UsageError(
+                f"{', '.join(unused)}: for reference sets; --fid shapes scores with its own attribute network"
+            )
         self.num_samples = DEFAULT_SAMPLES if options.num_samples is None else options.num_samples
         self.scenes = world.scenes(EVAL_SEED, self.num_samples)
         self.prompts = [world.caption(s) for s in self.scenes]
         self.net = None
 
     def describe(self) -> str:
-        return (f"shapes world: {self.num_samples} procedural prompts (seed {EVAL_SEED}); FD-shapes against the "
-                "same scenes rendered, and prompt alignment, with the shipped attribute network")
+        return (
+            f"shapes world: {self.num_samples} procedural prompts (seed {EVAL_SEED}); FD-shapes against the "
+            "same scenes rendered, and prompt alignment, with the shipped attribute network"
+        )
 
     def prepare(self, progress=None) -> None:  # the reference scenes are rendered when scoring: a second or so
         self.net = features.load_feature_net()
@@ -56,11 +68,18 @@ class ShapesBenchmark:
             "nfe_per_image": generation.nfe_per_image,
         }
         return {
-            "model": generation.model, "seed": generation.seed, "num_samples": self.num_samples,
-            "protocol": {"name": "shapes", "resolution": world.RESOLUTION, "eval_seed": EVAL_SEED,
-                         "reference": "the prompts' scenes rendered by dmdcli.shapes.world",
-                         "features": "dmdcli/shapes/weights/features.safetensors"},
-            "metrics": metrics, "generation": generation.details,
+            "model": generation.model,
+            "seed": generation.seed,
+            "num_samples": self.num_samples,
+            "protocol": {
+                "name": "shapes",
+                "resolution": world.RESOLUTION,
+                "eval_seed": EVAL_SEED,
+                "reference": "the prompts' scenes rendered by dmdcli.shapes.world",
+                "features": "dmdcli/shapes/weights/features.safetensors",
+            },
+            "metrics": metrics,
+            "generation": generation.details,
         }
 
 

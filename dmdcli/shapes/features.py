@@ -48,9 +48,14 @@ class AttributeNet(nn.Module):
 
         w = width
         self.body = nn.Sequential(
-            *block(3, w), nn.MaxPool2d(2),                           # 16×16
-            *block(w, 2 * w), *block(2 * w, 2 * w), nn.MaxPool2d(2),  # 8×8
-            *block(2 * w, 4 * w), *block(4 * w, 4 * w), nn.MaxPool2d(2),  # 4×4: one cell per 8 px
+            *block(3, w),
+            nn.MaxPool2d(2),  # 16×16
+            *block(w, 2 * w),
+            *block(2 * w, 2 * w),
+            nn.MaxPool2d(2),  # 8×8
+            *block(2 * w, 4 * w),
+            *block(4 * w, 4 * w),
+            nn.MaxPool2d(2),  # 4×4: one cell per 8 px
         )
         # Flattening (not pooling) keeps where things are: position is an attribute.
         self.embed = nn.Sequential(nn.Flatten(), nn.Linear(4 * w * 16, feature_dim), nn.ReLU())
@@ -68,8 +73,7 @@ def split_logits(logits: Tensor) -> list[Tensor]:
 
 def attribute_loss(logits: Tensor, labels: Tensor) -> Tensor:
     """Sum over attributes of the cross-entropy; labels [B, 13] with -1 = not applicable."""
-    return sum(F.cross_entropy(lg, labels[:, i], ignore_index=-1)
-               for i, lg in enumerate(split_logits(logits)))
+    return sum(F.cross_entropy(lg, labels[:, i], ignore_index=-1) for i, lg in enumerate(split_logits(logits)))
 
 
 # ----------------------------------------------------------------------------- loading
@@ -83,8 +87,13 @@ def save_feature_net(net: AttributeNet, path: str | Path, extra: dict | None = N
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous() for k, v in net.state_dict().items()}
     save_file(state, str(path))
-    config = {"width": net.body[0].out_channels, "feature_dim": net.head.in_features,
-              "resolution": world.RESOLUTION, "attributes": ATTRIBUTES, "head_sizes": HEAD_SIZES}
+    config = {
+        "width": net.body[0].out_channels,
+        "feature_dim": net.head.in_features,
+        "resolution": world.RESOLUTION,
+        "attributes": ATTRIBUTES,
+        "head_sizes": HEAD_SIZES,
+    }
     path.with_suffix(".json").write_text(json.dumps({**config, **(extra or {})}, indent=2) + "\n")
 
 
@@ -139,7 +148,7 @@ def to_input(images) -> Tensor:
 def _run(images, net: AttributeNet | None, batch: int = 256) -> tuple[Tensor, Tensor]:
     model = _net(net)
     x = to_input(images)
-    logits, feats = zip(*(model(x[i:i + batch]) for i in range(0, len(x), batch)))
+    logits, feats = zip(*(model(x[i : i + batch]) for i in range(0, len(x), batch)))
     return torch.cat(logits), torch.cat(feats)
 
 
@@ -240,8 +249,14 @@ def fd_shapes(images_a, images_b, net: AttributeNet | None = None) -> float:
 # ----------------------------------------------------------------------------- teacher sampling
 
 
-def sample_teacher(pipe_dir: str | Path, captions: Sequence[str], steps: int = 25, guidance_scale: float = 4.0,
-                   seed: int = 0, batch: int = 64) -> np.ndarray:
+def sample_teacher(
+    pipe_dir: str | Path,
+    captions: Sequence[str],
+    steps: int = 25,
+    guidance_scale: float = 4.0,
+    seed: int = 0,
+    batch: int = 64,
+) -> np.ndarray:
     """Images of a diffusers SD pipeline for ``captions``, uint8 [N, H, W, 3].
 
     Image i uses generator seed ``seed + i``, so it does not depend on the batch. fp32, CPU.
@@ -256,9 +271,16 @@ def sample_teacher(pipe_dir: str | Path, captions: Sequence[str], steps: int = 2
     size = int(pipe.unet.config.sample_size) * pipe.vae_scale_factor
     out = []
     for i in range(0, len(captions), batch):
-        chunk = list(captions[i:i + batch])
+        chunk = list(captions[i : i + batch])
         gens = [torch.Generator().manual_seed(seed + i + j) for j in range(len(chunk))]
-        images = pipe(chunk, num_inference_steps=steps, guidance_scale=guidance_scale, generator=gens,
-                      height=size, width=size, output_type="np").images
+        images = pipe(
+            chunk,
+            num_inference_steps=steps,
+            guidance_scale=guidance_scale,
+            generator=gens,
+            height=size,
+            width=size,
+            output_type="np",
+        ).images
         out.append(np.clip(np.round(images * 255.0), 0, 255).astype(np.uint8))
     return np.concatenate(out)

@@ -43,7 +43,7 @@ def _bpe(word: str, ranks: dict[tuple[str, str], int]) -> list[str]:
         rank, i = min(pairs)
         if rank > len(ranks):
             break
-        parts[i:i + 2] = [parts[i] + parts[i + 1]]
+        parts[i : i + 2] = [parts[i] + parts[i + 1]]
     return parts
 
 

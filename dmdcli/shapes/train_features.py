@@ -28,7 +28,7 @@ from dmdcli.shapes.features import AttributeNet, attribute_accuracy, attribute_l
 def _blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     """Per-image separable Gaussian blur, x [B, 3, H, W], sigma [B] (0 = none)."""
     r = torch.arange(-2, 3, dtype=torch.float32)
-    k = torch.exp(-r[None] ** 2 / (2 * sigma.clamp(min=1e-3)[:, None] ** 2))
+    k = torch.exp(-(r[None] ** 2) / (2 * sigma.clamp(min=1e-3)[:, None] ** 2))
     k = k / k.sum(dim=1, keepdim=True)  # [B, 5]
     b, c, h, w = x.shape
     y = x.reshape(1, b * c, h, w)
@@ -56,8 +56,10 @@ def batch_of(seed: int, step: int, batch: int) -> tuple[torch.Tensor, torch.Tens
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m dmdcli.shapes.train_features",
-                                description="Train the shapes attribute network (CPU, deterministic).")
+    p = argparse.ArgumentParser(
+        prog="python -m dmdcli.shapes.train_features",
+        description="Train the shapes attribute network (CPU, deterministic).",
+    )
     p.add_argument("out", nargs="?", default=str(features_path()))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-seed", type=int, default=None, help="world stream of training scenes (2000 + seed)")
@@ -86,16 +88,26 @@ def main(argv: list[str] | None = None) -> int:
         sched.step()
         losses.append(loss.item())
         if (step + 1) % 100 == 0:
-            print(f"{step + 1}/{args.iterations} loss {np.mean(losses[-100:]):.4f} "
-                  f"({(time.time() - start) / (step + 1):.3f} s/it)", flush=True)
+            print(
+                f"{step + 1}/{args.iterations} loss {np.mean(losses[-100:]):.4f} "
+                f"({(time.time() - start) / (step + 1):.3f} s/it)",
+                flush=True,
+            )
     net.eval()
     test = world.scenes(9000 + args.seed, 2000)
     acc = attribute_accuracy(world.render_array(test), test, net)
     wall = time.time() - start
     extra = {
-        "command": ("python -m dmdcli.shapes.train_features " + shlex.join(sys.argv[1:] if argv is None else argv)).strip(),
-        "seed": args.seed, "data_seed": data_seed, "iterations": args.iterations, "batch_size": args.batch_size,
-        "wall_time_s": round(wall, 1), "accuracy_fresh_2000": acc, "torch": torch.__version__,
+        "command": (
+            "python -m dmdcli.shapes.train_features " + shlex.join(sys.argv[1:] if argv is None else argv)
+        ).strip(),
+        "seed": args.seed,
+        "data_seed": data_seed,
+        "iterations": args.iterations,
+        "batch_size": args.batch_size,
+        "wall_time_s": round(wall, 1),
+        "accuracy_fresh_2000": acc,
+        "torch": torch.__version__,
         "python": platform.python_version(),
     }
     save_feature_net(net, args.out, extra)

@@ -54,18 +54,29 @@ LATENT_CHANNELS = 4
 # Arguments that change what is trained: a resumed run must agree on all of them (the saved VAE
 # only on the first ones).
 _VAE_ARGS = ("seed", "data_seed", "num_scenes", "vae_iterations", "vae_batch_size", "vae_lr", "kl_weight")
-_STATE_ARGS = _VAE_ARGS + ("text_iterations", "batch_size", "lr", "warmup", "ema_decay", "caption_dropout",
-                           "offset_noise")
+_STATE_ARGS = _VAE_ARGS + (
+    "text_iterations",
+    "batch_size",
+    "lr",
+    "warmup",
+    "ema_decay",
+    "caption_dropout",
+    "offset_noise",
+)
 
 
 def vae_config() -> dict:
     """AutoencoderKL: 32 px → 4×16×16 (block_out_channels (32, 64))."""
     return dict(
-        in_channels=3, out_channels=3,
+        in_channels=3,
+        out_channels=3,
         down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
         up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(32, 64), layers_per_block=1, latent_channels=LATENT_CHANNELS,
-        norm_num_groups=32, sample_size=world.RESOLUTION,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        latent_channels=LATENT_CHANNELS,
+        norm_num_groups=32,
+        sample_size=world.RESOLUTION,
         mid_block_add_attention=False,  # at 16×16 it costs more than it helps here
     )
 
@@ -76,10 +87,16 @@ def unet_config() -> dict:
     Attention at 16×16 too, so every latent cell can look up the words about its quadrant.
     """
     return dict(
-        sample_size=world.RESOLUTION // 2, in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS,
-        down_block_types=("CrossAttnDownBlock2D",) * 3, up_block_types=("CrossAttnUpBlock2D",) * 3,
-        block_out_channels=(32, 64, 128), layers_per_block=1, attention_head_dim=(2, 4, 8),
-        norm_num_groups=32, cross_attention_dim=TEXT_HIDDEN,
+        sample_size=world.RESOLUTION // 2,
+        in_channels=LATENT_CHANNELS,
+        out_channels=LATENT_CHANNELS,
+        down_block_types=("CrossAttnDownBlock2D",) * 3,
+        up_block_types=("CrossAttnUpBlock2D",) * 3,
+        block_out_channels=(32, 64, 128),
+        layers_per_block=1,
+        attention_head_dim=(2, 4, 8),
+        norm_num_groups=32,
+        cross_attention_dim=TEXT_HIDDEN,
     )
 
 
@@ -88,11 +105,17 @@ def text_config(tokenizer):
 
     eos = tokenizer.convert_tokens_to_ids(tokenizer.eos_token)
     return CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=TEXT_HIDDEN, intermediate_size=4 * TEXT_HIDDEN,
-        num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=MAX_TOKEN_LENGTH,
-        hidden_act="quick_gelu", layer_norm_eps=1e-5,
+        vocab_size=len(tokenizer),
+        hidden_size=TEXT_HIDDEN,
+        intermediate_size=4 * TEXT_HIDDEN,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=MAX_TOKEN_LENGTH,
+        hidden_act="quick_gelu",
+        layer_norm_eps=1e-5,
         bos_token_id=tokenizer.convert_tokens_to_ids(tokenizer.bos_token),
-        eos_token_id=eos, pad_token_id=eos,
+        eos_token_id=eos,
+        pad_token_id=eos,
     )
 
 
@@ -101,9 +124,15 @@ def scheduler():
     from diffusers import EulerDiscreteScheduler
 
     return EulerDiscreteScheduler(
-        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-        prediction_type="epsilon", interpolation_type="linear", timestep_spacing="leading",
-        steps_offset=1, use_karras_sigmas=False,
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        prediction_type="epsilon",
+        interpolation_type="linear",
+        timestep_spacing="leading",
+        steps_offset=1,
+        use_karras_sigmas=False,
     )
 
 
@@ -175,8 +204,18 @@ def load_or_train_vae(images: np.ndarray, args, state: Path):
     scaling = float(1.0 / mean.add(std * torch.randn(mean.shape, generator=gen)).std())
     vae.register_to_config(scaling_factor=scaling)
     vae.save_pretrained(folder, safe_serialization=True)
-    record.write_text(json.dumps({"args": {k: getattr(args, k) for k in _VAE_ARGS}, "final_mse": mse, "threads": args.threads,
-                                  "wall_time_s": round(time.time() - t0, 1)}, indent=2) + "\n")
+    record.write_text(
+        json.dumps(
+            {
+                "args": {k: getattr(args, k) for k in _VAE_ARGS},
+                "final_mse": mse,
+                "threads": args.threads,
+                "wall_time_s": round(time.time() - t0, 1),
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     _log(f"vae done: mse {mse:.5f}, scaling factor {scaling:.4f}")
     return vae, json.loads(record.read_text())
 
@@ -186,7 +225,7 @@ def encode_all(vae, images: np.ndarray, batch: int = 500) -> tuple[torch.Tensor,
     """Posterior mean and std of every image, float32 [N, 4, 16, 16] each."""
     means, stds = [], []
     for i in range(0, len(images), batch):
-        d = vae.encode(_to_tensor(images[i:i + batch])).latent_dist
+        d = vae.encode(_to_tensor(images[i : i + batch])).latent_dist
         means.append(d.mean)
         stds.append(d.std)
     return torch.cat(means), torch.cat(stds)
@@ -195,8 +234,9 @@ def encode_all(vae, images: np.ndarray, batch: int = 500) -> tuple[torch.Tensor,
 # ----------------------------------------------------------------------------- stage 2: text encoder
 
 
-def pretrain_text_encoder(text_encoder, token_ids: torch.Tensor, labels: torch.Tensor, args,
-                          gen: torch.Generator) -> float:
+def pretrain_text_encoder(
+    text_encoder, token_ids: torch.Tensor, labels: torch.Tensor, args, gen: torch.Generator
+) -> float:
     """Teach the encoder to parse captions: pooled output → the 13 scene labels (cross-entropy)."""
     from dmdcli.shapes.features import HEAD_SIZES, attribute_loss
 
@@ -247,8 +287,9 @@ class Trainer:
         self.wall_time = 0.0  # seconds spent in this stage, over every run that resumed it
 
     def tokenize(self, texts: list[str]) -> torch.Tensor:
-        return self.tokenizer(texts, padding="max_length", max_length=MAX_TOKEN_LENGTH, truncation=True,
-                              return_tensors="pt").input_ids
+        return self.tokenizer(
+            texts, padding="max_length", max_length=MAX_TOKEN_LENGTH, truncation=True, return_tensors="pt"
+        ).input_ids
 
     # -- checkpoints: tensors in safetensors, the rest in JSON (dmdcli.train.checkpoint)
     def save(self) -> None:
@@ -258,9 +299,20 @@ class Trainer:
         for name, module in self.modules().items():
             tensors.update({f"{name}.{k}": v for k, v in module.state_dict().items()})
         tensors["generator"] = self.gen.get_state()
-        write_checkpoint(self.state, self.step, tensors, {
-            "args": _state_args(self.args), "optimizer": opt_state, "text_loss": self.text_loss,
-            "losses": self.losses[-200:], "wall_time_s": self.wall_time, "threads": torch.get_num_threads()}, keep=0)
+        write_checkpoint(
+            self.state,
+            self.step,
+            tensors,
+            {
+                "args": _state_args(self.args),
+                "optimizer": opt_state,
+                "text_loss": self.text_loss,
+                "losses": self.losses[-200:],
+                "wall_time_s": self.wall_time,
+                "threads": torch.get_num_threads(),
+            },
+            keep=0,
+        )
 
     def resume(self) -> bool:
         from dmdcli.train.checkpoint import complete_checkpoints, optimizer_state_dict, read_checkpoint
@@ -274,7 +326,7 @@ class Trainer:
         tensors, saved = read_checkpoint(path)
         _check_args(saved["args"], self.args, path)
         for name, module in self.modules().items():
-            module.load_state_dict({k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")})
+            module.load_state_dict({k[len(name) + 1 :]: v for k, v in tensors.items() if k.startswith(name + ".")})
         self.opt.load_state_dict(optimizer_state_dict("opt", tensors, saved["optimizer"]))
         self.gen.set_state(tensors["generator"])
         self.step, self.text_loss, self.losses = saved["iteration"], saved["text_loss"], saved["losses"]
@@ -335,8 +387,9 @@ def _check_args(saved: dict, args, where: Path) -> None:
     differ = {k: (v, getattr(args, k)) for k, v in saved.items() if getattr(args, k) != v}  # v None: not saved
     if differ:
         shown = ", ".join(f"--{k.replace('_', '-')} {new} (saved {old})" for k, (old, new) in differ.items())
-        raise SystemExit(f"error: {where} was trained with other settings: {shown}; "
-                         f"use the same ones or another --state")
+        raise SystemExit(
+            f"error: {where} was trained with other settings: {shown}; use the same ones or another --state"
+        )
 
 
 # ----------------------------------------------------------------------------- stage 4: save
@@ -348,8 +401,15 @@ def build_pipeline(vae, unet, text_encoder, tokenizer):
     for m in (vae, unet, text_encoder):
         m.eval().requires_grad_(False)
     return StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler(),
-        safety_checker=None, feature_extractor=None, image_encoder=None, requires_safety_checker=False,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        image_encoder=None,
+        requires_safety_checker=False,
     )
 
 
@@ -377,8 +437,10 @@ def evaluate(pipe_dir: Path, n: int, seed: int, steps: int = 25, guidance: float
 
 
 def parse_args(argv: list[str] | None):
-    p = argparse.ArgumentParser(prog="python -m dmdcli.shapes.train_teacher",
-                                description="Train the shapes-world teacher (CPU, deterministic, resumable).")
+    p = argparse.ArgumentParser(
+        prog="python -m dmdcli.shapes.train_teacher",
+        description="Train the shapes-world teacher (CPU, deterministic, resumable).",
+    )
     p.add_argument("out_dir")
     p.add_argument("--state", default=None, help="training state folder (default OUT_DIR.state)")
     p.add_argument("--seed", type=int, default=0)
@@ -434,15 +496,25 @@ def main(argv: list[str] | None = None) -> int:
     save_pipeline(pipe, out)
     import diffusers
     import transformers
+
     eps_mse = float(np.mean(trainer.losses[-200:])) if trainer.losses else float("nan")
     record = {
-        "command": ("python -m dmdcli.shapes.train_teacher " + shlex.join(sys.argv[1:] if argv is None else argv)).strip(),
-        **_state_args(args), "iterations": args.iterations, "threads": args.threads,
+        "command": (
+            "python -m dmdcli.shapes.train_teacher " + shlex.join(sys.argv[1:] if argv is None else argv)
+        ).strip(),
+        **_state_args(args),
+        "iterations": args.iterations,
+        "threads": args.threads,
         "unet_stage_wall_time_s": round(trainer.wall_time, 1),
-        "vae_stage": {k: v for k, v in vae_record.items() if k != "args"}, "final_text_loss": round(trainer.text_loss, 5),
-        "final_eps_mse": round(eps_mse, 5), "scaling_factor": vae.config.scaling_factor,
-        "torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
-        "diffusers": diffusers.__version__, "transformers": transformers.__version__,
+        "vae_stage": {k: v for k, v in vae_record.items() if k != "args"},
+        "final_text_loss": round(trainer.text_loss, 5),
+        "final_eps_mse": round(eps_mse, 5),
+        "scaling_factor": vae.config.scaling_factor,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "diffusers": diffusers.__version__,
+        "transformers": transformers.__version__,
     }
     (out / "TRAINING.json").write_text(json.dumps(record, indent=2) + "\n")
     if args.eval_prompts > 0:

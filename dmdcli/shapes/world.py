@@ -63,8 +63,12 @@ TWO_OBJECT_PROB = 0.5
 RESOLUTION = 32
 
 # Geometry in units of the image side.
-_CENTERS = {"top left": (0.25, 0.25), "top right": (0.75, 0.25),
-            "bottom left": (0.25, 0.75), "bottom right": (0.75, 0.75)}
+_CENTERS = {
+    "top left": (0.25, 0.25),
+    "top right": (0.75, 0.25),
+    "bottom left": (0.25, 0.75),
+    "bottom right": (0.75, 0.75),
+}
 _RADIUS = {"small": 0.095, "large": 0.17}
 _MAX_OFFSET = 0.05  # |dx|, |dy|: a large shape stays inside its quadrant
 _SUPERSAMPLE = 4
@@ -110,12 +114,14 @@ def sample_scene(rng: np.random.Generator) -> Scene:
     places = sorted(rng.choice(len(POSITIONS), size=n, replace=False).tolist())
     objects, offsets = [], []
     for p in places:
-        objects.append(Obj(
-            shape=SHAPES[rng.integers(len(SHAPES))],
-            color=tuple(COLORS)[rng.integers(len(COLORS))],
-            size=SIZES[rng.integers(len(SIZES))],
-            position=POSITIONS[p],
-        ))
+        objects.append(
+            Obj(
+                shape=SHAPES[rng.integers(len(SHAPES))],
+                color=tuple(COLORS)[rng.integers(len(COLORS))],
+                size=SIZES[rng.integers(len(SIZES))],
+                position=POSITIONS[p],
+            )
+        )
         dx, dy = rng.uniform(-_MAX_OFFSET, _MAX_OFFSET, size=2)
         offsets.append((round(float(dx), 4), round(float(dy), 4)))
     background = tuple(BACKGROUNDS)[rng.integers(len(BACKGROUNDS))]
@@ -142,12 +148,8 @@ def caption(scene: Scene) -> str:
 
 
 _ALT = lambda words: "|".join(re.escape(w) for w in words)  # noqa: E731
-_OBJ_RE = re.compile(
-    rf"an? ({_ALT(SIZES)}) ({_ALT(COLORS)}) ({_ALT(SHAPES)}) at the ({_ALT(POSITIONS)})"
-)
-_CAPTION_RE = re.compile(
-    rf"^({_OBJ_RE.pattern})( and ({_OBJ_RE.pattern}))? on an? ({_ALT(BACKGROUNDS)}) background$"
-)
+_OBJ_RE = re.compile(rf"an? ({_ALT(SIZES)}) ({_ALT(COLORS)}) ({_ALT(SHAPES)}) at the ({_ALT(POSITIONS)})")
+_CAPTION_RE = re.compile(rf"^({_OBJ_RE.pattern})( and ({_OBJ_RE.pattern}))? on an? ({_ALT(BACKGROUNDS)}) background$")
 
 
 def parse_caption(text: str) -> Scene:
@@ -182,8 +184,10 @@ def _polygon(shape: str, cx: float, cy: float, r: float) -> list[list[tuple[floa
         return [[(cx + R * np.cos(a), cy + R * np.sin(a) + dy) for a in angles]]
     if shape == "cross":
         w = 0.36 * r
-        return [[(cx - r, cy - w), (cx + r, cy - w), (cx + r, cy + w), (cx - r, cy + w)],
-                [(cx - w, cy - r), (cx + w, cy - r), (cx + w, cy + r), (cx - w, cy + r)]]
+        return [
+            [(cx - r, cy - w), (cx + r, cy - w), (cx + r, cy + w), (cx - r, cy + w)],
+            [(cx - w, cy - r), (cx + w, cy - r), (cx + w, cy + r), (cx - w, cy + r)],
+        ]
     raise ValueError(f"unknown shape {shape!r}")
 
 
@@ -234,7 +238,7 @@ def scene_from_labels(labels) -> Scene:
     labels = [int(v) for v in labels]
     objects = []
     for q, position in enumerate(POSITIONS):
-        shape, color, size = labels[1 + 3 * q: 4 + 3 * q]
+        shape, color, size = labels[1 + 3 * q : 4 + 3 * q]
         if shape > 0:
             objects.append(Obj(SHAPES[shape - 1], list(COLORS)[color], SIZES[size], position))
     return Scene(tuple(objects), list(BACKGROUNDS)[labels[0]])
@@ -243,8 +247,7 @@ def scene_from_labels(labels) -> Scene:
 # ----------------------------------------------------------------------------- files
 
 
-def write_dataset(folder: str | Path, n: int, seed: int = 0, size: int = RESOLUTION,
-                  metadata: bool = False) -> Path:
+def write_dataset(folder: str | Path, n: int, seed: int = 0, size: int = RESOLUTION, metadata: bool = False) -> Path:
     """Write scenes 0..n-1 of ``seed`` as ``NNNNN.png`` with captions into ``folder``.
 
     Captions go in a ``.txt`` beside each image, or with ``metadata=True`` in one
@@ -288,8 +291,9 @@ def iter_vocabulary() -> Iterator[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dmdcli.shapes.world",
-                                     description="Write shapes-world images with captions.")
+    parser = argparse.ArgumentParser(
+        prog="python -m dmdcli.shapes.world", description="Write shapes-world images with captions."
+    )
     parser.add_argument("out_dir")
     parser.add_argument("--n", type=int, default=1000, help="number of images")
     parser.add_argument("--seed", type=int, default=0)

@@ -109,7 +109,9 @@ def remove_leftovers(run: Path) -> int:
     """Remove the temporary and staging folders of checkpoint writes that a kill (SIGKILL, the OOM
     killer) cut short: each can hold gigabytes, left exactly when the disk is short. Returns how many."""
     root = run / CHECKPOINTS_DIR
-    found = [p for prefix in (TEMPORARY_PREFIX, STAGING_PREFIX) for p in root.glob(f"{prefix}*")] if root.is_dir() else []
+    found = (
+        [p for prefix in (TEMPORARY_PREFIX, STAGING_PREFIX) for p in root.glob(f"{prefix}*")] if root.is_dir() else []
+    )
     for path in found:
         shutil.rmtree(path, ignore_errors=True)
     return len(found)
@@ -138,7 +140,12 @@ def restore_rng(checkpoint: Path, rank: int) -> None:
 
 
 def write_checkpoint(
-    run: Path, iteration: int, tensors: dict[str, Tensor], state: dict[str, Any], keep: int, staged: Path | None = None,
+    run: Path,
+    iteration: int,
+    tensors: dict[str, Tensor],
+    state: dict[str, Any],
+    keep: int,
+    staged: Path | None = None,
     processes: int = 1,
 ) -> Path:
     """Write a checkpoint atomically (with the files in `staged`: the RNG states of `processes`
@@ -146,8 +153,10 @@ def write_checkpoint(
     if staged is not None:  # a node that does not share the run folder wrote its state elsewhere
         missing = [r for r in range(processes) if not all((staged / name).is_file() for name in rng_files(r))]
         if missing:
-            raise DmdError(f"checkpoint {iteration}: the RNG state of process(es) {', '.join(map(str, missing))} is not in "
-                           f"{staged}; on several nodes, --out must be on a filesystem every node shares")
+            raise DmdError(
+                f"checkpoint {iteration}: the RNG state of process(es) {', '.join(map(str, missing))} is not in "
+                f"{staged}; on several nodes, --out must be on a filesystem every node shares"
+            )
     root = run / CHECKPOINTS_DIR
     root.mkdir(parents=True, exist_ok=True)
     final = root / checkpoint_name(iteration)
@@ -214,5 +223,7 @@ def read_checkpoint(path: Path, with_tensors: bool = True) -> tuple[dict[str, Te
         state = json.loads((path / STATE_FILE).read_text())
         tensors = load_file(str(path / TENSORS_FILE)) if with_tensors else {}
     except Exception as e:
-        raise DmdError(f"checkpoint {path} is unreadable ({type(e).__name__}: {e}); remove it to resume from an older one") from e
+        raise DmdError(
+            f"checkpoint {path} is unreadable ({type(e).__name__}: {e}); remove it to resume from an older one"
+        ) from e
     return tensors, state

@@ -251,7 +251,9 @@ def _field_types() -> dict[str, type]:
     import typing
 
     hints = typing.get_type_hints(DistillConfig)
-    return {name: next(t for t in typing.get_args(hint) or (hint,) if t is not type(None)) for name, hint in hints.items()}
+    return {
+        name: next(t for t in typing.get_args(hint) or (hint,) if t is not type(None)) for name, hint in hints.items()
+    }
 
 
 FIELD_TYPES = _field_types()
@@ -315,41 +317,81 @@ def validate(c: DistillConfig) -> None:
     need(0 <= c.seed < 2**31, f"--seed must lie in 0 … {2**31 - 1} (got {c.seed})")
     need(c.lr > 0 and (c.fake_lr is None or c.fake_lr > 0), "learning rates must be positive")
     need(c.warmup_steps >= 0 and c.max_grad_norm > 0, "--warmup-steps must be ≥ 0 and --max-grad-norm > 0")
-    need(c.weight_decay >= 0 and 0 <= c.adam_beta1 < 1 and 0 <= c.adam_beta2 < 1,
-         "need weight_decay ≥ 0 and 0 ≤ adam_beta1, adam_beta2 < 1")
-    need(1 <= c.diffusion_gan_max_timestep <= 1000, f"--diffusion-gan-max-timestep must lie in 1 … 1000 (got {c.diffusion_gan_max_timestep})")
-    need(c.lr_schedule in LR_SCHEDULES, f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)} (got {c.lr_schedule!r})")
-    span, what = (c.iterations_per_round, "--iterations-per-round") if c.method == "progressive" else (c.iterations, "--iterations")
-    need(c.lr_schedule == "constant" or c.warmup_steps < span,
-         f"--lr-schedule {c.lr_schedule} decays after the warm-up, which --warmup-steps {c.warmup_steps} makes as long as "
-         f"{what} {span}: lower --warmup-steps")
+    need(
+        c.weight_decay >= 0 and 0 <= c.adam_beta1 < 1 and 0 <= c.adam_beta2 < 1,
+        "need weight_decay ≥ 0 and 0 ≤ adam_beta1, adam_beta2 < 1",
+    )
+    need(
+        1 <= c.diffusion_gan_max_timestep <= 1000,
+        f"--diffusion-gan-max-timestep must lie in 1 … 1000 (got {c.diffusion_gan_max_timestep})",
+    )
+    need(
+        c.lr_schedule in LR_SCHEDULES, f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)} (got {c.lr_schedule!r})"
+    )
+    span, what = (
+        (c.iterations_per_round, "--iterations-per-round")
+        if c.method == "progressive"
+        else (c.iterations, "--iterations")
+    )
+    need(
+        c.lr_schedule == "constant" or c.warmup_steps < span,
+        f"--lr-schedule {c.lr_schedule} decays after the warm-up, which --warmup-steps {c.warmup_steps} makes as long as "
+        f"{what} {span}: lower --warmup-steps",
+    )
     need(c.guidance_scale >= 1.0, f"--guidance-scale must be ≥ 1 (got {c.guidance_scale})")
     need(0.0 <= c.min_timestep_frac < c.max_timestep_frac <= 1.0, "need 0 ≤ min_timestep_frac < max_timestep_frac ≤ 1")
-    need(c.mixed_precision in ("auto", "bf16", "no"), f"--mixed-precision must be bf16, no or auto (got {c.mixed_precision})")
-    need(c.prompts is not None or c.data is not None, "no prompts: pass --prompts FILE, or --data DIR whose captions become the prompts")
-    need(c.dm_weight > 0 or c.data is not None, "with --dm-weight 0 the generator needs the GAN term, which needs --data")
+    need(
+        c.mixed_precision in ("auto", "bf16", "no"),
+        f"--mixed-precision must be bf16, no or auto (got {c.mixed_precision})",
+    )
+    need(
+        c.prompts is not None or c.data is not None,
+        "no prompts: pass --prompts FILE, or --data DIR whose captions become the prompts",
+    )
+    need(
+        c.dm_weight > 0 or c.data is not None, "with --dm-weight 0 the generator needs the GAN term, which needs --data"
+    )
     need(c.log_every >= 1 and c.sample_every >= 0 and c.grid_size >= 1, "log_every, grid_size ≥ 1 and sample_every ≥ 0")
     need(c.checkpoint_every >= 0 and c.keep_checkpoints >= 1, "checkpoint_every ≥ 0 and keep_checkpoints ≥ 1")
     need(0 <= c.teacher_grid_steps <= 1000, f"teacher_grid_steps must lie in 0 … 1000 (got {c.teacher_grid_steps})")
     if c.conditioning_timestep is not None:
         need(0 <= c.conditioning_timestep < 1000, "--conditioning-timestep must lie in [0, 999]")
     need(c.method in METHODS, f"--method must be one of {', '.join(METHODS)} (got {c.method!r})")
-    need(c.regression_weight >= 0 and c.regression_iterations >= 0, "regression_weight and regression_iterations must be ≥ 0")
-    need(c.regression_distance in DISTANCE_CHOICES, f"--regression-distance must be one of {', '.join(DISTANCE_CHOICES)}")
+    need(
+        c.regression_weight >= 0 and c.regression_iterations >= 0,
+        "regression_weight and regression_iterations must be ≥ 0",
+    )
+    need(
+        c.regression_distance in DISTANCE_CHOICES, f"--regression-distance must be one of {', '.join(DISTANCE_CHOICES)}"
+    )
     # DDIM ladders of more steps than the 1000 training timesteps repeat timesteps
-    need(c.pairs >= 1 and 1 <= c.pair_steps <= 1000, f"--pairs must be at least 1 and --pair-steps lie in 1 … 1000 (got {c.pairs}, {c.pair_steps})")
+    need(
+        c.pairs >= 1 and 1 <= c.pair_steps <= 1000,
+        f"--pairs must be at least 1 and --pair-steps lie in 1 … 1000 (got {c.pairs}, {c.pair_steps})",
+    )
     if c.method == "progressive":
         need(2 <= c.teacher_steps <= 1000, f"--teacher-steps must lie in 2 … 1000 (got {c.teacher_steps})")
-        need(c.teacher_steps > c.steps and c.teacher_steps % c.steps == 0 and _power_of_two(c.teacher_steps // c.steps),
-             f"--teacher-steps must be --steps × a power of two, larger than --steps (got {c.teacher_steps} and {c.steps})")
+        need(
+            c.teacher_steps > c.steps and c.teacher_steps % c.steps == 0 and _power_of_two(c.teacher_steps // c.steps),
+            f"--teacher-steps must be --steps × a power of two, larger than --steps (got {c.teacher_steps} and {c.steps})",
+        )
         need(c.iterations_per_round >= 1, "--iterations-per-round must be at least 1")
-        need(c.parameterization in (None, *PARAMETERIZATIONS), f"--parameterization must be one of {', '.join(PARAMETERIZATIONS)} (got {c.parameterization!r})")
-        need(c.loss_weight in LOSS_WEIGHTS, f"--loss-weight must be one of {', '.join(LOSS_WEIGHTS)} (got {c.loss_weight!r})")
+        need(
+            c.parameterization in (None, *PARAMETERIZATIONS),
+            f"--parameterization must be one of {', '.join(PARAMETERIZATIONS)} (got {c.parameterization!r})",
+        )
+        need(
+            c.loss_weight in LOSS_WEIGHTS,
+            f"--loss-weight must be one of {', '.join(LOSS_WEIGHTS)} (got {c.loss_weight!r})",
+        )
         need(c.lora_rank == 0, "--method progressive trains full students; drop --lora-rank")
         need(not c.fsdp, "--method progressive runs in one process; drop --fsdp")
         need(c.init_from is None, "--method progressive starts from the teacher; drop --init-from")
-    need(not (c.fsdp and c.lora_rank), f"--fsdp shards full-weight runs; a --lora-rank {c.lora_rank} run fits one GPU and "
-                                       "trains data-parallel without it: drop --fsdp or --lora-rank")
+    need(
+        not (c.fsdp and c.lora_rank),
+        f"--fsdp shards full-weight runs; a --lora-rank {c.lora_rank} run fits one GPU and "
+        "trains data-parallel without it: drop --fsdp or --lora-rank",
+    )
 
 
 def layout_recipe(layout: str, steps: int | None, lora_rank: int | None) -> str | None:
@@ -386,8 +428,15 @@ def write_config(config: DistillConfig, path: Path, extra: dict[str, Any] | None
 
 # Options that may change when a run is resumed; every other key must match the checkpoint.
 RESUMABLE_KEYS = {
-    "iterations", "out", "log_every", "sample_every", "grid_size", "teacher_grid_steps",
-    "checkpoint_every", "keep_checkpoints", "skip_nonfinite",
+    "iterations",
+    "out",
+    "log_every",
+    "sample_every",
+    "grid_size",
+    "teacher_grid_steps",
+    "checkpoint_every",
+    "keep_checkpoints",
+    "skip_nonfinite",
     "cache_prompts",  # where the conditionings are computed, not what they are (and absent from older checkpoints)
     "fsdp",  # how the weights are laid out across processes, not what they are: checkpoints are the same
 }
@@ -405,8 +454,13 @@ def _as_used(values: dict[str, Any]) -> dict[str, Any]:
     c = DistillConfig(**{k: values[k] for k in FIELD_NAMES if k in values})
     lora = bool(c.lora_rank)
     shared = lora and c.shared_base
-    return {**values, "lora_alpha": c.lora_alpha_value() if lora else None, "shared_base": shared,
-            "fake_lora_rank": c.fake_adapter_rank() if shared else None, "fake_lr": c.fake_lr_value()}
+    return {
+        **values,
+        "lora_alpha": c.lora_alpha_value() if lora else None,
+        "shared_base": shared,
+        "fake_lora_rank": c.fake_adapter_rank() if shared else None,
+        "fake_lr": c.fake_lr_value(),
+    }
 
 
 def _differences(saved: dict[str, Any], config: DistillConfig, keys) -> list[tuple[str, Any, Any]]:

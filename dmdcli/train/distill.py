@@ -29,13 +29,29 @@ from dmdcli.models.unet import UNetDenoiser
 from dmdcli.shapes.data import resolve_data
 from dmdcli.train import rundir
 from dmdcli.train.checkpoint import (
-    CHECKPOINTS_DIR, checkpoint_keys, checkpoint_name, is_checkpoint, latest_checkpoint, optimizer_state, optimizer_state_dict,
-    read_checkpoint, remove_leftovers, restore_rng, staging_dir, write_checkpoint, write_rng,
+    CHECKPOINTS_DIR,
+    checkpoint_keys,
+    checkpoint_name,
+    is_checkpoint,
+    latest_checkpoint,
+    optimizer_state,
+    optimizer_state_dict,
+    read_checkpoint,
+    remove_leftovers,
+    restore_rng,
+    staging_dir,
+    write_checkpoint,
+    write_rng,
 )
 from dmdcli.train.config import DistillConfig, init_conflicts, resume_conflicts, write_config
 from dmdcli.train.grids import COLLAPSE_RATIO, SampleGrid, diversity
 from dmdcli.train.networks import build_networks, build_step
-from dmdcli.train.sharding import full_model_state, full_optimizer_state, load_full_model_state, load_full_optimizer_state
+from dmdcli.train.sharding import (
+    full_model_state,
+    full_optimizer_state,
+    load_full_model_state,
+    load_full_optimizer_state,
+)
 from dmdcli.train.step import Batch
 
 
@@ -93,11 +109,18 @@ class Data:
         lists = self._lists()
         count = len(set().union(*lists, extra))
         with ui.task(f"encoding {count} prompts once (cached on the CPU)", total=count) as update:
-            cache, size = build_prompt_cache(teacher.encode_prompts, self.all_prompts() + extra, teacher.dtype,
-                                             teacher.device, progress=lambda done: update(done, None))
+            cache, size = build_prompt_cache(
+                teacher.encode_prompts,
+                self.all_prompts() + extra,
+                teacher.dtype,
+                teacher.device,
+                progress=lambda done: update(done, None),
+            )
         if cache is None:
-            ui.message(f"prompt cache: {count} prompts would take {size / GIB:.1f} GiB of host memory: encoding them on the fly "
-                       f"instead (the text encoders stay on {teacher.device})")
+            ui.message(
+                f"prompt cache: {count} prompts would take {size / GIB:.1f} GiB of host memory: encoding them on the fly "
+                f"instead (the text encoders stay on {teacher.device})"
+            )
             return None
         self.cache, self._rows = cache, [cache.rows(ps) for ps in lists]
         teacher.release_text_encoders()
@@ -111,7 +134,9 @@ class Data:
         prompts = self._lists()[which]
         return teacher.encode_prompts([prompts[i] for i in picks])
 
-    def batch(self, teacher: Teacher, seed: int, iteration: int, batch_size: int, uncond: Cond | None, rank: int = 0) -> Batch:
+    def batch(
+        self, teacher: Teacher, seed: int, iteration: int, batch_size: int, uncond: Cond | None, rank: int = 0
+    ) -> Batch:
         """This process's batch of one iteration. The picks of prompts, real images and pairs come
         from (seed, iteration, rank) alone and the noise from the process's global generator
         (seeded per rank, saved in checkpoints), so a run is the same whether or not it was
@@ -139,8 +164,11 @@ def load_data(folder: str | None, prompts: list[str] | None, teacher: Teacher, u
     if folder:
         with ui.task("real images (VAE-encoded on first use, then cached)", total=0) as update:
             real, scan = load_or_build_latents(
-                folder, teacher.resolution, teacher.encode_images,
-                encoder_id=teacher.latent_cache_id, progress=lambda done, total: update(done, {"total": total}),
+                folder,
+                teacher.resolution,
+                teacher.encode_images,
+                encoder_id=teacher.latent_cache_id,
+                progress=lambda done, total: update(done, {"total": total}),
             )
         details = [f"{len(scan.skipped)} skipped"] if scan.skipped else []
         details += [f"{real.upscaled} smaller than {teacher.resolution} px, upscaled"] if real.upscaled else []
@@ -182,8 +210,12 @@ class Distillation:
         frozen_dtype = config.frozen_dtype()
         device = self.accelerator.device
 
-        ui.message(f"teacher: {self.spec.source} ({self.spec.layout}, {self.spec.prediction_type}) at {self.resolution}px on {device}")
-        self.teacher = Teacher(self.spec, device, frozen_dtype, self.resolution, config.allow_pickle, encoder_dtype=torch.float32)
+        ui.message(
+            f"teacher: {self.spec.source} ({self.spec.layout}, {self.spec.prediction_type}) at {self.resolution}px on {device}"
+        )
+        self.teacher = Teacher(
+            self.spec, device, frozen_dtype, self.resolution, config.allow_pickle, encoder_dtype=torch.float32
+        )
         if self.data_folder and not config.gan_term():  # no real latents to encode, no classifier head
             why = "--method dmd has no GAN term" if config.method == "dmd" else "both GAN weights are 0"
             if prompts is None:
@@ -193,7 +225,9 @@ class Distillation:
                 ui.message(f"{why}: --data is not used")
             self.data = Data(prompts, None)
         else:
-            with self.accelerator.main_process_first():  # one process encodes the real images, the others read the cache
+            with (
+                self.accelerator.main_process_first()
+            ):  # one process encodes the real images, the others read the cache
                 self.data = load_data(self.data_folder, prompts, self.teacher, ui)
         self.uncond = self.teacher.empty_cond() if config.guidance_scale > 1 else None
         self.regression_distance, self.regression_distance_name = None, None
@@ -218,8 +252,13 @@ class Distillation:
         set_seed(config.seed, device_specific=True)
         self._build_networks(device, frozen_dtype)
         self.grid = SampleGrid(
-            self.data.prompts, config.grid_size, config.seed, self.encode, self.teacher.decode,
-            (self.spec.latent_channels, *self.teacher.latent_size), device,
+            self.data.prompts,
+            config.grid_size,
+            config.seed,
+            self.encode,
+            self.teacher.decode,
+            (self.spec.latent_channels, *self.teacher.latent_size),
+            device,
         )
 
     def _sharding(self, config: DistillConfig, precision: str):
@@ -231,11 +270,15 @@ class Distillation:
         if not (config.fsdp or self.accelerator.distributed_type == DistributedType.FSDP):
             return None
         if self.accelerator.num_processes < 2:
-            raise UsageError("--fsdp shards the networks across processes: launch with torchrun --nproc_per_node N "
-                             "(or accelerate launch) and N ≥ 2")
+            raise UsageError(
+                "--fsdp shards the networks across processes: launch with torchrun --nproc_per_node N "
+                "(or accelerate launch) and N ≥ 2"
+            )
         if config.lora_rank:
-            raise UsageError(f"FSDP shards full-weight runs; --lora-rank {config.lora_rank} fits one GPU and trains "
-                             "data-parallel: drop --lora-rank or the FSDP launch configuration")
+            raise UsageError(
+                f"FSDP shards full-weight runs; --lora-rank {config.lora_rank} fits one GPU and trains "
+                "data-parallel: drop --lora-rank or the FSDP launch configuration"
+            )
         return sharding_options(self.accelerator, precision)
 
     def _load_regression(self, config: DistillConfig, device: torch.device) -> None:
@@ -245,7 +288,8 @@ class Distillation:
         from dmdcli.train.regression import build_distance
 
         self.regression_distance, self.regression_distance_name, note = build_distance(
-            config.regression_distance, self.teacher.vae, self.teacher.scaling_factor)
+            config.regression_distance, self.teacher.vae, self.teacher.scaling_factor
+        )
         if note:
             self.ui.message(note)
         teacher, schedule = UNetDenoiser(self.teacher.unet.to(device)), self.spec.schedule()
@@ -255,20 +299,41 @@ class Distillation:
             cond = self.teacher.encode_prompts(prompts)
             batch_uncond = expand_cond(uncond, len(prompts)) if uncond else None
             with self.accelerator.autocast():
-                return ddim_sample(teacher, schedule, noise.to(device), cond, batch_uncond, config.pair_steps, config.guidance_scale)
+                return ddim_sample(
+                    teacher, schedule, noise.to(device), cond, batch_uncond, config.pair_steps, config.guidance_scale
+                )
 
         inputs = pair_key_inputs(
             teacher_identity(self.spec.source, self.spec.layout, self.spec.prediction_type, self.spec.scheduler_config),
-            self.data.prompts, config.seed, config.pair_steps, config.guidance_scale, self.resolution, config.pairs,
-            config.precision())
+            self.data.prompts,
+            config.seed,
+            config.pair_steps,
+            config.guidance_scale,
+            self.resolution,
+            config.pairs,
+            config.precision(),
+        )
         root = Path(config.pairs_dir) if config.pairs_dir else default_pairs_dir()
-        with self.accelerator.main_process_first(), self.ui.task(f"regression pairs ({config.pair_steps}-step DDIM of the teacher)", total=config.pairs) as update:
+        with (
+            self.accelerator.main_process_first(),
+            self.ui.task(
+                f"regression pairs ({config.pair_steps}-step DDIM of the teacher)", total=config.pairs
+            ) as update,
+        ):
             self.data.pairs = load_or_build_pairs(
-                root, inputs, self.data.prompts, (self.spec.latent_channels, *self.teacher.latent_size), generate,
-                batch_size=config.batch_size, progress=lambda done, total: update(done, None))
-        self.ui.message(f"regression: {len(self.data.pairs)} pairs {'made and cached' if self.data.pairs.built else 'reused'} in "
-                        f"{self.data.pairs.folder}; distance {self.regression_distance_name}, weight {config.regression_weight}"
-                        + (f" for the first {config.regression_iterations} iterations" if config.regression_iterations else ""))
+                root,
+                inputs,
+                self.data.prompts,
+                (self.spec.latent_channels, *self.teacher.latent_size),
+                generate,
+                batch_size=config.batch_size,
+                progress=lambda done, total: update(done, None),
+            )
+        self.ui.message(
+            f"regression: {len(self.data.pairs)} pairs {'made and cached' if self.data.pairs.built else 'reused'} in "
+            f"{self.data.pairs.folder}; distance {self.regression_distance_name}, weight {config.regression_weight}"
+            + (f" for the first {config.regression_iterations} iterations" if config.regression_iterations else "")
+        )
 
     def _checkpoint_to_resume(self) -> Path:
         found = latest_checkpoint(self.out)
@@ -286,14 +351,18 @@ class Distillation:
             raise UsageError(f"--resume with a configuration that contradicts the checkpoint {found.name}: {details}")
         done = state["iteration"]
         if done > self.config.iterations:
-            raise UsageError(f"{self.out} is already at iteration {done}, past --iterations {self.config.iterations}; raise it to continue")
+            raise UsageError(
+                f"{self.out} is already at iteration {done}, past --iterations {self.config.iterations}; raise it to continue"
+            )
         if done == self.config.iterations:
             wrote = self._student_from_final_checkpoint(found, state)
             raise RunFinished(f"{self.out} is already at iteration {done}{wrote}; raise --iterations to continue")
         planned = state["config"].get("iterations")
         if self.config.lr_schedule != "constant" and planned != self.config.iterations:
-            self.ui.message(f"the {self.config.lr_schedule} LR decay now spans {self.config.iterations} iterations instead of "
-                            f"{planned}: the LR goes up from where the run stopped and decays again")
+            self.ui.message(
+                f"the {self.config.lr_schedule} LR decay now spans {self.config.iterations} iterations instead of "
+                f"{planned}: the LR goes up from where the run stopped and decays again"
+            )
         return found
 
     def _student_from_final_checkpoint(self, found: Path, state: dict[str, Any]) -> str:
@@ -307,8 +376,11 @@ class Distillation:
             pass
         if self.accelerator.is_main_process:
             tensors, _ = read_checkpoint(found)
-            rundir.save_student(student, {k.removeprefix("generator."): v for k, v in tensors.items() if k.startswith("generator.")},
-                                state["student"])
+            rundir.save_student(
+                student,
+                {k.removeprefix("generator."): v for k, v in tensors.items() if k.startswith("generator.")},
+                state["student"],
+            )
         self.accelerator.wait_for_everyone()
         return f" (its student was missing: written from checkpoint {found.name})"
 
@@ -316,7 +388,9 @@ class Distillation:
         source = Path(self.config.init_from)
         found = source if is_checkpoint(source) else latest_checkpoint(source)
         if found is None:
-            raise UsageError(f"--init-from {source}: neither a checkpoint (RUN/checkpoints/iter-N) nor a run folder holding one")
+            raise UsageError(
+                f"--init-from {source}: neither a checkpoint (RUN/checkpoints/iter-N) nor a run folder holding one"
+            )
         _, state = read_checkpoint(found, with_tensors=False)
         conflicts = init_conflicts(state["config"], self.config)
         if conflicts:
@@ -329,10 +403,18 @@ class Distillation:
         if self.data.real is not None:
             latent, empty = torch.zeros(1, self.spec.latent_channels, *self.teacher.latent_size), self.encode([""])
             probe = lambda fake_score, on: fake_score.bottleneck(  # noqa: E731
-                latent.to(on), torch.zeros(1, dtype=torch.long, device=on), {k: v.to(on) for k, v in empty.items()})
+                latent.to(on), torch.zeros(1, dtype=torch.long, device=on), {k: v.to(on) for k, v in empty.items()}
+            )
         self.nets = build_networks(self.teacher.unet, self.config, device, frozen_dtype, probe, sharding=self.sharding)
-        self.step = build_step(self.nets, self.schedule, self.config, self.timesteps, self.accelerator, self.any_process,
-                               self.regression_distance)
+        self.step = build_step(
+            self.nets,
+            self.schedule,
+            self.config,
+            self.timesteps,
+            self.accelerator,
+            self.any_process,
+            self.regression_distance,
+        )
         self.generator = self.step.generator
         self.ui.message(self.nets.describe(self.config, self.timesteps))
 
@@ -344,8 +426,14 @@ class Distillation:
         (every process must call this; the others get {})."""
         nets, prefixed = self.nets, lambda prefix, sd: {prefix + k: v for k, v in sd.items()}  # noqa: E731
         if nets.sharded:
-            return {**prefixed("generator.", full_model_state(nets.generator_unet)), **full_model_state(nets.fake_modules)}
-        weights = prefixed("generator.", lora_state_dict(nets.generator_unet) if self.config.lora_rank else nets.generator_unet.state_dict())
+            return {
+                **prefixed("generator.", full_model_state(nets.generator_unet)),
+                **full_model_state(nets.fake_modules),
+            }
+        weights = prefixed(
+            "generator.",
+            lora_state_dict(nets.generator_unet) if self.config.lora_rank else nets.generator_unet.state_dict(),
+        )
         fake = lora_state_dict(nets.fake_unet, FAKE_SCORE_ADAPTER) if nets.shared_base else nets.fake_unet.state_dict()
         weights.update(prefixed("fake_score.", fake))
         if nets.head is not None:
@@ -356,8 +444,10 @@ class Distillation:
         """The two optimizers' state_dicts, keyed by parameter index (sharded: on process 0 only)."""
         nets, step = self.nets, self.step
         if nets.sharded:
-            return (full_optimizer_state(nets.generator_unet, step.generator_optimizer),
-                    full_optimizer_state(nets.fake_modules, step.fake_optimizer))
+            return (
+                full_optimizer_state(nets.generator_unet, step.generator_optimizer),
+                full_optimizer_state(nets.fake_modules, step.fake_optimizer),
+            )
         return step.generator_optimizer.state_dict(), step.fake_optimizer.state_dict()
 
     def save_checkpoint(self, iteration: int, extra: dict[str, Any]) -> Path:
@@ -367,13 +457,18 @@ class Distillation:
         generator_state, fake_state = self._optimizer_states()
         opt_g, opt_g_json = optimizer_state(generator_state, "optimizer.generator")
         opt_f, opt_f_json = optimizer_state(fake_state, "optimizer.fake")
-        student = {k[len("generator."):]: v for k, v in tensors.items() if k.startswith("generator.")}
+        student = {k[len("generator.") :]: v for k, v in tensors.items() if k.startswith("generator.")}
         tensors.update({**opt_g, **opt_f})
         state = {
-            "config": self.config.to_dict(), "world_size": self.accelerator.num_processes, "skipped_updates": step.skipped_updates,
+            "config": self.config.to_dict(),
+            "world_size": self.accelerator.num_processes,
+            "skipped_updates": step.skipped_updates,
             "optimizers": {"generator": opt_g_json, "fake": opt_f_json},
             # LambdaLR's state is JSON-able: its lambdas (rebuilt from the config) appear as None.
-            "lr_schedulers": {"generator": step.generator_lr_scheduler.state_dict(), "fake": step.fake_lr_scheduler.state_dict()},
+            "lr_schedulers": {
+                "generator": step.generator_lr_scheduler.state_dict(),
+                "fake": step.fake_lr_scheduler.state_dict(),
+            },
             # What `--model RUN/checkpoints/iter-N` needs to sample, score or export this generator.
             "student": self.student_info(iteration),
             **extra,
@@ -387,7 +482,9 @@ class Distillation:
         acc.wait_for_everyone()
         path = self.out / CHECKPOINTS_DIR / checkpoint_name(iteration)
         if acc.is_main_process:
-            path = write_checkpoint(self.out, iteration, tensors, state, self.config.keep_checkpoints, staged, acc.num_processes)
+            path = write_checkpoint(
+                self.out, iteration, tensors, state, self.config.keep_checkpoints, staged, acc.num_processes
+            )
             self.save_student(iteration, student)
         acc.wait_for_everyone()
         return path
@@ -399,8 +496,10 @@ class Distillation:
         """
         nets, step, main = self.nets, self.step, self.accelerator.is_main_process
         tensors, state = read_checkpoint(path, with_tensors=main or not nets.sharded)
-        optimizers = [optimizer_state_dict(f"optimizer.{name}", tensors, state["optimizers"][name]) if tensors else {}
-                      for name in ("generator", "fake")]
+        optimizers = [
+            optimizer_state_dict(f"optimizer.{name}", tensors, state["optimizers"][name]) if tensors else {}
+            for name in ("generator", "fake")
+        ]
         self._load_weights(tensors, with_head=nets.head is not None)
         if nets.sharded:
             load_full_optimizer_state(nets.generator_unet, step.generator_optimizer, optimizers[0])
@@ -430,11 +529,14 @@ class Distillation:
         """The weights `_weights` names, back into the networks (the classifier head's if
         `with_head`). Sharded: process 0 holds the tensors and FSDP sends each process its shards."""
         nets = self.nets
-        part = lambda prefix: {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}  # noqa: E731
+        part = lambda prefix: {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}  # noqa: E731
         if nets.sharded:
             load_full_model_state(nets.generator_unet, part("generator."))
             if with_head:
-                load_full_model_state(nets.fake_modules, {k: v for k, v in tensors.items() if k.startswith(("fake_score.", "discriminator."))})
+                load_full_model_state(
+                    nets.fake_modules,
+                    {k: v for k, v in tensors.items() if k.startswith(("fake_score.", "discriminator."))},
+                )
             else:
                 load_full_model_state(nets.fake_unet, part("fake_score."))
             return
@@ -454,10 +556,17 @@ class Distillation:
     def student_info(self, iterations_done: int) -> dict[str, Any]:
         c = self.config
         info = {
-            "teacher": self.spec.source, "layout": self.spec.layout, "prediction_type": self.spec.prediction_type,
-            "kind": "lora" if c.lora_rank else "full", "steps": c.steps, "timesteps": self.timesteps,
-            "conditioning_timestep": self.conditioning_timestep, "resolution": self.resolution,
-            "iterations": iterations_done, "guidance_scale": c.guidance_scale, "seed": c.seed,
+            "teacher": self.spec.source,
+            "layout": self.spec.layout,
+            "prediction_type": self.spec.prediction_type,
+            "kind": "lora" if c.lora_rank else "full",
+            "steps": c.steps,
+            "timesteps": self.timesteps,
+            "conditioning_timestep": self.conditioning_timestep,
+            "resolution": self.resolution,
+            "iterations": iterations_done,
+            "guidance_scale": c.guidance_scale,
+            "seed": c.seed,
         }
         if c.lora_rank:
             info.update(lora_rank=c.lora_rank, lora_alpha=c.lora_alpha_value(), lora_target_modules=LORA_TARGET_MODULES)
@@ -471,7 +580,13 @@ class Distillation:
     def teacher_diversity(self) -> float:
         """The collapse watch's reference: the teacher's grid (DDIM + CFG), saved as samples/teacher.png."""
         with self.accelerator.autocast():
-            images = self.grid.teacher(self.step.dmd2.real_score, self.schedule, self.uncond, self.config.teacher_grid_steps, self.config.guidance_scale)
+            images = self.grid.teacher(
+                self.step.dmd2.real_score,
+                self.schedule,
+                self.uncond,
+                self.config.teacher_grid_steps,
+                self.config.guidance_scale,
+            )
         if self.accelerator.is_main_process:
             rundir.save_grid(images, self.out / rundir.SAMPLES_DIR / "teacher.png", columns=self.grid.seeds)
         return diversity(images, self.grid.seeds)
@@ -513,7 +628,9 @@ class Distillation:
         metrics = rundir.MetricsLog(self.out / rundir.METRICS_FILE, enabled=main)
         if self.checkpoint is not None:
             if main and (removed := remove_leftovers(self.out)):
-                self.ui.message(f"removed {removed} unfinished checkpoint folder(s) that a killed run left in {self.out / CHECKPOINTS_DIR}")
+                self.ui.message(
+                    f"removed {removed} unfinished checkpoint folder(s) that a killed run left in {self.out / CHECKPOINTS_DIR}"
+                )
             self.accelerator.wait_for_everyone()
             state = self.restore(self.checkpoint)
             start_iteration, teacher_div = state["iteration"], state.get("teacher_diversity")
@@ -543,18 +660,27 @@ class Distillation:
         with _StopOnSignal() as stop, self.ui.task("distilling", total=c.iterations) as update:
             update(done, None)
             for it in range(start_iteration, c.iterations):
-                batch = self.data.batch(self.teacher, c.seed, it, c.batch_size, self.uncond, self.accelerator.process_index)
+                batch = self.data.batch(
+                    self.teacher, c.seed, it, c.batch_size, self.uncond, self.accelerator.process_index
+                )
                 latest.update(self.step(batch, it))
                 done = it + 1
                 if done % c.log_every == 0 or done == c.iterations:
                     now = time.perf_counter()
-                    metrics.write({
-                        "iteration": done, **latest,
-                        "lr_generator": self.step.generator_optimizer.param_groups[0]["lr"],
-                        "lr_fake": self.step.fake_optimizer.param_groups[0]["lr"],
-                        "sec_per_iter": (now - last_log) / (done - last_log_iteration),
-                        **({"regression_distance": self.regression_distance_name} if self.regression_distance_name else {}),
-                    })
+                    metrics.write(
+                        {
+                            "iteration": done,
+                            **latest,
+                            "lr_generator": self.step.generator_optimizer.param_groups[0]["lr"],
+                            "lr_fake": self.step.fake_optimizer.param_groups[0]["lr"],
+                            "sec_per_iter": (now - last_log) / (done - last_log_iteration),
+                            **(
+                                {"regression_distance": self.regression_distance_name}
+                                if self.regression_distance_name
+                                else {}
+                            ),
+                        }
+                    )
                     last_log, last_log_iteration = now, done
                 if grids and c.sample_every and done % c.sample_every == 0 and done != c.iterations:
                     metrics.write({"iteration": done, **self.save_grid(done, teacher_div)[1]})
@@ -574,14 +700,23 @@ class Distillation:
                 metrics.write({"iteration": done, **grid_record})
                 summary.update(grid=str(grid), **grid_record)
             summary["checkpoint"] = str(self.save_checkpoint(done, extra))
-        summary.update(seconds=round(time.perf_counter() - start, 3), losses={k: v for k, v in latest.items() if k.startswith("loss_")})
+        summary.update(
+            seconds=round(time.perf_counter() - start, 3),
+            losses={k: v for k, v in latest.items() if k.startswith("loss_")},
+        )
         return summary
 
     def resolved(self) -> dict[str, Any]:
         return {
-            "teacher": self.spec.source, "layout": self.spec.layout, "prediction_type": self.spec.prediction_type,
-            "resolution": self.resolution, "timesteps": self.timesteps, "out": str(self.out),
-            "gan": self.data.real is not None, "num_prompts": len(self.data.prompts), "method": self.config.method,
+            "teacher": self.spec.source,
+            "layout": self.spec.layout,
+            "prediction_type": self.spec.prediction_type,
+            "resolution": self.resolution,
+            "timesteps": self.timesteps,
+            "out": str(self.out),
+            "gan": self.data.real is not None,
+            "num_prompts": len(self.data.prompts),
+            "method": self.config.method,
             "cached_prompts": len(self.data.cache) if self.data.cache is not None else None,
             "regression_distance": self.regression_distance_name,
             "regression_pairs": str(self.data.pairs.folder) if self.data.pairs is not None else None,
@@ -610,7 +745,11 @@ class WriteFailed(DmdError):
 
     def __init__(self, error: OSError, out: Path):
         found = latest_checkpoint(out)
-        hint = f". Checkpoint {found} is complete; continue from it with: dmd distill --out {out} --resume" if found else ""
+        hint = (
+            f". Checkpoint {found} is complete; continue from it with: dmd distill --out {out} --resume"
+            if found
+            else ""
+        )
         super().__init__(describe_os_error(error) + hint)
 
 

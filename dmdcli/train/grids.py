@@ -44,8 +44,16 @@ class SampleGrid:
         latent_shape: (C, h, w).
     """
 
-    def __init__(self, prompts: list[str], grid_size: int, seed: int, encode: Callable[[list[str]], Cond],
-                 decode: Callable[[Tensor], Tensor], latent_shape: tuple[int, ...], device: torch.device):
+    def __init__(
+        self,
+        prompts: list[str],
+        grid_size: int,
+        seed: int,
+        encode: Callable[[list[str]], Cond],
+        decode: Callable[[Tensor], Tensor],
+        latent_shape: tuple[int, ...],
+        device: torch.device,
+    ):
         self.seeds = SEEDS_PER_PROMPT if grid_size >= SEEDS_PER_PROMPT else 1
         count = max(1, grid_size // self.seeds)
         self.prompts = [prompts[i % len(prompts)] for i in range(count)]
@@ -68,7 +76,9 @@ class SampleGrid:
         return self.decode(latents)
 
     @torch.no_grad()
-    def teacher(self, teacher: Denoiser, schedule: NoiseSchedule, uncond: Cond | None, steps: int, guidance_scale: float) -> Tensor:
+    def teacher(
+        self, teacher: Denoiser, schedule: NoiseSchedule, uncond: Cond | None, steps: int, guidance_scale: float
+    ) -> Tensor:
         """The teacher's images for the same prompts and noise: DDIM with CFG."""
         uncond = expand_cond(uncond, self.noise.shape[0]) if uncond else None
         latents = ddim_sample(teacher, schedule, self.noise, self.cond, uncond, steps, guidance_scale)

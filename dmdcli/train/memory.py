@@ -81,7 +81,10 @@ def _text_and_vae_parameters(spec: TeacherSpec) -> tuple[int, int]:
 
     folders = ["text_encoder", "text_encoder_2"] if spec.layout == "sdxl" else ["text_encoder"]
     with torch.device("meta"):
-        text = sum(_count(CLIPTextModel(CLIPTextConfig.from_dict(_load_json_config(spec.source, f, "config.json")))) for f in folders)
+        text = sum(
+            _count(CLIPTextModel(CLIPTextConfig.from_dict(_load_json_config(spec.source, f, "config.json"))))
+            for f in folders
+        )
         vae = _count(AutoencoderKL.from_config(_load_json_config(spec.source, "vae", "config.json")))
     return text, vae
 
@@ -147,8 +150,14 @@ def _training_unet(spec: TeacherSpec, frozen: torch.dtype, adapter: tuple[int, f
     return unet.train()
 
 
-def _saved_activations(unet: nn.Module, spec: TeacherSpec, resolution: int, low_precision: torch.dtype | None,
-                       device_type: str, checkpointing: bool) -> tuple[float, float]:
+def _saved_activations(
+    unet: nn.Module,
+    spec: TeacherSpec,
+    resolution: int,
+    low_precision: torch.dtype | None,
+    device_type: str,
+    checkpointing: bool,
+) -> tuple[float, float]:
     """Bytes autograd keeps for one sample's training forward of `unet`: (whole UNet, down + mid
     blocks, which the classifier runs).
 
@@ -204,21 +213,27 @@ def _saved_activations(unet: nn.Module, spec: TeacherSpec, resolution: int, low_
         alive.append(t)  # a bias's cast is not saved: freed, its storage's id would come back for an activation
 
     try:
-        with _AutocastRules(low_precision, device_type, weight_cast), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with (
+            _AutocastRules(low_precision, device_type, weight_cast),
+            torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
+        ):
             unet(x, torch.zeros(1, dtype=torch.long, device="meta"), cond, added_cond_kwargs=added)
     finally:
         handle.remove()
 
     def total(down_only: bool) -> float:
         held = sum(b for b, d in kept.values() if d or not down_only)
-        recomputed = [sum(b for key, (b, _) in saves.items() if key not in kept) for saves, d in units if d or not down_only]
+        recomputed = [
+            sum(b for key, (b, _) in saves.items() if key not in kept) for saves, d in units if d or not down_only
+        ]
         return float(held + max(recomputed, default=0))
 
     return total(False), total(True)
 
 
-def estimate_memory(spec: TeacherSpec, config, resolution: int, bf16: bool, processes: int = 1,
-                    device_type: str = "cuda") -> MemoryEstimate:
+def estimate_memory(
+    spec: TeacherSpec, config, resolution: int, bf16: bool, processes: int = 1, device_type: str = "cuda"
+) -> MemoryEstimate:
     """Estimated peak memory of `dmd distill` with this configuration, per process (GiB), with
     the networks sharded over `processes` when config.fsdp. `device_type` is the machine whose
     autocast rules and AdamW implementation the run gets: "cuda", or "cpu" for a CPU run (in the
@@ -235,8 +250,10 @@ def estimate_memory(spec: TeacherSpec, config, resolution: int, bf16: bool, proc
     lora, shared = config.lora_rank > 0, config.lora_rank > 0 and config.shared_base
     alpha = config.lora_alpha_value()
     # Each network as it trains: an adapter (rank, alpha, name) on the frozen base, or all of it in fp32.
-    adapters = {"generator": (config.lora_rank, alpha, GENERATOR_ADAPTER) if lora else None,
-                "fake score": (config.fake_adapter_rank(), alpha, FAKE_SCORE_ADAPTER) if shared else None}
+    adapters = {
+        "generator": (config.lora_rank, alpha, GENERATOR_ADAPTER) if lora else None,
+        "fake score": (config.fake_adapter_rank(), alpha, FAKE_SCORE_ADAPTER) if shared else None,
+    }
     nets = {name: _training_unet(spec, frozen_dtype, adapter) for name, adapter in adapters.items()}
     p_gen, p_fake = (_count(nets[name], trainable_only=True) for name in adapters)
     p_head = 0
@@ -273,8 +290,14 @@ def estimate_memory(spec: TeacherSpec, config, resolution: int, bf16: bool, proc
     for name, adapter in adapters.items():
         key = adapter[:2] if adapter else None
         if key not in saved:
-            saved[key] = _saved_activations(nets[name], spec, resolution, torch.bfloat16 if bf16 else None, device_type,
-                                            config.gradient_checkpointing)
+            saved[key] = _saved_activations(
+                nets[name],
+                spec,
+                resolution,
+                torch.bfloat16 if bf16 else None,
+                device_type,
+                config.gradient_checkpointing,
+            )
     (act_gen, _), (act_fake, act_down) = (saved[a[:2] if a else None] for a in adapters.values())
     b = config.batch_size
     # On CUDA AdamW runs its foreach implementation, which holds one fp32 temporary as large as the
@@ -299,7 +322,9 @@ def estimate_memory(spec: TeacherSpec, config, resolution: int, bf16: bool, proc
         optimizer_step=step / GIB,
         peak=(static + sum(phases[phase])) / GIB,
         phase=phase,
-        startup_only={"text encoders (fp32, dropped once prompts are cached)": p_text * 4 / GIB} if config.cache_prompts else {},
+        startup_only={"text encoders (fp32, dropped once prompts are cached)": p_text * 4 / GIB}
+        if config.cache_prompts
+        else {},
         processes=n,
         gathered=gathered / GIB,
     )

@@ -46,8 +46,12 @@ class Networks:
 
 
 def build_networks(
-    base: nn.Module, config, device: torch.device, frozen_dtype: torch.dtype,
-    gan_probe: Callable[[UNetDenoiser, torch.device], torch.Tensor] | None = None, sharding=None,
+    base: nn.Module,
+    config,
+    device: torch.device,
+    frozen_dtype: torch.dtype,
+    gan_probe: Callable[[UNetDenoiser, torch.device], torch.Tensor] | None = None,
+    sharding=None,
 ) -> Networks:
     """Generator and fake score from the teacher's UNet `base` (which becomes the frozen real score).
 
@@ -110,11 +114,20 @@ def _shard_networks(nets: Networks, options, device: torch.device) -> Networks:
         # (which warn about views).
         shard_module(nets.head.net, options)
     # fully_shard replaces each parameter by a sharded one: the lists are taken again.
-    return replace(nets, generator_params=trainable(nets.generator_unet), fake_params=trainable(nets.fake_modules), sharded=True)
+    return replace(
+        nets, generator_params=trainable(nets.generator_unet), fake_params=trainable(nets.fake_modules), sharded=True
+    )
 
 
-def build_step(nets: Networks, schedule: NoiseSchedule, config, timesteps: list[int], accelerator, any_process=None,
-               regression_distance=None) -> DMD2Step:
+def build_step(
+    nets: Networks,
+    schedule: NoiseSchedule,
+    config,
+    timesteps: list[int],
+    accelerator,
+    any_process=None,
+    regression_distance=None,
+) -> DMD2Step:
     """The DMD2 objective and its two AdamW optimizers (warm-up, LR schedule, clipping) over `nets`.
 
     Under several processes each phase module is wrapped by accelerate (DDP), which averages
@@ -123,16 +136,32 @@ def build_step(nets: Networks, schedule: NoiseSchedule, config, timesteps: list[
     """
     c = config
     dmd2 = DMD2(
-        schedule, UNetDenoiser(nets.teacher_unet), UNetDenoiser(nets.fake_unet), nets.head,
+        schedule,
+        UNetDenoiser(nets.teacher_unet),
+        UNetDenoiser(nets.fake_unet),
+        nets.head,
         # The run's options carry the objective's settings under the same names.
         DMD2Config(**{f.name: getattr(c, f.name) for f in fields(DMD2Config)}),
     )
     opt_g, opt_f = adamw(nets.generator_params, c.lr, c), adamw(nets.fake_params, c.fake_lr_value(), c)
     return DMD2Step(
-        dmd2, UNetDenoiser(nets.generator_unet), timesteps, nets.generator_params, nets.fake_params, opt_g, opt_f,
-        generator_lr_scheduler=lr_scheduler(opt_g, c, c.iterations), fake_lr_scheduler=lr_scheduler(opt_f, c, c.iterations),
-        fake_updates_per_gen=c.fake_updates_per_gen, max_grad_norm=c.max_grad_norm, seed=c.seed,
-        skip_nonfinite=c.skip_nonfinite, backward=accelerator.backward, autocast=accelerator.autocast,
-        wrap=accelerator.prepare_model if accelerator.num_processes > 1 and not nets.sharded else None, any_process=any_process,
-        regression_distance=regression_distance, regression_iterations=c.regression_iterations,
+        dmd2,
+        UNetDenoiser(nets.generator_unet),
+        timesteps,
+        nets.generator_params,
+        nets.fake_params,
+        opt_g,
+        opt_f,
+        generator_lr_scheduler=lr_scheduler(opt_g, c, c.iterations),
+        fake_lr_scheduler=lr_scheduler(opt_f, c, c.iterations),
+        fake_updates_per_gen=c.fake_updates_per_gen,
+        max_grad_norm=c.max_grad_norm,
+        seed=c.seed,
+        skip_nonfinite=c.skip_nonfinite,
+        backward=accelerator.backward,
+        autocast=accelerator.autocast,
+        wrap=accelerator.prepare_model if accelerator.num_processes > 1 and not nets.sharded else None,
+        any_process=any_process,
+        regression_distance=regression_distance,
+        regression_iterations=c.regression_iterations,
     )

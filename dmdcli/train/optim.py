@@ -8,7 +8,9 @@ import torch
 
 
 def adamw(params, lr: float, config) -> torch.optim.AdamW:
-    return torch.optim.AdamW(params, lr=lr, betas=(config.adam_beta1, config.adam_beta2), weight_decay=config.weight_decay)
+    return torch.optim.AdamW(
+        params, lr=lr, betas=(config.adam_beta1, config.adam_beta2), weight_decay=config.weight_decay
+    )
 
 
 def lr_factor(step: int, warmup: int, steps: int, shape: str) -> float:
@@ -27,4 +29,5 @@ def lr_factor(step: int, warmup: int, steps: int, shape: str) -> float:
 def lr_scheduler(optimizer: torch.optim.Optimizer, config, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
     """`config`'s warm-up and --lr-schedule over `steps` steps (the caller steps it once per iteration)."""
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda n: lr_factor(n, config.warmup_steps, steps, config.lr_schedule))
+        optimizer, lambda n: lr_factor(n, config.warmup_steps, steps, config.lr_schedule)
+    )

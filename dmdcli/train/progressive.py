@@ -39,7 +39,6 @@ from dmdcli.train.grids import SampleGrid
 from dmdcli.train.optim import adamw, lr_scheduler
 
 
-
 def round_steps(teacher_steps: int, target: int) -> list[int]:
     """The students' step counts, one per round: N/2, N/4, …, target."""
     steps, out = teacher_steps, []
@@ -70,32 +69,51 @@ class ProgressiveDistillation:
         prompts, self.data_folder = read_user_files(config, self.accelerator)
         self.device = self.accelerator.device
         self.frozen_dtype = config.frozen_dtype()
-        ui.message(f"teacher: {self.spec.source} ({self.spec.layout}, {self.spec.prediction_type}) at {self.resolution}px on {self.device}")
-        self.teacher = Teacher(self.spec, self.device, self.frozen_dtype, self.resolution, config.allow_pickle, encoder_dtype=torch.float32)
+        ui.message(
+            f"teacher: {self.spec.source} ({self.spec.layout}, {self.spec.prediction_type}) at {self.resolution}px on {self.device}"
+        )
+        self.teacher = Teacher(
+            self.spec, self.device, self.frozen_dtype, self.resolution, config.allow_pickle, encoder_dtype=torch.float32
+        )
         # real latents, VAE-encoded once and cached, as for DMD2's GAN
         self.data = load_data(self.data_folder, prompts, self.teacher, ui) if self.data_folder else Data(prompts, None)
         if note := self.teacher.truncation_note(self.data.all_prompts()):
             ui.message(note)
         self.uncond = self.teacher.empty_cond() if config.guidance_scale > 1 else None
         self.teacher_schedule = self.spec.schedule()
-        prediction = pd.PARAMETERIZATIONS[config.parameterization] if config.parameterization else self.spec.prediction_type
+        prediction = (
+            pd.PARAMETERIZATIONS[config.parameterization] if config.parameterization else self.spec.prediction_type
+        )
         # The students predict in the chosen parameterization on the teacher's ᾱ_t.
         self.student_schedule = NoiseSchedule(self.teacher_schedule.alphas_cumprod, prediction)
         self.rounds = round_steps(config.teacher_steps, config.steps)
         torch.manual_seed(config.seed)
         self.grid = SampleGrid(
-            self.data.prompts, config.grid_size, config.seed, self.teacher.encode_prompts, self.teacher.decode,
-            (self.spec.latent_channels, *self.teacher.latent_size), self.device,
+            self.data.prompts,
+            config.grid_size,
+            config.seed,
+            self.teacher.encode_prompts,
+            self.teacher.decode,
+            (self.spec.latent_channels, *self.teacher.latent_size),
+            self.device,
         )
         if config.cache_prompts:  # the grid and the empty prompt are encoded above; the data's prompts once here
             self.data.cache_prompts(self.teacher, ui, [])
-        ui.message(f"progressive distillation: {config.teacher_steps} → {' → '.join(map(str, self.rounds))} steps, "
-                   f"{config.iterations_per_round} iterations a round, {prediction} parameterization, {config.loss_weight} weight"
-                   + ("; z_t = real latents noised to t" if config.data else "; data-free (z_t from the teacher's DDIM trajectories)"))
+        ui.message(
+            f"progressive distillation: {config.teacher_steps} → {' → '.join(map(str, self.rounds))} steps, "
+            f"{config.iterations_per_round} iterations a round, {prediction} parameterization, {config.loss_weight} weight"
+            + (
+                "; z_t = real latents noised to t"
+                if config.data
+                else "; data-free (z_t from the teacher's DDIM trajectories)"
+            )
+        )
 
     # -- one round -----------------------------------------------------------------------------
 
-    def _teacher_x0(self, teacher: UNetDenoiser, schedule: NoiseSchedule, guided: bool, cond: Cond, uncond: Cond | None):
+    def _teacher_x0(
+        self, teacher: UNetDenoiser, schedule: NoiseSchedule, guided: bool, cond: Cond, uncond: Cond | None
+    ):
         scale = self.config.guidance_scale if guided else 1.0
 
         def x0(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -104,7 +122,9 @@ class ProgressiveDistillation:
 
         return x0
 
-    def _z_t(self, batch, teacher_x0, schedule: NoiseSchedule, teacher_ts: list[int], k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _z_t(
+        self, batch, teacher_x0, schedule: NoiseSchedule, teacher_ts: list[int], k: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The student's input at step k and the conditioning it is paired with."""
         b = batch.noise.shape[0]
         t = as_timestep_tensor(teacher_ts[2 * k], b, batch.noise.device)
@@ -117,7 +137,9 @@ class ProgressiveDistillation:
                 z = schedule.ddim_step(z, teacher_x0(z, tj), tj, as_timestep_tensor(teacher_ts[j + 1], b, z.device))
         return z, t
 
-    def train_round(self, r: int, steps: int, teacher_unet, guided: bool, metrics: rundir.MetricsLog, iteration0: int) -> tuple[torch.nn.Module, dict[str, float]]:
+    def train_round(
+        self, r: int, steps: int, teacher_unet, guided: bool, metrics: rundir.MetricsLog, iteration0: int
+    ) -> tuple[torch.nn.Module, dict[str, float]]:
         """Train one round's student, copied from `teacher_unet` (fp32), which then becomes its frozen teacher
         in the frozen dtype: copied first, so that the student starts from unrounded weights."""
         c = self.config
@@ -131,7 +153,9 @@ class ProgressiveDistillation:
         teacher_ts = ddim_timesteps(2 * steps)
         logs: dict[str, float] = {}
         last, last_done = time.perf_counter(), 0
-        with self.ui.task(f"round {r + 1}/{len(self.rounds)}: {2 * steps} → {steps} steps", total=c.iterations_per_round) as update:
+        with self.ui.task(
+            f"round {r + 1}/{len(self.rounds)}: {2 * steps} → {steps} steps", total=c.iterations_per_round
+        ) as update:
             for it in range(c.iterations_per_round):
                 batch = self.data.batch(self.teacher, c.seed + r, it, c.batch_size, self.uncond)
                 cond = batch.real_cond if batch.x_real is not None else batch.cond
@@ -158,12 +182,24 @@ class ProgressiveDistillation:
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 lr_schedule.step()
-                logs = {"loss_progressive": loss.item(), "grad_norm_student": float(grad_norm), "lr_student": optimizer.param_groups[0]["lr"]}
+                logs = {
+                    "loss_progressive": loss.item(),
+                    "grad_norm_student": float(grad_norm),
+                    "lr_student": optimizer.param_groups[0]["lr"],
+                }
                 done = it + 1
                 if done % c.log_every == 0 or done == c.iterations_per_round:
                     now = time.perf_counter()
-                    metrics.write({"iteration": iteration0 + done, "round": r + 1, "steps": steps, "student_step": k, **logs,
-                                   "sec_per_iter": (now - last) / (done - last_done)})
+                    metrics.write(
+                        {
+                            "iteration": iteration0 + done,
+                            "round": r + 1,
+                            "steps": steps,
+                            "student_step": k,
+                            **logs,
+                            "sec_per_iter": (now - last) / (done - last_done),
+                        }
+                    )
                     last, last_done = now, done
                 update(done, logs)
         return student_unet.requires_grad_(False).eval(), logs
@@ -173,16 +209,35 @@ class ProgressiveDistillation:
     def student_info(self, steps: int, rounds_done: int, iterations: int) -> dict[str, Any]:
         c = self.config
         return {
-            "teacher": self.spec.source, "layout": self.spec.layout, "prediction_type": self.student_schedule.prediction_type,
-            "kind": "full", "steps": steps, "timesteps": ddim_timesteps(steps), "conditioning_timestep": None,
-            "sampler": "ddim", "method": "progressive", "resolution": self.resolution, "iterations": iterations,
-            "rounds": rounds_done, "teacher_steps": c.teacher_steps, "guidance_scale": c.guidance_scale, "seed": c.seed,
+            "teacher": self.spec.source,
+            "layout": self.spec.layout,
+            "prediction_type": self.student_schedule.prediction_type,
+            "kind": "full",
+            "steps": steps,
+            "timesteps": ddim_timesteps(steps),
+            "conditioning_timestep": None,
+            "sampler": "ddim",
+            "method": "progressive",
+            "resolution": self.resolution,
+            "iterations": iterations,
+            "rounds": rounds_done,
+            "teacher_steps": c.teacher_steps,
+            "guidance_scale": c.guidance_scale,
+            "seed": c.seed,
         }
 
     def save_grid(self, student_unet, steps: int, name: str) -> Path:
         with torch.no_grad(), self.accelerator.autocast():
-            latents = ddim_sample(UNetDenoiser(student_unet), self.student_schedule, self.grid.noise, self.grid.cond, None, steps, 1.0,
-                                  timesteps=ddim_timesteps(steps))
+            latents = ddim_sample(
+                UNetDenoiser(student_unet),
+                self.student_schedule,
+                self.grid.noise,
+                self.grid.cond,
+                None,
+                steps,
+                1.0,
+                timesteps=ddim_timesteps(steps),
+            )
         path = self.out / rundir.SAMPLES_DIR / f"{name}.png"
         rundir.save_grid(self.grid.decode(latents), path, columns=self.grid.seeds)
         return path
@@ -203,20 +258,35 @@ class ProgressiveDistillation:
             rundir.save_student(self.out / rundir.ROUNDS_DIR / f"round-{r + 1}-{steps}step.safetensors", weights, info)
             rundir.save_student(self.out / rundir.STUDENT_FILE, weights, info)
             grid = self.save_grid(student_unet, steps, f"round-{r + 1}-{steps}step")
-            self.ui.message(f"round {r + 1}: {steps}-step student saved (loss {logs.get('loss_progressive', float('nan')):.4g})")
+            self.ui.message(
+                f"round {r + 1}: {steps}-step student saved (loss {logs.get('loss_progressive', float('nan')):.4g})"
+            )
             if r > 0:
                 del teacher_unet  # the previous student: its file is on disk
             teacher_unet = student_unet
         return {
-            "out": str(self.out), "student": str(self.out / rundir.STUDENT_FILE), "grid": str(grid), "method": "progressive",
-            "rounds": len(self.rounds), "steps": c.steps, "iterations": len(self.rounds) * c.iterations_per_round,
-            "seconds": round(time.perf_counter() - start, 3), "losses": {k: v for k, v in logs.items() if k.startswith("loss_")},
+            "out": str(self.out),
+            "student": str(self.out / rundir.STUDENT_FILE),
+            "grid": str(grid),
+            "method": "progressive",
+            "rounds": len(self.rounds),
+            "steps": c.steps,
+            "iterations": len(self.rounds) * c.iterations_per_round,
+            "seconds": round(time.perf_counter() - start, 3),
+            "losses": {k: v for k, v in logs.items() if k.startswith("loss_")},
         }
 
     def resolved(self) -> dict[str, Any]:
         return {
-            "teacher": self.spec.source, "layout": self.spec.layout, "prediction_type": self.spec.prediction_type,
-            "student_prediction_type": self.student_schedule.prediction_type, "resolution": self.resolution,
-            "rounds": self.rounds, "timesteps": ddim_timesteps(self.config.steps), "out": str(self.out), "method": "progressive",
-            "data_free": self.config.data is None, "num_prompts": len(self.data.prompts),
+            "teacher": self.spec.source,
+            "layout": self.spec.layout,
+            "prediction_type": self.spec.prediction_type,
+            "student_prediction_type": self.student_schedule.prediction_type,
+            "resolution": self.resolution,
+            "rounds": self.rounds,
+            "timesteps": ddim_timesteps(self.config.steps),
+            "out": str(self.out),
+            "method": "progressive",
+            "data_free": self.config.data is None,
+            "num_prompts": len(self.data.prompts),
         }

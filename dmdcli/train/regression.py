@@ -44,8 +44,15 @@ def build_distance(name: str, vae, scaling_factor: float) -> tuple[Distance, str
         message = first_line(e)  # the type's name alone when the exception has no message
         reason = message if message == type(e).__name__ else f"{type(e).__name__}: {message}"
         if name == "lpips":
-            raise UsageError(f"--regression-distance lpips needs the lpips package and its pretrained weights ({reason}); "
-                             "pip install lpips, or choose pseudo_huber or mse") from e
-        return REGRESSION_DISTANCES["pseudo_huber"], "pseudo_huber", (
-            f"LPIPS unavailable ({reason}): regression uses pseudo-Huber on latents, per element; the paper's λ 0.25 "
-            "is LPIPS's weight, and pseudo-Huber did better at --regression-weight 2 on the shapes world (README, Other methods)")
+            raise UsageError(
+                f"--regression-distance lpips needs the lpips package and its pretrained weights ({reason}); "
+                "pip install lpips, or choose pseudo_huber or mse"
+            ) from e
+        return (
+            REGRESSION_DISTANCES["pseudo_huber"],
+            "pseudo_huber",
+            (
+                f"LPIPS unavailable ({reason}): regression uses pseudo-Huber on latents, per element; the paper's λ 0.25 "
+                "is LPIPS's weight, and pseudo-Huber did better at --regression-weight 2 on the shapes world (README, Other methods)"
+            ),
+        )

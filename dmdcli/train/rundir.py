@@ -76,7 +76,9 @@ def check_run_folder(out: Path, overwrite: bool) -> None:
     check_can_make(out)
     holds_run = any((out / f).exists() for f in RUN_FILES) or (out / CHECKPOINTS_DIR).is_dir()
     if holds_run and not overwrite:
-        raise UsageError(f"{out} already holds a run; pass --resume to continue it, --overwrite to replace it, or another --out")
+        raise UsageError(
+            f"{out} already holds a run; pass --resume to continue it, --overwrite to replace it, or another --out"
+        )
     if not holds_run and out.is_dir() and any(out.iterdir()):
         raise UsageError(f"--out {out} is a folder that holds other files, not a dmd run; choose a new or empty folder")
 

@@ -37,11 +37,16 @@ def sharding_options(accelerator, precision: str) -> ShardingOptions:
     if plugin is None:
         return options
     if plugin.fsdp_version != 2:
-        raise UsageError("dmd shards with FSDP2: set fsdp_version: 2 in the accelerate config (see recipes/accelerate/)")
+        raise UsageError(
+            "dmd shards with FSDP2: set fsdp_version: 2 in the accelerate config (see recipes/accelerate/)"
+        )
     from torch.distributed.fsdp import CPUOffloadPolicy
 
-    return replace(options, reshard_after_forward=bool(plugin.reshard_after_forward),
-                   cpu_offload=isinstance(plugin.cpu_offload, CPUOffloadPolicy))
+    return replace(
+        options,
+        reshard_after_forward=bool(plugin.reshard_after_forward),
+        cpu_offload=isinstance(plugin.cpu_offload, CPUOffloadPolicy),
+    )
 
 
 def _kwargs(options: ShardingOptions) -> dict:

@@ -83,7 +83,9 @@ class GeneratorPhase(nn.Module):
         self.dmd2 = dmd2
         self.regression_distance, self.first_timestep = regression_distance, first_timestep
 
-    def forward(self, x_t: Tensor, t: Tensor, cond: Cond, uncond: Cond | None, pair: tuple | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+    def forward(
+        self, x_t: Tensor, t: Tensor, cond: Cond, uncond: Cond | None, pair: tuple | None = None
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         x = generator_x0(self.generator, self.dmd2.schedule, x_t, t, cond)
         terms = self.dmd2.generator_losses(x, cond, uncond)
         if pair is not None:
@@ -160,8 +162,11 @@ class DMD2Step:
 
     def regression_active(self, iteration: int) -> bool:
         """Whether the regression term is part of this iteration's generator loss."""
-        return (self.regression_distance is not None and self.dmd2.config.regression_weight > 0
-                and (self.regression_iterations == 0 or iteration < self.regression_iterations))
+        return (
+            self.regression_distance is not None
+            and self.dmd2.config.regression_weight > 0
+            and (self.regression_iterations == 0 or iteration < self.regression_iterations)
+        )
 
     def _update(self, phase: str, terms: dict[str, Tensor], params: list[nn.Parameter], iteration: int) -> float | None:
         """Backward, clip and step one phase ("generator" or "fake"); returns the gradient norm.
