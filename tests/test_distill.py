@@ -354,6 +354,20 @@ def test_lr_schedules_warm_up_then_hold_or_decay_to_zero():
             ["--teacher", "sd15", "--prompts", "p.txt", "--lora-rank", "4", "--lora-alpha", "0"],
             "--lora-alpha must be positive",
         ),
+        # An option the method does not read (progressive once ran 4 rounds × 1000 iterations here)
+        (
+            ["--teacher", "sd15", "--prompts", "p.txt", "--method", "progressive", "--steps", "4", "--iterations", "4"],
+            "--method progressive does not read --iterations (read by --method dmd2 and dmd); "
+            "it reads --iterations-per-round",
+        ),
+        (
+            ["--teacher", "sd15", "--prompts", "p.txt", "--method", "dmd", "--diffusion-gan"],
+            "--method dmd does not read --diffusion-gan (read by --method dmd2)",
+        ),
+        (
+            ["--teacher", "sd15", "--prompts", "p.txt", "--teacher-steps", "8"],
+            "--method dmd2 does not read --teacher-steps",
+        ),
     ],
 )
 def test_usage_errors_are_one_line_with_exit_code_2(args, message):
@@ -684,3 +698,23 @@ def test_a_second_stage_recipe_without_init_from_says_it_starts_from_the_teacher
     )
     first = runner.invoke(app, ["distill", "--recipe", "sd15-1step-stage1", "--prompts", "p.txt", "--dry-run"])
     assert first.exit_code == 0 and "second stage" not in first.stderr
+
+
+def test_each_option_is_defined_once_in_the_config_and_its_help_shows_the_default():
+    """The help of `dmd distill` is made from DistillConfig's fields (and the objective's, which it
+    extends): every field but the recipe-only ones is an option whose help line states the default."""
+    from dataclasses import fields
+
+    from dmdcli.core.dmd2 import DMD2Config
+    from dmdcli.train.config import DistillConfig, option_help
+
+    recipe_only = {"min_timestep_frac", "max_timestep_frac", "weight_decay", "adam_beta1", "adam_beta2"}
+    text = " ".join(runner.invoke(app, ["distill", "--help"], env={"COLUMNS": "400"}).stdout.split())
+    for f in fields(DistillConfig):
+        flag = "--" + f.name.replace("_", "-")
+        assert (flag in text) != (f.name in recipe_only), f.name
+        if f.name not in recipe_only:
+            assert " ".join(option_help(f.name).split()) in text, f.name
+    assert "(default 1e-5)" in option_help("lr") and "(default on)" in option_help("shared_base")
+    objective = {f.name: f.default for f in fields(DMD2Config)}
+    assert {f.name: f.default for f in fields(DistillConfig) if f.name in objective} == objective

@@ -11,7 +11,15 @@ from dmdcli.cli.common import handle_errors, print_json, quiet_library_bars
 from dmdcli.cli.ui import RichUI
 from dmdcli.errors import UsageError
 from dmdcli.models.teacher import TEACHER_ALIASES, teacher_layout
-from dmdcli.train.config import layout_recipe, list_recipes, recipe_continues, resolve_config, run_config_values
+from dmdcli.train.config import (
+    FIELD_TYPES,
+    layout_recipe,
+    list_recipes,
+    option_help,
+    recipe_continues,
+    resolve_config,
+    run_config_values,
+)
 
 HELP = f"""Distill a teacher into a 1- to 4-step student with DMD2.
 
@@ -39,196 +47,66 @@ def _opt(help: str, panel: str, *names: str):
     return typer.Option(*names, help=help, rich_help_panel=panel, show_default=False)
 
 
+# Extra words for an option's help that only the command line knows.
+CLI_NOTES = {"teacher": f" Aliases: {ALIASES}."}
+PLAIN_FLAGS = {"allow_pickle"}  # on/off options that are a flag alone (no --no-...)
+
+
+def _cfg(name: str, panel: str):
+    """The option that sets config field `name`: its help and default come from DistillConfig."""
+    flag = "--" + name.replace("_", "-")
+    if FIELD_TYPES[name] is bool and name not in PLAIN_FLAGS:
+        flag = f"{flag}/--no-{name.replace('_', '-')}"
+    return _opt(option_help(name) + CLI_NOTES.get(name, ""), panel, flag)
+
+
 @handle_errors
 def distill(
     recipe: Annotated[Optional[str], _opt("Recipe name (see above) or path to a TOML file.", MODEL, "--recipe")] = None,
-    teacher: Annotated[
-        Optional[str], _opt(f"Diffusers pipeline folder or hub id; aliases: {ALIASES}.", MODEL, "--teacher")
-    ] = None,
-    steps: Annotated[Optional[int], _opt("Student sampling steps (default 1).", MODEL, "--steps")] = None,
-    conditioning_timestep: Annotated[
-        Optional[int], _opt("Timestep a 1-step student is told (399 SDXL, 999 SD).", MODEL, "--conditioning-timestep")
-    ] = None,
-    prompts: Annotated[
-        Optional[str], _opt("Prompts file: one a line, or JSON lines with prompt/text.", MODEL, "--prompts")
-    ] = None,
-    data: Annotated[
-        Optional[str],
-        _opt(
-            "Folder of captioned real images for the GAN term (.txt beside each, or metadata.jsonl).", MODEL, "--data"
-        ),
-    ] = None,
-    resolution: Annotated[
-        Optional[int], _opt("Training resolution in pixels (default: the teacher's).", MODEL, "--resolution")
-    ] = None,
-    allow_pickle: Annotated[
-        Optional[bool], _opt("Allow teacher weights stored as pickle files.", MODEL, "--allow-pickle")
-    ] = None,
-    guidance_scale: Annotated[
-        Optional[float],
-        _opt("Real-score CFG scale s: uncond + s·(cond − uncond) (default 1.75).", OBJ, "--guidance-scale"),
-    ] = None,
-    dm_weight: Annotated[
-        Optional[float], _opt("Distribution-matching loss weight (default 1).", OBJ, "--dm-weight")
-    ] = None,
-    gan_generator_weight: Annotated[
-        Optional[float], _opt("GAN generator loss weight (default 1e-3).", OBJ, "--gan-generator-weight")
-    ] = None,
-    gan_discriminator_weight: Annotated[
-        Optional[float], _opt("GAN discriminator loss weight (default 1e-2).", OBJ, "--gan-discriminator-weight")
-    ] = None,
-    diffusion_gan: Annotated[
-        Optional[bool], _opt("Noise latents before the classifier.", OBJ, "--diffusion-gan/--no-diffusion-gan")
-    ] = None,
-    diffusion_gan_max_timestep: Annotated[
-        Optional[int],
-        _opt("Upper bound of the diffusion-GAN timesteps (default 1000).", OBJ, "--diffusion-gan-max-timestep"),
-    ] = None,
-    fake_updates_per_gen: Annotated[
-        Optional[int], _opt("Fake score updates per generator update (default 10).", OBJ, "--fake-updates-per-gen")
-    ] = None,
-    method: Annotated[
-        Optional[str],
-        _opt(
-            "dmd2 (default) | dmd: DMD v1, distribution matching + regression on teacher noise→image pairs (λ 0.25, fake score updated every iteration, no GAN even with --data) | progressive: Progressive Distillation, rounds that halve the steps from --teacher-steps to --steps.",
-            METHOD,
-            "--method",
-        ),
-    ] = None,
-    regression_weight: Annotated[
-        Optional[float],
-        _opt(
-            "Regression loss weight λ (default 0; 0.25 with --method dmd). Also usable with dmd2 as a warm-up (--regression-iterations).",
-            METHOD,
-            "--regression-weight",
-        ),
-    ] = None,
-    regression_iterations: Annotated[
-        Optional[int],
-        _opt("Regression only for the first K iterations (default 0: always).", METHOD, "--regression-iterations"),
-    ] = None,
-    regression_distance: Annotated[
-        Optional[str],
-        _opt(
-            "auto (LPIPS if the lpips package and its weights load, else pseudo_huber) | lpips | pseudo_huber | mse. The one that ran is in config.toml and metrics.jsonl.",
-            METHOD,
-            "--regression-distance",
-        ),
-    ] = None,
-    pairs: Annotated[
-        Optional[int],
-        _opt(
-            "Regression pairs: made on first use by the teacher's deterministic DDIM with CFG, cached and reused (default 64).",
-            METHOD,
-            "--pairs",
-        ),
-    ] = None,
-    pair_steps: Annotated[
-        Optional[int], _opt("DDIM steps of the teacher per regression pair (default 25).", METHOD, "--pair-steps")
-    ] = None,
-    pairs_dir: Annotated[
-        Optional[str],
-        _opt("Regression pair cache (default $DMD_CACHE/pairs, else ~/.cache/dmd/pairs).", METHOD, "--pairs-dir"),
-    ] = None,
-    teacher_steps: Annotated[
-        Optional[int],
-        _opt(
-            "Progressive: DDIM steps of the first round's teacher, --steps × a power of two (default 64).",
-            METHOD,
-            "--teacher-steps",
-        ),
-    ] = None,
-    iterations_per_round: Annotated[
-        Optional[int],
-        _opt("Progressive: iterations of each halving round (default 1000).", METHOD, "--iterations-per-round"),
-    ] = None,
-    parameterization: Annotated[
-        Optional[str],
-        _opt(
-            "Progressive: the student predicts x, v or epsilon (default: the teacher's own).",
-            METHOD,
-            "--parameterization",
-        ),
-    ] = None,
-    loss_weight: Annotated[
-        Optional[str],
-        _opt("Progressive: truncated_snr (max(SNR, 1), default) | snr_plus_one.", METHOD, "--loss-weight"),
-    ] = None,
-    lora_rank: Annotated[
-        Optional[int], _opt("Train the generator as a LoRA of this rank (default 0: full).", OPT, "--lora-rank")
-    ] = None,
-    lora_alpha: Annotated[Optional[float], _opt("LoRA alpha (default: the rank).", OPT, "--lora-alpha")] = None,
-    shared_base: Annotated[
-        Optional[bool],
-        _opt(
-            "With LoRA: generator and fake score as two adapters on one frozen copy of the teacher (default), or the reference layout with a full fake score.",
-            OPT,
-            "--shared-base/--no-shared-base",
-        ),
-    ] = None,
-    fake_lora_rank: Annotated[
-        Optional[int],
-        _opt("Rank of the fake score's adapter on the shared base (default: --lora-rank).", OPT, "--fake-lora-rank"),
-    ] = None,
-    iterations: Annotated[Optional[int], _opt("Training iterations (default 1000).", OPT, "--iterations")] = None,
-    batch_size: Annotated[Optional[int], _opt("Per-process batch size (default 2).", OPT, "--batch-size")] = None,
-    lr: Annotated[Optional[float], _opt("Generator learning rate (default 1e-5).", OPT, "--lr")] = None,
-    fake_lr: Annotated[Optional[float], _opt("Fake score learning rate (default: --lr).", OPT, "--fake-lr")] = None,
-    warmup_steps: Annotated[
-        Optional[int], _opt("Linear LR warm-up iterations (default 500).", OPT, "--warmup-steps")
-    ] = None,
-    lr_schedule: Annotated[
-        Optional[str],
-        _opt(
-            "After the warm-up: constant (default, the reference) | cosine | linear, which decay to 0 at the last iteration.",
-            OPT,
-            "--lr-schedule",
-        ),
-    ] = None,
-    max_grad_norm: Annotated[
-        Optional[float], _opt("Gradient clipping norm (default 10).", OPT, "--max-grad-norm")
-    ] = None,
-    mixed_precision: Annotated[
-        Optional[str], _opt("bf16 | no | auto (bf16 on CUDA, fp32 on CPU).", OPT, "--mixed-precision")
-    ] = None,
-    gradient_checkpointing: Annotated[
-        Optional[bool],
-        _opt("Recompute activations to save memory.", OPT, "--gradient-checkpointing/--no-gradient-checkpointing"),
-    ] = None,
-    fsdp: Annotated[
-        Optional[bool],
-        _opt(
-            "Shard the generator, fake score and teacher across processes with PyTorch FSDP2 (full-weight runs under torchrun / accelerate launch).",
-            OPT,
-            "--fsdp/--no-fsdp",
-        ),
-    ] = None,
-    cache_prompts: Annotated[
-        Optional[bool],
-        _opt(
-            "Encode every prompt once at start-up and keep the conditionings on the CPU, so the text encoders leave the GPU (default on; off or over 8 GiB: encode on the fly).",
-            OPT,
-            "--cache-prompts/--no-cache-prompts",
-        ),
-    ] = None,
-    seed: Annotated[Optional[int], _opt("Random seed (default 0).", OPT, "--seed")] = None,
-    skip_nonfinite: Annotated[
-        Optional[bool],
-        _opt(
-            "Skip and count updates with a non-finite loss or gradient instead of stopping.",
-            OPT,
-            "--skip-nonfinite/--no-skip-nonfinite",
-        ),
-    ] = None,
-    out: Annotated[Optional[str], _opt("Run folder (default runs/<teacher>-<steps>step).", OUT, "--out")] = None,
-    init_from: Annotated[
-        Optional[str],
-        _opt(
-            "Start the generator, fake score and GAN head from another run (its newest checkpoint) or RUN/checkpoints/iter-N; optimizers and iterations start anew (second stages: sd15-1step after sd15-1step-stage1).",
-            OUT,
-            "--init-from",
-        ),
-    ] = None,
+    teacher: Annotated[Optional[str], _cfg("teacher", MODEL)] = None,
+    steps: Annotated[Optional[int], _cfg("steps", MODEL)] = None,
+    conditioning_timestep: Annotated[Optional[int], _cfg("conditioning_timestep", MODEL)] = None,
+    prompts: Annotated[Optional[str], _cfg("prompts", MODEL)] = None,
+    data: Annotated[Optional[str], _cfg("data", MODEL)] = None,
+    resolution: Annotated[Optional[int], _cfg("resolution", MODEL)] = None,
+    allow_pickle: Annotated[Optional[bool], _cfg("allow_pickle", MODEL)] = None,
+    guidance_scale: Annotated[Optional[float], _cfg("guidance_scale", OBJ)] = None,
+    dm_weight: Annotated[Optional[float], _cfg("dm_weight", OBJ)] = None,
+    gan_generator_weight: Annotated[Optional[float], _cfg("gan_generator_weight", OBJ)] = None,
+    gan_discriminator_weight: Annotated[Optional[float], _cfg("gan_discriminator_weight", OBJ)] = None,
+    diffusion_gan: Annotated[Optional[bool], _cfg("diffusion_gan", OBJ)] = None,
+    diffusion_gan_max_timestep: Annotated[Optional[int], _cfg("diffusion_gan_max_timestep", OBJ)] = None,
+    fake_updates_per_gen: Annotated[Optional[int], _cfg("fake_updates_per_gen", OBJ)] = None,
+    method: Annotated[Optional[str], _cfg("method", METHOD)] = None,
+    regression_weight: Annotated[Optional[float], _cfg("regression_weight", METHOD)] = None,
+    regression_iterations: Annotated[Optional[int], _cfg("regression_iterations", METHOD)] = None,
+    regression_distance: Annotated[Optional[str], _cfg("regression_distance", METHOD)] = None,
+    pairs: Annotated[Optional[int], _cfg("pairs", METHOD)] = None,
+    pair_steps: Annotated[Optional[int], _cfg("pair_steps", METHOD)] = None,
+    pairs_dir: Annotated[Optional[str], _cfg("pairs_dir", METHOD)] = None,
+    teacher_steps: Annotated[Optional[int], _cfg("teacher_steps", METHOD)] = None,
+    iterations_per_round: Annotated[Optional[int], _cfg("iterations_per_round", METHOD)] = None,
+    parameterization: Annotated[Optional[str], _cfg("parameterization", METHOD)] = None,
+    loss_weight: Annotated[Optional[str], _cfg("loss_weight", METHOD)] = None,
+    lora_rank: Annotated[Optional[int], _cfg("lora_rank", OPT)] = None,
+    lora_alpha: Annotated[Optional[float], _cfg("lora_alpha", OPT)] = None,
+    shared_base: Annotated[Optional[bool], _cfg("shared_base", OPT)] = None,
+    fake_lora_rank: Annotated[Optional[int], _cfg("fake_lora_rank", OPT)] = None,
+    iterations: Annotated[Optional[int], _cfg("iterations", OPT)] = None,
+    batch_size: Annotated[Optional[int], _cfg("batch_size", OPT)] = None,
+    lr: Annotated[Optional[float], _cfg("lr", OPT)] = None,
+    fake_lr: Annotated[Optional[float], _cfg("fake_lr", OPT)] = None,
+    warmup_steps: Annotated[Optional[int], _cfg("warmup_steps", OPT)] = None,
+    lr_schedule: Annotated[Optional[str], _cfg("lr_schedule", OPT)] = None,
+    max_grad_norm: Annotated[Optional[float], _cfg("max_grad_norm", OPT)] = None,
+    mixed_precision: Annotated[Optional[str], _cfg("mixed_precision", OPT)] = None,
+    gradient_checkpointing: Annotated[Optional[bool], _cfg("gradient_checkpointing", OPT)] = None,
+    fsdp: Annotated[Optional[bool], _cfg("fsdp", OPT)] = None,
+    cache_prompts: Annotated[Optional[bool], _cfg("cache_prompts", OPT)] = None,
+    seed: Annotated[Optional[int], _cfg("seed", OPT)] = None,
+    skip_nonfinite: Annotated[Optional[bool], _cfg("skip_nonfinite", OPT)] = None,
+    out: Annotated[Optional[str], _cfg("out", OUT)] = None,
+    init_from: Annotated[Optional[str], _cfg("init_from", OUT)] = None,
     resume: Annotated[
         bool,
         _opt(
@@ -238,34 +116,12 @@ def distill(
         ),
     ] = False,
     overwrite: Annotated[bool, _opt("Replace a run already in --out.", OUT, "--overwrite")] = False,
-    checkpoint_every: Annotated[
-        Optional[int],
-        _opt(
-            "Checkpoint every N iterations (default 500; also at the end and on Ctrl-C/SIGTERM).",
-            OUT,
-            "--checkpoint-every",
-        ),
-    ] = None,
-    keep_checkpoints: Annotated[
-        Optional[int], _opt("Newest checkpoints kept (default 2).", OUT, "--keep-checkpoints")
-    ] = None,
-    log_every: Annotated[
-        Optional[int], _opt("Write metrics every N iterations (default 10).", OUT, "--log-every")
-    ] = None,
-    sample_every: Annotated[
-        Optional[int], _opt("Write a sample grid every N iterations (default 250; 0: end only).", OUT, "--sample-every")
-    ] = None,
-    grid_size: Annotated[
-        Optional[int], _opt("Images per sample grid: grid-size/2 prompts × 2 seeds (default 4).", OUT, "--grid-size")
-    ] = None,
-    teacher_grid_steps: Annotated[
-        Optional[int],
-        _opt(
-            "DDIM steps of the teacher's reference grid for the collapse watch (default 25; 0: off).",
-            OUT,
-            "--teacher-grid-steps",
-        ),
-    ] = None,
+    checkpoint_every: Annotated[Optional[int], _cfg("checkpoint_every", OUT)] = None,
+    keep_checkpoints: Annotated[Optional[int], _cfg("keep_checkpoints", OUT)] = None,
+    log_every: Annotated[Optional[int], _cfg("log_every", OUT)] = None,
+    sample_every: Annotated[Optional[int], _cfg("sample_every", OUT)] = None,
+    grid_size: Annotated[Optional[int], _cfg("grid_size", OUT)] = None,
+    teacher_grid_steps: Annotated[Optional[int], _cfg("teacher_grid_steps", OUT)] = None,
     dry_run: Annotated[
         bool,
         _opt(
@@ -336,8 +192,8 @@ def distill(
     else:
         prompt, fid = "...", " --fid DIR"
     ui.message(
-        f"next: dmd sample --model {summary['out']} --prompt \"{prompt}\"  |  dmd eval --model {summary['out']}{fid}  |  "
-        f"dmd export --model {summary['out']} --format diffusers"
+        f"next: dmd sample --model {summary['out']} --prompt \"{prompt}\"  |  "
+        f"dmd eval --model {summary['out']}{fid}  |  dmd export --model {summary['out']} --format diffusers"
     )
     if json_out:
         print_json(summary)
@@ -351,7 +207,8 @@ def _progressive(config, ui, overwrite: bool, resume: bool, json_out: bool) -> N
     summary = ProgressiveDistillation(config, ui, overwrite=overwrite).run()
     ui.message(f"student: {summary['student']} ({config.steps} DDIM steps; samples: {summary['grid']})")
     ui.message(
-        f"next: dmd sample --model {summary['out']} --prompt \"...\"  |  dmd export --model {summary['out']} --format diffusers"
+        f"next: dmd sample --model {summary['out']} --prompt \"...\"  |  "
+        f"dmd export --model {summary['out']} --format diffusers"
     )
     if json_out:
         print_json(summary)

@@ -11,7 +11,7 @@ training runtime owns backward, optimizers and the two time-scale schedule.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -23,24 +23,31 @@ from dmdcli.core.sampler import guided_prediction
 from dmdcli.core.schedule import NoiseSchedule
 
 
+def option(default, help: str):
+    """A config field with the one line of help that `dmd distill --help` shows for it."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class DMD2Config:
-    guidance_scale: float = 1.75
-    """Real-score CFG scale s in uncond + s·(cond − uncond) (1.75 SD1.5, 8 SDXL); 1 disables CFG."""
-    min_timestep_frac: float = 0.02
-    """DM timesteps are drawn uniformly from [min, max]·T (reference 0.02, 0.98)."""
-    max_timestep_frac: float = 0.98
-    dm_weight: float = 1.0
-    """Weight of the distribution-matching loss (0 turns it off: GAN only)."""
-    gan_generator_weight: float = 1e-3
-    """Weight of softplus(−D(G(z))) in the generator loss (1e-3 SD1.5, 5e-3 SDXL)."""
-    gan_discriminator_weight: float = 1e-2
-    """Weight of the discriminator loss in the fake score update."""
-    diffusion_gan: bool = False
-    """Noise real and fake latents at t ~ U[0, diffusion_gan_max_timestep) before D (else t = 0)."""
-    diffusion_gan_max_timestep: int = 1000
-    regression_weight: float = 0.0
-    """Weight λ of the regression loss on teacher noise→image pairs (DMD v1 eq. 9: 0.25)."""
+    """The objective's settings; the run's configuration (train/config.py) extends this class, so
+    each is defined here once, with its default and its help."""
+
+    guidance_scale: float = option(
+        1.75, "Real-score CFG scale s: uncond + s·(cond − uncond); 1.75 SD1.5, 8 SDXL; 1: off."
+    )
+    dm_weight: float = option(1.0, "Distribution-matching loss weight (0: GAN only).")
+    gan_generator_weight: float = option(
+        1e-3, "Weight of the generator's GAN loss softplus(−D(G(z))); 1e-3 SD1.5, 5e-3 SDXL."
+    )
+    gan_discriminator_weight: float = option(1e-2, "Weight of the discriminator loss in the fake score update.")
+    diffusion_gan: bool = option(False, "Noise real and fake latents at t < --diffusion-gan-max-timestep before D.")
+    diffusion_gan_max_timestep: int = option(1000, "Upper bound of the diffusion-GAN timesteps.")
+    min_timestep_frac: float = option(0.02, "DM timesteps are drawn uniformly from [min, max]·T (reference).")
+    max_timestep_frac: float = option(0.98, "Upper end of the DM timesteps, as a fraction of T.")
+    regression_weight: float = option(
+        0.0, "Regression loss weight λ on teacher noise→image pairs (DMD v1 eq. 9); 0.25 with --method dmd; 0: off."
+    )
 
 
 class DMD2:
@@ -91,7 +98,8 @@ class DMD2:
         """Loss terms for the generator, given its output x [B, ...] (with grad).
 
         "dm": 0.5·MSE(x, stopgrad(x − grad)) with the normalized DM gradient at a random
-        t ∈ [min_timestep_frac, max_timestep_frac]·T (0.02 and 0.98 by default); "gan_g": softplus(−D(x)) when a classifier head is present.
+        t ∈ [min_timestep_frac, max_timestep_frac]·T (0.02 and 0.98 by default); "gan_g":
+        softplus(−D(x)) when a classifier head is present.
         """
         out: dict[str, Tensor] = {}
         if self.config.dm_weight > 0:

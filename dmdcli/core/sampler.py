@@ -18,6 +18,11 @@ from dmdcli.core.schedule import NoiseSchedule, as_timestep_tensor, ddim_timeste
 NoiseFn = Callable[[Tensor], Tensor]  # draws fresh noise shaped like its argument
 
 
+def uses_cfg(scale: float) -> bool:
+    """Whether guidance at `scale` needs the unconditional prediction: s = 1 is the conditional one."""
+    return scale != 1.0
+
+
 def guided_prediction(
     denoiser: Denoiser, x_t: Tensor, t: Tensor, cond: Cond, uncond: Cond | None, scale: float
 ) -> Tensor:
@@ -25,7 +30,7 @@ def guided_prediction(
 
     Returns the guided prediction [B, ...] float32; without uncond or with s = 1, one plain forward.
     """
-    if uncond is None or scale == 1.0:
+    if uncond is None or not uses_cfg(scale):
         return denoiser(x_t, t, cond).float()
     both = denoiser(torch.cat([x_t, x_t]), torch.cat([t, t]), cat_cond(uncond, cond))
     pred_uncond, pred_cond = both.float().chunk(2)

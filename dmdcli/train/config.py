@@ -8,6 +8,7 @@ recipe is a saved set of command-line choices.
 from __future__ import annotations
 
 import dataclasses
+import re
 import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import Any
 
 import tomli_w
 
+from dmdcli.core.dmd2 import DMD2Config, option
 from dmdcli.core.losses import REGRESSION_DISTANCES
 from dmdcli.core.progressive import LOSS_WEIGHTS, PARAMETERIZATIONS
 from dmdcli.errors import DmdError, UsageError, first_line
@@ -32,121 +34,124 @@ PER_STEPS = "per_steps"
 
 
 @dataclass
-class DistillConfig:
+class DistillConfig(DMD2Config):
+    """Every option of a run, each with its default and its help: the objective's (DMD2Config),
+    then those below. The help is what `dmd distill --help` shows (cli/distill.py)."""
+
     # -- what to distill ---------------------------------------------------------------------
-    teacher: str | None = None
-    """Diffusers pipeline folder, hub id or alias (sd15, sd21, sdxl)."""
-    steps: int = 1
-    """Student sampling steps; timesteps evenly spaced from 999 (999, 749, 499, 249 for 4)."""
-    conditioning_timestep: int | None = None
-    """Timestep the 1-step student is told (None: 399 for SDXL, 999 for SD, as the reference)."""
-    prompts: str | None = None
-    """Prompt file (one a line, or JSON lines with prompt/text) for distribution matching."""
-    data: str | None = None
-    """Folder of real images with captions for the GAN term; without it the GAN is off."""
-    resolution: int | None = None
-    """Training resolution in pixels (None: the teacher's native size)."""
+    teacher: str | None = option(None, "Diffusers pipeline folder, hub id or alias.")
+    steps: int = option(1, "Student sampling steps; timesteps evenly spaced from 999 (999, 749, 499, 249 for 4).")
+    conditioning_timestep: int | None = option(
+        None, "Timestep a 1-step student is told (default 399 for SDXL, 999 for SD, as the reference)."
+    )
+    prompts: str | None = option(None, "Prompts file: one a line, or JSON lines with prompt/text.")
+    data: str | None = option(
+        None,
+        "Folder of captioned real images for the GAN term (.txt beside each, or metadata.jsonl); without it: no GAN.",
+    )
+    resolution: int | None = option(None, "Training resolution in pixels (default: the teacher's).")
+    allow_pickle: bool = option(False, "Allow teacher weights stored as pickle (.bin/.ckpt) files.")
+    fake_updates_per_gen: int = option(
+        10, "Two time-scale rule: fake score updates per generator update; 10 SD1.5, 5 SDXL, 1 with --method dmd."
+    )
 
-    # -- the DMD2 objective --------------------------------------------------------------------
-    guidance_scale: float = 1.75
-    """Real-score CFG, uncond + s·(cond − uncond): 1.75 SD1.5, 8 SDXL."""
-    dm_weight: float = 1.0
-    gan_generator_weight: float = 1e-3
-    """softplus(−D(G(z))) weight: 1e-3 SD1.5, 5e-3 SDXL."""
-    gan_discriminator_weight: float = 1e-2
-    diffusion_gan: bool = False
-    """Noise real and fake latents before the classifier (t < diffusion_gan_max_timestep)."""
-    diffusion_gan_max_timestep: int = 1000
-    min_timestep_frac: float = 0.02
-    max_timestep_frac: float = 0.98
-    fake_updates_per_gen: int = 10
-    """Two time-scale rule: fake score updates per generator update (10 SD1.5, 5 SDXL)."""
-
-    # -- other methods (README "Other methods") -------------------------------------------------
-    method: str = "dmd2"
-    """dmd2 | dmd (DMD v1: DM + regression on teacher pairs, fake score every update, no GAN) |
-    progressive (Salimans & Ho progressive distillation)."""
-    regression_weight: float = 0.0
-    """Weight λ of the regression loss on teacher noise→latent pairs (DMD v1: 0.25; 0: off)."""
-    regression_iterations: int = 0
-    """Apply the regression term only for the first K iterations (0: always), e.g. a warm-up."""
-    regression_distance: str = "auto"
-    """lpips | pseudo_huber | mse | auto (LPIPS if the lpips package and its weights load, else pseudo_huber)."""
-    pairs: int = 64
-    """Regression pairs generated with the teacher (cached, reused by later runs)."""
-    pair_steps: int = 25
-    """DDIM steps (with CFG at --guidance-scale) of the teacher for each regression pair."""
-    pairs_dir: str | None = None
-    """Pair cache folder (None: $DMD_CACHE/pairs, else ~/.cache/dmd/pairs)."""
-    teacher_steps: int = 64
-    """Progressive: DDIM steps of the first round's teacher (halved each round down to --steps)."""
-    iterations_per_round: int = 1000
-    """Progressive: training iterations of each halving round."""
-    parameterization: str | None = None
-    """Progressive: what the student predicts, x | v | epsilon (None: the teacher's own type)."""
-    loss_weight: str = "truncated_snr"
-    """Progressive: truncated_snr (max(SNR, 1)) or snr_plus_one (1 + SNR) on the x-space MSE."""
+    # -- other methods ---------------------------------------------------------------------------
+    method: str = option(
+        "dmd2",
+        "dmd2 | dmd: DMD v1, distribution matching + regression on teacher noise→image pairs (λ 0.25, fake score "
+        "updated every iteration, no GAN even with --data) | progressive: Progressive Distillation, rounds that "
+        "halve the steps from --teacher-steps to --steps.",
+    )
+    regression_iterations: int = option(0, "Regression only for the first K iterations, e.g. a warm-up (0: always).")
+    regression_distance: str = option(
+        "auto",
+        "auto (LPIPS if the lpips package and its weights load, else pseudo_huber) | lpips | pseudo_huber | mse. "
+        "The one that ran is in config.toml and metrics.jsonl.",
+    )
+    pairs: int = option(
+        64, "Regression pairs: made on first use by the teacher's deterministic DDIM with CFG, cached and reused."
+    )
+    pair_steps: int = option(25, "DDIM steps of the teacher per regression pair.")
+    pairs_dir: str | None = option(None, "Regression pair cache (default $DMD_CACHE/pairs, else ~/.cache/dmd/pairs).")
+    teacher_steps: int = option(
+        64, "Progressive: DDIM steps of the first round's teacher, --steps × a power of two, halved each round."
+    )
+    iterations_per_round: int = option(1000, "Progressive: iterations of each halving round.")
+    parameterization: str | None = option(
+        None, "Progressive: the student predicts x, v or epsilon (default: the teacher's own)."
+    )
+    loss_weight: str = option(
+        "truncated_snr", "Progressive: truncated_snr (max(SNR, 1)) | snr_plus_one (1 + SNR), on the x-space MSE."
+    )
 
     # -- student -----------------------------------------------------------------------------
-    lora_rank: int = 0
-    """0: full fine-tune of the generator; R > 0: a LoRA head of rank R (reference: 64)."""
-    lora_alpha: float | None = None
-    """LoRA alpha of both adapters (None: equal to --lora-rank; the reference SDXL LoRA uses 8 with rank 64)."""
-    shared_base: bool = True
-    """With LoRA: generator and fake score are two adapters on ONE frozen copy of the teacher's
-    weights (about one UNet in memory). False: the reference layout (full fp32 fake score)."""
-    fake_lora_rank: int | None = None
-    """Rank of the fake score's adapter with a shared base (None: --lora-rank); its alpha is the generator's."""
+    lora_rank: int = option(0, "Train the generator as a LoRA of this rank (reference: 64; 0: full fine-tune).")
+    lora_alpha: float | None = option(
+        None, "LoRA alpha of both adapters (default: the rank; the reference SDXL LoRA uses 8 with rank 64)."
+    )
+    shared_base: bool = option(
+        True,
+        "With LoRA: generator and fake score as two adapters on one frozen copy of the teacher (about one UNet in "
+        "memory), or the reference layout with a full fp32 fake score.",
+    )
+    fake_lora_rank: int | None = option(
+        None,
+        "Rank of the fake score's adapter on the shared base (default: --lora-rank); its alpha is the generator's.",
+    )
 
     # -- optimization ---------------------------------------------------------------------------
-    iterations: int = 1000
-    batch_size: int = 2
-    """Per-process batch of prompts (and of real images when --data is given)."""
-    lr: float = 1e-5
-    """Generator learning rate (reference: 5e-7 full, 5e-5 LoRA)."""
-    fake_lr: float | None = None
-    """Fake score + classifier learning rate (None: same as lr)."""
-    warmup_steps: int = 500
-    lr_schedule: str = "constant"
-    """After the warm-up: constant (the reference) | cosine | linear (decay to 0 at the last iteration)."""
-    weight_decay: float = 0.01
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    max_grad_norm: float = 10.0
-    mixed_precision: str = "auto"
-    """bf16 | no | auto (bf16 on CUDA, fp32 on CPU). bf16 on a CPU runs the same mixed-precision
-    path as on a GPU (frozen weights in bf16, autocast); fast only on CPUs with bf16 instructions."""
-    gradient_checkpointing: bool = False
-    fsdp: bool = False
-    """Shard the generator, fake score and teacher across processes with PyTorch FSDP2 (full-weight
-    runs under torchrun / accelerate launch; README "Many GPUs")."""
-    cache_prompts: bool = True
-    """Encode every prompt once at start-up, keep the conditionings on the CPU and drop the text
-    encoders (falls back to encoding on the fly when the cache would exceed 8 GiB of host memory)."""
-    seed: int = 0
-    init_from: str | None = None
-    """Start the generator, the fake score and (when both runs have one) the classifier head from
-    another run's checkpoint (RUN/checkpoints/iter-N, or RUN: its newest); optimizers, LR schedule
-    and iterations start anew. A two-stage recipe's second stage (sd15-1step after sd15-1step-stage1)."""
+    iterations: int = option(1000, "Training iterations.")
+    batch_size: int = option(2, "Per-process batch of prompts (and of real images with --data).")
+    lr: float = option(1e-5, "Generator learning rate (reference: 5e-7 full, 5e-5 LoRA).")
+    fake_lr: float | None = option(None, "Fake score and classifier learning rate (default: --lr).")
+    warmup_steps: int = option(500, "Linear LR warm-up iterations.")
+    lr_schedule: str = option(
+        "constant",
+        "After the warm-up: constant (the reference) | cosine | linear, which decay to 0 at the last iteration.",
+    )
+    weight_decay: float = option(0.01, "AdamW weight decay.")
+    adam_beta1: float = option(0.9, "AdamW beta1.")
+    adam_beta2: float = option(0.999, "AdamW beta2.")
+    max_grad_norm: float = option(10.0, "Gradient clipping norm.")
+    mixed_precision: str = option(
+        "auto",
+        "bf16 | no | auto (bf16 on CUDA, fp32 on CPU). bf16 on a CPU runs the GPU's mixed-precision path (frozen "
+        "weights in bf16, autocast); fast only on CPUs with bf16 instructions.",
+    )
+    gradient_checkpointing: bool = option(False, "Recompute activations in backward to save memory.")
+    fsdp: bool = option(
+        False,
+        "Shard the generator, fake score and teacher across processes with PyTorch FSDP2 (full-weight runs under "
+        "torchrun / accelerate launch).",
+    )
+    cache_prompts: bool = option(
+        True,
+        "Encode every prompt once at start-up and keep the conditionings on the CPU, so the text encoders leave the "
+        "GPU (over 8 GiB of host memory: encode on the fly).",
+    )
+    seed: int = option(0, "Random seed.")
+    skip_nonfinite: bool = option(
+        False, "Skip and count updates with a non-finite loss or gradient instead of stopping."
+    )
+    init_from: str | None = option(
+        None,
+        "Start the generator, fake score and GAN head from another run (its newest checkpoint) or "
+        "RUN/checkpoints/iter-N; optimizers and iterations start anew (second stages: sd15-1step after "
+        "sd15-1step-stage1).",
+    )
 
     # -- outputs -----------------------------------------------------------------------------
-    out: str | None = None
-    """Run folder (None: runs/<teacher>-<steps>step)."""
-    log_every: int = 10
-    sample_every: int = 250
-    """Write a sample grid every N iterations (0: only at the end)."""
-    grid_size: int = 4
-    """Images in each sample grid: grid_size/2 fixed prompts × 2 fixed seeds."""
-    teacher_grid_steps: int = 25
-    """Steps of the teacher's reference grid (CFG, DDIM) for the collapse watch; 0: no reference."""
-    checkpoint_every: int = 500
-    """Checkpoint every N iterations (0: only at the end and on SIGINT/SIGTERM)."""
-    keep_checkpoints: int = 2
-    """Newest complete checkpoints kept."""
-    skip_nonfinite: bool = False
-    """Skip (and count) an update whose loss or gradient is not finite instead of stopping."""
-    allow_pickle: bool = False
-    """Load teacher weights stored as pickle (.bin/.ckpt) files; off by default."""
+    out: str | None = option(None, "Run folder (default runs/<teacher>-<steps>step).")
+    log_every: int = option(10, "Write metrics every N iterations.")
+    sample_every: int = option(250, "Write a sample grid every N iterations (0: at the end only).")
+    grid_size: int = option(4, "Images per sample grid: grid-size/2 fixed prompts × 2 fixed seeds.")
+    teacher_grid_steps: int = option(
+        25, "DDIM steps of the teacher's reference grid (with CFG) for the collapse watch (0: off)."
+    )
+    checkpoint_every: int = option(
+        500, "Checkpoint every N iterations (also at the end and on Ctrl-C/SIGTERM; 0: only then)."
+    )
+    keep_checkpoints: int = option(2, "Newest complete checkpoints kept.")
 
     def precision(self) -> str:
         """What mixed_precision resolves to on this machine: "bf16" or "no" (fp32)."""
@@ -184,6 +189,55 @@ class DistillConfig:
 
 
 FIELD_NAMES = [f.name for f in fields(DistillConfig)]
+_FIELDS = {f.name: f for f in fields(DistillConfig)}
+
+
+def option_help(name: str) -> str:
+    """The help of the option that sets field `name`: the field's help, and its default where
+    that is a value (a default that follows another option is said in the help itself)."""
+    f = _FIELDS[name]
+    text = f.metadata["help"]
+    return text if f.default is None else f"{text} (default {_default_words(f.default)})"
+
+
+def _default_words(value: Any) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, float):
+        return re.sub(r"e([+-])0*(\d)", lambda m: f"e{m[1].strip('+')}{m[2]}", f"{value:g}")  # 1e-05 → 1e-5
+    return str(value)
+
+
+# Options only some methods read. Given on the command line to another method they are refused,
+# naming what that method reads instead where it has a counterpart; a recipe's keys are not
+# checked, so one recipe can serve several methods.
+PROGRESSIVE_ONLY = ("teacher_steps", "iterations_per_round", "parameterization", "loss_weight")
+NOT_PROGRESSIVE = (
+    "iterations", "fake_updates_per_gen", "fake_lr", "conditioning_timestep", "dm_weight", "regression_weight",
+    "regression_iterations", "regression_distance", "pairs", "pair_steps", "pairs_dir", "gradient_checkpointing",
+    "checkpoint_every", "keep_checkpoints", "sample_every", "teacher_grid_steps", "skip_nonfinite",
+)  # fmt: skip
+GAN_OPTIONS = ("gan_generator_weight", "gan_discriminator_weight", "diffusion_gan", "diffusion_gan_max_timestep")
+METHOD_OPTIONS = {
+    "dmd2": set(FIELD_NAMES) - set(PROGRESSIVE_ONLY),
+    "dmd": set(FIELD_NAMES) - set(PROGRESSIVE_ONLY) - set(GAN_OPTIONS),
+    "progressive": set(FIELD_NAMES) - set(NOT_PROGRESSIVE) - set(GAN_OPTIONS),
+}
+INSTEAD = {("progressive", "iterations"): "--iterations-per-round", ("dmd2", "iterations_per_round"): "--iterations"}
+
+
+def check_method_options(method: str, given: dict[str, Any]) -> None:
+    """Refuse an option the method does not read: `--method progressive --iterations 4` would
+    otherwise run rounds of the default --iterations-per-round, silently."""
+    if method not in METHOD_OPTIONS:
+        return  # validate() names the valid methods
+    for key in given:
+        if key not in METHOD_OPTIONS[method]:
+            flag = "--" + key.replace("_", "-")
+            readers = [m for m, used in METHOD_OPTIONS.items() if key in used]
+            instead = INSTEAD.get((method, key)) or INSTEAD.get(("dmd2", key))
+            hint = f"; it reads {instead}" if instead and instead != flag else ""
+            raise UsageError(f"--method {method} does not read {flag} (read by --method {' and '.join(readers)}){hint}")
 
 
 def recipe_path(name_or_path: str) -> Path:
@@ -288,6 +342,7 @@ def resolve_config(recipe: str | None, overrides: dict[str, Any], base: dict[str
     steps = given.get("steps", values.get("steps", DistillConfig.steps))
     values.update(values.pop(PER_STEPS, {}).get(steps, {}))
     method = given.get("method", values.get("method", "dmd2"))
+    check_method_options(method, given)
     preset = METHOD_PRESETS.get(method, {})
     if values.get("method", "dmd2") == method:
         preset = {k: v for k, v in preset.items() if k not in values}  # a recipe written for this method wins
@@ -335,8 +390,8 @@ def validate(c: DistillConfig) -> None:
     )
     need(
         c.lr_schedule == "constant" or c.warmup_steps < span,
-        f"--lr-schedule {c.lr_schedule} decays after the warm-up, which --warmup-steps {c.warmup_steps} makes as long as "
-        f"{what} {span}: lower --warmup-steps",
+        f"--lr-schedule {c.lr_schedule} decays after the warm-up, which --warmup-steps {c.warmup_steps} makes "
+        f"as long as {what} {span}: lower --warmup-steps",
     )
     need(c.guidance_scale >= 1.0, f"--guidance-scale must be ≥ 1 (got {c.guidance_scale})")
     need(0.0 <= c.min_timestep_frac < c.max_timestep_frac <= 1.0, "need 0 ≤ min_timestep_frac < max_timestep_frac ≤ 1")
@@ -373,7 +428,8 @@ def validate(c: DistillConfig) -> None:
         need(2 <= c.teacher_steps <= 1000, f"--teacher-steps must lie in 2 … 1000 (got {c.teacher_steps})")
         need(
             c.teacher_steps > c.steps and c.teacher_steps % c.steps == 0 and _power_of_two(c.teacher_steps // c.steps),
-            f"--teacher-steps must be --steps × a power of two, larger than --steps (got {c.teacher_steps} and {c.steps})",
+            "--teacher-steps must be --steps × a power of two, larger than --steps "
+            f"(got {c.teacher_steps} and {c.steps})",
         )
         need(c.iterations_per_round >= 1, "--iterations-per-round must be at least 1")
         need(

@@ -17,6 +17,7 @@ from typing import Any, Protocol
 import torch
 
 from dmdcli.core.denoiser import Cond, expand_cond
+from dmdcli.core.sampler import uses_cfg
 from dmdcli.core.schedule import student_timesteps
 from dmdcli.data.images import RealLatents, load_or_build_latents, scan_image_folder
 from dmdcli.data.pairs import Pairs
@@ -229,7 +230,7 @@ class Distillation:
                 self.accelerator.main_process_first()
             ):  # one process encodes the real images, the others read the cache
                 self.data = load_data(self.data_folder, prompts, self.teacher, ui)
-        self.uncond = self.teacher.empty_cond() if config.guidance_scale > 1 else None
+        self.uncond = self.teacher.empty_cond() if uses_cfg(config.guidance_scale) else None
         self.regression_distance, self.regression_distance_name = None, None
         if config.regression_weight > 0:
             self._load_regression(config, device)
@@ -293,7 +294,7 @@ class Distillation:
         if note:
             self.ui.message(note)
         teacher, schedule = UNetDenoiser(self.teacher.unet.to(device)), self.spec.schedule()
-        uncond = self.teacher.empty_cond() if config.guidance_scale > 1 else None
+        uncond = self.teacher.empty_cond() if uses_cfg(config.guidance_scale) else None
 
         def generate(noise: torch.Tensor, prompts: list[str]) -> torch.Tensor:
             cond = self.teacher.encode_prompts(prompts)

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 
-from dmdcli.core.dmd2 import DMD2, DMD2Config
+from dmdcli.core.dmd2 import DMD2
 from dmdcli.core.gan_head import ClassifierHead
 from dmdcli.core.schedule import NoiseSchedule
 from dmdcli.models.lora import FAKE_SCORE_ADAPTER, add_generator_lora, share_weights
@@ -140,8 +140,7 @@ def build_step(
         UNetDenoiser(nets.teacher_unet),
         UNetDenoiser(nets.fake_unet),
         nets.head,
-        # The run's options carry the objective's settings under the same names.
-        DMD2Config(**{f.name: getattr(c, f.name) for f in fields(DMD2Config)}),
+        c,  # the run's configuration extends the objective's (DMD2Config)
     )
     opt_g, opt_f = adamw(nets.generator_params, c.lr, c), adamw(nets.fake_params, c.fake_lr_value(), c)
     return DMD2Step(

@@ -27,7 +27,7 @@ import torch
 
 from dmdcli.core import progressive as pd
 from dmdcli.core.denoiser import Cond, expand_cond
-from dmdcli.core.sampler import ddim_sample, guided_prediction
+from dmdcli.core.sampler import ddim_sample, guided_prediction, uses_cfg
 from dmdcli.core.schedule import NoiseSchedule, as_timestep_tensor, ddim_timesteps
 from dmdcli.errors import DmdError, UsageError
 from dmdcli.models.teacher import Teacher, inspect_teacher
@@ -79,7 +79,7 @@ class ProgressiveDistillation:
         self.data = load_data(self.data_folder, prompts, self.teacher, ui) if self.data_folder else Data(prompts, None)
         if note := self.teacher.truncation_note(self.data.all_prompts()):
             ui.message(note)
-        self.uncond = self.teacher.empty_cond() if config.guidance_scale > 1 else None
+        self.uncond = self.teacher.empty_cond() if uses_cfg(config.guidance_scale) else None
         self.teacher_schedule = self.spec.schedule()
         prediction = (
             pd.PARAMETERIZATIONS[config.parameterization] if config.parameterization else self.spec.prediction_type

@@ -126,7 +126,7 @@ class DMD2Step:
         *,
         generator_lr_scheduler=None,
         fake_lr_scheduler=None,
-        fake_updates_per_gen: int = 5,
+        fake_updates_per_gen: int,
         max_grad_norm: float = 10.0,
         seed: int = 0,
         skip_nonfinite: bool = False,
