@@ -34,6 +34,8 @@ QUICK = [
     "0",
     "--quiet",
 ]
+# Progressive distillation writes no grids during a round, so it reads neither option (and refuses them).
+QUICK_PROGRESSIVE = ["--recipe", "tiny", "--batch-size", "2", "--log-every", "1", "--quiet"]
 
 
 # -- math ------------------------------------------------------------------------------------
@@ -257,7 +259,7 @@ def test_one_progressive_round_halves_the_steps_and_the_student_samples_and_expo
     out = tmp_path / "run"
     args = [
         "distill",
-        *QUICK,
+        *QUICK_PROGRESSIVE,
         "--teacher",
         str(tiny_sd),
         "--prompts",
@@ -323,7 +325,7 @@ def test_progressive_students_start_from_unrounded_weights_under_bf16(tmp_path, 
     out = tmp_path / "run"
     args = [
         "distill",
-        *QUICK,
+        *QUICK_PROGRESSIVE,
         "--teacher",
         str(tiny_sd),
         "--prompts",

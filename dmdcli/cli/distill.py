@@ -10,10 +10,10 @@ import typer
 from dmdcli.cli.common import handle_errors, print_json, quiet_library_bars
 from dmdcli.cli.ui import RichUI
 from dmdcli.errors import UsageError
-from dmdcli.models.teacher import TEACHER_ALIASES, teacher_layout
+from dmdcli.models.teacher import TEACHER_ALIASES
 from dmdcli.train.config import (
     FIELD_TYPES,
-    layout_recipe,
+    choose_recipe,
     list_recipes,
     option_help,
     recipe_continues,
@@ -37,7 +37,6 @@ Other methods: --method dmd (DMD v1; the teacher's regression pairs are made on 
 cached, see --pairs), --method progressive (rounds halving --teacher-steps down to --steps).
 """
 
-FSDP_PROCESS_COUNTS = (2, 4, 8)
 ALIASES = ", ".join(f"{k} = {v}" for k, v in TEACHER_ALIASES.items())
 MODEL, OBJ, OPT, OUT = "Teacher and data", "DMD2 objective", "Optimization", "Outputs"
 METHOD = "Other methods: DMD (v1) regression, progressive distillation"
@@ -137,16 +136,7 @@ def distill(
         k: v for k, v in locals().items() if k not in ("recipe", "resume", "overwrite", "dry_run", "json_out", "quiet")
     }
     base = None
-    if recipe is None and teacher in (None, "shapes") and not resume:
-        if teacher is None and (prompts or data):  # most likely a forgotten --teacher
-            raise UsageError(
-                "--prompts/--data without --teacher: pass --teacher (a diffusers folder, hub id, or "
-                f"{', '.join(TEACHER_ALIASES)}), or --recipe shapes to use them with the built-in teacher"
-            )
-        recipe = "shapes"  # `dmd distill` alone distills the built-in teacher
-    chosen = None
-    if recipe is None and teacher is not None and not resume:
-        recipe = chosen = layout_recipe(teacher_layout(teacher), steps, lora_rank)
+    recipe, chosen = choose_recipe(recipe, teacher, steps, lora_rank, bool(prompts or data), resume)
     if resume:
         if overwrite or recipe or init_from:
             raise UsageError(
@@ -226,37 +216,14 @@ def _estimate(config, json_out: bool, scratch: Path) -> None:
     import dataclasses
 
     import tomli_w
-    import torch
     from rich.table import Table
 
     from dmdcli.cli.ui import stderr_console
-    from dmdcli.errors import DmdError
-    from dmdcli.models.architectures import bundled_architecture, write_config_only_pipeline
-    from dmdcli.models.teacher import inspect_teacher
-    from dmdcli.train.memory import estimate_memory
+    from dmdcli.train.memory import plan_memory
 
     console = stderr_console()
-    try:
-        spec = inspect_teacher(config.teacher)
-    except DmdError:  # offline: SD1.5's and SDXL's public configs ship with dmd
-        arch = bundled_architecture(config.teacher)
-        if arch is None:
-            raise
-        spec = inspect_teacher(str(write_config_only_pipeline(scratch, arch)))
-        console.print(
-            f"note: could not read the config files of {config.teacher} (offline?); estimating with the public "
-            f"{arch} architecture, whose configs ship with dmd",
-            markup=False,
-        )
-    resolution = spec.training_resolution(config.resolution)
-    bf16 = config.precision() == "bf16"
-    # bf16 is CUDA's layout, also when a CPU is asked for it (--mixed-precision bf16 to estimate a GPU run).
-    device_type = "cuda" if bf16 or torch.cuda.is_available() else "cpu"
-    # Sharded, memory per process depends on how many there are: a column for each of a few.
-    counts = FSDP_PROCESS_COUNTS if config.fsdp else (1,)
-    estimates = {
-        n: estimate_memory(spec, config, resolution, bf16, processes=n, device_type=device_type) for n in counts
-    }
+    spec, resolution, bf16, estimates = plan_memory(config, scratch, lambda note: console.print(note, markup=False))
+    counts = list(estimates)
     console.print(tomli_w.dumps({k: v for k, v in config.to_dict().items() if v is not None}), markup=False)
     table = Table(
         title=f"estimated memory per process: {spec.layout} at {resolution}px, batch {config.batch_size}, "

@@ -450,6 +450,28 @@ def validate(c: DistillConfig) -> None:
     )
 
 
+def choose_recipe(
+    recipe: str | None, teacher: str | None, steps: int | None, lora_rank: int | None, has_data: bool, resume: bool
+) -> tuple[str | None, str | None]:
+    """The recipe a run starts from, and its name when it was chosen for the teacher's layout
+    (the run says so): `dmd distill` alone (or --teacher shapes) gets the built-in teacher's."""
+    if recipe is not None or resume:
+        return recipe, None
+    if teacher in (None, "shapes"):
+        if teacher is None and has_data:  # most likely a forgotten --teacher
+            from dmdcli.models.teacher import TEACHER_ALIASES
+
+            raise UsageError(
+                "--prompts/--data without --teacher: pass --teacher (a diffusers folder, hub id, or "
+                f"{', '.join(TEACHER_ALIASES)}), or --recipe shapes to use them with the built-in teacher"
+            )
+        return "shapes", None
+    from dmdcli.models.teacher import teacher_layout
+
+    chosen = layout_recipe(teacher_layout(teacher), steps, lora_rank)
+    return chosen, chosen
+
+
 def layout_recipe(layout: str, steps: int | None, lora_rank: int | None) -> str | None:
     """The recipe a teacher of this layout gets without --recipe: an SDXL teacher the reference's
     SDXL values (CFG 8, TTUR 5, GAN 5e-3, 1024², the LR of full or LoRA training); None for SD

@@ -328,3 +328,35 @@ def estimate_memory(
         processes=n,
         gathered=gathered / GIB,
     )
+
+
+FSDP_PROCESS_COUNTS = (2, 4, 8)  # sharded, memory per process depends on how many there are
+
+
+def plan_memory(config, scratch, note) -> tuple[TeacherSpec, int, bool, dict[int, MemoryEstimate]]:
+    """What `--dry-run` shows, from config files alone: (spec, resolution, bf16, estimate per
+    process count: 1, or each of FSDP_PROCESS_COUNTS when sharded). Offline, SD1.5's and SDXL's
+    public configs, which ship with dmd, stand in for a hub teacher's (written into `scratch`;
+    `note` says so)."""
+    from dmdcli.errors import DmdError
+    from dmdcli.models.architectures import bundled_architecture, write_config_only_pipeline
+    from dmdcli.models.teacher import inspect_teacher
+
+    try:
+        spec = inspect_teacher(config.teacher)
+    except DmdError:
+        arch = bundled_architecture(config.teacher)
+        if arch is None:
+            raise
+        spec = inspect_teacher(str(write_config_only_pipeline(scratch, arch)))
+        note(
+            f"note: could not read the config files of {config.teacher} (offline?); estimating with the public "
+            f"{arch} architecture, whose configs ship with dmd"
+        )
+    resolution = spec.training_resolution(config.resolution)
+    bf16 = config.precision() == "bf16"
+    # bf16 is CUDA's layout, also when a CPU is asked for it (--mixed-precision bf16 to estimate a GPU run).
+    device_type = "cuda" if bf16 or torch.cuda.is_available() else "cpu"
+    counts = FSDP_PROCESS_COUNTS if config.fsdp else (1,)
+    estimates = {n: estimate_memory(spec, config, resolution, bf16, n, device_type) for n in counts}
+    return spec, resolution, bf16, estimates
