@@ -8,7 +8,8 @@ configuration, without the text encoders and VAE (which this benchmark does not 
     python benchmarks/memory_speed.py                       # CPU: SD1.5 shared-base LoRA at 256²
     python benchmarks/memory_speed.py --mixed-precision bf16  # the same in the GPU's precision layout
     python benchmarks/memory_speed.py --arch sdxl --resolution 1024 --layouts full lora-reference lora-shared
-    python benchmarks/memory_speed.py --arch sdxl --resolution 1024 --layouts full lora-shared --profile 25  # where the time goes
+    python benchmarks/memory_speed.py --arch sdxl --resolution 1024 --layouts full lora-shared --profile 25  # where
+    the time goes
     torchrun --nproc_per_node 8 benchmarks/memory_speed.py --arch sdxl --resolution 1024 --layouts fsdp
 
 The fsdp layout (full weights sharded with FSDP2 over the launched processes, as `dmd distill
@@ -238,7 +239,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         spec = inspect_teacher(str(write_config_only_pipeline(folder, args.arch)))
         header = [
-            "| arch | layout | resolution | batch | device | s/iter | weights GiB (estimate) | peak GiB | dry-run estimate GiB | estimate / peak |",
+            "| arch | layout | resolution | batch | device | s/iter | weights GiB (estimate) | peak GiB | dry-run "
+            "estimate GiB | estimate / peak |",
             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
         ]
         for layout in args.layouts:
@@ -249,8 +251,10 @@ def main() -> None:
                 print(line)
             header = []
             print(
-                f"| {r['arch']} | {r['layout']} | {r['resolution']} | {r['batch']} | {r['device']} | {r['sec_per_iter']:.2f} | "
-                f"{r['weights_gib']:.2f} ({r['weights_estimate_gib']:.2f}) | {r['peak_gib']:.2f} | {r['estimate_gib']:.2f} | {r['estimate_gib'] / r['peak_gib']:.2f} |",
+                f"| {r['arch']} | {r['layout']} | {r['resolution']} | {r['batch']} | {r['device']} | "
+                f"{r['sec_per_iter']:.2f} | "
+                f"{r['weights_gib']:.2f} ({r['weights_estimate_gib']:.2f}) | {r['peak_gib']:.2f} | "
+                f"{r['estimate_gib']:.2f} | {r['estimate_gib'] / r['peak_gib']:.2f} |",
                 flush=True,
             )
 

@@ -95,7 +95,10 @@ def main(argv: list[str] | None = None) -> int:
             )
         scores[name] = [score(folder, i, args.num_samples) for i in iterations]
 
-    title = f"FD-shapes / alignment of each checkpoint, {args.num_samples} prompts, training seed 0 unless the variant sets one"
+    title = (
+        f"FD-shapes / alignment of each checkpoint, {args.num_samples} prompts, "
+        "training seed 0 unless the variant sets one"
+    )
     return publish_spread(scores, [f"{i} its" for i in iterations], title, args.out)
 
 

@@ -359,7 +359,8 @@ def snippet(fmt: str, out: Path, info: dict[str, Any], dtype: str) -> str:
     head = ["import torch", "from diffusers import DiffusionPipeline, LCMScheduler"]
     if info.get("sampler") == "ddim":  # a progressive-distillation student
         lcm = (
-            f'pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing", set_alpha_to_one=True, '
+            'pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing", '
+            'set_alpha_to_one=True, '
             f'clip_sample=False, prediction_type="{info["prediction_type"]}")'
         )
         call = f'image = pipe("a photo of a cat", num_inference_steps={steps}, guidance_scale=0, {seed}).images[0]'

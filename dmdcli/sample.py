@@ -106,7 +106,8 @@ def image_metadata(job: Job, steps: int, model: str, height: int, width: int) ->
         "seed": str(job.seed),
         "steps": str(steps),
         "model": model,
-        "parameters": f"{job.prompt}\nSteps: {steps}, Seed: {job.seed}, Size: {width}x{height}, Model: {model}, Sampler: dmd",
+        "parameters": f"{job.prompt}\nSteps: {steps}, Seed: {job.seed}, Size: {width}x{height}, Model: {model}, "
+        "Sampler: dmd",
     }
 
 

@@ -92,8 +92,8 @@ def test_only_out_of_memory_errors_become_one_line(capsys):
     assert done.value.exit_code == 1
     err = capsys.readouterr().err
     assert (
-        err.strip()
-        == "error: out of memory (CUDA out of memory. Tried to allocate 2.00 GiB); try a smaller --batch-size or --resolution"
+        err.strip() == "error: out of memory (CUDA out of memory. Tried to allocate 2.00 GiB); "
+        "try a smaller --batch-size or --resolution"
     )
     with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):  # a bug stays a traceback
         command(RuntimeError("mat1 and mat2 shapes cannot be multiplied (2x3 and 4x5)"))()

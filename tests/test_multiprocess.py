@@ -1,4 +1,5 @@
-"""`dmd distill` with two CPU processes (torchrun, gloo), as users launch it on GPUs: data-parallel (DDP) and sharded (FSDP)."""
+"""`dmd distill` with two CPU processes (torchrun, gloo), as users launch it on GPUs: data-parallel (DDP) and sharded
+(FSDP)."""
 
 import json
 import os

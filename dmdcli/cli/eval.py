@@ -15,11 +15,15 @@ from dmdcli.cli.ui import RichUI
 
 HELP = """Score models with FID, KID, patch FID and CLIP score on a prompt/reference set.
 
-Each --model (anything dmd sample accepts: run folder, exported pipeline, diffusers pipeline) draws one image per prompt of the set, image i with seed SEED + i; the images are scored against the set's reference images. Reference statistics are computed once and cached, so another model on the same set only generates and scores.
+Each --model (anything dmd sample accepts: run folder, exported pipeline, diffusers pipeline) draws one image per
+prompt of the set, image i with seed SEED + i; the images are scored against the set's reference images. Reference
+statistics are computed once and cached, so another model on the same set only generates and scores.
 
-Sets (--fid): coco30k (COCO-2014 val, 256²) or coco10k (512²) with --coco-root DIR, or a folder of captioned images (the layout dmd distill --data reads).
+Sets (--fid): coco30k (COCO-2014 val, 256²) or coco10k (512²) with --coco-root DIR, or a folder of captioned images
+(the layout dmd distill --data reads).
 
-Writes OUT/eval-<set>-<N>.json (OUT: the run folder, else eval/<model>), a grid of samples beside it and the images in OUT/eval-<set>-<N>/.
+Writes OUT/eval-<set>-<N>.json (OUT: the run folder, else eval/<model>), a grid of samples beside it and the images in
+OUT/eval-<set>-<N>/.
 
 Example: dmd eval --model runs/sd15 --model sd15 --fid coco30k --coco-root coco/ --num-samples 5000 --json
 """
@@ -36,7 +40,8 @@ def eval_command(
     model: Annotated[
         list[str],
         _opt(
-            "Run folder (or one of its checkpoints, RUN/checkpoints/iter-N), `dmd export --format diffusers` folder, or diffusers pipeline (folder or hub id); repeat to compare.",
+            "Run folder (or one of its checkpoints, RUN/checkpoints/iter-N), `dmd export --format diffusers` folder, "
+            "or diffusers pipeline (folder or hub id); repeat to compare.",
             MODEL,
             "--model",
             show_default=False,
@@ -45,7 +50,8 @@ def eval_command(
     fid: Annotated[
         Optional[str],
         _opt(
-            "coco30k, coco10k (with --coco-root), a captioned image folder, or shapes (FD-shapes and alignment; the default for models of the built-in shapes teacher).",
+            "coco30k, coco10k (with --coco-root), a captioned image folder, or shapes (FD-shapes and alignment; the "
+            "default for models of the built-in shapes teacher).",
             SET,
             "--fid",
             show_default=False,
@@ -69,7 +75,8 @@ def eval_command(
     eval_resolution: Annotated[
         Optional[int],
         _opt(
-            "Side images are cropped and resized to before the feature network (default: 256 coco30k and folders, 512 coco10k).",
+            "Side images are cropped and resized to before the feature network (default: 256 coco30k and folders, "
+            "512 coco10k).",
             SET,
             "--eval-resolution",
             min=1,
@@ -154,7 +161,8 @@ def eval_command(
     out: Annotated[
         Optional[Path],
         _opt(
-            "Folder for report, grid and images (default: the run folder, else eval/<model>; several models: OUT/<model>).",
+            "Folder for report, grid and images (default: the run folder, else eval/<model>; several models: "
+            "OUT/<model>).",
             OUT,
             "--out",
             show_default=False,
@@ -213,7 +221,8 @@ def eval_command(
     ui.message(f"set: {benchmark.describe()}")
     if guidance_scale is not None and any(source.is_student for source in sources):
         ui.message(
-            f"note: --guidance-scale {guidance_scale:g} applies to the plain pipelines only; students sample without CFG"
+            f"note: --guidance-scale {guidance_scale:g} applies to the plain pipelines only; students sample without "
+            "CFG"
         )
 
     reports = []

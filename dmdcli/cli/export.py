@@ -12,7 +12,9 @@ from dmdcli.cli.ui import RichUI
 
 HELP = """Export a distilled student for diffusers, ComfyUI and Automatic1111.
 
-Formats: diffusers (a complete pipeline folder with an LCMScheduler set for the student), lora (diffusers LoRA file for the teacher pipeline), kohya (lora_unet_… keys with per-module alpha), unet (the student UNet's state dict, LoRA fused). Prints a diffusers snippet on stderr.
+Formats: diffusers (a complete pipeline folder with an LCMScheduler set for the student), lora (diffusers LoRA file
+for the teacher pipeline), kohya (lora_unet_… keys with per-module alpha), unet (the student UNet's state dict, LoRA
+fused). Prints a diffusers snippet on stderr.
 
 Example: dmd export --model runs/sdxl4 --format diffusers --out sdxl4-pipeline
 """
@@ -27,7 +29,8 @@ def export(
     model: Annotated[
         str,
         _opt(
-            "Run folder of dmd distill (or its student.safetensors, or one of its checkpoints, RUN/checkpoints/iter-N).",
+            "Run folder of dmd distill (or its student.safetensors, or one of its checkpoints, "
+            "RUN/checkpoints/iter-N).",
             "--model",
             show_default=False,
         ),
@@ -36,7 +39,8 @@ def export(
     out: Annotated[
         Optional[Path],
         _opt(
-            "Where to write (default: MODEL/export/diffusers, a folder; MODEL/export/<format>.safetensors for lora, kohya and unet).",
+            "Where to write (default: MODEL/export/diffusers, a folder; MODEL/export/<format>.safetensors for lora, "
+            "kohya and unet).",
             "--out",
             show_default=False,
         ),
@@ -70,7 +74,8 @@ def export(
     check_out(out, fmt, overwrite)
     info = source.info
     ui.message(
-        f"student: {source.name} ({info['layout']}, {info['kind']}, {info['steps']} step(s), t = {info['timesteps']}); writing {fmt} to {out}"
+        f"student: {source.name} ({info['layout']}, {info['kind']}, {info['steps']} step(s), t = "
+        f"{info['timesteps']}); writing {fmt} to {out}"
     )
     with ui.working(f"exporting {fmt}"):
         record = run_export(source, fmt, out, torch_dtype, allow_pickle)

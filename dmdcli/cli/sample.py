@@ -12,9 +12,11 @@ from dmdcli.cli.ui import RichUI
 
 HELP = """Generate images from a distilled student, an exported pipeline, or any diffusers pipeline.
 
-A student runs its own few steps (one UNet call each, no guidance); a plain pipeline runs with its own scheduler, --steps and --guidance-scale.
+A student runs its own few steps (one UNet call each, no guidance); a plain pipeline runs with its own scheduler,
+--steps and --guidance-scale.
 
-Seeds: image i of prompt p uses SEED + p·N + i (N = --num-images-per-prompt); with one prompt and one image, --seed S draws what diffusers draws with generator=torch.Generator("cpu").manual_seed(S).
+Seeds: image i of prompt p uses SEED + p·N + i (N = --num-images-per-prompt); with one prompt and one image, --seed S
+draws what diffusers draws with generator=torch.Generator("cpu").manual_seed(S).
 
 Example: cat prompts.txt | dmd sample --model runs/sdxl4 --prompts - --out images/ --json
 """
@@ -33,7 +35,8 @@ def sample(
     model: Annotated[
         str,
         _opt(
-            "Run folder (or one of its checkpoints, RUN/checkpoints/iter-N), `dmd export --format diffusers` folder, or diffusers pipeline (folder or hub id).",
+            "Run folder (or one of its checkpoints, RUN/checkpoints/iter-N), `dmd export --format diffusers` folder, "
+            "or diffusers pipeline (folder or hub id).",
             MODEL,
             "--model",
             show_default=False,

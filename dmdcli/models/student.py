@@ -14,7 +14,8 @@
 Students run the DMD2 few-step sampler (dmdcli.core.sampler.sample): one UNet call per step,
 no classifier-free guidance. Students whose metadata says "sampler": "ddim" (progressive
 distillation) run deterministic DDIM over their own timesteps instead (ddim_sample, no guidance),
-in the parameterization their metadata's prediction_type names. Every image has its own CPU torch.Generator, seeded by its own
+in the parameterization their metadata's prediction_type names. Every image has its own CPU torch.Generator, seeded by
+its own
 seed, that draws first the initial latent and then each step's re-noising noise, in the order
 diffusers' LCMScheduler pipeline draws them: an image never depends on the batch it was in,
 and the exported pipeline called with generator=torch.Generator("cpu").manual_seed(seed)
@@ -224,7 +225,8 @@ def sampling_messages(
     lines = [f"model: {source.name} ({what}) on {device}; {len(prompts)} image(s) → {dest}/"]
     if source.is_student and steps != sampler.default_steps:
         lines.append(
-            f"note: the student was distilled for {sampler.default_steps} step(s); sampling at t = {sampler.timesteps(steps)}"
+            f"note: the student was distilled for {sampler.default_steps} step(s); sampling at t = "
+            f"{sampler.timesteps(steps)}"
         )
     # (a pipeline warns about its own long prompts)
     if source.is_student and (note := sampler.teacher.truncation_note(prompts)):

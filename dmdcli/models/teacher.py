@@ -194,7 +194,8 @@ def _check_schedule_and_latents(source: str, scheduler_cfg: dict[str, Any], vae_
     normalized = [k for k in ("latents_mean", "latents_std", "shift_factor") if vae_cfg.get(k) is not None]
     if normalized:
         raise DmdError(
-            f"unsupported VAE in {source}: its latents are normalized ({', '.join(normalized)}), which dmd does not apply"
+            f"unsupported VAE in {source}: its latents are normalized ({', '.join(normalized)}), which dmd does not "
+            "apply"
         )
 
 
@@ -306,7 +307,8 @@ class Teacher:
             return None
         example = cut[0] if len(cut[0]) <= 60 else cut[0][:57] + "..."
         return (
-            f"note: {len(cut)} of {len(distinct)} prompts are longer than the text encoder's {tokenizer.model_max_length} tokens; "
+            f"note: {len(cut)} of {len(distinct)} prompts are longer than the text encoder's "
+            f"{tokenizer.model_max_length} tokens; "
             f"it reads only their start (e.g. {example!r})"
         )
 

@@ -119,7 +119,8 @@ class Data:
             )
         if cache is None:
             ui.message(
-                f"prompt cache: {count} prompts would take {size / GIB:.1f} GiB of host memory: encoding them on the fly "
+                f"prompt cache: {count} prompts would take {size / GIB:.1f} GiB of host memory: encoding them on the "
+                "fly "
                 f"instead (the text encoders stay on {teacher.device})"
             )
             return None
@@ -212,7 +213,8 @@ class Distillation:
         device = self.accelerator.device
 
         ui.message(
-            f"teacher: {self.spec.source} ({self.spec.layout}, {self.spec.prediction_type}) at {self.resolution}px on {device}"
+            f"teacher: {self.spec.source} ({self.spec.layout}, {self.spec.prediction_type}) at {self.resolution}px "
+            f"on {device}"
         )
         self.teacher = Teacher(
             self.spec, device, frozen_dtype, self.resolution, config.allow_pickle, encoder_dtype=torch.float32
@@ -343,7 +345,8 @@ class Distillation:
         _, state = read_checkpoint(found, with_tensors=False)
         if state.get("world_size", 1) != self.accelerator.num_processes:
             raise UsageError(
-                f"--resume with {self.accelerator.num_processes} process(es), but checkpoint {found.name} was written by "
+                f"--resume with {self.accelerator.num_processes} process(es), but checkpoint {found.name} was "
+                "written by "
                 f"{state.get('world_size', 1)}: resume with the same number of processes"
             )
         conflicts = resume_conflicts(state["config"], self.config)
@@ -353,7 +356,8 @@ class Distillation:
         done = state["iteration"]
         if done > self.config.iterations:
             raise UsageError(
-                f"{self.out} is already at iteration {done}, past --iterations {self.config.iterations}; raise it to continue"
+                f"{self.out} is already at iteration {done}, past --iterations {self.config.iterations}; raise it to "
+                "continue"
             )
         if done == self.config.iterations:
             wrote = self._student_from_final_checkpoint(found, state)
@@ -604,7 +608,8 @@ class Distillation:
             record["diversity_ratio"] = record["diversity"] / teacher_diversity
             if record["diversity_ratio"] < COLLAPSE_RATIO:
                 self.ui.message(
-                    f"warning: at iteration {iteration} the student's samples vary {record['diversity_ratio']:.0%} as much "
+                    f"warning: at iteration {iteration} the student's samples vary {record['diversity_ratio']:.0%} "
+                    "as much "
                     "across seeds as the teacher's: possible mode collapse (see samples/)"
                 )
         return path, record
@@ -630,7 +635,8 @@ class Distillation:
         if self.checkpoint is not None:
             if main and (removed := remove_leftovers(self.out)):
                 self.ui.message(
-                    f"removed {removed} unfinished checkpoint folder(s) that a killed run left in {self.out / CHECKPOINTS_DIR}"
+                    f"removed {removed} unfinished checkpoint folder(s) that a killed run left in "
+                    f"{self.out / CHECKPOINTS_DIR}"
                 )
             self.accelerator.wait_for_everyone()
             state = self.restore(self.checkpoint)

@@ -70,7 +70,8 @@ class ProgressiveDistillation:
         self.device = self.accelerator.device
         self.frozen_dtype = config.frozen_dtype()
         ui.message(
-            f"teacher: {self.spec.source} ({self.spec.layout}, {self.spec.prediction_type}) at {self.resolution}px on {self.device}"
+            f"teacher: {self.spec.source} ({self.spec.layout}, {self.spec.prediction_type}) at {self.resolution}px "
+            f"on {self.device}"
         )
         self.teacher = Teacher(
             self.spec, self.device, self.frozen_dtype, self.resolution, config.allow_pickle, encoder_dtype=torch.float32
@@ -101,7 +102,8 @@ class ProgressiveDistillation:
             self.data.cache_prompts(self.teacher, ui, [])
         ui.message(
             f"progressive distillation: {config.teacher_steps} → {' → '.join(map(str, self.rounds))} steps, "
-            f"{config.iterations_per_round} iterations a round, {prediction} parameterization, {config.loss_weight} weight"
+            f"{config.iterations_per_round} iterations a round, {prediction} parameterization, {config.loss_weight} "
+            "weight"
             + (
                 "; z_t = real latents noised to t"
                 if config.data
