@@ -1,6 +1,6 @@
 """The built-in shapes world: procedural captioned images, an attribute network, a teacher.
 
-See README.md, "The shapes world". Everything here runs offline on a CPU.
+See docs/shapes.md. Everything here runs offline on a CPU.
 """
 
 from __future__ import annotations

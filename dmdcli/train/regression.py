@@ -55,6 +55,6 @@ def build_distance(name: str, vae, scaling_factor: float) -> tuple[Distance, str
                 f"LPIPS unavailable ({reason}): regression uses pseudo-Huber on latents, per element; the paper's λ "
                 "0.25 "
                 "is LPIPS's weight, and pseudo-Huber did better at --regression-weight 2 on the shapes world "
-                "(README, Other methods)"
+                "(docs/other-methods.md)"
             ),
         )
