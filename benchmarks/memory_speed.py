@@ -8,8 +8,8 @@ configuration, without the text encoders and VAE (which this benchmark does not 
     python benchmarks/memory_speed.py                       # CPU: SD1.5 shared-base LoRA at 256²
     python benchmarks/memory_speed.py --mixed-precision bf16  # the same in the GPU's precision layout
     python benchmarks/memory_speed.py --arch sdxl --resolution 1024 --layouts full lora-reference lora-shared
-    python benchmarks/memory_speed.py --arch sdxl --resolution 1024 --layouts full lora-shared --profile 25  # where
-    the time goes
+    # where the time goes:
+    python benchmarks/memory_speed.py --arch sdxl --resolution 1024 --layouts full lora-shared --profile 25
     torchrun --nproc_per_node 8 benchmarks/memory_speed.py --arch sdxl --resolution 1024 --layouts fsdp
 
 The fsdp layout (full weights sharded with FSDP2 over the launched processes, as `dmd distill

@@ -14,12 +14,11 @@
 Students run the DMD2 few-step sampler (dmdcli.core.sampler.sample): one UNet call per step,
 no classifier-free guidance. Students whose metadata says "sampler": "ddim" (progressive
 distillation) run deterministic DDIM over their own timesteps instead (ddim_sample, no guidance),
-in the parameterization their metadata's prediction_type names. Every image has its own CPU torch.Generator, seeded by
-its own
-seed, that draws first the initial latent and then each step's re-noising noise, in the order
-diffusers' LCMScheduler pipeline draws them: an image never depends on the batch it was in,
-and the exported pipeline called with generator=torch.Generator("cpu").manual_seed(seed)
-reproduces it.
+in the parameterization their metadata's prediction_type names. Every image has its own CPU
+torch.Generator, seeded by its own seed, that draws first the initial latent and then each step's
+re-noising noise, in the order diffusers' LCMScheduler pipeline draws them: an image never
+depends on the batch it was in, and the exported pipeline called with
+generator=torch.Generator("cpu").manual_seed(seed) reproduces it.
 """
 
 from __future__ import annotations
