@@ -223,7 +223,8 @@ METHOD_OPTIONS = {
     "dmd": set(FIELD_NAMES) - set(PROGRESSIVE_ONLY) - set(GAN_OPTIONS),
     "progressive": set(FIELD_NAMES) - set(NOT_PROGRESSIVE) - set(GAN_OPTIONS),
 }
-INSTEAD = {("progressive", "iterations"): "--iterations-per-round", ("dmd2", "iterations_per_round"): "--iterations"}
+# The counterpart a method reads where it refuses one of these (each is read by exactly the other methods).
+INSTEAD = {"iterations": "--iterations-per-round", "iterations_per_round": "--iterations"}
 
 
 def check_method_options(method: str, given: dict[str, Any]) -> None:
@@ -235,8 +236,7 @@ def check_method_options(method: str, given: dict[str, Any]) -> None:
         if key not in METHOD_OPTIONS[method]:
             flag = "--" + key.replace("_", "-")
             readers = [m for m, used in METHOD_OPTIONS.items() if key in used]
-            instead = INSTEAD.get((method, key)) or INSTEAD.get(("dmd2", key))
-            hint = f"; it reads {instead}" if instead and instead != flag else ""
+            hint = f"; it reads {INSTEAD[key]}" if key in INSTEAD else ""
             raise UsageError(f"--method {method} does not read {flag} (read by --method {' and '.join(readers)}){hint}")
 
 
