@@ -44,8 +44,9 @@ from dmdcli.core.schedule import student_timesteps
 from dmdcli.models.architectures import ARCHITECTURES, write_config_only_pipeline
 from dmdcli.models.teacher import inspect_teacher
 from dmdcli.train.config import DistillConfig
+from dmdcli.train.layouts import layout_for
 from dmdcli.train.memory import GIB, estimate_memory
-from dmdcli.train.networks import build_networks, build_step
+from dmdcli.train.networks import build_step
 from dmdcli.train.sharding import sharding_options
 from dmdcli.train.step import Batch
 
@@ -164,10 +165,12 @@ def measure(arch: str, layout: str, args, spec) -> dict:
         )
     )
     sharding = sharding_options(accelerator, accelerator.mixed_precision) if config.fsdp else None
-    nets = build_networks(base, config, device, frozen, probe, sharding=sharding)
+    layout = layout_for(config, sharding, accelerator.num_processes)
+    nets = layout.build(base, device, frozen, probe)
     weights = torch.cuda.memory_allocated() / GIB if cuda else resident_gib() - resident_before
     schedule = spec.schedule()
-    step = build_step(nets, schedule, config, student_timesteps(args.steps, 1000, 399), accelerator)
+    timesteps = student_timesteps(args.steps, 1000, 399)
+    step = build_step(nets, layout.data_parallel(accelerator), schedule, config, timesteps, accelerator)
 
     times = []
     for it in range(args.iterations):

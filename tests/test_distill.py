@@ -13,9 +13,10 @@ from typer.testing import CliRunner
 from dmdcli.cli import app
 from dmdcli.models.teacher import inspect_teacher
 from dmdcli.train.config import resolve_config
-from dmdcli.train.distill import Distillation, SilentUI
+from dmdcli.train.distill import Distillation
 from dmdcli.train.optim import lr_factor
 from dmdcli.train.rundir import read_student_info
+from dmdcli.train.ui import SilentUI
 
 runner = CliRunner()
 FAST = [

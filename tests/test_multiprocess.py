@@ -21,7 +21,8 @@ DRIVER = textwrap.dedent("""
     import hashlib, json, sys
     import torch
     from dmdcli.train.config import resolve_config
-    from dmdcli.train.distill import Distillation, SilentUI
+    from dmdcli.train.distill import Distillation
+    from dmdcli.train.ui import SilentUI
     out, digests, overrides = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
     run = Distillation(resolve_config("tiny", {**overrides, "out": out}), SilentUI())
     picks = run.data.batch(run.teacher, run.config.seed, 0, 2, None, run.accelerator.process_index).cond

@@ -226,7 +226,8 @@ def test_dmd_v1_pairs_are_deterministic_and_reused(tmp_path, tiny_sd, prompts_fi
 
 
 def test_regression_as_a_dmd2_warm_up_stops_after_k_iterations(tmp_path, tiny_sd, prompts_file):
-    from dmdcli.train.distill import Distillation, SilentUI
+    from dmdcli.train.distill import Distillation
+    from dmdcli.train.ui import SilentUI
 
     config = resolve_config(
         "tiny",

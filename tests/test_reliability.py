@@ -260,19 +260,19 @@ def test_a_stop_asked_during_the_last_iteration_finishes_the_run(tmp_path, tiny_
 def test_a_signal_delivered_twice_is_one_request_and_a_later_ctrl_c_stops_at_once(monkeypatch):
     """torchrun forwards the Ctrl-C (or a scheduler's SIGTERM) that already reached its workers:
     that must not skip the checkpoint. A second Ctrl-C, later, is a person asking twice."""
-    from dmdcli.train.distill import _StopOnSignal
+    from dmdcli.train.stop import StopOnSignal
 
-    monkeypatch.setattr(_StopOnSignal, "ESCALATE_AFTER", 0.2)
+    monkeypatch.setattr(StopOnSignal, "ESCALATE_AFTER", 0.2)
     for first, again in (
         (signal.SIGINT, signal.SIGINT),
         (signal.SIGTERM, signal.SIGTERM),
         (signal.SIGTERM, signal.SIGINT),
     ):
-        with _StopOnSignal() as stop:
+        with StopOnSignal() as stop:
             os.kill(os.getpid(), first)
             os.kill(os.getpid(), again)  # at once: the same request
             assert stop.signal == first
-    with _StopOnSignal() as stop:
+    with StopOnSignal() as stop:
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(0.3)
         os.kill(os.getpid(), signal.SIGTERM)  # a scheduler's repeat: still wait for the checkpoint

@@ -162,7 +162,8 @@ def distill(
         return _progressive(config, ui, overwrite, resume, json_out)
 
     # Imported here so that `dmd --help` and usage errors stay instant (torch is slow to import).
-    from dmdcli.train.distill import Distillation, RunFinished, WriteFailed
+    from dmdcli.train.distill import Distillation
+    from dmdcli.train.stop import RunFinished, WriteFailed
 
     try:
         run = Distillation(config, ui, overwrite=overwrite, resume=resume)

@@ -239,7 +239,8 @@ def estimate_memory(
     autocast rules and AdamW implementation the run gets: "cuda", or "cpu" for a CPU run (in the
     GPU's precision layout when `bf16`)."""
     from dmdcli.core.gan_head import ClassifierHead
-    from dmdcli.models.lora import FAKE_SCORE_ADAPTER, GENERATOR_ADAPTER
+    from dmdcli.train.layouts import layout_for
+    from dmdcli.train.sharding import ShardingOptions
 
     frozen = 2 if bf16 else 4  # frozen weights in bf16 under mixed precision
     frozen_dtype = torch.bfloat16 if bf16 else torch.float32
@@ -247,13 +248,8 @@ def estimate_memory(
     p_unet = _count(unet)
     p_text, p_vae = _text_and_vae_parameters(spec)
 
-    lora, shared = config.lora_rank > 0, config.lora_rank > 0 and config.shared_base
-    alpha = config.lora_alpha_value()
-    # Each network as it trains: an adapter (rank, alpha, name) on the frozen base, or all of it in fp32.
-    adapters = {
-        "generator": (config.lora_rank, alpha, GENERATOR_ADAPTER) if lora else None,
-        "fake score": (config.fake_adapter_rank(), alpha, FAKE_SCORE_ADAPTER) if shared else None,
-    }
+    layout = layout_for(config, ShardingOptions() if config.fsdp and processes > 1 else None, processes)
+    adapters = layout.adapters()
     nets = {name: _training_unet(spec, frozen_dtype, adapter) for name, adapter in adapters.items()}
     p_gen, p_fake = (_count(nets[name], trainable_only=True) for name in adapters)
     p_head = 0
@@ -263,29 +259,13 @@ def estimate_memory(
         with torch.device("meta"):
             p_head = _count(ClassifierHead(unet.config.block_out_channels[-1], side))
 
-    n = processes if config.fsdp else 1
-    weights = {
-        "teacher UNet (frozen)": p_unet * frozen / n,
-        "generator": (4 * p_gen + (4 * p_unet if lora and not shared else 0)) / n,  # + its own fp32 base copy
-        "fake score + classifier": 4 * (p_fake + p_head) / n,
-        "VAE (fp32)": p_vae * 4,
-    }
+    n = layout.shards
+    weights = {**layout.weight_rows(p_unet, p_gen, p_fake, p_head, frozen), "VAE (fp32)": p_vae * 4}
     if not config.cache_prompts:  # else they leave the accelerator before the networks are built
         weights["text encoders (fp32)"] = p_text * 4
     adam = 8 * (p_gen + p_fake + p_head) / n
-    if n > 1:
-        from dmdcli.train.sharding import shard_units
-
-        blocks = [_count(m) for m in shard_units(unet)]
-        root = p_unet - sum(blocks)
-        # Gathered while running: the root units of the network with gradients and of the one it
-        # backpropagates through, two blocks, and one unit's unsharded fp32 gradients.
-        transient = frozen * (2 * root + 2 * max(blocks)) + 4 * max(root, max(blocks))
-        cast_gen = cast_fake = 0  # under the bf16 policy, the weights autocast would cast come gathered in bf16
-    else:
-        transient = 0
-        # Autocast keeps a bf16 copy of each trainable fp32 weight it casts, for the backward.
-        cast_gen, cast_fake = (2 * p_gen, 2 * p_fake) if bf16 else (0, 0)
+    transient = layout.gathered_bytes(unet, frozen)
+    cast_gen, cast_fake = layout.autocast_copies(p_gen, bf16), layout.autocast_copies(p_fake, bf16)
     saved = {}  # per layout: the generator's and the fake score's are one measurement when alike
     for name, adapter in adapters.items():
         key = adapter[:2] if adapter else None

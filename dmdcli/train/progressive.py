@@ -30,13 +30,14 @@ from dmdcli.core.denoiser import Cond, expand_cond
 from dmdcli.core.sampler import ddim_sample, guided_prediction, uses_cfg
 from dmdcli.core.schedule import NoiseSchedule, as_timestep_tensor, ddim_timesteps
 from dmdcli.errors import DmdError, UsageError
-from dmdcli.models.teacher import Teacher, inspect_teacher
 from dmdcli.models.unet import UNetDenoiser
 from dmdcli.train import rundir
 from dmdcli.train.config import DistillConfig, write_config
-from dmdcli.train.distill import UI, Data, load_data, read_user_files
+from dmdcli.train.data import Data, load_data
 from dmdcli.train.grids import SampleGrid
 from dmdcli.train.optim import adamw, lr_scheduler
+from dmdcli.train.setup import Run
+from dmdcli.train.ui import UI
 
 
 def round_steps(teacher_steps: int, target: int) -> list[int]:
@@ -54,28 +55,14 @@ def student_step_index(seed: int, round_index: int, iteration: int, num_steps: i
     return int(torch.randint(0, num_steps, (1,), generator=g))
 
 
-class ProgressiveDistillation:
+class ProgressiveDistillation(Run):
     def __init__(self, config: DistillConfig, ui: UI, overwrite: bool = False):
-        from accelerate import Accelerator
-
-        self.accelerator = Accelerator(mixed_precision=config.precision(), cpu=not torch.cuda.is_available())
+        super().__init__(config, ui)
         if self.accelerator.num_processes > 1:
             raise UsageError("--method progressive runs in one process; launch it without torchrun / accelerate launch")
-        self.config, self.ui = config, ui
-        self.spec = inspect_teacher(config.teacher)
-        self.resolution = self.spec.training_resolution(config.resolution)
-        self.out = rundir.run_folder(config.out, config.teacher, config.steps)
         rundir.check_run_folder(self.out, overwrite)
-        prompts, self.data_folder = read_user_files(config, self.accelerator)
-        self.device = self.accelerator.device
-        self.frozen_dtype = config.frozen_dtype()
-        ui.message(
-            f"teacher: {self.spec.source} ({self.spec.layout}, {self.spec.prediction_type}) at {self.resolution}px "
-            f"on {self.device}"
-        )
-        self.teacher = Teacher(
-            self.spec, self.device, self.frozen_dtype, self.resolution, config.allow_pickle, encoder_dtype=torch.float32
-        )
+        prompts = self.load_teacher()
+        self.device, self.frozen_dtype = self.accelerator.device, config.frozen_dtype()
         # real latents, VAE-encoded once and cached, as for DMD2's GAN
         self.data = load_data(self.data_folder, prompts, self.teacher, ui) if self.data_folder else Data(prompts, None)
         if note := self.teacher.truncation_note(self.data.all_prompts()):
@@ -280,9 +267,7 @@ class ProgressiveDistillation:
 
     def resolved(self) -> dict[str, Any]:
         return {
-            "teacher": self.spec.source,
-            "layout": self.spec.layout,
-            "prediction_type": self.spec.prediction_type,
+            **self.teacher_identity(),
             "student_prediction_type": self.student_schedule.prediction_type,
             "resolution": self.resolution,
             "rounds": self.rounds,

@@ -8,11 +8,14 @@ and compares decoded images, so only it decodes latents with the VAE (with gradi
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from dmdcli.core.denoiser import expand_cond
 from dmdcli.core.losses import REGRESSION_DISTANCES
+from dmdcli.data.pairs import Pairs
 from dmdcli.errors import UsageError, first_line
 
 Distance = Callable[[Tensor, Tensor], Tensor]
@@ -58,3 +61,57 @@ def build_distance(name: str, vae, scaling_factor: float) -> tuple[Distance, str
                 "(docs/other-methods.md)"
             ),
         )
+
+
+def load_regression(run, prompts: list[str]) -> tuple[Distance, str, Pairs]:
+    """DMD v1's regression for `run` (a dmdcli.train.setup.Run with its teacher loaded): the
+    distance that runs, its name, and the teacher's pairs for `prompts` (made once, cached)."""
+    from dmdcli.core.sampler import ddim_sample, uses_cfg
+    from dmdcli.data.pairs import default_pairs_dir, load_or_build_pairs, pair_key_inputs, teacher_identity
+    from dmdcli.models.unet import UNetDenoiser
+
+    config, spec, device, ui = run.config, run.spec, run.accelerator.device, run.ui
+    distance, name, note = build_distance(config.regression_distance, run.teacher.vae, run.teacher.scaling_factor)
+    if note:
+        ui.message(note)
+    teacher, schedule = UNetDenoiser(run.teacher.unet.to(device)), spec.schedule()
+    uncond = run.teacher.empty_cond() if uses_cfg(config.guidance_scale) else None
+
+    def generate(noise: Tensor, batch_prompts: list[str]) -> Tensor:
+        cond = run.teacher.encode_prompts(batch_prompts)
+        batch_uncond = expand_cond(uncond, len(batch_prompts)) if uncond else None
+        with run.accelerator.autocast():
+            return ddim_sample(
+                teacher, schedule, noise.to(device), cond, batch_uncond, config.pair_steps, config.guidance_scale
+            )
+
+    inputs = pair_key_inputs(
+        teacher_identity(spec.source, spec.layout, spec.prediction_type, spec.scheduler_config),
+        prompts,
+        config.seed,
+        config.pair_steps,
+        config.guidance_scale,
+        run.resolution,
+        config.pairs,
+        config.precision(),
+    )
+    root = Path(config.pairs_dir) if config.pairs_dir else default_pairs_dir()
+    with (
+        run.accelerator.main_process_first(),
+        ui.task(f"regression pairs ({config.pair_steps}-step DDIM of the teacher)", total=config.pairs) as update,
+    ):
+        pairs = load_or_build_pairs(
+            root,
+            inputs,
+            prompts,
+            (spec.latent_channels, *run.teacher.latent_size),
+            generate,
+            batch_size=config.batch_size,
+            progress=lambda done, total: update(done, None),
+        )
+    ui.message(
+        f"regression: {len(pairs)} pairs {'made and cached' if pairs.built else 'reused'} in "
+        f"{pairs.folder}; distance {name}, weight {config.regression_weight}"
+        + (f" for the first {config.regression_iterations} iterations" if config.regression_iterations else "")
+    )
+    return distance, name, pairs

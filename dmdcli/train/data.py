@@ -1,0 +1,127 @@
+"""A run's data: the user's prompts and images, the prompt cache, and each iteration's batch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from dmdcli.core.denoiser import Cond, expand_cond
+from dmdcli.data.images import RealLatents, load_or_build_latents
+from dmdcli.data.pairs import Pairs
+from dmdcli.data.prompt_cache import GIB, PromptCache, build_prompt_cache
+from dmdcli.data.prompts import read_prompts
+from dmdcli.errors import UsageError
+from dmdcli.models.teacher import Teacher
+from dmdcli.shapes.data import resolve_data
+from dmdcli.train.step import Batch
+from dmdcli.train.ui import UI
+
+
+def read_user_files(config, accelerator) -> tuple[list[str] | None, str | None]:
+    """The prompts and the real-image folder: cheap checks of the user's files, before minutes of
+    model loading."""
+    prompts = read_prompts(config.prompts) if config.prompts else None
+    with accelerator.main_process_first():  # `--data shapes`: the built-in world's images, rendered once
+        folder = resolve_data(config.data)
+    if folder and not Path(folder).is_dir():
+        raise UsageError(f"image folder not found: {config.data}")
+    return prompts, folder
+
+
+@dataclass
+class Data:
+    """Prompts for distribution matching and, optionally, real latents + captions for the GAN."""
+
+    prompts: list[str]
+    real: RealLatents | None
+    pairs: Pairs | None = None  # DMD v1's regression pairs
+    cache: PromptCache | None = None  # every prompt above encoded once (`cache_prompts`)
+    _rows: list[torch.Tensor] = field(default_factory=list, repr=False)  # cache rows of each of _lists()
+
+    def _lists(self) -> list[list[str]]:
+        return [self.prompts, self.real.captions if self.real else [], self.pairs.prompts if self.pairs else []]
+
+    def all_prompts(self) -> list[str]:
+        return [p for ps in self._lists() for p in ps]
+
+    def cache_prompts(self, teacher: Teacher, ui: UI, extra: list[str]) -> PromptCache | None:
+        """Encode every prompt of the data and `extra` once, then drop the teacher's text encoders.
+
+        None (and the encoders stay) when the cache would not fit in host memory: prompts are then
+        encoded on the fly, as with --no-cache-prompts.
+        """
+        lists = self._lists()
+        count = len(set().union(*lists, extra))
+        with ui.task(f"encoding {count} prompts once (cached on the CPU)", total=count) as update:
+            cache, size = build_prompt_cache(
+                teacher.encode_prompts,
+                self.all_prompts() + extra,
+                teacher.dtype,
+                teacher.device,
+                progress=lambda done: update(done, None),
+            )
+        if cache is None:
+            ui.message(
+                f"prompt cache: {count} prompts would take {size / GIB:.1f} GiB of host memory: encoding them on the "
+                "fly "
+                f"instead (the text encoders stay on {teacher.device})"
+            )
+            return None
+        self.cache, self._rows = cache, [cache.rows(ps) for ps in lists]
+        teacher.release_text_encoders()
+        ui.message(f"prompt cache: {count} prompts, {size / GIB:.2f} GiB on the CPU; text encoders released")
+        return cache
+
+    def _cond(self, teacher: Teacher, which: int, picks: list[int]) -> Cond:
+        """Conditioning of rows `picks` of prompt list `which` (0 prompts, 1 captions, 2 pair prompts)."""
+        if self.cache is not None:
+            return self.cache.take(self._rows[which][picks])
+        prompts = self._lists()[which]
+        return teacher.encode_prompts([prompts[i] for i in picks])
+
+    def batch(
+        self, teacher: Teacher, seed: int, iteration: int, batch_size: int, uncond: Cond | None, rank: int = 0
+    ) -> Batch:
+        """This process's batch of one iteration. The picks of prompts, real images and pairs come
+        from (seed, iteration, rank) alone and the noise from the process's global generator
+        (seeded per rank, saved in checkpoints), so a run is the same whether or not it was
+        interrupted, and processes draw different data."""
+        g = torch.Generator().manual_seed(seed * 7919 + iteration + rank * 1_000_000_007)
+        picks = torch.randint(len(self.prompts), (batch_size,), generator=g).tolist()
+        cond = self._cond(teacher, 0, picks)
+        latent_shape = (batch_size, teacher.spec.latent_channels, *teacher.latent_size)
+        noise = torch.randn(latent_shape, device=teacher.device)
+        batch = Batch(noise=noise, cond=cond, uncond=expand_cond(uncond, batch_size) if uncond else None)
+        if self.real is not None:
+            real = torch.randint(len(self.real), (batch_size,), generator=g).tolist()
+            batch.x_real = self.real.latents[real].to(teacher.device)
+            batch.real_cond = self._cond(teacher, 1, real)
+        if self.pairs is not None:
+            pick = torch.randint(len(self.pairs), (batch_size,), generator=g).tolist()
+            batch.pair_noise = self.pairs.noise[pick].to(teacher.device)
+            batch.pair_latent = self.pairs.latent[pick].to(teacher.device)
+            batch.pair_cond = self._cond(teacher, 2, pick)
+        return batch
+
+
+def load_data(folder: str | None, prompts: list[str] | None, teacher: Teacher, ui: UI) -> Data:
+    real = None
+    if folder:
+        with ui.task("real images (VAE-encoded on first use, then cached)", total=0) as update:
+            real, scan = load_or_build_latents(
+                folder,
+                teacher.resolution,
+                teacher.encode_images,
+                encoder_id=teacher.latent_cache_id,
+                progress=lambda done, total: update(done, {"total": total}),
+            )
+        details = [f"{len(scan.skipped)} skipped"] if scan.skipped else []
+        details += [f"{real.upscaled} smaller than {teacher.resolution} px, upscaled"] if real.upscaled else []
+        ui.message(f"real images: {len(real)} from {folder}" + (f" ({'; '.join(details)})" if details else ""))
+        for path, reason in scan.skipped[:5]:
+            ui.message(f"  skipped {path}: {reason}")
+    else:
+        ui.message("no --data: the GAN term is off (distribution matching only)")
+    return Data(prompts or real.captions, real)
