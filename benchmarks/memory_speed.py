@@ -42,6 +42,7 @@ os.environ.setdefault(
 
 from dmdcli.core.schedule import student_timesteps
 from dmdcli.models.architectures import ARCHITECTURES, write_config_only_pipeline
+from dmdcli.models.families import get_family
 from dmdcli.models.teacher import inspect_teacher
 from dmdcli.train.config import DistillConfig
 from dmdcli.train.layouts import layout_for
@@ -157,8 +158,9 @@ def measure(arch: str, layout: str, args, spec) -> dict:
         cond["time_ids"] = torch.tensor([[r, r, 0, 0, r, r]], device=device).expand(args.batch_size, 6)
     uncond = {k: torch.zeros_like(v) for k, v in cond.items()}
     latent = (args.batch_size, spec.latent_channels, side, side)
+    denoiser = get_family(spec.family).denoiser
     probe = (
-        lambda fake, on: fake.bottleneck(
+        lambda fake, on: denoiser(fake).bottleneck(
             torch.zeros(1, *latent[1:], device=on),
             torch.zeros(1, dtype=torch.long, device=on),  # noqa: E731
             {k: v[:1].to(on) for k, v in cond.items()},
@@ -170,7 +172,7 @@ def measure(arch: str, layout: str, args, spec) -> dict:
     weights = torch.cuda.memory_allocated() / GIB if cuda else resident_gib() - resident_before
     schedule = spec.schedule()
     timesteps = student_timesteps(args.steps, 1000, 399)
-    step = build_step(nets, layout.data_parallel(accelerator), schedule, config, timesteps, accelerator)
+    step = build_step(nets, denoiser, layout.data_parallel(accelerator), schedule, config, timesteps, accelerator)
 
     times = []
     for it in range(args.iterations):

@@ -7,8 +7,9 @@ from pathlib import Path
 import torch
 
 from dmdcli.core.schedule import student_timesteps
+from dmdcli.models.families import get_family
 from dmdcli.models.lora import LORA_TARGET_MODULES, add_generator_lora, lora_state_dict
-from dmdcli.models.teacher import DEFAULT_CONDITIONING_TIMESTEP, inspect_teacher
+from dmdcli.models.teacher import inspect_teacher
 from dmdcli.train import rundir
 
 RANK, ALPHA = 4, 2.0  # alpha ≠ rank on purpose: exports must keep it
@@ -27,14 +28,15 @@ def make_student(out: Path, teacher: Path, layout: str, kind: str, steps: int, s
         weights = {
             k: v + 0.02 * v.std().nan_to_num() * torch.randn(v.shape, generator=g) for k, v in unet.state_dict().items()
         }
-    conditioning = DEFAULT_CONDITIONING_TIMESTEP[layout] if steps == 1 else None
+    default = get_family(layout).conditioning_timestep  # sd: 999, sdxl: 399
+    conditioning = default if steps == 1 else None
     info = {
         "teacher": str(teacher),
         "layout": layout,
         "prediction_type": inspect_teacher(str(teacher)).prediction_type,
         "kind": kind,
         "steps": steps,
-        "timesteps": student_timesteps(steps, 1000, DEFAULT_CONDITIONING_TIMESTEP[layout]),
+        "timesteps": student_timesteps(steps, 1000, default),
         "conditioning_timestep": conditioning,
         "resolution": 32,
         "iterations": 0,

@@ -8,6 +8,7 @@ from dmdcli.core.dmd2 import DMD2, DMD2Config
 from dmdcli.core.gan_head import ClassifierHead
 from dmdcli.core.sampler import backward_simulation, ddim_sample, sample
 from dmdcli.core.schedule import NoiseSchedule, ddim_timesteps, student_timesteps
+from dmdcli.models.teacher import schedule_from_config
 from dmdcli.models.toy import toy_schedule
 
 
@@ -68,7 +69,7 @@ def test_schedule_from_sd_scheduler_config():
         "beta_schedule": "scaled_linear",
         "prediction_type": "v_prediction",
     }
-    schedule = NoiseSchedule.from_scheduler_config(config)
+    schedule = schedule_from_config(config)
     betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
     torch.testing.assert_close(schedule.alphas_cumprod, torch.cumprod(1 - betas, 0), rtol=1e-6, atol=1e-7)
     assert schedule.prediction_type == "v_prediction"

@@ -30,5 +30,7 @@ def test_no_arguments_runs_the_shapes_recipe(tmp_path, monkeypatch):
     config = (tmp_path / summary["out"] / "config.toml").read_text()
     assert 'teacher = "shapes"' in config and 'data = "shapes"' in config
     assert "next: dmd sample" in result.stderr
+    hint = result.stderr[result.stderr.index("next:") :]  # a prompt the world knows, and its own benchmark
+    assert '--prompt "a large red circle at the top left' in hint and "--fid" not in hint
     rendered = list((tmp_path / "cache" / "shapes").iterdir())
     assert len(rendered) == 1 and len(list(rendered[0].glob("*.png"))) == 64

@@ -254,6 +254,7 @@ def test_fake_coco_layout_scores_a_prefix(student, features, tmp_path):
         (["--fid", "{refs}", "--num-samples", "1"], "--num-samples must be at least 2"),
         (["--fid", "shapes", "--num-samples", "-5"], "--num-samples must be at least 2"),  # every set, not only folders
         (["--fid", "{empty}"], "no images with captions"),  # as much a usage error as a missing folder
+        ([], "--fid is required: coco30k or coco10k (with --coco-root), a captioned image folder, or shapes"),
         (
             ["--fid", "shapes", "--eval-resolution", "128"],
             "--eval-resolution, --features: for reference sets",
@@ -276,6 +277,14 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(run, refs, features, t
     assert not (tmp_path / "cache").exists()
     result = invoke("--model", run, *args, "--out", tmp_path / "out", code=2)
     assert not (tmp_path / "out").exists()
+
+
+def test_models_of_the_built_in_teacher_default_to_its_set(tmp_path):
+    """No --fid: the shapes teacher's own set (refusing a reference set's option, before anything loads)."""
+    from dmdcli.shapes import teacher_path
+
+    result = invoke("--model", teacher_path(), "--eval-resolution", "128", "--out", tmp_path / "out", code=2)
+    assert "--eval-resolution: for reference sets; --fid shapes scores" in result.stderr
 
 
 @pytest.mark.parametrize("n", [1, 0, -5])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import typer
+from typer.core import TyperCommand, TyperGroup
 
 from dmdcli import __version__
 from dmdcli.cli import distill, export, sample
@@ -10,26 +11,31 @@ from dmdcli.cli import eval as evaluate  # not `eval`: that name is a builtin
 from dmdcli.cli.common import DEBUG
 
 
-def _no_type_on_flags() -> None:
-    """Typer's help shows each option's type, `<bool>` for on/off flags too, which read as if
-    they took a value (`--overwrite true` is an error); a flag shows none."""
-    from typer.core import TyperOption
+class _FlagsShowNoType:
+    """Typer's help shows each option's type, `<bool>` for on/off flags too, which reads as if
+    they took a value (`--overwrite true` is an error). The help shows an option's metavar in place
+    of its type, so every flag, --help (which Typer adds) included, gets an empty one. Public API
+    only: the command classes go in through `cls=`; metavar and is_flag are click's attributes."""
 
-    show_type = getattr(TyperOption, "display_type_rich", None)
-    if show_type is None or getattr(show_type, "skips_flags", False):  # another Typer: leave its help as it is
-        return
-
-    def display_type_rich(self, ctx):
-        return None if self.is_flag else show_type(self, ctx)
-
-    display_type_rich.skips_flags = True
-    TyperOption.display_type_rich = display_type_rich
+    def get_params(self, ctx):
+        params = super().get_params(ctx)
+        for param in params:
+            if getattr(param, "is_flag", False) and param.metavar is None:
+                param.metavar = ""
+        return params
 
 
-_no_type_on_flags()
+class _Group(_FlagsShowNoType, TyperGroup):
+    pass
+
+
+class _Command(_FlagsShowNoType, TyperCommand):
+    pass
+
 
 app = typer.Typer(
     name="dmd",
+    cls=_Group,
     help="Distill diffusion text-to-image models into 1- to 4-step generators with DMD2.",
     no_args_is_help=True,
     add_completion=False,
@@ -51,10 +57,10 @@ def _root(
     DEBUG["on"] = debug
 
 
-app.command("distill", help=distill.HELP)(distill.distill)
-app.command("sample", help=sample.HELP)(sample.sample)
-app.command("export", help=export.HELP)(export.export)
-app.command("eval", help=evaluate.HELP)(evaluate.eval_command)
+app.command("distill", help=distill.HELP, cls=_Command)(distill.distill)
+app.command("sample", help=sample.HELP, cls=_Command)(sample.sample)
+app.command("export", help=export.HELP, cls=_Command)(export.export)
+app.command("eval", help=evaluate.HELP, cls=_Command)(evaluate.eval_command)
 
 
 def _quiet_libraries() -> None:

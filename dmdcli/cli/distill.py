@@ -7,18 +7,19 @@ from typing import Annotated, Optional
 
 import typer
 
+from dmdcli.cli import options
 from dmdcli.cli.common import handle_errors, print_json, quiet_library_bars
 from dmdcli.cli.ui import RichUI
 from dmdcli.errors import UsageError
-from dmdcli.models.teacher import TEACHER_ALIASES
+from dmdcli.models.families import default_family, named_family, teacher_aliases
 from dmdcli.train.config import (
     FIELD_TYPES,
     choose_recipe,
     list_recipes,
     option_help,
-    recipe_continues,
     resolve_config,
-    run_config_values,
+    resumed_values,
+    second_stage_note,
 )
 
 HELP = f"""Distill a teacher into a 1- to 4-step student with DMD2.
@@ -26,8 +27,7 @@ HELP = f"""Distill a teacher into a 1- to 4-step student with DMD2.
 Options override the recipe's keys of the same name; the resolved configuration is written to
 OUT/config.toml. Built-in recipes: {", ".join(list_recipes()) or "none"}.
 
-With no --teacher and no --recipe (or with --teacher shapes) the recipe is `shapes`: the
-built-in teacher, its prompts and images, a 4-step student in about 5 CPU minutes. An SDXL
+{default_family().help} An SDXL
 teacher without --recipe gets the reference's SDXL recipe (sdxl-1step, sdxl-4step, or with
 --lora-rank sdxl-4step-lora); the defaults listed below are those of an SD teacher without one.
 
@@ -37,8 +37,8 @@ Other methods: --method dmd (DMD v1; the teacher's regression pairs are made on 
 cached, see --pairs), --method progressive (rounds halving --teacher-steps down to --steps).
 """
 
-ALIASES = ", ".join(f"{k} = {v}" for k, v in TEACHER_ALIASES.items())
-MODEL, OBJ, OPT, OUT = "Teacher and data", "DMD2 objective", "Optimization", "Outputs"
+ALIASES = ", ".join(f"{k} = {v}" for k, v in teacher_aliases().items())
+MODEL, OBJ, OPT, OUT = "Teacher and data", "DMD2 objective", "Optimization", options.OUTPUTS
 METHOD = "Other methods: DMD (v1) regression, progressive distillation"
 
 
@@ -114,7 +114,7 @@ def distill(
             "--resume",
         ),
     ] = False,
-    overwrite: Annotated[bool, _opt("Replace a run already in --out.", OUT, "--overwrite")] = False,
+    overwrite: Annotated[bool, options.overwrite("Replace a run already in --out.")] = False,
     checkpoint_every: Annotated[Optional[int], _cfg("checkpoint_every", OUT)] = None,
     keep_checkpoints: Annotated[Optional[int], _cfg("keep_checkpoints", OUT)] = None,
     log_every: Annotated[Optional[int], _cfg("log_every", OUT)] = None,
@@ -129,31 +129,20 @@ def distill(
             "--dry-run",
         ),
     ] = False,
-    json_out: Annotated[bool, _opt("Print one JSON summary line on stdout at the end.", OUT, "--json")] = False,
-    quiet: Annotated[bool, _opt("No progress or messages on stderr.", OUT, "--quiet", "-q")] = False,
+    json_out: Annotated[bool, options.json_lines("Print one JSON summary line on stdout at the end.")] = False,
+    quiet: Annotated[bool, options.quiet()] = False,
 ) -> None:
     overrides = {
         k: v for k, v in locals().items() if k not in ("recipe", "resume", "overwrite", "dry_run", "json_out", "quiet")
     }
-    base = None
     recipe, chosen = choose_recipe(recipe, teacher, steps, lora_rank, bool(prompts or data), resume)
-    if resume:
-        if overwrite or recipe or init_from:
-            raise UsageError(
-                "--resume continues the run in --out with its own config.toml; drop --overwrite/--recipe/--init-from"
-            )
-        if out is None:
-            raise UsageError("--resume needs --out RUN, the run folder to continue")
-        base = run_config_values(Path(out))
+    base = resumed_values(out, overwrite, recipe, init_from) if resume else None
     config = resolve_config(recipe, overrides, base)
     ui = RichUI(quiet=quiet)
     if chosen:
         ui.message(f"recipe {chosen}: the reference's values for an SDXL teacher (--recipe to choose another)")
-    if recipe and not resume and config.init_from is None and (first := recipe_continues(recipe)):
-        ui.message(
-            f"note: recipe {recipe} is the second stage of {first}; without --init-from RUN (a {first} run) "
-            "it starts from the teacher"
-        )
+    if note := second_stage_note(recipe, config):
+        ui.message(note)
     if dry_run:
         return _dry_run(config, json_out)
     quiet_library_bars()
@@ -178,10 +167,9 @@ def distill(
     if not run.accelerator.is_main_process:  # under torchrun / accelerate launch, one process reports
         return
     ui.message(f"student: {summary['student']}  (samples: {summary['grid']})")
-    if config.teacher == "shapes":  # the built-in world: a prompt it knows, and its own benchmark
-        prompt, fid = "a large red circle at the top left on a white background", ""
-    else:
-        prompt, fid = "...", " --fid DIR"
+    family = named_family(config.teacher)  # a built-in teacher: a prompt it knows, and its own benchmark
+    prompt = family.example_prompt if family else "..."
+    fid = "" if family and family.eval_set else " --fid DIR"
     ui.message(
         f"next: dmd sample --model {summary['out']} --prompt \"{prompt}\"  |  "
         f"dmd eval --model {summary['out']}{fid}  |  dmd export --model {summary['out']} --format diffusers"
@@ -214,8 +202,6 @@ def _dry_run(config, json_out: bool) -> None:
 
 
 def _estimate(config, json_out: bool, scratch: Path) -> None:
-    import dataclasses
-
     import tomli_w
     from rich.table import Table
 
@@ -223,38 +209,20 @@ def _estimate(config, json_out: bool, scratch: Path) -> None:
     from dmdcli.train.memory import plan_memory
 
     console = stderr_console()
-    spec, resolution, bf16, estimates = plan_memory(config, scratch, lambda note: console.print(note, markup=False))
-    counts = list(estimates)
+    plan = plan_memory(config, scratch, lambda note: console.print(note, markup=False))
     console.print(tomli_w.dumps({k: v for k, v in config.to_dict().items() if v is not None}), markup=False)
     table = Table(
-        title=f"estimated memory per process: {spec.layout} at {resolution}px, batch {config.batch_size}, "
-        f"{'bf16' if bf16 else 'fp32'}" + (", sharded with FSDP" if config.fsdp else "")
+        title=f"estimated memory per process: {plan.spec.layout} at {plan.resolution}px, batch {config.batch_size}, "
+        f"{'bf16' if plan.bf16 else 'fp32'}" + (", sharded with FSDP" if config.fsdp else "")
     )
     table.add_column("what")
-    for n in counts:
+    for n in plan.estimates:
         table.add_column(f"GiB, {n} processes" if config.fsdp else "GiB", justify="right")
-    rows = [estimate.rows() for estimate in estimates.values()]
+    rows = [estimate.rows() for estimate in plan.estimates.values()]
     for i, (name, _) in enumerate(rows[0]):
         table.add_row(name, *(f"{r[i][1]:.2f}" for r in rows))
     console.print(table)
-    if config.mixed_precision == "auto" and not bf16:
-        console.print(
-            "note: no CUDA here, so this is a run on this machine, in fp32; --mixed-precision bf16 estimates a "
-            "GPU run (bf16, what auto picks on CUDA)",
-            markup=False,
-        )
-    if config.method == "progressive":
-        console.print(
-            "note: this estimate is for DMD2's three networks; --method progressive holds two UNets (teacher and "
-            "student) and one optimizer, so it needs less",
-            markup=False,
-        )
+    for note in plan.notes:
+        console.print(note, markup=False)
     if json_out:
-        summary = {
-            "config": config.to_dict(),
-            "resolution": resolution,
-            "memory_gib": dataclasses.asdict(estimates[counts[0]]),
-        }
-        if config.fsdp:
-            summary["memory_gib_by_processes"] = {str(n): dataclasses.asdict(e) for n, e in estimates.items()}
-        print_json(summary)
+        print_json(plan.summary(config))

@@ -9,9 +9,10 @@ from typing import Annotated, Optional
 
 import typer
 
+from dmdcli.cli import options
 from dmdcli.cli.common import handle_errors, print_json, quiet_library_bars
-from dmdcli.cli.sample import MAX_STEPS
 from dmdcli.cli.ui import RichUI
+from dmdcli.models.families import default_eval_set, eval_sets
 
 HELP = """Score models with FID, KID, patch FID and CLIP score on a prompt/reference set.
 
@@ -28,7 +29,7 @@ OUT/eval-<set>-<N>/.
 Example: dmd eval --model runs/sd15 --model sd15 --fid coco30k --coco-root coco/ --num-samples 5000 --json
 """
 
-MODEL, SET, SCORING, OUT = "Models", "Prompt/reference set", "Scoring", "Outputs"
+MODEL, SET, SCORING = "Models", "Prompt/reference set", "Scoring"
 
 
 def _opt(help: str, panel: str, *names: str, **kwargs):
@@ -37,21 +38,13 @@ def _opt(help: str, panel: str, *names: str, **kwargs):
 
 @handle_errors
 def eval_command(
-    model: Annotated[
-        list[str],
-        _opt(
-            "Run folder (or one of its checkpoints, RUN/checkpoints/iter-N), `dmd export --format diffusers` folder, "
-            "or diffusers pipeline (folder or hub id); repeat to compare.",
-            MODEL,
-            "--model",
-            show_default=False,
-        ),
-    ],
+    model: Annotated[list[str], options.model(f"{options.ANY_MODEL}; repeat to compare.", MODEL)],
     fid: Annotated[
         Optional[str],
         _opt(
-            "coco30k, coco10k (with --coco-root), a captioned image folder, or shapes (FD-shapes and alignment; the "
-            "default for models of the built-in shapes teacher).",
+            "coco30k, coco10k (with --coco-root), a captioned image folder, or "
+            + ", ".join(f"{s.name} ({s.help})" for s in eval_sets())
+            + ".",
             SET,
             "--fid",
             show_default=False,
@@ -83,42 +76,24 @@ def eval_command(
             show_default=False,
         ),
     ] = None,
-    seed: Annotated[int, _opt("Base seed: image i of the set uses SEED + i.", MODEL, "--seed", min=0)] = 0,
+    seed: Annotated[int, options.seed("Base seed: image i of the set uses SEED + i.", MODEL)] = 0,
     steps: Annotated[
         Optional[int],
-        _opt(
-            "Sampling steps of every model (default: the student's; a pipeline's own default).",
-            MODEL,
-            "--steps",
-            min=1,
-            max=MAX_STEPS,
-            show_default=False,
-        ),
+        options.steps("Sampling steps of every model (default: the student's; a pipeline's own default).", MODEL),
     ] = None,
     guidance_scale: Annotated[
-        Optional[float],
-        _opt(
-            "CFG scale of plain pipelines (students sample without CFG).", MODEL, "--guidance-scale", show_default=False
-        ),
+        Optional[float], options.guidance_scale("CFG scale of plain pipelines (students sample without CFG).", MODEL)
     ] = None,
     resolution: Annotated[
         Optional[int],
-        _opt(
-            "Square size of the generated images (default: the student's; the pipeline's).",
-            MODEL,
-            "--resolution",
-            min=1,
-            show_default=False,
-        ),
+        options.resolution("Square size of the generated images (default: the student's; the pipeline's).", MODEL),
     ] = None,
     batch_size: Annotated[
-        int, _opt("Images per generation batch (images never depend on it).", MODEL, "--batch-size", min=1)
+        int, options.batch_size("Images per generation batch (images never depend on it).", MODEL)
     ] = 4,
-    device: Annotated[
-        str, _opt("cuda, cuda:1, cpu, mps, or auto (generation and features).", MODEL, "--device")
-    ] = "auto",
-    dtype: Annotated[str, _opt("auto (fp16 on CUDA, fp32 elsewhere), fp32, fp16, bf16.", MODEL, "--dtype")] = "auto",
-    allow_pickle: Annotated[bool, _opt("Allow weights stored as pickle files.", MODEL, "--allow-pickle")] = False,
+    device: Annotated[str, options.device(f"{options.DEVICES} (generation and features).", MODEL)] = "auto",
+    dtype: Annotated[str, options.dtype(panel=MODEL)] = "auto",
+    allow_pickle: Annotated[bool, options.allow_pickle(panel=MODEL)] = False,
     features: Annotated[
         Optional[Path],
         _opt(
@@ -163,14 +138,14 @@ def eval_command(
         _opt(
             "Folder for report, grid and images (default: the run folder, else eval/<model>; several models: "
             "OUT/<model>).",
-            OUT,
+            options.OUTPUTS,
             "--out",
             show_default=False,
         ),
     ] = None,
-    overwrite: Annotated[bool, _opt("Replace an existing report and its images.", OUT, "--overwrite")] = False,
-    json_out: Annotated[bool, _opt("Print each report as one JSON line on stdout.", OUT, "--json")] = False,
-    quiet: Annotated[bool, _opt("No progress, messages or table on stderr.", OUT, "--quiet", "-q")] = False,
+    overwrite: Annotated[bool, options.overwrite("Replace an existing report and its images.")] = False,
+    json_out: Annotated[bool, options.json_lines("Print each report as one JSON line on stdout.")] = False,
+    quiet: Annotated[bool, options.quiet("No progress, messages or table on stderr.")] = False,
 ) -> None:
     from dmdcli.errors import UsageError
     from dmdcli.eval.report import render_table
@@ -184,7 +159,7 @@ def eval_command(
     torch_dtype = pick_dtype(dtype, torch_device)
     if cache_dir is not None:
         check_can_make(cache_dir, "--cache-dir")
-    options = EvalOptions(
+    eval_options = EvalOptions(
         coco_root=coco_root,
         num_samples=num_samples,
         eval_resolution=eval_resolution,
@@ -198,12 +173,8 @@ def eval_command(
     )
     sources = [find_model(name) for name in model]
     if fid is None:
-        if not all(_of_shapes_teacher(source) for source in sources):
-            raise UsageError(
-                "--fid is required: coco30k or coco10k (with --coco-root), a captioned image folder, or shapes"
-            )
-        fid = "shapes"
-    benchmark = open_benchmark(fid, options)
+        fid = _default_fid(sources)
+    benchmark = open_benchmark(fid, eval_options)
     if guidance_scale is not None and all(source.is_student for source in sources):
         raise UsageError(STUDENT_TAKES_NO_CFG)
     targets = plan_targets(
@@ -253,12 +224,17 @@ def eval_command(
         ui.console.print(render_table(reports))
 
 
-def _of_shapes_teacher(source) -> bool:
-    """Whether a model is the built-in shapes teacher or was distilled from it."""
-    from dmdcli.shapes import teacher_path
+def _default_fid(sources) -> str:
+    """--fid left out: the evaluation set of the built-in teacher every model is (or was distilled from)."""
+    from dmdcli.errors import UsageError
 
-    path = source.info.get("teacher") if source.info else source.path
-    return Path(path).expanduser().resolve() == teacher_path().resolve()
+    found = {default_eval_set(source.info.get("teacher") if source.info else source.path) for source in sources}
+    if len(found) != 1 or None in found:
+        raise UsageError(
+            "--fid is required: coco30k or coco10k (with --coco-root), a captioned image folder, or "
+            + ", ".join(s.name for s in eval_sets())
+        )
+    return found.pop().name
 
 
 @contextlib.contextmanager

@@ -7,6 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from dmdcli.cli import options
 from dmdcli.cli.common import handle_errors, print_json, quiet_library_bars
 from dmdcli.cli.ui import RichUI
 
@@ -28,11 +29,8 @@ def _opt(help: str, *names: str, **kwargs):
 def export(
     model: Annotated[
         str,
-        _opt(
-            "Run folder of dmd distill (or its student.safetensors, or one of its checkpoints, "
-            "RUN/checkpoints/iter-N).",
-            "--model",
-            show_default=False,
+        options.model(
+            "Run folder of dmd distill (or its student.safetensors, or one of its checkpoints, RUN/checkpoints/iter-N)."
         ),
     ],
     fmt: Annotated[str, _opt("diffusers, lora, kohya or unet.", "--format")] = "diffusers",
@@ -45,11 +43,13 @@ def export(
             show_default=False,
         ),
     ] = None,
-    dtype: Annotated[str, _opt("Weights' precision: fp32, fp16 or bf16.", "--dtype")] = "fp32",
-    allow_pickle: Annotated[bool, _opt("Allow teacher weights stored as pickle files.", "--allow-pickle")] = False,
-    overwrite: Annotated[bool, _opt("Replace what is already at --out.", "--overwrite")] = False,
-    json_out: Annotated[bool, _opt("Print one JSON line on stdout saying what was written.", "--json")] = False,
-    quiet: Annotated[bool, _opt("No messages on stderr.", "--quiet", "-q")] = False,
+    dtype: Annotated[str, options.dtype("Weights' precision: fp32, fp16 or bf16.")] = "fp32",
+    allow_pickle: Annotated[bool, options.allow_pickle("Allow teacher weights stored as pickle files.")] = False,
+    overwrite: Annotated[bool, options.overwrite("Replace what is already at --out.", panel=None)] = False,
+    json_out: Annotated[
+        bool, options.json_lines("Print one JSON line on stdout saying what was written.", panel=None)
+    ] = False,
+    quiet: Annotated[bool, options.quiet("No messages on stderr.", panel=None)] = False,
 ) -> None:
     from dmdcli.export import (
         check_dtype,

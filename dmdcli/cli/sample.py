@@ -7,6 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from dmdcli.cli import options
 from dmdcli.cli.common import handle_errors, print_json, quiet_library_bars
 from dmdcli.cli.ui import RichUI
 
@@ -22,8 +23,7 @@ Example: cat prompts.txt | dmd sample --model runs/sdxl4 --prompts - --out image
 """
 
 
-MODEL, WHAT, OUT = "Model", "What to draw", "Outputs"
-MAX_STEPS = 1000  # the noise schedule's 1000 timesteps: more steps would repeat t = 999
+MODEL, WHAT = "Model", "What to draw"
 
 
 def _opt(help: str, panel: str, *names: str, **kwargs):
@@ -32,16 +32,7 @@ def _opt(help: str, panel: str, *names: str, **kwargs):
 
 @handle_errors
 def sample(
-    model: Annotated[
-        str,
-        _opt(
-            "Run folder (or one of its checkpoints, RUN/checkpoints/iter-N), `dmd export --format diffusers` folder, "
-            "or diffusers pipeline (folder or hub id).",
-            MODEL,
-            "--model",
-            show_default=False,
-        ),
-    ],
+    model: Annotated[str, options.model(f"{options.ANY_MODEL}.", MODEL)],
     prompt: Annotated[
         Optional[list[str]],
         _opt('A prompt (repeatable; "" is the empty, unconditional prompt).', WHAT, "--prompt", show_default=False),
@@ -53,30 +44,15 @@ def sample(
         ),
     ] = None,
     num_images_per_prompt: Annotated[int, _opt("Images per prompt.", WHAT, "--num-images-per-prompt", min=1)] = 1,
-    seed: Annotated[int, _opt("Base seed: image i of prompt p uses SEED + p·N + i.", WHAT, "--seed", min=0)] = 0,
+    seed: Annotated[int, options.seed("Base seed: image i of prompt p uses SEED + p·N + i.", WHAT)] = 0,
     steps: Annotated[
-        Optional[int],
-        _opt(
-            "Sampling steps (default: the student's; a pipeline's own default).",
-            WHAT,
-            "--steps",
-            min=1,
-            max=MAX_STEPS,
-            show_default=False,
-        ),
+        Optional[int], options.steps("Sampling steps (default: the student's; a pipeline's own default).", WHAT)
     ] = None,
     guidance_scale: Annotated[
-        Optional[float],
-        _opt(
-            "CFG scale, for plain pipelines only (default: the pipeline's).",
-            WHAT,
-            "--guidance-scale",
-            show_default=False,
-        ),
+        Optional[float], options.guidance_scale("CFG scale, for plain pipelines only (default: the pipeline's).", WHAT)
     ] = None,
     resolution: Annotated[
-        Optional[int],
-        _opt("Square image size in pixels (default: the student's).", WHAT, "--resolution", min=1, show_default=False),
+        Optional[int], options.resolution("Square image size in pixels (default: the student's).", WHAT)
     ] = None,
     height: Annotated[
         Optional[int], _opt("Image height (overrides --resolution).", WHAT, "--height", min=1, show_default=False)
@@ -84,19 +60,17 @@ def sample(
     width: Annotated[
         Optional[int], _opt("Image width (overrides --resolution).", WHAT, "--width", min=1, show_default=False)
     ] = None,
-    batch_size: Annotated[
-        int, _opt("Images per forward pass (images never depend on it).", MODEL, "--batch-size", min=1)
-    ] = 4,
-    device: Annotated[str, _opt("cuda, cuda:1, cpu, mps, or auto.", MODEL, "--device")] = "auto",
-    dtype: Annotated[str, _opt("auto (fp16 on CUDA, fp32 elsewhere), fp32, fp16, bf16.", MODEL, "--dtype")] = "auto",
-    allow_pickle: Annotated[bool, _opt("Allow weights stored as pickle files.", MODEL, "--allow-pickle")] = False,
-    out: Annotated[Path, _opt("Folder for the images.", OUT, "--out")] = Path("samples"),
-    image_format: Annotated[str, _opt("png, jpg or webp.", OUT, "--format")] = "png",
-    overwrite: Annotated[bool, _opt("Replace image files that already exist.", OUT, "--overwrite")] = False,
+    batch_size: Annotated[int, options.batch_size("Images per forward pass (images never depend on it).", MODEL)] = 4,
+    device: Annotated[str, options.device(panel=MODEL)] = "auto",
+    dtype: Annotated[str, options.dtype(panel=MODEL)] = "auto",
+    allow_pickle: Annotated[bool, options.allow_pickle(panel=MODEL)] = False,
+    out: Annotated[Path, _opt("Folder for the images.", options.OUTPUTS, "--out")] = Path("samples"),
+    image_format: Annotated[str, _opt("png, jpg or webp.", options.OUTPUTS, "--format")] = "png",
+    overwrite: Annotated[bool, options.overwrite("Replace image files that already exist.")] = False,
     json_out: Annotated[
-        bool, _opt("Print one JSON line per image written (path, prompt, seed, steps) on stdout.", OUT, "--json")
+        bool, options.json_lines("Print one JSON line per image written (path, prompt, seed, steps) on stdout.")
     ] = False,
-    quiet: Annotated[bool, _opt("No progress or messages on stderr.", OUT, "--quiet", "-q")] = False,
+    quiet: Annotated[bool, options.quiet()] = False,
 ) -> None:
     from dmdcli.data.prompts import read_prompts
     from dmdcli.errors import UsageError

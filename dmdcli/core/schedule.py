@@ -9,8 +9,7 @@ t ≈ T the 1/sqrt(ᾱ_t) factor amplifies rounding errors of half-precision net
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -40,19 +39,6 @@ class NoiseSchedule:
             raise ValueError(f"unknown prediction type {prediction_type!r}; expected one of {PREDICTION_TYPES}")
         self.alphas_cumprod = alphas_cumprod.detach().to(torch.float64).cpu()
         self.prediction_type = prediction_type
-
-    @classmethod
-    def from_scheduler_config(cls, config: Mapping[str, Any]) -> "NoiseSchedule":
-        """Build from a diffusers scheduler config (any scheduler of the DDPM family).
-
-        diffusers' DDPMScheduler already computes ᾱ_t for every beta schedule and option
-        (scaled_linear, squaredcos_cap_v2, rescale_betas_zero_snr, ...), so we take its numbers
-        instead of re-deriving them.
-        """
-        from diffusers import DDPMScheduler
-
-        scheduler = DDPMScheduler.from_config(dict(config))
-        return cls(scheduler.alphas_cumprod, scheduler.config.prediction_type)
 
     @property
     def num_train_timesteps(self) -> int:

@@ -258,7 +258,7 @@ def render_table(reports: Sequence[dict]) -> Table:
     table.add_column("model")
     table.add_column("set")
     table.add_column("N", justify="right")
-    # Only the metrics some report has (Inception sets and the shapes world score differently).
+    # Only the metrics some report has (Inception sets and a teacher family's own set score differently).
     columns = [c for c in _COLUMNS if any(r.get("metrics", {}).get(c[1]) is not None for r in reports)]
     for header, _, _ in columns:
         table.add_column(header, justify="right")

@@ -41,9 +41,10 @@ from dmdcli.eval.metrics import ClipScorer
 from dmdcli.eval.protocol import COCO_PROTOCOLS, ReferenceSet, check_num_samples, load_reference_set
 from dmdcli.eval.report import Progress, reference_statistics, score, write_report
 from dmdcli.files import atomic_write
+from dmdcli.models.families import eval_sets
 from dmdcli.models.student import ImageSampler, ModelSource
+from dmdcli.runfiles import STUDENT_FILE
 from dmdcli.sample import Job, check_free, plan, run, slug
-from dmdcli.train import rundir
 
 GRID_IMAGES, GRID_COLUMNS, GRID_TILE = 16, 4, 256  # the grid beside the report: first 16, tiles ≤ 256 px
 FEATURE_BATCH = 32  # images per feature-extractor batch (generation uses --batch-size)
@@ -81,7 +82,7 @@ class Generation:
 class Benchmark(Protocol):
     """What `dmd eval` generates for and how it scores (the extension point of :data:`BENCHMARKS`).
 
-    label: the set's name in report file names ("coco30k", "folder-<name>", "shapes").
+    label: the set's name in report file names ("coco30k", "folder-<name>", a registered set's name).
     prompts: the N prompts, in order; image i is generated from prompts[i].
     """
 
@@ -105,10 +106,10 @@ class Benchmark(Protocol):
 
 
 #: Benchmarks that are not Inception-based, by their --fid name: a factory taking EvalOptions and
-#: returning a Benchmark, or "module:function" naming one (imported only when asked for), e.g.
-#: ``"shapes": "dmdcli.shapes.eval:benchmark"`` for FD-shapes and alignment. A name here takes
-#: precedence over a folder of the same name (pass ./shapes for the folder).
-BENCHMARKS: dict[str, Union[str, Callable[[EvalOptions], Benchmark]]] = {"shapes": "dmdcli.shapes.eval:benchmark"}
+#: returning a Benchmark, or "module:function" naming one (imported only when asked for): the
+#: teacher families' evaluation sets (dmdcli.models.families). A name here takes precedence over a
+#: folder of the same name (pass ./NAME for the folder).
+BENCHMARKS: dict[str, Union[str, Callable[[EvalOptions], Benchmark]]] = {s.name: s.benchmark for s in eval_sets()}
 
 
 def open_benchmark(spec: str, options: EvalOptions) -> Benchmark:
@@ -251,7 +252,7 @@ def default_folder(source: ModelSource) -> Path:
     path = Path(source.name).expanduser()
     if source.kind == "student" and path.is_dir():
         return path
-    if source.kind == "student" and path.name == rundir.STUDENT_FILE:
+    if source.kind == "student" and path.name == STUDENT_FILE:
         return path.parent
     return Path("eval") / slug(source.name)
 

@@ -108,10 +108,11 @@ ARCHITECTURES = {
 def bundled_architecture(teacher: str) -> str | None:
     """The ARCHITECTURES key whose public configs stand for `teacher` (an alias or its hub id)
     when they cannot be read from the hub, e.g. offline; None for any other teacher."""
-    from dmdcli.models.teacher import TEACHER_ALIASES
+    from dmdcli.models.families import teacher_aliases
 
-    hub_id = TEACHER_ALIASES.get(teacher, teacher)  # every alias of a model, and its hub id, name one model
-    return next((name for name in ARCHITECTURES if TEACHER_ALIASES[name] == hub_id), None)
+    aliases = teacher_aliases()
+    hub_id = aliases.get(teacher, teacher)  # every alias of a model, and its hub id, name one model
+    return next((name for name in ARCHITECTURES if aliases[name] == hub_id), None)
 
 
 def write_config_only_pipeline(folder: str | Path, name: str) -> Path:

@@ -1,6 +1,6 @@
 """CLIP byte-level BPE tokenizers built offline from a vocabulary and merges.
 
-The tiny test teachers and the shapes teacher each define their own vocabulary; this module
+The tiny test teachers and the built-in teacher each define their own vocabulary; this module
 turns one into a ``CLIPTokenizer`` (and the ``vocab.json`` / ``merges.txt`` files transformers
 4 reads), so nothing is downloaded.
 """

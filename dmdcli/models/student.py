@@ -38,9 +38,17 @@ from dmdcli.core.sampler import ddim_sample, sample
 from dmdcli.core.schedule import NoiseSchedule, ddim_timesteps, student_timesteps
 from dmdcli.errors import DmdError, UsageError, first_line
 from dmdcli.files import read_json
+from dmdcli.models.families import get_family
 from dmdcli.models.teacher import Teacher, TeacherSpec, inspect_teacher, looks_like_path, resolve_teacher
-from dmdcli.models.unet import UNetDenoiser
-from dmdcli.train import checkpoint, rundir
+from dmdcli.runfiles import (
+    CONFIG_FILE,
+    METRICS_FILE,
+    STUDENT_FILE,
+    TENSORS_FILE,
+    is_checkpoint,
+    read_checkpoint,
+    read_student_info,
+)
 
 # Written by `dmd export --format diffusers` beside model_index.json: the student's metadata.
 EXPORT_INFO_FILE = "dmd_student.json"
@@ -113,20 +121,18 @@ def find_model(name: str) -> ModelSource:
     if path.is_file():
         if path.suffix != ".safetensors":
             raise UsageError(f"{name} is not a run folder, a student .safetensors file or a diffusers pipeline")
-        return ModelSource("student", name, str(path), rundir.read_student_info(path))
+        return ModelSource("student", name, str(path), read_student_info(path))
     if path.is_dir():
-        if (path / rundir.STUDENT_FILE).is_file():
-            return ModelSource(
-                "student", name, str(path / rundir.STUDENT_FILE), rundir.read_student_info(path / rundir.STUDENT_FILE)
-            )
-        if checkpoint.is_checkpoint(path):
+        if (path / STUDENT_FILE).is_file():
+            return ModelSource("student", name, str(path / STUDENT_FILE), read_student_info(path / STUDENT_FILE))
+        if is_checkpoint(path):
             return checkpoint_source(name, path)
         if (path / "model_index.json").is_file():
             if (path / EXPORT_INFO_FILE).is_file():
                 return ModelSource("export", name, str(path), read_json(path / EXPORT_INFO_FILE))
             return ModelSource("pipeline", name, str(path))
-        if (path / rundir.CONFIG_FILE).is_file() or (path / rundir.METRICS_FILE).is_file():
-            raise DmdError(f"{name} holds no student yet: dmd distill writes {rundir.STUDENT_FILE} when the run ends")
+        if (path / CONFIG_FILE).is_file() or (path / METRICS_FILE).is_file():
+            raise DmdError(f"{name} holds no student yet: dmd distill writes {STUDENT_FILE} when the run ends")
         raise UsageError(f"{name} is neither a dmd run folder nor a diffusers pipeline folder")
     source = resolve_teacher(name)
     if looks_like_path(name):
@@ -138,16 +144,16 @@ def checkpoint_source(name: str, folder: Path) -> ModelSource:
     """A checkpoint's generator as a student. Its metadata is the checkpoint's own (state.json
     "student"), or, for checkpoints written before that was recorded, the run's student file's
     with the checkpoint's iteration."""
-    _, state = checkpoint.read_checkpoint(folder, with_tensors=False)
+    _, state = read_checkpoint(folder, with_tensors=False)
     info = state.get("student")
     if info is None:
-        student_file = folder.parent.parent / rundir.STUDENT_FILE
+        student_file = folder.parent.parent / STUDENT_FILE
         if not student_file.is_file():
             raise DmdError(
                 f"{name}: the checkpoint does not record its student's metadata and {student_file} is missing"
             )
-        info = {**rundir.read_student_info(student_file), "iterations": int(state["iteration"])}
-    return ModelSource("student", name, str(folder / checkpoint.TENSORS_FILE), info, checkpoint=folder.name)
+        info = {**read_student_info(student_file), "iterations": int(state["iteration"])}
+    return ModelSource("student", name, str(folder / TENSORS_FILE), info, checkpoint=folder.name)
 
 
 # -- the student's UNet -----------------------------------------------------------------------
@@ -270,7 +276,7 @@ class StudentSampler:
         if source.kind == "student":
             load_student_weights(self.teacher.unet.to(torch.float32), source)
         self.unet = self.teacher.unet.to(device, dtype)
-        self.generator = UNetDenoiser(self.unet)
+        self.generator = get_family(self.spec.family).denoiser(self.unet)
         teacher_schedule = self.spec.schedule()
         self.schedule = NoiseSchedule(
             teacher_schedule.alphas_cumprod, info.get("prediction_type", teacher_schedule.prediction_type)

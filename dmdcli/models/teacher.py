@@ -21,44 +21,28 @@ from dmdcli.core.denoiser import Cond
 from dmdcli.core.schedule import NoiseSchedule
 from dmdcli.errors import DmdError, UsageError, first_line
 from dmdcli.files import read_json
-
-SDXL_BASE = "stabilityai/stable-diffusion-xl-base-1.0"
-TEACHER_ALIASES = {
-    "sd15": "stable-diffusion-v1-5/stable-diffusion-v1-5",
-    "sd21": "stabilityai/stable-diffusion-2-1",
-    "sdxl": SDXL_BASE,
-    "stabilityai/sdxl": SDXL_BASE,  # the spelling users type from our examples
-}
-# Reference one-step conditioning timesteps (DMD2): SDXL's generator is told t = 399.
-DEFAULT_CONDITIONING_TIMESTEP = {"sd": 999, "sdxl": 399}
+from dmdcli.models.families import Family, get_family, named_family, recognise, resolve_alias
 
 
 def resolve_teacher(name: str) -> str:
-    """An alias → its hub id (``shapes``: the built-in teacher's folder); a local folder → its
+    """An alias → its hub id (a built-in teacher's name: its folder); a local folder → its
     absolute path (students record it, and are used from other working directories); any
     other hub id unchanged."""
-    if name == "shapes":
-        from dmdcli.shapes import teacher_path
-
-        return str(teacher_path())
-    if name in TEACHER_ALIASES:
-        return TEACHER_ALIASES[name]
-    return local_teacher_folder(name) or name
+    return resolve_alias(name) or local_teacher_folder(name) or name
 
 
 def local_teacher_folder(name: str) -> str | None:
     """The absolute path of `name` when it names an existing local folder rather than an alias."""
-    if name == "shapes" or name in TEACHER_ALIASES:
+    if resolve_alias(name) is not None:
         return None
     local = Path(name).expanduser()
     return str(local.resolve()) if local.is_dir() else None
 
 
-def teacher_layout(name: str) -> str:
-    """ "sd" or "sdxl": known for an alias, else read from the teacher's config files."""
-    if name in TEACHER_ALIASES:
-        return "sdxl" if TEACHER_ALIASES[name] == SDXL_BASE else "sd"
-    return inspect_teacher(name).layout
+def teacher_family(name: str) -> Family:
+    """The family `--teacher name` is of: known for an alias or a built-in teacher's name, else
+    read from the teacher's config files."""
+    return named_family(name) or get_family(inspect_teacher(name).family)
 
 
 def component_files(source: str, components: tuple[str, ...]) -> dict[str, list]:
@@ -103,12 +87,26 @@ def _load_json_config(source: str, subfolder: str | None, filename: str) -> dict
         raise DmdError(f"could not read {filename} of teacher {source!r}: {type(e).__name__}: {first_line(e)}") from e
 
 
+def schedule_from_config(config: dict[str, Any]) -> NoiseSchedule:
+    """The schedule of a diffusers scheduler config (any scheduler of the DDPM family).
+
+    diffusers' DDPMScheduler already computes ᾱ_t for every beta schedule and option
+    (scaled_linear, squaredcos_cap_v2, rescale_betas_zero_snr, ...), so we take its numbers
+    instead of re-deriving them (here, not in core/, which imports only torch).
+    """
+    from diffusers import DDPMScheduler
+
+    scheduler = DDPMScheduler.from_config(dict(config))
+    return NoiseSchedule(scheduler.alphas_cumprod, scheduler.config.prediction_type)
+
+
 @dataclass
 class TeacherSpec:
     """What a teacher is, read from its config files only (nothing heavy loaded)."""
 
     source: str
     layout: str  # "sd" (one CLIP text encoder) or "sdxl" (two encoders, pooled embeds, time ids)
+    family: str  # the registered family its config files are of (dmdcli.models.families)
     pipeline_class: str
     scheduler_config: dict[str, Any]
     native_resolution: int
@@ -123,7 +121,7 @@ class TeacherSpec:
         return self.scheduler_config.get("prediction_type", "epsilon")
 
     def schedule(self) -> NoiseSchedule:
-        return NoiseSchedule.from_scheduler_config(self.scheduler_config)
+        return schedule_from_config(self.scheduler_config)
 
     def training_resolution(self, requested: int | None) -> int:
         """--resolution, or the teacher's native side; checked."""
@@ -152,14 +150,13 @@ def inspect_teacher(name: str) -> TeacherSpec:
         raise UsageError(f"{source} is not a diffusers pipeline folder (no model_index.json)")
     index = _load_json_config(source, None, "model_index.json")
     pipeline_class = index.get("_class_name", "?")
-    has = lambda key: isinstance(index.get(key), list) and index[key][0] is not None  # noqa: E731
-    unet_class = index.get("unet", [None, None])[1] if has("unet") else None
-    if unet_class != "UNet2DConditionModel" or not (has("vae") and has("text_encoder") and has("scheduler")):
+    family = recognise(index)
+    if family is None:
         raise DmdError(
             f"unsupported pipeline {pipeline_class} in {source}: dmd distills Stable Diffusion and SDXL "
             "layouts (UNet2DConditionModel, AutoencoderKL, CLIP text encoders)"
         )
-    layout = "sdxl" if has("text_encoder_2") else "sd"
+    layout = family.layout
     unet_cfg = _load_json_config(source, "unet", "config.json")
     vae_cfg = _load_json_config(source, "vae", "config.json")
     scheduler_cfg = _load_json_config(source, "scheduler", "scheduler_config.json")
@@ -170,6 +167,7 @@ def inspect_teacher(name: str) -> TeacherSpec:
     return TeacherSpec(
         source=source,
         layout=layout,
+        family=family.name,
         pipeline_class=pipeline_class,
         scheduler_config=scheduler_cfg,
         native_resolution=int(unet_cfg.get("sample_size", 64)) * vae_scale,

@@ -12,7 +12,6 @@ from pathlib import Path
 from dmdcli.files import atomic_folder, cache_dir
 from dmdcli.shapes import world
 
-ALIAS = "shapes"
 DATA_SEED = 1
 DATA_IMAGES = 2048
 
@@ -24,8 +23,3 @@ def dataset_folder(n: int | None = None, seed: int = DATA_SEED) -> Path:
     if (final / "metadata.jsonl").is_file():
         return final
     return atomic_folder(final, lambda tmp: world.write_dataset(tmp, n, seed=seed, metadata=True), "metadata.jsonl")
-
-
-def resolve_data(data: str | None) -> str | None:
-    """`--data shapes` → the rendered folder; anything else unchanged."""
-    return str(dataset_folder()) if data == ALIAS else data

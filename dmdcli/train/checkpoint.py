@@ -30,9 +30,9 @@ from torch import Tensor
 from dmdcli.errors import DmdError
 from dmdcli.files import atomic_save_file, atomic_write, save_file, sync_folder
 
-CHECKPOINTS_DIR = "checkpoints"
-TENSORS_FILE = "tensors.safetensors"
-STATE_FILE = "state.json"
+# The read side lives below the models (they load checkpoints' generators); imported from here too.
+from dmdcli.runfiles import CHECKPOINTS_DIR, STATE_FILE, TENSORS_FILE, is_checkpoint, read_checkpoint  # noqa: F401
+
 _NAME = re.compile(r"^iter-(\d{6,})$")
 
 
@@ -186,11 +186,6 @@ def write_checkpoint(
     return final
 
 
-def is_checkpoint(path: Path) -> bool:
-    """Whether `path` is a complete checkpoint folder (its state and its tensors written)."""
-    return (path / STATE_FILE).is_file() and (path / TENSORS_FILE).is_file()
-
-
 def checkpoint_keys(path: Path) -> list[str]:
     """The names of a checkpoint's tensors, without reading the tensors."""
     from safetensors import safe_open
@@ -215,15 +210,3 @@ def complete_checkpoints(run: Path) -> list[Path]:
 def latest_checkpoint(run: Path) -> Path | None:
     checkpoints = complete_checkpoints(run)
     return checkpoints[-1] if checkpoints else None
-
-
-def read_checkpoint(path: Path, with_tensors: bool = True) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """(tensors, JSON state); with_tensors=False reads only the state ({} for the tensors)."""
-    try:
-        state = json.loads((path / STATE_FILE).read_text())
-        tensors = load_file(str(path / TENSORS_FILE)) if with_tensors else {}
-    except Exception as e:
-        raise DmdError(
-            f"checkpoint {path} is unreadable ({type(e).__name__}: {e}); remove it to resume from an older one"
-        ) from e
-    return tensors, state

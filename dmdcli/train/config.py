@@ -28,6 +28,9 @@ RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 # stage 1, given with --init-from); resolved: the table a run folder's config.toml adds, so that
 # file works as a recipe too.
 RECIPE_ONLY_KEYS = {"description", "continues", "resolved"}
+# A recipe's `extends = "NAME"`: a built-in recipe, or a file relative to this one, whose values
+# this recipe's keys update (a variant states only what differs).
+EXTENDS = "extends"
 # A recipe's [per_steps.N] table: its values for an N-step student (--steps N) replace the
 # recipe's own, as the reference keeps a set of hyperparameters per step count.
 PER_STEPS = "per_steps"
@@ -257,11 +260,55 @@ def list_recipes() -> list[str]:
     return sorted(p.stem for p in RECIPES_DIR.glob("*.toml"))
 
 
-def _read_recipe(path: Path) -> dict[str, Any]:
+def _read_recipe(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A recipe file's keys over those of the recipe it extends, and so on down the chain
+    (`chain`: the files that led here, to catch a cycle)."""
+    values = _recipe_file(path)
+    base = values.pop(EXTENDS, None)
+    if base is None:
+        return values
+    chain = (*chain, path)
     try:
-        return tomllib.loads(path.read_text())
+        base_path = _base_path(base, path)
+    except UsageError as e:
+        raise UsageError(f"recipe {path}, {EXTENDS} = {base!r}: {e}") from None
+    if base_path.resolve() in {p.resolve() for p in chain}:
+        raise UsageError(f"recipes extend each other in a cycle: {' → '.join(map(str, (*chain, base_path)))}")
+    return _extend(_read_recipe(base_path, chain), values)
+
+
+def _recipe_file(path: Path) -> dict[str, Any]:
+    """One recipe file's own keys, checked: known keys of the right type, [per_steps.N] tables."""
+    try:
+        values = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as e:
         raise UsageError(f"recipe {path} is not valid TOML: {e}") from e
+    if not isinstance(values.get(EXTENDS, ""), str):
+        raise UsageError(f"recipe {path}: {EXTENDS} = {values[EXTENDS]!r} is not a recipe name or path")
+    per_steps = values.get(PER_STEPS, {})
+    check_keys({k: v for k, v in values.items() if k not in (PER_STEPS, EXTENDS)}, f"recipe {path}")
+    if not isinstance(per_steps, dict) or not all(k.isdigit() and isinstance(v, dict) for k, v in per_steps.items()):
+        raise UsageError(f"recipe {path}: [{PER_STEPS}] holds tables named by a step count, e.g. [{PER_STEPS}.1]")
+    for steps, table in per_steps.items():
+        check_keys(table, f"recipe {path}, [{PER_STEPS}.{steps}]")
+    return values
+
+
+def _base_path(name: str, recipe: Path) -> Path:
+    """The recipe an `extends` names: a file relative to the recipe's own folder, else a built-in recipe."""
+    beside = recipe.parent / name
+    return recipe_path(str(beside) if beside.suffix == ".toml" or beside.exists() else name)
+
+
+def _extend(base: dict[str, Any], own: dict[str, Any]) -> dict[str, Any]:
+    """`base` updated by `own`, their [per_steps.N] tables too, key by key."""
+    values = {**base, **own}
+    per_steps = {n: dict(table) for n, table in base.get(PER_STEPS, {}).items()}
+    for n, table in own.get(PER_STEPS, {}).items():
+        per_steps.setdefault(n, {}).update(table)
+    if per_steps:
+        values[PER_STEPS] = per_steps
+    return values
 
 
 def recipe_continues(name_or_path: str) -> str | None:
@@ -269,15 +316,21 @@ def recipe_continues(name_or_path: str) -> str | None:
     return _read_recipe(recipe_path(name_or_path)).get("continues")
 
 
+def second_stage_note(recipe: str | None, config: DistillConfig) -> str | None:
+    """What a run of a second-stage recipe is told when it has no --init-from: it starts from the teacher."""
+    first = recipe_continues(recipe) if recipe and config.init_from is None else None
+    if first is None:
+        return None
+    return (
+        f"note: recipe {recipe} is the second stage of {first}; without --init-from RUN (a {first} run) "
+        "it starts from the teacher"
+    )
+
+
 def load_recipe(name_or_path: str) -> dict[str, Any]:
-    path = recipe_path(name_or_path)
-    values = _read_recipe(path)
+    """A recipe's values (those it extends included), its [per_steps.N] tables keyed by N."""
+    values = _read_recipe(recipe_path(name_or_path))
     per_steps = values.pop(PER_STEPS, {})
-    check_keys(values, f"recipe {path}")
-    if not isinstance(per_steps, dict) or not all(k.isdigit() and isinstance(v, dict) for k, v in per_steps.items()):
-        raise UsageError(f"recipe {path}: [{PER_STEPS}] holds tables named by a step count, e.g. [{PER_STEPS}.1]")
-    for steps, table in per_steps.items():
-        check_keys(table, f"recipe {path}, [{PER_STEPS}.{steps}]")
     values = {k: v for k, v in values.items() if k not in RECIPE_ONLY_KEYS}
     return {**values, PER_STEPS: {int(k): v for k, v in per_steps.items()}} if per_steps else values
 
@@ -315,20 +368,21 @@ _TYPE_WORDS = {int: "a whole number", float: "a number", bool: "true or false", 
 
 # Local paths a run reads again on --resume or that its student records: kept absolute, so a run
 # folder works from any working directory. (The teacher too when it is an existing folder, as
-# resolve_teacher makes it; `--data shapes` and `--prompts -` are names, not paths.)
+# resolve_teacher makes it; the teacher families' data set names and `--prompts -` are names, not paths.)
 PATH_KEYS = ("prompts", "data", "pairs_dir", "init_from")
-NOT_PATHS = {"data": {"shapes"}, "prompts": {"-"}}
 
 
 def absolute_paths(values: dict[str, Any]) -> dict[str, Any]:
+    from dmdcli.models.families import data_names
     from dmdcli.models.teacher import local_teacher_folder
 
+    not_paths = {"data": data_names(), "prompts": ["-"]}
     values = dict(values)
     if isinstance(values.get("teacher"), str):
         values["teacher"] = local_teacher_folder(values["teacher"]) or values["teacher"]
     for key in PATH_KEYS:
         value = values.get(key)
-        if isinstance(value, str) and value not in NOT_PATHS.get(key, ()):
+        if isinstance(value, str) and value not in not_paths.get(key, ()):
             values[key] = str(Path(value).expanduser().resolve())
     return values
 
@@ -453,34 +507,22 @@ def validate(c: DistillConfig) -> None:
 def choose_recipe(
     recipe: str | None, teacher: str | None, steps: int | None, lora_rank: int | None, has_data: bool, resume: bool
 ) -> tuple[str | None, str | None]:
-    """The recipe a run starts from, and its name when it was chosen for the teacher's layout
-    (the run says so): `dmd distill` alone (or --teacher shapes) gets the built-in teacher's."""
+    """The recipe a run starts from, and its name when it was chosen for the teacher's family
+    (the run says so): the family's recipe default (dmdcli.models.families); `dmd distill` alone
+    gets the default family's, a built-in teacher's recipe (its whole run)."""
     if recipe is not None or resume:
         return recipe, None
-    if teacher in (None, "shapes"):
-        if teacher is None and has_data:  # most likely a forgotten --teacher
-            from dmdcli.models.teacher import TEACHER_ALIASES
+    from dmdcli.models.families import default_family, teacher_aliases
+    from dmdcli.models.teacher import teacher_family
 
-            raise UsageError(
-                "--prompts/--data without --teacher: pass --teacher (a diffusers folder, hub id, or "
-                f"{', '.join(TEACHER_ALIASES)}), or --recipe shapes to use them with the built-in teacher"
-            )
-        return "shapes", None
-    from dmdcli.models.teacher import teacher_layout
-
-    chosen = layout_recipe(teacher_layout(teacher), steps, lora_rank)
-    return chosen, chosen
-
-
-def layout_recipe(layout: str, steps: int | None, lora_rank: int | None) -> str | None:
-    """The recipe a teacher of this layout gets without --recipe: an SDXL teacher the reference's
-    SDXL values (CFG 8, TTUR 5, GAN 5e-3, 1024², the LR of full or LoRA training); None for SD
-    layouts, whose values the code defaults already are (SD1.5's)."""
-    if layout != "sdxl":
-        return None
-    if (steps or DistillConfig.steps) == 1:
-        return "sdxl-1step"
-    return "sdxl-4step-lora" if lora_rank else "sdxl-4step"
+    family = default_family() if teacher is None else teacher_family(teacher)
+    chosen = family.recipe(steps or DistillConfig.steps, lora_rank)
+    if teacher is None and has_data:  # most likely a forgotten --teacher
+        raise UsageError(
+            "--prompts/--data without --teacher: pass --teacher (a diffusers folder, hub id, or "
+            f"{', '.join(teacher_aliases())}), or --recipe {chosen} to use them with {family.title}"
+        )
+    return chosen, None if family.builtin_teacher else chosen
 
 
 METHODS = ("dmd2", "dmd", "progressive")
@@ -573,3 +615,14 @@ def run_config_values(run: Path) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
         raise DmdError(f"cannot read {path}: {first_line(e)}") from None
     return {k: v for k, v in values.items() if k not in RECIPE_ONLY_KEYS}
+
+
+def resumed_values(out: str | None, overwrite: bool, recipe: str | None, init_from: str | None) -> dict[str, Any]:
+    """The values a --resume run goes on with: its run folder's own; nothing may choose others."""
+    if overwrite or recipe or init_from:
+        raise UsageError(
+            "--resume continues the run in --out with its own config.toml; drop --overwrite/--recipe/--init-from"
+        )
+    if out is None:
+        raise UsageError("--resume needs --out RUN, the run folder to continue")
+    return run_config_values(Path(out))

@@ -13,8 +13,8 @@ from dmdcli.data.pairs import Pairs
 from dmdcli.data.prompt_cache import GIB, PromptCache, build_prompt_cache
 from dmdcli.data.prompts import read_prompts
 from dmdcli.errors import UsageError
+from dmdcli.models.families import resolve_data
 from dmdcli.models.teacher import Teacher
-from dmdcli.shapes.data import resolve_data
 from dmdcli.train.step import Batch
 from dmdcli.train.ui import UI
 
@@ -23,7 +23,7 @@ def read_user_files(config, accelerator) -> tuple[list[str] | None, str | None]:
     """The prompts and the real-image folder: cheap checks of the user's files, before minutes of
     model loading."""
     prompts = read_prompts(config.prompts) if config.prompts else None
-    with accelerator.main_process_first():  # `--data shapes`: the built-in world's images, rendered once
+    with accelerator.main_process_first():  # a registered data set's folder, made once
         folder = resolve_data(config.data)
     if folder and not Path(folder).is_dir():
         raise UsageError(f"image folder not found: {config.data}")

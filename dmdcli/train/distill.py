@@ -18,7 +18,6 @@ from dmdcli.core.sampler import uses_cfg
 from dmdcli.core.schedule import student_timesteps
 from dmdcli.data.images import scan_image_folder
 from dmdcli.errors import UsageError
-from dmdcli.models.teacher import DEFAULT_CONDITIONING_TIMESTEP
 from dmdcli.train import rundir
 from dmdcli.train.checkpoint import CHECKPOINTS_DIR, remove_leftovers
 from dmdcli.train.config import DistillConfig, write_config
@@ -70,7 +69,7 @@ class Distillation(Run):
         self.schedule = self.spec.schedule()
         conditioning = config.conditioning_timestep
         if conditioning is None:
-            conditioning = DEFAULT_CONDITIONING_TIMESTEP[self.spec.layout]
+            conditioning = self.family.conditioning_timestep
         self.timesteps = student_timesteps(config.steps, self.schedule.num_train_timesteps, conditioning)
         self.conditioning_timestep = conditioning if config.steps == 1 else None
         # Seeded after loading, so that a run which encodes its real images and one that reads
@@ -128,13 +127,14 @@ class Distillation(Run):
         probe = None
         if self.data.real is not None:
             latent, empty = torch.zeros(1, self.spec.latent_channels, *self.teacher.latent_size), self.encode([""])
-            probe = lambda fake_score, on: fake_score.bottleneck(  # noqa: E731
+            probe = lambda fake_score, on: self.family.denoiser(fake_score).bottleneck(  # noqa: E731
                 latent.to(on), torch.zeros(1, dtype=torch.long, device=on), {k: v.to(on) for k, v in empty.items()}
             )
         device, frozen_dtype = self.accelerator.device, self.config.frozen_dtype()
         self.nets = self.layout.build(self.teacher.unet, device, frozen_dtype, probe)
         self.step = build_step(
             self.nets,
+            self.family.denoiser,
             self.layout.data_parallel(self.accelerator),
             self.schedule,
             self.config,

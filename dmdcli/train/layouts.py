@@ -32,7 +32,6 @@ from dmdcli.models.lora import (
     lora_state_dict,
     share_weights,
 )
-from dmdcli.models.unet import UNetDenoiser
 from dmdcli.train.networks import Networks
 from dmdcli.train.sharding import ShardingOptions
 
@@ -71,10 +70,10 @@ class Layout:
         base: nn.Module,
         device: torch.device,
         frozen_dtype: torch.dtype,
-        gan_probe: Callable[[UNetDenoiser, torch.device], Tensor] | None = None,
+        gan_probe: Callable[[nn.Module, torch.device], Tensor] | None = None,
     ) -> Networks:
         """Generator and fake score from the teacher's network `base` (which becomes the frozen
-        real score). gan_probe: given the fake score and the device it is on, returns bottleneck
+        real score). gan_probe: given the fake score's network and the device it is on, returns bottleneck
         features of one sample, to size the classifier head; None turns the GAN off."""
         base.requires_grad_(False)
         generator, fake, generator_params, fake_params = self._make(base, device, frozen_dtype)
@@ -87,7 +86,7 @@ class Layout:
         head = None
         if gan_probe is not None:
             with torch.no_grad():
-                head = ClassifierHead.for_features(gan_probe(UNetDenoiser(fake), device)).to(device)
+                head = ClassifierHead.for_features(gan_probe(fake, device)).to(device)
             fake_params = fake_params + list(head.parameters())
         return Networks(base, generator, fake, head, generator_params, fake_params)
 

@@ -313,11 +313,51 @@ def estimate_memory(
 FSDP_PROCESS_COUNTS = (2, 4, 8)  # sharded, memory per process depends on how many there are
 
 
-def plan_memory(config, scratch, note) -> tuple[TeacherSpec, int, bool, dict[int, MemoryEstimate]]:
-    """What `--dry-run` shows, from config files alone: (spec, resolution, bf16, estimate per
-    process count: 1, or each of FSDP_PROCESS_COUNTS when sharded). Offline, SD1.5's and SDXL's
-    public configs, which ship with dmd, stand in for a hub teacher's (written into `scratch`;
-    `note` says so)."""
+@dataclass
+class MemoryPlan:
+    """What `--dry-run` shows: the estimate per process count (1, or each of FSDP_PROCESS_COUNTS
+    when sharded), and the notes that say what it stands for."""
+
+    spec: TeacherSpec
+    resolution: int
+    bf16: bool
+    estimates: dict[int, MemoryEstimate]
+    notes: list[str]
+
+    def summary(self, config) -> dict:
+        """The JSON form (`--dry-run --json`)."""
+        import dataclasses
+
+        counts = list(self.estimates)
+        summary = {
+            "config": config.to_dict(),
+            "resolution": self.resolution,
+            "memory_gib": dataclasses.asdict(self.estimates[counts[0]]),
+        }
+        if config.fsdp:
+            summary["memory_gib_by_processes"] = {str(n): dataclasses.asdict(e) for n, e in self.estimates.items()}
+        return summary
+
+
+def _notes(config, bf16: bool) -> list[str]:
+    notes = []
+    if config.mixed_precision == "auto" and not bf16:
+        notes.append(
+            "note: no CUDA here, so this is a run on this machine, in fp32; --mixed-precision bf16 estimates a "
+            "GPU run (bf16, what auto picks on CUDA)"
+        )
+    if config.method == "progressive":
+        notes.append(
+            "note: this estimate is for DMD2's three networks; --method progressive holds two UNets (teacher and "
+            "student) and one optimizer, so it needs less"
+        )
+    return notes
+
+
+def plan_memory(config, scratch, note) -> MemoryPlan:
+    """The `--dry-run` estimate, from config files alone. Offline, SD1.5's and SDXL's public
+    configs, which ship with dmd, stand in for a hub teacher's (written into `scratch`; `note`
+    says so at once)."""
     from dmdcli.errors import DmdError
     from dmdcli.models.architectures import bundled_architecture, write_config_only_pipeline
     from dmdcli.models.teacher import inspect_teacher
@@ -339,4 +379,4 @@ def plan_memory(config, scratch, note) -> tuple[TeacherSpec, int, bool, dict[int
     device_type = "cuda" if bf16 or torch.cuda.is_available() else "cpu"
     counts = FSDP_PROCESS_COUNTS if config.fsdp else (1,)
     estimates = {n: estimate_memory(spec, config, resolution, bf16, n, device_type) for n in counts}
-    return spec, resolution, bf16, estimates
+    return MemoryPlan(spec, resolution, bf16, estimates, _notes(config, bf16))

@@ -9,7 +9,6 @@ from torch import nn
 from dmdcli.core.dmd2 import DMD2
 from dmdcli.core.gan_head import ClassifierHead
 from dmdcli.core.schedule import NoiseSchedule
-from dmdcli.models.unet import UNetDenoiser
 from dmdcli.train.optim import adamw, lr_scheduler
 from dmdcli.train.step import DMD2Step
 
@@ -34,6 +33,7 @@ class Networks:
 
 def build_step(
     nets: Networks,
+    denoiser,
     data_parallel,
     schedule: NoiseSchedule,
     config,
@@ -44,22 +44,22 @@ def build_step(
 ) -> DMD2Step:
     """The DMD2 objective and its two AdamW optimizers (warm-up, LR schedule, clipping) over `nets`.
 
-    `data_parallel` wraps each phase module under several processes (the layout's: DDP, or None
-    when FSDP reduces the gradients itself); `any_process` makes every process take the same
-    non-finite decision.
+    `denoiser` is the teacher family's adapter (network → Denoiser); `data_parallel` wraps each
+    phase module under several processes (the layout's: DDP, or None when FSDP reduces the
+    gradients itself); `any_process` makes every process take the same non-finite decision.
     """
     c = config
     dmd2 = DMD2(
         schedule,
-        UNetDenoiser(nets.teacher_unet),
-        UNetDenoiser(nets.fake_unet),
+        denoiser(nets.teacher_unet),
+        denoiser(nets.fake_unet),
         nets.head,
         c,  # the run's configuration extends the objective's (DMD2Config)
     )
     opt_g, opt_f = adamw(nets.generator_params, c.lr, c), adamw(nets.fake_params, c.fake_lr_value(), c)
     return DMD2Step(
         dmd2,
-        UNetDenoiser(nets.generator_unet),
+        denoiser(nets.generator_unet),
         timesteps,
         nets.generator_params,
         nets.fake_params,

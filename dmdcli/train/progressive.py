@@ -26,11 +26,10 @@ from typing import Any
 import torch
 
 from dmdcli.core import progressive as pd
-from dmdcli.core.denoiser import Cond, expand_cond
+from dmdcli.core.denoiser import Cond, Denoiser, expand_cond
 from dmdcli.core.sampler import ddim_sample, guided_prediction, uses_cfg
 from dmdcli.core.schedule import NoiseSchedule, as_timestep_tensor, ddim_timesteps
 from dmdcli.errors import DmdError, UsageError
-from dmdcli.models.unet import UNetDenoiser
 from dmdcli.train import rundir
 from dmdcli.train.config import DistillConfig, write_config
 from dmdcli.train.data import Data, load_data
@@ -100,9 +99,7 @@ class ProgressiveDistillation(Run):
 
     # -- one round -----------------------------------------------------------------------------
 
-    def _teacher_x0(
-        self, teacher: UNetDenoiser, schedule: NoiseSchedule, guided: bool, cond: Cond, uncond: Cond | None
-    ):
+    def _teacher_x0(self, teacher: Denoiser, schedule: NoiseSchedule, guided: bool, cond: Cond, uncond: Cond | None):
         scale = self.config.guidance_scale if guided else 1.0
 
         def x0(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -133,9 +130,9 @@ class ProgressiveDistillation(Run):
         in the frozen dtype: copied first, so that the student starts from unrounded weights."""
         c = self.config
         student_unet = copy.deepcopy(teacher_unet).to(self.device, torch.float32).requires_grad_(True).train()
-        teacher = UNetDenoiser(teacher_unet.to(self.device, self.frozen_dtype).requires_grad_(False).eval())
+        teacher = self.family.denoiser(teacher_unet.to(self.device, self.frozen_dtype).requires_grad_(False).eval())
         teacher_schedule = self.teacher_schedule if guided else self.student_schedule
-        student = UNetDenoiser(student_unet)
+        student = self.family.denoiser(student_unet)
         params = list(student_unet.parameters())
         optimizer = adamw(params, c.lr, c)
         lr_schedule = lr_scheduler(optimizer, c, c.iterations_per_round)  # each round warms up and decays anew
@@ -218,7 +215,7 @@ class ProgressiveDistillation(Run):
     def save_grid(self, student_unet, steps: int, name: str) -> Path:
         with torch.no_grad(), self.accelerator.autocast():
             latents = ddim_sample(
-                UNetDenoiser(student_unet),
+                self.family.denoiser(student_unet),
                 self.student_schedule,
                 self.grid.noise,
                 self.grid.cond,

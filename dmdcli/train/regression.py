@@ -68,13 +68,12 @@ def load_regression(run, prompts: list[str]) -> tuple[Distance, str, Pairs]:
     distance that runs, its name, and the teacher's pairs for `prompts` (made once, cached)."""
     from dmdcli.core.sampler import ddim_sample, uses_cfg
     from dmdcli.data.pairs import default_pairs_dir, load_or_build_pairs, pair_key_inputs, teacher_identity
-    from dmdcli.models.unet import UNetDenoiser
 
     config, spec, device, ui = run.config, run.spec, run.accelerator.device, run.ui
     distance, name, note = build_distance(config.regression_distance, run.teacher.vae, run.teacher.scaling_factor)
     if note:
         ui.message(note)
-    teacher, schedule = UNetDenoiser(run.teacher.unet.to(device)), spec.schedule()
+    teacher, schedule = run.family.denoiser(run.teacher.unet.to(device)), spec.schedule()
     uncond = run.teacher.empty_cond() if uses_cfg(config.guidance_scale) else None
 
     def generate(noise: Tensor, batch_prompts: list[str]) -> Tensor:

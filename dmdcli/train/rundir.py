@@ -21,19 +21,23 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from safetensors import safe_open
 from torch import Tensor
 
-from dmdcli.errors import DmdError, UsageError
+from dmdcli.errors import UsageError
 from dmdcli.files import atomic_save_file, atomic_write, check_can_make
-from dmdcli.train.checkpoint import CHECKPOINTS_DIR
 
-STUDENT_FILE = "student.safetensors"
-CONFIG_FILE = "config.toml"
-METRICS_FILE = "metrics.jsonl"
+# The read side lives below the models (they find students in run folders); imported from here too.
+from dmdcli.runfiles import (  # noqa: F401
+    CHECKPOINTS_DIR,
+    CONFIG_FILE,
+    METRICS_FILE,
+    STUDENT_FILE,
+    STUDENT_FORMAT,
+    read_student_info,
+)
+
 SAMPLES_DIR = "samples"
 ROUNDS_DIR = "rounds"  # progressive distillation's student after each halving round
-STUDENT_FORMAT = "dmd-student/1"
 
 
 def save_student(path: Path, tensors: dict[str, Tensor], info: dict[str, Any]) -> None:
@@ -43,18 +47,6 @@ def save_student(path: Path, tensors: dict[str, Tensor], info: dict[str, Any]) -
     """
     metadata = {"format": STUDENT_FORMAT, **{k: json.dumps(v) for k, v in info.items()}}
     atomic_save_file(tensors, path, metadata)
-
-
-def read_student_info(path: Path) -> dict[str, Any]:
-    """The metadata of a student file (no tensors loaded)."""
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-    except Exception as e:
-        raise DmdError(f"{path} is not a readable safetensors file: {e}") from e
-    if metadata.get("format") != STUDENT_FORMAT:
-        raise DmdError(f"{path} is not a dmd student file")
-    return {k: json.loads(v) for k, v in metadata.items() if k != "format"}
 
 
 def run_folder(out: str | None, teacher: str, steps: int) -> Path:

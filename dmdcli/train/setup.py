@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 
+from dmdcli.models.families import Family, get_family
 from dmdcli.models.teacher import Teacher, TeacherSpec, inspect_teacher
 from dmdcli.train import rundir
 from dmdcli.train.data import read_user_files
@@ -24,6 +25,7 @@ class Run:
         self.accelerator = Accelerator(mixed_precision=config.precision(), cpu=not torch.cuda.is_available())
         self.config, self.ui = config, ui if self.accelerator.is_main_process else SilentUI()
         self.spec: TeacherSpec = inspect_teacher(config.teacher)
+        self.family: Family = get_family(self.spec.family)  # its adapter and defaults
         self.resolution = self.spec.training_resolution(config.resolution)
         self.out = rundir.run_folder(config.out, config.teacher, config.steps)
 

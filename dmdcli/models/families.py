@@ -1,0 +1,131 @@
+"""Teacher families behind one registry: what each kind of teacher brings, declared in its own module.
+
+A family says how a teacher of it is recognised (from its model_index.json, or by the name and
+folder of a teacher shipped with dmd), the adapter that puts its network behind the Denoiser
+interface, its --teacher aliases, its defaults (the 1-step conditioning timestep, the recipe a
+run gets without --recipe), its evaluation set and its named data sets. The runtime asks the
+lookups below and names no family; adding one is adding a module to FAMILY_MODULES, which
+registers itself on import.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from dmdcli.core.denoiser import Denoiser
+
+# The one place that names the family modules, in the order they are asked (and listed in help).
+FAMILY_MODULES = ("dmdcli.models.sd", "dmdcli.shapes.family")
+
+
+def _no_recipe(steps: int, lora_rank: int | None) -> str | None:
+    return None
+
+
+@dataclass(frozen=True)
+class EvalSet:
+    """A family's own evaluation set: `dmd eval --fid NAME`, the default for models of its built-in teacher."""
+
+    name: str
+    benchmark: str  # "module:function" making its Benchmark (dmdcli.eval.run), imported when asked for
+    help: str  # what it scores, for `dmd eval --help`
+
+
+@dataclass(frozen=True)
+class Family:
+    """One kind of teacher. Only `name`, `layout`, `denoiser` and `conditioning_timestep` are required."""
+
+    name: str  # what TeacherSpec.family (and, for a built-in teacher, --teacher NAME) calls it
+    layout: str  # the pipeline code that loads it (TeacherSpec.layout): "sd" or "sdxl"
+    denoiser: Callable[[nn.Module], Denoiser]  # the adapter: the teacher's network → the one interface
+    conditioning_timestep: int  # the t a 1-step student is told when --conditioning-timestep is not given
+    recognises: Callable[[dict[str, Any]], bool] | None = None  # from model_index.json; None: by name only
+    aliases: dict[str, str] = field(default_factory=dict)  # --teacher names → hub ids (listed in the help)
+    builtin_teacher: Callable[[], str] | None = None  # the folder of a teacher shipped with dmd, named `name`
+    recipe: Callable[[int, int | None], str | None] = _no_recipe  # (steps, lora_rank) → recipe without --recipe
+    eval_set: EvalSet | None = None  # its own --fid set; None: the COCO protocols and folders only
+    data: dict[str, Callable[[], str]] = field(default_factory=dict)  # --data NAME → its folder (made on first use)
+    example_prompt: str = "..."  # what the hint after a run suggests sampling
+    default: bool = False  # the family of `dmd distill` with no --teacher (one with a built-in teacher)
+    title: str = ""  # the default family: how messages name its teacher ("the built-in teacher")
+    help: str = ""  # the default family's lines in `dmd distill --help`: what a run with no --teacher is
+
+
+REGISTRY: dict[str, Family] = {}
+
+
+def register(family: Family) -> Family:
+    """Add (or replace) a family; called by its module on import."""
+    REGISTRY[family.name] = family
+    return family
+
+
+def families() -> list[Family]:
+    """Every registered family, in registration order (FAMILY_MODULES imported first)."""
+    for module in FAMILY_MODULES:
+        importlib.import_module(module)
+    return list(REGISTRY.values())
+
+
+def get_family(name: str) -> Family:
+    """The family registered as `name` (a TeacherSpec's `family`)."""
+    families()
+    return REGISTRY[name]
+
+
+def default_family() -> Family:
+    """The family a run without --teacher distills."""
+    return next(f for f in families() if f.default)
+
+
+def named_family(name: str | None) -> Family | None:
+    """The family that `--teacher name` names by itself (a built-in teacher's name or an alias), else None."""
+    return next((f for f in families() if (name == f.name and f.builtin_teacher) or name in f.aliases), None)
+
+
+def resolve_alias(name: str) -> str | None:
+    """A built-in teacher's name → its folder, an alias → its hub id; None for any other name."""
+    family = named_family(name)
+    if family is None:
+        return None
+    return family.aliases[name] if name in family.aliases else family.builtin_teacher()
+
+
+def teacher_aliases() -> dict[str, str]:
+    """Every family's aliases → hub ids."""
+    return {alias: hub_id for f in families() for alias, hub_id in f.aliases.items()}
+
+
+def recognise(index: dict[str, Any]) -> Family | None:
+    """The first family whose `recognises` accepts a pipeline's model_index.json, else None."""
+    return next((f for f in families() if f.recognises and f.recognises(index)), None)
+
+
+def default_eval_set(teacher: str) -> EvalSet | None:
+    """The evaluation set of the family whose built-in teacher is the folder `teacher`, else None."""
+    path = Path(teacher).expanduser().resolve()
+    builtin = (f for f in families() if f.builtin_teacher and Path(f.builtin_teacher()).resolve() == path)
+    return next((f.eval_set for f in builtin), None)
+
+
+def eval_sets() -> list[EvalSet]:
+    """Every family's evaluation set."""
+    return [f.eval_set for f in families() if f.eval_set]
+
+
+def data_names() -> list[str]:
+    """The --data names the families register (not paths)."""
+    return [name for f in families() for name in f.data]
+
+
+def resolve_data(data: str | None) -> str | None:
+    """A registered --data name → its folder (made on first use); anything else unchanged."""
+    maker = next((f.data[data] for f in families() if data in f.data), None)
+    return maker() if maker else data

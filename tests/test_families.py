@@ -1,0 +1,105 @@
+"""Teacher families: a family registered from outside the runtime is recognised, resolved and given
+its defaults by the same lookups that serve SD, SDXL and the built-in teacher."""
+
+import json
+
+import pytest
+
+from dmdcli.errors import DmdError
+from dmdcli.models import families
+from dmdcli.models.architectures import write_config_only_pipeline
+from dmdcli.models.families import EvalSet, Family
+from dmdcli.models.teacher import inspect_teacher, local_teacher_folder, resolve_teacher, teacher_family
+from dmdcli.models.unet import UNetDenoiser
+from dmdcli.train.config import absolute_paths, choose_recipe
+
+
+def _fake_pipeline(folder):
+    """An SD1.5-shaped config-only pipeline whose UNet is of a class no built-in family knows."""
+    write_config_only_pipeline(folder, "sd15")
+    index = json.loads((folder / "model_index.json").read_text())
+    index["unet"] = ["fake_library", "FakeUNet"]
+    (folder / "model_index.json").write_text(json.dumps(index))
+    return folder
+
+
+@pytest.fixture
+def registered():
+    """Register families for one test, as a module of FAMILY_MODULES would on import."""
+    added = []
+
+    def register(family):
+        families.families()  # the built-in ones first, as at run time
+        added.append(families.register(family).name)
+        return family
+
+    yield register
+    for name in added:
+        families.REGISTRY.pop(name)
+
+
+def test_a_family_registered_outside_the_runtime_is_recognised_and_gets_its_defaults(registered, tmp_path):
+    teacher = _fake_pipeline(tmp_path / "fake-teacher")
+    with pytest.raises(DmdError, match="unsupported pipeline"):  # unknown until a family claims it
+        inspect_teacher(str(teacher))
+    fake = registered(
+        Family(
+            name="fake",
+            layout="sd",
+            denoiser=UNetDenoiser,
+            conditioning_timestep=500,
+            recognises=lambda index: index.get("unet", [None, None])[1] == "FakeUNet",
+            aliases={"fake-1": "someone/fake-model-1"},
+            recipe=lambda steps, lora_rank: "tiny" if steps == 1 else None,
+            data={"fake-images": lambda: str(tmp_path / "images")},
+        )
+    )
+    spec = inspect_teacher(str(teacher))
+    assert (spec.family, spec.layout) == ("fake", "sd")  # read from its config files
+    assert teacher_family(str(teacher)) is fake and teacher_family("fake-1") is fake
+    assert resolve_teacher("fake-1") == "someone/fake-model-1" and local_teacher_folder("fake-1") is None
+    assert families.teacher_aliases()["fake-1"] == "someone/fake-model-1"
+    # Its recipe default, announced as a choice made for the teacher; none for 4 steps.
+    assert choose_recipe(None, "fake-1", 1, None, True, False) == ("tiny", "tiny")
+    assert choose_recipe(None, str(teacher), None, None, True, False) == ("tiny", "tiny")
+    assert choose_recipe(None, "fake-1", 4, None, True, False) == (None, None)
+    assert families.get_family(spec.family).denoiser is UNetDenoiser
+    assert families.get_family(spec.family).conditioning_timestep == 500
+    # Its data set is a name, resolved to its folder, and not made into a path.
+    assert families.resolve_data("fake-images") == str(tmp_path / "images")
+    assert families.resolve_data("fake-images-2") == "fake-images-2"
+    assert absolute_paths({"data": "fake-images"})["data"] == "fake-images"
+
+
+def test_a_built_in_teacher_is_known_by_its_name_and_its_folder(registered, tmp_path):
+    teacher = write_config_only_pipeline(tmp_path / "world", "sd15")
+    world = registered(
+        Family(
+            name="world",
+            layout="sd",
+            denoiser=UNetDenoiser,
+            conditioning_timestep=999,
+            builtin_teacher=lambda: str(teacher),
+            recipe=lambda steps, lora_rank: "tiny",
+            eval_set=EvalSet("world-set", "somewhere:benchmark", "scores the world"),
+        )
+    )
+    assert resolve_teacher("world") == str(teacher) and families.named_family("world") is world
+    assert choose_recipe(None, "world", None, None, False, False) == ("tiny", None)  # its own run: not announced
+    assert families.default_eval_set(str(teacher)) == world.eval_set
+    assert families.default_eval_set(str(tmp_path)) is None
+    assert inspect_teacher("world").family == "sd"  # its folder's config files: an SD pipeline
+    assert "world-set" in {s.name for s in families.eval_sets()}
+
+
+def test_the_built_in_families():
+    assert [f.name for f in families.families()][:3] == ["sd", "sdxl", "shapes"]
+    default = families.default_family()
+    assert choose_recipe(None, None, None, None, False, False) == (default.recipe(1, None), None)
+    assert teacher_family("sd21").name == "sd" and teacher_family("stabilityai/sdxl").name == "sdxl"
+    assert choose_recipe(None, "sdxl", 4, 8, False, False) == ("sdxl-4step-lora", "sdxl-4step-lora")
+    assert choose_recipe(None, "sdxl", None, None, False, False) == ("sdxl-1step", "sdxl-1step")
+    assert choose_recipe(None, "sd15", 4, None, False, False) == (None, None)
+    assert {f.name: f.conditioning_timestep for f in families.families()}["sdxl"] == 399
+    assert resolve_teacher(default.name) == default.builtin_teacher()
+    assert families.default_eval_set(default.builtin_teacher()) == default.eval_set
