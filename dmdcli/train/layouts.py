@@ -198,8 +198,8 @@ class FullFineTune(Layout):
     """Generator and fake score as whole fp32 copies of the teacher, every weight trained."""
 
 
-class ReferenceLora(Layout):
-    """DMD2's LoRA layout: the generator's adapter on its own fp32 copy, a whole fake score."""
+class _LoraGenerator(Layout):
+    """The generator trained as a LoRA adapter (what both LoRA layouts share)."""
 
     @property
     def generator_kind(self) -> str:
@@ -220,13 +220,17 @@ class ReferenceLora(Layout):
             "generator": (self.config.lora_rank, self.config.lora_alpha_value(), GENERATOR_ADAPTER),
         }
 
+
+class ReferenceLora(_LoraGenerator):
+    """DMD2's LoRA layout: the generator's adapter on its own fp32 copy, a whole fake score."""
+
     def weight_rows(self, teacher: int, generator: int, fake: int, head: int, frozen_bytes: int) -> ByteRows:
         rows = super().weight_rows(teacher, generator, fake, head, frozen_bytes)
         rows["generator"] += 4 * teacher  # + its own fp32 base copy
         return rows
 
 
-class SharedBaseLora(ReferenceLora):
+class SharedBaseLora(_LoraGenerator):
     """One frozen copy of the teacher's weights (bf16 on CUDA) under three module trees: the
     teacher as it is, the generator and the fake score each with its own adapter."""
 
@@ -254,9 +258,6 @@ class SharedBaseLora(ReferenceLora):
         fake = (self.config.fake_adapter_rank(), self.config.lora_alpha_value(), FAKE_SCORE_ADAPTER)
         return {**super().adapters(), "fake score": fake}
 
-    def weight_rows(self, teacher: int, generator: int, fake: int, head: int, frozen_bytes: int) -> ByteRows:
-        return Layout.weight_rows(self, teacher, generator, fake, head, frozen_bytes)  # no copy of the base
-
 
 class Sharded(FullFineTune):
     """Full fine-tune sharded with FSDP2: each process holds 1/N of every network (a shared LoRA
@@ -265,7 +266,7 @@ class Sharded(FullFineTune):
 
     suffix = "; sharded across processes (FSDP2)"
 
-    def __init__(self, config, options: ShardingOptions, processes: int = 0):
+    def __init__(self, config, options: ShardingOptions, processes: int):
         super().__init__(config)
         self.options, self.processes = options, processes
 
@@ -343,7 +344,7 @@ class Sharded(FullFineTune):
         return frozen_bytes * (2 * root + 2 * max(blocks)) + 4 * max(root, max(blocks))
 
 
-def layout_for(config, sharding: ShardingOptions | None = None, processes: int = 0) -> Layout:
+def layout_for(config, sharding: ShardingOptions | None = None, processes: int = 1) -> Layout:
     """The layout of a run: sharded when `sharding` is given (over `processes`, for the
     estimate), else by --lora-rank and --shared-base."""
     if sharding is not None:
