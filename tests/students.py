@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from dmdcli import runfiles
 from dmdcli.core.schedule import student_timesteps
 from dmdcli.models.families import get_family
 from dmdcli.models.lora import LORA_TARGET_MODULES, add_generator_lora, lora_state_dict
@@ -46,7 +47,7 @@ def make_student(out: Path, teacher: Path, layout: str, kind: str, steps: int, s
     if kind == "lora":
         info.update(lora_rank=RANK, lora_alpha=ALPHA, lora_target_modules=LORA_TARGET_MODULES)
     out.mkdir(parents=True, exist_ok=True)
-    rundir.save_student(out / rundir.STUDENT_FILE, weights, info)
+    rundir.save_student(out / runfiles.STUDENT_FILE, weights, info)
     return out
 
 

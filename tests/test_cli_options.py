@@ -10,7 +10,8 @@ from typer.testing import CliRunner
 import dmdcli.cli
 from dmdcli.cli import app
 from dmdcli.errors import UsageError
-from dmdcli.train.config import resolve_config, resumed_values, second_stage_note
+from dmdcli.train.recipes import resolve_config, second_stage_note
+from dmdcli.train.resume import resumed_values
 
 runner = CliRunner()
 SHARED = (

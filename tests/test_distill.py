@@ -12,10 +12,10 @@ from typer.testing import CliRunner
 
 from dmdcli.cli import app
 from dmdcli.models.teacher import inspect_teacher
-from dmdcli.train.config import resolve_config
+from dmdcli.runfiles import read_student_info
 from dmdcli.train.distill import Distillation
 from dmdcli.train.optim import lr_factor
-from dmdcli.train.rundir import read_student_info
+from dmdcli.train.recipes import resolve_config
 from dmdcli.train.ui import SilentUI
 
 runner = CliRunner()
@@ -294,7 +294,7 @@ def test_a_teacher_without_a_recipe_gets_its_layouts_reference_values(request, p
             5,
             5e-3,
         )
-        assert f"recipe {recipe}: the reference's values for an SDXL teacher" in result.stderr
+        assert f"recipe {recipe}: chosen for an SDXL teacher, with the reference's values" in result.stderr
     else:
         assert config["guidance_scale"] == 1.75 and "recipe" not in result.stderr
 
@@ -699,6 +699,24 @@ def test_a_second_stage_recipe_without_init_from_says_it_starts_from_the_teacher
     )
     first = runner.invoke(app, ["distill", "--recipe", "sd15-1step-stage1", "--prompts", "p.txt", "--dry-run"])
     assert first.exit_code == 0 and "second stage" not in first.stderr
+
+
+def test_the_config_is_its_sections_and_help_lists_each_section_as_a_panel():
+    """DistillConfig's fields are the SECTIONS' fields in their order, and `--help` shows each
+    command-line field in its section's panel: an option added to a section needs no CLI edit."""
+    from dataclasses import fields
+
+    from dmdcli.train.config import COMMAND_LINE, FIELD_NAMES, SECTIONS
+
+    assert FIELD_NAMES == [f.name for section in SECTIONS.values() for f in fields(section)]
+    text = runner.invoke(app, ["distill", "--help"], env={"COLUMNS": "400"}).stdout
+    panels = {title: text.index(f"─ {title} ─") for title in SECTIONS}
+    assert list(panels.values()) == sorted(panels.values())  # the sections' order
+    ends = [*list(panels.values())[1:], len(text)]
+    for (title, start), end in zip(panels.items(), ends):
+        for f in fields(SECTIONS[title]):
+            flag = "--" + f.name.replace("_", "-") + " "
+            assert (flag in text[start:end]) == (f.name in COMMAND_LINE), (title, f.name)
 
 
 def test_each_option_is_defined_once_in_the_config_and_its_help_shows_the_default():

@@ -12,6 +12,7 @@ from PIL import Image, ImageDraw
 from students import make_student
 from typer.testing import CliRunner
 
+from dmdcli import runfiles
 from dmdcli.cli import app
 from dmdcli.errors import UsageError
 from dmdcli.eval import run as eval_run
@@ -346,16 +347,14 @@ def test_a_checkpoint_is_scored_into_its_run_folder(run, refs, features, tmp_pat
     import torch
     from safetensors.torch import load_file, save_file
 
-    from dmdcli.train import rundir
-
     checkpoint = run / "checkpoints" / "iter-000002"
     checkpoint.mkdir(parents=True)
-    weights = load_file(run / rundir.STUDENT_FILE)
+    weights = load_file(run / runfiles.STUDENT_FILE)
     save_file(
         {**{f"generator.{k}": v for k, v in weights.items()}, "fake_score.x": torch.zeros(3)},
         checkpoint / "tensors.safetensors",
     )
-    info = {**rundir.read_student_info(run / rundir.STUDENT_FILE), "iterations": 2}
+    info = {**runfiles.read_student_info(run / runfiles.STUDENT_FILE), "iterations": 2}
     (checkpoint / "state.json").write_text(json.dumps({"iteration": 2, "student": info}))
     args = ["--fid", refs, "--features", features, "--cache-dir", tmp_path / "cache", "--json"]
     of_checkpoint = json.loads(invoke("--model", checkpoint, *args).stdout)

@@ -11,7 +11,7 @@ from dmdcli.models.architectures import write_config_only_pipeline
 from dmdcli.models.families import EvalSet, Family
 from dmdcli.models.teacher import inspect_teacher, local_teacher_folder, resolve_teacher, teacher_family
 from dmdcli.models.unet import UNetDenoiser
-from dmdcli.train.config import absolute_paths, choose_recipe
+from dmdcli.train.recipes import absolute_paths, choose_recipe
 
 
 def _fake_pipeline(folder):
@@ -60,8 +60,9 @@ def test_a_family_registered_outside_the_runtime_is_recognised_and_gets_its_defa
     assert resolve_teacher("fake-1") == "someone/fake-model-1" and local_teacher_folder("fake-1") is None
     assert families.teacher_aliases()["fake-1"] == "someone/fake-model-1"
     # Its recipe default, announced as a choice made for the teacher; none for 4 steps.
-    assert choose_recipe(None, "fake-1", 1, None, True, False) == ("tiny", "tiny")
-    assert choose_recipe(None, str(teacher), None, None, True, False) == ("tiny", "tiny")
+    announced = ("tiny", "recipe tiny: chosen for a fake teacher (--recipe to choose another)")
+    assert choose_recipe(None, "fake-1", 1, None, True, False) == announced
+    assert choose_recipe(None, str(teacher), None, None, True, False) == announced
     assert choose_recipe(None, "fake-1", 4, None, True, False) == (None, None)
     assert families.get_family(spec.family).denoiser is UNetDenoiser
     assert families.get_family(spec.family).conditioning_timestep == 500
@@ -97,8 +98,9 @@ def test_the_built_in_families():
     default = families.default_family()
     assert choose_recipe(None, None, None, None, False, False) == (default.recipe(1, None), None)
     assert teacher_family("sd21").name == "sd" and teacher_family("stabilityai/sdxl").name == "sdxl"
-    assert choose_recipe(None, "sdxl", 4, 8, False, False) == ("sdxl-4step-lora", "sdxl-4step-lora")
-    assert choose_recipe(None, "sdxl", None, None, False, False) == ("sdxl-1step", "sdxl-1step")
+    recipe, note = choose_recipe(None, "sdxl", 4, 8, False, False)
+    assert recipe == "sdxl-4step-lora" and note.startswith("recipe sdxl-4step-lora: chosen for an SDXL teacher")
+    assert choose_recipe(None, "sdxl", None, None, False, False)[0] == "sdxl-1step"
     assert choose_recipe(None, "sd15", 4, None, False, False) == (None, None)
     assert {f.name: f.conditioning_timestep for f in families.families()}["sdxl"] == 399
     assert resolve_teacher(default.name) == default.builtin_teacher()

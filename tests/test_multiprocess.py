@@ -20,7 +20,7 @@ from dmdcli.train.checkpoint import complete_checkpoints
 DRIVER = textwrap.dedent("""
     import hashlib, json, sys
     import torch
-    from dmdcli.train.config import resolve_config
+    from dmdcli.train.recipes import resolve_config
     from dmdcli.train.distill import Distillation
     from dmdcli.train.ui import SilentUI
     out, digests, overrides = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
@@ -285,7 +285,7 @@ def test_shipped_accelerate_config_launches_fsdp2(monkeypatch):
     from accelerate.utils import FullyShardedDataParallelPlugin
     from accelerate.utils.launch import prepare_multi_gpu_env
 
-    from dmdcli.train.config import RECIPES_DIR
+    from dmdcli.train.recipes import RECIPES_DIR
     from dmdcli.train.sharding import sharding_options
 
     args = launch_command_parser().parse_args(

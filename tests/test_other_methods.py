@@ -17,8 +17,8 @@ from dmdcli.core import progressive as pd
 from dmdcli.core.losses import pseudo_huber_loss
 from dmdcli.core.schedule import NoiseSchedule, ddim_timesteps
 from dmdcli.models.teacher import inspect_teacher
-from dmdcli.train.config import resolve_config
-from dmdcli.train.rundir import read_student_info
+from dmdcli.runfiles import read_student_info
+from dmdcli.train.recipes import resolve_config
 
 runner = CliRunner()
 QUICK = [

@@ -12,8 +12,8 @@ import dmdcli.data.prompt_cache as prompt_cache
 from dmdcli.cli import app
 from dmdcli.data.prompt_cache import build_prompt_cache
 from dmdcli.models.teacher import Teacher, inspect_teacher
-from dmdcli.train.config import resolve_config
 from dmdcli.train.distill import Distillation
+from dmdcli.train.recipes import resolve_config
 from dmdcli.train.ui import SilentUI
 
 PROMPTS = [

@@ -7,7 +7,7 @@ from typer.testing import CliRunner
 
 from dmdcli.cli import app
 from dmdcli.errors import UsageError
-from dmdcli.train.config import list_recipes, load_recipe, recipe_continues, resolve_config
+from dmdcli.train.recipes import list_recipes, load_recipe, recipe_continues, resolve_config
 
 runner = CliRunner()
 

@@ -9,6 +9,7 @@ from PIL import Image
 from students import make_student
 from typer.testing import CliRunner
 
+from dmdcli import runfiles
 from dmdcli.cli import app
 from dmdcli.models import student as student_module
 from dmdcli.models.student import find_model, load_sampler
@@ -329,7 +330,6 @@ def test_a_distill_run_folder_samples_and_exports(tmp_path, tiny_sdxl, prompts_f
 
 def test_a_checkpoint_is_the_generator_as_it_was_then(tmp_path, tiny_sd, prompts_file):
     """`--model RUN/checkpoints/iter-N` samples and exports the generator of iteration N."""
-    from dmdcli.train import rundir
 
     run = tmp_path / "run"
     invoke(
@@ -379,7 +379,7 @@ def test_a_checkpoint_is_the_generator_as_it_was_then(tmp_path, tiny_sd, prompts
 
     record = json.loads(invoke("export", "--model", earlier, "--format", "unet", "--json", "--quiet").stdout)
     exported = run / "export" / "iter-000002-unet.safetensors"  # beside the run's exports, not in the checkpoint
-    assert record["path"] == str(exported) and rundir.read_student_info(exported)["iterations"] == 2
+    assert record["path"] == str(exported) and runfiles.read_student_info(exported)["iterations"] == 2
     assert np.array_equal(image(exported, "exported"), image(earlier, "earlier-again"))
 
     # Checkpoints written before they recorded their student: the run's student file's metadata.
@@ -388,6 +388,6 @@ def test_a_checkpoint_is_the_generator_as_it_was_then(tmp_path, tiny_sd, prompts
     (earlier / "state.json").write_text(json.dumps(state))
     old = find_model(str(earlier))
     assert old.checkpoint == "iter-000002" and old.info == {
-        **rundir.read_student_info(run / "student.safetensors"),
+        **runfiles.read_student_info(run / "student.safetensors"),
         "iterations": 2,
     }

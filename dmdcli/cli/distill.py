@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
@@ -12,15 +13,9 @@ from dmdcli.cli.common import handle_errors, print_json, quiet_library_bars
 from dmdcli.cli.ui import RichUI
 from dmdcli.errors import UsageError
 from dmdcli.models.families import default_family, named_family, teacher_aliases
-from dmdcli.train.config import (
-    FIELD_TYPES,
-    choose_recipe,
-    list_recipes,
-    option_help,
-    resolve_config,
-    resumed_values,
-    second_stage_note,
-)
+from dmdcli.train.config import COMMAND_LINE, FIELD_TYPES, SECTION_OF, option_help
+from dmdcli.train.recipes import choose_recipe, list_recipes, resolve_config, second_stage_note
+from dmdcli.train.resume import resumed_values
 
 HELP = f"""Distill a teacher into a 1- to 4-step student with DMD2.
 
@@ -38,8 +33,7 @@ cached, see --pairs), --method progressive (rounds halving --teacher-steps down 
 """
 
 ALIASES = ", ".join(f"{k} = {v}" for k, v in teacher_aliases().items())
-MODEL, OBJ, OPT, OUT = "Teacher and data", "DMD2 objective", "Optimization", options.OUTPUTS
-METHOD = "Other methods: DMD (v1) regression, progressive distillation"
+FIRST, OUT = SECTION_OF["teacher"], options.OUTPUTS  # the panels of the command's own options (recipe; the rest)
 
 
 def _opt(help: str, panel: str, *names: str):
@@ -51,61 +45,33 @@ CLI_NOTES = {"teacher": f" Aliases: {ALIASES}."}
 PLAIN_FLAGS = {"allow_pickle"}  # on/off options that are a flag alone (no --no-...)
 
 
-def _cfg(name: str, panel: str):
-    """The option that sets config field `name`: its help and default come from DistillConfig."""
+def _config_option(name: str) -> inspect.Parameter:
+    """The option that sets config field `name`, in its section's panel, with the field's help
+    and default (DistillConfig); None when not given, so the recipe's value stands."""
     flag = "--" + name.replace("_", "-")
     if FIELD_TYPES[name] is bool and name not in PLAIN_FLAGS:
         flag = f"{flag}/--no-{name.replace('_', '-')}"
-    return _opt(option_help(name) + CLI_NOTES.get(name, ""), panel, flag)
+    option = _opt(option_help(name) + CLI_NOTES.get(name, ""), SECTION_OF[name], flag)
+    return inspect.Parameter(
+        name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[Optional[FIELD_TYPES[name]], option]
+    )
 
 
+def _with_config_options(command):
+    """`command` with one option per config field (DistillConfig's COMMAND_LINE fields, in their
+    sections' order) after its first parameter: Typer reads a command's options from its signature, so the
+    config's fields, not a list written out here, are the options."""
+    own = list(inspect.signature(command, eval_str=True).parameters.values())[:-1]  # all but **overrides
+    own = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own]
+    config = [_config_option(name) for name in COMMAND_LINE]
+    command.__signature__ = inspect.Signature([own[0], *config, *own[1:]])
+    return command
+
+
+@_with_config_options
 @handle_errors
 def distill(
-    recipe: Annotated[Optional[str], _opt("Recipe name (see above) or path to a TOML file.", MODEL, "--recipe")] = None,
-    teacher: Annotated[Optional[str], _cfg("teacher", MODEL)] = None,
-    steps: Annotated[Optional[int], _cfg("steps", MODEL)] = None,
-    conditioning_timestep: Annotated[Optional[int], _cfg("conditioning_timestep", MODEL)] = None,
-    prompts: Annotated[Optional[str], _cfg("prompts", MODEL)] = None,
-    data: Annotated[Optional[str], _cfg("data", MODEL)] = None,
-    resolution: Annotated[Optional[int], _cfg("resolution", MODEL)] = None,
-    allow_pickle: Annotated[Optional[bool], _cfg("allow_pickle", MODEL)] = None,
-    guidance_scale: Annotated[Optional[float], _cfg("guidance_scale", OBJ)] = None,
-    dm_weight: Annotated[Optional[float], _cfg("dm_weight", OBJ)] = None,
-    gan_generator_weight: Annotated[Optional[float], _cfg("gan_generator_weight", OBJ)] = None,
-    gan_discriminator_weight: Annotated[Optional[float], _cfg("gan_discriminator_weight", OBJ)] = None,
-    diffusion_gan: Annotated[Optional[bool], _cfg("diffusion_gan", OBJ)] = None,
-    diffusion_gan_max_timestep: Annotated[Optional[int], _cfg("diffusion_gan_max_timestep", OBJ)] = None,
-    fake_updates_per_gen: Annotated[Optional[int], _cfg("fake_updates_per_gen", OBJ)] = None,
-    method: Annotated[Optional[str], _cfg("method", METHOD)] = None,
-    regression_weight: Annotated[Optional[float], _cfg("regression_weight", METHOD)] = None,
-    regression_iterations: Annotated[Optional[int], _cfg("regression_iterations", METHOD)] = None,
-    regression_distance: Annotated[Optional[str], _cfg("regression_distance", METHOD)] = None,
-    pairs: Annotated[Optional[int], _cfg("pairs", METHOD)] = None,
-    pair_steps: Annotated[Optional[int], _cfg("pair_steps", METHOD)] = None,
-    pairs_dir: Annotated[Optional[str], _cfg("pairs_dir", METHOD)] = None,
-    teacher_steps: Annotated[Optional[int], _cfg("teacher_steps", METHOD)] = None,
-    iterations_per_round: Annotated[Optional[int], _cfg("iterations_per_round", METHOD)] = None,
-    parameterization: Annotated[Optional[str], _cfg("parameterization", METHOD)] = None,
-    loss_weight: Annotated[Optional[str], _cfg("loss_weight", METHOD)] = None,
-    lora_rank: Annotated[Optional[int], _cfg("lora_rank", OPT)] = None,
-    lora_alpha: Annotated[Optional[float], _cfg("lora_alpha", OPT)] = None,
-    shared_base: Annotated[Optional[bool], _cfg("shared_base", OPT)] = None,
-    fake_lora_rank: Annotated[Optional[int], _cfg("fake_lora_rank", OPT)] = None,
-    iterations: Annotated[Optional[int], _cfg("iterations", OPT)] = None,
-    batch_size: Annotated[Optional[int], _cfg("batch_size", OPT)] = None,
-    lr: Annotated[Optional[float], _cfg("lr", OPT)] = None,
-    fake_lr: Annotated[Optional[float], _cfg("fake_lr", OPT)] = None,
-    warmup_steps: Annotated[Optional[int], _cfg("warmup_steps", OPT)] = None,
-    lr_schedule: Annotated[Optional[str], _cfg("lr_schedule", OPT)] = None,
-    max_grad_norm: Annotated[Optional[float], _cfg("max_grad_norm", OPT)] = None,
-    mixed_precision: Annotated[Optional[str], _cfg("mixed_precision", OPT)] = None,
-    gradient_checkpointing: Annotated[Optional[bool], _cfg("gradient_checkpointing", OPT)] = None,
-    fsdp: Annotated[Optional[bool], _cfg("fsdp", OPT)] = None,
-    cache_prompts: Annotated[Optional[bool], _cfg("cache_prompts", OPT)] = None,
-    seed: Annotated[Optional[int], _cfg("seed", OPT)] = None,
-    skip_nonfinite: Annotated[Optional[bool], _cfg("skip_nonfinite", OPT)] = None,
-    out: Annotated[Optional[str], _cfg("out", OUT)] = None,
-    init_from: Annotated[Optional[str], _cfg("init_from", OUT)] = None,
+    recipe: Annotated[Optional[str], _opt("Recipe name (see above) or path to a TOML file.", FIRST, "--recipe")] = None,
     resume: Annotated[
         bool,
         _opt(
@@ -115,12 +81,6 @@ def distill(
         ),
     ] = False,
     overwrite: Annotated[bool, options.overwrite("Replace a run already in --out.")] = False,
-    checkpoint_every: Annotated[Optional[int], _cfg("checkpoint_every", OUT)] = None,
-    keep_checkpoints: Annotated[Optional[int], _cfg("keep_checkpoints", OUT)] = None,
-    log_every: Annotated[Optional[int], _cfg("log_every", OUT)] = None,
-    sample_every: Annotated[Optional[int], _cfg("sample_every", OUT)] = None,
-    grid_size: Annotated[Optional[int], _cfg("grid_size", OUT)] = None,
-    teacher_grid_steps: Annotated[Optional[int], _cfg("teacher_grid_steps", OUT)] = None,
     dry_run: Annotated[
         bool,
         _opt(
@@ -131,16 +91,22 @@ def distill(
     ] = False,
     json_out: Annotated[bool, options.json_lines("Print one JSON summary line on stdout at the end.")] = False,
     quiet: Annotated[bool, options.quiet()] = False,
+    **overrides: Any,
 ) -> None:
-    overrides = {
-        k: v for k, v in locals().items() if k not in ("recipe", "resume", "overwrite", "dry_run", "json_out", "quiet")
-    }
-    recipe, chosen = choose_recipe(recipe, teacher, steps, lora_rank, bool(prompts or data), resume)
-    base = resumed_values(out, overwrite, recipe, init_from) if resume else None
+    """`overrides`: the config options (None where not given), by field name."""
+    recipe, announce = choose_recipe(
+        recipe,
+        overrides["teacher"],
+        overrides["steps"],
+        overrides["lora_rank"],
+        bool(overrides["prompts"] or overrides["data"]),
+        resume,
+    )
+    base = resumed_values(overrides["out"], overwrite, recipe, overrides["init_from"]) if resume else None
     config = resolve_config(recipe, overrides, base)
     ui = RichUI(quiet=quiet)
-    if chosen:
-        ui.message(f"recipe {chosen}: the reference's values for an SDXL teacher (--recipe to choose another)")
+    if announce:
+        ui.message(announce)
     if note := second_stage_note(recipe, config):
         ui.message(note)
     if dry_run:

@@ -23,15 +23,16 @@ from dmdcli.core.sampler import guided_prediction
 from dmdcli.core.schedule import NoiseSchedule
 
 
-def option(default, help: str):
-    """A config field with the one line of help that `dmd distill --help` shows for it."""
-    return field(default=default, metadata={"help": help})
+def option(default, help: str, command_line: bool = True):
+    """A config field with its one line of help, which `dmd distill --help` shows for it; a field
+    that is not `command_line` (rarely changed: the timestep range, AdamW's betas) is a recipe key only."""
+    return field(default=default, metadata={"help": help, "command_line": command_line})
 
 
 @dataclass
 class DMD2Config:
-    """The objective's settings; the run's configuration (train/config.py) extends this class, so
-    each is defined here once, with its default and its help."""
+    """The objective's settings: the first section of a run's configuration (train/config.py),
+    so each is defined here once, with its default and its help."""
 
     guidance_scale: float = option(
         1.75, "Real-score CFG scale s: uncond + s·(cond − uncond); 1.75 SD1.5, 8 SDXL; 1: off."
@@ -43,8 +44,10 @@ class DMD2Config:
     gan_discriminator_weight: float = option(1e-2, "Weight of the discriminator loss in the fake score update.")
     diffusion_gan: bool = option(False, "Noise real and fake latents at t < --diffusion-gan-max-timestep before D.")
     diffusion_gan_max_timestep: int = option(1000, "Upper bound of the diffusion-GAN timesteps.")
-    min_timestep_frac: float = option(0.02, "DM timesteps are drawn uniformly from [min, max]·T (reference).")
-    max_timestep_frac: float = option(0.98, "Upper end of the DM timesteps, as a fraction of T.")
+    min_timestep_frac: float = option(
+        0.02, "DM timesteps are drawn uniformly from [min, max]·T (reference).", command_line=False
+    )
+    max_timestep_frac: float = option(0.98, "Upper end of the DM timesteps, as a fraction of T.", command_line=False)
     regression_weight: float = option(
         0.0, "Regression loss weight λ on teacher noise→image pairs (DMD v1 eq. 9); 0.25 with --method dmd; 0: off."
     )

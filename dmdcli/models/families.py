@@ -54,7 +54,7 @@ class Family:
     data: dict[str, Callable[[], str]] = field(default_factory=dict)  # --data NAME → its folder (made on first use)
     example_prompt: str = "..."  # what the hint after a run suggests sampling
     default: bool = False  # the family of `dmd distill` with no --teacher (one with a built-in teacher)
-    title: str = ""  # the default family: how messages name its teacher ("the built-in teacher")
+    title: str = ""  # how messages name its teachers ("the built-in teacher"; default: "a NAME teacher")
     help: str = ""  # the default family's lines in `dmd distill --help`: what a run with no --teacher is
 
 

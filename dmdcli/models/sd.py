@@ -53,5 +53,6 @@ SDXL = register(
         recognises=lambda index: _unet_pipeline(index, encoders=2),
         aliases={"sdxl": SDXL_BASE, "stabilityai/sdxl": SDXL_BASE},  # the second: what users type from our examples
         recipe=sdxl_recipe,
+        title="an SDXL teacher, with the reference's values",
     )
 )

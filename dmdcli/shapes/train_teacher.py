@@ -315,7 +315,8 @@ class Trainer:
         )
 
     def resume(self) -> bool:
-        from dmdcli.train.checkpoint import complete_checkpoints, optimizer_state_dict, read_checkpoint
+        from dmdcli.runfiles import read_checkpoint
+        from dmdcli.train.checkpoint import complete_checkpoints, optimizer_state_dict
 
         # The newest checkpoint not past --iterations: every one is kept, so the weights of any
         # saved iteration N can be exported again by running with --iterations N.

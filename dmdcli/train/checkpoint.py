@@ -30,8 +30,8 @@ from torch import Tensor
 from dmdcli.errors import DmdError
 from dmdcli.files import atomic_save_file, atomic_write, save_file, sync_folder
 
-# The read side lives below the models (they load checkpoints' generators); imported from here too.
-from dmdcli.runfiles import CHECKPOINTS_DIR, STATE_FILE, TENSORS_FILE, is_checkpoint, read_checkpoint  # noqa: F401
+# The read side lives below the models (they load checkpoints' generators): dmdcli/runfiles.py.
+from dmdcli.runfiles import CHECKPOINTS_DIR, STATE_FILE, TENSORS_FILE, is_checkpoint
 
 _NAME = re.compile(r"^iter-(\d{6,})$")
 

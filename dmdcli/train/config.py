@@ -1,15 +1,18 @@
-"""The configuration of a distillation run: code defaults → recipe (TOML) → command line.
+"""The options of a distillation run: a tree of typed sections, each field defined once with its
+default and its one line of help.
 
-Every field is also a recipe key, and all but a few rarely changed ones (the timestep range,
-AdamW's decay and betas) a `dmd distill` option of the same name (dashes for underscores), so a
-recipe is a saved set of command-line choices.
+`DistillConfig` is the sections together: the objective (`core`'s DMD2Config itself), then what to
+distill, LoRA, optimization, regression, progressive distillation and outputs. Its keys stay
+flat (`lr`, not `optimization.lr`), so recipes, config.toml and checkpoints name an option as the
+command line does; `SECTIONS` says which section holds it, and `dmd distill --help` lists each
+section as a panel, generated from these fields (cli/distill.py). Where a run's values come from
+(recipes and the command line) is train/recipes.py; what a resumed run may change, train/resume.py.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import re
-import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -19,30 +22,26 @@ import tomli_w
 from dmdcli.core.dmd2 import DMD2Config, option
 from dmdcli.core.losses import REGRESSION_DISTANCES
 from dmdcli.core.progressive import LOSS_WEIGHTS, PARAMETERIZATIONS
-from dmdcli.errors import DmdError, UsageError, first_line
+from dmdcli.errors import UsageError
 from dmdcli.files import atomic_write
-from dmdcli.train.rundir import CONFIG_FILE
 
-RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
-# description: what the recipe is; continues: the recipe whose run this one goes on from (its
-# stage 1, given with --init-from); resolved: the table a run folder's config.toml adds, so that
-# file works as a recipe too.
+# Keys of a recipe file that are not options. description: what the recipe is; continues: the
+# recipe whose run this one goes on from (its stage 1, given with --init-from); resolved: the
+# table a run folder's config.toml adds, so that file works as a recipe too.
 RECIPE_ONLY_KEYS = {"description", "continues", "resolved"}
-# A recipe's `extends = "NAME"`: a built-in recipe, or a file relative to this one, whose values
-# this recipe's keys update (a variant states only what differs).
-EXTENDS = "extends"
-# A recipe's [per_steps.N] table: its values for an N-step student (--steps N) replace the
-# recipe's own, as the reference keeps a set of hyperparameters per step count.
-PER_STEPS = "per_steps"
 
 
 @dataclass
-class DistillConfig(DMD2Config):
-    """Every option of a run, each with its default and its help: the objective's (DMD2Config),
-    then those below. The help is what `dmd distill --help` shows (cli/distill.py)."""
+class Distilled:
+    """What to distill, into what, from which prompts and images."""
 
-    # -- what to distill ---------------------------------------------------------------------
     teacher: str | None = option(None, "Diffusers pipeline folder, hub id or alias.")
+    method: str = option(
+        "dmd2",
+        "dmd2 | dmd: DMD v1, distribution matching + regression on teacher noise→image pairs (λ 0.25, fake score "
+        "updated every iteration, no GAN even with --data) | progressive: Progressive Distillation, rounds that "
+        "halve the steps from --teacher-steps to --steps.",
+    )
     steps: int = option(1, "Student sampling steps; timesteps evenly spaced from 999 (999, 749, 499, 249 for 4).")
     conditioning_timestep: int | None = option(
         None, "Timestep a 1-step student is told (default 399 for SDXL, 999 for SD, as the reference)."
@@ -54,40 +53,12 @@ class DistillConfig(DMD2Config):
     )
     resolution: int | None = option(None, "Training resolution in pixels (default: the teacher's).")
     allow_pickle: bool = option(False, "Allow teacher weights stored as pickle (.bin/.ckpt) files.")
-    fake_updates_per_gen: int = option(
-        10, "Two time-scale rule: fake score updates per generator update; 10 SD1.5, 5 SDXL, 1 with --method dmd."
-    )
 
-    # -- other methods ---------------------------------------------------------------------------
-    method: str = option(
-        "dmd2",
-        "dmd2 | dmd: DMD v1, distribution matching + regression on teacher noise→image pairs (λ 0.25, fake score "
-        "updated every iteration, no GAN even with --data) | progressive: Progressive Distillation, rounds that "
-        "halve the steps from --teacher-steps to --steps.",
-    )
-    regression_iterations: int = option(0, "Regression only for the first K iterations, e.g. a warm-up (0: always).")
-    regression_distance: str = option(
-        "auto",
-        "auto (LPIPS if the lpips package and its weights load, else pseudo_huber) | lpips | pseudo_huber | mse. "
-        "The one that ran is in config.toml and metrics.jsonl.",
-    )
-    pairs: int = option(
-        64, "Regression pairs: made on first use by the teacher's deterministic DDIM with CFG, cached and reused."
-    )
-    pair_steps: int = option(25, "DDIM steps of the teacher per regression pair.")
-    pairs_dir: str | None = option(None, "Regression pair cache (default $DMD_CACHE/pairs, else ~/.cache/dmd/pairs).")
-    teacher_steps: int = option(
-        64, "Progressive: DDIM steps of the first round's teacher, --steps × a power of two, halved each round."
-    )
-    iterations_per_round: int = option(1000, "Progressive: iterations of each halving round.")
-    parameterization: str | None = option(
-        None, "Progressive: the student predicts x, v or epsilon (default: the teacher's own)."
-    )
-    loss_weight: str = option(
-        "truncated_snr", "Progressive: truncated_snr (max(SNR, 1)) | snr_plus_one (1 + SNR), on the x-space MSE."
-    )
 
-    # -- student -----------------------------------------------------------------------------
+@dataclass
+class LoRA:
+    """The generator as a low-rank adapter of the teacher, and where the fake score lives."""
+
     lora_rank: int = option(0, "Train the generator as a LoRA of this rank (reference: 64; 0: full fine-tune).")
     lora_alpha: float | None = option(
         None, "LoRA alpha of both adapters (default: the rank; the reference SDXL LoRA uses 8 with rank 64)."
@@ -102,9 +73,24 @@ class DistillConfig(DMD2Config):
         "Rank of the fake score's adapter on the shared base (default: --lora-rank); its alpha is the generator's.",
     )
 
-    # -- optimization ---------------------------------------------------------------------------
+    def lora_alpha_value(self) -> float:
+        """The alpha of the generator's and the fake score's adapters."""
+        return self.lora_alpha or self.lora_rank
+
+    def fake_adapter_rank(self) -> int:
+        """The rank of the fake score's adapter on a shared base."""
+        return self.fake_lora_rank or self.lora_rank
+
+
+@dataclass
+class Optimization:
+    """Iterations, the two time-scale rule, AdamW and its schedule, precision and memory savers."""
+
     iterations: int = option(1000, "Training iterations.")
     batch_size: int = option(2, "Per-process batch of prompts (and of real images with --data).")
+    fake_updates_per_gen: int = option(
+        10, "Two time-scale rule: fake score updates per generator update; 10 SD1.5, 5 SDXL, 1 with --method dmd."
+    )
     lr: float = option(1e-5, "Generator learning rate (reference: 5e-7 full, 5e-5 LoRA).")
     fake_lr: float | None = option(None, "Fake score and classifier learning rate (default: --lr).")
     warmup_steps: int = option(500, "Linear LR warm-up iterations.")
@@ -112,9 +98,9 @@ class DistillConfig(DMD2Config):
         "constant",
         "After the warm-up: constant (the reference) | cosine | linear, which decay to 0 at the last iteration.",
     )
-    weight_decay: float = option(0.01, "AdamW weight decay.")
-    adam_beta1: float = option(0.9, "AdamW beta1.")
-    adam_beta2: float = option(0.999, "AdamW beta2.")
+    weight_decay: float = option(0.01, "AdamW weight decay.", command_line=False)
+    adam_beta1: float = option(0.9, "AdamW beta1.", command_line=False)
+    adam_beta2: float = option(0.999, "AdamW beta2.", command_line=False)
     max_grad_norm: float = option(10.0, "Gradient clipping norm.")
     mixed_precision: str = option(
         "auto",
@@ -136,25 +122,10 @@ class DistillConfig(DMD2Config):
     skip_nonfinite: bool = option(
         False, "Skip and count updates with a non-finite loss or gradient instead of stopping."
     )
-    init_from: str | None = option(
-        None,
-        "Start the generator, fake score and GAN head from another run (its newest checkpoint) or "
-        "RUN/checkpoints/iter-N; optimizers and iterations start anew (second stages: sd15-1step after "
-        "sd15-1step-stage1).",
-    )
 
-    # -- outputs -----------------------------------------------------------------------------
-    out: str | None = option(None, "Run folder (default runs/<teacher>-<steps>step).")
-    log_every: int = option(10, "Write metrics every N iterations.")
-    sample_every: int = option(250, "Write a sample grid every N iterations (0: at the end only).")
-    grid_size: int = option(4, "Images per sample grid: grid-size/2 fixed prompts × 2 fixed seeds.")
-    teacher_grid_steps: int = option(
-        25, "DDIM steps of the teacher's reference grid (with CFG) for the collapse watch (0: off)."
-    )
-    checkpoint_every: int = option(
-        500, "Checkpoint every N iterations (also at the end and on Ctrl-C/SIGTERM; 0: only then)."
-    )
-    keep_checkpoints: int = option(2, "Newest complete checkpoints kept.")
+    def fake_lr_value(self) -> float:
+        """The fake score's learning rate (the generator's unless --fake-lr)."""
+        return self.fake_lr or self.lr
 
     def precision(self) -> str:
         """What mixed_precision resolves to on this machine: "bf16" or "no" (fp32)."""
@@ -171,21 +142,84 @@ class DistillConfig(DMD2Config):
 
         return torch.bfloat16 if self.precision() == "bf16" else torch.float32
 
+
+@dataclass
+class Regression:
+    """DMD v1's regression term: the teacher's noise→image pairs, made once and cached (its weight λ,
+    `regression_weight`, is the objective's)."""
+
+    regression_iterations: int = option(0, "Regression only for the first K iterations, e.g. a warm-up (0: always).")
+    regression_distance: str = option(
+        "auto",
+        "auto (LPIPS if the lpips package and its weights load, else pseudo_huber) | lpips | pseudo_huber | mse. "
+        "The one that ran is in config.toml and metrics.jsonl.",
+    )
+    pairs: int = option(
+        64, "Regression pairs: made on first use by the teacher's deterministic DDIM with CFG, cached and reused."
+    )
+    pair_steps: int = option(25, "DDIM steps of the teacher per regression pair.")
+    pairs_dir: str | None = option(None, "Regression pair cache (default $DMD_CACHE/pairs, else ~/.cache/dmd/pairs).")
+
+
+@dataclass
+class Progressive:
+    """Progressive Distillation (arXiv 2202.00512), `--method progressive`."""
+
+    teacher_steps: int = option(
+        64, "Progressive: DDIM steps of the first round's teacher, --steps × a power of two, halved each round."
+    )
+    iterations_per_round: int = option(1000, "Progressive: iterations of each halving round.")
+    parameterization: str | None = option(
+        None, "Progressive: the student predicts x, v or epsilon (default: the teacher's own)."
+    )
+    loss_weight: str = option(
+        "truncated_snr", "Progressive: truncated_snr (max(SNR, 1)) | snr_plus_one (1 + SNR), on the x-space MSE."
+    )
+
+
+@dataclass
+class Outputs:
+    """The run folder: where it is, what starts it, and what it writes how often."""
+
+    out: str | None = option(None, "Run folder (default runs/<teacher>-<steps>step).")
+    init_from: str | None = option(
+        None,
+        "Start the generator, fake score and GAN head from another run (its newest checkpoint) or "
+        "RUN/checkpoints/iter-N; optimizers and iterations start anew (second stages: sd15-1step after "
+        "sd15-1step-stage1).",
+    )
+    checkpoint_every: int = option(
+        500, "Checkpoint every N iterations (also at the end and on Ctrl-C/SIGTERM; 0: only then)."
+    )
+    keep_checkpoints: int = option(2, "Newest complete checkpoints kept.")
+    log_every: int = option(10, "Write metrics every N iterations.")
+    sample_every: int = option(250, "Write a sample grid every N iterations (0: at the end only).")
+    grid_size: int = option(4, "Images per sample grid: grid-size/2 fixed prompts × 2 fixed seeds.")
+    teacher_grid_steps: int = option(
+        25, "DDIM steps of the teacher's reference grid (with CFG) for the collapse watch (0: off)."
+    )
+
+
+# The sections in the order `--help` and config.toml list them, each with its panel's title.
+SECTIONS: dict[str, type] = {
+    "Teacher and data": Distilled,
+    "DMD2 objective": DMD2Config,
+    "LoRA": LoRA,
+    "Optimization": Optimization,
+    "Regression pairs (--method dmd, --regression-weight)": Regression,
+    "Progressive distillation (--method progressive)": Progressive,
+    "Outputs": Outputs,  # the panel that every command lists its outputs in (cli/options.OUTPUTS)
+}
+
+
+# Bases listed last-section-first: a dataclass takes its bases' fields from the last base up.
+@dataclass
+class DistillConfig(Outputs, Progressive, Regression, Optimization, LoRA, DMD2Config, Distilled):
+    """Every option of a run: the fields of the SECTIONS, flat."""
+
     def gan_term(self) -> bool:
         """Whether the run has a GAN term (a classifier head, and --data's images as real latents)."""
         return self.method != "dmd" and (self.gan_generator_weight > 0 or self.gan_discriminator_weight > 0)
-
-    def lora_alpha_value(self) -> float:
-        """The alpha of the generator's and the fake score's adapters."""
-        return self.lora_alpha or self.lora_rank
-
-    def fake_adapter_rank(self) -> int:
-        """The rank of the fake score's adapter on a shared base."""
-        return self.fake_lora_rank or self.lora_rank
-
-    def fake_lr_value(self) -> float:
-        """The fake score's learning rate (the generator's unless --fake-lr)."""
-        return self.fake_lr or self.lr
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -193,6 +227,12 @@ class DistillConfig(DMD2Config):
 
 FIELD_NAMES = [f.name for f in fields(DistillConfig)]
 _FIELDS = {f.name: f for f in fields(DistillConfig)}
+SECTION_OF = {f.name: title for title, section in SECTIONS.items() for f in fields(section)}
+COMMAND_LINE = [name for name in FIELD_NAMES if _FIELDS[name].metadata["command_line"]]
+
+
+def _names(section: type) -> tuple[str, ...]:
+    return tuple(f.name for f in fields(section))
 
 
 def option_help(name: str) -> str:
@@ -214,11 +254,11 @@ def _default_words(value: Any) -> str:
 # Options only some methods read. Given on the command line to another method they are refused,
 # naming what that method reads instead where it has a counterpart; a recipe's keys are not
 # checked, so one recipe can serve several methods.
-PROGRESSIVE_ONLY = ("teacher_steps", "iterations_per_round", "parameterization", "loss_weight")
+PROGRESSIVE_ONLY = _names(Progressive)
 NOT_PROGRESSIVE = (
-    "iterations", "fake_updates_per_gen", "fake_lr", "conditioning_timestep", "dm_weight", "regression_weight",
-    "regression_iterations", "regression_distance", "pairs", "pair_steps", "pairs_dir", "gradient_checkpointing",
-    "checkpoint_every", "keep_checkpoints", "sample_every", "teacher_grid_steps", "skip_nonfinite",
+    *_names(Regression), "iterations", "fake_updates_per_gen", "fake_lr", "conditioning_timestep", "dm_weight",
+    "regression_weight", "gradient_checkpointing", "checkpoint_every", "keep_checkpoints", "sample_every",
+    "teacher_grid_steps", "skip_nonfinite",
 )  # fmt: skip
 GAN_OPTIONS = ("gan_generator_weight", "gan_discriminator_weight", "diffusion_gan", "diffusion_gan_max_timestep")
 METHOD_OPTIONS = {
@@ -241,98 +281,6 @@ def check_method_options(method: str, given: dict[str, Any]) -> None:
             readers = [m for m, used in METHOD_OPTIONS.items() if key in used]
             hint = f"; it reads {INSTEAD[key]}" if key in INSTEAD else ""
             raise UsageError(f"--method {method} does not read {flag} (read by --method {' and '.join(readers)}){hint}")
-
-
-def recipe_path(name_or_path: str) -> Path:
-    """A recipe by name (recipes/NAME.toml) or by path."""
-    path = Path(name_or_path)
-    if path.suffix == ".toml" or path.exists():
-        if not path.is_file():
-            raise UsageError(f"recipe file not found: {path}")
-        return path
-    candidate = RECIPES_DIR / f"{name_or_path}.toml"
-    if not candidate.is_file():
-        raise UsageError(f"unknown recipe {name_or_path!r}; built-in recipes: {', '.join(list_recipes())}")
-    return candidate
-
-
-def list_recipes() -> list[str]:
-    return sorted(p.stem for p in RECIPES_DIR.glob("*.toml"))
-
-
-def _read_recipe(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
-    """A recipe file's keys over those of the recipe it extends, and so on down the chain
-    (`chain`: the files that led here, to catch a cycle)."""
-    values = _recipe_file(path)
-    base = values.pop(EXTENDS, None)
-    if base is None:
-        return values
-    chain = (*chain, path)
-    try:
-        base_path = _base_path(base, path)
-    except UsageError as e:
-        raise UsageError(f"recipe {path}, {EXTENDS} = {base!r}: {e}") from None
-    if base_path.resolve() in {p.resolve() for p in chain}:
-        raise UsageError(f"recipes extend each other in a cycle: {' → '.join(map(str, (*chain, base_path)))}")
-    return _extend(_read_recipe(base_path, chain), values)
-
-
-def _recipe_file(path: Path) -> dict[str, Any]:
-    """One recipe file's own keys, checked: known keys of the right type, [per_steps.N] tables."""
-    try:
-        values = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as e:
-        raise UsageError(f"recipe {path} is not valid TOML: {e}") from e
-    if not isinstance(values.get(EXTENDS, ""), str):
-        raise UsageError(f"recipe {path}: {EXTENDS} = {values[EXTENDS]!r} is not a recipe name or path")
-    per_steps = values.get(PER_STEPS, {})
-    check_keys({k: v for k, v in values.items() if k not in (PER_STEPS, EXTENDS)}, f"recipe {path}")
-    if not isinstance(per_steps, dict) or not all(k.isdigit() and isinstance(v, dict) for k, v in per_steps.items()):
-        raise UsageError(f"recipe {path}: [{PER_STEPS}] holds tables named by a step count, e.g. [{PER_STEPS}.1]")
-    for steps, table in per_steps.items():
-        check_keys(table, f"recipe {path}, [{PER_STEPS}.{steps}]")
-    return values
-
-
-def _base_path(name: str, recipe: Path) -> Path:
-    """The recipe an `extends` names: a file relative to the recipe's own folder, else a built-in recipe."""
-    beside = recipe.parent / name
-    return recipe_path(str(beside) if beside.suffix == ".toml" or beside.exists() else name)
-
-
-def _extend(base: dict[str, Any], own: dict[str, Any]) -> dict[str, Any]:
-    """`base` updated by `own`, their [per_steps.N] tables too, key by key."""
-    values = {**base, **own}
-    per_steps = {n: dict(table) for n, table in base.get(PER_STEPS, {}).items()}
-    for n, table in own.get(PER_STEPS, {}).items():
-        per_steps.setdefault(n, {}).update(table)
-    if per_steps:
-        values[PER_STEPS] = per_steps
-    return values
-
-
-def recipe_continues(name_or_path: str) -> str | None:
-    """The recipe whose run this recipe's run continues (--init-from), if it is a second stage."""
-    return _read_recipe(recipe_path(name_or_path)).get("continues")
-
-
-def second_stage_note(recipe: str | None, config: DistillConfig) -> str | None:
-    """What a run of a second-stage recipe is told when it has no --init-from: it starts from the teacher."""
-    first = recipe_continues(recipe) if recipe and config.init_from is None else None
-    if first is None:
-        return None
-    return (
-        f"note: recipe {recipe} is the second stage of {first}; without --init-from RUN (a {first} run) "
-        "it starts from the teacher"
-    )
-
-
-def load_recipe(name_or_path: str) -> dict[str, Any]:
-    """A recipe's values (those it extends included), its [per_steps.N] tables keyed by N."""
-    values = _read_recipe(recipe_path(name_or_path))
-    per_steps = values.pop(PER_STEPS, {})
-    values = {k: v for k, v in values.items() if k not in RECIPE_ONLY_KEYS}
-    return {**values, PER_STEPS: {int(k): v for k, v in per_steps.items()}} if per_steps else values
 
 
 def check_keys(values: dict[str, Any], where: str) -> None:
@@ -365,47 +313,6 @@ def _field_types() -> dict[str, type]:
 
 FIELD_TYPES = _field_types()
 _TYPE_WORDS = {int: "a whole number", float: "a number", bool: "true or false", str: "a string"}
-
-# Local paths a run reads again on --resume or that its student records: kept absolute, so a run
-# folder works from any working directory. (The teacher too when it is an existing folder, as
-# resolve_teacher makes it; the teacher families' data set names and `--prompts -` are names, not paths.)
-PATH_KEYS = ("prompts", "data", "pairs_dir", "init_from")
-
-
-def absolute_paths(values: dict[str, Any]) -> dict[str, Any]:
-    from dmdcli.models.families import data_names
-    from dmdcli.models.teacher import local_teacher_folder
-
-    not_paths = {"data": data_names(), "prompts": ["-"]}
-    values = dict(values)
-    if isinstance(values.get("teacher"), str):
-        values["teacher"] = local_teacher_folder(values["teacher"]) or values["teacher"]
-    for key in PATH_KEYS:
-        value = values.get(key)
-        if isinstance(value, str) and value not in not_paths.get(key, ()):
-            values[key] = str(Path(value).expanduser().resolve())
-    return values
-
-
-def resolve_config(recipe: str | None, overrides: dict[str, Any], base: dict[str, Any] | None = None) -> DistillConfig:
-    """Defaults, then the recipe's keys (or `base`, a resumed run's values), then the command
-    line's explicitly given options."""
-    values: dict[str, Any] = dict(base) if base else (load_recipe(recipe) if recipe else {})
-    check_keys(overrides, "command line")
-    given = {k: v for k, v in overrides.items() if v is not None}
-    steps = given.get("steps", values.get("steps", DistillConfig.steps))
-    values.update(values.pop(PER_STEPS, {}).get(steps, {}))
-    method = given.get("method", values.get("method", "dmd2"))
-    check_method_options(method, given)
-    preset = METHOD_PRESETS.get(method, {})
-    if values.get("method", "dmd2") == method:
-        preset = {k: v for k, v in preset.items() if k not in values}  # a recipe written for this method wins
-    # Layers: code defaults → recipe → the method's preset (over a recipe written for another method) → command line.
-    values.update(preset)
-    values.update(given)
-    config = DistillConfig(**absolute_paths(values))
-    validate(config)
-    return config
 
 
 def validate(c: DistillConfig) -> None:
@@ -504,32 +411,8 @@ def validate(c: DistillConfig) -> None:
     )
 
 
-def choose_recipe(
-    recipe: str | None, teacher: str | None, steps: int | None, lora_rank: int | None, has_data: bool, resume: bool
-) -> tuple[str | None, str | None]:
-    """The recipe a run starts from, and its name when it was chosen for the teacher's family
-    (the run says so): the family's recipe default (dmdcli.models.families); `dmd distill` alone
-    gets the default family's, a built-in teacher's recipe (its whole run)."""
-    if recipe is not None or resume:
-        return recipe, None
-    from dmdcli.models.families import default_family, teacher_aliases
-    from dmdcli.models.teacher import teacher_family
-
-    family = default_family() if teacher is None else teacher_family(teacher)
-    chosen = family.recipe(steps or DistillConfig.steps, lora_rank)
-    if teacher is None and has_data:  # most likely a forgotten --teacher
-        raise UsageError(
-            "--prompts/--data without --teacher: pass --teacher (a diffusers folder, hub id, or "
-            f"{', '.join(teacher_aliases())}), or --recipe {chosen} to use them with {family.title}"
-        )
-    return chosen, None if family.builtin_teacher else chosen
-
-
 METHODS = ("dmd2", "dmd", "progressive")
 LR_SCHEDULES = ("constant", "cosine", "linear")
-# DMD v1 (arXiv 2311.18828): the fake score is updated once per generator update, and the
-# regression loss (λ = 0.25) replaces DMD2's two time-scale rule and GAN as the stabilizer.
-METHOD_PRESETS = {"dmd": {"fake_updates_per_gen": 1, "regression_weight": 0.25}}
 DISTANCE_CHOICES = ("auto", "lpips", *REGRESSION_DISTANCES)  # LPIPS needs its package: train/regression.py
 
 
@@ -544,85 +427,3 @@ def write_config(config: DistillConfig, path: Path, extra: dict[str, Any] | None
         values["resolved"] = {k: v for k, v in extra.items() if v is not None}
     text = tomli_w.dumps(values)
     atomic_write(path, lambda tmp: tmp.write_text(text))
-
-
-# Options that may change when a run is resumed; every other key must match the checkpoint.
-RESUMABLE_KEYS = {
-    "iterations",
-    "out",
-    "log_every",
-    "sample_every",
-    "grid_size",
-    "teacher_grid_steps",
-    "checkpoint_every",
-    "keep_checkpoints",
-    "skip_nonfinite",
-    "cache_prompts",  # where the conditionings are computed, not what they are (and absent from older checkpoints)
-    "fsdp",  # how the weights are laid out across processes, not what they are: checkpoints are the same
-}
-
-
-# What decides the shapes and meaning of the trained weights: another run's checkpoint can
-# initialize this one (--init-from) only where these agree.
-WEIGHT_KEYS = ("teacher", "lora_rank", "lora_alpha", "shared_base", "fake_lora_rank")
-
-
-def _as_used(values: dict[str, Any]) -> dict[str, Any]:
-    """Values as a run uses them, so that spelling a default out is no change: the defaults that
-    follow other keys filled in by DistillConfig's own rules (alpha = rank, fake rank = rank, fake
-    lr = lr), and the LoRA keys of a full fine-tune dropped."""
-    c = DistillConfig(**{k: values[k] for k in FIELD_NAMES if k in values})
-    lora = bool(c.lora_rank)
-    shared = lora and c.shared_base
-    return {
-        **values,
-        "lora_alpha": c.lora_alpha_value() if lora else None,
-        "shared_base": shared,
-        "fake_lora_rank": c.fake_adapter_rank() if shared else None,
-        "fake_lr": c.fake_lr_value(),
-    }
-
-
-def _differences(saved: dict[str, Any], config: DistillConfig, keys) -> list[tuple[str, Any, Any]]:
-    """(key, saved value, this run's) for each of `keys` that differs as used; the LoRA keys that
-    follow the rank are left out when the rank itself differs."""
-    # absolute_paths: runs from before paths were stored absolute
-    current, saved = _as_used(config.to_dict()), _as_used(absolute_paths(saved))
-    found = [(k, saved.get(k), current[k]) for k in keys if saved.get(k) != current[k]]
-    if any(k == "lora_rank" for k, _, _ in found):
-        found = [d for d in found if d[0] not in ("lora_alpha", "shared_base", "fake_lora_rank")]
-    return found
-
-
-def init_conflicts(saved: dict[str, Any], config: DistillConfig) -> list[tuple[str, Any, Any]]:
-    """Where another run's networks differ from this one's: (key, there, here) for WEIGHT_KEYS."""
-    return _differences(saved, config, WEIGHT_KEYS)
-
-
-def resume_conflicts(saved: dict[str, Any], config: DistillConfig) -> list[tuple[str, Any, Any]]:
-    """Where this configuration contradicts the checkpoint's: (key, then, now) for every key but
-    RESUMABLE_KEYS."""
-    return _differences(saved, config, [k for k in FIELD_NAMES if k not in RESUMABLE_KEYS])
-
-
-def run_config_values(run: Path) -> dict[str, Any]:
-    """The configuration values a run folder was started with (its config.toml)."""
-    path = run / CONFIG_FILE
-    if not path.is_file():
-        raise UsageError(f"nothing to resume: {run} holds no run (no {CONFIG_FILE})")
-    try:
-        values = tomllib.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
-        raise DmdError(f"cannot read {path}: {first_line(e)}") from None
-    return {k: v for k, v in values.items() if k not in RECIPE_ONLY_KEYS}
-
-
-def resumed_values(out: str | None, overwrite: bool, recipe: str | None, init_from: str | None) -> dict[str, Any]:
-    """The values a --resume run goes on with: its run folder's own; nothing may choose others."""
-    if overwrite or recipe or init_from:
-        raise UsageError(
-            "--resume continues the run in --out with its own config.toml; drop --overwrite/--recipe/--init-from"
-        )
-    if out is None:
-        raise UsageError("--resume needs --out RUN, the run folder to continue")
-    return run_config_values(Path(out))

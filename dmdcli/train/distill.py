@@ -14,12 +14,14 @@ from typing import Any
 
 import torch
 
+from dmdcli import runfiles
 from dmdcli.core.sampler import uses_cfg
 from dmdcli.core.schedule import student_timesteps
 from dmdcli.data.images import scan_image_folder
 from dmdcli.errors import UsageError
+from dmdcli.runfiles import CHECKPOINTS_DIR
 from dmdcli.train import rundir
-from dmdcli.train.checkpoint import CHECKPOINTS_DIR, remove_leftovers
+from dmdcli.train.checkpoint import remove_leftovers
 from dmdcli.train.config import DistillConfig, write_config
 from dmdcli.train.data import Data, load_data
 from dmdcli.train.grids import COLLAPSE_RATIO, SampleGrid, diversity
@@ -227,7 +229,7 @@ class Distillation(Run):
                 if teacher_div is not None:
                     metrics.write({"iteration": 0, "diversity_teacher": teacher_div})
         if main:
-            write_config(c, self.out / rundir.CONFIG_FILE, self.resolved())
+            write_config(c, self.out / runfiles.CONFIG_FILE, self.resolved())
         self.accelerator.wait_for_everyone()
         return start_iteration, teacher_div, latest
 
@@ -246,7 +248,7 @@ class Distillation(Run):
         # Only the main process writes the run folder (metrics, grids, checkpoints, student); the
         # layout says which processes draw the grids (all, when every forward needs every process).
         grids = self.layout.draws_grids(main)
-        metrics = rundir.MetricsLog(self.out / rundir.METRICS_FILE, enabled=main)
+        metrics = rundir.MetricsLog(self.out / runfiles.METRICS_FILE, enabled=main)
         start_iteration, teacher_div, latest = self._begin(metrics, grids)
         extra = {"teacher_diversity": teacher_div, "latest": latest}  # what checkpoints keep beside the weights
 
@@ -276,7 +278,7 @@ class Distillation(Run):
                         raise SystemExit(128 + signum)
                     raise Interrupted(signum, done, path, self.out)
             # Still under the handler: a signal now lets the final grid and checkpoint finish.
-            summary = {"out": str(self.out), "student": str(self.out / rundir.STUDENT_FILE), "iterations": done}
+            summary = {"out": str(self.out), "student": str(self.out / runfiles.STUDENT_FILE), "iterations": done}
             if grids:
                 grid, grid_record = self.save_grid(done, teacher_div)
                 metrics.write({"iteration": done, **grid_record})

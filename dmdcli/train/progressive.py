@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from dmdcli import runfiles
 from dmdcli.core import progressive as pd
 from dmdcli.core.denoiser import Cond, Denoiser, expand_cond
 from dmdcli.core.sampler import ddim_sample, guided_prediction, uses_cfg
@@ -232,8 +233,8 @@ class ProgressiveDistillation(Run):
         c = self.config
         start = time.perf_counter()
         rundir.create_run_folder(self.out)
-        write_config(c, self.out / rundir.CONFIG_FILE, self.resolved())
-        metrics = rundir.MetricsLog(self.out / rundir.METRICS_FILE)
+        write_config(c, self.out / runfiles.CONFIG_FILE, self.resolved())
+        metrics = rundir.MetricsLog(self.out / runfiles.METRICS_FILE)
         teacher_unet = self.teacher.unet  # fp32: each round copies its student from it before casting it
         logs: dict[str, float] = {}
         grid = None
@@ -242,7 +243,7 @@ class ProgressiveDistillation(Run):
             info = self.student_info(steps, r + 1, (r + 1) * c.iterations_per_round)
             weights = student_unet.state_dict()
             rundir.save_student(self.out / rundir.ROUNDS_DIR / f"round-{r + 1}-{steps}step.safetensors", weights, info)
-            rundir.save_student(self.out / rundir.STUDENT_FILE, weights, info)
+            rundir.save_student(self.out / runfiles.STUDENT_FILE, weights, info)
             grid = self.save_grid(student_unet, steps, f"round-{r + 1}-{steps}step")
             self.ui.message(
                 f"round {r + 1}: {steps}-step student saved (loss {logs.get('loss_progressive', float('nan')):.4g})"
@@ -252,7 +253,7 @@ class ProgressiveDistillation(Run):
             teacher_unet = student_unet
         return {
             "out": str(self.out),
-            "student": str(self.out / rundir.STUDENT_FILE),
+            "student": str(self.out / runfiles.STUDENT_FILE),
             "grid": str(grid),
             "method": "progressive",
             "rounds": len(self.rounds),

@@ -26,14 +26,13 @@ from torch import Tensor
 from dmdcli.errors import UsageError
 from dmdcli.files import atomic_save_file, atomic_write, check_can_make
 
-# The read side lives below the models (they find students in run folders); imported from here too.
-from dmdcli.runfiles import (  # noqa: F401
+# The read side lives below the models (they find students in run folders): dmdcli/runfiles.py.
+from dmdcli.runfiles import (
     CHECKPOINTS_DIR,
     CONFIG_FILE,
     METRICS_FILE,
     STUDENT_FILE,
     STUDENT_FORMAT,
-    read_student_info,
 )
 
 SAMPLES_DIR = "samples"

@@ -10,26 +10,26 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from dmdcli import runfiles
 from dmdcli.errors import DmdError, UsageError, first_line
 from dmdcli.models.lora import LORA_TARGET_MODULES
+from dmdcli.runfiles import CHECKPOINTS_DIR, is_checkpoint, read_checkpoint
 from dmdcli.train import rundir
 from dmdcli.train.checkpoint import (
-    CHECKPOINTS_DIR,
     checkpoint_keys,
     checkpoint_name,
-    is_checkpoint,
     latest_checkpoint,
     optimizer_state,
     optimizer_state_dict,
-    read_checkpoint,
     restore_rng,
     staging_dir,
     write_checkpoint,
     write_rng,
 )
-from dmdcli.train.config import DistillConfig, init_conflicts, resume_conflicts
+from dmdcli.train.config import DistillConfig
 from dmdcli.train.layouts import Layout
 from dmdcli.train.networks import Networks
+from dmdcli.train.resume import init_conflicts, resume_conflicts
 from dmdcli.train.stop import RunFinished
 
 
@@ -76,9 +76,9 @@ def checkpoint_to_resume(out: Path, config: DistillConfig, accelerator, ui) -> P
 def _student_from_final_checkpoint(out: Path, found: Path, state: dict[str, Any], accelerator) -> str:
     """The student of a finished run, written from its last checkpoint when the run stopped
     between the two (a full disk, a kill); a note for the user, or "" when it was there."""
-    student = out / rundir.STUDENT_FILE
+    student = out / runfiles.STUDENT_FILE
     try:
-        if rundir.read_student_info(student).get("iterations") == state["iteration"]:
+        if runfiles.read_student_info(student).get("iterations") == state["iteration"]:
             return ""
     except DmdError:  # missing or damaged
         pass
@@ -180,7 +180,7 @@ class Checkpoints:
             path = write_checkpoint(
                 self.out, iteration, tensors, state, self.config.keep_checkpoints, staged, acc.num_processes
             )
-            rundir.save_student(self.out / rundir.STUDENT_FILE, student, self.info(iteration))
+            rundir.save_student(self.out / runfiles.STUDENT_FILE, student, self.info(iteration))
         acc.wait_for_everyone()
         return path
 
