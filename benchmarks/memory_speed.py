@@ -158,7 +158,8 @@ def measure(arch: str, layout: str, args, spec) -> dict:
         cond["time_ids"] = torch.tensor([[r, r, 0, 0, r, r]], device=device).expand(args.batch_size, 6)
     uncond = {k: torch.zeros_like(v) for k, v in cond.items()}
     latent = (args.batch_size, spec.latent_channels, side, side)
-    denoiser = get_family(spec.family).denoiser
+    family, schedule = get_family(spec.family), spec.schedule()
+    denoiser = lambda network: family.denoiser(network, schedule)  # noqa: E731
     probe = (
         lambda fake, on: denoiser(fake).bottleneck(
             torch.zeros(1, *latent[1:], device=on),
@@ -167,10 +168,9 @@ def measure(arch: str, layout: str, args, spec) -> dict:
         )
     )
     sharding = sharding_options(accelerator, accelerator.mixed_precision) if config.fsdp else None
-    layout = layout_for(config, sharding, accelerator.num_processes)
+    layout = layout_for(config, family.lora_targets, sharding, accelerator.num_processes)
     nets = layout.build(base, device, frozen, probe)
     weights = torch.cuda.memory_allocated() / GIB if cuda else resident_gib() - resident_before
-    schedule = spec.schedule()
     timesteps = student_timesteps(args.steps, 1000, 399)
     step = build_step(nets, denoiser, layout.data_parallel(accelerator), schedule, config, timesteps, accelerator)
 

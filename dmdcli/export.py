@@ -26,7 +26,7 @@ from torch import Tensor
 
 from dmdcli.errors import DmdError, UsageError, first_line
 from dmdcli.files import atomic_save_file, check_can_make, share_as_umask
-from dmdcli.models.student import DTYPES, EXPORT_INFO_FILE, ModelSource, find_model, load_student_unet
+from dmdcli.models.student import DTYPES, EXPORT_INFO_FILE, ModelSource, find_model, load_student_network
 from dmdcli.train import rundir
 
 FORMATS = ("diffusers", "lora", "kohya", "unet")
@@ -198,7 +198,7 @@ def export_diffusers(source: ModelSource, out: Path, dtype: torch.dtype, allow_p
     from diffusers import DiffusionPipeline
 
     spec, info = source.spec(), source.info
-    unet = load_student_unet(source, allow_pickle)
+    unet = load_student_network(source, allow_pickle)
     # Pipelines default to unet.config.sample_size × the VAE factor: make that the student's resolution.
     resolution = source.resolution(spec)
     unet.register_to_config(sample_size=resolution // spec.vae_scale_factor)
@@ -290,7 +290,7 @@ def export_kohya(source: ModelSource, out: Path, dtype: torch.dtype, allow_pickl
 
 def export_unet(source: ModelSource, out: Path, dtype: torch.dtype, allow_pickle: bool) -> list[Path]:
     """The fused UNet's state dict; its header is a full student's, so `dmd sample --model FILE` works."""
-    unet = load_student_unet(source, allow_pickle)
+    unet = load_student_network(source, allow_pickle)
     info = {k: v for k, v in source.info.items() if not k.startswith("lora_")}
     info.update(kind="full", exported_from=str(source.path), dtype=_dtype_name(dtype))
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -9,7 +9,8 @@ import torch
 from dmdcli import runfiles
 from dmdcli.core.schedule import student_timesteps
 from dmdcli.models.families import get_family
-from dmdcli.models.lora import LORA_TARGET_MODULES, add_generator_lora, lora_state_dict
+from dmdcli.models.lora import add_generator_lora, lora_state_dict
+from dmdcli.models.sd import UNET_LORA_TARGETS
 from dmdcli.models.teacher import inspect_teacher
 from dmdcli.train import rundir
 
@@ -23,7 +24,7 @@ def make_student(out: Path, teacher: Path, layout: str, kind: str, steps: int, s
     unet = UNet2DConditionModel.from_pretrained(teacher, subfolder="unet")
     g = torch.Generator().manual_seed(seed)
     if kind == "lora":
-        add_generator_lora(unet, RANK, ALPHA)
+        add_generator_lora(unet, RANK, ALPHA, UNET_LORA_TARGETS)
         weights = {k: 0.2 * torch.randn(v.shape, generator=g) for k, v in lora_state_dict(unet).items()}
     else:
         weights = {
@@ -45,7 +46,7 @@ def make_student(out: Path, teacher: Path, layout: str, kind: str, steps: int, s
         "seed": seed,
     }
     if kind == "lora":
-        info.update(lora_rank=RANK, lora_alpha=ALPHA, lora_target_modules=LORA_TARGET_MODULES)
+        info.update(lora_rank=RANK, lora_alpha=ALPHA, lora_target_modules=list(UNET_LORA_TARGETS))
     out.mkdir(parents=True, exist_ok=True)
     rundir.save_student(out / runfiles.STUDENT_FILE, weights, info)
     return out

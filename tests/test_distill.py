@@ -124,14 +124,14 @@ def test_trained_networks_change_and_the_teacher_does_not(tmp_path, tiny_sdxl, p
     run = Distillation(config, SilentUI())
     snapshot = lambda m: {k: v.detach().clone() for k, v in m.state_dict().items()}  # noqa: E731
     teacher, generator, fake = (
-        snapshot(run.teacher.unet),
+        snapshot(run.teacher.network),
         snapshot(run.nets.generator_unet),
         snapshot(run.nets.fake_unet),
     )
     head = snapshot(run.step.dmd2.discriminator)
     run.run()
     changed = lambda before, m: sum(not torch.equal(v, m.state_dict()[k]) for k, v in before.items())  # noqa: E731
-    assert changed(teacher, run.teacher.unet) == 0
+    assert changed(teacher, run.teacher.network) == 0
     assert changed(generator, run.nets.generator_unet) > 0.5 * len(generator)
     assert changed(fake, run.nets.fake_unet) > 0.5 * len(fake)
     assert changed(head, run.step.dmd2.discriminator) == len(head)
@@ -512,10 +512,10 @@ def test_v_prediction_teacher_distills(tmp_path, prompts_file):
 
 
 def test_a_replaced_vae_is_not_served_the_old_latents(tmp_path, tiny_sd):
-    from dmdcli.models.teacher import Teacher
+    from dmdcli.models.pipeline import load_teacher
 
     folder = shutil.copytree(tiny_sd, tmp_path / "teacher")
-    teacher = Teacher(inspect_teacher(str(folder)), torch.device("cpu"), torch.float32, 32)
+    teacher = load_teacher(inspect_teacher(str(folder)), torch.device("cpu"), torch.float32, 32)
     before = teacher.latent_cache_id
     weights = next((folder / "vae").glob("*.safetensors"))
     weights.write_bytes(weights.read_bytes() + b" ")  # another VAE file in the same folder
@@ -571,9 +571,10 @@ def test_lora_weights_that_do_not_fit_name_their_keys(tiny_sd):
     from diffusers import UNet2DConditionModel
 
     from dmdcli.models.lora import GENERATOR_ADAPTER, add_generator_lora, load_lora_state_dict, lora_state_dict
+    from dmdcli.models.sd import UNET_LORA_TARGETS
 
     unet = UNet2DConditionModel.from_pretrained(str(tiny_sd), subfolder="unet")
-    add_generator_lora(unet, 4, 4)
+    add_generator_lora(unet, 4, 4, UNET_LORA_TARGETS)
     state = lora_state_dict(unet)
     load_lora_state_dict(unet, state)  # its own weights fit
     dropped = sorted(state)[0]
@@ -609,7 +610,7 @@ def test_lora_layouts(tmp_path, tiny_sdxl, prompts_file, image_folder, shared):
         },
     )
     run = Distillation(config, SilentUI())
-    teacher_ids = {id(p) for p in run.teacher.unet.parameters()}
+    teacher_ids = {id(p) for p in run.teacher.network.parameters()}
     frozen = lambda m: [p for p in m.parameters() if not p.requires_grad]  # noqa: E731
     trainable = lambda m: [p for p in m.parameters() if p.requires_grad]  # noqa: E731
     if shared:  # one set of base weights: the frozen parameters of all three trees are the teacher's
@@ -619,13 +620,13 @@ def test_lora_layouts(tmp_path, tiny_sdxl, prompts_file, image_folder, shared):
         assert ranks == {2}
     else:  # the reference layout: a full trainable fake score and the generator on its own copy
         assert not any(id(p) in teacher_ids for p in run.nets.fake_unet.parameters())
-        assert len(trainable(run.nets.fake_unet)) == len(list(run.teacher.unet.parameters()))
-    teacher_before = {k: v.clone() for k, v in run.teacher.unet.state_dict().items()}
+        assert len(trainable(run.nets.fake_unet)) == len(list(run.teacher.network.parameters()))
+    teacher_before = {k: v.clone() for k, v in run.teacher.network.state_dict().items()}
     lora_before = {
         id(p): p.detach().clone() for p in trainable(run.nets.generator_unet) + trainable(run.nets.fake_unet)
     }
     run.run()
-    assert all(torch.equal(v, run.teacher.unet.state_dict()[k]) for k, v in teacher_before.items())
+    assert all(torch.equal(v, run.teacher.network.state_dict()[k]) for k, v in teacher_before.items())
     moved = [
         p
         for p in trainable(run.nets.generator_unet) + trainable(run.nets.fake_unet)
@@ -671,7 +672,7 @@ def test_bf16_keeps_frozen_weights_in_bf16_and_trained_weights_in_fp32(
     )
     run = Distillation(config, SilentUI())
     assert run.accelerator.mixed_precision == "bf16"
-    assert {p.dtype for p in run.teacher.unet.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in run.teacher.network.parameters()} == {torch.bfloat16}
     assert {p.dtype for p in run.teacher.vae.parameters()} == {torch.float32}
     nets = run.nets
     trained = nets.generator_params + nets.fake_params

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from dmdcli.cli import app
 from dmdcli.export import TIMESTEP_SCALING, student_scheduler
-from dmdcli.models.student import find_model, load_student_unet
+from dmdcli.models.student import find_model, load_student_network
 from dmdcli.models.teacher import inspect_teacher
 
 runner = CliRunner()
@@ -154,7 +154,7 @@ def test_lora_files_load_into_the_teacher_and_reproduce_the_student(
 
     x, t, kwargs = unet_inputs(layout)
     with torch.no_grad():
-        student = load_student_unet(find_model(str(run)))(x, t, **kwargs).sample
+        student = load_student_network(find_model(str(run)))(x, t, **kwargs).sample
         pipe = load_pipeline(tiny_sd if layout == "sd" else tiny_sdxl)
         teacher = pipe.unet(x, t, **kwargs).sample
         pipe.load_lora_weights(str(out))
@@ -178,7 +178,7 @@ def test_unet_export_in_fp16_is_the_fused_student(tmp_path, students, tiny_sdxl)
     unet.load_state_dict(weights)
     x, t, kwargs = unet_inputs("sdxl")
     with torch.no_grad():
-        student = load_student_unet(find_model(str(run)))(x, t, **kwargs).sample
+        student = load_student_network(find_model(str(run)))(x, t, **kwargs).sample
         got = unet(x, t, **kwargs).sample
     assert (got - student).abs().max() < 2e-2  # fp16 weights
     namespace = {}

@@ -9,9 +9,14 @@ from dmdcli.errors import DmdError
 from dmdcli.models import families
 from dmdcli.models.architectures import write_config_only_pipeline
 from dmdcli.models.families import EvalSet, Family
+from dmdcli.models.sd import SDTeacher, unet_shape
 from dmdcli.models.teacher import inspect_teacher, local_teacher_folder, resolve_teacher, teacher_family
 from dmdcli.models.unet import UNetDenoiser
 from dmdcli.train.recipes import absolute_paths, choose_recipe
+
+
+def unet_denoiser(unet, schedule):
+    return UNetDenoiser(unet)
 
 
 def _fake_pipeline(folder):
@@ -46,7 +51,9 @@ def test_a_family_registered_outside_the_runtime_is_recognised_and_gets_its_defa
         Family(
             name="fake",
             layout="sd",
-            denoiser=UNetDenoiser,
+            teacher=SDTeacher,
+            denoiser=unet_denoiser,
+            network_shape=unet_shape,
             conditioning_timestep=500,
             recognises=lambda index: index.get("unet", [None, None])[1] == "FakeUNet",
             aliases={"fake-1": "someone/fake-model-1"},
@@ -64,7 +71,7 @@ def test_a_family_registered_outside_the_runtime_is_recognised_and_gets_its_defa
     assert choose_recipe(None, "fake-1", 1, None, True, False) == announced
     assert choose_recipe(None, str(teacher), None, None, True, False) == announced
     assert choose_recipe(None, "fake-1", 4, None, True, False) == (None, None)
-    assert families.get_family(spec.family).denoiser is UNetDenoiser
+    assert families.get_family(spec.family).denoiser is unet_denoiser
     assert families.get_family(spec.family).conditioning_timestep == 500
     # Its data set is a name, resolved to its folder, and not made into a path.
     assert families.resolve_data("fake-images") == str(tmp_path / "images")
@@ -78,7 +85,9 @@ def test_a_built_in_teacher_is_known_by_its_name_and_its_folder(registered, tmp_
         Family(
             name="world",
             layout="sd",
-            denoiser=UNetDenoiser,
+            teacher=SDTeacher,
+            denoiser=unet_denoiser,
+            network_shape=unet_shape,
             conditioning_timestep=999,
             builtin_teacher=lambda: str(teacher),
             recipe=lambda steps, lora_rank: "tiny",

@@ -8,6 +8,7 @@ from typer.testing import CliRunner
 
 from dmdcli.cli import app
 from dmdcli.models.architectures import write_config_only_pipeline
+from dmdcli.models.sd import UNET_LORA_TARGETS
 from dmdcli.models.teacher import inspect_teacher
 from dmdcli.train.config import DistillConfig
 from dmdcli.train.memory import _meta_unet, _saved_activations, _training_unet, estimate_memory
@@ -224,7 +225,7 @@ def _saved_by_a_real_forward(spec, adapter, resolution: int) -> int:
     torch.manual_seed(0)
     unet = UNet2DConditionModel.from_config(_meta_unet(spec).config)
     if adapter:
-        add_generator_lora(unet.to(torch.bfloat16), adapter[0], adapter[1], adapter_name=adapter[2])
+        add_generator_lora(unet.to(torch.bfloat16), adapter[0], adapter[1], UNET_LORA_TARGETS, adapter_name=adapter[2])
     else:
         unet.requires_grad_(True)
     weights = {p.untyped_storage().data_ptr() for p in unet.parameters()}
@@ -261,7 +262,12 @@ def test_meta_activations_match_a_real_forward(layout, adapter):
 
     spec = inspect_teacher(str(tiny_pipeline_cached(layout)))
     meta, _ = _saved_activations(
-        _training_unet(spec, torch.bfloat16, adapter), spec, 256, torch.bfloat16, "cpu", checkpointing=False
+        _training_unet(spec, torch.bfloat16, adapter, UNET_LORA_TARGETS),
+        spec,
+        256,
+        torch.bfloat16,
+        "cpu",
+        checkpointing=False,
     )
     real = _saved_by_a_real_forward(spec, adapter, 256)
     # The full layout's real count subtracts casts of norm weights that CPU autocast does not make: up to 5% over.
@@ -272,7 +278,7 @@ def test_checkpointing_keeps_block_inputs_and_one_recomputed_block():
     from dmdcli.models.tiny import tiny_pipeline_cached
 
     spec = inspect_teacher(str(tiny_pipeline_cached("sd")))
-    unet = lambda: _training_unet(spec, torch.bfloat16, (4, 4, "fake_score"))  # noqa: E731
+    unet = lambda: _training_unet(spec, torch.bfloat16, (4, 4, "fake_score"), UNET_LORA_TARGETS)  # noqa: E731
     whole, down = _saved_activations(unet(), spec, 256, torch.bfloat16, "cuda", checkpointing=False)
     kept, kept_down = _saved_activations(unet(), spec, 256, torch.bfloat16, "cuda", checkpointing=True)
     assert 0 < kept < whole / 2 and 0 < kept_down < down < whole

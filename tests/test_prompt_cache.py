@@ -11,7 +11,8 @@ from typer.testing import CliRunner
 import dmdcli.data.prompt_cache as prompt_cache
 from dmdcli.cli import app
 from dmdcli.data.prompt_cache import build_prompt_cache
-from dmdcli.models.teacher import Teacher, inspect_teacher
+from dmdcli.models.pipeline import load_teacher
+from dmdcli.models.teacher import inspect_teacher
 from dmdcli.train.distill import Distillation
 from dmdcli.train.recipes import resolve_config
 from dmdcli.train.ui import SilentUI
@@ -28,7 +29,7 @@ PROMPTS = [
 
 
 def cpu_teacher(folder, dtype=torch.float32):
-    return Teacher(inspect_teacher(str(folder)), torch.device("cpu"), dtype, 32)
+    return load_teacher(inspect_teacher(str(folder)), torch.device("cpu"), dtype, 32)
 
 
 @pytest.mark.parametrize("layout", ["sd", "sdxl"])
@@ -63,9 +64,9 @@ def test_training_runs_the_encoders_in_fp32_and_rounds_their_output_once(tiny_sd
     """As the DMD2 reference: fp32 CLIPs, their output rounded to bf16 once (what the UNets' linear
     layers read under autocast), so the cache holds it in bf16 with nothing lost."""
     spec = inspect_teacher(str(tiny_sdxl))
-    teacher = Teacher(spec, torch.device("cpu"), torch.bfloat16, 32, encoder_dtype=torch.float32)
+    teacher = load_teacher(spec, torch.device("cpu"), torch.bfloat16, 32, encoder_dtype=torch.float32)
     assert {p.dtype for te in teacher.text_encoders for p in te.parameters()} == {torch.float32}
-    exact = Teacher(spec, torch.device("cpu"), torch.float32, 32).encode_prompts(PROMPTS[:2])
+    exact = load_teacher(spec, torch.device("cpu"), torch.float32, 32).encode_prompts(PROMPTS[:2])
     direct = teacher.encode_prompts(PROMPTS[:2])
     for k in ("encoder_hidden_states", "text_embeds"):
         assert torch.equal(direct[k], exact[k].to(torch.bfloat16).float()), k

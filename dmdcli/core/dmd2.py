@@ -22,6 +22,9 @@ from dmdcli.core.gan_head import ClassifierHead
 from dmdcli.core.sampler import guided_prediction
 from dmdcli.core.schedule import NoiseSchedule
 
+DM_TIMESTEPS = ("shifted", "uniform", "logit-normal")
+FAKE_SCORE_TARGETS = ("prediction", "x0")
+
 
 def option(default, help: str, command_line: bool = True):
     """A config field with its one line of help, which `dmd distill --help` shows for it; a field
@@ -44,6 +47,15 @@ class DMD2Config:
     gan_discriminator_weight: float = option(1e-2, "Weight of the discriminator loss in the fake score update.")
     diffusion_gan: bool = option(False, "Noise real and fake latents at t < --diffusion-gan-max-timestep before D.")
     diffusion_gan_max_timestep: int = option(1000, "Upper bound of the diffusion-GAN timesteps.")
+    dm_timesteps: str = option(
+        "shifted",
+        "DM timesteps: shifted (uniform over the teacher's indices: for a flow teacher σ uniform, then its "
+        "shift) | uniform (σ uniform) | logit-normal (SD3's σ density); the last two: flow teachers only.",
+    )
+    fake_score_target: str = option(
+        "prediction",
+        "Fake score's denoising loss: prediction (MSE on the teacher's target: ε, v or flow velocity) | x0.",
+    )
     min_timestep_frac: float = option(
         0.02, "DM timesteps are drawn uniformly from [min, max]·T (reference).", command_line=False
     )
@@ -69,6 +81,8 @@ class DMD2:
         self.fake_score = fake_score
         self.discriminator = discriminator
         self.config = config or DMD2Config()
+        if self.config.dm_timesteps != "shifted" and not schedule.is_flow:
+            raise ValueError(f"dm_timesteps {self.config.dm_timesteps!r} draws σ of a flow-matching schedule")
         T = schedule.num_train_timesteps
         self.min_t = int(self.config.min_timestep_frac * T)
         self.max_t = min(int(self.config.max_timestep_frac * T), T - 1)
@@ -95,6 +109,20 @@ class DMD2:
             t = torch.zeros(batch, dtype=torch.long, device=x.device)
         return self.discriminator(self.fake_score.bottleneck(x, t, cond))
 
+    def dm_timesteps(self, batch: int, device: torch.device) -> Tensor:
+        """The DM gradient's timesteps [B]: uniform over the indices [min_t, max_t] (the reference's
+        rule; on a flow schedule, σ uniform in [min, max] then shifted as the teacher's table is), or
+        σ drawn unshifted (uniform, logit-normal) within [min, max] and taken to its nearest index."""
+        c = self.config
+        if c.dm_timesteps == "shifted":
+            return torch.randint(self.min_t, self.max_t + 1, (batch,), device=device)
+        if c.dm_timesteps == "uniform":
+            u = torch.rand(batch, device=device, dtype=torch.float64)
+        else:  # logit-normal: SD3's (Esser et al. 2024) training density of σ
+            u = torch.sigmoid(torch.randn(batch, device=device, dtype=torch.float64))
+        sigma = c.min_timestep_frac + (c.max_timestep_frac - c.min_timestep_frac) * u
+        return self.schedule.timesteps_at(sigma).clamp(self.min_t, self.max_t)
+
     # -- the two phases ------------------------------------------------------------------------
 
     def generator_losses(self, x: Tensor, cond: Cond, uncond: Cond | None) -> dict[str, Tensor]:
@@ -107,7 +135,7 @@ class DMD2:
         out: dict[str, Tensor] = {}
         if self.config.dm_weight > 0:
             with torch.no_grad():
-                t = torch.randint(self.min_t, self.max_t + 1, (x.shape[0],), device=x.device)
+                t = self.dm_timesteps(x.shape[0], x.device)
                 x_t = self.schedule.add_noise(x.detach(), torch.randn_like(x), t)
                 grad = losses.distribution_matching_grad(
                     x, self.real_x0(x_t, t, cond, uncond), self.fake_x0(x_t, t, cond)
@@ -135,7 +163,10 @@ class DMD2:
         noise = torch.randn_like(x_fake)
         x_t = self.schedule.add_noise(x_fake, noise, t)
         prediction = self.fake_score(x_t, t, cond)
-        out = {"denoise": losses.denoising_loss(prediction, self.schedule.target(x_fake, noise, t))}
+        if self.config.fake_score_target == "x0":
+            out = {"denoise": losses.denoising_loss(self.schedule.to_x0(x_t, prediction, t), x_fake)}
+        else:
+            out = {"denoise": losses.denoising_loss(prediction, self.schedule.target(x_fake, noise, t))}
         if self.discriminator is not None and x_real is not None:
             assert real_cond is not None
             out["gan_d"] = losses.gan_discriminator_loss(

@@ -3,6 +3,10 @@
 Inference with timesteps t_0 > t_1 > … (999, 749, 499, 249): x ← noise; for each k,
 x0 = G(x, t_k); x ← add_noise(x0, fresh noise, t_{k+1}); the last x0 is the image.
 In diffusers this is LCMScheduler with the same timesteps and guidance off.
+
+Timesteps are schedule indices for a DDPM-family and a flow-matching schedule alike (a denoiser
+adapter turns them into its network's input, `NoiseSchedule.network_timestep`); on a flow schedule
+`ddim_sample` is the Euler sampler of FlowMatchEulerDiscreteScheduler over the same sigmas.
 """
 
 from __future__ import annotations

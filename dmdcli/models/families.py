@@ -1,8 +1,9 @@
 """Teacher families behind one registry: what each kind of teacher brings, declared in its own module.
 
 A family says how a teacher of it is recognised (from its model_index.json, or by the name and
-folder of a teacher shipped with dmd), the adapter that puts its network behind the Denoiser
-interface, its --teacher aliases, its defaults (the 1-step conditioning timestep, the recipe a
+folder of a teacher shipped with dmd), how it is loaded (its PipelineTeacher, its network's folder
+and shape), the adapter that puts its network behind the Denoiser interface, the modules its LoRA
+adapters wrap, its --teacher aliases, its defaults (the 1-step conditioning timestep, the recipe a
 run gets without --recipe), its evaluation set and its named data sets. The runtime asks the
 lookups below and names no family; adding one is adding a module to FAMILY_MODULES, which
 registers itself on import.
@@ -20,6 +21,8 @@ if TYPE_CHECKING:
     from torch import nn
 
     from dmdcli.core.denoiser import Denoiser
+    from dmdcli.core.schedule import NoiseSchedule
+    from dmdcli.models.pipeline import PipelineTeacher
 
 # The one place that names the family modules, in the order they are asked (and listed in help).
 FAMILY_MODULES = ("dmdcli.models.sd", "dmdcli.shapes.family")
@@ -39,13 +42,29 @@ class EvalSet:
 
 
 @dataclass(frozen=True)
+class NetworkShape:
+    """What a family reads from its denoising network's config.json."""
+
+    native_latent_side: int  # the latent side it was trained at (× the VAE's factor: --resolution's default)
+    latent_channels: int  # channels of the latents the engine handles ([B, C, h, w])
+    downsample: int  # how many times the network divides the latent side (a UNet's levels, a patch size)
+
+
+@dataclass(frozen=True)
 class Family:
-    """One kind of teacher. Only `name`, `layout`, `denoiser` and `conditioning_timestep` are required."""
+    """One kind of teacher. Only `name`, `layout`, `teacher`, `denoiser`, `network_shape` and
+    `conditioning_timestep` are required."""
 
     name: str  # what TeacherSpec.family (and, for a built-in teacher, --teacher NAME) calls it
-    layout: str  # the pipeline code that loads it (TeacherSpec.layout): "sd" or "sdxl"
-    denoiser: Callable[[nn.Module], Denoiser]  # the adapter: the teacher's network → the one interface
+    layout: str  # what a student records it was trained on (TeacherSpec.layout): "sd", "sdxl", ...
+    teacher: type[PipelineTeacher]  # loads the frozen pipeline parts and conditions prompts
+    denoiser: Callable[[nn.Module, NoiseSchedule], Denoiser]  # the adapter: the network → the one interface
+    network_shape: Callable[[dict[str, Any]], NetworkShape]  # its network's config.json → its shape
     conditioning_timestep: int  # the t a 1-step student is told when --conditioning-timestep is not given
+    network: str = "unet"  # the pipeline's component (folder) that is the denoising network
+    lora_targets: tuple[str, ...] = ()  # module names of the network the LoRA adapters wrap
+    # (config.json of the network, of the VAE, of the scheduler) → why dmd cannot distill it, or None
+    unsupported: Callable[[dict[str, Any], dict[str, Any], dict[str, Any]], str | None] = lambda *configs: None
     recognises: Callable[[dict[str, Any]], bool] | None = None  # from model_index.json; None: by name only
     aliases: dict[str, str] = field(default_factory=dict)  # --teacher names → hub ids (listed in the help)
     builtin_teacher: Callable[[], str] | None = None  # the folder of a teacher shipped with dmd, named `name`

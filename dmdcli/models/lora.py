@@ -3,26 +3,10 @@ fake score's too, on module trees that share the teacher's frozen weights."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from torch import nn
 
-# The DMD2 reference's SDXL LoRA targets: attention, feed-forward, resnet convs, resampling
-# convs and the time-embedding projections.
-LORA_TARGET_MODULES = [
-    "to_q",
-    "to_k",
-    "to_v",
-    "to_out.0",
-    "proj_in",
-    "proj_out",
-    "ff.net.0.proj",
-    "ff.net.2",
-    "conv1",
-    "conv2",
-    "conv_shortcut",
-    "downsamplers.0.conv",
-    "upsamplers.0.conv",
-    "time_emb_proj",
-]
 GENERATOR_ADAPTER = "generator"
 FAKE_SCORE_ADAPTER = "fake_score"
 
@@ -45,17 +29,17 @@ def add_generator_lora(
     unet: nn.Module,
     rank: int,
     alpha: float,
-    target_modules: list[str] | None = None,
+    target_modules: Sequence[str],
     adapter_name: str = GENERATOR_ADAPTER,
 ) -> list[nn.Parameter]:
     """Freeze `unet`, add a LoRA adapter (peft's default init, as the reference's LoraConfig:
     Kaiming-uniform A, zero B, so the student starts as the teacher) and return its
-    trainable parameters, in fp32 whatever the base's dtype. `target_modules` defaults to
-    LORA_TARGET_MODULES (a saved student passes the list from its metadata)."""
+    trainable parameters, in fp32 whatever the base's dtype. `target_modules`: the family's
+    (Family.lora_targets; a saved student passes the list from its metadata)."""
     from peft import LoraConfig
 
     unet.requires_grad_(False)
-    targets = list(target_modules or LORA_TARGET_MODULES)
+    targets = list(target_modules)
     config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets)
     unet.add_adapter(config, adapter_name=adapter_name)
     params = [p for p in unet.parameters() if p.requires_grad]

@@ -35,11 +35,12 @@ from torch import Tensor, nn
 
 from dmdcli.core.denoiser import Cond
 from dmdcli.core.sampler import ddim_sample, sample
-from dmdcli.core.schedule import NoiseSchedule, ddim_timesteps, student_timesteps
+from dmdcli.core.schedule import ddim_timesteps, student_timesteps
 from dmdcli.errors import DmdError, UsageError, first_line
 from dmdcli.files import read_json
 from dmdcli.models.families import get_family
-from dmdcli.models.teacher import Teacher, TeacherSpec, inspect_teacher, looks_like_path, resolve_teacher
+from dmdcli.models.pipeline import from_pretrained, load_teacher
+from dmdcli.models.teacher import TeacherSpec, inspect_teacher, looks_like_path, resolve_teacher
 from dmdcli.runfiles import (
     CONFIG_FILE,
     METRICS_FILE,
@@ -170,7 +171,7 @@ def load_student_weights(unet: nn.Module, source: ModelSource) -> nn.Module:
         raise DmdError(f"{source.name} holds no student weights to load")
     info, weights = source.info, source.weights()
     if info.get("kind") == "lora":
-        fuse_lora_student(unet, weights, info)
+        fuse_lora_student(unet, weights, info, get_family(source.spec().family).lora_targets)
         return unet
     try:
         unet.load_state_dict({k: v.to(torch.float32) for k, v in weights.items()}, strict=True)
@@ -179,11 +180,15 @@ def load_student_weights(unet: nn.Module, source: ModelSource) -> nn.Module:
     return unet
 
 
-def fuse_lora_student(unet: nn.Module, weights: dict[str, Tensor], info: dict[str, Any]) -> None:
-    """Add the generator LoRA described by `info`, load `weights` (peft layout) and fuse it."""
+def fuse_lora_student(
+    unet: nn.Module, weights: dict[str, Tensor], info: dict[str, Any], family_targets: tuple[str, ...]
+) -> None:
+    """Add the generator LoRA described by `info` (on its recorded target modules, else the
+    family's), load `weights` (peft layout) and fuse it."""
     from dmdcli.models.lora import add_generator_lora, load_lora_state_dict
 
-    add_generator_lora(unet, int(info["lora_rank"]), float(info["lora_alpha"]), info.get("lora_target_modules"))
+    targets = info.get("lora_target_modules") or family_targets
+    add_generator_lora(unet, int(info["lora_rank"]), float(info["lora_alpha"]), targets)
     try:
         load_lora_state_dict(unet, weights)
     except (ValueError, RuntimeError) as e:  # RuntimeError: peft's shape mismatch (another rank)
@@ -192,17 +197,18 @@ def fuse_lora_student(unet: nn.Module, weights: dict[str, Tensor], info: dict[st
     unet.unload_lora()
 
 
-def load_student_unet(source: ModelSource, allow_pickle: bool = False) -> nn.Module:
-    """The student as a plain UNet2DConditionModel in float32 on the CPU (LoRA fused)."""
-    from diffusers import UNet2DConditionModel
+def load_student_network(source: ModelSource, allow_pickle: bool = False) -> nn.Module:
+    """The student as a plain network of its teacher's class (a UNet2DConditionModel, ...) in
+    float32 on the CPU (LoRA fused)."""
+    import diffusers
 
-    from dmdcli.models.teacher import _from_pretrained
-
-    unet = _from_pretrained(UNet2DConditionModel, source.spec(), "unet", allow_pickle)
-    unet = unet.to(torch.float32).requires_grad_(False).eval()
+    spec = source.spec()
+    network_class = getattr(diffusers, get_family(spec.family).teacher.network_class)
+    network = from_pretrained(network_class, spec, spec.network, allow_pickle)
+    network = network.to(torch.float32).requires_grad_(False).eval()
     if source.kind == "student":
-        load_student_weights(unet, source)
-    return unet
+        load_student_weights(network, source)
+    return network
 
 
 # -- samplers ---------------------------------------------------------------------------------
@@ -272,15 +278,15 @@ class StudentSampler:
         resolution = source.resolution(self.spec)
         self.default_size = (resolution, resolution)
         self.default_steps = int(info["steps"])
-        self.teacher = Teacher(self.spec, device, dtype, resolution, allow_pickle)
+        self.teacher = load_teacher(self.spec, device, dtype, resolution, allow_pickle)
         if source.kind == "student":
-            load_student_weights(self.teacher.unet.to(torch.float32), source)
-        self.unet = self.teacher.unet.to(device, dtype)
-        self.generator = get_family(self.spec.family).denoiser(self.unet)
+            load_student_weights(self.teacher.network.to(torch.float32), source)
+        self.unet = self.teacher.network.to(device, dtype)
         teacher_schedule = self.spec.schedule()
-        self.schedule = NoiseSchedule(
-            teacher_schedule.alphas_cumprod, info.get("prediction_type", teacher_schedule.prediction_type)
+        self.schedule = teacher_schedule.with_prediction_type(
+            info.get("prediction_type", teacher_schedule.prediction_type)
         )
+        self.generator = get_family(self.spec.family).denoiser(self.unet, self.schedule)
         self.ddim = info.get("sampler") == "ddim"  # a progressive-distillation student
         self.device = device
 

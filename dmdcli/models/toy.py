@@ -2,8 +2,8 @@
 
 Its noised density is known in closed form, so the teacher is the exact posterior mean E[x0|x_t]
 rather than a trained network. The tests distill it with DMD2 into a one-step MLP generator and
-measure the result against true samples. Conditioning is empty ({}): the mixture is
-unconditional, and classifier-free guidance is off (scale 1).
+measure the result against true samples, under a DDPM or a flow-matching schedule. Conditioning
+is empty ({}): the mixture is unconditional, and classifier-free guidance is off (scale 1).
 """
 
 from __future__ import annotations
@@ -14,13 +14,18 @@ import torch
 from torch import Tensor, nn
 
 from dmdcli.core.denoiser import Cond
-from dmdcli.core.schedule import NoiseSchedule
+from dmdcli.core.schedule import NoiseSchedule, flow_sigmas, shift_sigmas
 
 
 def toy_schedule(num_train_timesteps: int = 1000) -> NoiseSchedule:
     """DDPM's linear β schedule (1e-4 … 0.02), ε-prediction."""
     betas = torch.linspace(1e-4, 0.02, num_train_timesteps, dtype=torch.float64)
     return NoiseSchedule(torch.cumprod(1.0 - betas, dim=0), "epsilon")
+
+
+def toy_flow_schedule(shift: float = 3.0, num_train_timesteps: int = 1000) -> NoiseSchedule:
+    """Flow matching with SD3's static shift (s = 3), velocity prediction v = ε − x0."""
+    return NoiseSchedule.flow(shift_sigmas(flow_sigmas(num_train_timesteps), shift))
 
 
 class GaussianMixture:
@@ -49,12 +54,15 @@ class GaussianMixture:
 
 
 class ExactMixtureDenoiser(nn.Module):
-    """The exact ε-prediction of a GaussianMixture under a NoiseSchedule: a teacher with no error.
+    """The exact prediction of a GaussianMixture under any NoiseSchedule, in the schedule's
+    prediction type (ε, v, x0 or the flow's velocity): a teacher with no error.
 
     A real score only: it has no bottleneck features (only the fake score needs them).
 
-    With x_t = sqrt(ᾱ)x0 + sqrt(1−ᾱ)ε, component k gives x_t ~ N(sqrt(ᾱ)μ_k, v_k I) with
-    v_k = ᾱs² + 1 − ᾱ, and E[x0 | x_t, k] = μ_k + sqrt(ᾱ)s²/v_k · (x_t − sqrt(ᾱ)μ_k).
+    With x_t = α·x0 + σ·ε, component k gives x_t ~ N(α·μ_k, v I) with v = α²s² + σ², and
+    E[x0 | x_t, k] = μ_k + α·s²/v · (x_t − α·μ_k); the components are weighted by their posterior
+    p(k | x_t) ∝ w_k N(x_t; α·μ_k, v I). The prediction is the target of that x0 and of the noise
+    it implies.
     """
 
     def __init__(self, mixture: GaussianMixture, schedule: NoiseSchedule):
@@ -62,23 +70,19 @@ class ExactMixtureDenoiser(nn.Module):
         self.mixture, self.schedule = mixture, schedule
 
     def forward(self, x_t: Tensor, t: Tensor, cond: Cond) -> Tensor:
-        a = self.schedule.alphas_cumprod.to(x_t.device)[t.long()].view(-1, 1, 1)  # [B, 1, 1]
-        mu, s2 = self.mixture.means.to(x_t.device), self.mixture.std**2
         x = x_t.double().unsqueeze(1)  # [B, 1, 2]
-        var = a * s2 + 1.0 - a
-        centred = x - a.sqrt() * mu  # [B, K, 2]
-        log_r = (
-            self.mixture.weights.to(x_t.device).log()
-            - 0.5 * (centred**2).sum(-1) / var.squeeze(-1)
-            - var.squeeze(-1).log()
-        )
+        a, sigma = self.schedule.alpha_sigma(t, x)  # [B, 1, 1] each
+        mu, s2 = self.mixture.means.to(x_t.device), self.mixture.std**2
+        var = a**2 * s2 + sigma**2  # [B, 1, 1]: the same for every component, so no log-det term
+        centred = x - a * mu  # [B, K, 2]
+        log_r = self.mixture.weights.to(x_t.device).log() - 0.5 * (centred**2).sum(-1) / var.squeeze(-1)
         r = torch.softmax(log_r, dim=1).unsqueeze(-1)  # [B, K, 1]
-        x0 = (r * (mu + a.sqrt() * s2 / var * centred)).sum(1)  # [B, 2]
-        return self.schedule.eps_from_x0(x_t, x0, t)
+        x0 = (r * (mu + a * s2 / var * centred)).sum(1)  # [B, 2]
+        return self.schedule.target(x0, self.schedule.eps_from_x0(x_t, x0, t), t)
 
 
 class MLPDenoiser(nn.Module):
-    """A small MLP denoiser for 2-D points: (x_t [B, 2], t [B]) → ε [B, 2].
+    """A small MLP denoiser for 2-D points: (x_t [B, 2], t [B]) → its prediction [B, 2] (ε, v, ...).
 
     Used for the toy generator and fake score. `bottleneck` returns the last hidden layer [B, H].
     """

@@ -19,7 +19,7 @@ from typing import Any
 
 import tomli_w
 
-from dmdcli.core.dmd2 import DMD2Config, option
+from dmdcli.core.dmd2 import DM_TIMESTEPS, FAKE_SCORE_TARGETS, DMD2Config, option
 from dmdcli.core.losses import REGRESSION_DISTANCES
 from dmdcli.core.progressive import LOSS_WEIGHTS, PARAMETERIZATIONS
 from dmdcli.errors import UsageError
@@ -257,8 +257,8 @@ def _default_words(value: Any) -> str:
 PROGRESSIVE_ONLY = _names(Progressive)
 NOT_PROGRESSIVE = (
     *_names(Regression), "iterations", "fake_updates_per_gen", "fake_lr", "conditioning_timestep", "dm_weight",
-    "regression_weight", "gradient_checkpointing", "checkpoint_every", "keep_checkpoints", "sample_every",
-    "teacher_grid_steps", "skip_nonfinite",
+    "regression_weight", "dm_timesteps", "fake_score_target", "gradient_checkpointing", "checkpoint_every",
+    "keep_checkpoints", "sample_every", "teacher_grid_steps", "skip_nonfinite",
 )  # fmt: skip
 GAN_OPTIONS = ("gan_generator_weight", "gan_discriminator_weight", "diffusion_gan", "diffusion_gan_max_timestep")
 METHOD_OPTIONS = {
@@ -353,6 +353,11 @@ def validate(c: DistillConfig) -> None:
         c.lr_schedule == "constant" or c.warmup_steps < span,
         f"--lr-schedule {c.lr_schedule} decays after the warm-up, which --warmup-steps {c.warmup_steps} makes "
         f"as long as {what} {span}: lower --warmup-steps",
+    )
+    need(c.dm_timesteps in DM_TIMESTEPS, f"--dm-timesteps must be one of {', '.join(DM_TIMESTEPS)}")
+    need(
+        c.fake_score_target in FAKE_SCORE_TARGETS,
+        f"--fake-score-target must be one of {', '.join(FAKE_SCORE_TARGETS)}",
     )
     need(c.guidance_scale >= 1.0, f"--guidance-scale must be ≥ 1 (got {c.guidance_scale})")
     need(0.0 <= c.min_timestep_frac < c.max_timestep_frac <= 1.0, "need 0 ≤ min_timestep_frac < max_timestep_frac ≤ 1")

@@ -14,7 +14,7 @@ from dmdcli.data.prompt_cache import GIB, PromptCache, build_prompt_cache
 from dmdcli.data.prompts import read_prompts
 from dmdcli.errors import UsageError
 from dmdcli.models.families import resolve_data
-from dmdcli.models.teacher import Teacher
+from dmdcli.models.pipeline import PipelineTeacher as Teacher
 from dmdcli.train.step import Batch
 from dmdcli.train.ui import UI
 

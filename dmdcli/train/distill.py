@@ -45,7 +45,9 @@ class Distillation(Run):
 
         super().__init__(config, ui)
         ui = self.ui
-        self.layout = layout_for(config, self._sharding(config), self.accelerator.num_processes)
+        self.layout = layout_for(
+            config, self.family.lora_targets, self._sharding(config), self.accelerator.num_processes
+        )
         self.checkpoint = checkpoint_to_resume(self.out, config, self.accelerator, ui) if resume else None
         # A resumed run's own checkpoint already holds what --init-from gave it.
         self.init_checkpoint = checkpoint_to_init_from(config) if config.init_from and not resume else None
@@ -68,7 +70,6 @@ class Distillation(Run):
         cache = self.data.cache_prompts(self.teacher, ui, [""]) if config.cache_prompts else None
         self.encode = cache.encode if cache is not None else self.teacher.encode_prompts
 
-        self.schedule = self.spec.schedule()
         conditioning = config.conditioning_timestep
         if conditioning is None:
             conditioning = self.family.conditioning_timestep
@@ -129,14 +130,14 @@ class Distillation(Run):
         probe = None
         if self.data.real is not None:
             latent, empty = torch.zeros(1, self.spec.latent_channels, *self.teacher.latent_size), self.encode([""])
-            probe = lambda fake_score, on: self.family.denoiser(fake_score).bottleneck(  # noqa: E731
+            probe = lambda fake_score, on: self.denoiser(fake_score).bottleneck(  # noqa: E731
                 latent.to(on), torch.zeros(1, dtype=torch.long, device=on), {k: v.to(on) for k, v in empty.items()}
             )
         device, frozen_dtype = self.accelerator.device, self.config.frozen_dtype()
-        self.nets = self.layout.build(self.teacher.unet, device, frozen_dtype, probe)
+        self.nets = self.layout.build(self.teacher.network, device, frozen_dtype, probe)
         self.step = build_step(
             self.nets,
-            self.family.denoiser,
+            self.denoiser,
             self.layout.data_parallel(self.accelerator),
             self.schedule,
             self.config,

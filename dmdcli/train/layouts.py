@@ -60,8 +60,9 @@ class Layout:
     """A network layout. Its defaults are the full fine-tune's; each other layout overrides what
     differs from it."""
 
-    def __init__(self, config):
+    def __init__(self, config, lora_targets: tuple[str, ...] = ()):
         self.config = config
+        self.lora_targets = lora_targets  # the modules the LoRA layouts' adapters wrap (Family.lora_targets)
 
     # -- building ------------------------------------------------------------------------------
 
@@ -206,7 +207,7 @@ class _LoraGenerator(Layout):
         return f"LoRA rank {self.config.lora_rank}"
 
     def _generator_parameters(self, generator: nn.Module) -> list[nn.Parameter]:
-        return add_generator_lora(generator, self.config.lora_rank, self.config.lora_alpha_value())
+        return add_generator_lora(generator, self.config.lora_rank, self.config.lora_alpha_value(), self.lora_targets)
 
     def generator_state(self, generator: nn.Module) -> dict[str, Tensor]:
         return lora_state_dict(generator)
@@ -244,7 +245,7 @@ class SharedBaseLora(_LoraGenerator):
         generator_params = self._generator_parameters(generator)
         c = self.config
         fake_params = add_generator_lora(
-            fake, c.fake_adapter_rank(), c.lora_alpha_value(), adapter_name=FAKE_SCORE_ADAPTER
+            fake, c.fake_adapter_rank(), c.lora_alpha_value(), self.lora_targets, adapter_name=FAKE_SCORE_ADAPTER
         )
         return generator, fake, generator_params, fake_params
 
@@ -344,11 +345,13 @@ class Sharded(FullFineTune):
         return frozen_bytes * (2 * root + 2 * max(blocks)) + 4 * max(root, max(blocks))
 
 
-def layout_for(config, sharding: ShardingOptions | None = None, processes: int = 1) -> Layout:
+def layout_for(
+    config, lora_targets: tuple[str, ...], sharding: ShardingOptions | None = None, processes: int = 1
+) -> Layout:
     """The layout of a run: sharded when `sharding` is given (over `processes`, for the
-    estimate), else by --lora-rank and --shared-base."""
+    estimate), else by --lora-rank and --shared-base; LoRA adapters wrap `lora_targets`."""
     if sharding is not None:
         return Sharded(config, sharding, processes)
     if not config.lora_rank:
         return FullFineTune(config)
-    return SharedBaseLora(config) if config.shared_base else ReferenceLora(config)
+    return (SharedBaseLora if config.shared_base else ReferenceLora)(config, lora_targets)

@@ -33,6 +33,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from dmdcli.data.prompt_cache import GIB
+from dmdcli.models.families import get_family
 from dmdcli.models.teacher import TeacherSpec, _load_json_config
 
 
@@ -135,9 +136,11 @@ class _AutocastRules(TorchFunctionMode):
         return func(*(self._cast(a, target) for a in args), **{k: self._cast(v, target) for k, v in kwargs.items()})
 
 
-def _training_unet(spec: TeacherSpec, frozen: torch.dtype, adapter: tuple[int, float, str] | None) -> nn.Module:
-    """A meta UNet as a run trains it: a LoRA adapter (rank, alpha, name) in fp32 on frozen weights
-    in `frozen`, or every weight trainable in fp32."""
+def _training_unet(
+    spec: TeacherSpec, frozen: torch.dtype, adapter: tuple[int, float, str] | None, targets: tuple[str, ...]
+) -> nn.Module:
+    """A meta UNet as a run trains it: a LoRA adapter (rank, alpha, name) on `targets` in fp32 on
+    frozen weights in `frozen`, or every weight trainable in fp32."""
     from dmdcli.models.lora import add_generator_lora
 
     with torch.device("meta"):
@@ -146,7 +149,7 @@ def _training_unet(spec: TeacherSpec, frozen: torch.dtype, adapter: tuple[int, f
             return unet.requires_grad_(True).train()
         unet.to(frozen)
         rank, alpha, name = adapter
-        add_generator_lora(unet, rank, alpha, adapter_name=name)
+        add_generator_lora(unet, rank, alpha, targets, adapter_name=name)
     return unet.train()
 
 
@@ -248,9 +251,13 @@ def estimate_memory(
     p_unet = _count(unet)
     p_text, p_vae = _text_and_vae_parameters(spec)
 
-    layout = layout_for(config, ShardingOptions() if config.fsdp and processes > 1 else None, processes)
+    family = get_family(spec.family)
+    sharding = ShardingOptions() if config.fsdp and processes > 1 else None
+    layout = layout_for(config, family.lora_targets, sharding, processes)
     adapters = layout.adapters()
-    nets = {name: _training_unet(spec, frozen_dtype, adapter) for name, adapter in adapters.items()}
+    nets = {
+        name: _training_unet(spec, frozen_dtype, adapter, layout.lora_targets) for name, adapter in adapters.items()
+    }
     p_gen, p_fake = (_count(nets[name], trainable_only=True) for name in adapters)
     p_head = 0
     if config.data:

@@ -68,12 +68,12 @@ class ProgressiveDistillation(Run):
         if note := self.teacher.truncation_note(self.data.all_prompts()):
             ui.message(note)
         self.uncond = self.teacher.empty_cond() if uses_cfg(config.guidance_scale) else None
-        self.teacher_schedule = self.spec.schedule()
+        self.teacher_schedule = self.schedule
         prediction = (
             pd.PARAMETERIZATIONS[config.parameterization] if config.parameterization else self.spec.prediction_type
         )
         # The students predict in the chosen parameterization on the teacher's ᾱ_t.
-        self.student_schedule = NoiseSchedule(self.teacher_schedule.alphas_cumprod, prediction)
+        self.student_schedule = self.teacher_schedule.with_prediction_type(prediction)
         self.rounds = round_steps(config.teacher_steps, config.steps)
         torch.manual_seed(config.seed)
         self.grid = SampleGrid(
@@ -131,9 +131,9 @@ class ProgressiveDistillation(Run):
         in the frozen dtype: copied first, so that the student starts from unrounded weights."""
         c = self.config
         student_unet = copy.deepcopy(teacher_unet).to(self.device, torch.float32).requires_grad_(True).train()
-        teacher = self.family.denoiser(teacher_unet.to(self.device, self.frozen_dtype).requires_grad_(False).eval())
+        teacher = self.denoiser(teacher_unet.to(self.device, self.frozen_dtype).requires_grad_(False).eval())
         teacher_schedule = self.teacher_schedule if guided else self.student_schedule
-        student = self.family.denoiser(student_unet)
+        student = self.denoiser(student_unet)
         params = list(student_unet.parameters())
         optimizer = adamw(params, c.lr, c)
         lr_schedule = lr_scheduler(optimizer, c, c.iterations_per_round)  # each round warms up and decays anew
@@ -216,7 +216,7 @@ class ProgressiveDistillation(Run):
     def save_grid(self, student_unet, steps: int, name: str) -> Path:
         with torch.no_grad(), self.accelerator.autocast():
             latents = ddim_sample(
-                self.family.denoiser(student_unet),
+                self.denoiser(student_unet),
                 self.student_schedule,
                 self.grid.noise,
                 self.grid.cond,
@@ -235,7 +235,7 @@ class ProgressiveDistillation(Run):
         rundir.create_run_folder(self.out)
         write_config(c, self.out / runfiles.CONFIG_FILE, self.resolved())
         metrics = rundir.MetricsLog(self.out / runfiles.METRICS_FILE)
-        teacher_unet = self.teacher.unet  # fp32: each round copies its student from it before casting it
+        teacher_unet = self.teacher.network  # fp32: each round copies its student from it before casting it
         logs: dict[str, float] = {}
         grid = None
         for r, steps in enumerate(self.rounds):

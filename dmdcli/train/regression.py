@@ -73,7 +73,7 @@ def load_regression(run, prompts: list[str]) -> tuple[Distance, str, Pairs]:
     distance, name, note = build_distance(config.regression_distance, run.teacher.vae, run.teacher.scaling_factor)
     if note:
         ui.message(note)
-    teacher, schedule = run.family.denoiser(run.teacher.unet.to(device)), spec.schedule()
+    teacher, schedule = run.denoiser(run.teacher.network.to(device)), run.schedule
     uncond = run.teacher.empty_cond() if uses_cfg(config.guidance_scale) else None
 
     def generate(noise: Tensor, batch_prompts: list[str]) -> Tensor:

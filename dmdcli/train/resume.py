@@ -34,13 +34,14 @@ WEIGHT_KEYS = ("teacher", "lora_rank", "lora_alpha", "shared_base", "fake_lora_r
 
 
 def _as_used(values: dict[str, Any]) -> dict[str, Any]:
-    """Values as a run uses them, so that spelling a default out is no change: the defaults that
+    """Values as a run uses them, so that spelling a default out (or a key added since) is no change: the defaults that
     follow other keys filled in by DistillConfig's own rules (alpha = rank, fake rank = rank, fake
     lr = lr), and the LoRA keys of a full fine-tune dropped."""
     c = DistillConfig(**{k: values[k] for k in FIELD_NAMES if k in values})
     lora = bool(c.lora_rank)
     shared = lora and c.shared_base
     return {
+        **c.to_dict(),  # a key an older run's config lacks: that run used its default
         **values,
         "lora_alpha": c.lora_alpha_value() if lora else None,
         "shared_base": shared,

@@ -6,8 +6,12 @@ from __future__ import annotations
 
 import torch
 
+from dmdcli.core.denoiser import Denoiser
+from dmdcli.core.schedule import NoiseSchedule
+from dmdcli.errors import UsageError
 from dmdcli.models.families import Family, get_family
-from dmdcli.models.teacher import Teacher, TeacherSpec, inspect_teacher
+from dmdcli.models.pipeline import load_teacher
+from dmdcli.models.teacher import TeacherSpec, inspect_teacher
 from dmdcli.train import rundir
 from dmdcli.train.data import read_user_files
 from dmdcli.train.ui import UI, SilentUI
@@ -27,6 +31,12 @@ class Run:
         self.spec: TeacherSpec = inspect_teacher(config.teacher)
         self.family: Family = get_family(self.spec.family)  # its adapter and defaults
         self.resolution = self.spec.training_resolution(config.resolution)
+        self.schedule: NoiseSchedule = self.spec.schedule()
+        if config.dm_timesteps != "shifted" and not self.schedule.is_flow:
+            raise UsageError(
+                f"--dm-timesteps {config.dm_timesteps} draws the σ of a flow-matching teacher; {self.spec.source} "
+                "is on a DDPM schedule: use shifted (uniform over its timesteps, the default)"
+            )
         self.out = rundir.run_folder(config.out, config.teacher, config.steps)
 
     def load_teacher(self) -> list[str] | None:
@@ -38,7 +48,7 @@ class Run:
             f"teacher: {self.spec.source} ({self.spec.layout}, {self.spec.prediction_type}) at {self.resolution}px "
             f"on {device}"
         )
-        self.teacher = Teacher(
+        self.teacher = load_teacher(
             self.spec,
             device,
             self.config.frozen_dtype(),
@@ -47,6 +57,10 @@ class Run:
             encoder_dtype=torch.float32,
         )
         return prompts
+
+    def denoiser(self, network) -> Denoiser:
+        """A network of the teacher's architecture behind the Denoiser interface (the family's adapter)."""
+        return self.family.denoiser(network, self.schedule)
 
     def teacher_identity(self) -> dict:
         """The resolved facts about the teacher that every run's config.toml records."""

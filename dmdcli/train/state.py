@@ -12,7 +12,7 @@ from typing import Any
 
 from dmdcli import runfiles
 from dmdcli.errors import DmdError, UsageError, first_line
-from dmdcli.models.lora import LORA_TARGET_MODULES
+from dmdcli.models.families import get_family
 from dmdcli.runfiles import CHECKPOINTS_DIR, is_checkpoint, read_checkpoint
 from dmdcli.train import rundir
 from dmdcli.train.checkpoint import (
@@ -127,7 +127,9 @@ def student_info(
     }
     if config.lora_rank:
         info.update(
-            lora_rank=config.lora_rank, lora_alpha=config.lora_alpha_value(), lora_target_modules=LORA_TARGET_MODULES
+            lora_rank=config.lora_rank,
+            lora_alpha=config.lora_alpha_value(),
+            lora_target_modules=list(get_family(spec.family).lora_targets),
         )
     return info
 

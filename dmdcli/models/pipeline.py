@@ -1,0 +1,202 @@
+"""The frozen parts of a teacher pipeline on one device: what every family's teacher shares.
+
+A family's teacher (models/sd.py: SD and SDXL) subclasses `PipelineTeacher` and adds how its
+text encoders are loaded and how prompts become its network's conditioning. Everything else a
+run needs from the pipeline (the denoising network, VAE encode/decode, the latent cache's key,
+the truncation note, releasing the text encoders once the prompts are cached) is here, so the
+engine only ever sees tensors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor, nn
+
+from dmdcli.core.denoiser import Cond
+from dmdcli.errors import DmdError, first_line
+
+if TYPE_CHECKING:
+    from dmdcli.models.teacher import TeacherSpec
+
+
+def from_pretrained(cls, spec: TeacherSpec, subfolder: str, allow_pickle: bool, **kwargs):
+    """`cls.from_pretrained` of one component of the teacher, safetensors only unless allowed; a
+    failure is one line naming the component."""
+    try:
+        return cls.from_pretrained(
+            spec.source, subfolder=subfolder, use_safetensors=None if allow_pickle else True, **kwargs
+        )
+    except (OSError, ValueError, EnvironmentError) as e:
+        hint = (
+            " (weights only as pickle files? pass --allow-pickle to load them)"
+            if "safetensors" in str(e).lower()
+            else ""
+        )
+        raise DmdError(f"could not load {subfolder} of teacher {spec.source}: {first_line(e)}{hint}") from e
+
+
+def load_teacher(
+    spec: TeacherSpec,
+    device: torch.device,
+    dtype: torch.dtype,
+    resolution: int,
+    allow_pickle: bool = False,
+    encoder_dtype: torch.dtype | None = None,
+) -> PipelineTeacher:
+    """The teacher of `spec`'s family (PipelineTeacher's arguments)."""
+    from dmdcli.models.families import get_family
+
+    return get_family(spec.family).teacher(spec, device, dtype, resolution, allow_pickle, encoder_dtype)
+
+
+class PipelineTeacher:
+    """The frozen parts of a teacher pipeline on one device.
+
+    Args:
+        spec: from `inspect_teacher`.
+        device: where the text encoders and the VAE live (the denoising network is loaded on the
+            CPU in fp32: the caller places it, as the frozen real score or as a shared LoRA base).
+        dtype: the frozen dtype (bf16 on CUDA): the prompt conditioning is rounded to it once, as
+            the networks read it under autocast; the VAE stays fp32 because SDXL's VAE breaks in
+            half precision.
+        resolution: training resolution in pixels.
+        encoder_dtype: the text encoders' dtype (default `dtype`, as a pipeline samples); training
+            runs them in fp32, as the DMD2 reference does (a bf16 CLIP is ~6× less exact than one
+            rounding of an fp32 CLIP's output), once per prompt when prompts are cached.
+
+    A subclass sets `network_class` (the diffusers class of the pipeline's `spec.network`
+    component) and implements `load_text_encoders`, `encode_prompts` and `empty_cond`.
+    """
+
+    network_class: str = "UNet2DConditionModel"
+
+    def __init__(
+        self,
+        spec: TeacherSpec,
+        device: torch.device,
+        dtype: torch.dtype,
+        resolution: int,
+        allow_pickle: bool = False,
+        encoder_dtype: torch.dtype | None = None,
+    ):
+        import diffusers
+        from diffusers import AutoencoderKL
+
+        self.spec, self.device, self.dtype, self.resolution = spec, device, dtype, resolution
+        self.network: nn.Module = from_pretrained(
+            getattr(diffusers, self.network_class), spec, spec.network, allow_pickle
+        )
+        self.vae = from_pretrained(AutoencoderKL, spec, "vae", allow_pickle).to(device, torch.float32)
+        self.tokenizers, self.text_encoders = self.load_text_encoders(allow_pickle)
+        for module in [self.network, self.vae, *self.text_encoders]:
+            module.requires_grad_(False).eval()
+        self.text_encoders = [te.to(device, encoder_dtype or dtype) for te in self.text_encoders]
+        self.scaling_factor = float(self.vae.config.scaling_factor)
+        self.shift_factor = float(self.vae.config.get("shift_factor") or 0.0)  # SD3 and FLUX shift their latents
+        # The posterior samples of real images come from their own generator, not the global RNG:
+        # the latent cache is then the same wherever and whenever it is built, and building it
+        # does not shift the random stream of the run that builds it.
+        self.latent_generator = torch.Generator().manual_seed(0)
+
+    # -- what a family implements ----------------------------------------------------------------
+
+    def load_text_encoders(self, allow_pickle: bool) -> tuple[list, list[nn.Module]]:
+        """The tokenizers and text encoders, in the order `encode_prompts` reads them."""
+        raise NotImplementedError
+
+    def encode_prompts(self, prompts: list[str]) -> Cond:
+        """Prompt conditioning, as the family's diffusers pipeline computes it."""
+        raise NotImplementedError
+
+    def empty_cond(self) -> Cond:
+        """The unconditional conditioning for CFG, batch 1."""
+        raise NotImplementedError
+
+    def token_limits(self) -> list[tuple[object, int]]:
+        """(tokenizer, tokens it reads) for each distinct limit (CLIP: 77; T5: the pipeline's)."""
+        tokenizer = self.tokenizers[0]
+        return [(tokenizer, tokenizer.model_max_length)]
+
+    # -- shared ------------------------------------------------------------------------------
+
+    def check_encoders(self) -> None:
+        if self.text_encoders is None:
+            # A bug, not a user's mistake: every caller after release must go through the cache.
+            raise RuntimeError(
+                "the text encoders were released after caching the run's prompts; "
+                "encode through the prompt cache (dmdcli.data.prompt_cache)"
+            )
+
+    def as_read(self, x: Tensor) -> Tensor:
+        """A conditioning tensor rounded to the frozen dtype once, as the networks' linear layers read it."""
+        return x.to(self.dtype).float()
+
+    def truncation_note(self, prompts: list[str]) -> str | None:
+        """A note naming how many distinct `prompts` are over a tokenizer's limit (start and end
+        tokens included), or None. The encoders read the first tokens of such a prompt, as
+        diffusers' pipelines and the DMD2 reference do; only the pipelines say so."""
+        distinct = list(dict.fromkeys(prompts))
+        for tokenizer, limit in sorted(self.token_limits(), key=lambda pair: pair[1]):
+            lengths = (len(ids) for ids in tokenizer(distinct, truncation=False, verbose=False).input_ids)
+            cut = [p for p, n in zip(distinct, lengths) if n > limit]
+            if cut:
+                example = cut[0] if len(cut[0]) <= 60 else cut[0][:57] + "..."
+                return (
+                    f"note: {len(cut)} of {len(distinct)} prompts are longer than the text encoder's "
+                    f"{limit} tokens; it reads only their start (e.g. {example!r})"
+                )
+        return None
+
+    def release_text_encoders(self) -> None:
+        """Drop the text encoders once every prompt of the run is cached, freeing their memory.
+
+        Dropped rather than moved to the CPU: a CPU fallback would run them slowly and silently,
+        with numbers that differ from the accelerator's ones in the cache, and keep ~3 GB (SDXL,
+        fp32) of host memory; after release `encode_prompts` raises, so a missed caller shows at once.
+        """
+        self.text_encoders = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    @property
+    def text_encoders_released(self) -> bool:
+        return self.text_encoders is None
+
+    @property
+    def latent_size(self) -> tuple[int, int]:
+        side = self.resolution // self.spec.vae_scale_factor
+        return side, side
+
+    @property
+    def latent_cache_id(self) -> str:
+        """Names what encode_images computes, for the latent cache's key ("seed0": the seeded
+        posterior samples; caches built before them from the global RNG are not reused). A local
+        teacher's VAE files are in it, so a replaced VAE is not served its predecessor's latents."""
+        from dmdcli.models.teacher import component_files
+
+        vae = component_files(self.spec.source, ("vae",))
+        digest = f":{hashlib.sha256(json.dumps(vae).encode()).hexdigest()[:16]}" if vae else ""
+        return f"{self.spec.source}:vae:seed0{digest}"
+
+    @torch.no_grad()
+    def encode_images(self, images: Tensor) -> Tensor:
+        """Images [B, 3, R, R] in [-1, 1] → latents [B, C, R/f, R/f]: one posterior sample, shifted
+        and scaled as the pipeline's latents are ((z − shift)·scale).
+
+        Successive calls continue one seeded stream (`latent_generator`), so a folder encoded in the
+        same order and batches gives the same latents."""
+        posterior = self.vae.encode(images.to(self.device, torch.float32)).latent_dist
+        z = posterior.sample(generator=self.latent_generator)
+        return ((z - self.shift_factor) * self.scaling_factor if self.shift_factor else z * self.scaling_factor).float()
+
+    @torch.no_grad()
+    def decode(self, latents: Tensor) -> Tensor:
+        """Latents [B, C, h, w] → images [B, 3, H, W] in [-1, 1]."""
+        z = latents.to(self.device, torch.float32) / self.scaling_factor
+        if self.shift_factor:
+            z = z + self.shift_factor
+        return self.vae.decode(z).sample.float().clamp(-1, 1)
