@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING
 
 import torch
@@ -53,7 +54,7 @@ def load_teacher(
     return get_family(spec.family).teacher(spec, device, dtype, resolution, allow_pickle, encoder_dtype)
 
 
-class PipelineTeacher:
+class PipelineTeacher(ABC):
     """The frozen parts of a teacher pipeline on one device.
 
     Args:
@@ -104,17 +105,17 @@ class PipelineTeacher:
 
     # -- what a family implements ----------------------------------------------------------------
 
+    @abstractmethod
     def load_text_encoders(self, allow_pickle: bool) -> tuple[list, list[nn.Module]]:
         """The tokenizers and text encoders, in the order `encode_prompts` reads them."""
-        raise NotImplementedError
 
+    @abstractmethod
     def encode_prompts(self, prompts: list[str]) -> Cond:
         """Prompt conditioning, as the family's diffusers pipeline computes it."""
-        raise NotImplementedError
 
+    @abstractmethod
     def empty_cond(self) -> Cond:
         """The unconditional conditioning for CFG, batch 1."""
-        raise NotImplementedError
 
     def token_limits(self) -> list[tuple[object, int]]:
         """(tokenizer, tokens it reads) for each distinct limit (CLIP: 77; T5: the pipeline's)."""
@@ -191,12 +192,10 @@ class PipelineTeacher:
         same order and batches gives the same latents."""
         posterior = self.vae.encode(images.to(self.device, torch.float32)).latent_dist
         z = posterior.sample(generator=self.latent_generator)
-        return ((z - self.shift_factor) * self.scaling_factor if self.shift_factor else z * self.scaling_factor).float()
+        return ((z - self.shift_factor) * self.scaling_factor).float()  # z − 0.0 is z exactly: SD's latents as before
 
     @torch.no_grad()
     def decode(self, latents: Tensor) -> Tensor:
         """Latents [B, C, h, w] → images [B, 3, H, W] in [-1, 1]."""
-        z = latents.to(self.device, torch.float32) / self.scaling_factor
-        if self.shift_factor:
-            z = z + self.shift_factor
+        z = latents.to(self.device, torch.float32) / self.scaling_factor + self.shift_factor
         return self.vae.decode(z).sample.float().clamp(-1, 1)

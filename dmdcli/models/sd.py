@@ -162,16 +162,16 @@ def sdxl_recipe(steps: int, lora_rank: int | None) -> str:
     return "sdxl-4step-lora" if lora_rank else "sdxl-4step"
 
 
+# What SD and SDXL share: a UNet, behind UNetDenoiser, with the reference's LoRA targets.
+UNET = dict(denoiser=_unet_denoiser, network_shape=unet_shape, lora_targets=UNET_LORA_TARGETS)
 SD = register(
     Family(
         name="sd",
         layout="sd",
         teacher=SDTeacher,
-        denoiser=_unet_denoiser,
-        network_shape=unet_shape,
         conditioning_timestep=999,
-        lora_targets=UNET_LORA_TARGETS,
         unsupported=_unsupported,
+        **UNET,
         recognises=lambda index: _unet_pipeline(index, encoders=1),
         aliases={
             "sd15": "stable-diffusion-v1-5/stable-diffusion-v1-5",
@@ -184,11 +184,9 @@ SDXL = register(
         name="sdxl",
         layout="sdxl",
         teacher=SDXLTeacher,
-        denoiser=_unet_denoiser,
-        network_shape=unet_shape,
         conditioning_timestep=399,
-        lora_targets=UNET_LORA_TARGETS,
         unsupported=_sdxl_unsupported,
+        **UNET,
         recognises=lambda index: _unet_pipeline(index, encoders=2),
         aliases={"sdxl": SDXL_BASE, "stabilityai/sdxl": SDXL_BASE},  # the second: what users type from our examples
         recipe=sdxl_recipe,
