@@ -61,3 +61,10 @@ def fresh_accelerator_state():
     AcceleratorState._reset_state()
     yield
     AcceleratorState._reset_state()
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3():
+    from dmdcli.models.tiny import tiny_pipeline_cached
+
+    return tiny_pipeline_cached("sd3")

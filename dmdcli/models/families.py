@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from dmdcli.models.pipeline import PipelineTeacher
 
 # The one place that names the family modules, in the order they are asked (and listed in help).
-FAMILY_MODULES = ("dmdcli.models.sd", "dmdcli.shapes.family")
+FAMILY_MODULES = ("dmdcli.models.sd", "dmdcli.models.sd3", "dmdcli.shapes.family")
 
 
 def _no_recipe(steps: int, lora_rank: int | None) -> str | None:

@@ -188,8 +188,8 @@ def inspect_teacher(name: str) -> TeacherSpec:
     family = recognise(index)
     if family is None:
         raise DmdError(
-            f"unsupported pipeline {pipeline_class} in {source}: dmd distills Stable Diffusion and SDXL "
-            "layouts (UNet2DConditionModel, AutoencoderKL, CLIP text encoders)"
+            f"unsupported pipeline {pipeline_class} in {source}: dmd distills Stable Diffusion 1.x / 2.x, SDXL "
+            "(UNet2DConditionModel, CLIP text encoders) and SD3 / SD3.5 (SD3Transformer2DModel) pipelines"
         )
     network_cfg = _load_json_config(source, family.network, "config.json")
     vae_cfg = _load_json_config(source, "vae", "config.json")

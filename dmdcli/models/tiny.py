@@ -18,7 +18,7 @@ The same seed gives byte-identical weights. Nothing is downloaded.
 
 Command line (developer helper)::
 
-    python -m dmdcli.models.tiny OUT_DIR [--layout sd|sdxl]
+    python -m dmdcli.models.tiny OUT_DIR [--layout sd|sdxl|sd3]
         [--prediction-type epsilon|v_prediction] [--seed N]
 """
 
@@ -35,7 +35,7 @@ from pathlib import Path
 from dmdcli.errors import UsageError
 from dmdcli.models.clip_bpe import BOS, EOS, byte_symbols, clip_tokenizer, write_tokenizer_files
 
-LAYOUTS = ("sd", "sdxl")
+LAYOUTS = ("sd", "sdxl", "sd3")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 #: Pixel resolution the tiny pipelines are made for (the UNet's default sample size times 2).
@@ -200,6 +200,10 @@ def vae_config(layout: str) -> dict:
 def _check(layout: str, prediction_type: str) -> None:
     if layout not in LAYOUTS:
         raise UsageError(f"unknown tiny layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
+    if layout == "sd3":
+        if prediction_type not in ("epsilon", "flow"):  # "epsilon": the command line's default
+            raise UsageError("a tiny SD3 pipeline is flow matching: it takes no --prediction-type")
+        return
     if prediction_type not in PREDICTION_TYPES:
         choices = ", ".join(PREDICTION_TYPES)
         raise UsageError(f"unknown prediction type {prediction_type!r}; choose one of {choices}")
@@ -212,6 +216,8 @@ def build_tiny_pipeline(layout: str = "sd", prediction_type: str = "epsilon", se
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     _check(layout, prediction_type)
+    if layout == "sd3":
+        return build_tiny_sd3_pipeline(seed)
     tokenizer = make_tiny_tokenizer()
     vocab_size = len(tokenizer)
     bos_id = tokenizer.convert_tokens_to_ids(BOS)
@@ -265,10 +271,102 @@ def build_tiny_pipeline(layout: str = "sd", prediction_type: str = "epsilon", se
     )
 
 
+# --------------------------------------------------------------------------------------------
+# SD3: a flow-matching transformer with CLIP-L, CLIP-G and T5
+# --------------------------------------------------------------------------------------------
+
+_T5_HIDDEN = 2 * _TEXT_HIDDEN  # the joint attention width: the two CLIPs' states side by side fit it exactly
+_SD3_LATENT_CHANNELS = 16
+
+
+def make_tiny_t5_tokenizer():
+    """A T5 (Unigram) tokenizer built here from a vocabulary of the merge words and single
+    characters, so any ASCII prompt tokenizes; no network, no sentencepiece file."""
+    import string
+
+    from transformers import T5TokenizerFast
+
+    words = [("▁" + w, -1.0) for w in _MERGE_WORDS]
+    chars = [(c, -5.0) for c in string.printable if not c.isspace()]
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0), *words, *chars]
+    return T5TokenizerFast(vocab=vocab, extra_ids=0, model_max_length=512)
+
+
+def sd3_transformer_config() -> dict:
+    """The tiny SD3Transformer2DModel: 2 joint blocks of width 32 on 16×16×16 latents, patch 2."""
+    return dict(
+        sample_size=TINY_LATENT_SIZE,
+        patch_size=2,
+        in_channels=_SD3_LATENT_CHANNELS,
+        out_channels=_SD3_LATENT_CHANNELS,
+        num_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=4,
+        joint_attention_dim=_T5_HIDDEN,
+        caption_projection_dim=32,  # = heads × head dim, as in every SD3
+        pooled_projection_dim=2 * _TEXT_PROJECTION,
+        pos_embed_max_size=TINY_LATENT_SIZE,
+    )
+
+
+def build_tiny_sd3_pipeline(seed: int = 0):
+    """A tiny StableDiffusion3Pipeline (fp32, CPU): its VAE shifts and scales 16-channel latents
+    as SD3's does, its scheduler is SD3's (FlowMatchEulerDiscreteScheduler, shift 3)."""
+    import torch
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
+    from transformers import CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    tokenizer, t5_tokenizer = make_tiny_tokenizer(), make_tiny_t5_tokenizer()
+    ids = dict(bos_id=tokenizer.convert_tokens_to_ids(BOS), eos_id=tokenizer.convert_tokens_to_ids(EOS))
+    vae_cfg = vae_config("sd") | dict(latent_channels=_SD3_LATENT_CHANNELS, scaling_factor=1.5305, shift_factor=0.0609)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        transformer = SD3Transformer2DModel(**sd3_transformer_config())
+        torch.manual_seed(seed + 1)
+        vae = AutoencoderKL(**vae_cfg)
+        encoders = []
+        for i in range(2):
+            torch.manual_seed(seed + 2 + i)
+            config = _text_config(len(tokenizer), **ids, projection_dim=_TEXT_PROJECTION)
+            encoders.append(CLIPTextModelWithProjection(config))
+        torch.manual_seed(seed + 4)
+        t5 = T5EncoderModel(
+            T5Config(
+                vocab_size=len(t5_tokenizer),
+                d_model=_T5_HIDDEN,
+                d_kv=16,
+                d_ff=2 * _T5_HIDDEN,
+                num_layers=2,
+                num_heads=4,
+                relative_attention_num_buckets=8,
+                pad_token_id=0,
+                eos_token_id=1,
+            )
+        )
+    for module in (transformer, vae, t5, *encoders):
+        module.eval()
+    return StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
+        vae=vae,
+        text_encoder=encoders[0],
+        tokenizer=tokenizer,
+        text_encoder_2=encoders[1],
+        tokenizer_2=make_tiny_tokenizer(),
+        text_encoder_3=t5,
+        tokenizer_3=t5_tokenizer,
+    )
+
+
 def make_tiny_pipeline(
     out_dir: str | Path, layout: str = "sd", prediction_type: str = "epsilon", seed: int = 0
 ) -> Path:
-    """Build a tiny random-weight SD ("sd") or SDXL ("sdxl") pipeline and save it to ``out_dir``.
+    """Build a tiny random-weight SD ("sd"), SDXL ("sdxl") or SD3 ("sd3") pipeline and save it to ``out_dir``.
 
     Saved with safetensors; ``DiffusionPipeline.from_pretrained(out_dir, local_files_only=True)``
     loads it back. Native resolution 32 (latent 4x16x16). Returns ``out_dir`` as a Path.
@@ -313,7 +411,7 @@ def tiny_pipeline_cached(layout: str, prediction_type: str = "epsilon") -> Path:
     with _CACHE_LOCK:
         path = _CACHE.get(key)
         if path is None or not (path / "model_index.json").is_file():
-            out = _cache_root() / f"{layout}-{prediction_type}"
+            out = _cache_root() / (layout if layout == "sd3" else f"{layout}-{prediction_type}")
             path = make_tiny_pipeline(out, layout, prediction_type, seed=0)
             _CACHE[key] = path
         return path

@@ -1,0 +1,137 @@
+"""The Stable Diffusion 3 family (SD3-medium, SD3.5-medium / large): a flow-matching transformer.
+
+An SD3Transformer2DModel predicts the velocity v = ε − x0 on the teacher's shifted sigmas
+(FlowMatchEulerDiscreteScheduler, s = 3), conditioned on three text encoders: CLIP-L and CLIP-G
+(penultimate hidden states and pooled projections) and T5 (its last hidden state). The real score
+uses classifier-free guidance with the empty prompt encoded, as StableDiffusion3Pipeline does.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from dmdcli.core.denoiser import Cond
+from dmdcli.models.families import Family, NetworkShape, register
+from dmdcli.models.pipeline import PipelineTeacher, from_pretrained
+from dmdcli.models.transformer import SD3Denoiser
+
+# StableDiffusion3Pipeline's default T5 length (max_sequence_length).
+T5_TOKENS = 256
+
+# Attention (image and text streams), their output projections and both feed-forwards: the
+# modules diffusers' SD3 DreamBooth-LoRA script and FastGen adapt.
+SD3_LORA_TARGETS = (
+    "to_q",
+    "to_k",
+    "to_v",
+    "to_out.0",
+    "add_q_proj",
+    "add_k_proj",
+    "add_v_proj",
+    "to_add_out",
+    "ff.net.0.proj",
+    "ff.net.2",
+    "ff_context.net.0.proj",
+    "ff_context.net.2",
+)
+
+
+class SD3Teacher(PipelineTeacher):
+    """An SD3 pipeline: CLIP-L, CLIP-G and T5, as StableDiffusion3Pipeline.encode_prompt combines them."""
+
+    network_class = "SD3Transformer2DModel"
+
+    def load_text_encoders(self, allow_pickle: bool) -> tuple[list, list[nn.Module]]:
+        from transformers import AutoTokenizer, CLIPTextModelWithProjection, T5EncoderModel
+
+        tokenizers = [from_pretrained(AutoTokenizer, self.spec, f, True) for f in ("tokenizer", "tokenizer_2")]
+        tokenizers.append(from_pretrained(AutoTokenizer, self.spec, "tokenizer_3", True))
+        encoders = [
+            from_pretrained(CLIPTextModelWithProjection, self.spec, f, allow_pickle)
+            for f in ("text_encoder", "text_encoder_2")
+        ]
+        encoders.append(from_pretrained(T5EncoderModel, self.spec, "text_encoder_3", allow_pickle))
+        return tokenizers, encoders
+
+    def _token_ids(self, tokenizer, prompts: list[str], length: int) -> Tensor:
+        return tokenizer(
+            prompts, padding="max_length", max_length=length, truncation=True, return_tensors="pt"
+        ).input_ids.to(self.device)
+
+    def token_limits(self) -> list[tuple[object, int]]:
+        clip, _, t5 = self.tokenizers
+        return [(clip, clip.model_max_length), (t5, T5_TOKENS)]
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> Cond:
+        """The two CLIPs' penultimate states concatenated and zero-padded to T5's width, followed
+        by T5's states along the sequence; the CLIPs' pooled projections concatenated."""
+        self.check_encoders()
+        *clips, t5 = zip(self.tokenizers, self.text_encoders)
+        hidden, pooled = [], []
+        for tokenizer, encoder in clips:
+            out = encoder(self._token_ids(tokenizer, prompts, tokenizer.model_max_length), output_hidden_states=True)
+            hidden.append(out.hidden_states[-2])
+            pooled.append(out[0])
+        tokenizer, encoder = t5
+        t5_states = encoder(self._token_ids(tokenizer, prompts, T5_TOKENS))[0]
+        clip_states = torch.cat(hidden, dim=-1)
+        clip_states = nn.functional.pad(clip_states, (0, t5_states.shape[-1] - clip_states.shape[-1]))
+        return {
+            "encoder_hidden_states": self.as_read(torch.cat([clip_states, t5_states], dim=-2)),
+            "pooled_projections": self.as_read(torch.cat(pooled, dim=-1)),
+        }
+
+    @torch.no_grad()
+    def empty_cond(self) -> Cond:
+        """The empty prompt encoded, as StableDiffusion3Pipeline's default negative prompt."""
+        return self.encode_prompts([""])
+
+
+def _sd3_pipeline(index: dict[str, Any]) -> bool:
+    has = lambda key: isinstance(index.get(key), list) and index[key][0] is not None
+    complete = all(has(k) for k in ("vae", "scheduler", "text_encoder", "text_encoder_2"))
+    return has("transformer") and index["transformer"][1] == "SD3Transformer2DModel" and complete
+
+
+def _unsupported(transformer: dict[str, Any], vae: dict[str, Any], scheduler: dict[str, Any]) -> str | None:
+    name = scheduler.get("_class_name", "?")
+    if "FlowMatch" not in name:
+        return f"unsupported scheduler {name} for an SD3 transformer: dmd expects its flow-matching scheduler"
+    if vae.get("latents_mean") is not None:
+        return "unsupported VAE: its latents are normalized by a mean and std, which dmd does not apply"
+    return None
+
+
+def transformer_shape(config: dict[str, Any]) -> NetworkShape:
+    return NetworkShape(
+        native_latent_side=int(config.get("sample_size", 128)),
+        latent_channels=int(config.get("in_channels", 16)),
+        downsample=int(config.get("patch_size", 2)),
+    )
+
+
+SD3 = register(
+    Family(
+        name="sd3",
+        layout="sd3",
+        teacher=SD3Teacher,
+        denoiser=SD3Denoiser,
+        network_shape=transformer_shape,
+        # σ_999 = 1: the pure noise a 1-step student starts from (a flow teacher was trained up to it)
+        conditioning_timestep=999,
+        network="transformer",
+        lora_targets=SD3_LORA_TARGETS,
+        unsupported=_unsupported,
+        recognises=_sd3_pipeline,
+        aliases={
+            "sd3-medium": "stabilityai/stable-diffusion-3-medium-diffusers",
+            "sd3.5-medium": "stabilityai/stable-diffusion-3.5-medium",
+            "sd3.5-large": "stabilityai/stable-diffusion-3.5-large",
+        },
+        title="an SD3 teacher",
+    )
+)
