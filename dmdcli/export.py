@@ -1,12 +1,14 @@
 """`dmd export`: write a student in the formats other tools load.
 
     diffusers  a complete pipeline folder: the teacher's text encoders, tokenizers and VAE, the
-               student UNet (LoRA fused), and an LCMScheduler configured for the student
+               student network (LoRA fused), and a scheduler configured for the student (an
+               LCMScheduler; for a flow-matching student a FlowMatchLCMScheduler, called with its sigmas)
     lora       diffusers LoRA safetensors (peft keys under "unet.", lora_alpha in the header),
                for `pipe.load_lora_weights(file)` on the teacher pipeline
     kohya      the `lora_unet_…` layout with a per-module alpha (ComfyUI, Automatic1111, and
-               diffusers' load_lora_weights)
-    unet       one safetensors file with the student UNet's state dict (LoRA fused)
+               diffusers' load_lora_weights); UNet students only
+    unet       one safetensors file with the student network's state dict (LoRA fused; for an SD3
+               student its transformer's)
 
 Every file is safetensors, written to a temporary name and renamed into place.
 """
@@ -26,6 +28,7 @@ from torch import Tensor
 
 from dmdcli.errors import DmdError, UsageError, first_line
 from dmdcli.files import atomic_save_file, check_can_make, share_as_umask
+from dmdcli.models.families import layout_family
 from dmdcli.models.student import DTYPES, EXPORT_INFO_FILE, ModelSource, find_model, load_student_network
 from dmdcli.train import rundir
 
@@ -119,6 +122,34 @@ def ddim_student_scheduler(teacher_scheduler_config: dict[str, Any], timesteps: 
     return scheduler
 
 
+def pipeline_sigmas(timesteps: list[int], num_train_timesteps: int = 1000) -> list[float]:
+    """What a flow-matching pipeline is called with (`sigmas=`) to step through a student's
+    timesteps: their unshifted sigmas (t + 1) / T, which the scheduler shifts as training did."""
+    return [(t + 1) / num_train_timesteps for t in timesteps]
+
+
+def flow_student_scheduler(teacher_scheduler_config: dict[str, Any], timesteps: list[int]):
+    """A FlowMatchLCMScheduler for a flow-matching student: each step takes the x0 estimate
+    x_t − σ·v and re-noises it with fresh noise to the next sigma, DMD2's sampler.
+
+    No configuration makes a plain `num_inference_steps=N` give the student's sigmas (diffusers
+    spaces N steps between its shifted end sigmas and shifts again), so the pipeline is called
+    with `sigmas=pipeline_sigmas(timesteps)`; checked here against the teacher's schedule."""
+    from diffusers import FlowMatchLCMScheduler
+
+    from dmdcli.models.teacher import schedule_from_config
+
+    scheduler = _lcm(FlowMatchLCMScheduler, teacher_scheduler_config, {})
+    if scheduler.config.use_dynamic_shifting:
+        raise DmdError("exporting a student of a resolution-shifted (dynamic) flow schedule is not supported yet")
+    total = int(scheduler.config.num_train_timesteps)
+    scheduler.set_timesteps(sigmas=pipeline_sigmas(timesteps, total))
+    expected = schedule_from_config(teacher_scheduler_config).sigmas[timesteps].float()
+    if not torch.allclose(scheduler.sigmas[:-1], expected, atol=1e-6, rtol=0):
+        raise DmdError(f"no FlowMatchLCMScheduler configuration gives the student's sigmas {expected.tolist()}")
+    return scheduler
+
+
 def _lcm(cls, base: dict[str, Any], overrides: dict[str, Any]):
     """cls from the teacher's config, keeping only the keys it takes (the rest would be saved too)."""
     import inspect
@@ -181,7 +212,9 @@ def _cast(tensors: dict[str, Tensor], dtype: torch.dtype) -> dict[str, Tensor]:
 
 
 def check_kind(source: ModelSource, fmt: str) -> None:
-    """LoRA formats need a LoRA student."""
+    """LoRA formats need a LoRA student; the kohya layout, a UNet's."""
+    if fmt == "kohya" and layout_family(source.info["layout"]).network != "unet":
+        raise UsageError(f"{source.name} is not a UNet student; the kohya layout is for UNets: use --format lora")
     if fmt in ("lora", "kohya") and source.info.get("kind") != "lora":
         raise UsageError(
             f"{source.name} is a full fine-tune; LoRA formats need a LoRA student (dmd distill --lora-rank R). "
@@ -198,17 +231,23 @@ def export_diffusers(source: ModelSource, out: Path, dtype: torch.dtype, allow_p
     from diffusers import DiffusionPipeline
 
     spec, info = source.spec(), source.info
-    unet = load_student_network(source, allow_pickle)
-    # Pipelines default to unet.config.sample_size × the VAE factor: make that the student's resolution.
+    network = load_student_network(source, allow_pickle)
+    # Pipelines default to network.config.sample_size × the VAE factor: make that the student's resolution.
     resolution = source.resolution(spec)
-    unet.register_to_config(sample_size=resolution // spec.vae_scale_factor)
+    network.register_to_config(sample_size=resolution // spec.vae_scale_factor)
+    timesteps = list(info["timesteps"])
     if info.get("sampler") == "ddim":
-        scheduler = ddim_student_scheduler(spec.scheduler_config, list(info["timesteps"]), info["prediction_type"])
+        scheduler = ddim_student_scheduler(spec.scheduler_config, timesteps, info["prediction_type"])
+    elif info["prediction_type"] == "flow":
+        scheduler = flow_student_scheduler(spec.scheduler_config, timesteps)
     else:
-        scheduler = student_scheduler(spec.scheduler_config, list(info["timesteps"]))
+        scheduler = student_scheduler(spec.scheduler_config, timesteps)
     try:
         pipe = DiffusionPipeline.from_pretrained(
-            spec.source, unet=unet, scheduler=scheduler, use_safetensors=None if allow_pickle else True
+            spec.source,
+            **{spec.network: network},
+            scheduler=scheduler,
+            use_safetensors=None if allow_pickle else True,
         ).to(dtype=dtype, silence_dtype_warnings=True)
     except (OSError, ValueError) as e:
         raise DmdError(f"could not load teacher pipeline {spec.source}: {first_line(e)}") from e
@@ -231,13 +270,14 @@ def export_lora(source: ModelSource, out: Path, dtype: torch.dtype, allow_pickle
     drop them beside conv/ff keys; the raw peft keys reload exactly.)"""
     import inspect
 
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    import diffusers
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    weights, info = _lora_weights(source), source.info
-    pipeline_class = StableDiffusionXLPipeline if info["layout"] == "sdxl" else StableDiffusionPipeline
-    if "unet_lora_adapter_metadata" not in inspect.signature(pipeline_class.save_lora_weights).parameters:
+    weights, info, spec = _lora_weights(source), source.info, source.spec()
+    pipeline_class = getattr(diffusers, spec.pipeline_class)  # its save_lora_weights names the network's keys
+    network = spec.network  # "unet", "transformer"
+    if f"{network}_lora_adapter_metadata" not in inspect.signature(pipeline_class.save_lora_weights).parameters:
         raise DmdError("this diffusers is too old to store lora_alpha in a LoRA file; upgrade diffusers (>= 0.34)")
     adapter = {
         "r": int(info["lora_rank"]),
@@ -246,9 +286,8 @@ def export_lora(source: ModelSource, out: Path, dtype: torch.dtype, allow_pickle
     }
     tmp = _scratch(out)
     try:
-        pipeline_class.save_lora_weights(
-            tmp, unet_lora_layers=_cast(weights, dtype), weight_name=out.name, unet_lora_adapter_metadata=adapter
-        )
+        layers = {f"{network}_lora_layers": _cast(weights, dtype), f"{network}_lora_adapter_metadata": adapter}
+        pipeline_class.save_lora_weights(tmp, weight_name=out.name, **layers)
         written = tmp / out.name
         with safe_open(str(written), framework="pt") as f:
             metadata = dict(f.metadata() or {})
@@ -354,47 +393,58 @@ def snippet(fmt: str, out: Path, info: dict[str, Any], dtype: str) -> str:
     steps, timesteps, teacher = info["steps"], info["timesteps"], info["teacher"]
     as_dtype = "" if dtype == "fp32" else f", torch_dtype=torch.{str(DTYPES[dtype]).removeprefix('torch.')}"
     seed = 'generator=torch.Generator("cpu").manual_seed(0)'
-    lcm = "pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config, original_inference_steps=1000)"
-    call = f'image = pipe("a photo of a cat", timesteps={timesteps}, guidance_scale=0, {seed}).images[0]'
-    head = ["import torch", "from diffusers import DiffusionPipeline, LCMScheduler"]
+    prompt = '"a photo of a cat"'
     if info.get("sampler") == "ddim":  # a progressive-distillation student
-        lcm = (
+        scheduler_class = "DDIMScheduler"
+        scheduler = (
             'pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing", '
             'set_alpha_to_one=True, '
             f'clip_sample=False, prediction_type="{info["prediction_type"]}")'
         )
-        call = f'image = pipe("a photo of a cat", num_inference_steps={steps}, guidance_scale=0, {seed}).images[0]'
-        head = ["import torch", "from diffusers import DiffusionPipeline, DDIMScheduler"]
+        call = f"image = pipe({prompt}, num_inference_steps={steps}, guidance_scale=0, {seed}).images[0]"
+    elif info["prediction_type"] == "flow":
+        scheduler_class = "FlowMatchLCMScheduler"
+        scheduler = "pipe.scheduler = FlowMatchLCMScheduler.from_config(pipe.scheduler.config)"
+        call = f"image = pipe({prompt}, sigmas={pipeline_sigmas(timesteps)}, guidance_scale=0, {seed}).images[0]"
+    else:
+        scheduler_class = "LCMScheduler"
+        scheduler = "pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config, original_inference_steps=1000)"
+        call = f"image = pipe({prompt}, timesteps={timesteps}, guidance_scale=0, {seed}).images[0]"
+    head = ["import torch", f"from diffusers import DiffusionPipeline, {scheduler_class}"]
     if fmt == "diffusers":
+        if info["prediction_type"] != "flow":  # the exported scheduler gives the student's timesteps by itself
+            call = f"image = pipe({prompt}, num_inference_steps={steps}, guidance_scale=0, {seed}).images[0]"
         return "\n".join(
             [
                 "import torch",
                 "from diffusers import DiffusionPipeline",
-                f'pipe = DiffusionPipeline.from_pretrained({str(out)!r}{as_dtype})',
-                f'image = pipe("a photo of a cat", num_inference_steps={steps}, guidance_scale=0, {seed}).images[0]',
+                f"pipe = DiffusionPipeline.from_pretrained({str(out)!r}{as_dtype})",
+                call,
             ]
         )
     if fmt in ("lora", "kohya"):
         return "\n".join(
             [
                 *head,
-                f'pipe = DiffusionPipeline.from_pretrained({teacher!r}{as_dtype})',
-                f'pipe.load_lora_weights({str(out)!r})',
-                lcm,
+                f"pipe = DiffusionPipeline.from_pretrained({teacher!r}{as_dtype})",
+                f"pipe.load_lora_weights({str(out)!r})",
+                scheduler,
                 call,
             ]
         )
+    family = layout_family(info["layout"])
+    network_class, network = family.teacher.network_class, family.network
     return "\n".join(
         [
             *head,
-            "from diffusers import UNet2DConditionModel",
+            f"from diffusers import {network_class}",
             "from safetensors.torch import load_file",
-            f'unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config({teacher!r}, subfolder="unet"))',
-            f'unet.load_state_dict(load_file({str(out)!r}))',
+            f"net = {network_class}.from_config({network_class}.load_config({teacher!r}, subfolder={network!r}))",
+            f"net.load_state_dict(load_file({str(out)!r}))",
             # from_pretrained casts the components it loads, not one passed in.
-            *([f"unet.to({as_dtype.removeprefix(', torch_dtype=')})"] if as_dtype else []),
-            f'pipe = DiffusionPipeline.from_pretrained({teacher!r}, unet=unet{as_dtype})',
-            lcm,
+            *([f"net.to({as_dtype.removeprefix(', torch_dtype=')})"] if as_dtype else []),
+            f"pipe = DiffusionPipeline.from_pretrained({teacher!r}, {network}=net{as_dtype})",
+            scheduler,
             call,
         ]
     )

@@ -10,7 +10,6 @@ from dmdcli import runfiles
 from dmdcli.core.schedule import student_timesteps
 from dmdcli.models.families import get_family
 from dmdcli.models.lora import add_generator_lora, lora_state_dict
-from dmdcli.models.sd import UNET_LORA_TARGETS
 from dmdcli.models.teacher import inspect_teacher
 from dmdcli.train import rundir
 
@@ -19,18 +18,19 @@ RANK, ALPHA = 4, 2.0  # alpha ≠ rank on purpose: exports must keep it
 
 def make_student(out: Path, teacher: Path, layout: str, kind: str, steps: int, seed: int = 0) -> Path:
     """A run folder holding only student.safetensors, as `dmd distill` writes it."""
-    from diffusers import UNet2DConditionModel
+    import diffusers
 
-    unet = UNet2DConditionModel.from_pretrained(teacher, subfolder="unet")
+    family = get_family(layout)
+    unet = getattr(diffusers, family.teacher.network_class).from_pretrained(teacher, subfolder=family.network)
     g = torch.Generator().manual_seed(seed)
     if kind == "lora":
-        add_generator_lora(unet, RANK, ALPHA, UNET_LORA_TARGETS)
+        add_generator_lora(unet, RANK, ALPHA, family.lora_targets)
         weights = {k: 0.2 * torch.randn(v.shape, generator=g) for k, v in lora_state_dict(unet).items()}
     else:
         weights = {
             k: v + 0.02 * v.std().nan_to_num() * torch.randn(v.shape, generator=g) for k, v in unet.state_dict().items()
         }
-    default = get_family(layout).conditioning_timestep  # sd: 999, sdxl: 399
+    default = family.conditioning_timestep  # sd: 999, sdxl: 399
     conditioning = default if steps == 1 else None
     info = {
         "teacher": str(teacher),
@@ -46,7 +46,7 @@ def make_student(out: Path, teacher: Path, layout: str, kind: str, steps: int, s
         "seed": seed,
     }
     if kind == "lora":
-        info.update(lora_rank=RANK, lora_alpha=ALPHA, lora_target_modules=list(UNET_LORA_TARGETS))
+        info.update(lora_rank=RANK, lora_alpha=ALPHA, lora_target_modules=list(family.lora_targets))
     out.mkdir(parents=True, exist_ok=True)
     rundir.save_student(out / runfiles.STUDENT_FILE, weights, info)
     return out

@@ -3,15 +3,19 @@ the tiny pipeline of dmdcli.models.tiny, distilled, sampled and resumed as SD an
 
 import json
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
+from students import make_student
 from test_reliability import assert_same_tensors, checkpoint_tensors, distill
 from typer.testing import CliRunner
 
 from dmdcli.cli import app
 from dmdcli.models.families import get_family
 from dmdcli.models.pipeline import load_teacher
+from dmdcli.models.student import find_model, load_student_network
 from dmdcli.models.teacher import inspect_teacher
 
 runner = CliRunner()
@@ -79,3 +83,65 @@ def test_resume_is_bit_exact(tmp_path, tiny_sd3, prompts_file, image_folder):
     assert resumed.exit_code == 0, resumed.stderr
     assert_same_tensors(checkpoint_tensors(whole), checkpoint_tensors(part), skip=())
     assert_same_tensors(load_file(whole / "student.safetensors"), load_file(part / "student.safetensors"))
+
+
+def _image(path):
+    return np.asarray(Image.open(path).convert("RGB")).astype(int)
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+@pytest.mark.parametrize("kind, steps", [("full", 4), ("lora", 1)])
+def test_diffusers_export_reproduces_dmd_sample(tmp_path, tiny_sd3, kind, steps):
+    from diffusers import DiffusionPipeline
+
+    run = make_student(tmp_path / "run", tiny_sd3, "sd3", kind, steps)
+    out = tmp_path / "pipeline"
+    exported = runner.invoke(app, ["export", "--model", str(run), "--format", "diffusers", "--out", str(out)])
+    assert exported.exit_code == 0, exported.stderr
+    sigmas = [1.0, 0.75, 0.5, 0.25][:steps]
+    assert f"sigmas={sigmas}" in exported.stderr  # the snippet calls the pipeline with the student's sigmas
+    ours = runner.invoke(app, ["sample", "--model", str(run), "--prompt", "a cat", "--out", str(tmp_path / "ours")])
+    assert ours.exit_code == 0, ours.stderr
+
+    pipe = DiffusionPipeline.from_pretrained(out)
+    pipe.set_progress_bar_config(disable=True)
+    assert type(pipe.scheduler).__name__ == "FlowMatchLCMScheduler"
+    # StableDiffusion3Pipeline draws the re-noise of steps 2..N from torch's global RNG, not from
+    # `generator`: seeded so that it continues the generator's stream, as dmd sample's noise does.
+    torch.manual_seed(0)
+    torch.randn(1, 16, 16, 16)
+    image = pipe("a cat", sigmas=sigmas, guidance_scale=0, generator=torch.Generator("cpu").manual_seed(0)).images[0]
+    assert np.abs(np.asarray(image).astype(int) - _image(next((tmp_path / "ours").glob("*.png")))).mean() <= 2.0
+    again = runner.invoke(app, ["sample", "--model", str(out), "--prompt", "a cat", "--out", str(tmp_path / "again")])
+    assert again.exit_code == 0, again.stderr
+    assert (
+        np.abs(
+            _image(next((tmp_path / "again").glob("*.png"))) - _image(next((tmp_path / "ours").glob("*.png")))
+        ).mean()
+        <= 2.0
+    )
+
+
+def test_lora_export_loads_into_the_teacher_pipeline(tmp_path, tiny_sd3):
+    from diffusers import DiffusionPipeline
+
+    run = make_student(tmp_path / "run", tiny_sd3, "sd3", "lora", 1)
+    out = tmp_path / "lora.safetensors"
+    assert runner.invoke(app, ["export", "--model", str(run), "--format", "lora", "--out", str(out)]).exit_code == 0
+    kohya = runner.invoke(app, ["export", "--model", str(run), "--format", "kohya", "--out", str(tmp_path / "k")])
+    assert kohya.exit_code == 2 and "kohya layout is for UNets" in kohya.stderr
+    assert all(k.startswith("transformer.") for k in load_file(out))
+
+    pipe = DiffusionPipeline.from_pretrained(tiny_sd3)
+    g = torch.Generator().manual_seed(1)
+    x, text, pooled = torch.randn(2, 16, 16, 16, generator=g), torch.randn(2, 9, 64, generator=g), torch.randn(2, 64)
+    inputs = dict(
+        hidden_states=x, encoder_hidden_states=text, pooled_projections=pooled, timestep=torch.tensor([999.0, 400.0])
+    )
+    with torch.no_grad():
+        student = load_student_network(find_model(str(run)))(**inputs).sample
+        teacher = pipe.transformer(**inputs).sample
+        pipe.load_lora_weights(str(out))
+        loaded = pipe.transformer(**inputs).sample
+    assert (teacher - student).abs().max() > 0.1  # the LoRA matters...
+    assert (loaded - student).abs().max() < 1e-4  # ...and comes back whole, alpha included

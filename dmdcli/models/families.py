@@ -99,6 +99,11 @@ def get_family(name: str) -> Family:
     return REGISTRY[name]
 
 
+def layout_family(layout: str) -> Family:
+    """The first family whose students record `layout` (families sharing a layout share its network)."""
+    return next(f for f in families() if f.layout == layout)
+
+
 def default_family() -> Family:
     """The family a run without --teacher distills."""
     return next(f for f in families() if f.default)
