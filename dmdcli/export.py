@@ -128,18 +128,21 @@ def pipeline_sigmas(timesteps: list[int], num_train_timesteps: int = 1000) -> li
     return [(t + 1) / num_train_timesteps for t in timesteps]
 
 
-def flow_student_scheduler(teacher_scheduler_config: dict[str, Any], timesteps: list[int]):
-    """A FlowMatchLCMScheduler for a flow-matching student: each step takes the x0 estimate
-    x_t − σ·v and re-noises it with fresh noise to the next sigma, DMD2's sampler.
+def flow_student_scheduler(teacher_scheduler_config: dict[str, Any], timesteps: list[int], sampler: str = "dmd"):
+    """The scheduler of a flow-matching student. A DMD2 student's is a FlowMatchLCMScheduler: each
+    step takes the x0 estimate x_t − σ·v and re-noises it with fresh noise to the next sigma, DMD2's
+    sampler; a progressive one's ("ddim") FlowMatchEulerDiscreteScheduler, whose Euler step
+    x_t + (σ' − σ)·v is DDIM's on a flow path.
 
     No configuration makes a plain `num_inference_steps=N` give the student's sigmas (diffusers
     spaces N steps between its shifted end sigmas and shifts again), so the pipeline is called
     with `sigmas=pipeline_sigmas(timesteps)`; checked here against the teacher's schedule."""
-    from diffusers import FlowMatchLCMScheduler
+    import diffusers
 
     from dmdcli.models.teacher import schedule_from_config
 
-    scheduler = _lcm(FlowMatchLCMScheduler, teacher_scheduler_config, {})
+    name = "FlowMatchEulerDiscreteScheduler" if sampler == "ddim" else "FlowMatchLCMScheduler"
+    scheduler = _lcm(getattr(diffusers, name), teacher_scheduler_config, {})
     if scheduler.config.use_dynamic_shifting:
         raise DmdError("exporting a student of a resolution-shifted (dynamic) flow schedule is not supported yet")
     total = int(scheduler.config.num_train_timesteps)
@@ -236,10 +239,15 @@ def export_diffusers(source: ModelSource, out: Path, dtype: torch.dtype, allow_p
     resolution = source.resolution(spec)
     network.register_to_config(sample_size=resolution // spec.vae_scale_factor)
     timesteps = list(info["timesteps"])
-    if info.get("sampler") == "ddim":
+    if spec.prediction_type == "flow":
+        if info["prediction_type"] != "flow":  # FlowMatch schedulers read a velocity
+            raise DmdError(
+                f"a flow-matching pipeline's schedulers read the velocity; this student predicts "
+                f"{info['prediction_type']}: use --format unet and dmd sample"
+            )
+        scheduler = flow_student_scheduler(spec.scheduler_config, timesteps, info.get("sampler", "dmd"))
+    elif info.get("sampler") == "ddim":
         scheduler = ddim_student_scheduler(spec.scheduler_config, timesteps, info["prediction_type"])
-    elif info["prediction_type"] == "flow":
-        scheduler = flow_student_scheduler(spec.scheduler_config, timesteps)
     else:
         scheduler = student_scheduler(spec.scheduler_config, timesteps)
     try:
@@ -385,16 +393,24 @@ def export(source: ModelSource, fmt: str, out: Path, dtype: torch.dtype, allow_p
         "kind": info["kind"],
         "steps": info["steps"],
         "timesteps": info["timesteps"],
+        "flow": source.spec().prediction_type == "flow",  # a flow-matching pipeline: called with sigmas=
     }
 
 
-def snippet(fmt: str, out: Path, info: dict[str, Any], dtype: str) -> str:
-    """A few lines of plain diffusers that use what was written (seed 0: `dmd sample --seed 0`'s image)."""
+def snippet(fmt: str, out: Path, info: dict[str, Any], dtype: str, flow: bool = False) -> str:
+    """A few lines of plain diffusers that use what was written (seed 0: `dmd sample --seed 0`'s
+    image); `flow`: the teacher is a flow-matching one."""
     steps, timesteps, teacher = info["steps"], info["timesteps"], info["teacher"]
     as_dtype = "" if dtype == "fp32" else f", torch_dtype=torch.{str(DTYPES[dtype]).removeprefix('torch.')}"
     seed = 'generator=torch.Generator("cpu").manual_seed(0)'
     prompt = '"a photo of a cat"'
-    if info.get("sampler") == "ddim":  # a progressive-distillation student
+    if flow:
+        scheduler_class = (
+            "FlowMatchEulerDiscreteScheduler" if info.get("sampler") == "ddim" else "FlowMatchLCMScheduler"
+        )
+        scheduler = f"pipe.scheduler = {scheduler_class}.from_config(pipe.scheduler.config)"
+        call = f"image = pipe({prompt}, sigmas={pipeline_sigmas(timesteps)}, guidance_scale=0, {seed}).images[0]"
+    elif info.get("sampler") == "ddim":  # a progressive-distillation student
         scheduler_class = "DDIMScheduler"
         scheduler = (
             'pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing", '
@@ -402,17 +418,13 @@ def snippet(fmt: str, out: Path, info: dict[str, Any], dtype: str) -> str:
             f'clip_sample=False, prediction_type="{info["prediction_type"]}")'
         )
         call = f"image = pipe({prompt}, num_inference_steps={steps}, guidance_scale=0, {seed}).images[0]"
-    elif info["prediction_type"] == "flow":
-        scheduler_class = "FlowMatchLCMScheduler"
-        scheduler = "pipe.scheduler = FlowMatchLCMScheduler.from_config(pipe.scheduler.config)"
-        call = f"image = pipe({prompt}, sigmas={pipeline_sigmas(timesteps)}, guidance_scale=0, {seed}).images[0]"
     else:
         scheduler_class = "LCMScheduler"
         scheduler = "pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config, original_inference_steps=1000)"
         call = f"image = pipe({prompt}, timesteps={timesteps}, guidance_scale=0, {seed}).images[0]"
     head = ["import torch", f"from diffusers import DiffusionPipeline, {scheduler_class}"]
     if fmt == "diffusers":
-        if info["prediction_type"] != "flow":  # the exported scheduler gives the student's timesteps by itself
+        if not flow:  # the exported scheduler gives the student's timesteps by itself
             call = f"image = pipe({prompt}, num_inference_steps={steps}, guidance_scale=0, {seed}).images[0]"
         return "\n".join(
             [

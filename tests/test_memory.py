@@ -11,7 +11,7 @@ from dmdcli.models.architectures import write_config_only_pipeline
 from dmdcli.models.sd import UNET_LORA_TARGETS
 from dmdcli.models.teacher import inspect_teacher
 from dmdcli.train.config import DistillConfig
-from dmdcli.train.memory import _meta_unet, _saved_activations, _training_unet, estimate_memory
+from dmdcli.train.memory import _meta_network, _saved_activations, _training_network, estimate_memory
 
 runner = CliRunner()
 
@@ -72,7 +72,7 @@ def test_dry_run_sdxl_layouts(sdxl_configs, tmp_path):
     )
     full = dry_run(sdxl_configs, "--steps", "4", "--no-gradient-checkpointing")  # (its recipe, sdxl-4step, checkpoints)
     # Shared-base LoRA holds one copy of the UNet (2.57B parameters, bf16 ≈ 4.8 GiB).
-    assert shared["parameters"]["teacher UNet (frozen)"] == pytest.approx(2.567e9 * 2 / 2**30, rel=0.01)
+    assert shared["parameters"]["teacher network (frozen)"] == pytest.approx(2.567e9 * 2 / 2**30, rel=0.01)
     assert shared["peak"] < 24, "the issue's goal: SDXL 1024², 4-step, LoRA, batch 1 in 24 GB"
     assert reference["peak"] > 2.5 * shared["peak"]  # the reference's LoRA keeps a full fp32 fake score
     assert full["peak"] > 80  # the reference could not fit full SDXL on one 80 GB GPU either
@@ -141,7 +141,7 @@ def test_dry_run_fsdp_divides_the_sharded_state_by_the_process_count(sdxl_config
         assert estimate["parameters"]["generator"] == pytest.approx(full["parameters"]["generator"] / int(n))
         assert estimate["optimizer_states"] == pytest.approx(full["optimizer_states"] / int(n))
         assert estimate["parameters"]["VAE (fp32)"] == full["parameters"]["VAE (fp32)"]  # not sharded
-        assert estimate["gathered"] < full["parameters"]["teacher UNet (frozen)"] / 2  # a few units, not a UNet
+        assert estimate["gathered"] < full["parameters"]["teacher network (frozen)"] / 2  # a few units, not a UNet
         # Gradients and AdamW's step temporaries (foreach, on CUDA) are of the shards too.
         assert estimate["optimizer_step"] in (0, pytest.approx(estimate["gradients"]))
     # With 2 and 4 processes the fake score's AdamW step sets the peak; with 8 its forward and
@@ -223,7 +223,7 @@ def _saved_by_a_real_forward(spec, adapter, resolution: int) -> int:
     from dmdcli.models.lora import add_generator_lora
 
     torch.manual_seed(0)
-    unet = UNet2DConditionModel.from_config(_meta_unet(spec).config)
+    unet = UNet2DConditionModel.from_config(_meta_network(spec).config)
     if adapter:
         add_generator_lora(unet.to(torch.bfloat16), adapter[0], adapter[1], UNET_LORA_TARGETS, adapter_name=adapter[2])
     else:
@@ -262,7 +262,7 @@ def test_meta_activations_match_a_real_forward(layout, adapter):
 
     spec = inspect_teacher(str(tiny_pipeline_cached(layout)))
     meta, _ = _saved_activations(
-        _training_unet(spec, torch.bfloat16, adapter, UNET_LORA_TARGETS),
+        _training_network(spec, torch.bfloat16, adapter, UNET_LORA_TARGETS),
         spec,
         256,
         torch.bfloat16,
@@ -278,7 +278,7 @@ def test_checkpointing_keeps_block_inputs_and_one_recomputed_block():
     from dmdcli.models.tiny import tiny_pipeline_cached
 
     spec = inspect_teacher(str(tiny_pipeline_cached("sd")))
-    unet = lambda: _training_unet(spec, torch.bfloat16, (4, 4, "fake_score"), UNET_LORA_TARGETS)  # noqa: E731
+    unet = lambda: _training_network(spec, torch.bfloat16, (4, 4, "fake_score"), UNET_LORA_TARGETS)  # noqa: E731
     whole, down = _saved_activations(unet(), spec, 256, torch.bfloat16, "cuda", checkpointing=False)
     kept, kept_down = _saved_activations(unet(), spec, 256, torch.bfloat16, "cuda", checkpointing=True)
     assert 0 < kept < whole / 2 and 0 < kept_down < down < whole

@@ -145,3 +145,47 @@ def test_lora_export_loads_into_the_teacher_pipeline(tmp_path, tiny_sd3):
         loaded = pipe.transformer(**inputs).sample
     assert (teacher - student).abs().max() > 0.1  # the LoRA matters...
     assert (loaded - student).abs().max() < 1e-4  # ...and comes back whole, alpha included
+
+
+def test_dry_run_of_sd35_large_from_its_bundled_configs(tmp_path, prompts_file):
+    """Offline, from the public configs dmd ships: the 8B transformer's weights, and the head on
+    the middle block's tokens when a GAN is on."""
+    args = ["distill", "--teacher", "sd3.5-large", "--prompts", str(prompts_file), "--dry-run", "--json"]
+    args += ["--mixed-precision", "bf16", "--lora-rank", "64", "--gradient-checkpointing"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.stderr
+    memory = json.loads(result.stdout)["memory_gib"]
+    assert memory["parameters"]["teacher network (frozen)"] == pytest.approx(8.06e9 * 2 / 2**30, rel=0.02)
+    assert memory["startup_only"]  # CLIP-L, CLIP-G and T5-XXL, counted from their own classes
+    assert 10 < memory["peak"] < memory["parameters"]["teacher network (frozen)"] + 30
+
+
+def test_a_progressive_student_exports_to_the_euler_scheduler_and_the_same_image(tmp_path, tiny_sd3, prompts_file):
+    from diffusers import DiffusionPipeline
+
+    run = tmp_path / "run"
+    args = ["--teacher", tiny_sd3, "--prompts", prompts_file, "--method", "progressive", "--parameterization", "v"]
+    args += ["--teacher-steps", "4", "--steps", "2", "--iterations-per-round", "2", "--batch-size", "2"]
+    result = runner.invoke(app, ["distill", *map(str, args), "--out", str(run), "--quiet"])
+    assert result.exit_code == 0, result.stderr
+    assert student_info(run / "student.safetensors")["prediction_type"] == "flow"  # v on a flow path
+    out = tmp_path / "pipeline"
+    assert (
+        runner.invoke(app, ["export", "--model", str(run), "--format", "diffusers", "--out", str(out)]).exit_code == 0
+    )
+    ours = runner.invoke(app, ["sample", "--model", str(run), "--prompt", "a cat", "--out", str(tmp_path / "ours")])
+    assert ours.exit_code == 0, ours.stderr
+    pipe = DiffusionPipeline.from_pretrained(out)
+    pipe.set_progress_bar_config(disable=True)
+    assert type(pipe.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"
+    image = pipe("a cat", sigmas=[1.0, 0.5], guidance_scale=0, generator=torch.Generator("cpu").manual_seed(0)).images[
+        0
+    ]
+    assert np.abs(np.asarray(image).astype(int) - _image(next((tmp_path / "ours").glob("*.png")))).mean() <= 2.0
+
+
+def student_info(path):
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return {k: json.loads(v) for k, v in f.metadata().items() if k != "format"}

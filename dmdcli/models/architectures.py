@@ -1,4 +1,4 @@
-"""The public configs of the full-size SD1.5 and SDXL architectures (no weights).
+"""The public configs of the full-size SD1.5, SDXL and SD3.5 (medium, large) architectures (no weights).
 
 Written out as a config-only pipeline folder, they let `dmd distill --dry-run` and the memory
 and speed benchmark build the real architectures (on the meta device, or with random weights)
@@ -61,6 +61,53 @@ _SCHEDULER = {
     "steps_offset": 1,
 }
 
+# SD3's text encoders: CLIP-L with its projection (pooled), OpenCLIP bigG, T5-XXL's encoder.
+_CLIP_L_PROJECTION = {**_CLIP_L, "architectures": ["CLIPTextModelWithProjection"]}
+_T5_XXL = {
+    "architectures": ["T5EncoderModel"],
+    "d_model": 4096,
+    "d_ff": 10240,
+    "d_kv": 64,
+    "num_heads": 64,
+    "num_layers": 24,
+    "vocab_size": 32128,
+    "feed_forward_proj": "gated-gelu",
+    "relative_attention_num_buckets": 32,
+    "is_encoder_decoder": False,
+}
+_SD3_VAE = {
+    **_VAE,
+    "latent_channels": 16,
+    "sample_size": 1024,
+    "scaling_factor": 1.5305,
+    "shift_factor": 0.0609,
+    "use_quant_conv": False,
+    "use_post_quant_conv": False,
+}
+_SD3_SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0}
+_SD3_TRANSFORMER = {
+    "_class_name": "SD3Transformer2DModel",
+    "sample_size": 128,
+    "patch_size": 2,
+    "in_channels": 16,
+    "out_channels": 16,
+    "attention_head_dim": 64,
+    "joint_attention_dim": 4096,
+    "pooled_projection_dim": 2048,
+    "qk_norm": "rms_norm",
+}
+
+
+def _sd3(transformer: dict) -> dict:
+    return {
+        "pipeline": "StableDiffusion3Pipeline",
+        "transformer": {**_SD3_TRANSFORMER, **transformer},
+        "vae": _SD3_VAE,
+        "scheduler": _SD3_SCHEDULER,
+        "text_encoders": {"text_encoder": _CLIP_L_PROJECTION, "text_encoder_2": _CLIP_BIGG, "text_encoder_3": _T5_XXL},
+    }
+
+
 ARCHITECTURES = {
     "sd15": {
         "pipeline": "StableDiffusionPipeline",
@@ -104,6 +151,19 @@ ARCHITECTURES = {
     },
 }
 
+ARCHITECTURES["sd3.5-medium"] = _sd3(
+    {
+        "num_layers": 24,
+        "num_attention_heads": 24,
+        "caption_projection_dim": 1536,
+        "pos_embed_max_size": 384,
+        "dual_attention_layers": list(range(13)),
+    }
+)
+ARCHITECTURES["sd3.5-large"] = _sd3(
+    {"num_layers": 38, "num_attention_heads": 38, "caption_projection_dim": 2432, "pos_embed_max_size": 192}
+)
+
 
 def bundled_architecture(teacher: str) -> str | None:
     """The ARCHITECTURES key whose public configs stand for `teacher` (an alias or its hub id)
@@ -119,20 +179,23 @@ def write_config_only_pipeline(folder: str | Path, name: str) -> Path:
     """A diffusers pipeline folder holding only the config files of architecture `name`."""
     arch = ARCHITECTURES[name]
     folder = Path(folder)
+    network = "unet" if "unet" in arch else "transformer"
+    scheduler = arch.get("scheduler", _SCHEDULER)
     index = {
         "_class_name": arch["pipeline"],
-        "unet": ["diffusers", "UNet2DConditionModel"],
+        network: ["diffusers", arch[network]["_class_name"]],
         "vae": ["diffusers", "AutoencoderKL"],
-        "scheduler": ["diffusers", "EulerDiscreteScheduler"],
+        "scheduler": ["diffusers", scheduler["_class_name"]],
     }
     files = {
-        "unet/config.json": arch["unet"],
+        f"{network}/config.json": arch[network],
         "vae/config.json": arch["vae"],
-        "scheduler/scheduler_config.json": _SCHEDULER,
+        "scheduler/scheduler_config.json": scheduler,
     }
     for sub, config in arch["text_encoders"].items():
         index[sub] = ["transformers", config["architectures"][0]]
-        index[sub.replace("text_encoder", "tokenizer")] = ["transformers", "CLIPTokenizer"]
+        tokenizer = "T5TokenizerFast" if config["architectures"][0].startswith("T5") else "CLIPTokenizer"
+        index[sub.replace("text_encoder", "tokenizer")] = ["transformers", tokenizer]
         files[f"{sub}/config.json"] = config
     files["model_index.json"] = index
     for rel, config in files.items():

@@ -117,6 +117,12 @@ class PipelineTeacher(ABC):
     def empty_cond(self) -> Cond:
         """The unconditional conditioning for CFG, batch 1."""
 
+    @staticmethod
+    @abstractmethod
+    def conditioning_shapes(network_config: dict) -> dict[str, tuple[int, ...]]:
+        """The shape of each tensor `encode_prompts` returns for one prompt, batch dimension left
+        out, from the network's config alone (the memory estimate's inputs)."""
+
     def token_limits(self) -> list[tuple[object, int]]:
         """(tokenizer, tokens it reads) for each distinct limit (CLIP: 77; T5: the pipeline's)."""
         tokenizer = self.tokenizers[0]

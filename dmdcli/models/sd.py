@@ -60,6 +60,10 @@ class SDTeacher(PipelineTeacher):
         (tokenizer,), (encoder,) = self.tokenizers, self.text_encoders
         return {"encoder_hidden_states": self.as_read(encoder(self._token_ids(tokenizer, prompts))[0])}
 
+    @staticmethod
+    def conditioning_shapes(network_config: dict) -> dict[str, tuple[int, ...]]:
+        return {"encoder_hidden_states": (77, network_config["cross_attention_dim"])}
+
     @torch.no_grad()
     def empty_cond(self) -> Cond:
         """The empty prompt encoded, as the SD pipelines do for CFG."""
@@ -94,6 +98,11 @@ class SDXLTeacher(SDTeacher):
             "text_embeds": self.as_read(pooled),
             "time_ids": self.time_ids(len(prompts)),
         }
+
+    @staticmethod
+    def conditioning_shapes(network_config: dict) -> dict[str, tuple[int, ...]]:
+        pooled = network_config["projection_class_embeddings_input_dim"] - 6 * network_config["addition_time_embed_dim"]
+        return {**SDTeacher.conditioning_shapes(network_config), "text_embeds": (pooled,), "time_ids": (6,)}
 
     def time_ids(self, batch: int) -> Tensor:
         """SDXL micro-conditioning (original size, crop top-left, target size), fixed square."""

@@ -85,6 +85,13 @@ class SD3Teacher(PipelineTeacher):
             "pooled_projections": self.as_read(torch.cat(pooled, dim=-1)),
         }
 
+    @staticmethod
+    def conditioning_shapes(network_config: dict) -> dict[str, tuple[int, ...]]:
+        return {
+            "encoder_hidden_states": (77 + T5_TOKENS, network_config["joint_attention_dim"]),
+            "pooled_projections": (network_config["pooled_projection_dim"],),
+        }
+
     @torch.no_grad()
     def empty_cond(self) -> Cond:
         """The empty prompt encoded, as StableDiffusion3Pipeline's default negative prompt."""

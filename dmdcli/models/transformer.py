@@ -58,6 +58,11 @@ class SD3Denoiser(nn.Module):
     def forward(self, x_t: Tensor, t: Tensor, cond: Cond) -> Tensor:
         return self._call(x_t, t, cond).float()
 
+    @property
+    def feature_module(self) -> nn.Module:
+        """The module whose output `bottleneck` reads (block `feature_block`)."""
+        return self.transformer.transformer_blocks[self.feature_block]
+
     def bottleneck(self, x_t: Tensor, t: Tensor, cond: Cond) -> Tensor:
         """The image tokens after `feature_block`, as a grid [B, D, h/p, w/p] (float32).
 
@@ -69,7 +74,7 @@ class SD3Denoiser(nn.Module):
         def stop(module, inputs, output):
             raise _Features(output[1])
 
-        handle = self.transformer.transformer_blocks[self.feature_block].register_forward_hook(stop)
+        handle = self.feature_module.register_forward_hook(stop)
         try:
             self._call(x_t, t, cond)
         except _Features as caught:

@@ -43,6 +43,11 @@ class UNetDenoiser(nn.Module):
     def forward(self, x_t: Tensor, t: Tensor, cond: Cond) -> Tensor:
         return self._call_unet(x_t, t, cond).float()
 
+    @property
+    def feature_module(self) -> nn.Module:
+        """The module whose output `bottleneck` returns (the mid block)."""
+        return self.unet.mid_block
+
     def bottleneck(self, x_t: Tensor, t: Tensor, cond: Cond) -> Tensor:
         """The mid-block output [B, C, h, w] (DMD2's classifier input).
 
@@ -54,7 +59,7 @@ class UNetDenoiser(nn.Module):
         def stop(module, inputs, output):
             raise _Bottleneck(output)
 
-        handle = self.unet.mid_block.register_forward_hook(stop)
+        handle = self.feature_module.register_forward_hook(stop)
         try:
             self._call_unet(x_t, t, cond)
         except _Bottleneck as caught:

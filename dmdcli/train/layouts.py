@@ -185,7 +185,7 @@ class Layout:
         `frozen_bytes` each, the trained ones (`generator`, `fake`, `head`) in fp32."""
         n = self.shards
         return {
-            "teacher UNet (frozen)": teacher * frozen_bytes / n,
+            "teacher network (frozen)": teacher * frozen_bytes / n,
             "generator": 4 * generator / n,
             "fake score + classifier": 4 * (fake + head) / n,
         }
@@ -274,11 +274,11 @@ class Sharded(FullFineTune):
     def build(self, base, device, frozen_dtype, gan_probe=None) -> Networks:
         # The whole networks are built in host memory and fully_shard moves each process's shards
         # onto `device`: three whole SDXL UNets (~25 GB) would not fit the GPUs the shards fit.
-        from dmdcli.train.sharding import broadcast_from_rank0, shard_module, shard_unet, trainable
+        from dmdcli.train.sharding import broadcast_from_rank0, shard_module, shard_network, trainable
 
         nets = super().build(base, torch.device("cpu"), frozen_dtype, gan_probe)
         for unet in (nets.teacher_unet, nets.generator_unet, nets.fake_unet):  # copies of the same teacher files
-            shard_unet(unet, self.options)
+            shard_network(unet, self.options)
         if nets.head is not None:
             broadcast_from_rank0(nets.head, device)  # drawn from each process's own seed
             # Its Sequential: the head's own reshape of the logits stays outside FSDP's output hooks

@@ -65,11 +65,13 @@ class MemoryEstimate:
         ]
 
 
-def _meta_unet(spec: TeacherSpec) -> nn.Module:
-    from diffusers import UNet2DConditionModel
+def _meta_network(spec: TeacherSpec) -> nn.Module:
+    """The teacher's denoising network (its family's class) on the meta device."""
+    import diffusers
 
+    network_class = getattr(diffusers, get_family(spec.family).teacher.network_class)
     with torch.device("meta"):
-        return UNet2DConditionModel.from_config(_load_json_config(spec.source, "unet", "config.json"))
+        return network_class.from_config(_load_json_config(spec.source, spec.network, "config.json"))
 
 
 def _count(module: nn.Module, trainable_only: bool = False) -> int:
@@ -77,15 +79,19 @@ def _count(module: nn.Module, trainable_only: bool = False) -> int:
 
 
 def _text_and_vae_parameters(spec: TeacherSpec) -> tuple[int, int]:
+    """Parameter counts of the pipeline's text encoders (each of the classes model_index.json
+    names: CLIP, T5, ...) and of its VAE."""
+    import transformers
     from diffusers import AutoencoderKL
-    from transformers import CLIPTextConfig, CLIPTextModel
 
-    folders = ["text_encoder", "text_encoder_2"] if spec.layout == "sdxl" else ["text_encoder"]
+    index = _load_json_config(spec.source, None, "model_index.json")
+    folders = sorted(k for k, v in index.items() if k.startswith("text_encoder") and isinstance(v, list) and v[0])
     with torch.device("meta"):
-        text = sum(
-            _count(CLIPTextModel(CLIPTextConfig.from_dict(_load_json_config(spec.source, f, "config.json"))))
-            for f in folders
-        )
+        text = 0
+        for folder in folders:
+            encoder_class = getattr(transformers, index[folder][1])
+            config = encoder_class.config_class.from_dict(_load_json_config(spec.source, folder, "config.json"))
+            text += _count(encoder_class(config))
         vae = _count(AutoencoderKL.from_config(_load_json_config(spec.source, "vae", "config.json")))
     return text, vae
 
@@ -136,21 +142,29 @@ class _AutocastRules(TorchFunctionMode):
         return func(*(self._cast(a, target) for a in args), **{k: self._cast(v, target) for k, v in kwargs.items()})
 
 
-def _training_unet(
+def _training_network(
     spec: TeacherSpec, frozen: torch.dtype, adapter: tuple[int, float, str] | None, targets: tuple[str, ...]
 ) -> nn.Module:
-    """A meta UNet as a run trains it: a LoRA adapter (rank, alpha, name) on `targets` in fp32 on
+    """A meta network as a run trains it: a LoRA adapter (rank, alpha, name) on `targets` in fp32 on
     frozen weights in `frozen`, or every weight trainable in fp32."""
     from dmdcli.models.lora import add_generator_lora
 
     with torch.device("meta"):
-        unet = _meta_unet(spec)
+        unet = _meta_network(spec)
         if adapter is None:
             return unet.requires_grad_(True).train()
         unet.to(frozen)
         rank, alpha, name = adapter
         add_generator_lora(unet, rank, alpha, targets, adapter_name=name)
     return unet.train()
+
+
+def _meta_inputs(network: nn.Module, spec: TeacherSpec, resolution: int, dtype: torch.dtype):
+    """One sample's latents and prompt conditioning, on the meta device."""
+    side = resolution // spec.vae_scale_factor
+    x = torch.empty(1, spec.latent_channels, side, side, device="meta", dtype=dtype)
+    shapes = get_family(spec.family).teacher.conditioning_shapes(network.config)
+    return x, {k: torch.empty(1, *shape, device="meta", dtype=dtype) for k, shape in shapes.items()}
 
 
 def _saved_activations(
@@ -161,8 +175,9 @@ def _saved_activations(
     device_type: str,
     checkpointing: bool,
 ) -> tuple[float, float]:
-    """Bytes autograd keeps for one sample's training forward of `unet`: (whole UNet, down + mid
-    blocks, which the classifier runs).
+    """Bytes autograd keeps for one sample's training forward of `unet` (any family's network):
+    (the whole network, the part up to its bottleneck, which the classifier runs: a UNet's down
+    and mid blocks).
 
     Counted per storage (a linear layer saves its weight as a transposed view, which is not an
     activation), with attention as a fused kernel keeps it and autocast's dtypes
@@ -200,16 +215,10 @@ def _saved_activations(
 
     if checkpointing:
         unet.enable_gradient_checkpointing(gradient_checkpointing_func=checkpointed)
-    handle = unet.up_blocks[0].register_forward_pre_hook(lambda *a: state.update(down=False))
-    side = resolution // spec.vae_scale_factor
-    dtype = low_precision or torch.float32
-    meta = dict(device="meta", dtype=dtype)
-    x = torch.randn(1, spec.latent_channels, side, side, **meta)
-    cond = torch.randn(1, 77, unet.config.cross_attention_dim, **meta)
-    added = None
-    if spec.layout == "sdxl":
-        pooled = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
-        added = {"text_embeds": torch.randn(1, pooled, **meta), "time_ids": torch.randn(1, 6, **meta)}
+    denoiser = get_family(spec.family).denoiser(unet, spec.schedule())  # called as a run calls it
+    # What runs after the bottleneck's module is not part of the classifier's pass.
+    handle = denoiser.feature_module.register_forward_hook(lambda *a: state.update(down=False))
+    x, cond = _meta_inputs(unet, spec, resolution, low_precision or torch.float32)
 
     def weight_cast(t: torch.Tensor) -> None:
         excluded.add(t.untyped_storage()._cdata)
@@ -220,7 +229,7 @@ def _saved_activations(
             _AutocastRules(low_precision, device_type, weight_cast),
             torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
         ):
-            unet(x, torch.zeros(1, dtype=torch.long, device="meta"), cond, added_cond_kwargs=added)
+            denoiser(x, torch.zeros(1, dtype=torch.long, device="meta"), cond)
     finally:
         handle.remove()
 
@@ -247,7 +256,7 @@ def estimate_memory(
 
     frozen = 2 if bf16 else 4  # frozen weights in bf16 under mixed precision
     frozen_dtype = torch.bfloat16 if bf16 else torch.float32
-    unet = _meta_unet(spec)
+    unet = _meta_network(spec)
     p_unet = _count(unet)
     p_text, p_vae = _text_and_vae_parameters(spec)
 
@@ -256,15 +265,16 @@ def estimate_memory(
     layout = layout_for(config, family.lora_targets, sharding, processes)
     adapters = layout.adapters()
     nets = {
-        name: _training_unet(spec, frozen_dtype, adapter, layout.lora_targets) for name, adapter in adapters.items()
+        name: _training_network(spec, frozen_dtype, adapter, layout.lora_targets) for name, adapter in adapters.items()
     }
     p_gen, p_fake = (_count(nets[name], trainable_only=True) for name in adapters)
     p_head = 0
-    if config.data:
-        down = 2 ** (len(unet.config.block_out_channels) - 1)
-        side = resolution // spec.vae_scale_factor // down
+    if config.data:  # the head a run builds on the bottleneck's features (their shape, on meta)
+        x, cond = _meta_inputs(unet, spec, resolution, torch.float32)
+        t = torch.zeros(1, dtype=torch.long, device="meta")
+        features = family.denoiser(unet, spec.schedule()).bottleneck(x, t, cond)
         with torch.device("meta"):
-            p_head = _count(ClassifierHead(unet.config.block_out_channels[-1], side))
+            p_head = _count(ClassifierHead.for_features(features))
 
     n = layout.shards
     weights = {**layout.weight_rows(p_unet, p_gen, p_fake, p_head, frozen), "VAE (fp32)": p_vae * 4}

@@ -72,7 +72,9 @@ class ProgressiveDistillation(Run):
         prediction = (
             pd.PARAMETERIZATIONS[config.parameterization] if config.parameterization else self.spec.prediction_type
         )
-        # The students predict in the chosen parameterization on the teacher's ᾱ_t.
+        if prediction == "v_prediction" and self.schedule.is_flow:
+            prediction = "flow"  # on a flow-matching path the velocity ε − x0 is the v of the path
+        # The students predict in the chosen parameterization on the teacher's α_t, σ_t.
         self.student_schedule = self.teacher_schedule.with_prediction_type(prediction)
         self.rounds = round_steps(config.teacher_steps, config.steps)
         torch.manual_seed(config.seed)

@@ -71,22 +71,24 @@ def broadcast_from_rank0(module: nn.Module, device: torch.device) -> None:
         tensor.data.copy_(sent)
 
 
-def shard_units(unet: nn.Module) -> list[nn.Module]:
-    """The UNet's blocks that are sharded (and gathered) as units: ResNet and transformer blocks."""
-    from diffusers.models.attention import BasicTransformerBlock
+def shard_units(network: nn.Module) -> list[nn.Module]:
+    """The network's blocks that are sharded (and gathered) as units: a UNet's ResNet and
+    transformer blocks, an SD3 transformer's joint blocks."""
+    from diffusers.models.attention import BasicTransformerBlock, JointTransformerBlock
     from diffusers.models.resnet import ResnetBlock2D
 
-    return [m for m in unet.modules() if isinstance(m, (ResnetBlock2D, BasicTransformerBlock))]
+    units = (ResnetBlock2D, BasicTransformerBlock, JointTransformerBlock)
+    return [m for m in network.modules() if isinstance(m, units)]
 
 
-def shard_unet(unet: nn.Module, options: ShardingOptions) -> nn.Module:
-    """fully_shard each of `unet`'s shard_units, then `unet` itself (the rest) (in place)."""
+def shard_network(network: nn.Module, options: ShardingOptions) -> nn.Module:
+    """fully_shard each of `network`'s shard_units, then `network` itself (the rest) (in place)."""
     from torch.distributed.fsdp import fully_shard
 
-    for block in shard_units(unet):
+    for block in shard_units(network):
         fully_shard(block, **_kwargs(options))
-    fully_shard(unet, **_kwargs(options))
-    return unet
+    fully_shard(network, **_kwargs(options))
+    return network
 
 
 def shard_module(module: nn.Module, options: ShardingOptions) -> nn.Module:
