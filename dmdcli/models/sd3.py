@@ -47,8 +47,9 @@ class SD3Teacher(PipelineTeacher):
     def load_text_encoders(self, allow_pickle: bool) -> tuple[list, list[nn.Module]]:
         from transformers import AutoTokenizer, CLIPTextModelWithProjection, T5EncoderModel
 
-        tokenizers = [from_pretrained(AutoTokenizer, self.spec, f, True) for f in ("tokenizer", "tokenizer_2")]
-        tokenizers.append(from_pretrained(AutoTokenizer, self.spec, "tokenizer_3", True))
+        tokenizers = [
+            from_pretrained(AutoTokenizer, self.spec, f, True) for f in ("tokenizer", "tokenizer_2", "tokenizer_3")
+        ]
         encoders = [
             from_pretrained(CLIPTextModelWithProjection, self.spec, f, allow_pickle)
             for f in ("text_encoder", "text_encoder_2")

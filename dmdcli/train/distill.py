@@ -147,7 +147,10 @@ class Distillation(Run):
             self.regression_distance,
         )
         self.generator = self.step.generator
-        self.ui.message(self.layout.describe(self.nets, self.timesteps))
+        at = f"t = {self.timesteps}"
+        if self.schedule.is_flow:  # the indices of the shifted table, and what they stand for
+            at += f" (σ = {', '.join(f'{float(self.schedule.sigmas[t]):.3g}' for t in self.timesteps)})"
+        self.ui.message(self.layout.describe(self.nets, at))
 
     # -- outputs -------------------------------------------------------------------------------
 

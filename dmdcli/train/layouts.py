@@ -160,10 +160,11 @@ class Layout:
     fake_kind = "full copy"
     suffix = ""
 
-    def describe(self, nets: Networks, timesteps: list[int]) -> str:
+    def describe(self, nets: Networks, at: str) -> str:
+        """The run's start line; `at`: the student's timesteps, as the run names them."""
         return (
             f"generator: {self.generator_kind} ({_count(nets.generator_params)}), {self.config.steps} step(s) at "
-            f"t = {timesteps}; fake score: {self.fake_kind} ({_count(nets.fake_params)}); "
+            f"{at}; fake score: {self.fake_kind} ({_count(nets.fake_params)}); "
             f"GAN {'on' if nets.head else 'off'}{self.suffix}"
         )
 
