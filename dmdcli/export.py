@@ -128,7 +128,9 @@ def pipeline_sigmas(timesteps: list[int], num_train_timesteps: int = 1000) -> li
     return [(t + 1) / num_train_timesteps for t in timesteps]
 
 
-def flow_student_scheduler(teacher_scheduler_config: dict[str, Any], timesteps: list[int], sampler: str = "dmd"):
+def flow_student_scheduler(
+    teacher_scheduler_config: dict[str, Any], timesteps: list[int], image_seq_len: int, sampler: str = "dmd"
+):
     """The scheduler of a flow-matching student. A DMD2 student's is a FlowMatchLCMScheduler: each
     step takes the x0 estimate x_t − σ·v and re-noises it with fresh noise to the next sigma, DMD2's
     sampler; a progressive one's ("ddim") FlowMatchEulerDiscreteScheduler, whose Euler step
@@ -136,18 +138,23 @@ def flow_student_scheduler(teacher_scheduler_config: dict[str, Any], timesteps: 
 
     No configuration makes a plain `num_inference_steps=N` give the student's sigmas (diffusers
     spaces N steps between its shifted end sigmas and shifts again), so the pipeline is called
-    with `sigmas=pipeline_sigmas(timesteps)`; checked here against the teacher's schedule."""
+    with `sigmas=pipeline_sigmas(timesteps)`; checked here against the teacher's schedule at the
+    student's `resolution` (a resolution-shifted schedule, FLUX's: the pipeline computes the same
+    shift from the image size it is asked for)."""
     import diffusers
 
+    from dmdcli.core.schedule import resolution_shift
     from dmdcli.models.teacher import schedule_from_config
 
     name = "FlowMatchEulerDiscreteScheduler" if sampler == "ddim" else "FlowMatchLCMScheduler"
     scheduler = _lcm(getattr(diffusers, name), teacher_scheduler_config, {})
-    if scheduler.config.use_dynamic_shifting:
-        raise DmdError("exporting a student of a resolution-shifted (dynamic) flow schedule is not supported yet")
-    total = int(scheduler.config.num_train_timesteps)
-    scheduler.set_timesteps(sigmas=pipeline_sigmas(timesteps, total))
-    expected = schedule_from_config(teacher_scheduler_config).sigmas[timesteps].float()
+    c, tokens = scheduler.config, image_seq_len
+    total = int(c.num_train_timesteps)
+    mu = None
+    if c.use_dynamic_shifting:  # as the pipeline computes it for a resolution² image
+        mu = resolution_shift(tokens, c.base_image_seq_len, c.max_image_seq_len, c.base_shift, c.max_shift)
+    scheduler.set_timesteps(sigmas=pipeline_sigmas(timesteps, total), mu=mu)
+    expected = schedule_from_config(teacher_scheduler_config, tokens).sigmas[timesteps].float()
     if not torch.allclose(scheduler.sigmas[:-1], expected, atol=1e-6, rtol=0):
         raise DmdError(f"no FlowMatchLCMScheduler configuration gives the student's sigmas {expected.tolist()}")
     return scheduler
@@ -245,7 +252,8 @@ def export_diffusers(source: ModelSource, out: Path, dtype: torch.dtype, allow_p
                 f"a flow-matching pipeline's schedulers read the velocity; this student predicts "
                 f"{info['prediction_type']}: use --format unet and dmd sample"
             )
-        scheduler = flow_student_scheduler(spec.scheduler_config, timesteps, info.get("sampler", "dmd"))
+        tokens = spec.image_seq_len(resolution)
+        scheduler = flow_student_scheduler(spec.scheduler_config, timesteps, tokens, info.get("sampler", "dmd"))
     elif info.get("sampler") == "ddim":
         scheduler = ddim_student_scheduler(spec.scheduler_config, timesteps, info["prediction_type"])
     else:
@@ -402,14 +410,17 @@ def snippet(fmt: str, out: Path, info: dict[str, Any], dtype: str, flow: bool = 
     image); `flow`: the teacher is a flow-matching one."""
     steps, timesteps, teacher = info["steps"], info["timesteps"], info["teacher"]
     as_dtype = "" if dtype == "fp32" else f", torch_dtype=torch.{str(DTYPES[dtype]).removeprefix('torch.')}"
-    seed = 'generator=torch.Generator("cpu").manual_seed(0)'
+    # guidance_scale=0: no CFG; a guidance-distilled pipeline's (FLUX) is its embedded guidance instead
+    guidance = info.get("denoiser", {}).get("embedded_guidance", 0)
+    seed = f'guidance_scale={guidance}, generator=torch.Generator("cpu").manual_seed(0)'
     prompt = '"a photo of a cat"'
     if flow:
         scheduler_class = (
             "FlowMatchEulerDiscreteScheduler" if info.get("sampler") == "ddim" else "FlowMatchLCMScheduler"
         )
         scheduler = f"pipe.scheduler = {scheduler_class}.from_config(pipe.scheduler.config)"
-        call = f"image = pipe({prompt}, sigmas={pipeline_sigmas(timesteps)}, guidance_scale=0, {seed}).images[0]"
+        size = f"height={info['resolution']}, width={info['resolution']}, " if info.get("resolution") else ""
+        call = f"image = pipe({prompt}, {size}sigmas={pipeline_sigmas(timesteps)}, {seed}).images[0]"
     elif info.get("sampler") == "ddim":  # a progressive-distillation student
         scheduler_class = "DDIMScheduler"
         scheduler = (
@@ -417,15 +428,15 @@ def snippet(fmt: str, out: Path, info: dict[str, Any], dtype: str, flow: bool = 
             'set_alpha_to_one=True, '
             f'clip_sample=False, prediction_type="{info["prediction_type"]}")'
         )
-        call = f"image = pipe({prompt}, num_inference_steps={steps}, guidance_scale=0, {seed}).images[0]"
+        call = f"image = pipe({prompt}, num_inference_steps={steps}, {seed}).images[0]"
     else:
         scheduler_class = "LCMScheduler"
         scheduler = "pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config, original_inference_steps=1000)"
-        call = f"image = pipe({prompt}, timesteps={timesteps}, guidance_scale=0, {seed}).images[0]"
+        call = f"image = pipe({prompt}, timesteps={timesteps}, {seed}).images[0]"
     head = ["import torch", f"from diffusers import DiffusionPipeline, {scheduler_class}"]
     if fmt == "diffusers":
         if not flow:  # the exported scheduler gives the student's timesteps by itself
-            call = f"image = pipe({prompt}, num_inference_steps={steps}, guidance_scale=0, {seed}).images[0]"
+            call = f"image = pipe({prompt}, num_inference_steps={steps}, {seed}).images[0]"
         return "\n".join(
             [
                 "import torch",

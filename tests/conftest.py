@@ -68,3 +68,10 @@ def tiny_sd3():
     from dmdcli.models.tiny import tiny_pipeline_cached
 
     return tiny_pipeline_cached("sd3")
+
+
+@pytest.fixture(scope="session")
+def tiny_flux():
+    from dmdcli.models.tiny import tiny_pipeline_cached
+
+    return tiny_pipeline_cached("flux")

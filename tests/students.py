@@ -12,6 +12,7 @@ from dmdcli.models.families import get_family
 from dmdcli.models.lora import add_generator_lora, lora_state_dict
 from dmdcli.models.teacher import inspect_teacher
 from dmdcli.train import rundir
+from dmdcli.train.config import DistillConfig
 
 RANK, ALPHA = 4, 2.0  # alpha ≠ rank on purpose: exports must keep it
 
@@ -45,6 +46,8 @@ def make_student(out: Path, teacher: Path, layout: str, kind: str, steps: int, s
         "guidance_scale": 1.75,
         "seed": seed,
     }
+    if family.denoiser_options:  # as dmd distill records them, at their defaults (FLUX: embedded guidance)
+        info["denoiser"] = {k: getattr(DistillConfig, k) for k in family.denoiser_options}
     if kind == "lora":
         info.update(lora_rank=RANK, lora_alpha=ALPHA, lora_target_modules=list(family.lora_targets))
     out.mkdir(parents=True, exist_ok=True)

@@ -153,6 +153,6 @@ def test_cached_and_cli(tmp_path, capsys):
     assert (tmp_path / "cli" / "unet" / "config.json").is_file()
 
     with pytest.raises(UsageError):
-        make_tiny_pipeline(tmp_path / "bad", layout="flux")
+        make_tiny_pipeline(tmp_path / "bad", layout="sdxl-turbo")
     with pytest.raises(UsageError):
         tiny_pipeline_cached("sd", prediction_type="sample")

@@ -1,4 +1,4 @@
-"""The public configs of the full-size SD1.5, SDXL and SD3.5 (medium, large) architectures (no weights).
+"""The public configs of the full-size SD1.5, SDXL, SD3.5 (medium, large) and FLUX.1-dev architectures (no weights).
 
 Written out as a config-only pipeline folder, they let `dmd distill --dry-run` and the memory
 and speed benchmark build the real architectures (on the meta device, or with random weights)
@@ -163,6 +163,33 @@ ARCHITECTURES["sd3.5-medium"] = _sd3(
 ARCHITECTURES["sd3.5-large"] = _sd3(
     {"num_layers": 38, "num_attention_heads": 38, "caption_projection_dim": 2432, "pos_embed_max_size": 192}
 )
+
+ARCHITECTURES["flux-dev"] = {
+    "pipeline": "FluxPipeline",
+    "transformer": {
+        "_class_name": "FluxTransformer2DModel",
+        "patch_size": 1,
+        "in_channels": 64,
+        "num_layers": 19,
+        "num_single_layers": 38,
+        "attention_head_dim": 128,
+        "num_attention_heads": 24,
+        "joint_attention_dim": 4096,
+        "pooled_projection_dim": 768,
+        "guidance_embeds": True,
+        "axes_dims_rope": [16, 56, 56],
+    },
+    "vae": {**_SD3_VAE, "scaling_factor": 0.3611, "shift_factor": 0.1159},
+    "scheduler": {
+        **_SD3_SCHEDULER,
+        "use_dynamic_shifting": True,
+        "base_shift": 0.5,
+        "max_shift": 1.15,
+        "base_image_seq_len": 256,
+        "max_image_seq_len": 4096,
+    },
+    "text_encoders": {"text_encoder": _CLIP_L, "text_encoder_2": _T5_XXL},
+}
 
 
 def bundled_architecture(teacher: str) -> str | None:

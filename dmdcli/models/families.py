@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from dmdcli.models.pipeline import PipelineTeacher
 
 # The one place that names the family modules, in the order they are asked (and listed in help).
-FAMILY_MODULES = ("dmdcli.models.sd", "dmdcli.models.sd3", "dmdcli.shapes.family")
+FAMILY_MODULES = ("dmdcli.models.sd", "dmdcli.models.sd3", "dmdcli.models.flux", "dmdcli.shapes.family")
 
 
 def _no_recipe(steps: int, lora_rank: int | None) -> str | None:
@@ -45,7 +45,8 @@ class EvalSet:
 class NetworkShape:
     """What a family reads from its denoising network's config.json."""
 
-    native_latent_side: int  # the latent side it was trained at (× the VAE's factor: --resolution's default)
+    # the latent side it was trained at (× the VAE's factor: --resolution's default); None: the VAE's sample_size
+    native_latent_side: int | None
     latent_channels: int  # channels of the latents the engine handles ([B, C, h, w])
     downsample: int  # how many times the network divides the latent side (a UNet's levels, a patch size)
 
@@ -63,6 +64,9 @@ class Family:
     conditioning_timestep: int  # the t a 1-step student is told when --conditioning-timestep is not given
     network: str = "unet"  # the pipeline's component (folder) that is the denoising network
     lora_targets: tuple[str, ...] = ()  # module names of the network the LoRA adapters wrap
+    # config keys the adapter takes as keyword arguments (FLUX: embedded_guidance); students record them
+    denoiser_options: tuple[str, ...] = ()
+    classifier_free_guidance: bool = True  # False: a guidance-distilled teacher, whose real score takes no CFG
     # (config.json of the network, of the VAE, of the scheduler) → why dmd cannot distill it, or None
     unsupported: Callable[[dict[str, Any], dict[str, Any], dict[str, Any]], str | None] = lambda *configs: None
     recognises: Callable[[dict[str, Any]], bool] | None = None  # from model_index.json; None: by name only

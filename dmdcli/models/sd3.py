@@ -16,27 +16,10 @@ from torch import Tensor, nn
 from dmdcli.core.denoiser import Cond
 from dmdcli.models.families import Family, NetworkShape, register
 from dmdcli.models.pipeline import PipelineTeacher, from_pretrained
-from dmdcli.models.transformer import SD3Denoiser
+from dmdcli.models.transformer import TRANSFORMER_LORA_TARGETS, SD3Denoiser
 
 # StableDiffusion3Pipeline's default T5 length (max_sequence_length).
 T5_TOKENS = 256
-
-# Attention (image and text streams), their output projections and both feed-forwards: the
-# modules diffusers' SD3 DreamBooth-LoRA script and FastGen adapt.
-SD3_LORA_TARGETS = (
-    "to_q",
-    "to_k",
-    "to_v",
-    "to_out.0",
-    "add_q_proj",
-    "add_k_proj",
-    "add_v_proj",
-    "to_add_out",
-    "ff.net.0.proj",
-    "ff.net.2",
-    "ff_context.net.0.proj",
-    "ff_context.net.2",
-)
 
 
 class SD3Teacher(PipelineTeacher):
@@ -132,7 +115,7 @@ SD3 = register(
         # σ_999 = 1: the pure noise a 1-step student starts from (a flow teacher was trained up to it)
         conditioning_timestep=999,
         network="transformer",
-        lora_targets=SD3_LORA_TARGETS,
+        lora_targets=TRANSFORMER_LORA_TARGETS,
         unsupported=_unsupported,
         recognises=_sd3_pipeline,
         aliases={

@@ -282,11 +282,11 @@ class StudentSampler:
         if source.kind == "student":
             load_student_weights(self.teacher.network.to(torch.float32), source)
         self.unet = self.teacher.network.to(device, dtype)
-        teacher_schedule = self.spec.schedule()
+        teacher_schedule = self.spec.schedule(resolution)
         self.schedule = teacher_schedule.with_prediction_type(
             info.get("prediction_type", teacher_schedule.prediction_type)
         )
-        self.generator = get_family(self.spec.family).denoiser(self.unet, self.schedule)
+        self.generator = get_family(self.spec.family).denoiser(self.unet, self.schedule, **info.get("denoiser", {}))
         self.ddim = info.get("sampler") == "ddim"  # a progressive-distillation student
         self.device = device
 

@@ -155,8 +155,14 @@ class TeacherSpec:
             return "flow"  # v = ε − x0: what every flow-matching teacher predicts (no key says so)
         return self.scheduler_config.get("prediction_type", "epsilon")
 
-    def schedule(self) -> NoiseSchedule:
-        return schedule_from_config(self.scheduler_config)
+    def schedule(self, resolution: int | None = None) -> NoiseSchedule:
+        """The teacher's schedule; at `resolution` (pixels) for one shifted by the image's token count
+        (FLUX: (R / 16)² tokens), which then needs it."""
+        return schedule_from_config(self.scheduler_config, self.image_seq_len(resolution) if resolution else None)
+
+    def image_seq_len(self, resolution: int) -> int:
+        """How many image tokens (or bottom-level positions) a resolution² image is to the network."""
+        return (resolution // (self.vae_scale_factor * self.network_downsample)) ** 2
 
     def training_resolution(self, requested: int | None) -> int:
         """--resolution, or the teacher's native side; checked."""
@@ -189,7 +195,7 @@ def inspect_teacher(name: str) -> TeacherSpec:
     if family is None:
         raise DmdError(
             f"unsupported pipeline {pipeline_class} in {source}: dmd distills Stable Diffusion 1.x / 2.x, SDXL "
-            "(UNet2DConditionModel, CLIP text encoders) and SD3 / SD3.5 (SD3Transformer2DModel) pipelines"
+            "(UNet2DConditionModel, CLIP text encoders), SD3 / SD3.5 and FLUX.1-dev pipelines"
         )
     network_cfg = _load_json_config(source, family.network, "config.json")
     vae_cfg = _load_json_config(source, "vae", "config.json")
@@ -204,7 +210,9 @@ def inspect_teacher(name: str) -> TeacherSpec:
         family=family.name,
         pipeline_class=pipeline_class,
         scheduler_config=scheduler_cfg,
-        native_resolution=shape.native_latent_side * vae_scale,
+        native_resolution=shape.native_latent_side * vae_scale
+        if shape.native_latent_side
+        else int(vae_cfg.get("sample_size", 1024)),
         latent_channels=shape.latent_channels,
         vae_scale_factor=vae_scale,
         network_downsample=shape.downsample,

@@ -18,7 +18,7 @@ The same seed gives byte-identical weights. Nothing is downloaded.
 
 Command line (developer helper)::
 
-    python -m dmdcli.models.tiny OUT_DIR [--layout sd|sdxl|sd3]
+    python -m dmdcli.models.tiny OUT_DIR [--layout sd|sdxl|sd3|flux]
         [--prediction-type epsilon|v_prediction] [--seed N]
 """
 
@@ -35,7 +35,7 @@ from pathlib import Path
 from dmdcli.errors import UsageError
 from dmdcli.models.clip_bpe import BOS, EOS, byte_symbols, clip_tokenizer, write_tokenizer_files
 
-LAYOUTS = ("sd", "sdxl", "sd3")
+LAYOUTS = ("sd", "sdxl", "sd3", "flux")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 #: Pixel resolution the tiny pipelines are made for (the UNet's default sample size times 2).
@@ -200,9 +200,9 @@ def vae_config(layout: str) -> dict:
 def _check(layout: str, prediction_type: str) -> None:
     if layout not in LAYOUTS:
         raise UsageError(f"unknown tiny layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
-    if layout == "sd3":
+    if layout in ("sd3", "flux"):
         if prediction_type not in ("epsilon", "flow"):  # "epsilon": the command line's default
-            raise UsageError("a tiny SD3 pipeline is flow matching: it takes no --prediction-type")
+            raise UsageError(f"a tiny {layout} pipeline is flow matching: it takes no --prediction-type")
         return
     if prediction_type not in PREDICTION_TYPES:
         choices = ", ".join(PREDICTION_TYPES)
@@ -218,6 +218,8 @@ def build_tiny_pipeline(layout: str = "sd", prediction_type: str = "epsilon", se
     _check(layout, prediction_type)
     if layout == "sd3":
         return build_tiny_sd3_pipeline(seed)
+    if layout == "flux":
+        return build_tiny_flux_pipeline(seed)
     tokenizer = make_tiny_tokenizer()
     vocab_size = len(tokenizer)
     bos_id = tokenizer.convert_tokens_to_ids(BOS)
@@ -319,7 +321,7 @@ def build_tiny_sd3_pipeline(seed: int = 0):
         SD3Transformer2DModel,
         StableDiffusion3Pipeline,
     )
-    from transformers import CLIPTextModelWithProjection, T5Config, T5EncoderModel
+    from transformers import CLIPTextModelWithProjection
 
     tokenizer, t5_tokenizer = make_tiny_tokenizer(), make_tiny_t5_tokenizer()
     ids = dict(bos_id=tokenizer.convert_tokens_to_ids(BOS), eos_id=tokenizer.convert_tokens_to_ids(EOS))
@@ -335,19 +337,7 @@ def build_tiny_sd3_pipeline(seed: int = 0):
             config = _text_config(len(tokenizer), **ids, projection_dim=_TEXT_PROJECTION)
             encoders.append(CLIPTextModelWithProjection(config))
         torch.manual_seed(seed + 4)
-        t5 = T5EncoderModel(
-            T5Config(
-                vocab_size=len(t5_tokenizer),
-                d_model=_T5_HIDDEN,
-                d_kv=16,
-                d_ff=2 * _T5_HIDDEN,
-                num_layers=2,
-                num_heads=4,
-                relative_attention_num_buckets=8,
-                pad_token_id=0,
-                eos_token_id=1,
-            )
-        )
+        t5 = _tiny_t5(len(t5_tokenizer))
     for module in (transformer, vae, t5, *encoders):
         module.eval()
     return StableDiffusion3Pipeline(
@@ -363,10 +353,85 @@ def build_tiny_sd3_pipeline(seed: int = 0):
     )
 
 
+def _tiny_t5(vocab_size: int):
+    from transformers import T5Config, T5EncoderModel
+
+    config = T5Config(
+        vocab_size=vocab_size,
+        d_model=_T5_HIDDEN,
+        d_kv=16,
+        d_ff=2 * _T5_HIDDEN,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        pad_token_id=0,
+        eos_token_id=1,
+    )
+    return T5EncoderModel(config)
+
+
+def flux_transformer_config() -> dict:
+    """The tiny FluxTransformer2DModel: one double-stream and one single-stream block of width 32,
+    with the guidance embedding of FLUX.1-dev, on 16-channel latents packed 2×2 (64 in)."""
+    return dict(
+        patch_size=1,
+        in_channels=4 * _SD3_LATENT_CHANNELS,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=4,
+        joint_attention_dim=_T5_HIDDEN,
+        pooled_projection_dim=_TEXT_HIDDEN,
+        guidance_embeds=True,
+        axes_dims_rope=(2, 2, 4),
+    )
+
+
+def build_tiny_flux_pipeline(seed: int = 0):
+    """A tiny FluxPipeline (fp32, CPU): CLIP and T5 encoders, a shifted 16-channel VAE, FLUX's
+    resolution-shifted FlowMatchEulerDiscreteScheduler."""
+    import torch
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextModel
+
+    tokenizer, t5_tokenizer = make_tiny_tokenizer(), make_tiny_t5_tokenizer()
+    ids = dict(bos_id=tokenizer.convert_tokens_to_ids(BOS), eos_id=tokenizer.convert_tokens_to_ids(EOS))
+    vae_cfg = vae_config("sd") | dict(latent_channels=_SD3_LATENT_CHANNELS, scaling_factor=0.3611, shift_factor=0.1159)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        transformer = FluxTransformer2DModel(**flux_transformer_config())
+        torch.manual_seed(seed + 1)
+        vae = AutoencoderKL(**vae_cfg)
+        torch.manual_seed(seed + 2)
+        clip = CLIPTextModel(_text_config(len(tokenizer), **ids))
+        torch.manual_seed(seed + 3)
+        t5 = _tiny_t5(len(t5_tokenizer))
+    for module in (transformer, vae, clip, t5):
+        module.eval()
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000,
+        shift=3.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+    )
+    return FluxPipeline(
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=clip,
+        tokenizer=tokenizer,
+        text_encoder_2=t5,
+        tokenizer_2=t5_tokenizer,
+        transformer=transformer,
+    )
+
+
 def make_tiny_pipeline(
     out_dir: str | Path, layout: str = "sd", prediction_type: str = "epsilon", seed: int = 0
 ) -> Path:
-    """Build a tiny random-weight SD ("sd"), SDXL ("sdxl") or SD3 ("sd3") pipeline and save it to ``out_dir``.
+    """Build a tiny random-weight SD, SDXL, SD3 or FLUX pipeline (`layout`) and save it to ``out_dir``.
 
     Saved with safetensors; ``DiffusionPipeline.from_pretrained(out_dir, local_files_only=True)``
     loads it back. Native resolution 32 (latent 4x16x16). Returns ``out_dir`` as a Path.
@@ -411,7 +476,7 @@ def tiny_pipeline_cached(layout: str, prediction_type: str = "epsilon") -> Path:
     with _CACHE_LOCK:
         path = _CACHE.get(key)
         if path is None or not (path / "model_index.json").is_file():
-            out = _cache_root() / (layout if layout == "sd3" else f"{layout}-{prediction_type}")
+            out = _cache_root() / (layout if layout in ("sd3", "flux") else f"{layout}-{prediction_type}")
             path = make_tiny_pipeline(out, layout, prediction_type, seed=0)
             _CACHE[key] = path
         return path

@@ -1,18 +1,38 @@
-"""Adapter: a diffusers SD3Transformer2DModel (SD3, SD3.5) behind the denoiser interface.
+"""Adapters: diffusers' flow-matching transformers (SD3Transformer2DModel, FluxTransformer2DModel)
+behind the denoiser interface.
 
-The transformer predicts the flow velocity v = ε − x0 from latents [B, C, h, w] and is told
-the network timestep T·σ_t (NoiseSchedule.network_timestep), as StableDiffusion3Pipeline does.
-Its "bottleneck", for the GAN classifier head, is the image tokens after one block (by default
-the middle one), put back on the latent grid [B, D, h/p, w/p], so the same conv head as a
-UNet's mid-block features reads them.
+Both predict the flow velocity v = ε − x0 from latents [B, C, h, w] (FLUX packs 2×2 patches into
+tokens itself, here, as FluxPipeline does). Their "bottleneck", for the GAN classifier head, is
+the image tokens after one block (by default the middle one), put back on the latent grid
+[B, D, h/p, w/p], so the same conv head as a UNet's mid-block features reads them.
 """
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
+import torch
 from torch import Tensor, nn
 
 from dmdcli.core.denoiser import Cond
 from dmdcli.core.schedule import NoiseSchedule
+
+# Attention (image and text streams), their output projections and both feed-forwards: the
+# modules diffusers' SD3 and FLUX DreamBooth-LoRA scripts adapt.
+TRANSFORMER_LORA_TARGETS = (
+    "to_q",
+    "to_k",
+    "to_v",
+    "to_out.0",
+    "add_q_proj",
+    "add_k_proj",
+    "add_v_proj",
+    "to_add_out",
+    "ff.net.0.proj",
+    "ff.net.2",
+    "ff_context.net.0.proj",
+    "ff_context.net.2",
+)
 
 
 class _Features(Exception):
@@ -27,33 +47,31 @@ def middle_block(num_blocks: int) -> int:
     return (num_blocks - 1) // 2
 
 
-class SD3Denoiser(nn.Module):
-    """(x_t, t, cond) → the transformer's velocity prediction, in float32.
-
-    `cond` holds "encoder_hidden_states" [B, L, D] (CLIP-L and CLIP-G penultimate states, padded
-    to T5's width, then T5's states) and "pooled_projections" [B, P]. Inputs are cast to the
+class TransformerDenoiser(nn.Module, ABC):
+    """(x_t, t, cond) → a flow transformer's velocity prediction, in float32; inputs are cast to the
     transformer's dtype here, so a bf16 frozen teacher and an fp32 trainable copy take the same call.
 
     feature_block: the block whose image tokens `bottleneck` returns (default `middle_block`).
     """
 
+    patch: int  # the latent side's divisor that gives the token grid
+
     def __init__(self, transformer: nn.Module, schedule: NoiseSchedule, feature_block: int | None = None):
         super().__init__()
         self.transformer, self.schedule = transformer, schedule
-        blocks = len(transformer.transformer_blocks)
+        blocks = len(self.blocks)
         self.feature_block = middle_block(blocks) if feature_block is None else feature_block
         if not 0 <= self.feature_block < blocks:
             raise ValueError(f"feature block {self.feature_block} is not one of the transformer's {blocks} blocks")
 
+    @property
+    @abstractmethod
+    def blocks(self) -> list[nn.Module]:
+        """The transformer's blocks in the order they run; each returns (text tokens, image tokens)."""
+
+    @abstractmethod
     def _call(self, x_t: Tensor, t: Tensor, cond: Cond) -> Tensor:
-        dtype = self.transformer.dtype
-        return self.transformer(
-            hidden_states=x_t.to(dtype),
-            encoder_hidden_states=cond["encoder_hidden_states"].to(dtype),
-            pooled_projections=cond["pooled_projections"].to(dtype),
-            timestep=self.schedule.network_timestep(t.to(x_t.device)),
-            return_dict=False,
-        )[0]
+        """The transformer's prediction [B, C, h, w], in its dtype."""
 
     def forward(self, x_t: Tensor, t: Tensor, cond: Cond) -> Tensor:
         return self._call(x_t, t, cond).float()
@@ -61,15 +79,13 @@ class SD3Denoiser(nn.Module):
     @property
     def feature_module(self) -> nn.Module:
         """The module whose output `bottleneck` reads (block `feature_block`)."""
-        return self.transformer.transformer_blocks[self.feature_block]
+        return self.blocks[self.feature_block]
 
     def bottleneck(self, x_t: Tensor, t: Tensor, cond: Cond) -> Tensor:
         """The image tokens after `feature_block`, as a grid [B, D, h/p, w/p] (float32).
 
-        A forward hook stops the forward there (the later blocks' work would be thrown away).
-        A joint block returns (text tokens, image tokens)."""
-        patch = self.transformer.config.patch_size
-        grid = (x_t.shape[-2] // patch, x_t.shape[-1] // patch)
+        A forward hook stops the forward there (the later blocks' work would be thrown away)."""
+        grid = (x_t.shape[-2] // self.patch, x_t.shape[-1] // self.patch)
 
         def stop(module, inputs, output):
             raise _Features(output[1])
@@ -83,3 +99,74 @@ class SD3Denoiser(nn.Module):
         finally:
             handle.remove()
         raise RuntimeError(f"the transformer's block {self.feature_block} did not run")
+
+
+class SD3Denoiser(TransformerDenoiser):
+    """An SD3Transformer2DModel, told T·σ as StableDiffusion3Pipeline does.
+
+    `cond` holds "encoder_hidden_states" [B, L, D] (CLIP-L and CLIP-G penultimate states, padded
+    to T5's width, then T5's states) and "pooled_projections" [B, P]."""
+
+    @property
+    def patch(self) -> int:
+        return self.transformer.config.patch_size
+
+    @property
+    def blocks(self) -> list[nn.Module]:
+        return list(self.transformer.transformer_blocks)
+
+    def _call(self, x_t: Tensor, t: Tensor, cond: Cond) -> Tensor:
+        dtype = self.transformer.dtype
+        return self.transformer(
+            hidden_states=x_t.to(dtype),
+            encoder_hidden_states=cond["encoder_hidden_states"].to(dtype),
+            pooled_projections=cond["pooled_projections"].to(dtype),
+            timestep=self.schedule.network_timestep(t.to(x_t.device)),
+            return_dict=False,
+        )[0]
+
+
+class FluxDenoiser(TransformerDenoiser):
+    """A FluxTransformer2DModel, as FluxPipeline calls it: latents packed into 2×2-patch tokens with
+    their grid ids, the timestep σ (the model scales it by 1000 itself), and the embedded guidance.
+
+    embedded_guidance: the guidance value a guidance-distilled teacher (FLUX.1-dev) is told; the
+    generator and the fake score are told the same (they start as copies of the teacher).
+    `cond` holds "encoder_hidden_states" [B, L, D] (T5) and "pooled_projections" [B, P] (CLIP)."""
+
+    patch = 2
+
+    def __init__(
+        self,
+        transformer: nn.Module,
+        schedule: NoiseSchedule,
+        embedded_guidance: float = 3.5,
+        feature_block: int | None = None,
+    ):
+        super().__init__(transformer, schedule, feature_block)
+        self.embedded_guidance = float(embedded_guidance)
+
+    @property
+    def blocks(self) -> list[nn.Module]:
+        return [*self.transformer.transformer_blocks, *self.transformer.single_transformer_blocks]
+
+    def _call(self, x_t: Tensor, t: Tensor, cond: Cond) -> Tensor:
+        dtype, (b, c, h, w) = self.transformer.dtype, x_t.shape
+        tokens = x_t.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, h * w // 4, c * 4)
+        rows, cols = torch.meshgrid(torch.arange(h // 2), torch.arange(w // 2), indexing="ij")
+        img_ids = torch.stack([torch.zeros_like(rows), rows, cols], dim=-1).reshape(-1, 3).to(x_t.device, dtype)
+        text = cond["encoder_hidden_states"]
+        guidance = None
+        if self.transformer.config.guidance_embeds:
+            guidance = torch.full((b,), self.embedded_guidance, device=x_t.device, dtype=torch.float32)
+        out = self.transformer(
+            hidden_states=tokens.to(dtype),
+            encoder_hidden_states=text.to(dtype),
+            pooled_projections=cond["pooled_projections"].to(dtype),
+            timestep=(self.schedule.network_timestep(t.to(x_t.device)) / 1000).to(dtype),
+            img_ids=img_ids,
+            txt_ids=torch.zeros(text.shape[1], 3, device=x_t.device, dtype=dtype),
+            guidance=guidance,
+            return_dict=False,
+        )[0]
+        return out.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)

@@ -52,6 +52,11 @@ class Distilled:
         "Folder of captioned real images for the GAN term (.txt beside each, or metadata.jsonl); without it: no GAN.",
     )
     resolution: int | None = option(None, "Training resolution in pixels (default: the teacher's).")
+    embedded_guidance: float = option(
+        3.5,
+        "FLUX.1-dev (guidance-distilled): the guidance the teacher, generator and fake score are told; its real "
+        "score takes no CFG (--guidance-scale 1).",
+    )
     allow_pickle: bool = option(False, "Allow teacher weights stored as pickle (.bin/.ckpt) files.")
 
 

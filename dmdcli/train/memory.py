@@ -134,7 +134,8 @@ class _AutocastRules(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is F.scaled_dot_product_attention:
-            q, k, v = (self._cast(t, self.dtype) if self.dtype else t for t in args[:3])
+            qkv = [*args[:3], *(kwargs[k] for k in ("query", "key", "value")[len(args[:3]) :])]  # FLUX: by name
+            q, k, v = (self._cast(t, self.dtype) if self.dtype else t for t in qkv)
             return _FusedAttention.apply(q, k, v)
         target = self.dtype if func in self.LOWER else torch.float32 if func in self.float32 else None
         if self.dtype is None or target is None:
@@ -215,7 +216,7 @@ def _saved_activations(
 
     if checkpointing:
         unet.enable_gradient_checkpointing(gradient_checkpointing_func=checkpointed)
-    denoiser = get_family(spec.family).denoiser(unet, spec.schedule())  # called as a run calls it
+    denoiser = get_family(spec.family).denoiser(unet, spec.schedule(resolution))  # called as a run calls it
     # What runs after the bottleneck's module is not part of the classifier's pass.
     handle = denoiser.feature_module.register_forward_hook(lambda *a: state.update(down=False))
     x, cond = _meta_inputs(unet, spec, resolution, low_precision or torch.float32)
@@ -272,7 +273,7 @@ def estimate_memory(
     if config.data:  # the head a run builds on the bottleneck's features (their shape, on meta)
         x, cond = _meta_inputs(unet, spec, resolution, torch.float32)
         t = torch.zeros(1, dtype=torch.long, device="meta")
-        features = family.denoiser(unet, spec.schedule()).bottleneck(x, t, cond)
+        features = family.denoiser(unet, spec.schedule(resolution)).bottleneck(x, t, cond)
         with torch.device("meta"):
             p_head = _count(ClassifierHead.for_features(features))
 

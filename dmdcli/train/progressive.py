@@ -213,6 +213,7 @@ class ProgressiveDistillation(Run):
             "teacher_steps": c.teacher_steps,
             "guidance_scale": c.guidance_scale,
             "seed": c.seed,
+            **({"denoiser": self.denoiser_options} if self.denoiser_options else {}),
         }
 
     def save_grid(self, student_unet, steps: int, name: str) -> Path:

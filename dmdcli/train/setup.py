@@ -31,7 +31,13 @@ class Run:
         self.spec: TeacherSpec = inspect_teacher(config.teacher)
         self.family: Family = get_family(self.spec.family)  # its adapter and defaults
         self.resolution = self.spec.training_resolution(config.resolution)
-        self.schedule: NoiseSchedule = self.spec.schedule()
+        self.schedule: NoiseSchedule = self.spec.schedule(self.resolution)
+        self.denoiser_options = {k: getattr(config, k) for k in self.family.denoiser_options}
+        if not self.family.classifier_free_guidance and config.guidance_scale != 1:
+            raise UsageError(
+                f"{self.spec.source} is guidance-distilled: its real score is told --embedded-guidance "
+                f"({config.embedded_guidance}) and takes no CFG; pass --guidance-scale 1"
+            )
         if config.dm_timesteps != "shifted" and not self.schedule.is_flow:
             raise UsageError(
                 f"--dm-timesteps {config.dm_timesteps} draws the σ of a flow-matching teacher; {self.spec.source} "
@@ -60,7 +66,7 @@ class Run:
 
     def denoiser(self, network) -> Denoiser:
         """A network of the teacher's architecture behind the Denoiser interface (the family's adapter)."""
-        return self.family.denoiser(network, self.schedule)
+        return self.family.denoiser(network, self.schedule, **self.denoiser_options)
 
     def teacher_identity(self) -> dict:
         """The resolved facts about the teacher that every run's config.toml records."""

@@ -73,11 +73,18 @@ def broadcast_from_rank0(module: nn.Module, device: torch.device) -> None:
 
 def shard_units(network: nn.Module) -> list[nn.Module]:
     """The network's blocks that are sharded (and gathered) as units: a UNet's ResNet and
-    transformer blocks, an SD3 transformer's joint blocks."""
+    transformer blocks, an SD3 or FLUX transformer's blocks."""
     from diffusers.models.attention import BasicTransformerBlock, JointTransformerBlock
     from diffusers.models.resnet import ResnetBlock2D
+    from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock, FluxTransformerBlock
 
-    units = (ResnetBlock2D, BasicTransformerBlock, JointTransformerBlock)
+    units = (
+        ResnetBlock2D,
+        BasicTransformerBlock,
+        JointTransformerBlock,
+        FluxTransformerBlock,
+        FluxSingleTransformerBlock,
+    )
     return [m for m in network.modules() if isinstance(m, units)]
 
 
