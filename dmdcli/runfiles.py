@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 
 STUDENT_FILE = "student.safetensors"
 CONFIG_FILE = "config.toml"
+STREAM_PROMPTS_FILE = "prompts.jsonl"  # prompts the run read from a pipe, kept for --resume
 METRICS_FILE = "metrics.jsonl"
 STUDENT_FORMAT = "dmd-student/1"
 CHECKPOINTS_DIR = "checkpoints"

@@ -112,6 +112,42 @@ def test_prompts_empty_and_missing_files(tmp_path):
         read_prompts(tmp_path / "nope.txt")
 
 
+def _fifo_with(tmp_path, text: str) -> Path:
+    """A named pipe that a thread fills with `text` once (a reader blocks until then)."""
+    import threading
+
+    fifo = tmp_path / "prompts.fifo"
+    os.mkfifo(fifo)
+    threading.Thread(target=lambda: fifo.write_text(text), daemon=True).start()
+    return fifo
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes")
+def test_prompts_from_a_pipe_a_device_and_not_a_folder(tmp_path):
+    assert read_prompts(_fifo_with(tmp_path, 'one\n{"prompt": "two"}\n')) == ["one", "two"]
+    with pytest.raises(UsageError, match="prompts file /dev/null holds no prompts"):  # read, not "not found"
+        read_prompts("/dev/null")
+    with pytest.raises(UsageError, match="is a folder, not a prompts file"):
+        read_prompts(tmp_path)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes")
+def test_a_run_keeps_prompts_read_from_a_pipe_and_resumes_from_them(tmp_path, tiny_sd):
+    from typer.testing import CliRunner
+
+    from dmdcli.cli import app
+
+    runner, run = CliRunner(), tmp_path / "run"
+    fifo = _fifo_with(tmp_path, "a red circle\na blue square\n")
+    args = ["distill", "--recipe", "tiny", "--teacher", str(tiny_sd), "--prompts", str(fifo), "--quiet"]
+    result = runner.invoke(app, [*args, "--iterations", "2", "--checkpoint-every", "1", "--out", str(run)])
+    assert result.exit_code == 0, result.stderr
+    kept = run / "prompts.jsonl"
+    assert read_prompts(kept) == ["a red circle", "a blue square"] and str(kept) in (run / "config.toml").read_text()
+    resumed = runner.invoke(app, ["distill", "--out", str(run), "--resume", "--iterations", "3", "--quiet"])
+    assert resumed.exit_code == 0, resumed.stderr  # the pipe is gone; its copy is read
+
+
 def test_prompts_from_stdin(monkeypatch):
     monkeypatch.setattr(sys, "stdin", io.StringIO('one\n{"text": "two"}\n'))
     assert read_prompts("-") == ["one", "two"]

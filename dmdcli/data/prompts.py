@@ -37,7 +37,7 @@ def _read_text(path: str | Path, name: str) -> str:
     p = Path(path)
     if p.is_dir():
         raise UsageError(f"{name} is a folder, not a prompts file (one prompt a line)")
-    if not p.is_file():
+    if not p.exists():  # a pipe, a process substitution (/dev/fd/N) or /dev/null is read as a file is
         raise UsageError(f"prompts file not found: {name}")
     try:
         return p.read_text(encoding="utf-8-sig")
@@ -65,3 +65,18 @@ def _parse_line(line: str, number: int, name: str) -> str:
                 raise UsageError(f"prompts file {name}, line {number}: field '{field}' is not a non-empty string")
             return value.strip()
     raise UsageError(f"prompts file {name}, line {number}: no 'prompt', 'text' or 'caption' field")
+
+
+def is_stream(path: str | Path) -> bool:
+    """Whether `path` names something that can be read only once: a named pipe, a process
+    substitution (/dev/fd/N), a character device (not "-", which names standard input)."""
+    p = Path(path)
+    return str(path) != "-" and p.exists() and not p.is_file() and not p.is_dir()
+
+
+def write_prompts(prompts: list[str], path: Path) -> None:
+    """`prompts` as JSON lines ({"prompt": ...}), which read_prompts reads back exactly."""
+    from dmdcli.files import atomic_write
+
+    text = "".join(json.dumps({"prompt": p}, ensure_ascii=False) + "\n" for p in prompts)
+    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))

@@ -81,7 +81,14 @@ class Distillation(Run):
         set_seed(config.seed, device_specific=True)
         self._build_networks()
         self.checkpoints = Checkpoints(
-            self.out, config, self.accelerator, self.layout, self.nets, self.step, ui, self.student_info
+            self.out,
+            self.config_to_record(),
+            self.accelerator,
+            self.layout,
+            self.nets,
+            self.step,
+            ui,
+            self.student_info,
         )
         self.grid = SampleGrid(
             self.data.prompts,
@@ -233,7 +240,8 @@ class Distillation(Run):
                 if teacher_div is not None:
                     metrics.write({"iteration": 0, "diversity_teacher": teacher_div})
         if main:
-            write_config(c, self.out / runfiles.CONFIG_FILE, self.resolved())
+            self.keep_prompts()
+            write_config(self.config_to_record(), self.out / runfiles.CONFIG_FILE, self.resolved())
         self.accelerator.wait_for_everyone()
         return start_iteration, teacher_div, latest
 

@@ -236,7 +236,8 @@ class ProgressiveDistillation(Run):
         c = self.config
         start = time.perf_counter()
         rundir.create_run_folder(self.out)
-        write_config(c, self.out / runfiles.CONFIG_FILE, self.resolved())
+        self.keep_prompts()
+        write_config(self.config_to_record(), self.out / runfiles.CONFIG_FILE, self.resolved())
         metrics = rundir.MetricsLog(self.out / runfiles.METRICS_FILE)
         teacher_unet = self.teacher.network  # fp32: each round copies its student from it before casting it
         logs: dict[str, float] = {}

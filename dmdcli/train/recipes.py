@@ -127,6 +127,7 @@ PATH_KEYS = ("prompts", "data", "pairs_dir", "init_from")
 
 
 def absolute_paths(values: dict[str, Any]) -> dict[str, Any]:
+    from dmdcli.data.prompts import is_stream
     from dmdcli.models.families import data_names
     from dmdcli.models.teacher import local_teacher_folder
 
@@ -137,7 +138,9 @@ def absolute_paths(values: dict[str, Any]) -> dict[str, Any]:
     for key in PATH_KEYS:
         value = values.get(key)
         if isinstance(value, str) and value not in not_paths.get(key, ()):
-            values[key] = str(Path(value).expanduser().resolve())
+            path = Path(value).expanduser()
+            # A stream's name (/dev/fd/63) resolves to "pipe:[…]", which names nothing: kept absolute as given.
+            values[key] = str(path.absolute() if is_stream(path) else path.resolve())
     return values
 
 

@@ -4,8 +4,11 @@ and the user's files checked, before minutes of model loading)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
+from dmdcli import runfiles
 from dmdcli.core.denoiser import Denoiser
 from dmdcli.core.schedule import NoiseSchedule
 from dmdcli.errors import UsageError
@@ -49,6 +52,7 @@ class Run:
         """The user's prompts and image folder (checked), then the teacher; returns the prompts
         (None without --prompts) and sets `data_folder` and `teacher`."""
         prompts, self.data_folder = read_user_files(self.config, self.accelerator)
+        self.prompts_read = prompts
         device = self.accelerator.device
         self.ui.message(
             f"teacher: {self.spec.source} ({self.spec.layout}, {self.spec.prediction_type}) at {self.resolution}px "
@@ -63,6 +67,25 @@ class Run:
             encoder_dtype=torch.float32,
         )
         return prompts
+
+    def config_to_record(self):
+        """The config that config.toml and the checkpoints record: prompts read from a stream (a pipe,
+        `<(...)`) are named by their copy in the run folder (`keep_prompts`), which --resume reads."""
+        from dataclasses import replace
+
+        from dmdcli.data.prompts import is_stream
+
+        if not (self.config.prompts and is_stream(self.config.prompts)):
+            return self.config
+        return replace(self.config, prompts=str(self.out / runfiles.STREAM_PROMPTS_FILE))
+
+    def keep_prompts(self) -> None:
+        """Write the prompts read from a stream into the run folder (main process; see config_to_record)."""
+        from dmdcli.data.prompts import write_prompts
+
+        kept = self.config_to_record().prompts
+        if kept != self.config.prompts and self.accelerator.is_main_process:
+            write_prompts(self.prompts_read, Path(kept))
 
     def denoiser(self, network) -> Denoiser:
         """A network of the teacher's architecture behind the Denoiser interface (the family's adapter)."""
