@@ -294,6 +294,17 @@ def make_tiny_t5_tokenizer():
     return T5TokenizerFast(vocab=vocab, extra_ids=0, model_max_length=512)
 
 
+def _flow_parts(scaling_factor: float, shift_factor: float):
+    """What the tiny flow pipelines share: the CLIP and T5 tokenizers, CLIP's special ids, and a
+    16-channel VAE config that shifts and scales its latents as the family's VAE does."""
+    tokenizer = make_tiny_tokenizer()
+    ids = dict(bos_id=tokenizer.convert_tokens_to_ids(BOS), eos_id=tokenizer.convert_tokens_to_ids(EOS))
+    vae = vae_config("sd") | dict(
+        latent_channels=_SD3_LATENT_CHANNELS, scaling_factor=scaling_factor, shift_factor=shift_factor
+    )
+    return tokenizer, make_tiny_t5_tokenizer(), ids, vae
+
+
 def sd3_transformer_config() -> dict:
     """The tiny SD3Transformer2DModel: 2 joint blocks of width 32 on 16×16×16 latents, patch 2."""
     return dict(
@@ -323,9 +334,7 @@ def build_tiny_sd3_pipeline(seed: int = 0):
     )
     from transformers import CLIPTextModelWithProjection
 
-    tokenizer, t5_tokenizer = make_tiny_tokenizer(), make_tiny_t5_tokenizer()
-    ids = dict(bos_id=tokenizer.convert_tokens_to_ids(BOS), eos_id=tokenizer.convert_tokens_to_ids(EOS))
-    vae_cfg = vae_config("sd") | dict(latent_channels=_SD3_LATENT_CHANNELS, scaling_factor=1.5305, shift_factor=0.0609)
+    tokenizer, t5_tokenizer, ids, vae_cfg = _flow_parts(scaling_factor=1.5305, shift_factor=0.0609)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         transformer = SD3Transformer2DModel(**sd3_transformer_config())
@@ -394,9 +403,7 @@ def build_tiny_flux_pipeline(seed: int = 0):
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTextModel
 
-    tokenizer, t5_tokenizer = make_tiny_tokenizer(), make_tiny_t5_tokenizer()
-    ids = dict(bos_id=tokenizer.convert_tokens_to_ids(BOS), eos_id=tokenizer.convert_tokens_to_ids(EOS))
-    vae_cfg = vae_config("sd") | dict(latent_channels=_SD3_LATENT_CHANNELS, scaling_factor=0.3611, shift_factor=0.1159)
+    tokenizer, t5_tokenizer, ids, vae_cfg = _flow_parts(scaling_factor=0.3611, shift_factor=0.1159)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         transformer = FluxTransformer2DModel(**flux_transformer_config())
