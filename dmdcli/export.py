@@ -139,8 +139,8 @@ def flow_student_scheduler(
     No configuration makes a plain `num_inference_steps=N` give the student's sigmas (diffusers
     spaces N steps between its shifted end sigmas and shifts again), so the pipeline is called
     with `sigmas=pipeline_sigmas(timesteps)`; checked here against the teacher's schedule at the
-    student's `resolution` (a resolution-shifted schedule, FLUX's: the pipeline computes the same
-    shift from the image size it is asked for)."""
+    student's resolution, `image_seq_len` image tokens (a resolution-shifted schedule, FLUX's: the
+    pipeline computes the same shift from the image size it is asked for)."""
     import diffusers
 
     from dmdcli.core.schedule import resolution_shift
@@ -156,7 +156,7 @@ def flow_student_scheduler(
     scheduler.set_timesteps(sigmas=pipeline_sigmas(timesteps, total), mu=mu)
     expected = schedule_from_config(teacher_scheduler_config, tokens).sigmas[timesteps].float()
     if not torch.allclose(scheduler.sigmas[:-1], expected, atol=1e-6, rtol=0):
-        raise DmdError(f"no FlowMatchLCMScheduler configuration gives the student's sigmas {expected.tolist()}")
+        raise DmdError(f"no {name} configuration gives the student's sigmas {expected.tolist()}")
     return scheduler
 
 
