@@ -158,7 +158,7 @@ def measure(arch: str, layout: str, args, spec) -> dict:
         cond["time_ids"] = torch.tensor([[r, r, 0, 0, r, r]], device=device).expand(args.batch_size, 6)
     uncond = {k: torch.zeros_like(v) for k, v in cond.items()}
     latent = (args.batch_size, spec.latent_channels, side, side)
-    family, schedule = get_family(spec.family), spec.schedule()
+    family, schedule = get_family(spec.family), spec.schedule(args.resolution)
     denoiser = lambda network: family.denoiser(network, schedule)  # noqa: E731
     probe = (
         lambda fake, on: denoiser(fake).bottleneck(
@@ -216,7 +216,9 @@ def measure(arch: str, layout: str, args, spec) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--arch", choices=sorted(ARCHITECTURES), default="sd15")
+    # The UNet architectures: the SD3 / FLUX transformers are measured by --dry-run only so far.
+    unets = sorted(name for name, arch in ARCHITECTURES.items() if "unet" in arch)
+    parser.add_argument("--arch", choices=unets, default="sd15")
     parser.add_argument("--resolution", type=int, default=256)
     parser.add_argument("--layouts", nargs="+", choices=sorted(LAYOUTS), default=["lora-shared"])
     parser.add_argument("--steps", type=int, default=4)
