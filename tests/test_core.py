@@ -29,6 +29,71 @@ def test_distribution_matching_grad_matches_hand_formula():
     torch.testing.assert_close(x.grad, expected / x.numel())
 
 
+def test_distribution_matching_grad_normalizes_each_sample_over_all_its_channels():
+    """A normalizer per channel (or over the batch) would pass a one-channel test; channels of very
+    different sizes tell them apart."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 2, 2, generator=g, dtype=torch.float64) * torch.tensor([1.0, 10.0, 100.0]).view(1, 3, 1, 1)
+    x0_real = torch.randn(2, 3, 2, 2, generator=g, dtype=torch.float64)
+    x0_fake = torch.randn(2, 3, 2, 2, generator=g, dtype=torch.float64)
+    p_real = x - x0_real
+    per_sample = (x0_fake - x0_real) / p_real.abs().mean(dim=(1, 2, 3), keepdim=True)
+    per_channel = (x0_fake - x0_real) / p_real.abs().mean(dim=(2, 3), keepdim=True)
+    assert not torch.allclose(per_sample, per_channel, rtol=0.1)  # the two readings differ here
+    grad = losses.distribution_matching_grad(x.float(), x0_real.float(), x0_fake.float())
+    torch.testing.assert_close(grad, per_sample.float(), rtol=1e-6, atol=1e-7)
+
+
+def test_distribution_matching_grad_is_computed_in_float64():
+    """(x − x0_real) − (x − x0_fake) cancels: in float32 at |x| = 1e4 only ~1e-3 of the difference survives."""
+    x = torch.full((1, 2, 2, 2), 1e4)
+    x0_real, x0_fake = torch.zeros(1, 2, 2, 2), torch.full((1, 2, 2, 2), 1.2345e-4)
+    grad = losses.distribution_matching_grad(x, x0_real, x0_fake)
+    torch.testing.assert_close(grad, torch.full_like(x, 1.2345e-8), rtol=1e-5, atol=0)
+
+
+class _Recorder:
+    """A denoiser that predicts x0 as `fn(x_t, cond)` and records each call's batch, t and cond."""
+
+    def __init__(self, fn):
+        self.fn, self.calls = fn, []
+
+    def __call__(self, x_t, t, cond):
+        self.calls.append((x_t.shape[0], t.clone(), {k: v.clone() for k, v in cond.items()}))
+        return self.fn(x_t, cond)
+
+
+def test_generator_losses_guide_only_the_real_score_in_order_and_draw_t_within_the_range():
+    schedule = NoiseSchedule(toy_schedule().alphas_cumprod, "sample")  # predictions are x0 estimates
+    shape = (4, 3, 2, 2)
+    real = _Recorder(lambda x_t, cond: cond["c"].expand(x_t.shape[0], *shape[1:]))
+    fake = _Recorder(lambda x_t, cond: 0.5 * cond["c"].expand(x_t.shape[0], *shape[1:]))
+    config = DMD2Config(guidance_scale=3.0, gan_generator_weight=0.0)
+    dmd2 = DMD2(schedule, real, fake, None, config)
+    g = torch.Generator().manual_seed(0)
+    cond = {"c": torch.randn(4, 1, 1, 1, generator=g)}
+    uncond = {"c": torch.randn(4, 1, 1, 1, generator=g)}
+    x = torch.randn(*shape, generator=g).requires_grad_(True)
+
+    dmd2.generator_losses(x, cond, uncond)["dm"].backward()
+    (batch, _, real_cond), (fake_batch, t, fake_cond) = real.calls[0], fake.calls[0]
+    assert batch == 8 and torch.equal(real_cond["c"], torch.cat([uncond["c"], cond["c"]]))  # CFG: [uncond; cond]
+    assert fake_batch == 4 and torch.equal(fake_cond["c"], cond["c"])  # the fake score: cond only, no CFG
+    x0_real = (uncond["c"] + 3.0 * (cond["c"] - uncond["c"])).expand(shape)
+    x0_fake = 0.5 * cond["c"].expand(shape)
+    p_real = x.detach().double() - x0_real.double()
+    expected = (x0_fake - x0_real).double() / p_real.abs().mean(dim=(1, 2, 3), keepdim=True)
+    # d(0.5·MSE(x, x − grad))/dx = grad / numel: the sign fixes which score is subtracted from which
+    torch.testing.assert_close(x.grad, (expected / x.numel()).float(), rtol=1e-5, atol=1e-9)
+
+    # t over many draws: within [0.02, 0.98]·T, and reaching both ends
+    dmd2 = DMD2(schedule, _Recorder(lambda x_t, c: x_t), _Recorder(lambda x_t, c: x_t), None, DMD2Config())
+    many = torch.zeros(20000, 1, requires_grad=True)
+    dmd2.generator_losses(many, {"c": torch.zeros(20000, 1)}, None)
+    t = dmd2.fake_score.calls[0][1]
+    assert int(t.min()) == 20 and int(t.max()) == 980
+
+
 def test_distribution_matching_grad_zero_normalizer_gives_zero_not_nan():
     x = torch.ones(1, 4)
     grad = losses.distribution_matching_grad(x, x, x + 1)
