@@ -81,7 +81,7 @@ def test_distill_then_sample(tmp_path, tiny_flux, prompts_file, image_folder, st
     assert result.exit_code == 0, result.stderr
     assert 'layout = "flux"' in (tmp_path / "run" / "config.toml").read_text()
     info = find_model(str(tmp_path / "run")).info
-    assert info["denoiser"] == {"embedded_guidance": 2.5}  # sample and export tell the student the same
+    assert info["denoiser"] == {"embedded_guidance": 2.5, "gan_feature_block": None}  # sample and export: the same
     out = tmp_path / "images"
     sampled = runner.invoke(app, ["sample", "--model", str(tmp_path / "run"), "--prompt", "a cat", "--out", str(out)])
     assert sampled.exit_code == 0, sampled.stderr and len(list(out.glob("*.png"))) == 1

@@ -192,3 +192,19 @@ def student_info(path):
 
     with safe_open(str(path), framework="pt") as f:
         return {k: json.loads(v) for k, v in f.metadata().items() if k != "format"}
+
+
+def test_the_gan_head_reads_the_block_asked_for_and_other_blocks_are_refused(tmp_path, tiny_sd3, tiny_sd, prompts_file):
+    args = ["--teacher", tiny_sd3, "--prompts", prompts_file, "--batch-size", "2", "--iterations", "1"]
+    result = distill(*args, "--gan-feature-block", "0", "--out", tmp_path / "run")
+    assert result.exit_code == 0, result.stderr
+    assert find_model(str(tmp_path / "run")).info["denoiser"] == {"gan_feature_block": 0}
+    spec = inspect_teacher(str(tiny_sd3))
+    teacher = load_teacher(spec, torch.device("cpu"), torch.float32, 32)
+    denoiser = get_family("sd3").denoiser(teacher.network, spec.schedule(), gan_feature_block=0)
+    assert denoiser.feature_module is teacher.network.transformer_blocks[0]
+
+    result = distill(*args, "--gan-feature-block", "2", "--out", tmp_path / "two")  # the tiny one has blocks 0, 1
+    assert result.exit_code == 2 and "not one of the transformer's blocks (0 to 1)" in result.stderr
+    result = distill(*args[2:], "--teacher", tiny_sd, "--gan-feature-block", "1", "--out", tmp_path / "unet")
+    assert result.exit_code == 2 and "for transformer teachers" in result.stderr

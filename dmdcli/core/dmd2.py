@@ -47,6 +47,9 @@ class DMD2Config:
     gan_discriminator_weight: float = option(1e-2, "Weight of the discriminator loss in the fake score update.")
     diffusion_gan: bool = option(False, "Noise real and fake latents at t < --diffusion-gan-max-timestep before D.")
     diffusion_gan_max_timestep: int = option(1000, "Upper bound of the diffusion-GAN timesteps.")
+    gan_feature_block: int | None = option(
+        None, "Transformer teachers (SD3, FLUX): the block whose image tokens the GAN head reads (default: the middle)."
+    )
     dm_timesteps: str = option(
         "shifted",
         "DM timesteps: shifted (uniform over the teacher's indices: for a flow teacher σ uniform, then its "

@@ -106,7 +106,7 @@ FLUX = register(
         conditioning_timestep=999,  # σ = 1: the pure noise a 1-step student starts from
         network="transformer",
         lora_targets=TRANSFORMER_LORA_TARGETS,
-        denoiser_options=("embedded_guidance",),
+        denoiser_options=("embedded_guidance", "gan_feature_block"),
         classifier_free_guidance=False,
         unsupported=_unsupported,
         recognises=_flux_pipeline,

@@ -116,6 +116,7 @@ SD3 = register(
         conditioning_timestep=999,
         network="transformer",
         lora_targets=TRANSFORMER_LORA_TARGETS,
+        denoiser_options=("gan_feature_block",),
         unsupported=_unsupported,
         recognises=_sd3_pipeline,
         aliases={

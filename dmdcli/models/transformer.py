@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from dmdcli.core.denoiser import Cond
 from dmdcli.core.schedule import NoiseSchedule
+from dmdcli.errors import UsageError
 
 # Attention (image and text streams), their output projections and both feed-forwards: the
 # modules diffusers' SD3 and FLUX DreamBooth-LoRA scripts adapt.
@@ -51,18 +52,20 @@ class TransformerDenoiser(nn.Module, ABC):
     """(x_t, t, cond) → a flow transformer's velocity prediction, in float32; inputs are cast to the
     transformer's dtype here, so a bf16 frozen teacher and an fp32 trainable copy take the same call.
 
-    feature_block: the block whose image tokens `bottleneck` returns (default `middle_block`).
+    gan_feature_block: the block whose image tokens `bottleneck` returns (default `middle_block`).
     """
 
     patch: int  # the latent side's divisor that gives the token grid
 
-    def __init__(self, transformer: nn.Module, schedule: NoiseSchedule, feature_block: int | None = None):
+    def __init__(self, transformer: nn.Module, schedule: NoiseSchedule, gan_feature_block: int | None = None):
         super().__init__()
         self.transformer, self.schedule = transformer, schedule
         blocks = len(self.blocks)
-        self.feature_block = middle_block(blocks) if feature_block is None else feature_block
+        self.feature_block = middle_block(blocks) if gan_feature_block is None else gan_feature_block
         if not 0 <= self.feature_block < blocks:
-            raise ValueError(f"feature block {self.feature_block} is not one of the transformer's {blocks} blocks")
+            raise UsageError(
+                f"--gan-feature-block {self.feature_block} is not one of the transformer's blocks (0 to {blocks - 1})"
+            )
 
     @property
     @abstractmethod
@@ -141,9 +144,9 @@ class FluxDenoiser(TransformerDenoiser):
         transformer: nn.Module,
         schedule: NoiseSchedule,
         embedded_guidance: float = 3.5,
-        feature_block: int | None = None,
+        gan_feature_block: int | None = None,
     ):
-        super().__init__(transformer, schedule, feature_block)
+        super().__init__(transformer, schedule, gan_feature_block)
         self.embedded_guidance = float(embedded_guidance)
 
     @property

@@ -273,7 +273,8 @@ def estimate_memory(
     if config.data:  # the head a run builds on the bottleneck's features (their shape, on meta)
         x, cond = _meta_inputs(unet, spec, resolution, torch.float32)
         t = torch.zeros(1, dtype=torch.long, device="meta")
-        features = family.denoiser(unet, spec.schedule(resolution)).bottleneck(x, t, cond)
+        options = {k: getattr(config, k) for k in family.denoiser_options}  # the run's feature block
+        features = family.denoiser(unet, spec.schedule(resolution), **options).bottleneck(x, t, cond)
         with torch.device("meta"):
             p_head = _count(ClassifierHead.for_features(features))
 

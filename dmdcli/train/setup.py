@@ -36,6 +36,8 @@ class Run:
         self.resolution = self.spec.training_resolution(config.resolution)
         self.schedule: NoiseSchedule = self.spec.schedule(self.resolution)
         self.denoiser_options = {k: getattr(config, k) for k in self.family.denoiser_options}
+        if config.gan_feature_block is not None and "gan_feature_block" not in self.denoiser_options:
+            raise UsageError(f"--gan-feature-block is for transformer teachers; {self.spec.source} is a UNet")
         if not self.family.classifier_free_guidance and config.guidance_scale != 1:
             raise UsageError(
                 f"{self.spec.source} is guidance-distilled: its real score is told --embedded-guidance "
