@@ -47,7 +47,7 @@ def make_student(out: Path, teacher: Path, layout: str, kind: str, steps: int, s
         "seed": seed,
     }
     if family.denoiser_options:  # as dmd distill records them, at their defaults (FLUX: embedded guidance)
-        info["denoiser"] = {k: getattr(DistillConfig, k) for k in family.denoiser_options}
+        info["denoiser"] = family.denoiser_kwargs(DistillConfig)
     if kind == "lora":
         info.update(lora_rank=RANK, lora_alpha=ALPHA, lora_target_modules=list(family.lora_targets))
     out.mkdir(parents=True, exist_ok=True)

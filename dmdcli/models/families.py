@@ -80,6 +80,10 @@ class Family:
     title: str = ""  # how messages name its teachers ("the built-in teacher"; default: "a NAME teacher")
     help: str = ""  # the default family's lines in `dmd distill --help`: what a run with no --teacher is
 
+    def denoiser_kwargs(self, config) -> dict[str, Any]:
+        """The adapter's keyword arguments from a run's config (`denoiser_options`); students record them."""
+        return {k: getattr(config, k) for k in self.denoiser_options}
+
 
 REGISTRY: dict[str, Family] = {}
 

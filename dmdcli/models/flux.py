@@ -13,12 +13,12 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from dmdcli.core.denoiser import Cond
 from dmdcli.models.families import Family, NetworkShape, register
-from dmdcli.models.pipeline import PipelineTeacher, from_pretrained
-from dmdcli.models.transformer import TRANSFORMER_LORA_TARGETS, FluxDenoiser
+from dmdcli.models.pipeline import PipelineTeacher, from_pretrained, names_network
+from dmdcli.models.transformer import TRANSFORMER_LORA_TARGETS, FluxDenoiser, not_flow_matching
 
 # FluxPipeline's default T5 length (max_sequence_length; FLUX.1-schnell's is 256).
 T5_TOKENS = 512
@@ -41,16 +41,11 @@ class FluxTeacher(PipelineTeacher):
         clip, t5 = self.tokenizers
         return [(clip, clip.model_max_length), (t5, T5_TOKENS)]
 
-    def _token_ids(self, tokenizer, prompts: list[str], length: int) -> Tensor:
-        return tokenizer(
-            prompts, padding="max_length", max_length=length, truncation=True, return_tensors="pt"
-        ).input_ids.to(self.device)
-
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> Cond:
         self.check_encoders()
         (clip_tokenizer, t5_tokenizer), (clip, t5) = self.tokenizers, self.text_encoders
-        pooled = clip(self._token_ids(clip_tokenizer, prompts, clip_tokenizer.model_max_length)).pooler_output
+        pooled = clip(self._token_ids(clip_tokenizer, prompts)).pooler_output
         states = t5(self._token_ids(t5_tokenizer, prompts, T5_TOKENS))[0]
         return {"encoder_hidden_states": self.as_read(states), "pooled_projections": self.as_read(pooled)}
 
@@ -68,9 +63,9 @@ class FluxTeacher(PipelineTeacher):
 
 
 def _flux_pipeline(index: dict[str, Any]) -> bool:
-    has = lambda key: isinstance(index.get(key), list) and index[key][0] is not None
-    complete = all(has(k) for k in ("vae", "scheduler", "text_encoder", "text_encoder_2"))
-    return has("transformer") and index["transformer"][1] == "FluxTransformer2DModel" and complete
+    return names_network(
+        index, "transformer", "FluxTransformer2DModel", ("vae", "scheduler", "text_encoder", "text_encoder_2")
+    )
 
 
 def _unsupported(transformer: dict[str, Any], vae: dict[str, Any], scheduler: dict[str, Any]) -> str | None:
@@ -79,10 +74,7 @@ def _unsupported(transformer: dict[str, Any], vae: dict[str, Any], scheduler: di
             "unsupported FLUX transformer without a guidance embedding (FLUX.1-schnell): it is already a few-step "
             "timestep-distilled model with no guidance to distill; dmd distills guidance-distilled FLUX.1-dev"
         )
-    name = scheduler.get("_class_name", "?")
-    if "FlowMatch" not in name:
-        return f"unsupported scheduler {name} for a FLUX transformer: dmd expects its flow-matching scheduler"
-    return None
+    return not_flow_matching(scheduler, "a FLUX transformer")
 
 
 def flux_shape(config: dict[str, Any]) -> NetworkShape:

@@ -40,6 +40,20 @@ def from_pretrained(cls, spec: TeacherSpec, subfolder: str, allow_pickle: bool, 
         raise DmdError(f"could not load {subfolder} of teacher {spec.source}: {first_line(e)}{hint}") from e
 
 
+def has_component(index: dict, key: str) -> bool:
+    """Whether a model_index.json names component `key` (["library", "Class"], not [null, null])."""
+    return isinstance(index.get(key), list) and index[key][0] is not None
+
+
+def names_network(index: dict, network: str, network_class: str, components: tuple[str, ...]) -> bool:
+    """Whether a model_index.json's `network` component is a `network_class` and it names every one of `components`."""
+    return (
+        has_component(index, network)
+        and index[network][1] == network_class
+        and all(has_component(index, k) for k in components)
+    )
+
+
 def load_teacher(
     spec: TeacherSpec,
     device: torch.device,
@@ -122,6 +136,17 @@ class PipelineTeacher(ABC):
     def conditioning_shapes(network_config: dict) -> dict[str, tuple[int, ...]]:
         """The shape of each tensor `encode_prompts` returns for one prompt, batch dimension left
         out, from the network's config alone (the memory estimate's inputs)."""
+
+    def _token_ids(self, tokenizer, prompts: list[str], length: int | None = None) -> Tensor:
+        """Token ids [B, length] on the device, padded and cut as the pipelines do (length: the
+        tokenizer's model_max_length unless given, e.g. a pipeline's T5 max_sequence_length)."""
+        return tokenizer(
+            prompts,
+            padding="max_length",
+            max_length=length or tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids.to(self.device)
 
     def token_limits(self) -> list[tuple[object, int]]:
         """(tokenizer, tokens it reads) for each distinct limit (CLIP: 77; T5: the pipeline's)."""

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from dmdcli.core.denoiser import Cond
 from dmdcli.models.families import Family, NetworkShape, register
-from dmdcli.models.pipeline import PipelineTeacher, from_pretrained
+from dmdcli.models.pipeline import PipelineTeacher, from_pretrained, has_component, names_network
 from dmdcli.models.unet import UNetDenoiser
 
 SDXL_BASE = "stabilityai/stable-diffusion-xl-base-1.0"
@@ -47,11 +47,6 @@ class SDTeacher(PipelineTeacher):
 
         tokenizer = from_pretrained(CLIPTokenizer, self.spec, "tokenizer", True)
         return [tokenizer], [from_pretrained(CLIPTextModel, self.spec, "text_encoder", allow_pickle)]
-
-    def _token_ids(self, tokenizer, prompts: list[str]) -> Tensor:
-        return tokenizer(
-            prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
-        ).input_ids.to(self.device)
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> Cond:
@@ -123,10 +118,8 @@ class SDXLTeacher(SDTeacher):
 
 def _unet_pipeline(index: dict[str, Any], encoders: int) -> bool:
     """Whether model_index.json describes a UNet2DConditionModel pipeline with `encoders` CLIP text encoders."""
-    has = lambda key: isinstance(index.get(key), list) and index[key][0] is not None
-    unet_class = index["unet"][1] if has("unet") else None
-    complete = has("vae") and has("text_encoder") and has("scheduler")
-    return unet_class == "UNet2DConditionModel" and complete and (2 if has("text_encoder_2") else 1) == encoders
+    complete = names_network(index, "unet", "UNet2DConditionModel", ("vae", "text_encoder", "scheduler"))
+    return complete and (2 if has_component(index, "text_encoder_2") else 1) == encoders
 
 
 def unet_shape(config: dict[str, Any]) -> NetworkShape:

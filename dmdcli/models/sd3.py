@@ -11,12 +11,12 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from dmdcli.core.denoiser import Cond
 from dmdcli.models.families import Family, NetworkShape, register
-from dmdcli.models.pipeline import PipelineTeacher, from_pretrained
-from dmdcli.models.transformer import TRANSFORMER_LORA_TARGETS, SD3Denoiser
+from dmdcli.models.pipeline import PipelineTeacher, from_pretrained, names_network
+from dmdcli.models.transformer import TRANSFORMER_LORA_TARGETS, SD3Denoiser, not_flow_matching
 
 # StableDiffusion3Pipeline's default T5 length (max_sequence_length).
 T5_TOKENS = 256
@@ -40,11 +40,6 @@ class SD3Teacher(PipelineTeacher):
         encoders.append(from_pretrained(T5EncoderModel, self.spec, "text_encoder_3", allow_pickle))
         return tokenizers, encoders
 
-    def _token_ids(self, tokenizer, prompts: list[str], length: int) -> Tensor:
-        return tokenizer(
-            prompts, padding="max_length", max_length=length, truncation=True, return_tensors="pt"
-        ).input_ids.to(self.device)
-
     def token_limits(self) -> list[tuple[object, int]]:
         clip, _, t5 = self.tokenizers
         return [(clip, clip.model_max_length), (t5, T5_TOKENS)]
@@ -57,7 +52,7 @@ class SD3Teacher(PipelineTeacher):
         *clips, t5 = zip(self.tokenizers, self.text_encoders)
         hidden, pooled = [], []
         for tokenizer, encoder in clips:
-            out = encoder(self._token_ids(tokenizer, prompts, tokenizer.model_max_length), output_hidden_states=True)
+            out = encoder(self._token_ids(tokenizer, prompts), output_hidden_states=True)
             hidden.append(out.hidden_states[-2])
             pooled.append(out[0])
         tokenizer, encoder = t5
@@ -83,15 +78,14 @@ class SD3Teacher(PipelineTeacher):
 
 
 def _sd3_pipeline(index: dict[str, Any]) -> bool:
-    has = lambda key: isinstance(index.get(key), list) and index[key][0] is not None
-    complete = all(has(k) for k in ("vae", "scheduler", "text_encoder", "text_encoder_2"))
-    return has("transformer") and index["transformer"][1] == "SD3Transformer2DModel" and complete
+    return names_network(
+        index, "transformer", "SD3Transformer2DModel", ("vae", "scheduler", "text_encoder", "text_encoder_2")
+    )
 
 
 def _unsupported(transformer: dict[str, Any], vae: dict[str, Any], scheduler: dict[str, Any]) -> str | None:
-    name = scheduler.get("_class_name", "?")
-    if "FlowMatch" not in name:
-        return f"unsupported scheduler {name} for an SD3 transformer: dmd expects its flow-matching scheduler"
+    if reason := not_flow_matching(scheduler, "an SD3 transformer"):
+        return reason
     if vae.get("latents_mean") is not None:
         return "unsupported VAE: its latents are normalized by a mean and std, which dmd does not apply"
     return None

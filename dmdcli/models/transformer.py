@@ -36,6 +36,14 @@ TRANSFORMER_LORA_TARGETS = (
 )
 
 
+def not_flow_matching(scheduler: dict, what: str) -> str | None:
+    """Why a flow transformer (`what`) cannot be distilled with this scheduler config, or None."""
+    name = scheduler.get("_class_name", "?")
+    if "FlowMatch" not in name:
+        return f"unsupported scheduler {name} for {what}: dmd expects its flow-matching scheduler"
+    return None
+
+
 class _Features(Exception):
     """Carries one block's output out of a forward that need not go further."""
 

@@ -175,6 +175,7 @@ def _saved_activations(
     low_precision: torch.dtype | None,
     device_type: str,
     checkpointing: bool,
+    denoiser_options: dict | None = None,
 ) -> tuple[float, float]:
     """Bytes autograd keeps for one sample's training forward of `unet` (any family's network):
     (the whole network, the part up to its bottleneck, which the classifier runs: a UNet's down
@@ -216,7 +217,8 @@ def _saved_activations(
 
     if checkpointing:
         unet.enable_gradient_checkpointing(gradient_checkpointing_func=checkpointed)
-    denoiser = get_family(spec.family).denoiser(unet, spec.schedule(resolution))  # called as a run calls it
+    # called as a run calls it (denoiser_options: the run's, e.g. the GAN's feature block)
+    denoiser = get_family(spec.family).denoiser(unet, spec.schedule(resolution), **(denoiser_options or {}))
     # What runs after the bottleneck's module is not part of the classifier's pass.
     handle = denoiser.feature_module.register_forward_hook(lambda *a: state.update(down=False))
     x, cond = _meta_inputs(unet, spec, resolution, low_precision or torch.float32)
@@ -262,6 +264,7 @@ def estimate_memory(
     p_text, p_vae = _text_and_vae_parameters(spec)
 
     family = get_family(spec.family)
+    options = family.denoiser_kwargs(config)
     sharding = ShardingOptions() if config.fsdp and processes > 1 else None
     layout = layout_for(config, family.lora_targets, sharding, processes)
     adapters = layout.adapters()
@@ -273,7 +276,6 @@ def estimate_memory(
     if config.data:  # the head a run builds on the bottleneck's features (their shape, on meta)
         x, cond = _meta_inputs(unet, spec, resolution, torch.float32)
         t = torch.zeros(1, dtype=torch.long, device="meta")
-        options = {k: getattr(config, k) for k in family.denoiser_options}  # the run's feature block
         features = family.denoiser(unet, spec.schedule(resolution), **options).bottleneck(x, t, cond)
         with torch.device("meta"):
             p_head = _count(ClassifierHead.for_features(features))
@@ -296,6 +298,7 @@ def estimate_memory(
                 torch.bfloat16 if bf16 else None,
                 device_type,
                 config.gradient_checkpointing,
+                options,
             )
     (act_gen, _), (act_fake, act_down) = (saved[a[:2] if a else None] for a in adapters.values())
     b = config.batch_size

@@ -35,7 +35,7 @@ class Run:
         self.family: Family = get_family(self.spec.family)  # its adapter and defaults
         self.resolution = self.spec.training_resolution(config.resolution)
         self.schedule: NoiseSchedule = self.spec.schedule(self.resolution)
-        self.denoiser_options = {k: getattr(config, k) for k in self.family.denoiser_options}
+        self.denoiser_options = self.family.denoiser_kwargs(config)
         if config.gan_feature_block is not None and "gan_feature_block" not in self.denoiser_options:
             raise UsageError(f"--gan-feature-block is for transformer teachers; {self.spec.source} is a UNet")
         if not self.family.classifier_free_guidance and config.guidance_scale != 1:

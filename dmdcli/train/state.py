@@ -125,8 +125,8 @@ def student_info(
         "guidance_scale": config.guidance_scale,
         "seed": config.seed,
     }
-    if options := get_family(spec.family).denoiser_options:  # what the adapter is told (FLUX: its guidance)
-        info["denoiser"] = {k: getattr(config, k) for k in options}
+    if options := get_family(spec.family).denoiser_kwargs(config):  # what the adapter is told (FLUX: its guidance)
+        info["denoiser"] = options
     if config.lora_rank:
         info.update(
             lora_rank=config.lora_rank,
