@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every measurement this project needs a GPU for, in one run that fits a short GPU lease:
 # benchmarks/memory_speed.py at full size (SDXL 1024², SD1.5 512²; shared-base LoRA, reference
-# LoRA, full) beside the --dry-run estimate, then `dmd distill` end to end on CUDA in bf16 (tiny
+# LoRA, full; FLUX.1-dev 1024² shared-base LoRA) beside the --dry-run estimate, then `dmd distill` end to end on CUDA in bf16 (tiny
 # teacher: prompt cache, grids, checkpoint, resume, sample, export).
 #
 #   bash benchmarks/gpu_check.sh --fetch-wheels   # here, with a package registry: the packages a
@@ -11,7 +11,8 @@
 #
 # Each step has its own time limit (about 1.5x what it took on an H200, 2026-11-30: 104, 88, 54 s
 # and ~120 s for the CLI), so one that hangs does not take the others with it; a step's failure is
-# reported and the rest still run. About 6 minutes on an H200, under 10 at the limits. The tables go to RESULTS_DIR/*.md, the
+# reported and the rest still run. About 7 minutes on an H200 (the FLUX step not yet timed); the optional steps at the end run only
+# while the budget lasts, and every table is written as soon as its step ends. The tables go to RESULTS_DIR/*.md, the
 # whole log to RESULTS_DIR/log.txt.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -63,7 +64,10 @@ bench="python3 benchmarks/memory_speed.py --iterations 3"
 # The 24 GB goal first: SDXL 4-step shared-base LoRA at 1024².
 step sdxl-lora 160 bash -c "$bench --arch sdxl --resolution 1024 --layouts lora-shared lora-reference | tee $results/sdxl-lora.md"
 step sd15 120 bash -c "$bench --arch sd15 --resolution 512 --layouts lora-shared lora-reference full | tee $results/sd15.md"
-step sdxl-full 100 bash -c "$bench --arch sdxl --resolution 1024 --layouts full | tee $results/sdxl-full.md"
+# FLUX.1-dev size (12B transformer, random weights; shared-base LoRA: full fine-tuning needs FSDP), 1024²,
+# beside --dry-run's estimate. Not yet run on a GPU: the limit is a guess (building 12B fp32 weights
+# on the host, then three iterations of about 2-4 s).
+step flux-lora 180 bash -c "$bench --arch flux-dev --resolution 1024 --layouts lora-shared | tee $results/flux-lora.md"
 
 # The CLI on CUDA in bf16, as a user runs it (tiny random teacher: checks the code path, not quality).
 # Seven Python starts; each took 10-15 s on the H200 machine, so 100 s was too short there.
@@ -81,7 +85,13 @@ step cli-distill 200 bash -c "python3 -m dmdcli.models.tiny $run/teacher > /dev/
     dmd sample --model $run/export --prompt 'a red circle' --out $run/images-export --json &&
     dmd distill --recipe tiny --teacher $run/teacher --prompts $run/prompts.txt --dry-run --json > $results/cli-dry-run.json"
 
-# Optional, when time is left. First where a LoRA iteration's time goes: on the H200 (2026-11-30)
+# Optional, when time is left. SDXL full fine-tuning (measured 2026-11-30: benchmarks/results/gpu-h200).
+if [ $((SECONDS + 100)) -le "$budget" ]; then
+    step sdxl-full 100 bash -c "$bench --arch sdxl --resolution 1024 --layouts full | tee $results/sdxl-full.md"
+else
+    echo "== sdxl-full: skipped, $((budget - SECONDS))s left of ${budget}s"
+fi
+# Then where a LoRA iteration's time goes: on the H200 (2026-11-30)
 # rank-64 LoRA networks took ~1 s more an iteration each than full ones at SDXL 1024², though their
 # extra FLOPs are a few percent; many small kernels and peft's per-layer Python would show as host
 # time above GPU time in these tables.

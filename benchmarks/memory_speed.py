@@ -1,6 +1,6 @@
-"""Seconds per iteration and peak memory of DMD2 on the full-size SD1.5 / SDXL architectures.
+"""Seconds per iteration and peak memory of DMD2 on the full-size SD1.5, SDXL, SD3.5 and FLUX.1-dev architectures.
 
-The UNets are built from their public configs with random weights (no download), the text
+The networks (UNets, transformers) are built from their public configs with random weights (no download), the text
 conditioning is random, and a few real DMD2 iterations run through the same code as
 `dmd distill` (dmdcli.train.networks). Each row also shows the `--dry-run` estimate for the same
 configuration, without the text encoders and VAE (which this benchmark does not load).
@@ -8,6 +8,7 @@ configuration, without the text encoders and VAE (which this benchmark does not 
     python benchmarks/memory_speed.py                       # CPU: SD1.5 shared-base LoRA at 256²
     python benchmarks/memory_speed.py --mixed-precision bf16  # the same in the GPU's precision layout
     python benchmarks/memory_speed.py --arch sdxl --resolution 1024 --layouts full lora-reference lora-shared
+    python benchmarks/memory_speed.py --arch flux-dev --resolution 1024 --layouts lora-shared  # 12B: GPU
     # where the time goes:
     python benchmarks/memory_speed.py --arch sdxl --resolution 1024 --layouts full lora-shared --profile 25
     torchrun --nproc_per_node 8 benchmarks/memory_speed.py --arch sdxl --resolution 1024 --layouts fsdp
@@ -107,10 +108,12 @@ def profiled(rows: int, title: str, cuda: bool) -> Iterator[None]:
 
 
 def measure(arch: str, layout: str, args, spec) -> dict:
+    import diffusers
     from accelerate import Accelerator
-    from diffusers import UNet2DConditionModel
 
     cuda = torch.cuda.is_available()
+    family = get_family(spec.family)
+    cfg = family.classifier_free_guidance  # FLUX.1-dev's real score takes its embedded guidance instead
     config = DistillConfig(
         teacher=arch,
         steps=args.steps,
@@ -119,7 +122,7 @@ def measure(arch: str, layout: str, args, spec) -> dict:
         fake_updates_per_gen=1,
         data="random",
         warmup_steps=1,
-        guidance_scale=8.0,
+        guidance_scale=8.0 if cfg else 1.0,
         mixed_precision=args.mixed_precision,
         **LAYOUTS[layout],
     )
@@ -140,26 +143,26 @@ def measure(arch: str, layout: str, args, spec) -> dict:
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     rss_before, resident_before = rss_gib(), resident_gib()
-    # On the CPU the UNet is built in its frozen dtype, so that a whole fp32 copy does not set the
+    # On the CPU the network is built in its frozen dtype, so that a whole fp32 copy does not set the
     # peak before training starts (dmd distill loads it in host memory, not on the GPU).
     default_dtype = torch.get_default_dtype()
     torch.set_default_dtype(torch.float32 if cuda else frozen)
     try:
-        base = UNet2DConditionModel.from_config(ARCHITECTURES[arch]["unet"])
+        network_class = getattr(diffusers, family.teacher.network_class)
+        base = network_class.from_config(ARCHITECTURES[arch][family.network])
     finally:
         torch.set_default_dtype(default_dtype)
     side = args.resolution // spec.vae_scale_factor
-    unet_config = base.config
-    cond = {"encoder_hidden_states": torch.randn(args.batch_size, 77, unet_config.cross_attention_dim, device=device)}
-    if spec.layout == "sdxl":
-        pooled = unet_config.projection_class_embeddings_input_dim - 6 * unet_config.addition_time_embed_dim
-        cond["text_embeds"] = torch.randn(args.batch_size, pooled, device=device)
+    shapes = family.teacher.conditioning_shapes(base.config)
+    cond = {k: torch.randn(args.batch_size, *shape, device=device) for k, shape in shapes.items()}
+    if "time_ids" in cond:  # SDXL's micro-conditioning, as dmd distill sets it
         r = float(args.resolution)
         cond["time_ids"] = torch.tensor([[r, r, 0, 0, r, r]], device=device).expand(args.batch_size, 6)
-    uncond = {k: torch.zeros_like(v) for k, v in cond.items()}
+    uncond = {k: torch.zeros_like(v) for k, v in cond.items()} if cfg else None
     latent = (args.batch_size, spec.latent_channels, side, side)
-    family, schedule = get_family(spec.family), spec.schedule(args.resolution)
-    denoiser = lambda network: family.denoiser(network, schedule)  # noqa: E731
+    schedule = spec.schedule(args.resolution)
+    options = family.denoiser_kwargs(config)
+    denoiser = lambda network: family.denoiser(network, schedule, **options)  # noqa: E731
     probe = (
         lambda fake, on: denoiser(fake).bottleneck(
             torch.zeros(1, *latent[1:], device=on),
@@ -168,11 +171,11 @@ def measure(arch: str, layout: str, args, spec) -> dict:
         )
     )
     sharding = sharding_options(accelerator, accelerator.mixed_precision) if config.fsdp else None
-    layout = layout_for(config, family.lora_targets, sharding, accelerator.num_processes)
-    nets = layout.build(base, device, frozen, probe)
+    runtime = layout_for(config, family.lora_targets, sharding, accelerator.num_processes)
+    nets = runtime.build(base, device, frozen, probe)
     weights = torch.cuda.memory_allocated() / GIB if cuda else resident_gib() - resident_before
-    timesteps = student_timesteps(args.steps, 1000, 399)
-    step = build_step(nets, denoiser, layout.data_parallel(accelerator), schedule, config, timesteps, accelerator)
+    timesteps = student_timesteps(args.steps, schedule.num_train_timesteps, family.conditioning_timestep)
+    step = build_step(nets, denoiser, runtime.data_parallel(accelerator), schedule, config, timesteps, accelerator)
 
     times = []
     for it in range(args.iterations):
@@ -216,9 +219,7 @@ def measure(arch: str, layout: str, args, spec) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    # The UNet architectures: the SD3 / FLUX transformers are measured by --dry-run only so far.
-    unets = sorted(name for name, arch in ARCHITECTURES.items() if "unet" in arch)
-    parser.add_argument("--arch", choices=unets, default="sd15")
+    parser.add_argument("--arch", choices=sorted(ARCHITECTURES), default="sd15")
     parser.add_argument("--resolution", type=int, default=256)
     parser.add_argument("--layouts", nargs="+", choices=sorted(LAYOUTS), default=["lora-shared"])
     parser.add_argument("--steps", type=int, default=4)

@@ -109,20 +109,21 @@ class _StubLPIPS(torch.nn.Module):
 
 
 def test_lpips_distance_decodes_latents_and_auto_picks_it(tiny_sd, monkeypatch):
-    """With lpips importable, "auto" runs LPIPS on VAE-decoded images in [-1, 1], with gradient to
-    the generator's latents only; without it, "auto" falls back with a note and "lpips" is a usage error."""
+    """With lpips importable, "auto" runs LPIPS on decoded images in [-1, 1], with gradient to the
+    generator's latents only; without it, "auto" falls back with a note and "lpips" is a usage error."""
     import sys
     import types
 
     from diffusers import AutoencoderKL
 
     from dmdcli.errors import UsageError
-    from dmdcli.train.regression import build_distance
+    from dmdcli.train.regression import build_distance, latent_decoder
 
     vae = AutoencoderKL.from_pretrained(f"{tiny_sd}/vae").requires_grad_(False)
+    decoder = lambda: (latent_decoder(vae), "vae", None)  # noqa: E731
     monkeypatch.setitem(sys.modules, "lpips", types.SimpleNamespace(LPIPS=_StubLPIPS))
-    distance, used, note = build_distance("auto", vae, 0.18215)
-    assert (used, note) == ("lpips", None)
+    distance, used, notes = build_distance("auto", decoder)
+    assert (used, notes) == ("lpips (vae)", [])
     torch.manual_seed(0)
     target = torch.randn(2, vae.config.latent_channels, 8, 8)
     x = (target + 0.5 * torch.randn_like(target)).requires_grad_(True)
@@ -133,17 +134,55 @@ def test_lpips_distance_decodes_latents_and_auto_picks_it(tiny_sd, monkeypatch):
     assert all(-1.0 <= lo and hi <= 1.0 for lo, hi in _StubLPIPS.seen)  # LPIPS' input range
 
     monkeypatch.setitem(sys.modules, "lpips", None)  # "import lpips" now raises ImportError
-    distance, used, note = build_distance("auto", vae, 0.18215)
-    assert used == "pseudo_huber" and "LPIPS unavailable" in note
+    distance, used, notes = build_distance("auto", decoder)
+    assert used == "pseudo_huber" and "LPIPS unavailable" in notes[0]
     with pytest.raises(UsageError, match="needs the lpips package"):
-        build_distance("lpips", vae, 0.18215)
+        build_distance("lpips", decoder)
 
     class Silent:  # an lpips whose import fails with no message: its type's name once, not twice
         def __getattr__(self, name):
             raise OSError()
 
     monkeypatch.setitem(sys.modules, "lpips", Silent())
-    assert build_distance("auto", vae, 0.18215)[2].startswith("LPIPS unavailable (OSError):")
+    assert build_distance("auto", decoder)[2][0].startswith("LPIPS unavailable (OSError):")
+
+
+def test_lpips_decodes_with_the_tiny_autoencoder_and_says_when_it_cannot(tmp_path, tiny_sdxl, monkeypatch):
+    """--regression-decoder: an AutoencoderTiny folder decodes for LPIPS (its own scaling: the
+    pipeline's latents as they are); "auto" tries the family's (TAESDXL), and offline without it
+    falls back to the teacher's VAE with a note; a folder that is no AutoencoderTiny is one line."""
+    from diffusers import AutoencoderKL, AutoencoderTiny
+
+    from dmdcli.errors import UsageError
+    from dmdcli.models.families import get_family
+    from dmdcli.train.regression import regression_decoder
+
+    torch.manual_seed(0)
+    tiny = AutoencoderTiny(
+        encoder_block_out_channels=(8, 8),
+        decoder_block_out_channels=(8, 8),
+        num_encoder_blocks=(1, 1),
+        num_decoder_blocks=(1, 1),
+        latent_channels=4,
+        upsampling_scaling_factor=2,
+    )
+    tiny.save_pretrained(tmp_path / "taesd")
+    vae = AutoencoderKL.from_pretrained(f"{tiny_sdxl}/vae").requires_grad_(False)
+    sdxl = get_family("sdxl")
+    assert sdxl.tiny_autoencoder == "madebyollin/taesdxl"
+    z = torch.randn(1, 4, 4, 4)
+    decode, what, note = regression_decoder(str(tmp_path / "taesd"), sdxl, vae, "cpu")
+    assert (what, note) == (str(tmp_path / "taesd"), None)
+    assert torch.allclose(decode(z), tiny.decode(z).sample.clamp(-1, 1), atol=1e-6)  # no VAE scaling applied
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    decode, what, note = regression_decoder("auto", sdxl, vae, "cpu")
+    assert what == "vae" and note.startswith("tiny autoencoder madebyollin/taesdxl unavailable")
+    scale = vae.config.scaling_factor
+    assert torch.allclose(decode(z), vae.decode(z / scale).sample.clamp(-1, 1), atol=1e-6)
+    assert regression_decoder("vae", sdxl, vae, "cpu")[1:] == ("vae", None)
+    with pytest.raises(UsageError, match=r"--regression-decoder .*: not a readable AutoencoderTiny"):
+        regression_decoder(str(tiny_sdxl / "vae"), sdxl, vae, "cpu")
 
 
 def test_method_presets(tiny_sd, prompts_file):
@@ -152,8 +191,6 @@ def test_method_presets(tiny_sd, prompts_file):
     assert (dmd.fake_updates_per_gen, dmd.regression_weight) == (1, 0.25)
     assert resolve_config("tiny", {**base, "method": "dmd", "fake_updates_per_gen": 3}).fake_updates_per_gen == 3
     assert resolve_config("tiny", base).regression_weight == 0
-    warmup = resolve_config("sdxl-1step-regression-warmup", base)
-    assert (warmup.method, warmup.regression_weight, warmup.regression_iterations) == ("dmd2", 0.25, 2000)
 
 
 # -- DMD v1 ------------------------------------------------------------------------------------
@@ -378,3 +415,83 @@ def test_a_damaged_pair_cache_is_one_line_naming_it(tmp_path, damage):
     (folder / "pairs-00000.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not a header")
     with pytest.raises(DmdError, match=f"regression pair cache {folder} .*delete {folder} and run again"):
         _load(folder)
+
+
+# -- regression alone: the SDXL 1-step pre-training stage -----------------------------------------
+
+
+@pytest.mark.usefixtures("fresh_accelerator_state")
+def test_a_regression_only_stage_trains_the_generator_alone_and_resumes_exactly(tmp_path, tiny_sdxl, prompts_file):
+    """sdxl-1step-stage1's shape (the reference's train_sd_ode.py): DM and GAN off, the regression on
+    every iteration whatever the TTUR ratio, the fake score neither run nor updated; bit-exact resume;
+    then the DMD2 stage from it with --init-from."""
+    from dmdcli.train.checkpoint import complete_checkpoints
+
+    def run(out, *extra):
+        args = [
+            "distill",
+            *QUICK,
+            *("--teacher", str(tiny_sdxl), "--prompts", str(prompts_file), "--out", str(out)),
+            *("--steps", "1", "--conditioning-timestep", "399", "--fake-updates-per-gen", "5"),
+            *("--dm-weight", "0", "--gan-generator-weight", "0", "--gan-discriminator-weight", "0"),
+            *("--regression-weight", "1", "--regression-distance", "mse"),
+            *("--pairs", "3", "--pair-steps", "2", "--pairs-dir", str(tmp_path / "pairs")),
+            *extra,
+        ]
+        result = runner.invoke(app, args)
+        assert result.exit_code == 0, result.stderr + repr(result.exception)
+        return result
+
+    run(tmp_path / "whole", "--iterations", "4", "--checkpoint-every", "2")
+    records = [json.loads(line) for line in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
+    records = [r for r in records if "iteration" in r and "loss_regression" in r]
+    assert [r["iteration"] for r in records] == [1, 2, 3, 4]  # the generator on every iteration
+    assert all("grad_norm_generator" in r and "loss_denoise" not in r and "grad_norm_fake" not in r for r in records)
+    tensors = load_file(complete_checkpoints(tmp_path / "whole")[-1] / "tensors.safetensors")
+    teacher = load_file(f"{tiny_sdxl}/unet/diffusion_pytorch_model.safetensors")
+    fake = {k.removeprefix("fake_score."): v for k, v in tensors.items() if k.startswith("fake_score.")}
+    generator = {k.removeprefix("generator."): v for k, v in tensors.items() if k.startswith("generator.")}
+    assert fake.keys() == teacher.keys() and all(torch.equal(fake[k], teacher[k].float()) for k in fake)
+    assert any(not torch.equal(generator[k], teacher[k].float()) for k in generator)
+
+    run(tmp_path / "cut", "--iterations", "2", "--checkpoint-every", "2")
+    resumed = runner.invoke(
+        app, ["distill", "--out", str(tmp_path / "cut"), "--resume", "--iterations", "4", "--quiet"]
+    )
+    assert resumed.exit_code == 0, resumed.stderr
+    whole, cut = (
+        load_file(tmp_path / "whole" / "student.safetensors"),
+        load_file(tmp_path / "cut" / "student.safetensors"),
+    )
+    assert whole.keys() == cut.keys() and all(torch.equal(whole[k], cut[k]) for k in whole)
+
+    stage2 = runner.invoke(
+        app,
+        ["distill", *QUICK, "--teacher", str(tiny_sdxl), "--prompts", str(prompts_file), "--steps", "1"]
+        + ["--conditioning-timestep", "399", "--iterations", "1", "--init-from", str(tmp_path / "whole")]
+        + ["--out", str(tmp_path / "stage2")],
+    )
+    assert stage2.exit_code == 0, stage2.stderr
+
+
+def test_dm_weight_zero_needs_a_term_to_train_and_regression_alone_holds_one_optimizer(tiny_sd, prompts_file):
+    from dmdcli.errors import UsageError
+
+    base = {"teacher": str(tiny_sd), "prompts": str(prompts_file), "dm_weight": 0.0}
+    assert resolve_config("tiny", {**base, "regression_weight": 1.0}).regression_only()
+    for extra in ({}, {"regression_weight": 1.0, "regression_iterations": 5}):
+        with pytest.raises(UsageError, match="with --dm-weight 0 the generator needs the GAN term"):
+            resolve_config("tiny", {**base, **extra})
+    stage1 = resolve_config("sdxl-1step-stage1", {"prompts": str(prompts_file)})
+    assert stage1.regression_only() and (stage1.lr, stage1.batch_size, stage1.iterations) == (1e-5, 4, 2000)
+    assert (stage1.pairs, stage1.pair_steps, stage1.guidance_scale, stage1.conditioning_timestep) == (10000, 50, 8, 399)
+
+    from dmdcli.train.memory import estimate_memory
+
+    spec = inspect_teacher(str(tiny_sd))
+    alone = estimate_memory(
+        spec, resolve_config("tiny", {**base, "regression_weight": 1.0}), 32, False, device_type="cpu"
+    )
+    dmd2 = estimate_memory(spec, resolve_config("tiny", {**base, "dm_weight": 1.0}), 32, False, device_type="cpu")
+    assert alone.optimizer_states == pytest.approx(dmd2.optimizer_states / 2)  # the generator's moments only
+    assert alone.phase.startswith("generator") and alone.peak < dmd2.peak

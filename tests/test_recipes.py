@@ -99,17 +99,6 @@ VARIANTS = {
             "iterations": 2000,
         },
     ),
-    "sdxl-1step-regression-warmup": (
-        "sdxl-1step",
-        {
-            "method": "dmd2",
-            "regression_weight": 0.25,
-            "regression_iterations": 2000,
-            "regression_distance": "auto",
-            "pairs": 10000,
-            "pair_steps": 50,
-        },
-    ),
 }
 
 

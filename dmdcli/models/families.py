@@ -67,6 +67,8 @@ class Family:
     # config keys the adapter takes as keyword arguments (FLUX: embedded_guidance); students record them
     denoiser_options: tuple[str, ...] = ()
     classifier_free_guidance: bool = True  # False: a guidance-distilled teacher, whose real score takes no CFG
+    # hub id of a tiny autoencoder (diffusers' AutoencoderTiny) decoding its latents, for LPIPS regression
+    tiny_autoencoder: str | None = None
     # (config.json of the network, of the VAE, of the scheduler) → why dmd cannot distill it, or None
     unsupported: Callable[[dict[str, Any], dict[str, Any], dict[str, Any]], str | None] = lambda *configs: None
     recognises: Callable[[dict[str, Any]], bool] | None = None  # from model_index.json; None: by name only

@@ -100,6 +100,7 @@ FLUX = register(
         lora_targets=TRANSFORMER_LORA_TARGETS,
         denoiser_options=("embedded_guidance", "gan_feature_block"),
         classifier_free_guidance=False,
+        tiny_autoencoder="madebyollin/taef1",
         unsupported=_unsupported,
         recognises=_flux_pipeline,
         aliases={"flux-dev": FLUX_DEV},

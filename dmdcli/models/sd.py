@@ -174,6 +174,7 @@ SD = register(
         conditioning_timestep=999,
         unsupported=_unsupported,
         **UNET,
+        tiny_autoencoder="madebyollin/taesd",
         recognises=lambda index: _unet_pipeline(index, encoders=1),
         aliases={
             "sd15": "stable-diffusion-v1-5/stable-diffusion-v1-5",
@@ -189,6 +190,7 @@ SDXL = register(
         conditioning_timestep=399,
         unsupported=_sdxl_unsupported,
         **UNET,
+        tiny_autoencoder="madebyollin/taesdxl",  # the reference's 1-step pre-training decodes with it
         recognises=lambda index: _unet_pipeline(index, encoders=2),
         aliases={"sdxl": SDXL_BASE, "stabilityai/sdxl": SDXL_BASE},  # the second: what users type from our examples
         recipe=sdxl_recipe,

@@ -111,6 +111,7 @@ SD3 = register(
         network="transformer",
         lora_targets=TRANSFORMER_LORA_TARGETS,
         denoiser_options=("gan_feature_block",),
+        tiny_autoencoder="madebyollin/taesd3",
         unsupported=_unsupported,
         recognises=_sd3_pipeline,
         aliases={

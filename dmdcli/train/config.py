@@ -159,6 +159,11 @@ class Regression:
         "auto (LPIPS if the lpips package and its weights load, else pseudo_huber) | lpips | pseudo_huber | mse. "
         "The one that ran is in config.toml and metrics.jsonl.",
     )
+    regression_decoder: str = option(
+        "auto",
+        "What LPIPS decodes latents with: auto (the family's tiny autoencoder, e.g. madebyollin/taesdxl, where it "
+        "loads; else the teacher's VAE) | vae | a folder or hub id of an AutoencoderTiny.",
+    )
     pairs: int = option(
         64, "Regression pairs: made on first use by the teacher's deterministic DDIM with CFG, cached and reused."
     )
@@ -225,6 +230,12 @@ class DistillConfig(Outputs, Progressive, Regression, Optimization, LoRA, DMD2Co
     def gan_term(self) -> bool:
         """Whether the run has a GAN term (a classifier head, and --data's images as real latents)."""
         return self.method != "dmd" and (self.gan_generator_weight > 0 or self.gan_discriminator_weight > 0)
+
+    def regression_only(self) -> bool:
+        """Whether the generator fits the teacher's pairs and nothing else (DMD2's SDXL 1-step
+        pre-training stage): no fake score is trained, as nothing reads it."""
+        gan = self.gan_term() and self.data is not None
+        return self.dm_weight == 0 and not gan and self.regression_weight > 0 and not self.regression_iterations
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -375,7 +386,9 @@ def validate(c: DistillConfig) -> None:
         "no prompts: pass --prompts FILE, or --data DIR whose captions become the prompts",
     )
     need(
-        c.dm_weight > 0 or c.data is not None, "with --dm-weight 0 the generator needs the GAN term, which needs --data"
+        c.dm_weight > 0 or c.gan_term() and c.data is not None or c.regression_only(),
+        "with --dm-weight 0 the generator needs the GAN term (--data) or the regression term alone "
+        "(--regression-weight > 0, --regression-iterations 0)",
     )
     need(c.log_every >= 1 and c.sample_every >= 0 and c.grid_size >= 1, "log_every, grid_size ≥ 1 and sample_every ≥ 0")
     need(c.checkpoint_every >= 0 and c.keep_checkpoints >= 1, "checkpoint_every ≥ 0 and keep_checkpoints ≥ 1")

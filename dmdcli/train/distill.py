@@ -122,6 +122,8 @@ class Distillation(Run):
 
     def _load_data(self, prompts: list[str] | None) -> Data:
         """The prompts and, when the GAN term is on, the real images' latents."""
+        if self.config.regression_only() and not self.data_folder:
+            return Data(prompts, None)  # no "GAN off" note: the start line says what trains
         if self.data_folder and not self.config.gan_term():  # no real latents to encode, no classifier head
             why = "--method dmd has no GAN term" if self.config.method == "dmd" else "both GAN weights are 0"
             if prompts is None:

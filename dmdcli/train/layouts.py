@@ -162,6 +162,12 @@ class Layout:
 
     def describe(self, nets: Networks, at: str) -> str:
         """The run's start line; `at`: the student's timesteps, as the run names them."""
+        if self.config.regression_only():
+            return (
+                f"generator: {self.generator_kind} ({_count(nets.generator_params)}), {self.config.steps} step(s) at "
+                f"{at}; regression only: the generator fits the teacher's pairs alone (no DM, no GAN; the fake "
+                f"score is not trained){self.suffix}"
+            )
         return (
             f"generator: {self.generator_kind} ({_count(nets.generator_params)}), {self.config.steps} step(s) at "
             f"{at}; fake score: {self.fake_kind} ({_count(nets.fake_params)}); "

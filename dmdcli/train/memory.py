@@ -284,7 +284,8 @@ def estimate_memory(
     weights = {**layout.weight_rows(p_unet, p_gen, p_fake, p_head, frozen), "VAE (fp32)": p_vae * 4}
     if not config.cache_prompts:  # else they leave the accelerator before the networks are built
         weights["text encoders (fp32)"] = p_text * 4
-    adam = 8 * (p_gen + p_fake + p_head) / n
+    regression_only = config.regression_only()  # the fake score is built but never stepped: no moments
+    adam = 8 * (p_gen + (0 if regression_only else p_fake + p_head)) / n
     transient = layout.gathered_bytes(unet, frozen)
     cast_gen, cast_fake = layout.autocast_copies(p_gen, bf16), layout.autocast_copies(p_fake, bf16)
     saved = {}  # per layout: the generator's and the fake score's are one measurement when alike
@@ -312,6 +313,11 @@ def estimate_memory(
         "generator's AdamW step": (g_gen, 0, foreach * p_gen / n, 0),
         "fake score's AdamW step": (g_fake, 0, foreach * (p_fake + p_head) / n, 0),
     }
+    if regression_only:  # the generator's forward on the pairs, nothing through the fake score
+        phases = {
+            "generator": (g_gen, b * act_gen + cast_gen, 0, transient),
+            "generator's AdamW step": phases["generator's AdamW step"],
+        }
     phase = max(phases, key=lambda k: sum(phases[k]))
     grads, activations, step, gathered = phases[phase]
     static = sum(weights.values()) + adam
@@ -372,6 +378,11 @@ def _notes(config, bf16: bool) -> list[str]:
         notes.append(
             "note: this estimate is for DMD2's three networks; --method progressive holds two UNets (teacher and "
             "student) and one optimizer, so it needs less"
+        )
+    if config.regression_only() and config.regression_distance in ("auto", "lpips"):
+        notes.append(
+            "note: regression only; LPIPS's decoder and VGG activations are not in this estimate (with a tiny "
+            "autoencoder, as the reference's SDXL pre-training, a few GiB per sample at 1024²)"
         )
     return notes
 

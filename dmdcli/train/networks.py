@@ -77,4 +77,5 @@ def build_step(
         any_process=any_process,
         regression_distance=regression_distance,
         regression_iterations=c.regression_iterations,
+        regression_only=c.regression_only(),
     )

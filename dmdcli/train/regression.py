@@ -2,7 +2,8 @@
 
 The distances themselves are pure functions in dmdcli.core.losses; LPIPS needs the optional
 `lpips` package and its pretrained backbone (torchvision VGG weights, downloaded on first use),
-and compares decoded images, so only it decodes latents with the VAE (with gradient).
+and compares decoded images, so only it decodes latents (with gradient): with the family's tiny
+autoencoder where it loads (the reference's SDXL pre-training decodes with TAESDXL), else the VAE.
 """
 
 from __future__ import annotations
@@ -21,46 +22,98 @@ from dmdcli.errors import UsageError, first_line
 Distance = Callable[[Tensor, Tensor], Tensor]
 
 
-def lpips_distance(vae, scaling_factor: float) -> Distance:
-    """LPIPS(VGG) between the VAE decodings of two latent batches (DMD v1's choice). Raises
-    ImportError / OSError / RuntimeError when lpips or its weights are not available."""
+Decode = Callable[[Tensor], Tensor]  # diffusion-space latents [B, C, h, w] → images [B, 3, H, W] in [-1, 1]
+
+
+def latent_decoder(autoencoder) -> Decode:
+    """Decoding with `autoencoder`'s own scaling and shift, as the diffusers pipelines do: the teacher's
+    VAE, or a tiny autoencoder (AutoencoderTiny: scaling 1, it reads the pipeline's latents as they are)."""
+    scale = float(autoencoder.config.scaling_factor)
+    shift = float(getattr(autoencoder.config, "shift_factor", None) or 0.0)
+    return lambda z: autoencoder.decode(z.float() / scale + shift).sample.clamp(-1, 1)
+
+
+def load_tiny_autoencoder(source: str, device):
+    """An AutoencoderTiny from a folder or hub id (safetensors only), frozen. Raises OSError /
+    ValueError when it cannot be read (offline and not cached, no such folder, another class)."""
+    import warnings
+
+    from diffusers import AutoencoderTiny
+
+    with warnings.catch_warnings():  # huggingface_hub's deprecation of an argument diffusers passes
+        warnings.simplefilter("ignore", UserWarning)
+        autoencoder = AutoencoderTiny.from_pretrained(source, use_safetensors=True)
+    return autoencoder.to(device).requires_grad_(False).eval()
+
+
+def regression_decoder(name: str, family, vae, device) -> tuple[Decode, str, str | None]:
+    """What LPIPS decodes with: (decode, "vae" or the tiny autoencoder's source, a note when "auto" fell
+    back to the teacher's VAE).
+
+    "auto" is the family's tiny autoencoder (TAESDXL for SDXL, as the reference's 1-step
+    pre-training), which decodes a 1024² batch with gradient at a fraction of the VAE's memory;
+    "vae" the teacher's own; anything else a folder or hub id of an AutoencoderTiny."""
+    if name == "vae" or (name == "auto" and family.tiny_autoencoder is None):
+        return latent_decoder(vae), "vae", None
+    source = family.tiny_autoencoder if name == "auto" else name
+    try:
+        return latent_decoder(load_tiny_autoencoder(source, device)), source, None
+    except Exception as e:  # offline and not cached, not an AutoencoderTiny, ...
+        if name != "auto":
+            raise UsageError(f"--regression-decoder {name}: not a readable AutoencoderTiny ({_reason(e)})") from e
+        note = f"tiny autoencoder {source} unavailable ({_reason(e)}): LPIPS decodes with the teacher's VAE"
+        return latent_decoder(vae), "vae", note
+
+
+def _reason(e: Exception) -> str:
+    message = first_line(e)  # the type's name alone when the exception has no message
+    return message if message == type(e).__name__ else f"{type(e).__name__}: {message}"
+
+
+def lpips_model():
+    """LPIPS(VGG), DMD v1's choice. Raises ImportError / OSError / RuntimeError when lpips or its
+    weights are not available."""
     import lpips  # optional dependency
 
-    model = lpips.LPIPS(net="vgg", verbose=False).to(next(vae.parameters()).device).requires_grad_(False).eval()
+    return lpips.LPIPS(net="vgg", verbose=False).requires_grad_(False).eval()
+
+
+def lpips_distance(model, decode: Decode) -> Distance:
+    """LPIPS `model` between the decodings of two latent batches."""
 
     def distance(x: Tensor, target: Tensor) -> Tensor:
-        decode = lambda z: vae.decode(z.float() / scaling_factor).sample.clamp(-1, 1)  # noqa: E731
         with torch.no_grad():
             y = decode(target)
-        return model(decode(x), y).mean()  # images in [-1, 1], LPIPS' default input range
+        return model.to(y.device)(decode(x), y).mean()  # images in [-1, 1], LPIPS' default input range
 
     return distance
 
 
-def build_distance(name: str, vae, scaling_factor: float) -> tuple[Distance, str, str | None]:
-    """(distance, the name that runs, a note for the user when "auto" fell back)."""
+def build_distance(name: str, decoder: Callable[[], tuple[Decode, str, str | None]]):
+    """(distance, the name that runs, notes for the user). `decoder` is called only when LPIPS runs
+    (regression_decoder's result): mse and pseudo_huber compare latents. LPIPS is named with what
+    decodes for it: "lpips (vae)", "lpips (madebyollin/taesdxl)"."""
     if name in REGRESSION_DISTANCES:
-        return REGRESSION_DISTANCES[name], name, None
+        return REGRESSION_DISTANCES[name], name, []
     try:
-        return lpips_distance(vae, scaling_factor), "lpips", None
+        model = lpips_model()
     except Exception as e:  # not installed, no network for its weights, ...
-        message = first_line(e)  # the type's name alone when the exception has no message
-        reason = message if message == type(e).__name__ else f"{type(e).__name__}: {message}"
         if name == "lpips":
             raise UsageError(
-                f"--regression-distance lpips needs the lpips package and its pretrained weights ({reason}); "
+                f"--regression-distance lpips needs the lpips package and its pretrained weights ({_reason(e)}); "
                 "pip install lpips, or choose pseudo_huber or mse"
             ) from e
         return (
             REGRESSION_DISTANCES["pseudo_huber"],
             "pseudo_huber",
-            (
-                f"LPIPS unavailable ({reason}): regression uses pseudo-Huber on latents, per element; the paper's λ "
-                "0.25 "
-                "is LPIPS's weight, and pseudo-Huber did better at --regression-weight 2 on the shapes world "
-                "(docs/other-methods.md)"
-            ),
+            [
+                f"LPIPS unavailable ({_reason(e)}): regression uses pseudo-Huber on latents, per element; the "
+                "paper's λ 0.25 is LPIPS's weight, and pseudo-Huber did better at --regression-weight 2 on the "
+                "shapes world (docs/other-methods.md)"
+            ],
         )
+    decode, what, note = decoder()
+    return lpips_distance(model, decode), f"lpips ({what})", [note] if note else []
 
 
 def load_regression(run, prompts: list[str]) -> tuple[Distance, str, Pairs]:
@@ -70,8 +123,11 @@ def load_regression(run, prompts: list[str]) -> tuple[Distance, str, Pairs]:
     from dmdcli.data.pairs import default_pairs_dir, load_or_build_pairs, pair_key_inputs, teacher_identity
 
     config, spec, device, ui = run.config, run.spec, run.accelerator.device, run.ui
-    distance, name, note = build_distance(config.regression_distance, run.teacher.vae, run.teacher.scaling_factor)
-    if note:
+    distance, name, notes = build_distance(
+        config.regression_distance,
+        lambda: regression_decoder(config.regression_decoder, run.family, run.teacher.vae, device),
+    )
+    for note in notes:
         ui.message(note)
     teacher, schedule = run.denoiser(run.teacher.network.to(device)), run.schedule
     uncond = run.teacher.empty_cond() if uses_cfg(config.guidance_scale) else None

@@ -84,10 +84,13 @@ class GeneratorPhase(nn.Module):
         self.regression_distance, self.first_timestep = regression_distance, first_timestep
 
     def forward(
-        self, x_t: Tensor, t: Tensor, cond: Cond, uncond: Cond | None, pair: tuple | None = None
-    ) -> tuple[Tensor, dict[str, Tensor]]:
-        x = generator_x0(self.generator, self.dmd2.schedule, x_t, t, cond)
-        terms = self.dmd2.generator_losses(x, cond, uncond)
+        self, x_t: Tensor | None, t: Tensor | None, cond: Cond, uncond: Cond | None, pair: tuple | None = None
+    ) -> tuple[Tensor | None, dict[str, Tensor]]:
+        """x_t None: the pair's regression term alone (a regression-only stage), x None."""
+        x, terms = None, {}
+        if x_t is not None:
+            x = generator_x0(self.generator, self.dmd2.schedule, x_t, t, cond)
+            terms = self.dmd2.generator_losses(x, cond, uncond)
         if pair is not None:
             # The pair's noise through the generator's FIRST step (the whole student for 1 step;
             # for N steps, its x0 estimate from pure noise at t_0), compared with the teacher's latent.
@@ -136,10 +139,15 @@ class DMD2Step:
         any_process=None,
         regression_distance=None,
         regression_iterations: int = 0,
+        regression_only: bool = False,
     ):
         """`wrap` wraps each phase module for data parallelism (accelerate's prepare_model).
         `regression_distance` (x, y) → scalar enables DMD v1's regression term on batches that carry
-        pairs, for the first `regression_iterations` iterations (0: always)."""
+        pairs, for the first `regression_iterations` iterations (0: always). `regression_only`: the
+        generator fits the pairs alone on every iteration (a pre-training stage: DM and GAN off),
+        and the fake score, which nothing reads then, is neither run nor updated."""
+        if regression_only and regression_distance is None:
+            raise ValueError("regression_only needs a regression_distance")
         self.dmd2, self.generator, self.timesteps = dmd2, generator, list(timesteps)
         self.generator_params, self.fake_params = generator_params, fake_params
         self.generator_optimizer, self.fake_optimizer = generator_optimizer, fake_optimizer
@@ -154,11 +162,12 @@ class DMD2Step:
         self.any_process = any_process or (lambda flag: flag)
         wrap = wrap or (lambda module: module)
         self.regression_distance, self.regression_iterations = regression_distance, regression_iterations
+        self.regression_only = regression_only
         self.generator_phase = wrap(GeneratorPhase(dmd2, generator, regression_distance, self.timesteps[0]))
         self.fake_phase = wrap(FakeScorePhase(dmd2))
 
     def is_generator_iteration(self, iteration: int) -> bool:
-        return iteration % self.fake_updates_per_gen == 0
+        return self.regression_only or iteration % self.fake_updates_per_gen == 0
 
     def regression_active(self, iteration: int) -> bool:
         """Whether the regression term is part of this iteration's generator loss."""
@@ -200,6 +209,8 @@ class DMD2Step:
 
     def __call__(self, batch: Batch, iteration: int) -> dict[str, float]:
         """Run iteration `iteration`; returns the loss terms and gradient norms as floats."""
+        if self.regression_only:
+            return self._regression_iteration(batch, iteration)
         schedule, logs = self.dmd2.schedule, {}
         k = simulation_step(self.seed, iteration, len(self.timesteps))
         with self.autocast():
@@ -229,7 +240,23 @@ class DMD2Step:
         logs.update({f"loss_{name}": v.item() for name, v in terms.items()})
         # Both schedules count iterations, as the reference's (its generator scheduler steps on
         # every iteration, updated or not): a warm-up of W iterations, not of W generator updates.
-        for lr_scheduler in (self.generator_lr_scheduler, self.fake_lr_scheduler):
+        return self._finish(logs, (self.generator_lr_scheduler, self.fake_lr_scheduler))
+
+    def _regression_iteration(self, batch: Batch, iteration: int) -> dict[str, float]:
+        """The generator's regression on the batch's pairs, alone (the reference's train_sd_ode.py):
+        no backward simulation, no DM or GAN forward, no fake score update."""
+        if batch.pair_noise is None:
+            raise ValueError("a regression-only iteration needs a batch with pairs")
+        with self.autocast():
+            _, terms = self.generator_phase(
+                None, None, batch.cond, None, (batch.pair_noise, batch.pair_latent, batch.pair_cond)
+            )
+        logs = {"grad_norm_generator": self._update("generator", terms, self.generator_params, iteration)}
+        logs.update({f"loss_{name}": v.item() for name, v in terms.items()})
+        return self._finish(logs, (self.generator_lr_scheduler,))
+
+    def _finish(self, logs: dict, lr_schedulers) -> dict[str, float]:
+        for lr_scheduler in lr_schedulers:
             if lr_scheduler is not None:
                 lr_scheduler.step()
         if self.skipped_updates:
