@@ -151,6 +151,20 @@ def test_data_only_uses_captions_as_prompts_and_caches_latents(tmp_path, tiny_sd
     assert "num_prompts = 8" in config and "gan = true" in config
 
 
+@pytest.mark.parametrize("from_captions", [True, False])
+def test_prompts_from_captions_replaces_the_prompts_file(tmp_path, tiny_sd, prompts_file, image_folder, from_captions):
+    """The reference's SDXL 4-step runs: with --data, every prompt is one of its captions (said at the start)."""
+    flag = "--prompts-from-captions" if from_captions else "--no-prompts-from-captions"
+    args = ["distill", *FAST, "--iterations", "1", "--teacher", str(tiny_sd), "--prompts", str(prompts_file)]
+    args += ["--data", str(image_folder), flag, "--out", str(tmp_path / "run")]
+    result = runner.invoke(app, [a for a in args if a != "--quiet"])
+    assert result.exit_code == 0, result.stderr
+    said = "prompts: the 8 captions of --data, not --prompts (3)" in result.stderr
+    resolved = tomllib.loads((tmp_path / "run" / "config.toml").read_text())["resolved"]
+    assert (said, resolved["num_prompts"]) == ((True, 8) if from_captions else (False, 3))
+    assert resolve_config("sdxl-4step-lora", {"prompts": "p.txt"}).prompts_from_captions
+
+
 def test_zero_gan_weights_take_only_the_captions_of_data(tmp_path, tiny_sd, image_folder):
     """sd15-1step-stage1's "no GAN, even when --data is given": no latents encoded, no head."""
     args = [

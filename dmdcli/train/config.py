@@ -51,6 +51,11 @@ class Distilled:
         None,
         "Folder of captioned real images for the GAN term (.txt beside each, or metadata.jsonl); without it: no GAN.",
     )
+    prompts_from_captions: bool = option(
+        False,
+        "With --data: the generator's, DM's and fake score's prompts are its captions, not --prompts (the "
+        "reference's SDXL 4-step runs; on in the sdxl-4step recipes).",
+    )
     resolution: int | None = option(None, "Training resolution in pixels (default: the teacher's).")
     embedded_guidance: float = option(
         3.5,

@@ -133,7 +133,14 @@ class Distillation(Run):
                 self.ui.message(f"{why}: --data is not used")
             return Data(prompts, None)
         with self.accelerator.main_process_first():  # one process encodes the real images, the others read the cache
-            return load_data(self.data_folder, prompts, self.teacher, self.ui)
+            data = load_data(self.data_folder, prompts, self.teacher, self.ui)
+        if prompts is not None and data.real is not None and self.config.prompts_from_captions:
+            self.ui.message(
+                f"prompts: the {len(data.real.captions)} captions of --data, not --prompts ({len(prompts)}), as the "
+                "reference's SDXL 4-step runs (prompts_from_captions; --no-prompts-from-captions for --prompts)"
+            )
+            data = Data(data.real.captions, data.real)
+        return data
 
     def _build_networks(self) -> None:
         probe = None
