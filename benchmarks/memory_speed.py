@@ -123,6 +123,8 @@ def measure(arch: str, layout: str, args, spec) -> dict:
         data="random",
         warmup_steps=1,
         guidance_scale=8.0 if cfg else 1.0,
+        gan_generator_weight=5e-3,  # the SDXL reference's GAN (diffusion GAN: the default)
+        gan_discriminator_weight=1e-2,
         mixed_precision=args.mixed_precision,
         **LAYOUTS[layout],
     )

@@ -106,3 +106,20 @@ VARIANTS = {
 def test_the_built_in_variants_are_their_base_and_their_own_keys(variant):
     base, differences = VARIANTS[variant]
     assert load_recipe(variant) == {**load_recipe(base), **differences}
+
+
+def test_the_code_defaults_are_the_reference_sd15_stage_1():
+    """An SD teacher without --recipe runs the code defaults: they must be one published run (the
+    reference's SD1.5 stage 1: DM alone, lr 1e-5, CFG 1.75, TTUR 10), not a mix; only the run's
+    length and size differ. A GAN, when weighted on, is the diffusion GAN up to t = 1000."""
+    from dmdcli.models.families import get_family
+    from dmdcli.train.config import DistillConfig
+
+    defaults = DistillConfig()
+    budget = {"teacher", "resolution", "batch_size", "iterations", "mixed_precision", "gradient_checkpointing"}
+    stage1 = load_recipe("sd15-1step-stage1")
+    budget.add("conditioning_timestep")  # None: the family's, checked below
+    differ = {k: (getattr(defaults, k), v) for k, v in stage1.items() if k not in budget and getattr(defaults, k) != v}
+    assert not differ and get_family("sd").conditioning_timestep == stage1["conditioning_timestep"]
+    assert not defaults.gan_term() and (defaults.diffusion_gan, defaults.diffusion_gan_max_timestep) == (True, 1000)
+    assert get_family("sd").recipe(1, None) is None  # the defaults themselves

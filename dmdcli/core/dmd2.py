@@ -41,11 +41,20 @@ class DMD2Config:
         1.75, "Real-score CFG scale s: uncond + s·(cond − uncond); 1.75 SD1.5, 8 SDXL; 1: off."
     )
     dm_weight: float = option(1.0, "Distribution-matching loss weight (0: GAN only).")
+    # The defaults are the reference's SD1.5 stage 1 (no GAN); the GAN's recipes set its weights.
     gan_generator_weight: float = option(
-        1e-3, "Weight of the generator's GAN loss softplus(−D(G(z))); 1e-3 SD1.5, 5e-3 SDXL."
+        0.0,
+        "Weight of the generator's GAN loss softplus(−D(G(z))) with --data; 0: no GAN term. Reference: 1e-3 "
+        "SD1.5 (stage 2), 5e-3 SDXL.",
     )
-    gan_discriminator_weight: float = option(1e-2, "Weight of the discriminator loss in the fake score update.")
-    diffusion_gan: bool = option(False, "Noise real and fake latents at t < --diffusion-gan-max-timestep before D.")
+    gan_discriminator_weight: float = option(
+        0.0, "Weight of the discriminator loss in the fake score update; 0: none. Reference: 1e-2."
+    )
+    diffusion_gan: bool = option(
+        True,
+        "Noise real and fake latents at t < --diffusion-gan-max-timestep before D, as every reference GAN run; "
+        "--no-diffusion-gan: D on clean latents.",
+    )
     diffusion_gan_max_timestep: int = option(1000, "Upper bound of the diffusion-GAN timesteps.")
     gan_feature_block: int | None = option(
         None, "Transformer teachers (SD3, FLUX): the block whose image tokens the GAN head reads (default: the middle)."

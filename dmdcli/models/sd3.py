@@ -119,6 +119,7 @@ SD3 = register(
             "sd3.5-medium": "stabilityai/stable-diffusion-3.5-medium",
             "sd3.5-large": "stabilityai/stable-diffusion-3.5-large",
         },
+        recipe=lambda steps, lora_rank: "sd3",  # the GAN with --data; no reference values to follow
         title="an SD3 teacher",
     )
 )

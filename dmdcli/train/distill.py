@@ -126,11 +126,17 @@ class Distillation(Run):
             return Data(prompts, None)  # no "GAN off" note: the start line says what trains
         if self.data_folder and not self.config.gan_term():  # no real latents to encode, no classifier head
             why = "--method dmd has no GAN term" if self.config.method == "dmd" else "both GAN weights are 0"
+            hint = (
+                ""
+                if self.config.method == "dmd"
+                else " (for a GAN: --gan-generator-weight 1e-3 --gan-discriminator-weight 1e-2, the reference's "
+                "SD1.5 stage 2, or a recipe that sets them)"
+            )
             if prompts is None:
                 prompts = [caption for _, caption in scan_image_folder(self.data_folder).items]
-                self.ui.message(f"{why}: --data serves only for its {len(prompts)} captions")
+                self.ui.message(f"{why}: --data serves only for its {len(prompts)} captions{hint}")
             else:
-                self.ui.message(f"{why}: --data is not used")
+                self.ui.message(f"{why}: --data is not used{hint}")
             return Data(prompts, None)
         with self.accelerator.main_process_first():  # one process encodes the real images, the others read the cache
             data = load_data(self.data_folder, prompts, self.teacher, self.ui)

@@ -273,7 +273,7 @@ def estimate_memory(
     }
     p_gen, p_fake = (_count(nets[name], trainable_only=True) for name in adapters)
     p_head = 0
-    if config.data:  # the head a run builds on the bottleneck's features (their shape, on meta)
+    if config.data and config.gan_term():  # the head a run builds on the bottleneck's features (their shape, on meta)
         x, cond = _meta_inputs(unet, spec, resolution, torch.float32)
         t = torch.zeros(1, dtype=torch.long, device="meta")
         features = family.denoiser(unet, spec.schedule(resolution), **options).bottleneck(x, t, cond)
