@@ -363,3 +363,30 @@ def test_ctrl_c_under_torchrun_checkpoints_once_and_resumes(tmp_path, tiny_sd, p
     assert f"checkpoint saved to {checkpoint}" in stderr
     _torchrun(["distill", "--out", str(out), "--resume", "--iterations", str(int(checkpoint.name[5:]) + 2)], port=29524)
     assert complete_checkpoints(out)[-1].name == f"iter-{int(checkpoint.name[5:]) + 2:06d}"
+
+
+HEAD_DTYPE = textwrap.dedent("""
+    import os, sys
+    import torch, torch.distributed as dist
+    from dmdcli.core.gan_head import ClassifierHead
+    from dmdcli.train.sharding import ShardingOptions, shard_head
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1])
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    head = ClassifierHead.for_features(torch.zeros(1, 32, 8, 8))
+    seen = []
+    for conv in (m for m in head.modules() if isinstance(m, torch.nn.Conv2d)):
+        conv.register_forward_pre_hook(lambda m, args: seen.append((m.weight.dtype, args[0].dtype)))
+    shard_head(head.net, ShardingOptions(param_dtype=torch.bfloat16))  # the networks' bf16 policy
+    logits = head(torch.randn(2, 32, 8, 8, dtype=torch.bfloat16))
+    print(logits.dtype, sorted(set(seen), key=str))
+""")
+
+
+def test_the_sharded_classifier_head_runs_in_fp32_under_a_bf16_policy():
+    """FSDP2 casts a module's gathered weights and inputs to its policy's param_dtype: the head keeps
+    fp32, as unsharded and as the reference's."""
+    result = subprocess.run(
+        [sys.executable, "-c", HEAD_DTYPE, "29531"], capture_output=True, text=True, timeout=120, env={**os.environ}
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["torch.float32", "[(torch.float32,", "torch.float32)]"], result.stdout

@@ -281,7 +281,7 @@ class Sharded(FullFineTune):
     def build(self, base, device, frozen_dtype, gan_probe=None) -> Networks:
         # The whole networks are built in host memory and fully_shard moves each process's shards
         # onto `device`: three whole SDXL UNets (~25 GB) would not fit the GPUs the shards fit.
-        from dmdcli.train.sharding import broadcast_from_rank0, shard_module, shard_network, trainable
+        from dmdcli.train.sharding import broadcast_from_rank0, shard_head, shard_network, trainable
 
         nets = super().build(base, torch.device("cpu"), frozen_dtype, gan_probe)
         for unet in (nets.teacher_unet, nets.generator_unet, nets.fake_unet):  # copies of the same teacher files
@@ -290,7 +290,7 @@ class Sharded(FullFineTune):
             broadcast_from_rank0(nets.head, device)  # drawn from each process's own seed
             # Its Sequential: the head's own reshape of the logits stays outside FSDP's output hooks
             # (which warn about views).
-            shard_module(nets.head.net, self.options)
+            shard_head(nets.head.net, self.options)
         # fully_shard replaces each parameter by a sharded one: the lists are taken again (before
         # the optimizers are built, so that they hold the shards).
         return replace(nets, generator_params=trainable(nets.generator_unet), fake_params=trainable(nets.fake_modules))

@@ -98,11 +98,13 @@ def shard_network(network: nn.Module, options: ShardingOptions) -> nn.Module:
     return network
 
 
-def shard_module(module: nn.Module, options: ShardingOptions) -> nn.Module:
-    """fully_shard `module` as one unit (the classifier head)."""
+def shard_head(module: nn.Module, options: ShardingOptions) -> nn.Module:
+    """fully_shard the classifier head as one unit, its gathered weights and inputs in fp32 whatever
+    the networks' param_dtype: the head runs in fp32, as the reference's and as it does unsharded
+    (a bf16 policy would cast its weights and its features to bf16 before its forward)."""
     from torch.distributed.fsdp import fully_shard
 
-    return fully_shard(module, **_kwargs(options))
+    return fully_shard(module, **_kwargs(replace(options, param_dtype=None)))
 
 
 def trainable(module: nn.Module) -> list[nn.Parameter]:
