@@ -20,6 +20,8 @@ if TYPE_CHECKING:
     from torch import Tensor
 
 STUDENT_FILE = "student.safetensors"
+STUDENT_RAW_FILE = "student-raw.safetensors"  # with --ema-decay: the raw weights (STUDENT_FILE is the average)
+EMA_PREFIX = "generator_ema."  # a checkpoint's EMA of the generator ("generator." holds the raw weights)
 CONFIG_FILE = "config.toml"
 STREAM_PROMPTS_FILE = "prompts.jsonl"  # prompts the run read from a pipe, kept for --resume
 METRICS_FILE = "metrics.jsonl"

@@ -43,6 +43,7 @@ from dmdcli.models.pipeline import from_pretrained, load_teacher
 from dmdcli.models.teacher import TeacherSpec, inspect_teacher, looks_like_path, resolve_teacher
 from dmdcli.runfiles import (
     CONFIG_FILE,
+    EMA_PREFIX,
     METRICS_FILE,
     STUDENT_FILE,
     TENSORS_FILE,
@@ -75,11 +76,13 @@ class ModelSource:
         return Path(self.path).parents[2] if self.checkpoint else None
 
     def weights(self) -> dict[str, Tensor]:
-        """The student's tensors; of a checkpoint only the generator's (not the fake score's or
-        the optimizer moments, which are most of its size)."""
+        """The student's tensors; of a checkpoint only the generator's (its EMA with --ema-decay, as
+        the student file; not the fake score's or the optimizer moments, which are most of its size)."""
         from safetensors import safe_open
 
-        prefix = "generator." if self.checkpoint else ""
+        prefix = ""
+        if self.checkpoint:
+            prefix = EMA_PREFIX if self.info.get("ema_decay") else "generator."
         with safe_open(self.path, framework="pt") as f:
             return {k[len(prefix) :]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
 

@@ -112,6 +112,11 @@ class Optimization:
     adam_beta1: float = option(0.9, "AdamW beta1.", command_line=False)
     adam_beta2: float = option(0.999, "AdamW beta2.", command_line=False)
     max_grad_norm: float = option(10.0, "Gradient clipping norm.")
+    ema_decay: float = option(
+        0.0,
+        "EMA of the generator's weights, updated after each generator update (0: off, the reference). When on, "
+        "student.safetensors (sample, eval, export) is the average; student-raw.safetensors the raw weights.",
+    )
     mixed_precision: str = option(
         "auto",
         "bf16 | no | auto (bf16 on CUDA, fp32 on CPU). bf16 on a CPU runs the GPU's mixed-precision path (frozen "
@@ -279,7 +284,7 @@ PROGRESSIVE_ONLY = _names(Progressive)
 NOT_PROGRESSIVE = (
     *_names(Regression), "iterations", "fake_updates_per_gen", "fake_lr", "conditioning_timestep", "dm_weight",
     "regression_weight", "dm_timesteps", "fake_score_target", "gradient_checkpointing", "checkpoint_every",
-    "keep_checkpoints", "sample_every", "teacher_grid_steps", "skip_nonfinite",
+    "keep_checkpoints", "sample_every", "teacher_grid_steps", "skip_nonfinite", "ema_decay",
 )  # fmt: skip
 GAN_OPTIONS = ("gan_generator_weight", "gan_discriminator_weight", "diffusion_gan", "diffusion_gan_max_timestep")
 METHOD_OPTIONS = {
@@ -400,6 +405,7 @@ def validate(c: DistillConfig) -> None:
     need(0 <= c.teacher_grid_steps <= 1000, f"teacher_grid_steps must lie in 0 … 1000 (got {c.teacher_grid_steps})")
     if c.conditioning_timestep is not None:
         need(0 <= c.conditioning_timestep < 1000, "--conditioning-timestep must lie in [0, 999]")
+    need(0.0 <= c.ema_decay < 1.0, f"--ema-decay must lie in [0, 1) (got {c.ema_decay}; 0: no EMA)")
     need(c.method in METHODS, f"--method must be one of {', '.join(METHODS)} (got {c.method!r})")
     need(
         c.regression_weight >= 0 and c.regression_iterations >= 0,

@@ -129,10 +129,17 @@ class Layout:
     def load_fake(self, fake: nn.Module, state: dict[str, Tensor]) -> None:
         fake.load_state_dict(state)
 
+    def generator_weights(self, nets: Networks) -> dict[str, Tensor]:
+        """The generator's trained weights under their names: the student file's tensors."""
+        return self.generator_state(nets.generator_unet)
+
+    def load_generator_weights(self, nets: Networks, state: dict[str, Tensor]) -> None:
+        self.load_generator(nets.generator_unet, state)
+
     def weights(self, nets: Networks) -> dict[str, Tensor]:
         """The trained weights under their checkpoint names: an adapter's or a whole network's."""
         weights = {
-            **_prefixed("generator.", self.generator_state(nets.generator_unet)),
+            **_prefixed("generator.", self.generator_weights(nets)),
             **_prefixed("fake_score.", self.fake_state(nets.fake_unet)),
         }
         if nets.head is not None:
@@ -141,7 +148,7 @@ class Layout:
 
     def load_weights(self, nets: Networks, tensors: dict[str, Tensor], with_head: bool) -> None:
         """What `weights` names, back into the networks (the classifier head's if `with_head`)."""
-        self.load_generator(nets.generator_unet, _part("generator.", tensors))
+        self.load_generator_weights(nets, _part("generator.", tensors))
         self.load_fake(nets.fake_unet, _part("fake_score.", tensors))
         if with_head:
             nets.head.load_state_dict(_part("discriminator.", tensors))
@@ -304,17 +311,29 @@ class Sharded(FullFineTune):
     def data_parallel(self, accelerator):
         return None  # FSDP reduces the gradients itself
 
+    def generator_weights(self, nets: Networks) -> dict[str, Tensor]:
+        """Gathered whole onto process 0 (every process must call this; the others get {})."""
+        from dmdcli.train.sharding import full_model_state
+
+        return full_model_state(nets.generator_unet)
+
+    def load_generator_weights(self, nets: Networks, state: dict[str, Tensor]) -> None:
+        """Process 0 holds the tensors (the others pass {}) and FSDP sends each process its shards."""
+        from dmdcli.train.sharding import load_full_model_state
+
+        load_full_model_state(nets.generator_unet, state)
+
     def weights(self, nets: Networks) -> dict[str, Tensor]:
         """Gathered whole onto process 0 (every process must call this; the others get {})."""
         from dmdcli.train.sharding import full_model_state
 
-        return {**_prefixed("generator.", full_model_state(nets.generator_unet)), **full_model_state(nets.fake_modules)}
+        return {**_prefixed("generator.", self.generator_weights(nets)), **full_model_state(nets.fake_modules)}
 
     def load_weights(self, nets: Networks, tensors: dict[str, Tensor], with_head: bool) -> None:
         """Process 0 holds the tensors (the others pass {}) and FSDP sends each process its shards."""
         from dmdcli.train.sharding import load_full_model_state
 
-        load_full_model_state(nets.generator_unet, _part("generator.", tensors))
+        self.load_generator_weights(nets, _part("generator.", tensors))
         if with_head:
             fake = {k: v for k, v in tensors.items() if k.startswith(("fake_score.", "discriminator."))}
             load_full_model_state(nets.fake_modules, fake)

@@ -282,6 +282,8 @@ def estimate_memory(
 
     n = layout.shards
     weights = {**layout.weight_rows(p_unet, p_gen, p_fake, p_head, frozen), "VAE (fp32)": p_vae * 4}
+    if config.ema_decay:  # an fp32 average of the generator's trained weights
+        weights["generator EMA (fp32)"] = 4 * p_gen / n
     if not config.cache_prompts:  # else they leave the accelerator before the networks are built
         weights["text encoders (fp32)"] = p_text * 4
     regression_only = config.regression_only()  # the fake score is built but never stepped: no moments

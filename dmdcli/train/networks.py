@@ -9,6 +9,7 @@ from torch import nn
 from dmdcli.core.dmd2 import DMD2
 from dmdcli.core.gan_head import ClassifierHead
 from dmdcli.core.schedule import NoiseSchedule
+from dmdcli.train.ema import GeneratorEMA
 from dmdcli.train.optim import adamw, lr_scheduler
 from dmdcli.train.step import DMD2Step
 
@@ -57,6 +58,8 @@ def build_step(
         c,  # the run's configuration extends the objective's (DMD2Config)
     )
     opt_g, opt_f = adamw(nets.generator_params, c.lr, c), adamw(nets.fake_params, c.fake_lr_value(), c)
+    # After the layout built (and, under FSDP, sharded) the generator: the average shadows its final parameters.
+    ema = GeneratorEMA(nets.generator_params, c.ema_decay) if c.ema_decay else None
     return DMD2Step(
         dmd2,
         denoiser(nets.generator_unet),
@@ -78,4 +81,5 @@ def build_step(
         regression_distance=regression_distance,
         regression_iterations=c.regression_iterations,
         regression_only=c.regression_only(),
+        ema=ema,
     )

@@ -33,6 +33,7 @@ from dmdcli.runfiles import (
     METRICS_FILE,
     STUDENT_FILE,
     STUDENT_FORMAT,
+    STUDENT_RAW_FILE,
 )
 
 SAMPLES_DIR = "samples"
@@ -55,7 +56,7 @@ def run_folder(out: str | None, teacher: str, steps: int) -> Path:
     return Path("runs") / f"{Path(teacher.rstrip('/')).name or 'teacher'}-{steps}step"
 
 
-RUN_FILES = (CONFIG_FILE, STUDENT_FILE, METRICS_FILE)
+RUN_FILES = (CONFIG_FILE, STUDENT_FILE, STUDENT_RAW_FILE, METRICS_FILE)
 # What the run and the commands run on its student write there; --overwrite clears all of it,
 # so no export or evaluation of the old student is left beside the new one.
 RUN_FOLDERS = (SAMPLES_DIR, ROUNDS_DIR, CHECKPOINTS_DIR, "export")

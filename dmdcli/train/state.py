@@ -127,6 +127,8 @@ def student_info(
     }
     if options := get_family(spec.family).denoiser_kwargs(config):  # what the adapter is told (FLUX: its guidance)
         info["denoiser"] = options
+    if config.ema_decay:  # the student's weights are the generator's average
+        info["ema_decay"] = config.ema_decay
     if config.lora_rank:
         info.update(
             lora_rank=config.lora_rank,
@@ -156,7 +158,13 @@ class Checkpoints:
         generator_state, fake_state = self.layout.optimizer_states(self.nets, step)
         opt_g, opt_g_json = optimizer_state(generator_state, "optimizer.generator")
         opt_f, opt_f_json = optimizer_state(fake_state, "optimizer.fake")
-        student = _generator_part(tensors)
+        student = raw = _generator_part(tensors)
+        if step.ema is not None:  # the student is the average; the raw weights stay beside it
+            with step.ema.swapped():  # copied out (to host memory: no second copy on the GPU) before the swap back
+                student = {
+                    k: v.detach().to("cpu", copy=True) for k, v in self.layout.generator_weights(self.nets).items()
+                }
+            tensors.update({runfiles.EMA_PREFIX + k: v for k, v in student.items()})
         tensors.update({**opt_g, **opt_f})
         state = {
             "config": self.config.to_dict(),
@@ -185,6 +193,9 @@ class Checkpoints:
                 self.out, iteration, tensors, state, self.config.keep_checkpoints, staged, acc.num_processes
             )
             rundir.save_student(self.out / runfiles.STUDENT_FILE, student, self.info(iteration))
+            if step.ema is not None:
+                info = {k: v for k, v in self.info(iteration).items() if k != "ema_decay"}
+                rundir.save_student(self.out / runfiles.STUDENT_RAW_FILE, raw, info)
         acc.wait_for_everyone()
         return path
 
@@ -197,6 +208,12 @@ class Checkpoints:
             for name in ("generator", "fake")
         )
         self.layout.load_weights(self.nets, tensors, with_head=self.nets.head is not None)
+        if step.ema is not None:
+            average = {
+                k.removeprefix(runfiles.EMA_PREFIX): v for k, v in tensors.items() if k.startswith(runfiles.EMA_PREFIX)
+            }
+            with step.ema.swapped():
+                self.layout.load_generator_weights(self.nets, average)
         self.layout.load_optimizer_states(self.nets, step, generator, fake)
         step.generator_lr_scheduler.load_state_dict(state["lr_schedulers"]["generator"])
         step.fake_lr_scheduler.load_state_dict(state["lr_schedulers"]["fake"])
@@ -213,4 +230,6 @@ class Checkpoints:
             self.layout.load_weights(self.nets, tensors, with_head)
         except (RuntimeError, ValueError, KeyError) as e:  # shapes that differ, e.g. a head made at another resolution
             raise UsageError(f"--init-from {path}: its weights do not fit this run's networks ({first_line(e)})") from e
+        if self.step.ema is not None:  # the average starts at the generator this run starts from
+            self.step.ema.reset()
         self.ui.message(f"generator, fake score{' and GAN head' if with_head else ''} from {path}")

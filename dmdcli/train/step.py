@@ -140,12 +140,14 @@ class DMD2Step:
         regression_distance=None,
         regression_iterations: int = 0,
         regression_only: bool = False,
+        ema=None,
     ):
         """`wrap` wraps each phase module for data parallelism (accelerate's prepare_model).
         `regression_distance` (x, y) → scalar enables DMD v1's regression term on batches that carry
         pairs, for the first `regression_iterations` iterations (0: always). `regression_only`: the
         generator fits the pairs alone on every iteration (a pre-training stage: DM and GAN off),
-        and the fake score, which nothing reads then, is neither run nor updated."""
+        and the fake score, which nothing reads then, is neither run nor updated. `ema`: an average
+        of the generator's weights (dmdcli.train.ema), updated after each applied generator step."""
         if regression_only and regression_distance is None:
             raise ValueError("regression_only needs a regression_distance")
         self.dmd2, self.generator, self.timesteps = dmd2, generator, list(timesteps)
@@ -163,6 +165,7 @@ class DMD2Step:
         wrap = wrap or (lambda module: module)
         self.regression_distance, self.regression_iterations = regression_distance, regression_iterations
         self.regression_only = regression_only
+        self.ema = ema
         self.generator_phase = wrap(GeneratorPhase(dmd2, generator, regression_distance, self.timesteps[0]))
         self.fake_phase = wrap(FakeScorePhase(dmd2))
 
@@ -205,6 +208,8 @@ class DMD2Step:
             return None
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if phase == "generator" and self.ema is not None:
+            self.ema.update()
         return float(grad_norm)
 
     def __call__(self, batch: Batch, iteration: int) -> dict[str, float]:
