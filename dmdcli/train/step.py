@@ -37,6 +37,11 @@ def frozen(params: Iterable[nn.Parameter]) -> Iterator[None]:
             p.requires_grad_(True)
 
 
+def untimed(phase: str) -> contextlib.AbstractContextManager:
+    """DMD2Step's default clock: phases are not timed (benchmarks/speed.py times them)."""
+    return contextlib.nullcontext()
+
+
 def simulation_step(seed: int, iteration: int, num_steps: int) -> int:
     """The backward-simulation step index for an iteration.
 
@@ -166,6 +171,8 @@ class DMD2Step:
         self.regression_distance, self.regression_iterations = regression_distance, regression_iterations
         self.regression_only = regression_only
         self.ema = ema
+        # phase name → a context manager around it; benchmarks/speed.py swaps in one that times them
+        self.clock = untimed
         self.generator_phase = wrap(GeneratorPhase(dmd2, generator, regression_distance, self.timesteps[0]))
         self.fake_phase = wrap(FakeScorePhase(dmd2))
 
@@ -191,8 +198,9 @@ class DMD2Step:
         bad = [f"loss_{name}" for name, v in terms.items() if not torch.isfinite(v.detach()).all()]
         grad_norm = None
         if not self.any_process(bool(bad)):
-            self.backward(self.dmd2.weighted_total(terms))
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
+            with self.clock(f"{phase} backward"):
+                self.backward(self.dmd2.weighted_total(terms))
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
             if not torch.isfinite(grad_norm):  # gradients are averaged: the same on every process
                 bad = [f"{phase} gradient"]
         else:
@@ -206,10 +214,11 @@ class DMD2Step:
                 )
             self.skipped_updates += 1
             return None
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if phase == "generator" and self.ema is not None:
-            self.ema.update()
+        with self.clock(f"{phase} optimizer"):
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if phase == "generator" and self.ema is not None:
+                self.ema.update()
         return float(grad_norm)
 
     def __call__(self, batch: Batch, iteration: int) -> dict[str, float]:
@@ -218,7 +227,7 @@ class DMD2Step:
             return self._regression_iteration(batch, iteration)
         schedule, logs = self.dmd2.schedule, {}
         k = simulation_step(self.seed, iteration, len(self.timesteps))
-        with self.autocast():
+        with self.clock("backward simulation"), self.autocast():
             x_t = backward_simulation(self.generator, schedule, batch.noise, batch.cond, self.timesteps, k)
         t = as_timestep_tensor(self.timesteps[k], x_t.shape[0], x_t.device)
 
@@ -226,7 +235,7 @@ class DMD2Step:
             # The fake score stays frozen through backward too: under gradient checkpointing its
             # blocks are recomputed during backward and must see the same requires_grad flags.
             with frozen(self.fake_params):
-                with self.autocast():
+                with self.clock("generator forward"), self.autocast():
                     pair = None
                     if batch.pair_noise is not None and self.regression_active(iteration):
                         pair = (batch.pair_noise, batch.pair_latent, batch.pair_cond)
@@ -236,10 +245,10 @@ class DMD2Step:
             logs.update({f"loss_{name}": v.item() for name, v in terms.items()})
             x = x.detach()
         else:
-            with torch.no_grad(), self.autocast():
+            with self.clock("generator sample (no grad)"), torch.no_grad(), self.autocast():
                 x = generator_x0(self.generator, schedule, x_t, t, batch.cond)
 
-        with self.autocast():
+        with self.clock("fake score forward"), self.autocast():
             terms = self.fake_phase(x, batch.cond, batch.x_real, batch.real_cond)
         logs["grad_norm_fake"] = self._update("fake", terms, self.fake_params, iteration)
         logs.update({f"loss_{name}": v.item() for name, v in terms.items()})
@@ -252,7 +261,7 @@ class DMD2Step:
         no backward simulation, no DM or GAN forward, no fake score update."""
         if batch.pair_noise is None:
             raise ValueError("a regression-only iteration needs a batch with pairs")
-        with self.autocast():
+        with self.clock("generator forward"), self.autocast():
             _, terms = self.generator_phase(
                 None, None, batch.cond, None, (batch.pair_noise, batch.pair_latent, batch.pair_cond)
             )
