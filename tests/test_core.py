@@ -236,3 +236,17 @@ def test_ddim_sample_is_diffusers_ddim_landing_on_x0(steps, prediction):
     ours = ddim_sample(denoiser, schedule, noise, cond, None, steps, 1.0)
     assert [int(t) for t in scheduler.timesteps] == ddim_timesteps(steps)
     torch.testing.assert_close(ours, x.float(), rtol=1e-5, atol=1e-5)
+
+
+def test_features_wider_than_the_reference_head_are_projected_first():
+    """SDXL's 1280 channels keep the reference head as it is; FLUX's 3072-wide tokens on a 64²
+    patch grid go through a 1×1 projection to 1280 (the head 0.13B parameters instead of 0.75B)."""
+    from dmdcli.core.gan_head import MAX_HEAD_CHANNELS
+
+    with torch.device("meta"):
+        sdxl, flux = ClassifierHead(1280, 32), ClassifierHead(3072, 64)
+    first = flux.net[0]
+    assert (first.in_channels, first.out_channels, first.kernel_size) == (3072, MAX_HEAD_CHANNELS, (1, 1))
+    assert sdxl.net[0].kernel_size == (4, 4) and sdxl.net[0].in_channels == 1280
+    assert sum(p.numel() for p in flux.parameters()) < 0.14e9
+    assert ClassifierHead(96, 8)(torch.randn(2, 96, 8, 8)).shape == (2,)

@@ -13,13 +13,20 @@ def _norm(channels: int) -> nn.GroupNorm:
     return nn.GroupNorm(groups, channels)
 
 
+# The widest head: the reference's SDXL head reads 1280 channels. Wider features (the image tokens
+# of SD3.5-large, 2432, and FLUX, 3072) are first projected to it by a 1×1 conv: the 4×4 convs'
+# weights grow with C², and at C = 3072 over a 64² patch grid the head alone would be 0.75B
+# parameters (12 GiB with AdamW's moments) against 0.13B projected.
+MAX_HEAD_CHANNELS = 1280
+
+
 class ClassifierHead(nn.Module):
     """Bottleneck features → one realism logit per sample.
 
     For image features [B, C, S, S] it is the reference head: 4×4 stride-2 convs with
     GroupNorm + SiLU down to 4×4 (three for SDXL's 32² bottleneck, one for SD1.5's 8²), a 4×4
-    stride-4 conv to 1×1, then a 1×1 conv to the logit. Vector features [B, C] (toy models) get
-    a two-layer MLP.
+    stride-4 conv to 1×1, then a 1×1 conv to the logit; features wider than MAX_HEAD_CHANNELS
+    are projected to it first (a 1×1 conv). Vector features [B, C] (toy models) get a two-layer MLP.
 
     Args:
         channels: C of the bottleneck.
@@ -32,6 +39,9 @@ class ClassifierHead(nn.Module):
             self.net = nn.Sequential(nn.Linear(channels, channels), nn.SiLU(), nn.Linear(channels, 1))
             return
         layers: list[nn.Module] = []
+        if channels > MAX_HEAD_CHANNELS:
+            layers += [nn.Conv2d(channels, MAX_HEAD_CHANNELS, 1)]
+            channels = MAX_HEAD_CHANNELS
         while size > 4:
             layers += [nn.Conv2d(channels, channels, 4, stride=2, padding=1), _norm(channels), nn.SiLU()]
             size //= 2
