@@ -268,6 +268,7 @@ def test_a_recipe_can_hold_values_for_one_step_count(tmp_path):
     # Benchmark); DMD (v1)'s preset (fake score every iteration) still wins over the recipe's TTUR.
     shapes4, shapes1 = resolve_config("shapes", {}), resolve_config("shapes", {"steps": 1})
     assert (shapes4.lr, shapes4.fake_updates_per_gen, shapes1.lr, shapes1.fake_updates_per_gen) == (5e-5, 5, 1e-4, 2)
+    assert (shapes4.ema_decay, shapes1.ema_decay) == (0.95, 0.0)  # measured at 4 steps only
     assert resolve_config("shapes", {"steps": 1, "method": "dmd"}).fake_updates_per_gen == 1
 
     recipe.write_text('steps = 4\n[per_steps.1]\nlearning_rate = 1e-4\n')
