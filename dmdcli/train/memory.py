@@ -383,8 +383,8 @@ def _notes(config, bf16: bool) -> list[str]:
         )
     if config.regression_only() and config.regression_distance in ("auto", "lpips"):
         notes.append(
-            "note: regression only; LPIPS's decoder and VGG activations are not in this estimate (with a tiny "
-            "autoencoder, as the reference's SDXL pre-training, a few GiB per sample at 1024²)"
+            "note: regression only; the activations of LPIPS's decoder and VGG network (not measured) are not in "
+            "this estimate"
         )
     return notes
 
