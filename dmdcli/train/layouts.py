@@ -39,11 +39,13 @@ Adapter = tuple[int, float, str]  # a LoRA adapter: (rank, alpha, name)
 ByteRows = dict[str, float]
 
 
-def _prefixed(prefix: str, state: dict[str, Tensor]) -> dict[str, Tensor]:
+def prefixed(prefix: str, state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """`state` under checkpoint names: "generator." + its names."""
     return {prefix + k: v for k, v in state.items()}
 
 
-def _part(prefix: str, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+def part(prefix: str, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The tensors named `prefix`…, without it: one network's state from a checkpoint's."""
     return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
 
 
@@ -139,19 +141,19 @@ class Layout:
     def weights(self, nets: Networks) -> dict[str, Tensor]:
         """The trained weights under their checkpoint names: an adapter's or a whole network's."""
         weights = {
-            **_prefixed("generator.", self.generator_weights(nets)),
-            **_prefixed("fake_score.", self.fake_state(nets.fake_unet)),
+            **prefixed("generator.", self.generator_weights(nets)),
+            **prefixed("fake_score.", self.fake_state(nets.fake_unet)),
         }
         if nets.head is not None:
-            weights.update(_prefixed("discriminator.", nets.head.state_dict()))
+            weights.update(prefixed("discriminator.", nets.head.state_dict()))
         return weights
 
     def load_weights(self, nets: Networks, tensors: dict[str, Tensor], with_head: bool) -> None:
         """What `weights` names, back into the networks (the classifier head's if `with_head`)."""
-        self.load_generator_weights(nets, _part("generator.", tensors))
-        self.load_fake(nets.fake_unet, _part("fake_score.", tensors))
+        self.load_generator_weights(nets, part("generator.", tensors))
+        self.load_fake(nets.fake_unet, part("fake_score.", tensors))
         if with_head:
-            nets.head.load_state_dict(_part("discriminator.", tensors))
+            nets.head.load_state_dict(part("discriminator.", tensors))
 
     def optimizer_states(self, nets: Networks, step) -> tuple[dict, dict]:
         """The two optimizers' state_dicts, keyed by parameter index."""
@@ -169,17 +171,17 @@ class Layout:
 
     def describe(self, nets: Networks, at: str) -> str:
         """The run's start line; `at`: the student's timesteps, as the run names them."""
-        if self.config.regression_only():
-            return (
-                f"generator: {self.generator_kind} ({_count(nets.generator_params)}), {self.config.steps} step(s) at "
-                f"{at}; regression only: the generator fits the teacher's pairs alone (no DM, no GAN; the fake "
-                f"score is not trained){self.suffix}"
-            )
-        return (
-            f"generator: {self.generator_kind} ({_count(nets.generator_params)}), {self.config.steps} step(s) at "
-            f"{at}; fake score: {self.fake_kind} ({_count(nets.fake_params)}); "
-            f"GAN {'on' if nets.head else 'off'}{self.suffix}"
+        generator = (
+            f"generator: {self.generator_kind} ({_count(nets.generator_params)}), {self.config.steps} step(s) at {at}"
         )
+        if self.config.regression_only():
+            rest = (
+                "regression only: the generator fits the teacher's pairs alone (no DM, no GAN; the fake score is "
+                "not trained)"
+            )
+        else:
+            rest = f"fake score: {self.fake_kind} ({_count(nets.fake_params)}); GAN {'on' if nets.head else 'off'}"
+        return f"{generator}; {rest}{self.suffix}"
 
     def adapters(self) -> dict[str, Adapter | None]:
         """Each network as it trains, for the estimate: an adapter on the frozen base, or None
@@ -327,18 +329,18 @@ class Sharded(FullFineTune):
         """Gathered whole onto process 0 (every process must call this; the others get {})."""
         from dmdcli.train.sharding import full_model_state
 
-        return {**_prefixed("generator.", self.generator_weights(nets)), **full_model_state(nets.fake_modules)}
+        return {**prefixed("generator.", self.generator_weights(nets)), **full_model_state(nets.fake_modules)}
 
     def load_weights(self, nets: Networks, tensors: dict[str, Tensor], with_head: bool) -> None:
         """Process 0 holds the tensors (the others pass {}) and FSDP sends each process its shards."""
         from dmdcli.train.sharding import load_full_model_state
 
-        self.load_generator_weights(nets, _part("generator.", tensors))
+        self.load_generator_weights(nets, part("generator.", tensors))
         if with_head:
             fake = {k: v for k, v in tensors.items() if k.startswith(("fake_score.", "discriminator."))}
             load_full_model_state(nets.fake_modules, fake)
         else:
-            load_full_model_state(nets.fake_unet, _part("fake_score.", tensors))
+            load_full_model_state(nets.fake_unet, part("fake_score.", tensors))
 
     def optimizer_states(self, nets: Networks, step) -> tuple[dict, dict]:
         from dmdcli.train.sharding import full_optimizer_state

@@ -79,24 +79,25 @@ def lpips_model():
 
 
 def lpips_distance(model, decode: Decode) -> Distance:
-    """LPIPS `model` between the decodings of two latent batches."""
+    """LPIPS `model` (on the decoder's device) between the decodings of two latent batches."""
 
     def distance(x: Tensor, target: Tensor) -> Tensor:
         with torch.no_grad():
             y = decode(target)
-        return model.to(y.device)(decode(x), y).mean()  # images in [-1, 1], LPIPS' default input range
+        return model(decode(x), y).mean()  # images in [-1, 1], LPIPS' default input range
 
     return distance
 
 
-def build_distance(name: str, decoder: Callable[[], tuple[Decode, str, str | None]]):
+def build_distance(name: str, decoder: Callable[[], tuple[Decode, str, str | None]], device="cpu"):
     """(distance, the name that runs, notes for the user). `decoder` is called only when LPIPS runs
-    (regression_decoder's result): mse and pseudo_huber compare latents. LPIPS is named with what
+    (regression_decoder's result, decoding on `device`, where LPIPS is put): mse and pseudo_huber
+    compare latents. LPIPS is named with what
     decodes for it: "lpips (vae)", "lpips (madebyollin/taesdxl)"."""
     if name in REGRESSION_DISTANCES:
         return REGRESSION_DISTANCES[name], name, []
     try:
-        model = lpips_model()
+        model = lpips_model().to(device)
     except Exception as e:  # not installed, no network for its weights, ...
         if name == "lpips":
             raise UsageError(
@@ -126,6 +127,7 @@ def load_regression(run, prompts: list[str]) -> tuple[Distance, str, Pairs]:
     distance, name, notes = build_distance(
         config.regression_distance,
         lambda: regression_decoder(config.regression_decoder, run.family, run.teacher.vae, device),
+        device,
     )
     for note in notes:
         ui.message(note)

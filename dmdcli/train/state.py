@@ -27,15 +27,10 @@ from dmdcli.train.checkpoint import (
     write_rng,
 )
 from dmdcli.train.config import DistillConfig
-from dmdcli.train.layouts import Layout
+from dmdcli.train.layouts import Layout, part, prefixed
 from dmdcli.train.networks import Networks
 from dmdcli.train.resume import init_conflicts, resume_conflicts
 from dmdcli.train.stop import RunFinished
-
-
-def _generator_part(tensors: dict) -> dict:
-    return {k.removeprefix("generator."): v for k, v in tensors.items() if k.startswith("generator.")}
-
 
 # -- before any model loads: what to resume or start from ----------------------------------------
 
@@ -84,7 +79,7 @@ def _student_from_final_checkpoint(out: Path, found: Path, state: dict[str, Any]
         pass
     if accelerator.is_main_process:
         tensors, _ = read_checkpoint(found)
-        rundir.save_student(student, _generator_part(tensors), state["student"])
+        rundir.save_student(student, part("generator.", tensors), state["student"])
     accelerator.wait_for_everyone()
     return f" (its student was missing: written from checkpoint {found.name})"
 
@@ -158,13 +153,13 @@ class Checkpoints:
         generator_state, fake_state = self.layout.optimizer_states(self.nets, step)
         opt_g, opt_g_json = optimizer_state(generator_state, "optimizer.generator")
         opt_f, opt_f_json = optimizer_state(fake_state, "optimizer.fake")
-        student = raw = _generator_part(tensors)
+        student = raw = part("generator.", tensors)
         if step.ema is not None:  # the student is the average; the raw weights stay beside it
             with step.ema.swapped():  # copied out (to host memory: no second copy on the GPU) before the swap back
                 student = {
                     k: v.detach().to("cpu", copy=True) for k, v in self.layout.generator_weights(self.nets).items()
                 }
-            tensors.update({runfiles.EMA_PREFIX + k: v for k, v in student.items()})
+            tensors.update(prefixed(runfiles.EMA_PREFIX, student))
         tensors.update({**opt_g, **opt_f})
         state = {
             "config": self.config.to_dict(),
@@ -209,11 +204,8 @@ class Checkpoints:
         )
         self.layout.load_weights(self.nets, tensors, with_head=self.nets.head is not None)
         if step.ema is not None:
-            average = {
-                k.removeprefix(runfiles.EMA_PREFIX): v for k, v in tensors.items() if k.startswith(runfiles.EMA_PREFIX)
-            }
             with step.ema.swapped():
-                self.layout.load_generator_weights(self.nets, average)
+                self.layout.load_generator_weights(self.nets, part(runfiles.EMA_PREFIX, tensors))
         self.layout.load_optimizer_states(self.nets, step, generator, fake)
         step.generator_lr_scheduler.load_state_dict(state["lr_schedulers"]["generator"])
         step.fake_lr_scheduler.load_state_dict(state["lr_schedulers"]["fake"])
