@@ -88,6 +88,29 @@ def test_distill_then_sample(tmp_path, tiny_flux, prompts_file, image_folder, st
 
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_a_multi_step_export_reproduces_dmd_sample(tmp_path, tiny_flux):
+    from diffusers import DiffusionPipeline
+
+    run = make_student(tmp_path / "run", tiny_flux, "flux", "full", 4)
+    pipeline = tmp_path / "pipeline"
+    exported = runner.invoke(app, ["export", "--model", str(run), "--format", "diffusers", "--out", str(pipeline)])
+    assert exported.exit_code == 0, exported.stderr
+    ours = runner.invoke(app, ["sample", "--model", str(run), "--prompt", "a cat", "--out", str(tmp_path / "ours")])
+    assert ours.exit_code == 0, ours.stderr
+
+    pipe = DiffusionPipeline.from_pretrained(pipeline)
+    pipe.set_progress_bar_config(disable=True)
+    # FluxPipeline draws the re-noise of steps 2..N from torch's global RNG, as packed tokens; dmd sample
+    # draws it from the image's generator in the same layout, after the initial latent [1, 16, 16, 16].
+    torch.manual_seed(0)
+    torch.randn(1, 16, 16, 16)
+    seed = torch.Generator("cpu").manual_seed(0)
+    sigmas = [1.0, 0.75, 0.5, 0.25]
+    image = pipe("a cat", height=32, width=32, sigmas=sigmas, guidance_scale=3.5, generator=seed).images[0]
+    assert np.abs(np.asarray(image).astype(int) - _image(tmp_path / "ours")).mean() <= 2.0
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
 def test_exports_reproduce_the_student(tmp_path, tiny_flux):
     from diffusers import DiffusionPipeline
 

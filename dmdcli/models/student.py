@@ -319,8 +319,11 @@ class StudentSampler:
         generators = image_generators(seeds)
         shape = (self.spec.latent_channels, height // f, width // f)
         noise = per_image_noise(generators, shape, self.device)
-        # LCMScheduler.step draws each step's noise from the same generator, after the latent.
-        renoise = lambda x: per_image_noise(generators, tuple(x.shape[1:]), x.device)  # noqa: E731
+
+        def renoise(x: Tensor) -> Tensor:
+            # As the exported pipeline's scheduler: from the image's generator after its latent, in its layout.
+            return self.generator.draw_noise(x, lambda shape: per_image_noise(generators, shape, x.device))
+
         cond = self.encode(prompts, height, width)
         if self.ddim:  # deterministic: nothing is drawn after the initial latent
             latents = ddim_sample(

@@ -10,6 +10,7 @@ the image tokens after one block (by default the middle one), put back on the la
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -51,6 +52,19 @@ class _Features(Exception):
         self.features = features
 
 
+def pack_latents(x: Tensor) -> Tensor:
+    """Latents [B, C, h, w] → FLUX's tokens [B, h·w/4, 4C], one per 2×2 patch (FluxPipeline._pack_latents)."""
+    b, c, h, w = x.shape
+    return x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, h * w // 4, c * 4)
+
+
+def unpack_latents(tokens: Tensor, h: int, w: int) -> Tensor:
+    """`pack_latents` undone: tokens [B, h·w/4, 4C] → latents [B, C, h, w]."""
+    b, _, c4 = tokens.shape
+    c = c4 // 4
+    return tokens.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
+
+
 def middle_block(num_blocks: int) -> int:
     """The block whose output the GAN head reads by default: the middle one (11 of SD3-medium's 24)."""
     return (num_blocks - 1) // 2
@@ -86,6 +100,11 @@ class TransformerDenoiser(nn.Module, ABC):
 
     def forward(self, x_t: Tensor, t: Tensor, cond: Cond) -> Tensor:
         return self._call(x_t, t, cond).float()
+
+    def draw_noise(self, like: Tensor, draw: Callable[[tuple[int, ...]], Tensor]) -> Tensor:
+        """Fresh noise shaped like `like` [B, C, h, w], from `draw(per-image shape)` in the layout the
+        family's diffusers pipeline draws its scheduler's noise in (so its exports reproduce dmd sample)."""
+        return draw(tuple(like.shape[1:]))
 
     @property
     def feature_module(self) -> nn.Module:
@@ -161,9 +180,14 @@ class FluxDenoiser(TransformerDenoiser):
     def blocks(self) -> list[nn.Module]:
         return [*self.transformer.transformer_blocks, *self.transformer.single_transformer_blocks]
 
+    def draw_noise(self, like: Tensor, draw: Callable[[tuple[int, ...]], Tensor]) -> Tensor:
+        """FluxPipeline's scheduler draws each step's noise as packed tokens: drawn so, then unpacked."""
+        c, h, w = like.shape[1:]
+        return unpack_latents(draw((h * w // 4, c * 4)), h, w)
+
     def _call(self, x_t: Tensor, t: Tensor, cond: Cond) -> Tensor:
-        dtype, (b, c, h, w) = self.transformer.dtype, x_t.shape
-        tokens = x_t.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, h * w // 4, c * 4)
+        dtype, (b, _, h, w) = self.transformer.dtype, x_t.shape
+        tokens = pack_latents(x_t)
         rows, cols = torch.meshgrid(torch.arange(h // 2), torch.arange(w // 2), indexing="ij")
         img_ids = torch.stack([torch.zeros_like(rows), rows, cols], dim=-1).reshape(-1, 3).to(x_t.device, dtype)
         text = cond["encoder_hidden_states"]
@@ -180,4 +204,4 @@ class FluxDenoiser(TransformerDenoiser):
             guidance=guidance,
             return_dict=False,
         )[0]
-        return out.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
+        return unpack_latents(out, h, w)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from torch import Tensor, nn
 
 from dmdcli.core.denoiser import Cond
@@ -42,6 +44,10 @@ class UNetDenoiser(nn.Module):
 
     def forward(self, x_t: Tensor, t: Tensor, cond: Cond) -> Tensor:
         return self._call_unet(x_t, t, cond).float()
+
+    def draw_noise(self, like: Tensor, draw: Callable[[tuple[int, ...]], Tensor]) -> Tensor:
+        """Fresh noise shaped like `like`, from `draw(per-image shape)`: as LCMScheduler draws it."""
+        return draw(tuple(like.shape[1:]))
 
     @property
     def feature_module(self) -> nn.Module:
