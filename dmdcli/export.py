@@ -421,6 +421,10 @@ def snippet(fmt: str, out: Path, info: dict[str, Any], dtype: str, flow: bool = 
         scheduler = f"pipe.scheduler = {scheduler_class}.from_config(pipe.scheduler.config)"
         size = f"height={info['resolution']}, width={info['resolution']}, " if info.get("resolution") else ""
         call = f"image = pipe({prompt}, {size}sigmas={pipeline_sigmas(timesteps)}, {seed}).images[0]"
+        if steps > 1:  # SD3's and FLUX's pipelines draw the later steps' noise from torch's global RNG
+            call = (
+                f"torch.manual_seed(0)  # steps 2-{steps} draw their noise from the global RNG, not `generator`\n{call}"
+            )
     elif info.get("sampler") == "ddim":  # a progressive-distillation student
         scheduler_class = "DDIMScheduler"
         scheduler = (
