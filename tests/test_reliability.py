@@ -86,6 +86,31 @@ def test_resume_is_bit_exact(tmp_path, tiny_sdxl, prompts_file, image_folder, lo
     assert [i for i in iterations if i > 0] == sorted(i for i in iterations if i > 0)  # no duplicates after resume
 
 
+def test_the_fused_optimizer_trains_the_same_student_and_older_runs_resume_without_it(tmp_path, tiny_sd, prompts_file):
+    from diffusers import UNet2DConditionModel
+
+    loop_recipe = tmp_path / "loop.toml"
+    loop_recipe.write_text('extends = "tiny"\nfused_optimizer = false\n')
+    common = ["--teacher", tiny_sd, "--prompts", prompts_file, "--steps", "1", "--fake-updates-per-gen", "2", "--lr", "1e-3"]
+    fused, loop, old = tmp_path / "fused", tmp_path / "loop", tmp_path / "old"
+    assert distill(*common, "--iterations", 6, "--out", fused).exit_code == 0
+    assert distill(*common, "--recipe", loop_recipe, "--iterations", 6, "--out", loop).exit_code == 0
+    assert "fused_optimizer = false" in (loop / "config.toml").read_text()
+    teacher = UNet2DConditionModel.from_pretrained(tiny_sd, subfolder="unet").state_dict()
+    a, b = load_file(fused / "student.safetensors"), load_file(loop / "student.safetensors")
+    moved = sum(((a[k] - teacher[k]) ** 2).sum() for k in a).sqrt()
+    apart = sum(((a[k] - b[k]) ** 2).sum() for k in a).sqrt()
+    assert moved > 1e-3 and apart < 1e-2 * moved  # the same AdamW, other float rounding
+
+    # A run from before the key existed (its config.toml lacks it) used torch's default AdamW: resumed so.
+    assert distill(*common, "--recipe", loop_recipe, "--iterations", 3, "--out", old).exit_code == 0
+    config = old / "config.toml"
+    config.write_text("".join(line for line in config.read_text().splitlines(True) if not line.startswith("fused_optimizer")))
+    resumed = runner.invoke(app, ["distill", "--out", str(old), "--resume", "--iterations", "6", "--quiet"])
+    assert resumed.exit_code == 0, resumed.stderr
+    assert_same_tensors(load_file(loop / "student.safetensors"), load_file(old / "student.safetensors"))
+
+
 def test_checkpoints_are_pruned_and_rotated(tmp_path, tiny_sd, prompts_file):
     out = tmp_path / "run"
     assert (

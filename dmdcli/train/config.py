@@ -112,6 +112,12 @@ class Optimization:
     adam_beta1: float = option(0.9, "AdamW beta1.", command_line=False)
     adam_beta2: float = option(0.999, "AdamW beta2.", command_line=False)
     max_grad_norm: float = option(10.0, "Gradient clipping norm.")
+    fused_optimizer: bool = option(
+        True,
+        "AdamW as one fused kernel over all weights (torch's fused=True; the same math, other float rounding), where "
+        "torch has it for the weights' device; off: torch's default AdamW, as the reference.",
+        command_line=False,
+    )
     ema_decay: float = option(
         0.0,
         "EMA of the generator's weights, updated after each generator update (0: off, the reference). When on, "

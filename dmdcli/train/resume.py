@@ -81,6 +81,7 @@ def run_config_values(run: Path) -> dict[str, Any]:
         values = tomllib.loads(path.read_text())
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
         raise DmdError(f"cannot read {path}: {first_line(e)}") from None
+    values.setdefault("fused_optimizer", False)  # runs from before the key used torch's default AdamW
     return {k: v for k, v in values.items() if k not in RECIPE_ONLY_KEYS}
 
 
