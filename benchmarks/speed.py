@@ -121,19 +121,21 @@ def main() -> int:
         f"{config.teacher}, recipe {args.recipe}, {config.steps} step(s), batch {config.batch_size}, "
         f"resolution {run.resolution}, TTUR {config.fake_updates_per_gen}, {config.precision()}, {device}"
     )
+    mean = statistics.mean(times)  # with TTUR, every k-th iteration is a long one: the mean is the throughput
     print(
-        f"\nseconds per iteration: median {median:.3f} over {len(times)} (min {min(times):.3f}, max {max(times):.3f})\n"
+        f"\nseconds per iteration: median {median:.3f}, mean {mean:.3f} ({1 / mean:.2f} it/s) over {len(times)} "
+        f"(min {min(times):.3f}, max {max(times):.3f})\n"
     )
     print("| phase | share of the iteration (mean) |")
     print("| --- | ---: |")
-    mean = {
+    share = {
         phase: sum(v) / len(times) for phase, v in shares.items()
     }  # phases of some iterations only count 0 elsewhere
-    for phase in sorted((p for p in mean if p not in NESTED), key=lambda p: -mean[p]):
-        print(f"| {phase} | {100 * mean[phase]:.1f}% |")
+    for phase in sorted((p for p in share if p not in NESTED), key=lambda p: -share[p]):
+        print(f"| {phase} | {100 * share[phase]:.1f}% |")
         if phase == "generator forward":
-            for inner in (p for p in NESTED if p in mean):
-                print(f"| … of which {inner} | {100 * mean[inner]:.1f}% |")
+            for inner in (p for p in NESTED if p in share):
+                print(f"| … of which {inner} | {100 * share[inner]:.1f}% |")
     accounted = sum(sum(v) for p, v in shares.items() if p not in NESTED) / len(times)
     print(f"| (not in a phase: loss reads, LR schedules, Python) | {100 * (1 - accounted):.1f}% |")
     return 0

@@ -91,7 +91,18 @@ def test_the_fused_optimizer_trains_the_same_student_and_older_runs_resume_witho
 
     loop_recipe = tmp_path / "loop.toml"
     loop_recipe.write_text('extends = "tiny"\nfused_optimizer = false\n')
-    common = ["--teacher", tiny_sd, "--prompts", prompts_file, "--steps", "1", "--fake-updates-per-gen", "2", "--lr", "1e-3"]
+    common = [
+        "--teacher",
+        tiny_sd,
+        "--prompts",
+        prompts_file,
+        "--steps",
+        "1",
+        "--fake-updates-per-gen",
+        "2",
+        "--lr",
+        "1e-3",
+    ]
     fused, loop, old = tmp_path / "fused", tmp_path / "loop", tmp_path / "old"
     assert distill(*common, "--iterations", 6, "--out", fused).exit_code == 0
     assert distill(*common, "--recipe", loop_recipe, "--iterations", 6, "--out", loop).exit_code == 0
@@ -105,7 +116,9 @@ def test_the_fused_optimizer_trains_the_same_student_and_older_runs_resume_witho
     # A run from before the key existed (its config.toml lacks it) used torch's default AdamW: resumed so.
     assert distill(*common, "--recipe", loop_recipe, "--iterations", 3, "--out", old).exit_code == 0
     config = old / "config.toml"
-    config.write_text("".join(line for line in config.read_text().splitlines(True) if not line.startswith("fused_optimizer")))
+    config.write_text(
+        "".join(line for line in config.read_text().splitlines(True) if not line.startswith("fused_optimizer"))
+    )
     resumed = runner.invoke(app, ["distill", "--out", str(old), "--resume", "--iterations", "6", "--quiet"])
     assert resumed.exit_code == 0, resumed.stderr
     assert_same_tensors(load_file(loop / "student.safetensors"), load_file(old / "student.safetensors"))
