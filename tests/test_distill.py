@@ -743,7 +743,14 @@ def test_each_option_is_defined_once_in_the_config_and_its_help_shows_the_defaul
     from dmdcli.core.dmd2 import DMD2Config
     from dmdcli.train.config import DistillConfig, option_help
 
-    recipe_only = {"min_timestep_frac", "max_timestep_frac", "weight_decay", "adam_beta1", "adam_beta2"}
+    recipe_only = {
+        "min_timestep_frac",
+        "max_timestep_frac",
+        "weight_decay",
+        "adam_beta1",
+        "adam_beta2",
+        "fused_optimizer",
+    }
     text = " ".join(runner.invoke(app, ["distill", "--help"], env={"COLUMNS": "400"}).stdout.split())
     for f in fields(DistillConfig):
         flag = "--" + f.name.replace("_", "-")

@@ -9,7 +9,7 @@ import torch
 
 def adamw(params, lr: float, config) -> torch.optim.AdamW:
     """AdamW over `params`; with `config.fused_optimizer`, torch's fused kernel where it has one for the
-    weights' device (the per-tensor loop it replaces on CPU was a fifth of an iteration: benchmarks/results/speed)."""
+    weights' device (the per-tensor loop it replaces was a sixth of a CPU iteration: benchmarks/results/speed)."""
     params = list(params)
     hyper = dict(lr=lr, betas=(config.adam_beta1, config.adam_beta2), weight_decay=config.weight_decay)
     if config.fused_optimizer:
