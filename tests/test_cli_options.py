@@ -68,7 +68,8 @@ def test_resume_takes_the_run_folders_values_and_nothing_that_would_choose_other
     with pytest.raises(UsageError, match="nothing to resume"):
         resumed_values(str(tmp_path), False, None, None)
     (tmp_path / "config.toml").write_text('teacher = "sdxl"\nsteps = 4\nresolved = { layout = "sdxl" }\n')
-    assert resumed_values(str(tmp_path), False, None, None) == {"teacher": "sdxl", "steps": 4}
+    # a key added since (fused_optimizer) goes on as the run had it: torch's default AdamW
+    assert resumed_values(str(tmp_path), False, None, None) == {"teacher": "sdxl", "steps": 4, "fused_optimizer": False}
 
 
 def test_only_a_second_stage_without_init_from_is_told_it_starts_from_the_teacher(tmp_path):
