@@ -232,17 +232,20 @@ def publish_spread(
 
 
 def spread_table(scores: dict[str, list[dict]], columns: list[str]) -> str:
-    """A Markdown row per variant: FD-shapes / alignment per column, then their mean and range."""
+    """A Markdown row per variant: FD-shapes / alignment per column, then their mean and range, then the network
+    evaluations and the seconds per image (mean over the columns: timings move with the machine's load)."""
     lines = [
-        "| variant | " + " | ".join(columns) + " | mean | range |",
-        "| --- | " + " | ".join("---:" for _ in columns) + " | ---: | ---: |",
+        "| variant | " + " | ".join(columns) + " | mean | range | NFE / image | s / image |",
+        "| --- | " + " | ".join("---:" for _ in columns) + " | ---: | ---: | ---: | ---: |",
     ]
     for name, rows in scores.items():
         fd, align = [r["fd_shapes"] for r in rows], [100 * r["alignment"] for r in rows]
         cells = [f"{f:.2f} / {a:.1f}%" for f, a in zip(fd, align)]
+        nfe = statistics.mean(r["nfe_per_image"] for r in rows)
+        seconds = statistics.mean(r["seconds_per_image"] for r in rows)
         lines.append(
             f"| {name} | " + " | ".join(cells) + f" | {statistics.mean(fd):.2f} / {statistics.mean(align):.1f}% | "
-            f"{min(fd):.2f}–{max(fd):.2f} / {min(align):.1f}–{max(align):.1f}% |"
+            f"{min(fd):.2f}–{max(fd):.2f} / {min(align):.1f}–{max(align):.1f}% | {nfe:g} | {seconds:.4f} |"
         )
     return "\n".join(lines)
 
