@@ -100,6 +100,12 @@ if [ $((SECONDS + 150)) -le "$budget" ]; then
 else
     echo "== sdxl-profile: skipped, $((budget - SECONDS))s left of ${budget}s"
 fi
+# Then issue 25's lever on CUDA: the same SD1.5 rows with torch's default AdamW (foreach), the fused one's being above.
+if [ $((SECONDS + 120)) -le "$budget" ]; then
+    step sd15-loop-optimizer 120 bash -c "$bench --arch sd15 --resolution 512 --layouts lora-shared full --loop-optimizer | tee $results/sd15-loop-optimizer.md"
+else
+    echo "== sd15-loop-optimizer: skipped, $((budget - SECONDS))s left of ${budget}s"
+fi
 # Then what gradient checkpointing costs in speed and saves in memory.
 if [ $((SECONDS + 120)) -le "$budget" ]; then
     step sdxl-lora-no-checkpointing 120 bash -c "$bench --arch sdxl --resolution 1024 --layouts lora-shared --no-checkpointing | tee $results/sdxl-lora-no-checkpointing.md"

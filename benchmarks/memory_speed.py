@@ -126,6 +126,7 @@ def measure(arch: str, layout: str, args, spec) -> dict:
         gan_generator_weight=5e-3,  # the SDXL reference's GAN (diffusion GAN: the default)
         gan_discriminator_weight=1e-2,
         mixed_precision=args.mixed_precision,
+        fused_optimizer=not args.loop_optimizer,
         **LAYOUTS[layout],
     )
     bf16 = config.precision() == "bf16"
@@ -228,6 +229,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--iterations", type=int, default=3)
     parser.add_argument("--no-checkpointing", action="store_true")
+    parser.add_argument(
+        "--loop-optimizer", action="store_true", help="torch's default AdamW (the reference's) instead of the fused one"
+    )
     parser.add_argument(
         "--profile",
         type=int,
