@@ -407,7 +407,8 @@ def export(source: ModelSource, fmt: str, out: Path, dtype: torch.dtype, allow_p
 
 def snippet(fmt: str, out: Path, info: dict[str, Any], dtype: str, flow: bool = False) -> str:
     """A few lines of plain diffusers that use what was written (seed 0: `dmd sample --seed 0`'s
-    image); `flow`: the teacher is a flow-matching one."""
+    image; a multi-step flow student's, whose later steps draw from torch's global RNG, a repeatable
+    one); `flow`: the teacher is a flow-matching one."""
     steps, timesteps, teacher = info["steps"], info["timesteps"], info["teacher"]
     as_dtype = "" if dtype == "fp32" else f", torch_dtype=torch.{str(DTYPES[dtype]).removeprefix('torch.')}"
     # guidance_scale=0: no CFG; a guidance-distilled pipeline's (FLUX) is its embedded guidance instead
