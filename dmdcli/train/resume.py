@@ -28,6 +28,11 @@ RESUMABLE_KEYS = {
 }
 
 
+# Keys added since runs were first written whose value in an older run was not today's default: the
+# value such a run used, read wherever its config.toml or a checkpoint's configuration lacks the key.
+LEGACY_VALUES = {"fused_optimizer": False}  # before it, torch's default AdamW
+
+
 # What decides the shapes and meaning of the trained weights: another run's checkpoint can
 # initialize this one (--init-from) only where these agree.
 WEIGHT_KEYS = ("teacher", "lora_rank", "lora_alpha", "shared_base", "fake_lora_rank")
@@ -37,11 +42,12 @@ def _as_used(values: dict[str, Any]) -> dict[str, Any]:
     """Values as a run uses them, so that spelling a default out (or a key added since) is no change: the defaults that
     follow other keys filled in by DistillConfig's own rules (alpha = rank, fake rank = rank, fake
     lr = lr), and the LoRA keys of a full fine-tune dropped."""
+    values = {**LEGACY_VALUES, **values}
     c = DistillConfig(**{k: values[k] for k in FIELD_NAMES if k in values})
     lora = bool(c.lora_rank)
     shared = lora and c.shared_base
     return {
-        **c.to_dict(),  # a key an older run's config lacks: that run used its default
+        **c.to_dict(),  # a key an older run's config lacks: that run used its default (or LEGACY_VALUES')
         **values,
         "lora_alpha": c.lora_alpha_value() if lora else None,
         "shared_base": shared,
@@ -81,8 +87,7 @@ def run_config_values(run: Path) -> dict[str, Any]:
         values = tomllib.loads(path.read_text())
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
         raise DmdError(f"cannot read {path}: {first_line(e)}") from None
-    values.setdefault("fused_optimizer", False)  # runs from before the key used torch's default AdamW
-    return {k: v for k, v in values.items() if k not in RECIPE_ONLY_KEYS}
+    return {k: v for k, v in {**LEGACY_VALUES, **values}.items() if k not in RECIPE_ONLY_KEYS}
 
 
 def resumed_values(out: str | None, overwrite: bool, recipe: str | None, init_from: str | None) -> dict[str, Any]:
