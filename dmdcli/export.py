@@ -30,6 +30,7 @@ from dmdcli.errors import DmdError, UsageError, first_line
 from dmdcli.files import atomic_save_file, check_can_make, share_as_umask
 from dmdcli.models.families import layout_family
 from dmdcli.models.student import DTYPES, EXPORT_INFO_FILE, ModelSource, find_model, load_student_network
+from dmdcli.models.teacher import record_max_sequence_length
 from dmdcli.train import rundir
 
 FORMATS = ("diffusers", "lora", "kohya", "unet")
@@ -264,12 +265,14 @@ def export_diffusers(source: ModelSource, out: Path, dtype: torch.dtype, allow_p
             **{spec.network: network},
             scheduler=scheduler,
             use_safetensors=None if allow_pickle else True,
+            **spec.absent_required,
         ).to(dtype=dtype, silence_dtype_warnings=True)
     except (OSError, ValueError) as e:
         raise DmdError(f"could not load teacher pipeline {spec.source}: {first_line(e)}") from e
     tmp = _scratch(out)
     try:
         pipe.save_pretrained(tmp, safe_serialization=True)
+        record_max_sequence_length(tmp, spec.max_sequence_length)
         record = {"format": EXPORT_FORMAT, **info, "exported_from": str(source.path), "dtype": _dtype_name(dtype)}
         (tmp / EXPORT_INFO_FILE).write_text(json.dumps(record, indent=2) + "\n")
         share_as_umask(tmp)
@@ -390,7 +393,7 @@ def check_dtype(name: str) -> torch.dtype:
 def export(source: ModelSource, fmt: str, out: Path, dtype: torch.dtype, allow_pickle: bool = False) -> dict[str, Any]:
     """Write `source` as `fmt` to `out` (already checked by check_out); returns what was written."""
     paths = EXPORTERS[fmt](source, out, dtype, allow_pickle)
-    info = source.info
+    info, spec = source.info, source.spec()
     return {
         "format": fmt,
         "path": str(out),
@@ -401,20 +404,26 @@ def export(source: ModelSource, fmt: str, out: Path, dtype: torch.dtype, allow_p
         "kind": info["kind"],
         "steps": info["steps"],
         "timesteps": info["timesteps"],
-        "flow": source.spec().prediction_type == "flow",  # a flow-matching pipeline: called with sigmas=
+        "flow": spec.prediction_type == "flow",  # a flow-matching pipeline: called with sigmas=
+        "absent": sorted(spec.absent_required),  # components from_pretrained is passed as None (SD3 without T5)
+        "max_sequence_length": spec.max_sequence_length,  # the pipeline is called with it, unless None
     }
 
 
-def snippet(fmt: str, out: Path, info: dict[str, Any], dtype: str, flow: bool = False) -> str:
+def snippet(fmt: str, out: Path, info: dict[str, Any], dtype: str, record: dict[str, Any]) -> str:
     """A few lines of plain diffusers that use what was written (seed 0: `dmd sample --seed 0`'s
     image; a multi-step flow student's, whose later steps draw from torch's global RNG, a repeatable
-    one); `flow`: the teacher is a flow-matching one."""
-    steps, timesteps, teacher = info["steps"], info["timesteps"], info["teacher"]
+    one); `record`: what `export` returned."""
+    steps, timesteps, teacher, flow = info["steps"], info["timesteps"], info["teacher"], record["flow"]
     as_dtype = "" if dtype == "fp32" else f", torch_dtype=torch.{str(DTYPES[dtype]).removeprefix('torch.')}"
+    # from_pretrained's arguments: the dtype, and the components it must be told are absent
+    loading = as_dtype + "".join(f", {name}=None" for name in record.get("absent", []))
     # guidance_scale=0: no CFG; a guidance-distilled pipeline's (FLUX) is its embedded guidance instead
     guidance = info.get("denoiser", {}).get("embedded_guidance", 0)
     seed = f'guidance_scale={guidance}, generator=torch.Generator("cpu").manual_seed(0)'
     prompt = '"a photo of a cat"'
+    if record.get("max_sequence_length") is not None:
+        prompt += f", max_sequence_length={record['max_sequence_length']}"
     if flow:
         scheduler_class = (
             "FlowMatchEulerDiscreteScheduler" if info.get("sampler") == "ddim" else "FlowMatchLCMScheduler"
@@ -446,7 +455,7 @@ def snippet(fmt: str, out: Path, info: dict[str, Any], dtype: str, flow: bool = 
             [
                 "import torch",
                 "from diffusers import DiffusionPipeline",
-                f"pipe = DiffusionPipeline.from_pretrained({str(out)!r}{as_dtype})",
+                f"pipe = DiffusionPipeline.from_pretrained({str(out)!r}{loading})",
                 call,
             ]
         )
@@ -454,7 +463,7 @@ def snippet(fmt: str, out: Path, info: dict[str, Any], dtype: str, flow: bool = 
         return "\n".join(
             [
                 *head,
-                f"pipe = DiffusionPipeline.from_pretrained({teacher!r}{as_dtype})",
+                f"pipe = DiffusionPipeline.from_pretrained({teacher!r}{loading})",
                 f"pipe.load_lora_weights({str(out)!r})",
                 scheduler,
                 call,
@@ -471,7 +480,7 @@ def snippet(fmt: str, out: Path, info: dict[str, Any], dtype: str, flow: bool = 
             f"net.load_state_dict(load_file({str(out)!r}))",
             # from_pretrained casts the components it loads, not one passed in.
             *([f"net.to({as_dtype.removeprefix(', torch_dtype=')})"] if as_dtype else []),
-            f"pipe = DiffusionPipeline.from_pretrained({teacher!r}, {network}=net{as_dtype})",
+            f"pipe = DiffusionPipeline.from_pretrained({teacher!r}, {network}=net{loading})",
             scheduler,
             call,
         ]

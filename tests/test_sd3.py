@@ -208,3 +208,69 @@ def test_the_gan_head_reads_the_block_asked_for_and_other_blocks_are_refused(tmp
     assert result.exit_code == 2 and "not one of the transformer's blocks (0 to 1)" in result.stderr
     result = distill(*args[2:], "--teacher", tiny_sd, "--gan-feature-block", "1", "--out", tmp_path / "unet")
     assert result.exit_code == 2 and "for transformer teachers" in result.stderr
+
+
+@pytest.fixture(scope="module")
+def sd3_without_t5(tiny_sd3, tmp_path_factory):
+    """The tiny SD3 pipeline saved without T5 (text_encoder_3 and tokenizer_3 null), as diffusers'
+    docs drop it to save memory."""
+    from diffusers import StableDiffusion3Pipeline
+
+    folder = tmp_path_factory.mktemp("sd3") / "no-t5"
+    pipe = StableDiffusion3Pipeline.from_pretrained(tiny_sd3, text_encoder_3=None, tokenizer_3=None)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def test_an_sd3_pipeline_without_t5_conditions_as_diffusers_does(sd3_without_t5, tmp_path):
+    """Zeros in T5's place: 256 positions, or the number its model_index.json records."""
+    import shutil
+
+    from diffusers import StableDiffusion3Pipeline
+
+    from dmdcli.models.teacher import record_max_sequence_length
+
+    recorded = tmp_path / "recorded"
+    shutil.copytree(sd3_without_t5, recorded)
+    record_max_sequence_length(recorded, 0)
+    pipe = StableDiffusion3Pipeline.from_pretrained(sd3_without_t5, text_encoder_3=None, tokenizer_3=None)
+    prompts = ["a red circle", "a blue square"]
+    for folder, length in ((sd3_without_t5, 256), (recorded, 0)):
+        spec = inspect_teacher(str(folder))
+        assert spec.absent_required == {"text_encoder_3": None, "tokenizer_3": None}
+        teacher = load_teacher(spec, torch.device("cpu"), torch.float32, 32)
+        cond = teacher.encode_prompts(prompts)
+        states, _, pooled, _ = pipe.encode_prompt(
+            prompts, None, None, do_classifier_free_guidance=False, max_sequence_length=length
+        )
+        assert cond["encoder_hidden_states"].shape[1] == 77 + length
+        torch.testing.assert_close(cond["encoder_hidden_states"], states, atol=1e-5, rtol=0)
+        torch.testing.assert_close(cond["pooled_projections"], pooled, atol=1e-5, rtol=0)
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_a_student_of_an_sd3_without_t5_exports_with_what_its_pipeline_must_be_told(sd3_without_t5, tmp_path):
+    """The exported pipeline keeps the recorded T5 positions, and the printed snippet loads it (T5
+    passed as None) and calls it (max_sequence_length) so that it draws dmd sample's image."""
+    import shutil
+
+    from dmdcli.models.teacher import record_max_sequence_length
+
+    teacher = tmp_path / "teacher"
+    shutil.copytree(sd3_without_t5, teacher)
+    record_max_sequence_length(teacher, 0)
+    run = make_student(tmp_path / "run", teacher, "sd3", "full", 1)
+    out = tmp_path / "pipeline"
+    exported = runner.invoke(app, ["export", "--model", str(run), "--format", "diffusers", "--out", str(out)])
+    assert exported.exit_code == 0, exported.stderr
+    code = exported.stderr[exported.stderr.index("import torch") :].strip()
+    assert "text_encoder_3=None, tokenizer_3=None" in code and "max_sequence_length=0" in code
+    assert inspect_teacher(str(out)).max_sequence_length == 0
+    ours = runner.invoke(app, ["sample", "--model", str(run), "--prompt", "a cat", "--out", str(tmp_path / "ours")])
+    assert ours.exit_code == 0, ours.stderr
+
+    code = code.replace('"a photo of a cat"', '"a cat"')
+    scope = {}
+    exec(code, scope)  # the snippet as a user would paste it
+    ours_image = _image(next((tmp_path / "ours").glob("*.png")))
+    assert np.abs(np.asarray(scope["image"]).astype(int) - ours_image).mean() <= 2.0

@@ -174,3 +174,26 @@ def test_teacher_training_resumes_bit_exactly(tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(SystemExit, match="--lr 0.5"):
         train_teacher.main([str(tmp_path / "resumed"), *small, "--iterations", "6", "--lr", "0.5"])
+
+
+def test_flow_teacher_training_resumes_bit_exactly_and_reads_what_dmd_gives_it(tmp_path):
+    """Stopped after 2 iterations and started again = run straight to 4. The pipeline it writes is
+    an SD3 one without T5 recorded at 0 T5 positions, and `--teacher` folders of it load."""
+    from safetensors.torch import load_file
+
+    from dmdcli.models.teacher import inspect_teacher
+    from dmdcli.shapes import train_flow_teacher
+
+    small = ["--num-scenes", "48", "--batch-size", "4", "--checkpoint-every", "2", "--width", "64", "--depth", "2"]
+    train_flow_teacher.main([str(tmp_path / "straight"), *small, "--iterations", "4"])
+    train_flow_teacher.main([str(tmp_path / "resumed"), *small, "--iterations", "2"])
+    train_flow_teacher.main([str(tmp_path / "resumed"), *small, "--iterations", "4"])
+    weights = "transformer/diffusion_pytorch_model.safetensors"
+    a, b = load_file(tmp_path / "straight" / weights), load_file(tmp_path / "resumed" / weights)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(SystemExit, match="--lr 0.5"):
+        train_flow_teacher.main([str(tmp_path / "resumed"), *small, "--iterations", "6", "--lr", "0.5"])
+
+    spec = inspect_teacher(str(tmp_path / "straight"))
+    assert (spec.family, spec.prediction_type, spec.max_sequence_length, spec.native_resolution) == ("sd3", "flow", 0, 32)
+    assert spec.absent_required == {"text_encoder_3": None, "tokenizer_3": None}

@@ -81,7 +81,7 @@ def export(
         record = run_export(source, fmt, out, torch_dtype, allow_pickle)
     if not quiet:  # unwrapped, so that it can be copied as it is
         ui.console.print(
-            f"wrote {out}. In diffusers:\n\n{snippet(fmt, out, info, dtype, record['flow'])}\n",
+            f"wrote {out}. In diffusers:\n\n{snippet(fmt, out, info, dtype, record)}\n",
             markup=False,
             soft_wrap=True,
         )

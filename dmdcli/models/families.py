@@ -150,13 +150,13 @@ def default_eval_set(teacher: str) -> EvalSet | None:
 
 
 def eval_sets() -> list[EvalSet]:
-    """Every family's evaluation set."""
-    return [f.eval_set for f in families() if f.eval_set]
+    """Every family's evaluation set, once (families of one world share theirs)."""
+    return list({f.eval_set.name: f.eval_set for f in families() if f.eval_set}.values())
 
 
 def data_names() -> list[str]:
-    """The --data names the families register (not paths)."""
-    return [name for f in families() for name in f.data]
+    """The --data names the families register (not paths), once each."""
+    return list(dict.fromkeys(name for f in families() for name in f.data))
 
 
 def resolve_data(data: str | None) -> str | None:

@@ -4,6 +4,10 @@ An SD3Transformer2DModel predicts the velocity v = ε − x0 on the teacher's sh
 (FlowMatchEulerDiscreteScheduler, s = 3), conditioned on three text encoders: CLIP-L and CLIP-G
 (penultimate hidden states and pooled projections) and T5 (its last hidden state). The real score
 uses classifier-free guidance with the empty prompt encoded, as StableDiffusion3Pipeline does.
+
+A pipeline without T5 (text_encoder_3 and tokenizer_3 null, as diffusers documents for saving
+memory) gets zeros in T5's place, as StableDiffusion3Pipeline gives it: `max_sequence_length`
+positions of them, 256 unless the pipeline records another (TeacherSpec.max_sequence_length).
 """
 
 from __future__ import annotations
@@ -27,36 +31,47 @@ class SD3Teacher(PipelineTeacher):
 
     network_class = "SD3Transformer2DModel"
 
+    @property
+    def has_t5(self) -> bool:
+        return "text_encoder_3" not in self.spec.absent
+
+    @property
+    def t5_tokens(self) -> int:
+        """The T5 positions of a prompt (StableDiffusion3Pipeline's max_sequence_length)."""
+        return T5_TOKENS if self.spec.max_sequence_length is None else self.spec.max_sequence_length
+
     def load_text_encoders(self, allow_pickle: bool) -> tuple[list, list[nn.Module]]:
         from transformers import AutoTokenizer, CLIPTextModelWithProjection, T5EncoderModel
 
-        tokenizers = [
-            from_pretrained(AutoTokenizer, self.spec, f, True) for f in ("tokenizer", "tokenizer_2", "tokenizer_3")
-        ]
+        folders = ("tokenizer", "tokenizer_2", "tokenizer_3") if self.has_t5 else ("tokenizer", "tokenizer_2")
+        tokenizers = [from_pretrained(AutoTokenizer, self.spec, f, True) for f in folders]
         encoders = [
             from_pretrained(CLIPTextModelWithProjection, self.spec, f, allow_pickle)
             for f in ("text_encoder", "text_encoder_2")
         ]
-        encoders.append(from_pretrained(T5EncoderModel, self.spec, "text_encoder_3", allow_pickle))
+        if self.has_t5:
+            encoders.append(from_pretrained(T5EncoderModel, self.spec, "text_encoder_3", allow_pickle))
         return tokenizers, encoders
 
     def token_limits(self) -> list[tuple[object, int]]:
-        clip, _, t5 = self.tokenizers
-        return [(clip, clip.model_max_length), (t5, T5_TOKENS)]
+        clip = self.tokenizers[0]
+        return [(clip, clip.model_max_length)] + ([(self.tokenizers[2], self.t5_tokens)] if self.has_t5 else [])
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> Cond:
         """The two CLIPs' penultimate states concatenated and zero-padded to T5's width, followed
         by T5's states along the sequence; the CLIPs' pooled projections concatenated."""
         self.check_encoders()
-        *clips, t5 = zip(self.tokenizers, self.text_encoders)
         hidden, pooled = [], []
-        for tokenizer, encoder in clips:
+        for tokenizer, encoder in zip(self.tokenizers[:2], self.text_encoders[:2]):
             out = encoder(self._token_ids(tokenizer, prompts), output_hidden_states=True)
             hidden.append(out.hidden_states[-2])
             pooled.append(out[0])
-        tokenizer, encoder = t5
-        t5_states = encoder(self._token_ids(tokenizer, prompts, T5_TOKENS))[0]
+        if self.has_t5:
+            t5_states = self.text_encoders[2](self._token_ids(self.tokenizers[2], prompts, self.t5_tokens))[0]
+        else:  # zeros of the transformer's width, as the pipeline's
+            width = self.network.config.joint_attention_dim
+            t5_states = hidden[0].new_zeros(len(prompts), self.t5_tokens, width)
         clip_states = torch.cat(hidden, dim=-1)
         clip_states = nn.functional.pad(clip_states, (0, t5_states.shape[-1] - clip_states.shape[-1]))
         return {

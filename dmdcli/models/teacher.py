@@ -132,6 +132,19 @@ def _flow_schedule_from_config(config: dict[str, Any], image_seq_len: int | None
     return NoiseSchedule.flow(time_shift_sigmas(sigmas, mu, c.time_shift_type))
 
 
+# A key of model_index.json dmd reads and diffusers ignores (it drops keys starting with "_").
+MAX_SEQUENCE_LENGTH_KEY = "_dmd_max_sequence_length"
+
+
+def record_max_sequence_length(folder: Path, length: int | None) -> None:
+    """Record a pipeline's T5 positions in its model_index.json (diffusers' save_pretrained drops the key)."""
+    if length is None:
+        return
+    path = Path(folder) / "model_index.json"
+    index = json.loads(path.read_text())
+    path.write_text(json.dumps(index | {MAX_SEQUENCE_LENGTH_KEY: length}, indent=2, sort_keys=True) + "\n")
+
+
 @dataclass
 class TeacherSpec:
     """What a teacher is, read from its config files only (nothing heavy loaded)."""
@@ -148,6 +161,22 @@ class TeacherSpec:
     network: str = "unet"  # the pipeline's component that is the denoising network
     # SDXL's unconditional input is zeros unless its pipeline says otherwise (model_index.json)
     force_zeros_for_empty_prompt: bool = True
+    # components model_index.json lists as [null, null] (SD3 without T5): diffusers' from_pretrained
+    # wants them passed as None, so the pipelines dmd loads and the snippets it prints pass them
+    absent: tuple[str, ...] = ()
+    # the T5 positions of a prompt when its pipeline records them ("_dmd_max_sequence_length" in
+    # model_index.json, which diffusers ignores): the pipeline is called with max_sequence_length=N.
+    # None: the family's pipeline default (SD3 256, FLUX 512)
+    max_sequence_length: int | None = None
+
+    @property
+    def absent_required(self) -> dict[str, None]:
+        """The absent components diffusers' from_pretrained must be passed as None (its pipeline
+        class's optional ones, such as a safety checker, it leaves out by itself)."""
+        import diffusers
+
+        optional = getattr(getattr(diffusers, self.pipeline_class, None), "_optional_components", [])
+        return {k: None for k in self.absent if k not in optional}
 
     @property
     def prediction_type(self) -> str:
@@ -218,4 +247,6 @@ def inspect_teacher(name: str) -> TeacherSpec:
         network_downsample=shape.downsample,
         network=family.network,
         force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", True)),
+        absent=tuple(k for k, v in index.items() if v == [None, None]),
+        max_sequence_length=index.get(MAX_SEQUENCE_LENGTH_KEY),
     )

@@ -15,6 +15,11 @@ def teacher_path() -> Path:
     return WEIGHTS_DIR / "teacher"
 
 
+def flow_teacher_path() -> Path:
+    """Folder of the shipped flow-matching shapes teacher (a diffusers StableDiffusion3Pipeline, no T5)."""
+    return WEIGHTS_DIR / "flow-teacher"
+
+
 def features_path() -> Path:
     """The shipped feature network's weights (its config is ``features.json`` beside it)."""
     return WEIGHTS_DIR / "features.safetensors"

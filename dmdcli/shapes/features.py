@@ -257,18 +257,23 @@ def sample_teacher(
     seed: int = 0,
     batch: int = 64,
 ) -> np.ndarray:
-    """Images of a diffusers SD pipeline for ``captions``, uint8 [N, H, W, 3].
+    """Images of a shapes teacher's diffusers pipeline (SD, or SD3 without T5) for ``captions``,
+    uint8 [N, H, W, 3], called as its model_index.json says (dmdcli.models.teacher.TeacherSpec).
 
     Image i uses generator seed ``seed + i``, so it does not depend on the batch. fp32, CPU.
     """
-    from diffusers import StableDiffusionPipeline
+    from diffusers import DiffusionPipeline
 
+    from dmdcli.models.teacher import inspect_teacher
+
+    spec = inspect_teacher(str(pipe_dir))
     # No dtype argument (diffusers renamed torch_dtype to dtype); cast after loading instead.
-    pipe = StableDiffusionPipeline.from_pretrained(str(pipe_dir), local_files_only=True)
-    if pipe.unet.dtype != torch.float32:
+    pipe = DiffusionPipeline.from_pretrained(str(pipe_dir), local_files_only=True, **spec.absent_required)
+    if pipe.dtype != torch.float32:
         pipe = pipe.to(torch.float32)
     pipe.set_progress_bar_config(disable=True)
-    size = int(pipe.unet.config.sample_size) * pipe.vae_scale_factor
+    size = spec.native_resolution
+    extra = {} if spec.max_sequence_length is None else {"max_sequence_length": spec.max_sequence_length}
     out = []
     for i in range(0, len(captions), batch):
         chunk = list(captions[i : i + batch])
@@ -280,6 +285,7 @@ def sample_teacher(
             generator=gens,
             height=size,
             width=size,
+            **extra,
             output_type="np",
         ).images
         out.append(np.clip(np.round(images * 255.0), 0, 255).astype(np.uint8))

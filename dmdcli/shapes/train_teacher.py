@@ -48,6 +48,17 @@ import torch.nn.functional as F
 
 from dmdcli.shapes import world
 from dmdcli.shapes.tokenizer import MAX_TOKEN_LENGTH, make_shapes_tokenizer
+from dmdcli.shapes.training import (
+    Stage,
+    check_args,
+    ema_decay,
+    ema_update,
+    encode_all,
+    log,
+    progress,
+    to_tensor,
+    warmup_lr,
+)
 
 TEXT_HIDDEN = 64
 LATENT_CHANNELS = 4
@@ -136,26 +147,6 @@ def scheduler():
     )
 
 
-def _log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def _to_tensor(images: np.ndarray) -> torch.Tensor:
-    """uint8 [N, H, W, 3] → float32 [N, 3, H, W] in [-1, 1]."""
-    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
-
-
-def _warmup_lr(step: int, peak: float, warmup: int) -> float:
-    return peak * min(1.0, (step + 1) / max(1, warmup))
-
-
-def _progress(stage: str, step: int, total: int, t0: float, first: int, **values: float) -> None:
-    if (step + 1) % 100 == 0 or step == first:
-        rate = (time.time() - t0) / (step + 1 - first)
-        shown = " ".join(f"{k} {v:.4f}" for k, v in values.items())
-        _log(f"{stage} {step + 1}/{total} {shown} ({rate:.3f} s/it, {rate * (total - step - 1) / 60:.0f} min left)")
-
-
 # ----------------------------------------------------------------------------- stage 1: VAE
 
 
@@ -169,11 +160,11 @@ def train_vae(images: np.ndarray, args, gen: torch.Generator):
     t0, losses = time.time(), []
     for step in range(args.vae_iterations):
         # Warm-up, then cosine decay: the VAE stage has a fixed length.
-        lr = _warmup_lr(step, args.vae_lr, 100) * 0.5 * (1 + np.cos(np.pi * step / args.vae_iterations))
+        lr = warmup_lr(step, args.vae_lr, 100) * 0.5 * (1 + np.cos(np.pi * step / args.vae_iterations))
         for g in opt.param_groups:
             g["lr"] = lr
         idx = torch.randint(len(images), (args.vae_batch_size,), generator=gen)
-        x = _to_tensor(images[idx.numpy()])
+        x = to_tensor(images[idx.numpy()])
         posterior = vae.encode(x).latent_dist
         z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=gen)
         mse = F.mse_loss(vae.decode(z).sample, x)
@@ -183,7 +174,7 @@ def train_vae(images: np.ndarray, args, gen: torch.Generator):
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         opt.step()
         losses.append(mse.item())
-        _progress("vae", step, args.vae_iterations, t0, 0, mse=np.mean(losses[-100:]))
+        progress("vae", step, args.vae_iterations, t0, 0, mse=np.mean(losses[-100:]))
     vae.eval().requires_grad_(False)
     return vae, float(np.mean(losses[-100:]))
 
@@ -195,8 +186,8 @@ def load_or_train_vae(images: np.ndarray, args, state: Path):
     folder, record = state / "vae", state / "vae.json"
     if record.is_file():
         saved = json.loads(record.read_text())
-        _check_args({k: saved["args"].get(k) for k in _VAE_ARGS}, args, record)
-        _log(f"vae: reusing {folder}")
+        check_args({k: saved["args"].get(k) for k in _VAE_ARGS}, args, record)
+        log(f"vae: reusing {folder}")
         return AutoencoderKL.from_pretrained(folder).eval().requires_grad_(False), saved
     gen, t0 = torch.Generator().manual_seed(args.seed), time.time()
     vae, mse = train_vae(images, args, gen)
@@ -216,19 +207,8 @@ def load_or_train_vae(images: np.ndarray, args, state: Path):
         )
         + "\n"
     )
-    _log(f"vae done: mse {mse:.5f}, scaling factor {scaling:.4f}")
+    log(f"vae done: mse {mse:.5f}, scaling factor {scaling:.4f}")
     return vae, json.loads(record.read_text())
-
-
-@torch.no_grad()
-def encode_all(vae, images: np.ndarray, batch: int = 500) -> tuple[torch.Tensor, torch.Tensor]:
-    """Posterior mean and std of every image, float32 [N, 4, 16, 16] each."""
-    means, stds = [], []
-    for i in range(0, len(images), batch):
-        d = vae.encode(_to_tensor(images[i : i + batch])).latent_dist
-        means.append(d.mean)
-        stds.append(d.std)
-    return torch.cat(means), torch.cat(stds)
 
 
 # ----------------------------------------------------------------------------- stage 2: text encoder
@@ -251,27 +231,23 @@ def pretrain_text_encoder(
         loss.backward()
         opt.step()
         losses.append(loss.item())
-        _progress("text", step, args.text_iterations, t0, 0, loss=np.mean(losses[-100:]))
+        progress("text", step, args.text_iterations, t0, 0, loss=np.mean(losses[-100:]))
     return float(np.mean(losses[-100:]))
 
 
 # ----------------------------------------------------------------------------- stage 3: UNet
 
 
-def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
-    with torch.no_grad():
-        for pe, pm in zip(ema.parameters(), model.parameters()):
-            pe.lerp_(pm, 1.0 - decay)
+class Trainer(Stage):
+    """The UNet + text encoder stage."""
 
-
-class Trainer:
-    """The UNet + text encoder stage, with checkpoints that resume bit-exactly."""
+    state_args = _STATE_ARGS
 
     def __init__(self, args, state: Path) -> None:
         from diffusers import UNet2DConditionModel
         from transformers import CLIPTextModel
 
-        self.args, self.state = args, state
+        super().__init__(args, state, seed=args.seed + 1)
         self.tokenizer = make_shapes_tokenizer()
         torch.manual_seed(args.seed)  # the initial weights
         self.unet = UNet2DConditionModel(**unet_config()).train()
@@ -280,63 +256,21 @@ class Trainer:
         self.ema_text = copy.deepcopy(self.text_encoder).eval().requires_grad_(False)
         self.params = list(self.unet.parameters()) + list(self.text_encoder.parameters())
         self.opt = torch.optim.AdamW(self.params, lr=args.lr, weight_decay=0.01)
-        self.gen = torch.Generator().manual_seed(args.seed + 1)
-        self.step = 0
         self.text_loss = float("nan")
-        self.losses: list[float] = []
-        self.wall_time = 0.0  # seconds spent in this stage, over every run that resumed it
 
     def tokenize(self, texts: list[str]) -> torch.Tensor:
         return self.tokenizer(
             texts, padding="max_length", max_length=MAX_TOKEN_LENGTH, truncation=True, return_tensors="pt"
         ).input_ids
 
-    # -- checkpoints: tensors in safetensors, the rest in JSON (dmdcli.train.checkpoint)
-    def save(self) -> None:
-        from dmdcli.train.checkpoint import optimizer_state, write_checkpoint
-
-        tensors, opt_state = optimizer_state(self.opt.state_dict(), "opt")
-        for name, module in self.modules().items():
-            tensors.update({f"{name}.{k}": v for k, v in module.state_dict().items()})
-        tensors["generator"] = self.gen.get_state()
-        write_checkpoint(
-            self.state,
-            self.step,
-            tensors,
-            {
-                "args": _state_args(self.args),
-                "optimizer": opt_state,
-                "text_loss": self.text_loss,
-                "losses": self.losses[-200:],
-                "wall_time_s": self.wall_time,
-                "threads": torch.get_num_threads(),
-            },
-            keep=0,
-        )
-
-    def resume(self) -> bool:
-        from dmdcli.runfiles import read_checkpoint
-        from dmdcli.train.checkpoint import complete_checkpoints, optimizer_state_dict
-
-        # The newest checkpoint not past --iterations: every one is kept, so the weights of any
-        # saved iteration N can be exported again by running with --iterations N.
-        found = [p for p in complete_checkpoints(self.state) if int(p.name.split("-")[1]) <= self.args.iterations]
-        if not found:
-            return False
-        path = found[-1]
-        tensors, saved = read_checkpoint(path)
-        _check_args(saved["args"], self.args, path)
-        for name, module in self.modules().items():
-            module.load_state_dict({k[len(name) + 1 :]: v for k, v in tensors.items() if k.startswith(name + ".")})
-        self.opt.load_state_dict(optimizer_state_dict("opt", tensors, saved["optimizer"]))
-        self.gen.set_state(tensors["generator"])
-        self.step, self.text_loss, self.losses = saved["iteration"], saved["text_loss"], saved["losses"]
-        self.wall_time = saved.get("wall_time_s", 0.0)  # absent in checkpoints of the first v2 run
-        _log(f"resumed from {path} (iteration {self.step})")
-        return True
-
     def modules(self) -> dict[str, torch.nn.Module]:
         return {"unet": self.unet, "text": self.text_encoder, "ema_unet": self.ema_unet, "ema_text": self.ema_text}
+
+    def extra_state(self) -> dict:
+        return {"text_loss": self.text_loss}
+
+    def load_extra_state(self, saved: dict) -> None:
+        self.text_loss = saved["text_loss"]
 
     def train(self, latents: tuple[torch.Tensor, torch.Tensor], token_ids: torch.Tensor, scaling: float) -> None:
         args = self.args
@@ -345,11 +279,9 @@ class Trainer:
         snr = alphas_cumprod / (1 - alphas_cumprod)
         weight = torch.clamp(snr, max=5.0) / snr  # min-SNR-5 weights for epsilon prediction
         mean, std = latents
-        t0, first = time.time(), self.step
+        self.start_clock()
         while self.step < args.iterations:
             step, gen, started = self.step, self.gen, time.time()
-            for g in self.opt.param_groups:
-                g["lr"] = _warmup_lr(step, args.lr, args.warmup)
             idx = torch.randint(len(mean), (args.batch_size,), generator=gen)
             x0 = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen)) * scaling
             ids = token_ids[idx].clone()
@@ -364,33 +296,12 @@ class Trainer:
             x_t = a.sqrt() * x0 + (1 - a).sqrt() * eps  # DDPM forward process
             pred = self.unet(x_t, t, encoder_hidden_states=self.text_encoder(ids)[0]).sample
             per = (pred - eps).pow(2).mean(dim=(1, 2, 3))
-            loss = (weight[t] * per).mean()
-            self.opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.params, 1.0)
-            self.opt.step()
-            decay = min(args.ema_decay, (1 + step) / (10 + step))
-            _ema_update(self.ema_unet, self.unet, decay)
-            _ema_update(self.ema_text, self.text_encoder, decay)
+            self.optimizer_step((weight[t] * per).mean(), self.params, warmup_lr(step, args.lr, args.warmup))
+            decay = ema_decay(step, args.ema_decay)
+            ema_update(self.ema_unet, self.unet, decay)
+            ema_update(self.ema_text, self.text_encoder, decay)
             self.losses.append(per.mean().item())
-            self.step += 1
-            self.wall_time += time.time() - started
-            _progress("unet", step, args.iterations, t0, first, eps_mse=np.mean(self.losses[-100:]))
-            if self.step % args.checkpoint_every == 0 or self.step == args.iterations:
-                self.save()
-
-
-def _state_args(args) -> dict:
-    return {k: getattr(args, k) for k in _STATE_ARGS}
-
-
-def _check_args(saved: dict, args, where: Path) -> None:
-    differ = {k: (v, getattr(args, k)) for k, v in saved.items() if getattr(args, k) != v}  # v None: not saved
-    if differ:
-        shown = ", ".join(f"--{k.replace('_', '-')} {new} (saved {old})" for k, (old, new) in differ.items())
-        raise SystemExit(
-            f"error: {where} was trained with other settings: {shown}; use the same ones or another --state"
-        )
+            self.finish_step(started, "unet", args.checkpoint_every, eps_mse=np.mean(self.losses[-100:]))
 
 
 # ----------------------------------------------------------------------------- stage 4: save
@@ -477,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
     state = Path(args.state) if args.state else out.with_name(out.name + ".state")
     state.mkdir(parents=True, exist_ok=True)
 
-    _log(f"rendering {args.num_scenes} scenes of world seed {args.data_seed}")
+    log(f"rendering {args.num_scenes} scenes of world seed {args.data_seed}")
     train_scenes = world.scenes(args.data_seed, args.num_scenes)
     images = world.render_array(train_scenes)
     vae, vae_record = load_or_train_vae(images, args, state)
@@ -503,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": (
             "python -m dmdcli.shapes.train_teacher " + shlex.join(sys.argv[1:] if argv is None else argv)
         ).strip(),
-        **_state_args(args),
+        **trainer.saved_args(),
         "iterations": args.iterations,
         "threads": args.threads,
         "unet_stage_wall_time_s": round(trainer.wall_time, 1),
@@ -521,9 +432,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.eval_prompts > 0:
         record["eval"] = evaluate(out, args.eval_prompts, seed=7)
         record["eval"].update(steps=25, guidance_scale=4.0, world_seed=7)
-        _log(f"alignment: {record['eval']}")
+        log(f"alignment: {record['eval']}")
         (out / "TRAINING.json").write_text(json.dumps(record, indent=2) + "\n")
-    _log(f"saved to {out} in {(time.time() - start) / 60:.1f} min")
+    log(f"saved to {out} in {(time.time() - start) / 60:.1f} min")
     return 0
 
 

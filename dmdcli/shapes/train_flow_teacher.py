@@ -1,0 +1,289 @@
+"""Train the built-in flow-matching shapes teacher (`--teacher shapes-flow`): an SD3-layout
+diffusers pipeline.
+
+    python -m dmdcli.shapes.train_flow_teacher OUT_DIR [--iterations 6000] [--eval-prompts 256] ...
+
+It reuses the shipped UNet teacher's first two stages (dmdcli.shapes.train_teacher): its VAE
+(4 × 16 × 16 latents, shifted by 0) and its CLIP text encoder, which serves as both of SD3's
+CLIPs (with an identity projection, so its pooled output is what the UNet teacher's was trained to
+read scenes from). There is no T5: SD3 without it gets zeros in its place, and this teacher is
+trained with none of those positions (max_sequence_length 0, recorded in model_index.json), so a
+step costs the 64 image and 32 text tokens and not 256 more of zeros.
+
+What is trained is an SD3Transformer2DModel (patch 2, qk RMS norm as SD3.5) on the flow-matching
+objective of SD3 (Esser et al. 2024): x_t = (1 − σ) x0 + σ ε, the network predicts v = ε − x0,
+σ drawn logit-normal(0, 1); 10% of captions are "" for classifier-free guidance. It reads its
+conditioning through dmd's own SD3 teacher and its timestep through dmd's SD3 adapter, so what it
+is trained on is what `dmd distill` gives it. Runs on the CPU with fixed seeds and resumes from
+``--state`` (default ``OUT_DIR.state``) as train_teacher does; the EMA of the weights is saved.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import shlex
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dmdcli.shapes import teacher_path, world
+from dmdcli.shapes.training import Stage, ema_decay, ema_update, encode_all, log, warmup_lr
+
+# Arguments that change what is trained: a resumed run must agree on all of them.
+_STATE_ARGS = (
+    "seed",
+    "data_seed",
+    "num_scenes",
+    "width",
+    "depth",
+    "batch_size",
+    "lr",
+    "warmup",
+    "ema_decay",
+    "caption_dropout",
+)
+HEAD_DIM = 32
+SHIFT = 1.0  # at 64 image tokens no shift toward noise is needed (SD3 shifts by 3 for 4096)
+
+
+def transformer_config(width: int, depth: int, text_width: int) -> dict:
+    """SD3Transformer2DModel on the UNet teacher's 4 × 16 × 16 latents, patch 2 (8 × 8 tokens)."""
+    latent_side = world.RESOLUTION // 2
+    return dict(
+        sample_size=latent_side,
+        patch_size=2,
+        in_channels=4,
+        out_channels=4,
+        num_layers=depth,
+        attention_head_dim=HEAD_DIM,
+        num_attention_heads=width // HEAD_DIM,
+        joint_attention_dim=2 * text_width,  # the two CLIPs' states side by side
+        caption_projection_dim=width,
+        pooled_projection_dim=2 * text_width,
+        pos_embed_max_size=latent_side,
+        qk_norm="rms_norm",
+    )
+
+
+def scheduler():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=SHIFT)
+
+
+def clip_with_projection(clip):
+    """The UNet teacher's CLIPTextModel as the CLIPTextModelWithProjection SD3 reads, its
+    projection the identity (the pooled output unchanged)."""
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    width = clip.config.hidden_size
+    model = CLIPTextModelWithProjection(CLIPTextConfig.from_dict(clip.config.to_dict() | {"projection_dim": width}))
+    model.text_model.load_state_dict(clip.state_dict())  # transformers 5: CLIPTextModel is the text model itself
+    with torch.no_grad():
+        model.text_projection.weight.copy_(torch.eye(width))
+    return model.eval().requires_grad_(False)
+
+
+def frozen_parts() -> dict:
+    """The StableDiffusion3Pipeline's components but the transformer: the UNet teacher's VAE and
+    CLIP (twice), no T5, the flow-matching scheduler."""
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextModel
+
+    from dmdcli.shapes.tokenizer import make_shapes_tokenizer
+
+    source = teacher_path()
+    vae = AutoencoderKL.from_pretrained(source / "vae")
+    vae.register_to_config(shift_factor=0.0)  # SD3's pipeline shifts its latents; these are not
+    clip = clip_with_projection(CLIPTextModel.from_pretrained(source / "text_encoder"))
+    return dict(
+        scheduler=scheduler(),
+        vae=vae.eval().requires_grad_(False),
+        text_encoder=clip,
+        tokenizer=make_shapes_tokenizer(),
+        text_encoder_2=copy.deepcopy(clip),
+        tokenizer_2=make_shapes_tokenizer(),
+        text_encoder_3=None,
+        tokenizer_3=None,
+    )
+
+
+def save_pipeline(pipe, out: Path) -> None:
+    """Write the pipeline (max_sequence_length 0 recorded) into a temporary folder beside ``out``,
+    then swap it in."""
+    from dmdcli.models.teacher import record_max_sequence_length
+    from dmdcli.shapes.tokenizer import write_shapes_tokenizer_files
+
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    for folder in ("tokenizer", "tokenizer_2"):  # transformers 5 writes only tokenizer.json
+        if not (tmp / folder / "vocab.json").is_file():
+            write_shapes_tokenizer_files(tmp / folder)
+    record_max_sequence_length(tmp, 0)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+
+
+def encode_captions(folder: Path, captions: list[str], batch: int = 1000) -> tuple[dict, np.ndarray]:
+    """Each distinct caption (and "", last) encoded by dmd's SD3 teacher of the pipeline in
+    `folder`, and which row each caption is: the conditioning `dmd distill` gives the teacher."""
+    from dmdcli.models.pipeline import load_teacher
+    from dmdcli.models.teacher import inspect_teacher
+
+    distinct, rows = np.unique(np.array(captions + [""]), return_inverse=True)
+    teacher = load_teacher(inspect_teacher(str(folder)), torch.device("cpu"), torch.float32, world.RESOLUTION)
+    parts = [teacher.encode_prompts(list(distinct[i : i + batch])) for i in range(0, len(distinct), batch)]
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}, rows
+
+
+class FlowTrainer(Stage):
+    """The transformer stage."""
+
+    state_args = _STATE_ARGS
+
+    def __init__(self, args, state: Path, text_width: int) -> None:
+        from diffusers import SD3Transformer2DModel
+
+        super().__init__(args, state, seed=args.seed + 1)
+        torch.manual_seed(args.seed)  # the initial weights
+        config = transformer_config(args.width, args.depth, text_width)
+        self.transformer = SD3Transformer2DModel(**config).train()
+        self.ema = copy.deepcopy(self.transformer).eval().requires_grad_(False)
+        self.params = list(self.transformer.parameters())
+        self.opt = torch.optim.AdamW(self.params, lr=args.lr, weight_decay=0.01)
+
+    def modules(self) -> dict[str, torch.nn.Module]:
+        return {"transformer": self.transformer, "ema": self.ema}
+
+    def train(self, latents: tuple[torch.Tensor, torch.Tensor], cond: dict, rows: np.ndarray, scaling: float) -> None:
+        from dmdcli.models.teacher import schedule_from_config
+        from dmdcli.models.transformer import SD3Denoiser
+
+        args = self.args
+        denoiser = SD3Denoiser(self.transformer, schedule_from_config(dict(scheduler().config)))
+        schedule, empty_row = denoiser.schedule, int(rows[-1])
+        rows = torch.from_numpy(rows[:-1])
+        mean, std = latents
+        self.start_clock()
+        while self.step < args.iterations:
+            step, gen, started = self.step, self.gen, time.time()
+            idx = torch.randint(len(mean), (args.batch_size,), generator=gen)
+            x0 = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen)) * scaling
+            row = rows[idx].clone()
+            row[torch.rand(args.batch_size, generator=gen) < args.caption_dropout] = empty_row
+            # σ logit-normal(0, 1) as SD3 trains, as the index of the schedule's σ the engine uses
+            u = torch.sigmoid(torch.randn(args.batch_size, generator=gen))
+            t = (u * schedule.num_train_timesteps).long().clamp(max=schedule.num_train_timesteps - 1)
+            eps = torch.randn(x0.shape, generator=gen)
+            x_t = schedule.add_noise(x0, eps, t)
+            pred = denoiser(x_t, t, {k: v[row] for k, v in cond.items()})
+            loss = (pred - schedule.target(x0, eps, t)).pow(2).mean()
+            self.optimizer_step(loss, self.params, warmup_lr(step, args.lr, args.warmup))
+            ema_update(self.ema, self.transformer, ema_decay(step, args.ema_decay))
+            self.losses.append(loss.item())
+            self.finish_step(started, "transformer", args.checkpoint_every, v_mse=np.mean(self.losses[-100:]))
+
+
+def evaluate(pipe_dir: Path, n: int, seed: int, steps: int = 25, guidance: float = 4.0) -> dict:
+    """Alignment of the saved teacher on ``n`` prompts of world seed ``seed``, sampled by diffusers."""
+    from dmdcli.shapes.features import alignment_report, sample_teacher
+
+    captions = [world.caption(s) for s in world.scenes(seed, n)]
+    images = sample_teacher(pipe_dir, captions, steps=steps, guidance_scale=guidance, seed=0)
+    return alignment_report(images, captions)
+
+
+def parse_args(argv: list[str] | None):
+    p = argparse.ArgumentParser(
+        prog="python -m dmdcli.shapes.train_flow_teacher",
+        description="Train the flow-matching shapes teacher (CPU, deterministic, resumable).",
+    )
+    p.add_argument("out_dir")
+    p.add_argument("--state", default=None, help="training state folder (default OUT_DIR.state)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data-seed", type=int, default=None, help="world stream of the training scenes (1000 + seed)")
+    p.add_argument("--num-scenes", type=int, default=40000, help="training images rendered once")
+    p.add_argument("--width", type=int, default=128, help=f"transformer width (a multiple of {HEAD_DIM})")
+    p.add_argument("--depth", type=int, default=6, help="transformer blocks")
+    p.add_argument("--iterations", type=int, default=6000)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--warmup", type=int, default=300)
+    p.add_argument("--ema-decay", type=float, default=0.999)
+    p.add_argument("--caption-dropout", type=float, default=0.1)
+    p.add_argument("--checkpoint-every", type=int, default=500)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--eval-prompts", type=int, default=0, help="alignment check on this many prompts after saving")
+    args = p.parse_args(argv)
+    if args.data_seed is None:
+        args.data_seed = 1000 + args.seed
+    if args.width % HEAD_DIM:
+        p.error(f"--width must be a multiple of {HEAD_DIM}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    from diffusers import StableDiffusion3Pipeline
+
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    start = time.time()
+    out = Path(args.out_dir)
+    state = Path(args.state) if args.state else out.with_name(out.name + ".state")
+    state.mkdir(parents=True, exist_ok=True)
+
+    log(f"rendering {args.num_scenes} scenes of world seed {args.data_seed}")
+    train_scenes = world.scenes(args.data_seed, args.num_scenes)
+    captions = [world.caption(s) for s in train_scenes]
+    parts = frozen_parts()
+    trainer = FlowTrainer(args, state, parts["text_encoder"].config.hidden_size)
+    latents = encode_all(parts["vae"], world.render_array(train_scenes))
+    # The conditioning, read by dmd's SD3 teacher of this very pipeline (its transformer untrained).
+    save_pipeline(StableDiffusion3Pipeline(transformer=copy.deepcopy(trainer.transformer), **parts), state / "parts")
+    cond, rows = encode_captions(state / "parts", captions)
+    log(f"{len(cond['pooled_projections'])} distinct captions encoded")
+    trainer.resume()
+    trainer.train(latents, cond, rows, parts["vae"].config.scaling_factor)
+
+    save_pipeline(StableDiffusion3Pipeline(transformer=trainer.ema, **parts), out)
+    import diffusers
+    import transformers
+
+    record = {
+        "command": (
+            "python -m dmdcli.shapes.train_flow_teacher " + shlex.join(sys.argv[1:] if argv is None else argv)
+        ).strip(),
+        **trainer.saved_args(),
+        "iterations": args.iterations,
+        "threads": args.threads,
+        "transformer_stage_wall_time_s": round(trainer.wall_time, 1),
+        "parameters": sum(p.numel() for p in trainer.ema.parameters()),
+        "final_v_mse": round(float(np.mean(trainer.losses[-200:])), 5) if trainer.losses else None,
+        "vae_and_text_encoder_from": "the UNet shapes teacher (dmdcli/shapes/weights/teacher)",
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "diffusers": diffusers.__version__,
+        "transformers": transformers.__version__,
+    }
+    (out / "TRAINING.json").write_text(json.dumps(record, indent=2) + "\n")
+    if args.eval_prompts > 0:
+        record["eval"] = evaluate(out, args.eval_prompts, seed=7)
+        record["eval"].update(steps=25, guidance_scale=4.0, world_seed=7)
+        log(f"alignment: {record['eval']}")
+        (out / "TRAINING.json").write_text(json.dumps(record, indent=2) + "\n")
+    log(f"saved to {out} in {(time.time() - start) / 60:.1f} min")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

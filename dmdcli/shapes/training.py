@@ -1,0 +1,156 @@
+"""What the shapes teachers' training scripts share: logging, the learning-rate warm-up, EMA,
+image and latent conversion, and a denoiser-training stage whose checkpoints resume bit-exactly.
+
+`train_teacher` (the UNet teacher) and `train_flow_teacher` (the flow-matching transformer) each
+subclass `Stage` with their own networks and loss.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def to_tensor(images: np.ndarray) -> torch.Tensor:
+    """uint8 [N, H, W, 3] → float32 [N, 3, H, W] in [-1, 1]."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+def warmup_lr(step: int, peak: float, warmup: int) -> float:
+    return peak * min(1.0, (step + 1) / max(1, warmup))
+
+
+def progress(stage: str, step: int, total: int, t0: float, first: int, **values: float) -> None:
+    if (step + 1) % 100 == 0 or step == first:
+        rate = (time.time() - t0) / (step + 1 - first)
+        shown = " ".join(f"{k} {v:.4f}" for k, v in values.items())
+        log(f"{stage} {step + 1}/{total} {shown} ({rate:.3f} s/it, {rate * (total - step - 1) / 60:.0f} min left)")
+
+
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    with torch.no_grad():
+        for pe, pm in zip(ema.parameters(), model.parameters()):
+            pe.lerp_(pm, 1.0 - decay)
+
+
+def ema_decay(step: int, decay: float) -> float:
+    """The EMA's decay at `step`: ramped up from 0.1 so early averages do not keep the initial weights."""
+    return min(decay, (1 + step) / (10 + step))
+
+
+@torch.no_grad()
+def encode_all(vae, images: np.ndarray, batch: int = 500) -> tuple[torch.Tensor, torch.Tensor]:
+    """Posterior mean and std of every image, float32 [N, C, h, w] each."""
+    means, stds = [], []
+    for i in range(0, len(images), batch):
+        d = vae.encode(to_tensor(images[i : i + batch])).latent_dist
+        means.append(d.mean)
+        stds.append(d.std)
+    return torch.cat(means), torch.cat(stds)
+
+
+def check_args(saved: dict, args, where: Path) -> None:
+    """Refuse to go on from state trained with other settings (a saved value of None: not saved)."""
+    differ = {k: (v, getattr(args, k)) for k, v in saved.items() if getattr(args, k) != v}
+    if differ:
+        shown = ", ".join(f"--{k.replace('_', '-')} {new} (saved {old})" for k, (old, new) in differ.items())
+        raise SystemExit(
+            f"error: {where} was trained with other settings: {shown}; use the same ones or another --state"
+        )
+
+
+class Stage(ABC):
+    """A training stage of networks, one optimizer and one random generator, with checkpoints in
+    ``state`` (tensors in safetensors, the rest in JSON: dmdcli.train.checkpoint) that resume
+    bit-exactly. Subclasses build `modules()` and `opt`, and run `train`; `state_args` names the
+    arguments a resumed run must agree on."""
+
+    state_args: tuple[str, ...] = ()
+
+    def __init__(self, args, state: Path, seed: int) -> None:
+        self.args, self.state = args, state
+        self.gen = torch.Generator().manual_seed(seed)
+        self.step = 0
+        self.losses: list[float] = []
+        self.wall_time = 0.0  # seconds spent in this stage, over every run that resumed it
+        self.opt: torch.optim.Optimizer
+
+    @abstractmethod
+    def modules(self) -> dict[str, torch.nn.Module]:
+        """Every network whose weights a checkpoint keeps (trained ones and their EMAs), by name."""
+
+    def extra_state(self) -> dict:
+        """JSON-able values a checkpoint keeps besides the weights (subclasses add theirs)."""
+        return {}
+
+    def load_extra_state(self, saved: dict) -> None:
+        """Take back what `extra_state` saved."""
+
+    def saved_args(self) -> dict:
+        return {k: getattr(self.args, k) for k in self.state_args}
+
+    def save(self) -> None:
+        from dmdcli.train.checkpoint import optimizer_state, write_checkpoint
+
+        tensors, opt_state = optimizer_state(self.opt.state_dict(), "opt")
+        for name, module in self.modules().items():
+            tensors.update({f"{name}.{k}": v for k, v in module.state_dict().items()})
+        tensors["generator"] = self.gen.get_state()
+        record = {
+            "args": self.saved_args(),
+            "optimizer": opt_state,
+            "losses": self.losses[-200:],
+            "wall_time_s": self.wall_time,
+            "threads": torch.get_num_threads(),
+        }
+        write_checkpoint(self.state, self.step, tensors, record | self.extra_state(), keep=0)
+
+    def resume(self) -> bool:
+        """Load the newest checkpoint not past --iterations (every one is kept, so the weights of any
+        saved iteration N can be exported again by running with --iterations N); False if none."""
+        from dmdcli.runfiles import read_checkpoint
+        from dmdcli.train.checkpoint import complete_checkpoints, optimizer_state_dict
+
+        found = [p for p in complete_checkpoints(self.state) if int(p.name.split("-")[1]) <= self.args.iterations]
+        if not found:
+            return False
+        path = found[-1]
+        tensors, saved = read_checkpoint(path)
+        check_args(saved["args"], self.args, path)
+        for name, module in self.modules().items():
+            module.load_state_dict({k[len(name) + 1 :]: v for k, v in tensors.items() if k.startswith(name + ".")})
+        self.opt.load_state_dict(optimizer_state_dict("opt", tensors, saved["optimizer"]))
+        self.gen.set_state(tensors["generator"])
+        self.step, self.losses = saved["iteration"], saved["losses"]
+        self.wall_time = saved.get("wall_time_s", 0.0)  # absent in checkpoints of the first v2 run
+        self.load_extra_state(saved)
+        log(f"resumed from {path} (iteration {self.step})")
+        return True
+
+    def optimizer_step(self, loss: torch.Tensor, params: list[torch.nn.Parameter], lr: float) -> None:
+        """One clipped AdamW step at `lr`."""
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        self.opt.step()
+
+    def finish_step(self, started: float, stage: str, every: int, **shown: float) -> None:
+        """Count the step, report progress, and checkpoint every `every` steps and at the end."""
+        self.step += 1
+        self.wall_time += time.time() - started
+        progress(stage, self.step - 1, self.args.iterations, self._t0, self._first, **shown)
+        if self.step % every == 0 or self.step == self.args.iterations:
+            self.save()
+
+    def start_clock(self) -> None:
+        self._t0, self._first = time.time(), self.step
