@@ -156,7 +156,7 @@ def measure(arch: str, layout: str, args, spec) -> dict:
     finally:
         torch.set_default_dtype(default_dtype)
     side = args.resolution // spec.vae_scale_factor
-    shapes = family.teacher.conditioning_shapes(base.config)
+    shapes = family.teacher.conditioning_shapes(base.config, spec)
     cond = {k: torch.randn(args.batch_size, *shape, device=device) for k, shape in shapes.items()}
     if "time_ids" in cond:  # SDXL's micro-conditioning, as dmd distill sets it
         r = float(args.resolution)

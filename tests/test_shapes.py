@@ -195,5 +195,6 @@ def test_flow_teacher_training_resumes_bit_exactly_and_reads_what_dmd_gives_it(t
         train_flow_teacher.main([str(tmp_path / "resumed"), *small, "--iterations", "6", "--lr", "0.5"])
 
     spec = inspect_teacher(str(tmp_path / "straight"))
-    assert (spec.family, spec.prediction_type, spec.max_sequence_length, spec.native_resolution) == ("sd3", "flow", 0, 32)
+    read = (spec.family, spec.prediction_type, spec.max_sequence_length, spec.native_resolution)
+    assert read == ("sd3", "flow", 0, 32)
     assert spec.absent_required == {"text_encoder_3": None, "tokenizer_3": None}

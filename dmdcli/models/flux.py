@@ -10,7 +10,7 @@ FLUX.1-schnell, already a few-step timestep-distilled model without that embeddi
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -19,6 +19,9 @@ from dmdcli.core.denoiser import Cond
 from dmdcli.models.families import Family, NetworkShape, register
 from dmdcli.models.pipeline import PipelineTeacher, from_pretrained, names_network
 from dmdcli.models.transformer import TRANSFORMER_LORA_TARGETS, FluxDenoiser, not_flow_matching
+
+if TYPE_CHECKING:
+    from dmdcli.models.teacher import TeacherSpec
 
 # FluxPipeline's default T5 length (max_sequence_length; FLUX.1-schnell's is 256).
 T5_TOKENS = 512
@@ -39,14 +42,14 @@ class FluxTeacher(PipelineTeacher):
 
     def token_limits(self) -> list[tuple[object, int]]:
         clip, t5 = self.tokenizers
-        return [(clip, clip.model_max_length), (t5, T5_TOKENS)]
+        return [(clip, clip.model_max_length), (t5, self.spec.t5_tokens(T5_TOKENS))]
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> Cond:
         self.check_encoders()
         (clip_tokenizer, t5_tokenizer), (clip, t5) = self.tokenizers, self.text_encoders
         pooled = clip(self._token_ids(clip_tokenizer, prompts)).pooler_output
-        states = t5(self._token_ids(t5_tokenizer, prompts, T5_TOKENS))[0]
+        states = t5(self._token_ids(t5_tokenizer, prompts, self.spec.t5_tokens(T5_TOKENS)))[0]
         return {"encoder_hidden_states": self.as_read(states), "pooled_projections": self.as_read(pooled)}
 
     @torch.no_grad()
@@ -55,9 +58,9 @@ class FluxTeacher(PipelineTeacher):
         return self.encode_prompts([""])
 
     @staticmethod
-    def conditioning_shapes(network_config: dict) -> dict[str, tuple[int, ...]]:
+    def conditioning_shapes(network_config: dict, spec: TeacherSpec) -> dict[str, tuple[int, ...]]:
         return {
-            "encoder_hidden_states": (T5_TOKENS, network_config["joint_attention_dim"]),
+            "encoder_hidden_states": (spec.t5_tokens(T5_TOKENS), network_config["joint_attention_dim"]),
             "pooled_projections": (network_config["pooled_projection_dim"],),
         }
 

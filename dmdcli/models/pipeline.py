@@ -133,9 +133,9 @@ class PipelineTeacher(ABC):
 
     @staticmethod
     @abstractmethod
-    def conditioning_shapes(network_config: dict) -> dict[str, tuple[int, ...]]:
+    def conditioning_shapes(network_config: dict, spec: TeacherSpec) -> dict[str, tuple[int, ...]]:
         """The shape of each tensor `encode_prompts` returns for one prompt, batch dimension left
-        out, from the network's config alone (the memory estimate's inputs)."""
+        out, from the network's config and the teacher's spec alone (the memory estimate's inputs)."""
 
     def _token_ids(self, tokenizer, prompts: list[str], length: int | None = None) -> Tensor:
         """Token ids [B, length] on the device, padded and cut as the pipelines do (length: the

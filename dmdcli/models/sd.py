@@ -8,7 +8,7 @@ where an SD teacher's values are the code defaults.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -17,6 +17,9 @@ from dmdcli.core.denoiser import Cond
 from dmdcli.models.families import Family, NetworkShape, register
 from dmdcli.models.pipeline import PipelineTeacher, from_pretrained, has_component, names_network
 from dmdcli.models.unet import UNetDenoiser
+
+if TYPE_CHECKING:
+    from dmdcli.models.teacher import TeacherSpec
 
 SDXL_BASE = "stabilityai/stable-diffusion-xl-base-1.0"
 # The DMD2 reference's SDXL LoRA targets: attention, feed-forward, resnet convs, resampling
@@ -56,7 +59,7 @@ class SDTeacher(PipelineTeacher):
         return {"encoder_hidden_states": self.as_read(encoder(self._token_ids(tokenizer, prompts))[0])}
 
     @staticmethod
-    def conditioning_shapes(network_config: dict) -> dict[str, tuple[int, ...]]:
+    def conditioning_shapes(network_config: dict, spec: TeacherSpec) -> dict[str, tuple[int, ...]]:
         return {"encoder_hidden_states": (77, network_config["cross_attention_dim"])}
 
     @torch.no_grad()
@@ -95,9 +98,9 @@ class SDXLTeacher(SDTeacher):
         }
 
     @staticmethod
-    def conditioning_shapes(network_config: dict) -> dict[str, tuple[int, ...]]:
+    def conditioning_shapes(network_config: dict, spec: TeacherSpec) -> dict[str, tuple[int, ...]]:
         pooled = network_config["projection_class_embeddings_input_dim"] - 6 * network_config["addition_time_embed_dim"]
-        return {**SDTeacher.conditioning_shapes(network_config), "text_embeds": (pooled,), "time_ids": (6,)}
+        return {**SDTeacher.conditioning_shapes(network_config, spec), "text_embeds": (pooled,), "time_ids": (6,)}
 
     def time_ids(self, batch: int) -> Tensor:
         """SDXL micro-conditioning (original size, crop top-left, target size), fixed square."""

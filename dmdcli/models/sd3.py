@@ -12,7 +12,7 @@ positions of them, 256 unless the pipeline records another (TeacherSpec.max_sequ
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -21,6 +21,9 @@ from dmdcli.core.denoiser import Cond
 from dmdcli.models.families import Family, NetworkShape, register
 from dmdcli.models.pipeline import PipelineTeacher, from_pretrained, names_network
 from dmdcli.models.transformer import TRANSFORMER_LORA_TARGETS, SD3Denoiser, not_flow_matching
+
+if TYPE_CHECKING:
+    from dmdcli.models.teacher import TeacherSpec
 
 # StableDiffusion3Pipeline's default T5 length (max_sequence_length).
 T5_TOKENS = 256
@@ -38,7 +41,7 @@ class SD3Teacher(PipelineTeacher):
     @property
     def t5_tokens(self) -> int:
         """The T5 positions of a prompt (StableDiffusion3Pipeline's max_sequence_length)."""
-        return T5_TOKENS if self.spec.max_sequence_length is None else self.spec.max_sequence_length
+        return self.spec.t5_tokens(T5_TOKENS)
 
     def load_text_encoders(self, allow_pickle: bool) -> tuple[list, list[nn.Module]]:
         from transformers import AutoTokenizer, CLIPTextModelWithProjection, T5EncoderModel
@@ -80,9 +83,9 @@ class SD3Teacher(PipelineTeacher):
         }
 
     @staticmethod
-    def conditioning_shapes(network_config: dict) -> dict[str, tuple[int, ...]]:
+    def conditioning_shapes(network_config: dict, spec: TeacherSpec) -> dict[str, tuple[int, ...]]:
         return {
-            "encoder_hidden_states": (77 + T5_TOKENS, network_config["joint_attention_dim"]),
+            "encoder_hidden_states": (77 + spec.t5_tokens(T5_TOKENS), network_config["joint_attention_dim"]),
             "pooled_projections": (network_config["pooled_projection_dim"],),
         }
 

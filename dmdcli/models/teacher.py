@@ -178,6 +178,10 @@ class TeacherSpec:
         optional = getattr(getattr(diffusers, self.pipeline_class, None), "_optional_components", [])
         return {k: None for k in self.absent if k not in optional}
 
+    def t5_tokens(self, default: int) -> int:
+        """A prompt's T5 positions: the recorded max_sequence_length, else the family pipeline's `default`."""
+        return default if self.max_sequence_length is None else self.max_sequence_length
+
     @property
     def prediction_type(self) -> str:
         if is_flow_matching_config(self.scheduler_config):

@@ -164,7 +164,7 @@ def _meta_inputs(network: nn.Module, spec: TeacherSpec, resolution: int, dtype: 
     """One sample's latents and prompt conditioning, on the meta device."""
     side = resolution // spec.vae_scale_factor
     x = torch.empty(1, spec.latent_channels, side, side, device="meta", dtype=dtype)
-    shapes = get_family(spec.family).teacher.conditioning_shapes(network.config)
+    shapes = get_family(spec.family).teacher.conditioning_shapes(network.config, spec)
     return x, {k: torch.empty(1, *shape, device="meta", dtype=dtype) for k, shape in shapes.items()}
 
 
