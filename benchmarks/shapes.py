@@ -10,6 +10,7 @@ distillation's wall time is recorded beside the report.
 
     python benchmarks/shapes.py                              # 2000 samples, students in runs/
     python benchmarks/shapes.py --methods dmd2,dmd,progressive
+    python benchmarks/shapes.py --teacher shapes-flow        # the flow-matching teacher and its students
 
 Prints a Markdown table (for the README) and the DMD2 paper's targets, met or not. Reports
 land in OUT/<row>/ (default benchmarks/results/shapes), the table in OUT/table.md; a row whose
@@ -52,9 +53,9 @@ def planned_iterations(method: str, steps: int, iterations: int) -> int:
     )
 
 
-def distill_args(method: str, steps: int, iterations: int) -> list[str]:
+def distill_args(method: str, steps: int, iterations: int, recipe: str = "shapes") -> list[str]:
     """`dmd distill` options of one student; progressive splits the budget over its rounds."""
-    args = ["--recipe", "shapes", "--method", method, "--steps", str(steps)]
+    args = ["--recipe", recipe, "--method", method, "--steps", str(steps)]
     if method == "dmd":  # regression pairs: 25-step DDIM of the teacher, made once and cached
         return args + ["--iterations", str(iterations), "--pairs", str(DMD_PAIRS)]
     if method == "dmd2":
@@ -63,7 +64,7 @@ def distill_args(method: str, steps: int, iterations: int) -> list[str]:
     return args + ["--teacher-steps", str(PROGRESSIVE_TEACHER_STEPS), "--iterations-per-round", str(per_round)]
 
 
-def distill(run_dir: Path, method: str, steps: int, iterations: int, record: Path) -> None:
+def distill(run_dir: Path, method: str, steps: int, iterations: int, record: Path, recipe: str = "shapes") -> None:
     """Distill the student into `run_dir` unless it is there, extending a shorter DMD2/DMD run by
     --resume; the wall time (summed over extensions) goes to `record`."""
     done = json.loads(record.read_text()) if record.is_file() else None
@@ -75,7 +76,7 @@ def distill(run_dir: Path, method: str, steps: int, iterations: int, record: Pat
         cmd = ["dmd", "distill", "--resume", "--out", str(run_dir), "--iterations", str(iterations)]
     else:
         cmd, done = (
-            ["dmd", "distill", *distill_args(method, steps, iterations), "--out", str(run_dir), "--overwrite"],
+            ["dmd", "distill", *distill_args(method, steps, iterations, recipe), "--out", str(run_dir), "--overwrite"],
             None,
         )
     start = time.perf_counter()
@@ -163,30 +164,38 @@ def step_name(steps: int) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument(
+        "--teacher",
+        choices=("shapes", "shapes-flow"),
+        default="shapes",
+        help="the built-in teacher (UNet or flow-matching transformer); students use the recipe of its name",
+    )
     p.add_argument("--num-samples", type=int, default=2000)
     p.add_argument("--methods", default="dmd2", help="students to compare: a comma list of dmd2, dmd, progressive")
     p.add_argument(
         "--runs",
         type=Path,
         default=Path("runs"),
-        help="students in RUNS/shapes-<method>-<steps>step (distilled if missing)",
+        help="students in RUNS/<teacher>-<method>-<steps>step (distilled if missing)",
     )
     p.add_argument("--iterations", type=int, default=ITERATIONS, help="each student's training iterations (batch 16)")
-    p.add_argument("--out", type=Path, default=Path("benchmarks/results/shapes"))
+    p.add_argument("--out", type=Path, default=None, help="default benchmarks/results/<teacher>")
     args = p.parse_args(argv)
+    teacher = args.teacher
+    args.out = args.out or Path("benchmarks/results") / teacher
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     if "dmd2" not in methods or any(m not in METHOD_NAMES for m in methods):
         p.error(f"--methods must list dmd2 and any of {', '.join(METHOD_NAMES)} (got {args.methods!r})")
 
     plan = {  # row: (model, steps, CFG)
-        "teacher 25 steps": ("shapes", 25, GUIDANCE),
-        "teacher 4 steps": ("shapes", 4, GUIDANCE),
-        "teacher 1 step": ("shapes", 1, GUIDANCE),
+        "teacher 25 steps": (teacher, 25, GUIDANCE),
+        "teacher 4 steps": (teacher, 4, GUIDANCE),
+        "teacher 1 step": (teacher, 1, GUIDANCE),
     }
     for method in methods:
         for steps in (4, 1):
-            name, run_dir = f"{METHOD_NAMES[method]} {step_name(steps)}", args.runs / f"shapes-{method}-{steps}step"
-            distill(run_dir, method, steps, args.iterations, args.out / slug(name) / "distill.json")
+            name, run_dir = f"{METHOD_NAMES[method]} {step_name(steps)}", args.runs / f"{teacher}-{method}-{steps}step"
+            distill(run_dir, method, steps, args.iterations, args.out / slug(name) / "distill.json", teacher)
             plan[name] = (str(run_dir), None, None)
     rows = {
         name: evaluate(model, args.out / slug(name), args.num_samples, steps, cfg)
@@ -197,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in rows
         if (args.out / slug(name) / "distill.json").is_file()
     }
-    print(f"shapes world, {args.num_samples} prompts, teacher CFG {GUIDANCE:g}\n")
+    print(f"shapes world, teacher {teacher}, {args.num_samples} prompts, teacher CFG {GUIDANCE:g}\n")
     print(table(rows, training))
     print()
     for text, met in targets(rows):

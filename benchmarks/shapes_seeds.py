@@ -28,8 +28,9 @@ def main(argv: list[str] | None = None) -> int:
         action="append",
         required=True,
         metavar="NAME=OPTIONS",
-        help="a name and the `dmd distill` options it adds to the shapes recipe (repeatable)",
+        help="a name and the `dmd distill` options it adds to the recipe (repeatable)",
     )
+    p.add_argument("--recipe", default="shapes", help="the recipe the variants change (shapes-flow: the flow teacher)")
     p.add_argument("--seeds", default="0,1,2,3", help="training seeds, a comma list")
     p.add_argument("--num-samples", type=int, default=2000)
     p.add_argument("--runs", type=Path, default=Path("runs/seeds"))
@@ -52,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
                         "dmd",
                         "distill",
                         "--recipe",
-                        "shapes",
+                        args.recipe,
                         *shlex.split(options),
                         "--seed",
                         str(seed),

@@ -34,3 +34,23 @@ def test_no_arguments_runs_the_shapes_recipe(tmp_path, monkeypatch):
     assert '--prompt "a large red circle at the top left' in hint and "--fid" not in hint
     rendered = list((tmp_path / "cache" / "shapes").iterdir())
     assert len(rendered) == 1 and len(list(rendered[0].glob("*.png"))) == 64
+
+
+def test_the_flow_teacher_distills_with_its_recipe_and_scores_on_the_shapes_set(tmp_path, monkeypatch):
+    """`--teacher shapes-flow` alone: its recipe (the shapes data, a GAN), then `dmd eval` with the
+    shapes world's own set by default."""
+    monkeypatch.setenv("DMD_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(shapes_data, "DATA_IMAGES", 64)
+    monkeypatch.chdir(tmp_path)
+    args = ["distill", "--teacher", "shapes-flow", "--steps", "1", "--iterations", "2", "--batch-size", "2"]
+    result = CliRunner().invoke(app, [*args, "--teacher-grid-steps", "2", "--out", "run", "--json"])
+    assert result.exit_code == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert "loss_gan_g" in summary["losses"]
+    config = (tmp_path / "run" / "config.toml").read_text()
+    assert 'teacher = "shapes-flow"' in config and 'prediction_type = "flow"' in config
+    assert "conditioning_timestep = 999" in config  # a flow student starts from pure noise
+    scored = CliRunner().invoke(app, ["eval", "--model", "run", "--num-samples", "16", "--out", "eval", "--json"])
+    assert scored.exit_code == 0, scored.stderr
+    metrics = json.loads(scored.stdout.splitlines()[-1])["metrics"]
+    assert 0 <= metrics["alignment"] <= 1 and metrics["fd_shapes"] > 0

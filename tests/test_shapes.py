@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from dmdcli.shapes import features_path, teacher_path, world
+from dmdcli.shapes import features_path, flow_teacher_path, teacher_path, world
 from dmdcli.shapes.features import (
     alignment,
     attribute_accuracy,
@@ -131,14 +131,28 @@ def test_shapes_alias_is_an_sd_epsilon_teacher():
     assert spec.prediction_type == "epsilon" and spec.native_resolution == world.RESOLUTION
     weights = [p for p in teacher_path().rglob("*") if p.is_file()]
     assert any(p.suffix == ".safetensors" for p in weights) and not any(p.suffix == ".bin" for p in weights)
-    shipped = sum(p.stat().st_size for p in features_path().parent.rglob("*") if p.is_file())
+    shipped = sum(p.stat().st_size for p in [features_path(), *teacher_path().rglob("*")] if p.is_file())
     assert shipped <= 25 * 2**20
 
 
-def test_shipped_teacher_draws_its_prompts():
-    """Alignment ≥ 90% at 25 steps with CFG on 48 prompts of a seed the teacher never saw."""
+def test_shapes_flow_alias_is_an_sd3_flow_teacher_without_t5():
+    from dmdcli.models.teacher import inspect_teacher, resolve_teacher
+
+    assert resolve_teacher("shapes-flow") == str(flow_teacher_path())
+    spec = inspect_teacher("shapes-flow")
+    read = (spec.layout, spec.pipeline_class, spec.prediction_type, spec.native_resolution, spec.max_sequence_length)
+    assert read == ("sd3", "StableDiffusion3Pipeline", "flow", world.RESOLUTION, 0)
+    weights = [p for p in flow_teacher_path().rglob("*") if p.is_file()]
+    assert any(p.suffix == ".safetensors" for p in weights) and not any(p.suffix == ".bin" for p in weights)
+    assert sum(p.stat().st_size for p in weights) <= 20 * 2**20
+
+
+@pytest.mark.parametrize("folder", [teacher_path, flow_teacher_path], ids=["shapes", "shapes-flow"])
+def test_shipped_teacher_draws_its_prompts(folder):
+    """Alignment ≥ 90% at 25 steps with CFG on 48 prompts of a seed the teacher never saw, sampled
+    by the teacher's own diffusers pipeline."""
     captions = [world.caption(s) for s in world.scenes(4242, 48)]
-    images = sample_teacher(teacher_path(), captions, steps=25, guidance_scale=4.0, seed=0)
+    images = sample_teacher(folder(), captions, steps=25, guidance_scale=4.0, seed=0)
     assert images.shape == (48, world.RESOLUTION, world.RESOLUTION, 3)
     assert alignment(images, captions) >= 0.90
 
