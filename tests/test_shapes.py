@@ -162,7 +162,6 @@ def test_shipped_teacher_draws_its_prompts(folder):
 
 def test_teacher_training_resumes_bit_exactly(tmp_path):
     """Stopped after 2 iterations and started again = run straight to 4; other settings refused."""
-    from safetensors.torch import load_file
 
     from dmdcli.shapes import train_teacher
 
@@ -180,33 +179,33 @@ def test_teacher_training_resumes_bit_exactly(tmp_path):
         "--checkpoint-every",
         "2",
     ]
-    train_teacher.main([str(tmp_path / "straight"), *small, "--iterations", "4"])
-    train_teacher.main([str(tmp_path / "resumed"), *small, "--iterations", "2"])
-    train_teacher.main([str(tmp_path / "resumed"), *small, "--iterations", "4"])
-    weights = "unet/diffusion_pytorch_model.safetensors"
+    assert_training_resumes(train_teacher.main, tmp_path, small, "unet")
+
+
+def assert_training_resumes(main, tmp_path, small: list[str], network: str) -> None:
+    """A teacher training script stopped after 2 iterations and started again gives the weights
+    of a run straight to 4; a resumed run with other settings is refused."""
+    from safetensors.torch import load_file
+
+    main([str(tmp_path / "straight"), *small, "--iterations", "4"])
+    main([str(tmp_path / "resumed"), *small, "--iterations", "2"])
+    main([str(tmp_path / "resumed"), *small, "--iterations", "4"])
+    weights = f"{network}/diffusion_pytorch_model.safetensors"
     a, b = load_file(tmp_path / "straight" / weights), load_file(tmp_path / "resumed" / weights)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(SystemExit, match="--lr 0.5"):
-        train_teacher.main([str(tmp_path / "resumed"), *small, "--iterations", "6", "--lr", "0.5"])
+        main([str(tmp_path / "resumed"), *small, "--iterations", "6", "--lr", "0.5"])
 
 
 def test_flow_teacher_training_resumes_bit_exactly_and_reads_what_dmd_gives_it(tmp_path):
     """Stopped after 2 iterations and started again = run straight to 4. The pipeline it writes is
     an SD3 one without T5 recorded at 0 T5 positions, and `--teacher` folders of it load."""
-    from safetensors.torch import load_file
 
     from dmdcli.models.teacher import inspect_teacher
     from dmdcli.shapes import train_flow_teacher
 
     small = ["--num-scenes", "48", "--batch-size", "4", "--checkpoint-every", "2", "--width", "64", "--depth", "2"]
-    train_flow_teacher.main([str(tmp_path / "straight"), *small, "--iterations", "4"])
-    train_flow_teacher.main([str(tmp_path / "resumed"), *small, "--iterations", "2"])
-    train_flow_teacher.main([str(tmp_path / "resumed"), *small, "--iterations", "4"])
-    weights = "transformer/diffusion_pytorch_model.safetensors"
-    a, b = load_file(tmp_path / "straight" / weights), load_file(tmp_path / "resumed" / weights)
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    with pytest.raises(SystemExit, match="--lr 0.5"):
-        train_flow_teacher.main([str(tmp_path / "resumed"), *small, "--iterations", "6", "--lr", "0.5"])
+    assert_training_resumes(train_flow_teacher.main, tmp_path, small, "transformer")
 
     spec = inspect_teacher(str(tmp_path / "straight"))
     read = (spec.family, spec.prediction_type, spec.max_sequence_length, spec.native_resolution)

@@ -22,9 +22,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-import platform
-import shlex
 import shutil
 import sys
 import time
@@ -34,7 +31,18 @@ import numpy as np
 import torch
 
 from dmdcli.shapes import teacher_path, world
-from dmdcli.shapes.training import Stage, ema_decay, ema_update, encode_all, log, warmup_lr
+from dmdcli.shapes.training import (
+    Stage,
+    add_common_arguments,
+    ema_decay,
+    ema_update,
+    encode_all,
+    log,
+    parse,
+    start,
+    warmup_lr,
+    write_record,
+)
 
 # Arguments that change what is trained: a resumed run must agree on all of them.
 _STATE_ARGS = (
@@ -171,14 +179,12 @@ class FlowTrainer(Stage):
         denoiser = SD3Denoiser(self.transformer, schedule_from_config(dict(scheduler().config)))
         schedule, empty_row = denoiser.schedule, int(rows[-1])
         rows = torch.from_numpy(rows[:-1])
-        mean, std = latents
         self.start_clock()
         while self.step < args.iterations:
             step, gen, started = self.step, self.gen, time.time()
-            idx = torch.randint(len(mean), (args.batch_size,), generator=gen)
-            x0 = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen)) * scaling
+            idx, x0, dropped = self.draw_batch(latents, scaling)
             row = rows[idx].clone()
-            row[torch.rand(args.batch_size, generator=gen) < args.caption_dropout] = empty_row
+            row[dropped] = empty_row
             # σ logit-normal(0, 1) as SD3 trains, as the index of the schedule's σ the engine uses
             u = torch.sigmoid(torch.randn(args.batch_size, generator=gen))
             t = (u * schedule.num_train_timesteps).long().clamp(max=schedule.num_train_timesteps - 1)
@@ -192,25 +198,12 @@ class FlowTrainer(Stage):
             self.finish_step(started, "transformer", args.checkpoint_every, v_mse=np.mean(self.losses[-100:]))
 
 
-def evaluate(pipe_dir: Path, n: int, seed: int, steps: int = 25, guidance: float = 4.0) -> dict:
-    """Alignment of the saved teacher on ``n`` prompts of world seed ``seed``, sampled by diffusers."""
-    from dmdcli.shapes.features import alignment_report, sample_teacher
-
-    captions = [world.caption(s) for s in world.scenes(seed, n)]
-    images = sample_teacher(pipe_dir, captions, steps=steps, guidance_scale=guidance, seed=0)
-    return alignment_report(images, captions)
-
-
 def parse_args(argv: list[str] | None):
     p = argparse.ArgumentParser(
         prog="python -m dmdcli.shapes.train_flow_teacher",
         description="Train the flow-matching shapes teacher (CPU, deterministic, resumable).",
     )
-    p.add_argument("out_dir")
-    p.add_argument("--state", default=None, help="training state folder (default OUT_DIR.state)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--data-seed", type=int, default=None, help="world stream of the training scenes (1000 + seed)")
-    p.add_argument("--num-scenes", type=int, default=40000, help="training images rendered once")
+    add_common_arguments(p)
     p.add_argument("--width", type=int, default=128, help=f"transformer width (a multiple of {HEAD_DIM})")
     p.add_argument("--depth", type=int, default=6, help="transformer blocks")
     p.add_argument("--iterations", type=int, default=6000)
@@ -219,12 +212,7 @@ def parse_args(argv: list[str] | None):
     p.add_argument("--warmup", type=int, default=300)
     p.add_argument("--ema-decay", type=float, default=0.999)
     p.add_argument("--caption-dropout", type=float, default=0.1)
-    p.add_argument("--checkpoint-every", type=int, default=500)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--eval-prompts", type=int, default=0, help="alignment check on this many prompts after saving")
-    args = p.parse_args(argv)
-    if args.data_seed is None:
-        args.data_seed = 1000 + args.seed
+    args = parse(p, argv)
     if args.width % HEAD_DIM:
         p.error(f"--width must be a multiple of {HEAD_DIM}")
     return args
@@ -233,13 +221,8 @@ def parse_args(argv: list[str] | None):
 def main(argv: list[str] | None = None) -> int:
     from diffusers import StableDiffusion3Pipeline
 
-    args = parse_args(argv)
-    torch.set_num_threads(args.threads)
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    start = time.time()
-    out = Path(args.out_dir)
-    state = Path(args.state) if args.state else out.with_name(out.name + ".state")
-    state.mkdir(parents=True, exist_ok=True)
+    args, started = parse_args(argv), time.time()
+    out, state = start(args)
 
     log(f"rendering {args.num_scenes} scenes of world seed {args.data_seed}")
     train_scenes = world.scenes(args.data_seed, args.num_scenes)
@@ -255,13 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     trainer.train(latents, cond, rows, parts["vae"].config.scaling_factor)
 
     save_pipeline(StableDiffusion3Pipeline(transformer=trainer.ema, **parts), out)
-    import diffusers
-    import transformers
-
-    record = {
-        "command": (
-            "python -m dmdcli.shapes.train_flow_teacher " + shlex.join(sys.argv[1:] if argv is None else argv)
-        ).strip(),
+    values = {
         **trainer.saved_args(),
         "iterations": args.iterations,
         "threads": args.threads,
@@ -269,19 +246,8 @@ def main(argv: list[str] | None = None) -> int:
         "parameters": sum(p.numel() for p in trainer.ema.parameters()),
         "final_v_mse": round(float(np.mean(trainer.losses[-200:])), 5) if trainer.losses else None,
         "vae_and_text_encoder_from": "the UNet shapes teacher (dmdcli/shapes/weights/teacher)",
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "machine": platform.machine(),
-        "diffusers": diffusers.__version__,
-        "transformers": transformers.__version__,
     }
-    (out / "TRAINING.json").write_text(json.dumps(record, indent=2) + "\n")
-    if args.eval_prompts > 0:
-        record["eval"] = evaluate(out, args.eval_prompts, seed=7)
-        record["eval"].update(steps=25, guidance_scale=4.0, world_seed=7)
-        log(f"alignment: {record['eval']}")
-        (out / "TRAINING.json").write_text(json.dumps(record, indent=2) + "\n")
-    log(f"saved to {out} in {(time.time() - start) / 60:.1f} min")
+    write_record(out, "dmdcli.shapes.train_flow_teacher", argv, args, values, started)
     return 0
 
 

@@ -35,8 +35,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import platform
-import shlex
 import shutil
 import sys
 import time
@@ -50,14 +48,18 @@ from dmdcli.shapes import world
 from dmdcli.shapes.tokenizer import MAX_TOKEN_LENGTH, make_shapes_tokenizer
 from dmdcli.shapes.training import (
     Stage,
+    add_common_arguments,
     check_args,
     ema_decay,
     ema_update,
     encode_all,
     log,
+    parse,
     progress,
+    start,
     to_tensor,
     warmup_lr,
+    write_record,
 )
 
 TEXT_HIDDEN = 64
@@ -278,14 +280,12 @@ class Trainer(Stage):
         alphas_cumprod = scheduler().alphas_cumprod.float()  # [1000]
         snr = alphas_cumprod / (1 - alphas_cumprod)
         weight = torch.clamp(snr, max=5.0) / snr  # min-SNR-5 weights for epsilon prediction
-        mean, std = latents
         self.start_clock()
         while self.step < args.iterations:
             step, gen, started = self.step, self.gen, time.time()
-            idx = torch.randint(len(mean), (args.batch_size,), generator=gen)
-            x0 = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen)) * scaling
+            idx, x0, dropped = self.draw_batch(latents, scaling)
             ids = token_ids[idx].clone()
-            ids[torch.rand(args.batch_size, generator=gen) < args.caption_dropout] = empty_ids
+            ids[dropped] = empty_ids
             t = torch.randint(0, 1000, (args.batch_size,), generator=gen)
             # Offset noise (a per-image, per-channel constant added to the noise): at t = 999 SD's
             # schedule still leaks sqrt(alpha_bar) ≈ 0.07 of the image, so without it the UNet
@@ -339,25 +339,12 @@ def save_pipeline(pipe, out: Path) -> None:
     tmp.rename(out)
 
 
-def evaluate(pipe_dir: Path, n: int, seed: int, steps: int = 25, guidance: float = 4.0) -> dict:
-    """Alignment of the saved teacher on ``n`` prompts of world seed ``seed``."""
-    from dmdcli.shapes.features import alignment_report, sample_teacher
-
-    captions = [world.caption(s) for s in world.scenes(seed, n)]
-    images = sample_teacher(pipe_dir, captions, steps=steps, guidance_scale=guidance, seed=0)
-    return alignment_report(images, captions)
-
-
 def parse_args(argv: list[str] | None):
     p = argparse.ArgumentParser(
         prog="python -m dmdcli.shapes.train_teacher",
         description="Train the shapes-world teacher (CPU, deterministic, resumable).",
     )
-    p.add_argument("out_dir")
-    p.add_argument("--state", default=None, help="training state folder (default OUT_DIR.state)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--data-seed", type=int, default=None, help="world stream of the training scenes (1000 + seed)")
-    p.add_argument("--num-scenes", type=int, default=40000, help="training images rendered once")
+    add_common_arguments(p)
     p.add_argument("--vae-iterations", type=int, default=2000)
     p.add_argument("--vae-batch-size", type=int, default=32)
     p.add_argument("--vae-lr", type=float, default=2e-3)
@@ -370,23 +357,12 @@ def parse_args(argv: list[str] | None):
     p.add_argument("--ema-decay", type=float, default=0.999)
     p.add_argument("--caption-dropout", type=float, default=0.1)
     p.add_argument("--offset-noise", type=float, default=0.1, help="std of the per-channel constant added to the noise")
-    p.add_argument("--checkpoint-every", type=int, default=500)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--eval-prompts", type=int, default=0, help="alignment check on this many prompts after saving")
-    args = p.parse_args(argv)
-    if args.data_seed is None:
-        args.data_seed = 1000 + args.seed
-    return args
+    return parse(p, argv)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    torch.set_num_threads(args.threads)
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    start = time.time()
-    out = Path(args.out_dir)
-    state = Path(args.state) if args.state else out.with_name(out.name + ".state")
-    state.mkdir(parents=True, exist_ok=True)
+    args, started = parse_args(argv), time.time()
+    out, state = start(args)
 
     log(f"rendering {args.num_scenes} scenes of world seed {args.data_seed}")
     train_scenes = world.scenes(args.data_seed, args.num_scenes)
@@ -406,14 +382,8 @@ def main(argv: list[str] | None = None) -> int:
 
     pipe = build_pipeline(vae, trainer.ema_unet, trainer.ema_text, trainer.tokenizer)
     save_pipeline(pipe, out)
-    import diffusers
-    import transformers
-
     eps_mse = float(np.mean(trainer.losses[-200:])) if trainer.losses else float("nan")
-    record = {
-        "command": (
-            "python -m dmdcli.shapes.train_teacher " + shlex.join(sys.argv[1:] if argv is None else argv)
-        ).strip(),
+    values = {
         **trainer.saved_args(),
         "iterations": args.iterations,
         "threads": args.threads,
@@ -422,19 +392,8 @@ def main(argv: list[str] | None = None) -> int:
         "final_text_loss": round(trainer.text_loss, 5),
         "final_eps_mse": round(eps_mse, 5),
         "scaling_factor": vae.config.scaling_factor,
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "machine": platform.machine(),
-        "diffusers": diffusers.__version__,
-        "transformers": transformers.__version__,
     }
-    (out / "TRAINING.json").write_text(json.dumps(record, indent=2) + "\n")
-    if args.eval_prompts > 0:
-        record["eval"] = evaluate(out, args.eval_prompts, seed=7)
-        record["eval"].update(steps=25, guidance_scale=4.0, world_seed=7)
-        log(f"alignment: {record['eval']}")
-        (out / "TRAINING.json").write_text(json.dumps(record, indent=2) + "\n")
-    log(f"saved to {out} in {(time.time() - start) / 60:.1f} min")
+    write_record(out, "dmdcli.shapes.train_teacher", argv, args, values, started)
     return 0
 
 

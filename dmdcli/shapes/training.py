@@ -7,6 +7,11 @@ subclass `Stage` with their own networks and loss.
 
 from __future__ import annotations
 
+import argparse
+import json
+import platform
+import shlex
+import sys
 import time
 from abc import ABC, abstractmethod
 from pathlib import Path
@@ -135,6 +140,15 @@ class Stage(ABC):
         log(f"resumed from {path} (iteration {self.step})")
         return True
 
+    def draw_batch(self, latents: tuple[torch.Tensor, torch.Tensor], scaling: float):
+        """A batch: its rows, its latents (posterior samples, scaled) and which captions are
+        dropped for classifier-free guidance, all from the stage's generator."""
+        mean, std = latents
+        idx = torch.randint(len(mean), (self.args.batch_size,), generator=self.gen)
+        x0 = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=self.gen)) * scaling
+        dropped = torch.rand(self.args.batch_size, generator=self.gen) < self.args.caption_dropout
+        return idx, x0, dropped
+
     def optimizer_step(self, loss: torch.Tensor, params: list[torch.nn.Parameter], lr: float) -> None:
         """One clipped AdamW step at `lr`."""
         for g in self.opt.param_groups:
@@ -154,3 +168,69 @@ class Stage(ABC):
 
     def start_clock(self) -> None:
         self._t0, self._first = time.time(), self.step
+
+
+# -- the scripts' command line, set-up and record ------------------------------------------------
+
+
+def add_common_arguments(p: argparse.ArgumentParser) -> None:
+    """The arguments both teachers' scripts take: where, which scenes, threads, checkpoints, evaluation."""
+    p.add_argument("out_dir")
+    p.add_argument("--state", default=None, help="training state folder (default OUT_DIR.state)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data-seed", type=int, default=None, help="world stream of the training scenes (1000 + seed)")
+    p.add_argument("--num-scenes", type=int, default=40000, help="training images rendered once")
+    p.add_argument("--checkpoint-every", type=int, default=500)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--eval-prompts", type=int, default=0, help="alignment check on this many prompts after saving")
+
+
+def parse(p: argparse.ArgumentParser, argv: list[str] | None):
+    args = p.parse_args(argv)
+    if args.data_seed is None:
+        args.data_seed = 1000 + args.seed
+    return args
+
+
+def start(args) -> tuple[Path, Path]:
+    """Threads and determinism set; (OUT_DIR, the state folder, made)."""
+    torch.set_num_threads(args.threads)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    out = Path(args.out_dir)
+    state = Path(args.state) if args.state else out.with_name(out.name + ".state")
+    state.mkdir(parents=True, exist_ok=True)
+    return out, state
+
+
+def evaluate(pipe_dir: Path, n: int, seed: int, steps: int = 25, guidance: float = 4.0) -> dict:
+    """Alignment of a saved teacher on ``n`` prompts of world seed ``seed``, sampled by its diffusers pipeline."""
+    from dmdcli.shapes import world
+    from dmdcli.shapes.features import alignment_report, sample_teacher
+
+    captions = [world.caption(s) for s in world.scenes(seed, n)]
+    images = sample_teacher(pipe_dir, captions, steps=steps, guidance_scale=guidance, seed=0)
+    return alignment_report(images, captions)
+
+
+def write_record(out: Path, script: str, argv: list[str] | None, args, values: dict, started: float) -> None:
+    """OUT_DIR/TRAINING.json: the command, `values`, the versions, and the alignment at 25 steps
+    (CFG 4, world seed 7) when --eval-prompts asks for it."""
+    import diffusers
+    import transformers
+
+    record = {
+        "command": f"python -m {script} {shlex.join(sys.argv[1:] if argv is None else argv)}".strip(),
+        **values,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "diffusers": diffusers.__version__,
+        "transformers": transformers.__version__,
+    }
+    (out / "TRAINING.json").write_text(json.dumps(record, indent=2) + "\n")
+    if args.eval_prompts > 0:
+        record["eval"] = evaluate(out, args.eval_prompts, seed=7)
+        record["eval"].update(steps=25, guidance_scale=4.0, world_seed=7)
+        log(f"alignment: {record['eval']}")
+        (out / "TRAINING.json").write_text(json.dumps(record, indent=2) + "\n")
+    log(f"saved to {out} in {(time.time() - started) / 60:.1f} min")
