@@ -248,6 +248,21 @@ def test_an_sd3_pipeline_without_t5_conditions_as_diffusers_does(sd3_without_t5,
         torch.testing.assert_close(cond["pooled_projections"], pooled, atol=1e-5, rtol=0)
 
 
+def test_an_sd3_pipeline_without_t5_samples_as_a_plain_pipeline(sd3_without_t5, tmp_path):
+    """`dmd sample --model` of the teacher itself: diffusers' pipeline, told what its folder says."""
+    import shutil
+
+    from dmdcli.models.teacher import record_max_sequence_length
+
+    teacher = tmp_path / "teacher"
+    shutil.copytree(sd3_without_t5, teacher)
+    record_max_sequence_length(teacher, 0)
+    args = ["sample", "--model", str(teacher), "--prompt", "a cat", "--steps", "2", "--out", str(tmp_path / "images")]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.stderr
+    assert len(list((tmp_path / "images").glob("*.png"))) == 1
+
+
 @pytest.mark.filterwarnings("ignore::FutureWarning")
 def test_a_student_of_an_sd3_without_t5_exports_with_what_its_pipeline_must_be_told(sd3_without_t5, tmp_path):
     """The exported pipeline keeps the recorded T5 positions, and the printed snippet loads it (T5

@@ -348,8 +348,17 @@ class PipelineSampler:
         from diffusers import DiffusionPipeline
 
         self.name = source.name
+        # A pipeline dmd distills is loaded and called as its config files say (SD3 without T5:
+        # T5 passed as None, a recorded max_sequence_length); any other with diffusers' defaults.
         try:
-            self.pipe = DiffusionPipeline.from_pretrained(source.path, use_safetensors=None if allow_pickle else True)
+            spec = inspect_teacher(source.path)
+            absent, self.call_kwargs = spec.absent_required, spec.call_kwargs
+        except DmdError:
+            absent, self.call_kwargs = {}, {}
+        try:
+            self.pipe = DiffusionPipeline.from_pretrained(
+                source.path, use_safetensors=None if allow_pickle else True, **absent
+            )
         except Exception as e:  # missing files, offline hub, pickle-only weights, unknown class...
             first = re.sub(
                 r"\s*(Please )?check out the root cause in the stacktrace above\.?",
@@ -374,6 +383,7 @@ class PipelineSampler:
         self, prompts: list[str], seeds: list[int], height: int | None, width: int | None, steps: int
     ) -> np.ndarray:
         kwargs: dict[str, Any] = dict(num_inference_steps=steps, generator=image_generators(seeds), output_type="np")
+        kwargs.update(self.call_kwargs)
         if height:
             kwargs.update(height=height, width=width)
         if self.guidance_scale is not None:

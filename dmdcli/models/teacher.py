@@ -178,6 +178,12 @@ class TeacherSpec:
         optional = getattr(getattr(diffusers, self.pipeline_class, None), "_optional_components", [])
         return {k: None for k in self.absent if k not in optional}
 
+    @property
+    def call_kwargs(self) -> dict[str, int]:
+        """What its diffusers pipeline must be called with to condition as dmd does (a recorded
+        max_sequence_length)."""
+        return {} if self.max_sequence_length is None else {"max_sequence_length": self.max_sequence_length}
+
     def t5_tokens(self, default: int) -> int:
         """A prompt's T5 positions: the recorded max_sequence_length, else the family pipeline's `default`."""
         return default if self.max_sequence_length is None else self.max_sequence_length

@@ -273,7 +273,6 @@ def sample_teacher(
         pipe = pipe.to(torch.float32)
     pipe.set_progress_bar_config(disable=True)
     size = spec.native_resolution
-    extra = {} if spec.max_sequence_length is None else {"max_sequence_length": spec.max_sequence_length}
     out = []
     for i in range(0, len(captions), batch):
         chunk = list(captions[i : i + batch])
@@ -285,7 +284,7 @@ def sample_teacher(
             generator=gens,
             height=size,
             width=size,
-            **extra,
+            **spec.call_kwargs,
             output_type="np",
         ).images
         out.append(np.clip(np.round(images * 255.0), 0, 255).astype(np.uint8))
