@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -39,6 +38,7 @@ from dmdcli.shapes.training import (
     encode_all,
     log,
     parse,
+    save_pipeline,
     start,
     warmup_lr,
     write_record,
@@ -59,6 +59,7 @@ _STATE_ARGS = (
 )
 HEAD_DIM = 32
 SHIFT = 1.0  # at 64 image tokens no shift toward noise is needed (SD3 shifts by 3 for 4096)
+T5_POSITIONS = 0  # the max_sequence_length its model_index.json records: no zeros in T5's place
 
 
 def transformer_config(width: int, depth: int, text_width: int) -> dict:
@@ -121,23 +122,6 @@ def frozen_parts() -> dict:
         text_encoder_3=None,
         tokenizer_3=None,
     )
-
-
-def save_pipeline(pipe, out: Path) -> None:
-    """Write the pipeline (max_sequence_length 0 recorded) into a temporary folder beside ``out``,
-    then swap it in."""
-    from dmdcli.models.teacher import record_max_sequence_length
-    from dmdcli.shapes.tokenizer import write_shapes_tokenizer_files
-
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    pipe.save_pretrained(tmp, safe_serialization=True)
-    for folder in ("tokenizer", "tokenizer_2"):  # transformers 5 writes only tokenizer.json
-        if not (tmp / folder / "vocab.json").is_file():
-            write_shapes_tokenizer_files(tmp / folder)
-    record_max_sequence_length(tmp, 0)
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
 
 
 def encode_captions(folder: Path, captions: list[str], batch: int = 1000) -> tuple[dict, np.ndarray]:
@@ -231,13 +215,14 @@ def main(argv: list[str] | None = None) -> int:
     trainer = FlowTrainer(args, state, parts["text_encoder"].config.hidden_size)
     latents = encode_all(parts["vae"], world.render_array(train_scenes))
     # The conditioning, read by dmd's SD3 teacher of this very pipeline (its transformer untrained).
-    save_pipeline(StableDiffusion3Pipeline(transformer=copy.deepcopy(trainer.transformer), **parts), state / "parts")
+    untrained = StableDiffusion3Pipeline(transformer=copy.deepcopy(trainer.transformer), **parts)
+    save_pipeline(untrained, state / "parts", T5_POSITIONS)
     cond, rows = encode_captions(state / "parts", captions)
     log(f"{len(cond['pooled_projections'])} distinct captions encoded")
     trainer.resume()
     trainer.train(latents, cond, rows, parts["vae"].config.scaling_factor)
 
-    save_pipeline(StableDiffusion3Pipeline(transformer=trainer.ema, **parts), out)
+    save_pipeline(StableDiffusion3Pipeline(transformer=trainer.ema, **parts), out, T5_POSITIONS)
     values = {
         **trainer.saved_args(),
         "iterations": args.iterations,

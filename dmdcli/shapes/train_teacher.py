@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -56,6 +55,7 @@ from dmdcli.shapes.training import (
     log,
     parse,
     progress,
+    save_pipeline,
     start,
     to_tensor,
     warmup_lr,
@@ -323,20 +323,6 @@ def build_pipeline(vae, unet, text_encoder, tokenizer):
         image_encoder=None,
         requires_safety_checker=False,
     )
-
-
-def save_pipeline(pipe, out: Path) -> None:
-    """Write the pipeline into a temporary folder beside ``out``, then swap it in."""
-    from dmdcli.shapes.tokenizer import write_shapes_tokenizer_files
-
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    pipe.save_pretrained(tmp, safe_serialization=True)
-    # transformers 5 writes only tokenizer.json; keep vocab.json + merges.txt for transformers 4.
-    if not (tmp / "tokenizer" / "vocab.json").is_file():
-        write_shapes_tokenizer_files(tmp / "tokenizer")
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
 
 
 def parse_args(argv: list[str] | None):

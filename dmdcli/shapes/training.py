@@ -11,6 +11,7 @@ import argparse
 import json
 import platform
 import shlex
+import shutil
 import sys
 import time
 from abc import ABC, abstractmethod
@@ -210,6 +211,24 @@ def evaluate(pipe_dir: Path, n: int, seed: int, steps: int = 25, guidance: float
     captions = [world.caption(s) for s in world.scenes(seed, n)]
     images = sample_teacher(pipe_dir, captions, steps=steps, guidance_scale=guidance, seed=0)
     return alignment_report(images, captions)
+
+
+def save_pipeline(pipe, out: Path, max_sequence_length: int | None = None) -> None:
+    """Write a shapes pipeline into a temporary folder beside ``out``, then swap it in; a
+    `max_sequence_length` is recorded in its model_index.json (an SD3 pipeline without T5)."""
+    from dmdcli.models.teacher import record_max_sequence_length
+    from dmdcli.shapes.tokenizer import write_shapes_tokenizer_files
+
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    # transformers 5 writes only tokenizer.json; keep vocab.json + merges.txt for transformers 4.
+    for folder in ("tokenizer", "tokenizer_2"):
+        if (tmp / folder).is_dir() and not (tmp / folder / "vocab.json").is_file():
+            write_shapes_tokenizer_files(tmp / folder)
+    record_max_sequence_length(tmp, max_sequence_length)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
 
 
 def write_record(out: Path, script: str, argv: list[str] | None, args, values: dict, started: float) -> None:
