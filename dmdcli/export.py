@@ -406,7 +406,7 @@ def export(source: ModelSource, fmt: str, out: Path, dtype: torch.dtype, allow_p
         "timesteps": info["timesteps"],
         "flow": spec.prediction_type == "flow",  # a flow-matching pipeline: called with sigmas=
         "absent": sorted(spec.absent_required),  # components from_pretrained is passed as None (SD3 without T5)
-        "max_sequence_length": spec.max_sequence_length,  # the pipeline is called with it, unless None
+        "call_kwargs": spec.call_kwargs,  # what the pipeline is called with besides the defaults (SD3 without T5)
     }
 
 
@@ -422,8 +422,7 @@ def snippet(fmt: str, out: Path, info: dict[str, Any], dtype: str, record: dict[
     guidance = info.get("denoiser", {}).get("embedded_guidance", 0)
     seed = f'guidance_scale={guidance}, generator=torch.Generator("cpu").manual_seed(0)'
     prompt = '"a photo of a cat"'
-    if record.get("max_sequence_length") is not None:
-        prompt += f", max_sequence_length={record['max_sequence_length']}"
+    prompt += "".join(f", {name}={value!r}" for name, value in record.get("call_kwargs", {}).items())
     if flow:
         scheduler_class = (
             "FlowMatchEulerDiscreteScheduler" if info.get("sampler") == "ddim" else "FlowMatchLCMScheduler"
