@@ -27,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-GUIDANCE = 4.0  # the shapes recipe's real-score CFG, and the teacher rows' sampling CFG
+GUIDANCE = 4.0  # the teacher rows' sampling CFG (the students' real score: the recipe's, 3 since 2026-12-07)
 ITERATIONS = 400  # the shapes recipe's iterations (× batch 16): every student's budget
 PROGRESSIVE_TEACHER_STEPS = 32  # first round's teacher: DDIM 32 steps with CFG, halved each round
 DMD_PAIRS = 512  # DMD (v1)'s noise→image pairs (the paper: 25k–500k on real teachers)
