@@ -148,7 +148,9 @@ def flow_student_scheduler(
     from dmdcli.models.teacher import schedule_from_config
 
     name = "FlowMatchEulerDiscreteScheduler" if sampler == "ddim" else "FlowMatchLCMScheduler"
-    scheduler = _lcm(getattr(diffusers, name), teacher_scheduler_config, {})
+    # The student's sigmas are given exactly: a stretch of the ladder to a terminal sigma (Qwen-Image's
+    # shift_terminal, an inference option) would move them.
+    scheduler = _lcm(getattr(diffusers, name), teacher_scheduler_config, {"shift_terminal": None})
     c, tokens = scheduler.config, image_seq_len
     total = int(c.num_train_timesteps)
     mu = None
@@ -418,9 +420,11 @@ def snippet(fmt: str, out: Path, info: dict[str, Any], dtype: str, record: dict[
     as_dtype = "" if dtype == "fp32" else f", torch_dtype=torch.{str(DTYPES[dtype]).removeprefix('torch.')}"
     # from_pretrained's arguments: the dtype, and the components it must be told are absent
     loading = as_dtype + "".join(f", {name}=None" for name in record.get("absent", []))
-    # guidance_scale=0: no CFG; a guidance-distilled pipeline's (FLUX) is its embedded guidance instead
-    guidance = info.get("denoiser", {}).get("embedded_guidance", 0)
-    seed = f'guidance_scale={guidance}, generator=torch.Generator("cpu").manual_seed(0)'
+    # No CFG (the family's pipeline argument that turns it off); a guidance-distilled pipeline's
+    # guidance_scale (FLUX) is its embedded guidance instead
+    embedded = info.get("denoiser", {}).get("embedded_guidance")
+    guidance = layout_family(info["layout"]).no_cfg if embedded is None else f"guidance_scale={embedded}"
+    seed = f'{guidance}, generator=torch.Generator("cpu").manual_seed(0)'
     prompt = '"a photo of a cat"'
     prompt += "".join(f", {name}={value!r}" for name, value in record.get("call_kwargs", {}).items())
     if flow:

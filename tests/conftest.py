@@ -75,3 +75,10 @@ def tiny_flux():
     from dmdcli.models.tiny import tiny_pipeline_cached
 
     return tiny_pipeline_cached("flux")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen_image():
+    from dmdcli.models.tiny import tiny_pipeline_cached
+
+    return tiny_pipeline_cached("qwen-image")

@@ -103,11 +103,14 @@ def test_a_built_in_teacher_is_known_by_its_name_and_its_folder(registered, tmp_
 
 
 def test_the_built_in_families():
-    assert [f.name for f in families.families()][:5] == ["sd", "sdxl", "sd3", "flux", "shapes"]
+    names = ["sd", "sdxl", "sd3", "flux", "qwen-image", "shapes"]
+    assert [f.name for f in families.families()][: len(names)] == names
     default = families.default_family()
     assert choose_recipe(None, None, None, None, False, False) == (default.recipe(1, None), None)
     assert teacher_family("sd21").name == "sd" and teacher_family("stabilityai/sdxl").name == "sdxl"
     assert teacher_family("sd3.5-large").name == "sd3" and teacher_family("flux-dev").name == "flux"
+    assert teacher_family("qwen-image").name == "qwen-image"
+    assert choose_recipe(None, "qwen-image", 4, None, False, False)[0] == "qwen-image"
     recipe, note = choose_recipe(None, "sdxl", 4, 8, False, False)
     assert recipe == "sdxl-4step-lora" and note.startswith("recipe sdxl-4step-lora: chosen for an SDXL teacher")
     assert choose_recipe(None, "sdxl", None, None, False, False)[0] == "sdxl-1step"

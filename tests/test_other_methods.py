@@ -155,7 +155,7 @@ def test_lpips_decodes_with_the_tiny_autoencoder_and_says_when_it_cannot(tmp_pat
 
     from dmdcli.errors import UsageError
     from dmdcli.models.families import get_family
-    from dmdcli.train.regression import regression_decoder
+    from dmdcli.train.regression import latent_decoder, regression_decoder
 
     torch.manual_seed(0)
     tiny = AutoencoderTiny(
@@ -171,18 +171,18 @@ def test_lpips_decodes_with_the_tiny_autoencoder_and_says_when_it_cannot(tmp_pat
     sdxl = get_family("sdxl")
     assert sdxl.tiny_autoencoder == "madebyollin/taesdxl"
     z = torch.randn(1, 4, 4, 4)
-    decode, what, note = regression_decoder(str(tmp_path / "taesd"), sdxl, vae, "cpu")
+    decode, what, note = regression_decoder(str(tmp_path / "taesd"), sdxl, latent_decoder(vae), "cpu")
     assert (what, note) == (str(tmp_path / "taesd"), None)
     assert torch.allclose(decode(z), tiny.decode(z).sample.clamp(-1, 1), atol=1e-6)  # no VAE scaling applied
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    decode, what, note = regression_decoder("auto", sdxl, vae, "cpu")
+    decode, what, note = regression_decoder("auto", sdxl, latent_decoder(vae), "cpu")
     assert what == "vae" and note.startswith("tiny autoencoder madebyollin/taesdxl unavailable")
     scale = vae.config.scaling_factor
     assert torch.allclose(decode(z), vae.decode(z / scale).sample.clamp(-1, 1), atol=1e-6)
-    assert regression_decoder("vae", sdxl, vae, "cpu")[1:] == ("vae", None)
+    assert regression_decoder("vae", sdxl, latent_decoder(vae), "cpu")[1:] == ("vae", None)
     with pytest.raises(UsageError, match=r"--regression-decoder .*: not a readable AutoencoderTiny"):
-        regression_decoder(str(tiny_sdxl / "vae"), sdxl, vae, "cpu")
+        regression_decoder(str(tiny_sdxl / "vae"), sdxl, latent_decoder(vae), "cpu")
 
 
 def test_method_presets(tiny_sd, prompts_file):

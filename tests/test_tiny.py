@@ -156,3 +156,54 @@ def test_cached_and_cli(tmp_path, capsys):
         make_tiny_pipeline(tmp_path / "bad", layout="sdxl-turbo")
     with pytest.raises(UsageError):
         tiny_pipeline_cached("sd", prediction_type="sample")
+
+
+QWEN_TEMPLATE_PREFIX = (
+    "<|im_start|>system\nDescribe the image by detailing the color, shape, size, texture, quantity, text, spatial"
+    " relationships of the objects and background:<|im_end|>\n<|im_start|>user\n"
+)
+
+
+def test_qwen_image_roundtrip_and_sample(tiny_qwen_image, capfd):
+    """The saved tiny Qwen-Image loads as a QwenImagePipeline, its tokenizer drops exactly the
+    template's 34-token prefix, and true CFG on two prompts of different lengths (so the text
+    attention mask has padding) samples the same image as one prompt alone."""
+    from transformers import AutoTokenizer
+
+    from dmdcli.models.tiny_flow import make_tiny_qwen_tokenizer
+
+    capfd.readouterr()
+    pipe = _load(tiny_qwen_image)
+    err = capfd.readouterr().err.lower()
+    for phrase in ("expected types", "not expected", "were not found", "missing", "unexpected"):
+        assert phrase not in err, f"loading warned: {err}"
+    assert type(pipe).__name__ == "QwenImagePipeline"
+    assert pipe.vae_scale_factor == 8 and pipe.vae.config.z_dim == 16 and len(pipe.vae.config.latents_std) == 16
+    assert pipe.transformer.config.joint_attention_dim == pipe.text_encoder.config.text_config.hidden_size
+    assert pipe.scheduler.config.time_shift_type == "exponential" and pipe.scheduler.config.shift_terminal == 0.02
+
+    tok = AutoTokenizer.from_pretrained(tiny_qwen_image / "tokenizer", local_files_only=True)
+    assert tok.pad_token == "<|endoftext|>" and tok.eos_token == "<|im_end|>"
+    assert len(tok(QWEN_TEMPLATE_PREFIX).input_ids) == pipe.prompt_template_encode_start_idx == 34
+    text = pipe.prompt_template_encode.format("a red circle")
+    assert tok.convert_ids_to_tokens(tok(text).input_ids[34:])[:3] == ["a", "Ġred", "Ġcircle"]
+    for prompt in (text, string.printable, "héllo wörld"):
+        assert tok(prompt).input_ids == make_tiny_qwen_tokenizer()(prompt).input_ids
+
+    pipe.set_progress_bar_config(disable=True)
+
+    def sample(prompt, negative_prompt, pipe=pipe):
+        generator = torch.Generator().manual_seed(0)
+        kwargs = dict(num_inference_steps=2, height=32, width=32, true_cfg_scale=4.0, output_type="np")
+        return pipe(prompt, negative_prompt=negative_prompt, generator=generator, **kwargs).images
+
+    one = sample("a red circle", " ")
+    assert one.shape == (1, 32, 32, 3) and np.isfinite(one).all()
+    np.testing.assert_array_equal(sample("a red circle", " "), one)
+    built = tiny.build_tiny_pipeline("qwen-image")  # the saved folder is this pipeline, bit for bit
+    built.set_progress_bar_config(disable=True)
+    np.testing.assert_array_equal(sample("a red circle", " ", built), one)
+    two = sample(["a red circle", "a small green triangle on white"], [" ", "a black square"])
+    assert two.shape == (2, 32, 32, 3)
+    np.testing.assert_allclose(two[0], one[0], atol=1e-5)
+    assert np.abs(two[1] - two[0]).max() > 1e-4

@@ -1,4 +1,5 @@
-"""The public configs of the full-size SD1.5, SDXL, SD3.5 (medium, large) and FLUX.1-dev architectures (no weights).
+"""The public configs of the full-size SD1.5, SDXL, SD3.5 (medium, large), FLUX.1-dev and Qwen-Image
+architectures (no weights).
 
 Written out as a config-only pipeline folder, they let `dmd distill --dry-run` and the memory
 and speed benchmark build the real architectures (on the meta device, or with random weights)
@@ -192,6 +193,58 @@ ARCHITECTURES["flux-dev"] = {
 }
 
 
+# Qwen-Image: a 60-block MMDiT (QwenImageTransformer2DModel's defaults are its sizes), Wan's video
+# VAE (AutoencoderKLQwenImage's defaults, latent statistics included) and Qwen2.5-VL-7B-Instruct.
+_QWEN25_VL_7B = {
+    "architectures": ["Qwen2_5_VLForConditionalGeneration"],
+    "model_type": "qwen2_5_vl",
+    "text_config": {
+        "model_type": "qwen2_5_vl_text",
+        "hidden_size": 3584,
+        "intermediate_size": 18944,
+        "num_hidden_layers": 28,
+        "num_attention_heads": 28,
+        "num_key_value_heads": 4,
+        "vocab_size": 152064,
+        "rms_norm_eps": 1e-6,
+        "max_position_embeddings": 128000,
+        "tie_word_embeddings": False,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]},
+    },
+    "vision_config": {
+        "depth": 32,
+        "hidden_size": 1280,
+        "intermediate_size": 3420,
+        "num_heads": 16,
+        "out_hidden_size": 3584,
+        "patch_size": 14,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+        "window_size": 112,
+        "fullatt_block_indexes": [7, 15, 23, 31],
+    },
+    "tie_word_embeddings": False,
+}
+ARCHITECTURES["qwen-image"] = {
+    "pipeline": "QwenImagePipeline",
+    "transformer": {"_class_name": "QwenImageTransformer2DModel"},
+    "vae": {"_class_name": "AutoencoderKLQwenImage"},
+    "scheduler": {
+        "_class_name": "FlowMatchEulerDiscreteScheduler",
+        "num_train_timesteps": 1000,
+        "shift": 1.0,
+        "use_dynamic_shifting": True,
+        "base_shift": 0.5,
+        "max_shift": 0.9,
+        "base_image_seq_len": 256,
+        "max_image_seq_len": 8192,
+        "shift_terminal": 0.02,
+        "time_shift_type": "exponential",
+    },
+    "text_encoders": {"text_encoder": _QWEN25_VL_7B},
+}
+
+
 def bundled_architecture(teacher: str) -> str | None:
     """The ARCHITECTURES key whose public configs stand for `teacher` (an alias or its hub id)
     when they cannot be read from the hub, e.g. offline; None for any other teacher."""
@@ -200,6 +253,9 @@ def bundled_architecture(teacher: str) -> str | None:
     aliases = teacher_aliases()
     hub_id = aliases.get(teacher, teacher)  # every alias of a model, and its hub id, name one model
     return next((name for name in ARCHITECTURES if aliases[name] == hub_id), None)
+
+
+_TOKENIZERS = (("T5", "T5TokenizerFast"), ("Qwen", "Qwen2Tokenizer"))  # by the text encoder's class; else CLIP's
 
 
 def write_config_only_pipeline(folder: str | Path, name: str) -> Path:
@@ -211,7 +267,7 @@ def write_config_only_pipeline(folder: str | Path, name: str) -> Path:
     index = {
         "_class_name": arch["pipeline"],
         network: ["diffusers", arch[network]["_class_name"]],
-        "vae": ["diffusers", "AutoencoderKL"],
+        "vae": ["diffusers", arch["vae"].get("_class_name", "AutoencoderKL")],
         "scheduler": ["diffusers", scheduler["_class_name"]],
     }
     files = {
@@ -221,7 +277,7 @@ def write_config_only_pipeline(folder: str | Path, name: str) -> Path:
     }
     for sub, config in arch["text_encoders"].items():
         index[sub] = ["transformers", config["architectures"][0]]
-        tokenizer = "T5TokenizerFast" if config["architectures"][0].startswith("T5") else "CLIPTokenizer"
+        tokenizer = next((t for p, t in _TOKENIZERS if config["architectures"][0].startswith(p)), "CLIPTokenizer")
         index[sub.replace("text_encoder", "tokenizer")] = ["transformers", tokenizer]
         files[f"{sub}/config.json"] = config
     files["model_index.json"] = index

@@ -25,7 +25,13 @@ if TYPE_CHECKING:
     from dmdcli.models.pipeline import PipelineTeacher
 
 # The one place that names the family modules, in the order they are asked (and listed in help).
-FAMILY_MODULES = ("dmdcli.models.sd", "dmdcli.models.sd3", "dmdcli.models.flux", "dmdcli.shapes.family")
+FAMILY_MODULES = (
+    "dmdcli.models.sd",
+    "dmdcli.models.sd3",
+    "dmdcli.models.flux",
+    "dmdcli.models.qwen_image",
+    "dmdcli.shapes.family",
+)
 
 
 def _no_recipe(steps: int, lora_rank: int | None) -> str | None:
@@ -67,6 +73,7 @@ class Family:
     # config keys the adapter takes as keyword arguments (FLUX: embedded_guidance); students record them
     denoiser_options: tuple[str, ...] = ()
     classifier_free_guidance: bool = True  # False: a guidance-distilled teacher, whose real score takes no CFG
+    no_cfg: str = "guidance_scale=0"  # the argument that turns its diffusers pipeline's CFG off (export snippets)
     # hub id of a tiny autoencoder (diffusers' AutoencoderTiny) decoding its latents, for LPIPS regression
     tiny_autoencoder: str | None = None
     # (config.json of the network, of the VAE, of the scheduler) → why dmd cannot distill it, or None

@@ -84,10 +84,13 @@ class PipelineTeacher(ABC):
             rounding of an fp32 CLIP's output), once per prompt when prompts are cached.
 
     A subclass sets `network_class` (the diffusers class of the pipeline's `spec.network`
-    component) and implements `load_text_encoders`, `encode_prompts` and `empty_cond`.
+    component) and implements `load_text_encoders`, `encode_prompts` and `empty_cond`. A family
+    whose VAE is not an AutoencoderKL sets `vae_class` and overrides the VAE methods below
+    (`vae_scale_factor`, `latent_normalization`, `vae_encode`, `vae_decode`).
     """
 
     network_class: str = "UNet2DConditionModel"
+    vae_class: str = "AutoencoderKL"
 
     def __init__(
         self,
@@ -99,19 +102,18 @@ class PipelineTeacher(ABC):
         encoder_dtype: torch.dtype | None = None,
     ):
         import diffusers
-        from diffusers import AutoencoderKL
 
         self.spec, self.device, self.dtype, self.resolution = spec, device, dtype, resolution
         self.network: nn.Module = from_pretrained(
             getattr(diffusers, self.network_class), spec, spec.network, allow_pickle
         )
-        self.vae = from_pretrained(AutoencoderKL, spec, "vae", allow_pickle).to(device, torch.float32)
+        vae_class = getattr(diffusers, self.vae_class)
+        self.vae = from_pretrained(vae_class, spec, "vae", allow_pickle, torch_dtype=torch.float32).to(device)
         self.tokenizers, self.text_encoders = self.load_text_encoders(allow_pickle)
         for module in [self.network, self.vae, *self.text_encoders]:
             module.requires_grad_(False).eval()
         self.text_encoders = [te.to(device, encoder_dtype or dtype) for te in self.text_encoders]
-        self.scaling_factor = float(self.vae.config.scaling_factor)
-        self.shift_factor = float(self.vae.config.get("shift_factor") or 0.0)  # SD3 and FLUX shift their latents
+        self.shift_factor, self.scaling_factor = self.latent_normalization(self.vae.config, device)
         # The posterior samples of real images come from their own generator, not the global RNG:
         # the latent cache is then the same wherever and whenever it is built, and building it
         # does not shift the random stream of the run that builds it.
@@ -130,6 +132,28 @@ class PipelineTeacher(ABC):
     @abstractmethod
     def empty_cond(self) -> Cond:
         """The unconditional conditioning for CFG, batch 1."""
+
+    # -- the VAE: an AutoencoderKL unless the family says otherwise -------------------------------
+
+    @staticmethod
+    def vae_scale_factor(vae_config: dict) -> int:
+        """How many times the VAE divides an image's side, from its config.json (AutoencoderKL: 2 per
+        level after the first, as diffusers' pipelines compute it)."""
+        return 2 ** (len(vae_config.get("block_out_channels", [0] * 4)) - 1)
+
+    @staticmethod
+    def latent_normalization(vae_config, device: torch.device) -> tuple[float | Tensor, float | Tensor]:
+        """(shift, scale) of the pipeline's latents: latents = (z − shift)·scale for a VAE sample z.
+        SD and SDXL scale them, SD3 and FLUX shift and scale; a tensor broadcasts per channel."""
+        return float(vae_config.get("shift_factor") or 0.0), float(vae_config.scaling_factor)
+
+    def vae_encode(self, images: Tensor):
+        """Images [B, 3, R, R] → the VAE's posterior over z [B, C, R/f, R/f] (a DiagonalGaussianDistribution)."""
+        return self.vae.encode(images).latent_dist
+
+    def vae_decode(self, z: Tensor) -> Tensor:
+        """z [B, C, h, w] (unnormalized) → images [B, 3, H, W]."""
+        return self.vae.decode(z).sample
 
     @staticmethod
     @abstractmethod
@@ -221,12 +245,16 @@ class PipelineTeacher(ABC):
 
         Successive calls continue one seeded stream (`latent_generator`), so a folder encoded in the
         same order and batches gives the same latents."""
-        posterior = self.vae.encode(images.to(self.device, torch.float32)).latent_dist
+        posterior = self.vae_encode(images.to(self.device, torch.float32))
         z = posterior.sample(generator=self.latent_generator)
         return ((z - self.shift_factor) * self.scaling_factor).float()  # z − 0.0 is z exactly: SD's latents as before
+
+    def decode_with_grad(self, latents: Tensor) -> Tensor:
+        """Latents [B, C, h, w] → images [B, 3, H, W] in [-1, 1], differentiable (DMD's LPIPS regression)."""
+        z = latents.to(self.device, torch.float32) / self.scaling_factor + self.shift_factor
+        return self.vae_decode(z).float().clamp(-1, 1)
 
     @torch.no_grad()
     def decode(self, latents: Tensor) -> Tensor:
         """Latents [B, C, h, w] → images [B, 3, H, W] in [-1, 1]."""
-        z = latents.to(self.device, torch.float32) / self.scaling_factor + self.shift_factor
-        return self.vae.decode(z).sample.float().clamp(-1, 1)
+        return self.decode_with_grad(latents)

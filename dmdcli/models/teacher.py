@@ -234,14 +234,14 @@ def inspect_teacher(name: str) -> TeacherSpec:
     if family is None:
         raise DmdError(
             f"unsupported pipeline {pipeline_class} in {source}: dmd distills Stable Diffusion 1.x / 2.x, SDXL "
-            "(UNet2DConditionModel, CLIP text encoders), SD3 / SD3.5 and FLUX.1-dev pipelines"
+            "(UNet2DConditionModel, CLIP text encoders), SD3 / SD3.5, FLUX.1-dev and Qwen-Image pipelines"
         )
     network_cfg = _load_json_config(source, family.network, "config.json")
     vae_cfg = _load_json_config(source, "vae", "config.json")
     scheduler_cfg = _load_json_config(source, "scheduler", "scheduler_config.json")
     if reason := family.unsupported(network_cfg, vae_cfg, scheduler_cfg):
         raise DmdError(f"{reason} ({source})")
-    vae_scale = 2 ** (len(vae_cfg.get("block_out_channels", [0] * 4)) - 1)
+    vae_scale = family.teacher.vae_scale_factor(vae_cfg)
     shape = family.network_shape(network_cfg)
     return TeacherSpec(
         source=source,

@@ -18,7 +18,7 @@ The same seed gives byte-identical weights. Nothing is downloaded.
 
 Command line (developer helper)::
 
-    python -m dmdcli.models.tiny OUT_DIR [--layout sd|sdxl|sd3|flux]
+    python -m dmdcli.models.tiny OUT_DIR [--layout sd|sdxl|sd3|flux|qwen-image]
         [--prediction-type epsilon|v_prediction] [--seed N]
 """
 
@@ -35,7 +35,8 @@ from pathlib import Path
 from dmdcli.errors import UsageError
 from dmdcli.models.clip_bpe import BOS, EOS, byte_symbols, clip_tokenizer, write_tokenizer_files
 
-LAYOUTS = ("sd", "sdxl", "sd3", "flux")
+LAYOUTS = ("sd", "sdxl", "sd3", "flux", "qwen-image")
+_FLOW_LAYOUTS = ("sd3", "flux", "qwen-image")  # built by dmdcli.models.tiny_flow
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 #: Pixel resolution the tiny pipelines are made for (the UNet's default sample size times 2).
@@ -200,7 +201,7 @@ def vae_config(layout: str) -> dict:
 def _check(layout: str, prediction_type: str) -> None:
     if layout not in LAYOUTS:
         raise UsageError(f"unknown tiny layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
-    if layout in ("sd3", "flux"):
+    if layout in _FLOW_LAYOUTS:
         if prediction_type not in ("epsilon", "flow"):  # "epsilon": the command line's default
             raise UsageError(f"a tiny {layout} pipeline is flow matching: it takes no --prediction-type")
         return
@@ -216,10 +217,15 @@ def build_tiny_pipeline(layout: str = "sd", prediction_type: str = "epsilon", se
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     _check(layout, prediction_type)
-    if layout in ("sd3", "flux"):
+    if layout in _FLOW_LAYOUTS:
         from dmdcli.models import tiny_flow  # the flow-matching transformers: their own module
 
-        return tiny_flow.build_tiny_sd3_pipeline(seed) if layout == "sd3" else tiny_flow.build_tiny_flux_pipeline(seed)
+        build = {
+            "sd3": tiny_flow.build_tiny_sd3_pipeline,
+            "flux": tiny_flow.build_tiny_flux_pipeline,
+            "qwen-image": tiny_flow.build_tiny_qwen_image_pipeline,
+        }[layout]
+        return build(seed)
     tokenizer = make_tiny_tokenizer()
     vocab_size = len(tokenizer)
     bos_id = tokenizer.convert_tokens_to_ids(BOS)
@@ -276,16 +282,23 @@ def build_tiny_pipeline(layout: str = "sd", prediction_type: str = "epsilon", se
 def make_tiny_pipeline(
     out_dir: str | Path, layout: str = "sd", prediction_type: str = "epsilon", seed: int = 0
 ) -> Path:
-    """Build a tiny random-weight SD, SDXL, SD3 or FLUX pipeline (`layout`) and save it to ``out_dir``.
+    """Build a tiny random-weight SD, SDXL, SD3, FLUX or Qwen-Image pipeline (`layout`) and save it
+    to ``out_dir``.
 
     Saved with safetensors; ``DiffusionPipeline.from_pretrained(out_dir, local_files_only=True)``
-    loads it back. Native resolution 32 (latent 4x16x16). Returns ``out_dir`` as a Path.
+    loads it back. Native resolution 32 (latent 4x16x16; Qwen-Image's, 8× down: 16x4x4). Returns
+    ``out_dir`` as a Path.
     """
     _check(layout, prediction_type)
     out = Path(out_dir)
     pipe = build_tiny_pipeline(layout, prediction_type, seed)
     out.mkdir(parents=True, exist_ok=True)
     pipe.save_pretrained(out, safe_serialization=True)
+    if layout == "qwen-image":  # its Qwen2 BPE files, as the real checkpoint ships them
+        from dmdcli.models.tiny_flow import qwen_vocab_and_merges
+
+        write_tokenizer_files(out / "tokenizer", *qwen_vocab_and_merges())
+        return out
     # transformers 5 saves only tokenizer.json; keep the BPE files too, so that the folder also
     # loads with transformers 4's slow CLIPTokenizer (and looks like a real SD checkpoint).
     for sub in ("tokenizer", "tokenizer_2"):
@@ -321,7 +334,7 @@ def tiny_pipeline_cached(layout: str, prediction_type: str = "epsilon") -> Path:
     with _CACHE_LOCK:
         path = _CACHE.get(key)
         if path is None or not (path / "model_index.json").is_file():
-            out = _cache_root() / (layout if layout in ("sd3", "flux") else f"{layout}-{prediction_type}")
+            out = _cache_root() / (layout if layout in _FLOW_LAYOUTS else f"{layout}-{prediction_type}")
             path = make_tiny_pipeline(out, layout, prediction_type, seed=0)
             _CACHE[key] = path
         return path

@@ -1,13 +1,15 @@
-"""The tiny flow-matching pipelines of dmdcli.models.tiny: SD3 (CLIP-L, CLIP-G, T5) and FLUX.1-dev
-(CLIP-L, T5), random weights, built offline, at the same 32-pixel resolution and with the same
-CLIP tokenizer as the tiny SD / SDXL pipelines; T5's tokenizer is made here from a vocabulary.
+"""The tiny flow-matching pipelines of dmdcli.models.tiny: SD3 (CLIP-L, CLIP-G, T5), FLUX.1-dev
+(CLIP-L, T5) and Qwen-Image (Qwen2.5-VL), random weights, built offline, at the same 32-pixel
+resolution as the tiny SD / SDXL pipelines. SD3 and FLUX share their CLIP tokenizer; T5's and
+Qwen2's tokenizers are made here from a vocabulary.
 
-`python -m dmdcli.models.tiny OUT --layout sd3|flux` builds them.
+`python -m dmdcli.models.tiny OUT --layout sd3|flux|qwen-image` builds them.
 """
 
 from __future__ import annotations
 
-from dmdcli.models.clip_bpe import BOS, EOS
+from dmdcli.models.architectures import ARCHITECTURES
+from dmdcli.models.clip_bpe import BOS, EOS, bytes_to_unicode
 from dmdcli.models.tiny import (
     _MERGE_WORDS,
     _TEXT_HIDDEN,
@@ -176,5 +178,180 @@ def build_tiny_flux_pipeline(seed: int = 0):
         tokenizer=tokenizer,
         text_encoder_2=t5,
         tokenizer_2=t5_tokenizer,
+        transformer=transformer,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Qwen-Image: an MMDiT on 2x2-packed 16-channel latents, conditioned on Qwen2.5-VL's last states
+# --------------------------------------------------------------------------------------------
+
+_QWEN_TEXT_HIDDEN = 64  # 4 heads of 16: head dim / 2 = 8 = mrope section (2, 3, 3), Qwen2.5-VL's 16:24:24
+_QWEN_IM_START, _QWEN_IM_END, _QWEN_PAD = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
+_QWEN_SPECIALS = (
+    _QWEN_PAD,
+    _QWEN_IM_START,
+    _QWEN_IM_END,
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+)
+# The words of QwenImagePipeline's prompt template: merged whole, its system turn and the user
+# header are 34 tokens, as with the real tokenizer, so the pipeline's 34-token drop is exact.
+_QWEN_TEMPLATE_WORDS = (
+    "the",
+    "image",
+    "by",
+    "detailing",
+    "color",
+    "shape",
+    "size",
+    "texture",
+    "quantity",
+    "text",
+    "spatial",
+    "relationships",
+    "of",
+    "objects",
+    "and",
+    "background",
+)
+_QWEN_LINE_STARTS = ("system", "Describe", "user", "assistant")  # after a newline: no leading space
+
+
+def qwen_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """Byte-level Qwen2 BPE: the 256 byte symbols, a merge chain per word (those of the " word"
+    forms start at "Ġ", so they apply only at a word's start; the four line starts come last), so
+    every listed word is one token; then Qwen's special tokens."""
+    tokens = list(bytes_to_unicode().values())
+    known = set(tokens)
+    merges: list[tuple[str, str]] = []
+    words = dict.fromkeys(_QWEN_TEMPLATE_WORDS + _MERGE_WORDS)
+    for word in [*("Ġ" + w for w in words), *_QWEN_LINE_STARTS]:
+        left = word[0]
+        for char in word[1:]:
+            merged = left + char
+            if merged not in known:
+                merges.append((left, char))
+                tokens.append(merged)
+                known.add(merged)
+            left = merged
+    tokens += _QWEN_SPECIALS
+    return {tok: i for i, tok in enumerate(tokens)}, merges
+
+
+def make_tiny_qwen_tokenizer():
+    """A Qwen2Tokenizer as Qwen-Image's (eos ``<|im_end|>``, pad ``<|endoftext|>``, no unk: every
+    byte is a token) built here; no network."""
+    from transformers import Qwen2Tokenizer
+
+    vocab, merges = qwen_vocab_and_merges()
+    return Qwen2Tokenizer(
+        vocab=vocab,
+        merges=merges,
+        unk_token=None,
+        eos_token=_QWEN_IM_END,
+        pad_token=_QWEN_PAD,
+        extra_special_tokens=list(_QWEN_SPECIALS[1:]),
+        model_max_length=131072,
+    )
+
+
+def qwen_image_transformer_config() -> dict:
+    """The tiny QwenImageTransformer2DModel: 2 blocks of width 32 (4 heads of 8) on 16-channel
+    latents packed 2×2 (64 in, patch 2 out), conditioned on the tiny Qwen2.5-VL's states."""
+    return dict(
+        patch_size=2,
+        in_channels=4 * _SD3_LATENT_CHANNELS,
+        out_channels=_SD3_LATENT_CHANNELS,
+        num_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=4,
+        joint_attention_dim=_QWEN_TEXT_HIDDEN,
+        guidance_embeds=False,
+        axes_dims_rope=(2, 2, 4),
+    )
+
+
+def qwen_image_vae_config() -> dict:
+    """The tiny AutoencoderKLQwenImage: Qwen-Image's multipliers and temporal flags (so spatial
+    downsampling 8 = 2 ** len(temperal_downsample), as the pipeline assumes) and its latent
+    statistics (the class's defaults), on a base width of 8 with one ResNet per level."""
+    return dict(
+        base_dim=8,
+        z_dim=_SD3_LATENT_CHANNELS,
+        dim_mult=[1, 2, 4, 4],
+        num_res_blocks=1,
+        temperal_downsample=[False, True, True],
+    )
+
+
+def _tiny_qwen_vl(tokenizer):
+    """Qwen2.5-VL, 2 text layers of width 64 (grouped-query attention, 2 KV heads, mrope) and a
+    1-block vision tower that only has to exist: Qwen-Image reads the text's last hidden states."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    def token_id(token: str) -> int:
+        return tokenizer.convert_tokens_to_ids(token)
+
+    ends = dict(bos_token_id=token_id(_QWEN_PAD), eos_token_id=token_id(_QWEN_IM_END))  # as Qwen2.5-VL's
+    text = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=_QWEN_TEXT_HIDDEN,
+        intermediate_size=2 * _QWEN_TEXT_HIDDEN,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128000,
+        rope_parameters=dict(rope_type="default", rope_theta=1000000.0, mrope_section=[2, 3, 3]),
+        **ends,
+    )
+    vision = dict(
+        depth=1,
+        hidden_size=16,
+        intermediate_size=32,
+        num_heads=2,
+        out_hidden_size=_QWEN_TEXT_HIDDEN,
+        fullatt_block_indexes=[0],
+    )
+    config = Qwen2_5_VLConfig(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=token_id("<|image_pad|>"),
+        video_token_id=token_id("<|video_pad|>"),
+        vision_start_token_id=token_id("<|vision_start|>"),
+        vision_end_token_id=token_id("<|vision_end|>"),
+        **ends,
+    )
+    return Qwen2_5_VLForConditionalGeneration(config)
+
+
+def build_tiny_qwen_image_pipeline(seed: int = 0):
+    """A tiny QwenImagePipeline (fp32, CPU): a Qwen2.5-VL text encoder and Qwen2 tokenizer, the
+    Qwen-Image VAE's latent statistics and 8× downsampling, Qwen-Image's scheduler config."""
+    import torch
+    from diffusers import (
+        AutoencoderKLQwenImage,
+        FlowMatchEulerDiscreteScheduler,
+        QwenImagePipeline,
+        QwenImageTransformer2DModel,
+    )
+
+    tokenizer = make_tiny_qwen_tokenizer()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        transformer = QwenImageTransformer2DModel(**qwen_image_transformer_config())
+        torch.manual_seed(seed + 1)
+        vae = AutoencoderKLQwenImage(**qwen_image_vae_config())
+        torch.manual_seed(seed + 2)
+        text_encoder = _tiny_qwen_vl(tokenizer)
+    for module in (transformer, vae, text_encoder):
+        module.eval()
+    return QwenImagePipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler.from_config(ARCHITECTURES["qwen-image"]["scheduler"]),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
         transformer=transformer,
     )

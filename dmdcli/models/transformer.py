@@ -1,10 +1,11 @@
-"""Adapters: diffusers' flow-matching transformers (SD3Transformer2DModel, FluxTransformer2DModel)
-behind the denoiser interface.
+"""Adapters: diffusers' flow-matching transformers (SD3Transformer2DModel, FluxTransformer2DModel;
+Qwen-Image's in models/qwen_image.py) behind the denoiser interface.
 
-Both predict the flow velocity v = ε − x0 from latents [B, C, h, w] (FLUX packs 2×2 patches into
-tokens itself, here, as FluxPipeline does). Their "bottleneck", for the GAN classifier head, is
-the image tokens after one block (by default the middle one), put back on the latent grid
-[B, D, h/p, w/p], so the same conv head as a UNet's mid-block features reads them.
+They predict the flow velocity v = ε − x0 from latents [B, C, h, w] (FLUX and Qwen-Image are
+handed 2×2 patches packed into tokens, made here, as their pipelines do: `PackedDenoiser`).
+Their "bottleneck", for the GAN classifier head, is the image tokens after one block (by default
+the middle one), put back on the latent grid [B, D, h/p, w/p], so the same conv head as a UNet's
+mid-block features reads them.
 """
 
 from __future__ import annotations
@@ -156,15 +157,25 @@ class SD3Denoiser(TransformerDenoiser):
         )[0]
 
 
-class FluxDenoiser(TransformerDenoiser):
+class PackedDenoiser(TransformerDenoiser):
+    """A transformer whose pipeline packs 2×2 latent patches into tokens itself (FLUX, Qwen-Image):
+    it is called with `pack_latents(x_t)` and its output unpacked."""
+
+    patch = 2
+
+    def draw_noise(self, like: Tensor, draw: Callable[[tuple[int, ...]], Tensor]) -> Tensor:
+        """These pipelines' schedulers draw each step's noise as packed tokens: drawn so, then unpacked."""
+        c, h, w = like.shape[1:]
+        return unpack_latents(draw((h * w // 4, c * 4)), h, w)
+
+
+class FluxDenoiser(PackedDenoiser):
     """A FluxTransformer2DModel, as FluxPipeline calls it: latents packed into 2×2-patch tokens with
     their grid ids, the timestep σ (the model scales it by 1000 itself), and the embedded guidance.
 
     embedded_guidance: the guidance value a guidance-distilled teacher (FLUX.1-dev) is told; the
     generator and the fake score are told the same (they start as copies of the teacher).
     `cond` holds "encoder_hidden_states" [B, L, D] (T5) and "pooled_projections" [B, P] (CLIP)."""
-
-    patch = 2
 
     def __init__(
         self,
@@ -179,11 +190,6 @@ class FluxDenoiser(TransformerDenoiser):
     @property
     def blocks(self) -> list[nn.Module]:
         return [*self.transformer.transformer_blocks, *self.transformer.single_transformer_blocks]
-
-    def draw_noise(self, like: Tensor, draw: Callable[[tuple[int, ...]], Tensor]) -> Tensor:
-        """FluxPipeline's scheduler draws each step's noise as packed tokens: drawn so, then unpacked."""
-        c, h, w = like.shape[1:]
-        return unpack_latents(draw((h * w // 4, c * 4)), h, w)
 
     def _call(self, x_t: Tensor, t: Tensor, cond: Cond) -> Tensor:
         dtype, (b, _, h, w) = self.transformer.dtype, x_t.shape

@@ -81,9 +81,10 @@ def _count(module: nn.Module, trainable_only: bool = False) -> int:
 def _text_and_vae_parameters(spec: TeacherSpec) -> tuple[int, int]:
     """Parameter counts of the pipeline's text encoders (each of the classes model_index.json
     names: CLIP, T5, ...) and of its VAE."""
+    import diffusers
     import transformers
-    from diffusers import AutoencoderKL
 
+    vae_class = getattr(diffusers, get_family(spec.family).teacher.vae_class)
     index = _load_json_config(spec.source, None, "model_index.json")
     folders = sorted(k for k, v in index.items() if k.startswith("text_encoder") and isinstance(v, list) and v[0])
     with torch.device("meta"):
@@ -92,7 +93,7 @@ def _text_and_vae_parameters(spec: TeacherSpec) -> tuple[int, int]:
             encoder_class = getattr(transformers, index[folder][1])
             config = encoder_class.config_class.from_dict(_load_json_config(spec.source, folder, "config.json"))
             text += _count(encoder_class(config))
-        vae = _count(AutoencoderKL.from_config(_load_json_config(spec.source, "vae", "config.json")))
+        vae = _count(vae_class.from_config(_load_json_config(spec.source, "vae", "config.json")))
     return text, vae
 
 

@@ -46,15 +46,15 @@ def load_tiny_autoencoder(source: str, device):
     return autoencoder.to(device).requires_grad_(False).eval()
 
 
-def regression_decoder(name: str, family, vae, device) -> tuple[Decode, str, str | None]:
+def regression_decoder(name: str, family, vae_decode: Decode, device) -> tuple[Decode, str, str | None]:
     """What LPIPS decodes with: (decode, "vae" or the tiny autoencoder's source, a note when "auto" fell
-    back to the teacher's VAE).
+    back to the teacher's VAE, `vae_decode`).
 
     "auto" is the family's tiny autoencoder (TAESDXL for SDXL, as the reference's 1-step
     pre-training), which decodes a 1024² batch with gradient at a fraction of the VAE's memory;
     "vae" the teacher's own; anything else a folder or hub id of an AutoencoderTiny."""
     if name == "vae" or (name == "auto" and family.tiny_autoencoder is None):
-        return latent_decoder(vae), "vae", None
+        return vae_decode, "vae", None
     source = family.tiny_autoencoder if name == "auto" else name
     try:
         return latent_decoder(load_tiny_autoencoder(source, device)), source, None
@@ -62,7 +62,7 @@ def regression_decoder(name: str, family, vae, device) -> tuple[Decode, str, str
         if name != "auto":
             raise UsageError(f"--regression-decoder {name}: not a readable AutoencoderTiny ({_reason(e)})") from e
         note = f"tiny autoencoder {source} unavailable ({_reason(e)}): LPIPS decodes with the teacher's VAE"
-        return latent_decoder(vae), "vae", note
+        return vae_decode, "vae", note
 
 
 def _reason(e: Exception) -> str:
@@ -126,7 +126,7 @@ def load_regression(run, prompts: list[str]) -> tuple[Distance, str, Pairs]:
     config, spec, device, ui = run.config, run.spec, run.accelerator.device, run.ui
     distance, name, notes = build_distance(
         config.regression_distance,
-        lambda: regression_decoder(config.regression_decoder, run.family, run.teacher.vae, device),
+        lambda: regression_decoder(config.regression_decoder, run.family, run.teacher.decode_with_grad, device),
         device,
     )
     for note in notes:

@@ -1,0 +1,198 @@
+"""A Qwen-Image teacher (flow MMDiT read by Qwen2.5-VL, masked text of varying length, Wan's VAE
+with per-channel latent statistics, 2×2-packed latents) on the same engine, with the tiny pipeline
+of dmdcli.models.tiny."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from students import make_student
+from test_reliability import distill
+from typer.testing import CliRunner
+
+from dmdcli.cli import app
+from dmdcli.core.denoiser import cat_cond
+from dmdcli.core.schedule import flow_sigmas, resolution_shift, time_shift_sigmas
+from dmdcli.models.families import get_family
+from dmdcli.models.pipeline import load_teacher
+from dmdcli.models.student import find_model, load_student_network
+from dmdcli.models.teacher import inspect_teacher
+
+runner = CliRunner()
+PROMPTS = ["a red circle", "a large blue square at the top left of a white background"]
+
+
+def _image(folder):
+    return np.asarray(Image.open(next(folder.glob("*.png"))).convert("RGB")).astype(int)
+
+
+@pytest.fixture(scope="module")
+def teacher_and_pipe(tiny_qwen_image):
+    from diffusers import QwenImagePipeline
+
+    spec = inspect_teacher(str(tiny_qwen_image))
+    return (
+        spec,
+        load_teacher(spec, torch.device("cpu"), torch.float32, 32),
+        QwenImagePipeline.from_pretrained(tiny_qwen_image),
+    )
+
+
+def test_the_teacher_conditions_as_qwen_image_pipeline_does(teacher_and_pipe):
+    spec, teacher, pipe = teacher_and_pipe
+    assert (spec.family, spec.latent_channels, spec.vae_scale_factor, spec.network_downsample) == (
+        "qwen-image",
+        16,
+        8,
+        2,
+    )
+    assert spec.native_resolution == 1024  # QwenImagePipeline's default size
+    # 2×2 image tokens at 32 px: the exponential shift of the pipeline's calculate_shift, with its config's bounds
+    expected = time_shift_sigmas(flow_sigmas(1000), resolution_shift(4, 256, 8192, 0.5, 0.9))
+    assert torch.equal(spec.schedule(32).sigmas, expected)
+
+    cond = teacher.encode_prompts(PROMPTS)
+    states, mask = pipe.encode_prompt(PROMPTS, device="cpu")  # padded to the longer prompt
+    n = states.shape[1]
+    assert cond["encoder_hidden_states"].shape == (2, 512, 64)  # the pipeline's max_sequence_length
+    torch.testing.assert_close(cond["encoder_hidden_states"][:, :n], states, atol=0, rtol=0)
+    assert cond["encoder_hidden_states"][:, n:].abs().max() == 0
+    assert torch.equal(cond["encoder_hidden_states_mask"][:, :n], mask.float())
+    assert cond["encoder_hidden_states_mask"][:, n:].sum() == 0 and mask[0].sum() < n  # the short prompt is padded
+
+    negative, _ = pipe.encode_prompt([" "], device="cpu")  # the model card's negative prompt
+    empty = teacher.empty_cond()
+    torch.testing.assert_close(empty["encoder_hidden_states"][:, : negative.shape[1]], negative, atol=0, rtol=0)
+    assert empty["encoder_hidden_states_mask"].sum() == negative.shape[1]
+
+
+def test_the_adapter_is_called_as_the_pipeline_calls_its_transformer(teacher_and_pipe):
+    """A CFG batch (each prompt and the negative one, of three lengths, padded to 512) gives what the
+    pipeline's transformer gives each prompt alone, at its own length; the GAN head's features are a grid."""
+    spec, teacher, pipe = teacher_and_pipe
+    schedule = spec.schedule(32)
+    denoiser = get_family("qwen-image").denoiser(teacher.network, schedule)
+    cond = cat_cond(teacher.encode_prompts(PROMPTS), teacher.empty_cond())
+    x, t = torch.randn(3, 16, 4, 4, generator=torch.Generator().manual_seed(0)), torch.tensor([999, 500, 20])
+    ours = denoiser(x, t, cond)
+    for i, prompt in enumerate([*PROMPTS, " "]):
+        states, mask = pipe.encode_prompt([prompt], device="cpu")
+        velocity = pipe.transformer(
+            hidden_states=pipe._pack_latents(x[i : i + 1], 1, 16, 4, 4),
+            timestep=schedule.sigmas[t[i : i + 1]].float(),
+            encoder_hidden_states=states,
+            encoder_hidden_states_mask=mask,
+            img_shapes=[[(1, 2, 2)]],
+        ).sample
+        unpacked = pipe._unpack_latents(velocity, 32, 32, pipe.vae_scale_factor)[:, :, 0]
+        torch.testing.assert_close(ours[i : i + 1], unpacked, atol=1e-5, rtol=0)
+    assert denoiser.bottleneck(x, t, cond).shape == (3, 32, 2, 2)
+
+
+def test_latents_are_normalized_per_channel_as_the_pipeline_does(teacher_and_pipe):
+    _, teacher, pipe = teacher_and_pipe
+    latents = torch.randn(1, 16, 4, 4, generator=torch.Generator().manual_seed(1))
+    config = pipe.vae.config
+    mean, std = (torch.tensor(v).view(1, 16, 1, 1, 1) for v in (config.latents_mean, config.latents_std))
+    expected = pipe.vae.decode(latents[:, :, None] / (1.0 / std) + mean).sample[:, :, 0].clamp(-1, 1)
+    torch.testing.assert_close(teacher.decode(latents), expected, atol=1e-6, rtol=0)
+
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    encoded = teacher.encode_images(images)
+    z = pipe.vae.encode(images[:, :, None]).latent_dist
+    assert encoded.shape == (2, 16, 4, 4)
+    # one seeded posterior sample, normalized: within its spread of the normalized mean
+    normalized_mean = (z.mean[:, :, 0] - mean[:, :, 0]) / std[:, :, 0]
+    assert ((encoded - normalized_mean).abs() <= 6 * z.std[:, :, 0] / std[:, :, 0]).all()
+
+
+def test_variants_dmd_cannot_distill_are_refused_in_one_line(tmp_path, tiny_qwen_image, prompts_file):
+    edit = tmp_path / "edit"
+    shutil.copytree(tiny_qwen_image, edit)
+    index = json.loads((edit / "model_index.json").read_text())
+    (edit / "model_index.json").write_text(json.dumps({**index, "_class_name": "QwenImageEditPipeline"}))
+    result = distill("--teacher", edit, "--prompts", prompts_file, "--out", tmp_path / "a")
+    assert result.exit_code == 1 and "unsupported pipeline QwenImageEditPipeline" in result.stderr
+    assert result.stderr.count("\n") == 1
+
+    guided = tmp_path / "guided"
+    shutil.copytree(tiny_qwen_image, guided)
+    config = json.loads((guided / "transformer" / "config.json").read_text())
+    (guided / "transformer" / "config.json").write_text(json.dumps({**config, "guidance_embeds": True}))
+    result = distill("--teacher", guided, "--prompts", prompts_file, "--out", tmp_path / "b")
+    assert result.exit_code == 1 and "guidance_embeds" in result.stderr and result.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize("steps, lora", [(4, False), (1, True)])
+def test_distill_then_sample(tmp_path, tiny_qwen_image, prompts_file, image_folder, steps, lora):
+    args = ["--teacher", tiny_qwen_image, "--prompts", prompts_file, "--data", image_folder, "--steps", steps]
+    args += ["--lora-rank", "4"] if lora else []
+    result = distill(*args, "--iterations", 3, "--batch-size", 2, "--guidance-scale", 4, "--out", tmp_path / "run")
+    assert result.exit_code == 0, result.stderr
+    assert 'layout = "qwen-image"' in (tmp_path / "run" / "config.toml").read_text()
+    out = tmp_path / "samples"
+    sampled = runner.invoke(app, ["sample", "--model", str(tmp_path / "run"), "--prompt", "a cat", "--out", str(out)])
+    assert sampled.exit_code == 0, sampled.stderr
+    assert len(list(out.glob("*.png"))) == 1
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+@pytest.mark.parametrize("kind, steps", [("full", 4), ("lora", 1)])
+def test_a_diffusers_export_reproduces_dmd_sample(tmp_path, tiny_qwen_image, kind, steps):
+    from diffusers import DiffusionPipeline
+
+    run = make_student(tmp_path / "run", tiny_qwen_image, "qwen-image", kind, steps)
+    pipeline = tmp_path / "pipeline"
+    exported = runner.invoke(app, ["export", "--model", str(run), "--format", "diffusers", "--out", str(pipeline)])
+    assert exported.exit_code == 0, exported.stderr
+    assert "true_cfg_scale=1," in exported.stderr and "guidance_scale" not in exported.stderr  # CFG off, no warning
+    ours = runner.invoke(app, ["sample", "--model", str(run), "--prompt", "a cat", "--out", str(tmp_path / "ours")])
+    assert ours.exit_code == 0, ours.stderr
+
+    pipe = DiffusionPipeline.from_pretrained(pipeline)
+    pipe.set_progress_bar_config(disable=True)
+    # The re-noise of steps 2..N comes from torch's global RNG, as packed tokens; dmd sample draws it
+    # from the image's generator in the same layout, after the initial latent [1, 16, 4, 4].
+    torch.manual_seed(0)
+    torch.randn(1, 16, 4, 4)
+    sigmas = [1.0, 0.75, 0.5, 0.25] if steps == 4 else [1.0]
+    seed = torch.Generator("cpu").manual_seed(0)
+    image = pipe("a cat", height=32, width=32, sigmas=sigmas, true_cfg_scale=1, generator=seed).images[0]
+    assert np.abs(np.asarray(image).astype(int) - _image(tmp_path / "ours")).mean() <= 2.0
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_a_lora_export_loads_into_the_teacher_pipeline(tmp_path, tiny_qwen_image):
+    from diffusers import DiffusionPipeline
+
+    run = make_student(tmp_path / "run", tiny_qwen_image, "qwen-image", "lora", 1)
+    lora = tmp_path / "lora.safetensors"
+    assert runner.invoke(app, ["export", "--model", str(run), "--format", "lora", "--out", str(lora)]).exit_code == 0
+    teacher = DiffusionPipeline.from_pretrained(tiny_qwen_image)
+    g = torch.Generator().manual_seed(1)
+    inputs = dict(
+        hidden_states=torch.randn(2, 4, 64, generator=g),
+        encoder_hidden_states=torch.randn(2, 7, 64, generator=g),
+        timestep=torch.tensor([1.0, 0.4]),
+        img_shapes=[[(1, 2, 2)]] * 2,
+    )
+    with torch.no_grad():
+        student = load_student_network(find_model(str(run)))(**inputs).sample
+        before = teacher.transformer(**inputs).sample
+        teacher.load_lora_weights(str(lora))
+        loaded = teacher.transformer(**inputs).sample
+    assert (before - student).abs().max() > 0.1 and (loaded - student).abs().max() < 1e-4
+
+
+def test_dry_run_of_qwen_image_from_its_bundled_configs(prompts_file):
+    args = ["distill", "--teacher", "qwen-image", "--prompts", str(prompts_file), "--dry-run", "--json"]
+    result = runner.invoke(app, [*args, "--mixed-precision", "bf16", "--lora-rank", "64", "--gradient-checkpointing"])
+    assert result.exit_code == 0, result.stderr
+    assert "recipe qwen-image" in result.stderr
+    record = json.loads(result.stdout)
+    assert record["config"]["guidance_scale"] == 4.0
+    memory = record["memory_gib"]
+    assert memory["parameters"]["teacher network (frozen)"] == pytest.approx(20.4e9 * 2 / 2**30, rel=0.02)
