@@ -84,6 +84,11 @@ step cli-distill 200 bash -c "python3 -m dmdcli.models.tiny $run/teacher > /dev/
     dmd export --model $run/run --format diffusers --out $run/export &&
     dmd sample --model $run/export --prompt 'a red circle' --out $run/images-export --json &&
     dmd distill --recipe tiny --teacher $run/teacher --prompts $run/prompts.txt --dry-run --json > $results/cli-dry-run.json"
+# A Qwen-Image teacher on CUDA in bf16 (tiny random pipeline: the masked text, Wan's VAE, the packing).
+step cli-qwen-image 120 bash -c "python3 -m dmdcli.models.tiny $run/qwen-teacher --layout qwen-image > /dev/null &&
+    dmd distill --recipe tiny --teacher $run/qwen-teacher --prompts $run/prompts.txt --iterations 10 --steps 4 \
+        --guidance-scale 4 --lora-rank 4 --out $run/qwen-run --json | tee $results/cli-qwen-image.json &&
+    dmd sample --model $run/qwen-run --prompt 'a red circle' --out $run/qwen-images --json"
 
 # Optional, when time is left. SDXL full fine-tuning (measured 2026-11-30: benchmarks/results/gpu-h200).
 if [ $((SECONDS + 100)) -le "$budget" ]; then
@@ -111,6 +116,13 @@ if [ $((SECONDS + 120)) -le "$budget" ]; then
     step sdxl-lora-no-checkpointing 120 bash -c "$bench --arch sdxl --resolution 1024 --layouts lora-shared --no-checkpointing | tee $results/sdxl-lora-no-checkpointing.md"
 else
     echo "== sdxl-lora-no-checkpointing: skipped, $((budget - SECONDS))s left of ${budget}s"
+fi
+# Then Qwen-Image's size (20B transformer, random weights built in fp32 on the host, ~82 GB of its
+# 128; not yet run on a GPU, the limit is a guess), shared-base LoRA at 1024², beside --dry-run's estimate.
+if [ $((SECONDS + 300)) -le "$budget" ]; then
+    step qwen-image-lora 300 bash -c "$bench --arch qwen-image --resolution 1024 --layouts lora-shared | tee $results/qwen-image-lora.md"
+else
+    echo "== qwen-image-lora: skipped, $((budget - SECONDS))s left of ${budget}s"
 fi
 echo "== done: $failed step(s) failed after ${SECONDS}s"
 exit $failed

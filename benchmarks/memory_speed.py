@@ -1,4 +1,5 @@
-"""Seconds per iteration and peak memory of DMD2 on the full-size SD1.5, SDXL, SD3.5 and FLUX.1-dev architectures.
+"""Seconds per iteration and peak memory of DMD2 on the full-size SD1.5, SDXL, SD3.5, FLUX.1-dev and Qwen-Image
+architectures.
 
 The networks (UNets, transformers) are built from their public configs with random weights (no download), the text
 conditioning is random, and a few real DMD2 iterations run through the same code as
@@ -162,6 +163,8 @@ def measure(arch: str, layout: str, args, spec) -> dict:
         r = float(args.resolution)
         cond["time_ids"] = torch.tensor([[r, r, 0, 0, r, r]], device=device).expand(args.batch_size, 6)
     uncond = {k: torch.zeros_like(v) for k, v in cond.items()} if cfg else None
+    for c in (cond, uncond or {}):  # a text mask (Qwen-Image): every position a token, the longest prompt
+        c.update({k: torch.ones_like(v) for k, v in c.items() if k.endswith("_mask")})
     latent = (args.batch_size, spec.latent_channels, side, side)
     schedule = spec.schedule(args.resolution)
     options = family.denoiser_kwargs(config)

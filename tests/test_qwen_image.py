@@ -20,6 +20,7 @@ from dmdcli.models.families import get_family
 from dmdcli.models.pipeline import load_teacher
 from dmdcli.models.student import find_model, load_student_network
 from dmdcli.models.teacher import inspect_teacher
+from dmdcli.train.sharding import shard_units
 
 runner = CliRunner()
 PROMPTS = ["a red circle", "a large blue square at the top left of a white background"]
@@ -90,6 +91,7 @@ def test_the_adapter_is_called_as_the_pipeline_calls_its_transformer(teacher_and
         unpacked = pipe._unpack_latents(velocity, 32, 32, pipe.vae_scale_factor)[:, :, 0]
         torch.testing.assert_close(ours[i : i + 1], unpacked, atol=1e-5, rtol=0)
     assert denoiser.bottleneck(x, t, cond).shape == (3, 32, 2, 2)
+    assert shard_units(teacher.network) == list(teacher.network.transformer_blocks)  # FSDP's units
 
 
 def test_latents_are_normalized_per_channel_as_the_pipeline_does(teacher_and_pipe):

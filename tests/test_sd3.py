@@ -73,9 +73,13 @@ def test_distill_then_sample(tmp_path, tiny_sd3, prompts_file, image_folder, ste
     assert record["steps"] == steps and (out / record["path"].split("/")[-1]).is_file()
 
 
-@pytest.mark.parametrize("teacher, options", [("tiny_sd3", []), ("tiny_flux", ["--guidance-scale", "1"])])
+@pytest.mark.parametrize(
+    "teacher, options",
+    [("tiny_sd3", []), ("tiny_flux", ["--guidance-scale", "1"]), ("tiny_qwen_image", ["--guidance-scale", "4"])],
+)
 def test_resume_is_bit_exact(tmp_path, request, teacher, options, prompts_file, image_folder):
-    """Both flow families (FLUX: its packing, shifted schedule and embedded guidance)."""
+    """The flow families (FLUX: its packing, shifted schedule and embedded guidance; Qwen-Image: its
+    masked text and per-channel latents)."""
     teacher = request.getfixturevalue(teacher)
     common = ["--teacher", teacher, "--prompts", prompts_file, "--data", image_folder, "--steps", "2", *options]
     common += ["--fake-updates-per-gen", "2", "--batch-size", "2", "--lora-rank", "4"]
