@@ -67,3 +67,18 @@ def unet_inputs(layout: str, batch: int = 2, seed: int = 1):
             "time_ids": torch.tensor([[32.0, 32, 0, 0, 32, 32]] * batch),
         }
     return x, t, kwargs
+
+
+def lora_export_outputs(run: Path, lora: Path, teacher: Path, inputs: dict) -> tuple:
+    """The network's outputs on `inputs` [B, ...]: (the teacher's, the student's as dmd loads it, the
+    teacher pipeline's after `load_lora_weights(lora)`), for a transformer family."""
+    from diffusers import DiffusionPipeline
+
+    from dmdcli.models.student import find_model, load_student_network
+
+    pipe = DiffusionPipeline.from_pretrained(teacher)
+    with torch.no_grad():
+        student = load_student_network(find_model(str(run)))(**inputs).sample
+        before = pipe.transformer(**inputs).sample
+        pipe.load_lora_weights(str(lora))
+        return before, student, pipe.transformer(**inputs).sample

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from students import make_student
+from students import lora_export_outputs, make_student
 from test_reliability import distill
 from typer.testing import CliRunner
 
@@ -16,7 +16,7 @@ from dmdcli.cli import app
 from dmdcli.core.schedule import flow_sigmas, resolution_shift, time_shift_sigmas
 from dmdcli.models.families import get_family
 from dmdcli.models.pipeline import load_teacher
-from dmdcli.models.student import find_model, load_student_network
+from dmdcli.models.student import find_model
 from dmdcli.models.teacher import inspect_teacher
 
 runner = CliRunner()
@@ -130,7 +130,6 @@ def test_exports_reproduce_the_student(tmp_path, tiny_flux):
     image = pipe("a cat", height=32, width=32, sigmas=[1.0], guidance_scale=3.5, generator=seed).images[0]
     assert np.abs(np.asarray(image).astype(int) - _image(tmp_path / "ours")).mean() <= 2.0
 
-    teacher = DiffusionPipeline.from_pretrained(tiny_flux)
     g = torch.Generator().manual_seed(1)
     inputs = dict(
         hidden_states=torch.randn(2, 64, 64, generator=g),
@@ -141,11 +140,7 @@ def test_exports_reproduce_the_student(tmp_path, tiny_flux):
         txt_ids=torch.zeros(9, 3),
         guidance=torch.full((2,), 3.5),
     )
-    with torch.no_grad():
-        student = load_student_network(find_model(str(run)))(**inputs).sample
-        before = teacher.transformer(**inputs).sample
-        teacher.load_lora_weights(str(lora))
-        loaded = teacher.transformer(**inputs).sample
+    before, student, loaded = lora_export_outputs(run, lora, tiny_flux, inputs)
     assert (before - student).abs().max() > 0.1 and (loaded - student).abs().max() < 1e-4
 
 

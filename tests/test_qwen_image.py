@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from students import make_student
+from students import lora_export_outputs, make_student
 from test_reliability import distill
 from typer.testing import CliRunner
 
@@ -18,7 +18,6 @@ from dmdcli.core.denoiser import cat_cond
 from dmdcli.core.schedule import flow_sigmas, resolution_shift, time_shift_sigmas
 from dmdcli.models.families import get_family
 from dmdcli.models.pipeline import load_teacher
-from dmdcli.models.student import find_model, load_student_network
 from dmdcli.models.teacher import inspect_teacher
 from dmdcli.train.sharding import shard_units
 
@@ -168,12 +167,9 @@ def test_a_diffusers_export_reproduces_dmd_sample(tmp_path, tiny_qwen_image, kin
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")
 def test_a_lora_export_loads_into_the_teacher_pipeline(tmp_path, tiny_qwen_image):
-    from diffusers import DiffusionPipeline
-
     run = make_student(tmp_path / "run", tiny_qwen_image, "qwen-image", "lora", 1)
     lora = tmp_path / "lora.safetensors"
     assert runner.invoke(app, ["export", "--model", str(run), "--format", "lora", "--out", str(lora)]).exit_code == 0
-    teacher = DiffusionPipeline.from_pretrained(tiny_qwen_image)
     g = torch.Generator().manual_seed(1)
     inputs = dict(
         hidden_states=torch.randn(2, 4, 64, generator=g),
@@ -181,11 +177,7 @@ def test_a_lora_export_loads_into_the_teacher_pipeline(tmp_path, tiny_qwen_image
         timestep=torch.tensor([1.0, 0.4]),
         img_shapes=[[(1, 2, 2)]] * 2,
     )
-    with torch.no_grad():
-        student = load_student_network(find_model(str(run)))(**inputs).sample
-        before = teacher.transformer(**inputs).sample
-        teacher.load_lora_weights(str(lora))
-        loaded = teacher.transformer(**inputs).sample
+    before, student, loaded = lora_export_outputs(run, lora, tiny_qwen_image, inputs)
     assert (before - student).abs().max() > 0.1 and (loaded - student).abs().max() < 1e-4
 
 

@@ -8,14 +8,14 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
-from students import make_student
+from students import lora_export_outputs, make_student
 from test_reliability import assert_same_tensors, checkpoint_tensors, distill
 from typer.testing import CliRunner
 
 from dmdcli.cli import app
 from dmdcli.models.families import get_family
 from dmdcli.models.pipeline import load_teacher
-from dmdcli.models.student import find_model, load_student_network
+from dmdcli.models.student import find_model
 from dmdcli.models.teacher import inspect_teacher
 
 runner = CliRunner()
@@ -130,7 +130,6 @@ def test_diffusers_export_reproduces_dmd_sample(tmp_path, tiny_sd3, kind, steps)
 
 
 def test_lora_export_loads_into_the_teacher_pipeline(tmp_path, tiny_sd3):
-    from diffusers import DiffusionPipeline
 
     run = make_student(tmp_path / "run", tiny_sd3, "sd3", "lora", 1)
     out = tmp_path / "lora.safetensors"
@@ -139,17 +138,12 @@ def test_lora_export_loads_into_the_teacher_pipeline(tmp_path, tiny_sd3):
     assert kohya.exit_code == 2 and "kohya layout is for UNets" in kohya.stderr
     assert all(k.startswith("transformer.") for k in load_file(out))
 
-    pipe = DiffusionPipeline.from_pretrained(tiny_sd3)
     g = torch.Generator().manual_seed(1)
     x, text, pooled = torch.randn(2, 16, 16, 16, generator=g), torch.randn(2, 9, 64, generator=g), torch.randn(2, 64)
     inputs = dict(
         hidden_states=x, encoder_hidden_states=text, pooled_projections=pooled, timestep=torch.tensor([999.0, 400.0])
     )
-    with torch.no_grad():
-        student = load_student_network(find_model(str(run)))(**inputs).sample
-        teacher = pipe.transformer(**inputs).sample
-        pipe.load_lora_weights(str(out))
-        loaded = pipe.transformer(**inputs).sample
+    teacher, student, loaded = lora_export_outputs(run, out, tiny_sd3, inputs)
     assert (teacher - student).abs().max() > 0.1  # the LoRA matters...
     assert (loaded - student).abs().max() < 1e-4  # ...and comes back whole, alpha included
 

@@ -22,7 +22,13 @@ from torch import Tensor, nn
 from dmdcli.core.denoiser import Cond
 from dmdcli.models.families import Family, NetworkShape, register
 from dmdcli.models.pipeline import PipelineTeacher, from_pretrained
-from dmdcli.models.transformer import PackedDenoiser, not_flow_matching, pack_latents, unpack_latents
+from dmdcli.models.transformer import (
+    ATTENTION_LORA_TARGETS,
+    PackedDenoiser,
+    not_flow_matching,
+    pack_latents,
+    unpack_latents,
+)
 
 if TYPE_CHECKING:
     from dmdcli.models.teacher import TeacherSpec
@@ -32,16 +38,9 @@ PROMPT_TOKENS = 512
 NEGATIVE_PROMPT = " "  # the model card's negative prompt ("if you do not have a concept to remove")
 QWEN_IMAGE = "Qwen/Qwen-Image"
 
-# Attention (image and text streams), its output projections and both streams' MLPs.
+# Attention (both streams) and both streams' MLPs (Qwen-Image's names for the feed-forwards).
 QWEN_IMAGE_LORA_TARGETS = (
-    "to_q",
-    "to_k",
-    "to_v",
-    "to_out.0",
-    "add_q_proj",
-    "add_k_proj",
-    "add_v_proj",
-    "to_add_out",
+    *ATTENTION_LORA_TARGETS,
     "img_mlp.net.0.proj",
     "img_mlp.net.2",
     "txt_mlp.net.0.proj",

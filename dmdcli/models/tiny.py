@@ -86,10 +86,17 @@ _MERGE_WORDS = (
 def _tiny_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
     """CLIP-style vocab: 256 byte symbols, the same with ``</w>``, merges, then the two specials."""
     tokens = byte_symbols()
+    merges = add_merge_chains(tokens, [[*word[:-1], word[-1] + "</w>"] for word in _MERGE_WORDS])
+    tokens += [BOS, EOS]
+    return {tok: i for i, tok in enumerate(tokens)}, merges
+
+
+def add_merge_chains(tokens: list[str], words: list[list[str]]) -> list[tuple[str, str]]:
+    """The BPE merges that make each word (its symbols) one token, left to right; each merged
+    token not yet in `tokens` is appended to it."""
     known = set(tokens)
     merges: list[tuple[str, str]] = []
-    for word in _MERGE_WORDS:
-        parts = list(word[:-1]) + [word[-1] + "</w>"]
+    for parts in words:
         left = parts[0]
         for right in parts[1:]:
             merged = left + right
@@ -98,8 +105,7 @@ def _tiny_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
                 tokens.append(merged)
                 known.add(merged)
             left = merged
-    tokens += [BOS, EOS]
-    return {tok: i for i, tok in enumerate(tokens)}, merges
+    return merges
 
 
 def write_tiny_tokenizer_files(folder: str | Path) -> Path:

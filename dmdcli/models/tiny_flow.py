@@ -16,6 +16,7 @@ from dmdcli.models.tiny import (
     _TEXT_PROJECTION,
     TINY_LATENT_SIZE,
     _text_config,
+    add_merge_chains,
     make_tiny_tokenizer,
     vae_config,
 )
@@ -225,18 +226,8 @@ def qwen_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
     forms start at "Ġ", so they apply only at a word's start; the four line starts come last), so
     every listed word is one token; then Qwen's special tokens."""
     tokens = list(bytes_to_unicode().values())
-    known = set(tokens)
-    merges: list[tuple[str, str]] = []
     words = dict.fromkeys(_QWEN_TEMPLATE_WORDS + _MERGE_WORDS)
-    for word in [*("Ġ" + w for w in words), *_QWEN_LINE_STARTS]:
-        left = word[0]
-        for char in word[1:]:
-            merged = left + char
-            if merged not in known:
-                merges.append((left, char))
-                tokens.append(merged)
-                known.add(merged)
-            left = merged
+    merges = add_merge_chains(tokens, [list(w) for w in [*("Ġ" + w for w in words), *_QWEN_LINE_STARTS]])
     tokens += _QWEN_SPECIALS
     return {tok: i for i, tok in enumerate(tokens)}, merges
 

@@ -20,17 +20,11 @@ from dmdcli.core.denoiser import Cond
 from dmdcli.core.schedule import NoiseSchedule
 from dmdcli.errors import UsageError
 
-# Attention (image and text streams), their output projections and both feed-forwards: the
-# modules diffusers' SD3 and FLUX DreamBooth-LoRA scripts adapt.
+# Joint attention's projections, image and text streams (diffusers' Attention in every MMDiT).
+ATTENTION_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+# With both feed-forwards: the modules diffusers' SD3 and FLUX DreamBooth-LoRA scripts adapt.
 TRANSFORMER_LORA_TARGETS = (
-    "to_q",
-    "to_k",
-    "to_v",
-    "to_out.0",
-    "add_q_proj",
-    "add_k_proj",
-    "add_v_proj",
-    "to_add_out",
+    *ATTENTION_LORA_TARGETS,
     "ff.net.0.proj",
     "ff.net.2",
     "ff_context.net.0.proj",
