@@ -163,8 +163,13 @@ def measure(arch: str, layout: str, args, spec) -> dict:
         r = float(args.resolution)
         cond["time_ids"] = torch.tensor([[r, r, 0, 0, r, r]], device=device).expand(args.batch_size, 6)
     uncond = {k: torch.zeros_like(v) for k, v in cond.items()} if cfg else None
-    for c in (cond, uncond or {}):  # a text mask (Qwen-Image): every position a token, the longest prompt
-        c.update({k: torch.ones_like(v) for k, v in c.items() if k.endswith("_mask")})
+    # A text mask (Qwen-Image): the prompts fill every position (the longest they can be), the
+    # negative prompt 8 of them, so CFG's batch runs masked attention, as in training.
+    for c, tokens in ((cond, None), (uncond or {}, 8)):
+        for k in [k for k in c if k.endswith("_mask")]:
+            c[k] = torch.ones_like(c[k])
+            if tokens:
+                c[k][:, tokens:] = 0
     latent = (args.batch_size, spec.latent_channels, side, side)
     schedule = spec.schedule(args.resolution)
     options = family.denoiser_kwargs(config)

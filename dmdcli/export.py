@@ -409,6 +409,7 @@ def export(source: ModelSource, fmt: str, out: Path, dtype: torch.dtype, allow_p
         "flow": spec.prediction_type == "flow",  # a flow-matching pipeline: called with sigmas=
         "absent": sorted(spec.absent_required),  # components from_pretrained is passed as None (SD3 without T5)
         "call_kwargs": spec.call_kwargs,  # what the pipeline is called with besides the defaults (SD3 without T5)
+        "shift_terminal": spec.scheduler_config.get("shift_terminal"),  # the teacher scheduler's (Qwen-Image)
     }
 
 
@@ -420,10 +421,11 @@ def snippet(fmt: str, out: Path, info: dict[str, Any], dtype: str, record: dict[
     as_dtype = "" if dtype == "fp32" else f", torch_dtype=torch.{str(DTYPES[dtype]).removeprefix('torch.')}"
     # from_pretrained's arguments: the dtype, and the components it must be told are absent
     loading = as_dtype + "".join(f", {name}=None" for name in record.get("absent", []))
-    # No CFG (the family's pipeline argument that turns it off); a guidance-distilled pipeline's
-    # guidance_scale (FLUX) is its embedded guidance instead
+    # No CFG, as the family's pipeline turns it off (guidance_scale=0; Qwen-Image's true_cfg_scale=1);
+    # a guidance-distilled pipeline's guidance_scale (FLUX) is its embedded guidance instead
     embedded = info.get("denoiser", {}).get("embedded_guidance")
-    guidance = layout_family(info["layout"]).no_cfg if embedded is None else f"guidance_scale={embedded}"
+    no_cfg = layout_family(info["layout"]).pipeline_guidance(0)
+    guidance = ", ".join(f"{k}={v:g}" for k, v in no_cfg.items()) if embedded is None else f"guidance_scale={embedded}"
     seed = f'{guidance}, generator=torch.Generator("cpu").manual_seed(0)'
     prompt = '"a photo of a cat"'
     prompt += "".join(f", {name}={value!r}" for name, value in record.get("call_kwargs", {}).items())
@@ -431,10 +433,12 @@ def snippet(fmt: str, out: Path, info: dict[str, Any], dtype: str, record: dict[
         scheduler_class = (
             "FlowMatchEulerDiscreteScheduler" if info.get("sampler") == "ddim" else "FlowMatchLCMScheduler"
         )
-        scheduler = f"pipe.scheduler = {scheduler_class}.from_config(pipe.scheduler.config)"
+        # the student's sigmas exactly, not stretched to a terminal sigma (Qwen-Image's shift_terminal)
+        stretch = ", shift_terminal=None" if record.get("shift_terminal") else ""
+        scheduler = f"pipe.scheduler = {scheduler_class}.from_config(pipe.scheduler.config{stretch})"
         size = f"height={info['resolution']}, width={info['resolution']}, " if info.get("resolution") else ""
         call = f"image = pipe({prompt}, {size}sigmas={pipeline_sigmas(timesteps)}, {seed}).images[0]"
-        if steps > 1:  # SD3's and FLUX's pipelines draw the later steps' noise from torch's global RNG
+        if steps > 1:  # the flow pipelines draw the later steps' noise from torch's global RNG
             call = (
                 f"torch.manual_seed(0)  # steps 2-{steps} draw their noise from the global RNG, not `generator`\n{call}"
             )

@@ -38,6 +38,11 @@ def _no_recipe(steps: int, lora_rank: int | None) -> str | None:
     return None
 
 
+def pipeline_guidance_scale(scale: float | None) -> dict[str, Any]:
+    """diffusers' usual CFG argument, guidance_scale (None: the pipeline's default, 0: off)."""
+    return {} if scale is None else {"guidance_scale": scale}
+
+
 @dataclass(frozen=True)
 class EvalSet:
     """A family's own evaluation set: `dmd eval --fid NAME`, the default for models of its built-in teacher."""
@@ -73,7 +78,8 @@ class Family:
     # config keys the adapter takes as keyword arguments (FLUX: embedded_guidance); students record them
     denoiser_options: tuple[str, ...] = ()
     classifier_free_guidance: bool = True  # False: a guidance-distilled teacher, whose real score takes no CFG
-    no_cfg: str = "guidance_scale=0"  # the argument that turns its diffusers pipeline's CFG off (export snippets)
+    # what its diffusers pipeline is called with for CFG at a scale (≤ 1: off; None: the family's default)
+    pipeline_guidance: Callable[[float | None], dict[str, Any]] = pipeline_guidance_scale
     # hub id of a tiny autoencoder (diffusers' AutoencoderTiny) decoding its latents, for LPIPS regression
     tiny_autoencoder: str | None = None
     # (config.json of the network, of the VAE, of the scheduler) → why dmd cannot distill it, or None

@@ -42,14 +42,14 @@ class FluxTeacher(PipelineTeacher):
 
     def token_limits(self) -> list[tuple[object, int]]:
         clip, t5 = self.tokenizers
-        return [(clip, clip.model_max_length), (t5, self.spec.t5_tokens(T5_TOKENS))]
+        return [(clip, clip.model_max_length), (t5, self.spec.text_tokens(T5_TOKENS))]
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> Cond:
         self.check_encoders()
         (clip_tokenizer, t5_tokenizer), (clip, t5) = self.tokenizers, self.text_encoders
         pooled = clip(self._token_ids(clip_tokenizer, prompts)).pooler_output
-        states = t5(self._token_ids(t5_tokenizer, prompts, self.spec.t5_tokens(T5_TOKENS)))[0]
+        states = t5(self._token_ids(t5_tokenizer, prompts, self.spec.text_tokens(T5_TOKENS)))[0]
         return {"encoder_hidden_states": self.as_read(states), "pooled_projections": self.as_read(pooled)}
 
     @torch.no_grad()
@@ -60,7 +60,7 @@ class FluxTeacher(PipelineTeacher):
     @staticmethod
     def conditioning_shapes(network_config: dict, spec: TeacherSpec) -> dict[str, tuple[int, ...]]:
         return {
-            "encoder_hidden_states": (spec.t5_tokens(T5_TOKENS), network_config["joint_attention_dim"]),
+            "encoder_hidden_states": (spec.text_tokens(T5_TOKENS), network_config["joint_attention_dim"]),
             "pooled_projections": (network_config["pooled_projection_dim"],),
         }
 

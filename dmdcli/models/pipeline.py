@@ -86,7 +86,7 @@ class PipelineTeacher(ABC):
     A subclass sets `network_class` (the diffusers class of the pipeline's `spec.network`
     component) and implements `load_text_encoders`, `encode_prompts` and `empty_cond`. A family
     whose VAE is not an AutoencoderKL sets `vae_class` and overrides the VAE methods below
-    (`vae_scale_factor`, `latent_normalization`, `vae_encode`, `vae_decode`).
+    (`vae_scale_factor`, `latent_normalization`, `vae_sample`, `vae_decode`).
     """
 
     network_class: str = "UNet2DConditionModel"
@@ -142,14 +142,15 @@ class PipelineTeacher(ABC):
         return 2 ** (len(vae_config.get("block_out_channels", [0] * 4)) - 1)
 
     @staticmethod
-    def latent_normalization(vae_config, device: torch.device) -> tuple[float | Tensor, float | Tensor]:
-        """(shift, scale) of the pipeline's latents: latents = (z − shift)·scale for a VAE sample z.
-        SD and SDXL scale them, SD3 and FLUX shift and scale; a tensor broadcasts per channel."""
-        return float(vae_config.get("shift_factor") or 0.0), float(vae_config.scaling_factor)
+    def latent_normalization(vae_config: dict, device: torch.device) -> tuple[float | Tensor, float | Tensor]:
+        """(shift, scale) of the pipeline's latents, from the VAE's config: latents = (z − shift)·scale
+        for a VAE sample z. SD and SDXL scale them, SD3 and FLUX shift and scale; a tensor
+        broadcasts per channel."""
+        return float(vae_config.get("shift_factor") or 0.0), float(vae_config["scaling_factor"])
 
-    def vae_encode(self, images: Tensor):
-        """Images [B, 3, R, R] → the VAE's posterior over z [B, C, R/f, R/f] (a DiagonalGaussianDistribution)."""
-        return self.vae.encode(images).latent_dist
+    def vae_sample(self, images: Tensor, generator: torch.Generator) -> Tensor:
+        """Images [B, 3, R, R] → one sample z [B, C, R/f, R/f] of the VAE's posterior, drawn from `generator`."""
+        return self.vae.encode(images).latent_dist.sample(generator=generator)
 
     def vae_decode(self, z: Tensor) -> Tensor:
         """z [B, C, h, w] (unnormalized) → images [B, 3, H, W]."""
@@ -245,8 +246,7 @@ class PipelineTeacher(ABC):
 
         Successive calls continue one seeded stream (`latent_generator`), so a folder encoded in the
         same order and batches gives the same latents."""
-        posterior = self.vae_encode(images.to(self.device, torch.float32))
-        z = posterior.sample(generator=self.latent_generator)
+        z = self.vae_sample(images.to(self.device, torch.float32), self.latent_generator)
         return ((z - self.shift_factor) * self.scaling_factor).float()  # z − 0.0 is z exactly: SD's latents as before
 
     def decode_with_grad(self, latents: Tensor) -> Tensor:

@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 # QwenImagePipeline's default max_sequence_length: the prompt positions after the template's drop.
 PROMPT_TOKENS = 512
 NEGATIVE_PROMPT = " "  # the model card's negative prompt ("if you do not have a concept to remove")
+TRUE_CFG_SCALE = 4.0  # the model card's (and QwenImagePipeline's default) CFG scale
 QWEN_IMAGE = "Qwen/Qwen-Image"
 
 # Attention (both streams) and both streams' MLPs (Qwen-Image's names for the feed-forwards).
@@ -65,9 +66,10 @@ class QwenImageTeacher(PipelineTeacher):
 
     @property
     def prompt_tokens(self) -> int:
-        return self.spec.t5_tokens(PROMPT_TOKENS)  # a recorded max_sequence_length, else the pipeline's
+        return self.spec.text_tokens(PROMPT_TOKENS)  # a recorded max_sequence_length, else the pipeline's
 
     def _encoder_pipeline(self):
+        """Made per call, not kept: a kept one would hold the text encoder after it is released."""
         from diffusers import QwenImagePipeline
 
         (tokenizer,), (encoder,) = self.tokenizers, self.text_encoders
@@ -102,7 +104,7 @@ class QwenImageTeacher(PipelineTeacher):
 
     @staticmethod
     def conditioning_shapes(network_config: dict, spec: TeacherSpec) -> dict[str, tuple[int, ...]]:
-        tokens = spec.t5_tokens(PROMPT_TOKENS)
+        tokens = spec.text_tokens(PROMPT_TOKENS)
         return {
             "encoder_hidden_states": (tokens, network_config["joint_attention_dim"]),
             "encoder_hidden_states_mask": (tokens,),
@@ -115,26 +117,16 @@ class QwenImageTeacher(PipelineTeacher):
         return 2 ** len(vae_config.get("temperal_downsample", [False, True, True]))  # as QwenImagePipeline
 
     @staticmethod
-    def latent_normalization(vae_config, device: torch.device) -> tuple[Tensor, Tensor]:
+    def latent_normalization(vae_config: dict, device: torch.device) -> tuple[Tensor, Tensor]:
         """Per channel: latents = (z − mean) / std, as the pipeline computes them (scale = 1 / std)."""
-        mean = torch.tensor(vae_config.latents_mean).view(1, -1, 1, 1).to(device)
-        return mean, 1.0 / torch.tensor(vae_config.latents_std).view(1, -1, 1, 1).to(device)
+        mean = torch.tensor(vae_config["latents_mean"]).view(1, -1, 1, 1).to(device)
+        return mean, 1.0 / torch.tensor(vae_config["latents_std"]).view(1, -1, 1, 1).to(device)
 
-    def vae_encode(self, images: Tensor):
-        return _OneFrame(self.vae.encode(images[:, :, None]).latent_dist)
+    def vae_sample(self, images: Tensor, generator: torch.Generator) -> Tensor:
+        return super().vae_sample(images[:, :, None], generator)[:, :, 0]
 
     def vae_decode(self, z: Tensor) -> Tensor:
         return self.vae.decode(z[:, :, None]).sample[:, :, 0]
-
-
-class _OneFrame:
-    """A video VAE's posterior over one frame, sampled as an image's: [B, C, 1, h, w] → [B, C, h, w]."""
-
-    def __init__(self, posterior):
-        self.posterior = posterior
-
-    def sample(self, generator: torch.Generator | None = None) -> Tensor:
-        return self.posterior.sample(generator=generator)[:, :, 0]
 
 
 class QwenImageDenoiser(PackedDenoiser):
@@ -164,14 +156,21 @@ class QwenImageDenoiser(PackedDenoiser):
 
 
 def _cut_to_longest(text: Tensor, mask: Tensor) -> tuple[Tensor, Tensor | None]:
-    """(text [B, n], its mask or None when it masks nothing), n the longest prompt's positions. On
-    the meta device (the memory estimate), which has no values: all positions, unmasked."""
+    """(text [B, n], its mask or None when it masks nothing), n the positions up to the last one any
+    prompt uses. On the meta device (the memory estimate), which has no values: all positions, unmasked."""
     if text.device.type == "meta":
         return text, None
     keep = mask.bool()
-    n = int(keep.sum(dim=1).max())
+    n = int(keep.any(dim=0).nonzero().max()) + 1 if keep.any() else 1  # past the last token of any prompt
     keep = keep[:, :n]
     return text[:, :n], None if bool(keep.all()) else keep
+
+
+def qwen_image_guidance(scale: float | None) -> dict[str, Any]:
+    """QwenImagePipeline's CFG ("true CFG": its guidance_scale is for guidance-distilled models) runs
+    only with a negative prompt; None: the model card's scale 4 with " "."""
+    scale = TRUE_CFG_SCALE if scale is None else scale
+    return {"true_cfg_scale": scale, "negative_prompt": NEGATIVE_PROMPT} if scale > 1 else {"true_cfg_scale": 1}
 
 
 def _qwen_image_pipeline(index: dict[str, Any]) -> bool:
@@ -209,8 +208,7 @@ QWEN = register(
         network="transformer",
         lora_targets=QWEN_IMAGE_LORA_TARGETS,
         denoiser_options=("gan_feature_block",),
-        # QwenImagePipeline's CFG is "true CFG"; its guidance_scale is for guidance-distilled models
-        no_cfg="true_cfg_scale=1",
+        pipeline_guidance=qwen_image_guidance,
         unsupported=_unsupported,
         recognises=_qwen_image_pipeline,
         aliases={"qwen-image": QWEN_IMAGE},

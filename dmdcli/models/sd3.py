@@ -41,7 +41,7 @@ class SD3Teacher(PipelineTeacher):
     @property
     def t5_tokens(self) -> int:
         """The T5 positions of a prompt (StableDiffusion3Pipeline's max_sequence_length)."""
-        return self.spec.t5_tokens(T5_TOKENS)
+        return self.spec.text_tokens(T5_TOKENS)
 
     def load_text_encoders(self, allow_pickle: bool) -> tuple[list, list[nn.Module]]:
         from transformers import AutoTokenizer, CLIPTextModelWithProjection, T5EncoderModel
@@ -85,7 +85,7 @@ class SD3Teacher(PipelineTeacher):
     @staticmethod
     def conditioning_shapes(network_config: dict, spec: TeacherSpec) -> dict[str, tuple[int, ...]]:
         return {
-            "encoder_hidden_states": (77 + spec.t5_tokens(T5_TOKENS), network_config["joint_attention_dim"]),
+            "encoder_hidden_states": (77 + spec.text_tokens(T5_TOKENS), network_config["joint_attention_dim"]),
             "pooled_projections": (network_config["pooled_projection_dim"],),
         }
 

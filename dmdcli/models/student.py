@@ -38,7 +38,7 @@ from dmdcli.core.sampler import ddim_sample, sample
 from dmdcli.core.schedule import ddim_timesteps, student_timesteps
 from dmdcli.errors import DmdError, UsageError, first_line
 from dmdcli.files import read_json
-from dmdcli.models.families import get_family
+from dmdcli.models.families import get_family, pipeline_guidance_scale
 from dmdcli.models.pipeline import from_pretrained, load_teacher
 from dmdcli.models.teacher import TeacherSpec, inspect_teacher, looks_like_path, resolve_teacher
 from dmdcli.runfiles import (
@@ -353,8 +353,9 @@ class PipelineSampler:
         try:
             spec = inspect_teacher(source.path)
             absent, self.call_kwargs = spec.absent_required, spec.call_kwargs
+            self.guidance = get_family(spec.family).pipeline_guidance  # Qwen-Image: true CFG, a negative prompt
         except DmdError:
-            absent, self.call_kwargs = {}, {}
+            absent, self.call_kwargs, self.guidance = {}, {}, pipeline_guidance_scale
         try:
             self.pipe = DiffusionPipeline.from_pretrained(
                 source.path, use_safetensors=None if allow_pickle else True, **absent
@@ -386,8 +387,7 @@ class PipelineSampler:
         kwargs.update(self.call_kwargs)
         if height:
             kwargs.update(height=height, width=width)
-        if self.guidance_scale is not None:
-            kwargs["guidance_scale"] = self.guidance_scale
+        kwargs.update(self.guidance(self.guidance_scale))
         try:
             images = self.pipe(prompt=list(prompts), **kwargs).images
         except (ValueError, TypeError) as e:

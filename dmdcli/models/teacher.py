@@ -184,8 +184,9 @@ class TeacherSpec:
         max_sequence_length)."""
         return {} if self.max_sequence_length is None else {"max_sequence_length": self.max_sequence_length}
 
-    def t5_tokens(self, default: int) -> int:
-        """A prompt's T5 positions: the recorded max_sequence_length, else the family pipeline's `default`."""
+    def text_tokens(self, default: int) -> int:
+        """A prompt's text positions (T5's, Qwen2.5-VL's): the recorded max_sequence_length, else the
+        family pipeline's `default`."""
         return default if self.max_sequence_length is None else self.max_sequence_length
 
     @property

@@ -26,8 +26,9 @@ Decode = Callable[[Tensor], Tensor]  # diffusion-space latents [B, C, h, w] → 
 
 
 def latent_decoder(autoencoder) -> Decode:
-    """Decoding with `autoencoder`'s own scaling and shift, as the diffusers pipelines do: the teacher's
-    VAE, or a tiny autoencoder (AutoencoderTiny: scaling 1, it reads the pipeline's latents as they are)."""
+    """Decoding with `autoencoder`'s own scaling and shift, as the diffusers pipelines do: a tiny
+    autoencoder (AutoencoderTiny: scaling 1, it reads the pipeline's latents as they are), or an
+    AutoencoderKL (the teacher's VAE decodes through the teacher itself: `decode_with_grad`)."""
     scale = float(autoencoder.config.scaling_factor)
     shift = float(getattr(autoencoder.config, "shift_factor", None) or 0.0)
     return lambda z: autoencoder.decode(z.float() / scale + shift).sample.clamp(-1, 1)
