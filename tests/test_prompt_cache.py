@@ -52,6 +52,24 @@ def test_cached_conditioning_is_bit_identical_to_encode_prompts(request, layout)
     assert cache.rows(PROMPTS).tolist() == [0, 1, 0, 2, 3, 4, 1]
 
 
+def test_masked_text_is_cached_up_to_the_longest_prompt(tiny_qwen_image):
+    """Qwen-Image pads every prompt to 512 positions and masks the padding: the cache keeps the
+    positions up to the longest prompt's last, widening as longer batches come (batches of 2 here),
+    with the values encode_prompts gives there and zeros after."""
+    teacher = cpu_teacher(tiny_qwen_image)
+    prompts = ["a red circle", "a large blue square at the top left of a white background", "", "two"]
+    cache, size = build_prompt_cache(teacher.encode_prompts, prompts, teacher.dtype, teacher.device, batch_size=2)
+    longest = int(teacher.encode_prompts(prompts)["encoder_hidden_states_mask"].sum(dim=1).max())
+    assert cache.table["encoder_hidden_states"].shape == (4, longest, 64) and longest < 512
+    assert size == cache.nbytes < 4 * 512 * (64 + 1) * 4 / 4  # under a quarter of 512 positions (fp32)
+    for start in (0, 2):  # the batches the cache was encoded in
+        chunk = prompts[start : start + 2]
+        direct, cached = teacher.encode_prompts(chunk), cache.encode(chunk)
+        for k in direct:
+            assert torch.equal(cached[k], direct[k][:, :longest]), k
+            assert direct[k][:, longest:].abs().sum() == 0, k  # what was cut is padding
+
+
 def test_bf16_encoders_are_cached_in_bf16_losslessly(tiny_sdxl):
     teacher = cpu_teacher(tiny_sdxl, torch.bfloat16)
     cache, _ = build_prompt_cache(teacher.encode_prompts, PROMPTS[:3], teacher.dtype, teacher.device)
@@ -172,10 +190,11 @@ def test_too_many_prompts_for_host_memory_encode_on_the_fly(tmp_path, tiny_sd, p
     assert any(m.startswith("prompt cache: 4 prompts would take") and "on the fly" in m for m in messages)
 
 
-@pytest.mark.parametrize("layout,batch", [("sd", "2"), ("sdxl", "4")])
+@pytest.mark.parametrize("layout,batch", [("sd", "2"), ("sdxl", "4"), ("qwen_image", "2")])
 def test_caching_on_and_off_train_the_same_student(request, tmp_path, prompts_file, image_folder, layout, batch):
     """Per prompt, CLIP's output does not depend on the batch it is encoded in (on CPU: SDXL's pooled
-    projection does for batches of fewer than 4 rows, hence batch 4 there)."""
+    projection does for batches of fewer than 4 rows, hence batch 4 there). Qwen-Image's cached text
+    is cut to the longest prompt, its on-the-fly text is 512 positions: the same student."""
     teacher = request.getfixturevalue(f"tiny_{layout}")
     students = []
     for switch in ("--cache-prompts", "--no-cache-prompts"):

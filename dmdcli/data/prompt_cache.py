@@ -9,6 +9,10 @@ encoded in. They are stored in the teacher's frozen dtype where that loses nothi
 rounds the encoders' output to it, so caching in bf16 halves host memory), else in float32 (time ids
 a bf16 would round), and come back as float32, as `encode_prompts` returns them. Encoding consumes
 no random numbers.
+
+A conditioning K that comes with a mask K_mask (Qwen-Image's text) is kept only up to the last
+position any cached prompt uses: the teacher pads each prompt to its pipeline's 512 positions,
+zeros its mask leaves out, so this keeps the same values and a fraction of the memory.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import Tensor
 
-from dmdcli.core.denoiser import Cond
+from dmdcli.core.denoiser import MASK, Cond, is_masked, pad_positions, used_positions
 
 GIB = 2**30
 HOST_LIMIT = 8 * GIB  # per process: above this the run encodes on the fly instead
@@ -69,17 +73,36 @@ def build_prompt_cache(
     distinct = list(dict.fromkeys(prompts))
     table: Cond = {}
     for start in range(0, len(distinct), batch_size):
-        cond = encode(distinct[start : start + batch_size])
+        cond = _cut_padding(encode(distinct[start : start + batch_size]))
         if not table:
             table = {k: torch.empty((len(distinct), *v.shape[1:]), dtype=dtype) for k, v in cond.items()}
-            needed = sum(v.numel() * v.element_size() for v in table.values())
-            if needed > limit:
-                return None, needed
+        needed = sum(_row_bytes(table[k], v) * len(distinct) for k, v in cond.items())  # with this batch's widths
+        if needed > limit:
+            return None, needed
         for k, v in cond.items():
             v = v.detach().cpu()
+            if is_masked(k, cond):  # a longer prompt widens the table; a shorter batch is padded to it
+                table[k], v = pad_positions(table[k], v.shape[1]), pad_positions(v, table[k].shape[1])
             if table[k].dtype != v.dtype and not torch.equal(v.to(table[k].dtype).to(v.dtype), v):
                 table[k] = table[k].to(v.dtype)  # the narrower dtype would round these values: keep them whole
             table[k][start : start + len(v)] = v
         progress(min(start + batch_size, len(distinct)))
     cache = PromptCache(table, {p: i for i, p in enumerate(distinct)}, device)
     return cache, cache.nbytes
+
+
+def _row_bytes(stored: Tensor, batch: Tensor) -> int:
+    """Bytes of one row of `stored` once it holds `batch`'s rows (a masked conditioning may widen it)."""
+    row = stored[0].numel() * stored.element_size()
+    if stored.ndim > 1 and batch.shape[1] > stored.shape[1]:
+        row = row // stored.shape[1] * batch.shape[1]
+    return row
+
+
+def _cut_padding(cond: Cond) -> Cond:
+    """Each masked conditioning and its mask cut after the last position any row's mask keeps."""
+    cut = dict(cond)
+    for key in [k for k in cond if f"{k}{MASK}" in cond]:
+        n = used_positions(cond[f"{key}{MASK}"])
+        cut[key], cut[f"{key}{MASK}"] = cond[key][:, :n], cond[f"{key}{MASK}"][:, :n]
+    return cut

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from dmdcli.core.denoiser import Cond
+from dmdcli.core.denoiser import Cond, used_positions
 from dmdcli.models.families import Family, NetworkShape, register
 from dmdcli.models.pipeline import PipelineTeacher, from_pretrained
 from dmdcli.models.transformer import (
@@ -160,9 +160,8 @@ def _cut_to_longest(text: Tensor, mask: Tensor) -> tuple[Tensor, Tensor | None]:
     prompt uses. On the meta device (the memory estimate), which has no values: all positions, unmasked."""
     if text.device.type == "meta":
         return text, None
-    keep = mask.bool()
-    n = int(keep.any(dim=0).nonzero().max()) + 1 if keep.any() else 1  # past the last token of any prompt
-    keep = keep[:, :n]
+    n = used_positions(mask)
+    keep = mask[:, :n].bool()
     return text[:, :n], None if bool(keep.all()) else keep
 
 
