@@ -215,11 +215,13 @@ def test_the_teacher_samples_with_true_cfg_and_the_negative_prompt(tmp_path, tea
 
 
 def test_dry_run_of_qwen_image_from_its_bundled_configs(prompts_file):
+    """Offline, from the public configs shipped with dmd: the recipe Qwen-Image gets fits one 80 GB GPU."""
     args = ["distill", "--teacher", "qwen-image", "--prompts", str(prompts_file), "--dry-run", "--json"]
-    result = runner.invoke(app, [*args, "--mixed-precision", "bf16", "--lora-rank", "64", "--gradient-checkpointing"])
+    result = runner.invoke(app, [*args, "--mixed-precision", "bf16", "--batch-size", "1"])
     assert result.exit_code == 0, result.stderr
     assert "recipe qwen-image" in result.stderr
     record = json.loads(result.stdout)
-    assert record["config"]["guidance_scale"] == 4.0
+    assert (record["config"]["guidance_scale"], record["config"]["lora_rank"]) == (4.0, 64)
     memory = record["memory_gib"]
     assert memory["parameters"]["teacher network (frozen)"] == pytest.approx(20.4e9 * 2 / 2**30, rel=0.02)
+    assert memory["peak"] < 80e9 / 2**30
