@@ -12,8 +12,8 @@ from students import ALPHA, RANK, make_student, unet_inputs
 from typer.testing import CliRunner
 
 from dmdcli.cli import app
-from dmdcli.export import TIMESTEP_SCALING, student_scheduler
 from dmdcli.models.student import find_model, load_student_network
+from dmdcli.models.student_schedulers import TIMESTEP_SCALING, student_scheduler
 from dmdcli.models.teacher import inspect_teacher
 
 runner = CliRunner()
