@@ -707,6 +707,64 @@ def test_bf16_keeps_frozen_weights_in_bf16_and_trained_weights_in_fp32(
     assert {v.dtype for k, v in load_file(checkpoint).items() if not k.startswith("rng")} == {torch.float32}
 
 
+@pytest.mark.usefixtures("fresh_accelerator_state")
+def test_a_shared_base_is_read_in_bf16_and_trains_the_student_of_one_read_in_fp32_and_cast(
+    tmp_path, tiny_sd, prompts_file, image_folder, monkeypatch
+):
+    """Shared-base LoRA never trains the teacher's network in fp32, so the network is read in the
+    frozen dtype (bf16) straight onto the device, not in fp32 on the host first; the student is
+    bit for bit the one of a network read in fp32 and cast after."""
+    from accelerate.state import AcceleratorState
+
+    import dmdcli.models.pipeline as pipeline
+    from dmdcli.train.layouts import SharedBaseLora
+
+    reads, read = [], pipeline.from_pretrained
+
+    def spy(cls, spec, subfolder, allow_pickle, **kwargs):
+        reads.append((subfolder, kwargs.get("torch_dtype")))
+        return read(cls, spec, subfolder, allow_pickle, **kwargs)
+
+    monkeypatch.setattr(pipeline, "from_pretrained", spy)
+    students = {}
+    for lean in (True, False):
+        monkeypatch.setattr(SharedBaseLora, "frozen_network", lean)
+        AcceleratorState._reset_state()
+        reads.clear()
+        config = resolve_config(
+            "tiny",
+            {
+                "teacher": str(tiny_sd),
+                "prompts": str(prompts_file),
+                "data": str(image_folder),
+                "iterations": 2,
+                "fake_updates_per_gen": 1,
+                "batch_size": 2,
+                "out": str(tmp_path / f"run-{lean}"),
+                "steps": 2,
+                "lora_rank": 4,
+                "shared_base": True,
+                "mixed_precision": "bf16",
+                "teacher_grid_steps": 0,
+                "sample_every": 0,
+            },
+        )
+        Distillation(config, SilentUI()).run()
+        assert ("unet", torch.bfloat16 if lean else None) in reads
+        students[lean] = load_file(tmp_path / f"run-{lean}" / "student.safetensors")
+    lean, cast = students[True], students[False]
+    assert lean.keys() == cast.keys() and all(torch.equal(lean[k], cast[k]) for k in lean)
+
+
+def test_regression_pairs_of_a_bf16_network_are_keyed_apart_from_those_of_an_fp32_one():
+    from dmdcli.data.pairs import pair_key_inputs
+
+    common = ({"teacher": "t"}, ["a"], 0, 25, 3.0, 32, 8, "bf16")
+    fp32, bf16 = pair_key_inputs(*common), pair_key_inputs(*common, "bfloat16")
+    assert "weights_dtype" not in fp32  # as the key was before it named the weights: their caches are found
+    assert bf16 == fp32 | {"weights_dtype": "bfloat16"}
+
+
 def test_a_second_stage_recipe_without_init_from_says_it_starts_from_the_teacher(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the dry run estimates from the bundled SD1.5 configs
     alone = runner.invoke(app, ["distill", "--recipe", "sd15-1step", "--prompts", "p.txt", "--dry-run"])

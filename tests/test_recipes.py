@@ -88,6 +88,7 @@ def test_every_built_in_recipe_loads_and_resolves(name):
 VARIANTS = {
     "sdxl-4step-lora": ("sdxl-4step", {"lr": 5e-5, "lora_rank": 64, "lora_alpha": 8.0}),
     "sdxl-4step-fsdp": ("sdxl-4step", {"fsdp": True}),
+    "flux-dev-fsdp": ("flux-dev", {"fsdp": True, "lora_rank": 0, "lr": 1e-5}),
     "sd15-1step": (
         "sd15-1step-stage1",
         {

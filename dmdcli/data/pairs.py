@@ -80,8 +80,12 @@ def pair_key_inputs(
     resolution: int,
     count: int,
     precision: str,
+    weights_dtype: str = "float32",
 ) -> dict[str, Any]:
-    return {
+    """What a set of pairs is made from, hashed into its cache key. weights_dtype: the teacher
+    network's weights (bf16 when loaded as a shared LoRA base: its fp32 weights under bf16 autocast
+    round elsewhere, so their pairs differ in the last bits)."""
+    inputs = {
         "format": PAIRS_FORMAT,
         "teacher": teacher,
         "prompts_sha256": hashlib.sha256(json.dumps(prompts).encode()).hexdigest(),
@@ -92,6 +96,8 @@ def pair_key_inputs(
         "count": count,
         "precision": precision,  # the teacher runs in the frozen dtype: bf16 pairs are not fp32 ones
     }
+    # Named only when not fp32, so that the pairs cached before the key had it are still found.
+    return inputs | ({"weights_dtype": weights_dtype} if weights_dtype != "float32" else {})
 
 
 def pair_noise(seed: int, index: int, shape: tuple[int, ...]) -> Tensor:

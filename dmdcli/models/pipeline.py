@@ -61,11 +61,13 @@ def load_teacher(
     resolution: int,
     allow_pickle: bool = False,
     encoder_dtype: torch.dtype | None = None,
+    frozen_network: bool = False,
 ) -> PipelineTeacher:
     """The teacher of `spec`'s family (PipelineTeacher's arguments)."""
     from dmdcli.models.families import get_family
 
-    return get_family(spec.family).teacher(spec, device, dtype, resolution, allow_pickle, encoder_dtype)
+    family = get_family(spec.family)
+    return family.teacher(spec, device, dtype, resolution, allow_pickle, encoder_dtype, frozen_network)
 
 
 class PipelineTeacher(ABC):
@@ -82,6 +84,11 @@ class PipelineTeacher(ABC):
         encoder_dtype: the text encoders' dtype (default `dtype`, as a pipeline samples); training
             runs them in fp32, as the DMD2 reference does (a bf16 CLIP is ~6× less exact than one
             rounding of an fp32 CLIP's output), once per prompt when prompts are cached.
+        frozen_network: the network is only ever used frozen (no fp32 copy is trained from it, as
+            with a shared LoRA base): it is loaded in `dtype` straight onto `device`, one tensor at a
+            time. Read in fp32 on the CPU first, FLUX.1-dev's transformer alone held 48 GB of host
+            memory and Qwen-Image's 82 GB; the weights are the same bits either way (diffusers
+            rounds each tensor as `.to(dtype)` does).
 
     A subclass sets `network_class` (the diffusers class of the pipeline's `spec.network`
     component) and implements `load_text_encoders`, `encode_prompts` and `empty_cond`. A family
@@ -100,12 +107,14 @@ class PipelineTeacher(ABC):
         resolution: int,
         allow_pickle: bool = False,
         encoder_dtype: torch.dtype | None = None,
+        frozen_network: bool = False,
     ):
         import diffusers
 
         self.spec, self.device, self.dtype, self.resolution = spec, device, dtype, resolution
+        placed = {"torch_dtype": dtype, "device_map": {"": device}} if frozen_network else {}
         self.network: nn.Module = from_pretrained(
-            getattr(diffusers, self.network_class), spec, spec.network, allow_pickle
+            getattr(diffusers, self.network_class), spec, spec.network, allow_pickle, **placed
         )
         vae_class = getattr(diffusers, self.vae_class)
         self.vae = from_pretrained(vae_class, spec, "vae", allow_pickle, torch_dtype=torch.float32).to(device)

@@ -53,7 +53,7 @@ class Distillation(Run):
         self.init_checkpoint = checkpoint_to_init_from(config) if config.init_from and not resume else None
         if not resume:
             rundir.check_run_folder(self.out, overwrite)
-        prompts = self.load_teacher()
+        prompts = self.load_teacher(self.layout.frozen_network)
         self.data = self._load_data(prompts)
         self.uncond = self.teacher.empty_cond() if uses_cfg(config.guidance_scale) else None
         self.regression_distance, self.regression_distance_name = None, None

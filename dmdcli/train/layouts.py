@@ -62,6 +62,10 @@ class Layout:
     """A network layout. Its defaults are the full fine-tune's; each other layout overrides what
     differs from it."""
 
+    #: Whether the teacher's network is only ever used frozen (no fp32 copy is trained from it), so
+    #: that it may be loaded in the frozen dtype straight onto the device (PipelineTeacher).
+    frozen_network = False
+
     def __init__(self, config, lora_targets: tuple[str, ...] = ()):
         self.config = config
         self.lora_targets = lora_targets  # the modules the LoRA layouts' adapters wrap (Family.lora_targets)
@@ -250,6 +254,8 @@ class ReferenceLora(_LoraGenerator):
 class SharedBaseLora(_LoraGenerator):
     """One frozen copy of the teacher's weights (bf16 on CUDA) under three module trees: the
     teacher as it is, the generator and the fake score each with its own adapter."""
+
+    frozen_network = True
 
     @property
     def fake_kind(self) -> str:

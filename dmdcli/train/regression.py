@@ -132,7 +132,8 @@ def load_regression(run, prompts: list[str]) -> tuple[Distance, str, Pairs]:
     )
     for note in notes:
         ui.message(note)
-    teacher, schedule = run.denoiser(run.teacher.network.to(device)), run.schedule
+    network = run.teacher.network.to(device)
+    teacher, schedule = run.denoiser(network), run.schedule
     uncond = run.teacher.empty_cond() if uses_cfg(config.guidance_scale) else None
 
     def generate(noise: Tensor, batch_prompts: list[str]) -> Tensor:
@@ -152,6 +153,7 @@ def load_regression(run, prompts: list[str]) -> tuple[Distance, str, Pairs]:
         run.resolution,
         config.pairs,
         config.precision(),
+        str(next(network.parameters()).dtype).removeprefix("torch."),
     )
     root = Path(config.pairs_dir) if config.pairs_dir else default_pairs_dir()
     with (

@@ -50,9 +50,10 @@ class Run:
             )
         self.out = rundir.run_folder(config.out, config.teacher, config.steps)
 
-    def load_teacher(self) -> list[str] | None:
+    def load_teacher(self, frozen_network: bool = False) -> list[str] | None:
         """The user's prompts and image folder (checked), then the teacher; returns the prompts
-        (None without --prompts) and sets `data_folder` and `teacher`."""
+        (None without --prompts) and sets `data_folder` and `teacher`. frozen_network: the
+        teacher's network is loaded in the frozen dtype onto the device (a shared LoRA base)."""
         prompts, self.data_folder = read_user_files(self.config, self.accelerator)
         self.prompts_read = prompts
         device = self.accelerator.device
@@ -67,6 +68,7 @@ class Run:
             self.resolution,
             self.config.allow_pickle,
             encoder_dtype=torch.float32,
+            frozen_network=frozen_network,
         )
         return prompts
 
