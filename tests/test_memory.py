@@ -286,3 +286,24 @@ def test_checkpointing_keeps_block_inputs_and_one_recomputed_block():
     assert 0 < kept < whole / 2 and 0 < kept_down < down < whole
     cpu_rules, _ = _saved_activations(unet(), spec, 256, torch.bfloat16, "cpu", checkpointing=False)
     assert whole > 1.2 * cpu_rules  # CUDA's autocast runs the norms in fp32, and keeps fp32 copies
+
+
+@pytest.mark.parametrize("free_gib", [0.001, 1000.0])
+def test_a_run_says_at_once_when_its_estimate_is_more_than_the_gpu_has_free(
+    tmp_path, tiny_sd, prompts_file, monkeypatch, free_gib
+):
+    """Before the teacher loads, the run compares the --dry-run estimate with the GPU's free memory
+    (stood in for here: the CPU has none to query) and names what would lower it; it still runs."""
+    import dmdcli.train.memory as memory
+
+    monkeypatch.setattr(memory, "device_memory", lambda device: (int(free_gib * 2**30), int(80 * 2**30)))
+    args = ["distill", "--recipe", "tiny", "--teacher", str(tiny_sd), "--prompts", str(prompts_file)]
+    result = runner.invoke(app, [*args, "--iterations", "1", "--out", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.stderr
+    said = " ".join(result.stderr.split())
+    if free_gib > 1:
+        assert "estimated peak" not in said
+    else:
+        assert "is more than the 0.0 GiB free on this GPU (of 80.0): --gradient-checkpointing, --lora-rank 64" in said
+        assert said.index("estimated peak") < said.index("generator:")  # before the networks are built
+    assert (tmp_path / "run" / "student.safetensors").is_file()

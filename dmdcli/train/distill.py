@@ -26,6 +26,7 @@ from dmdcli.train.config import DistillConfig, write_config
 from dmdcli.train.data import Data, load_data
 from dmdcli.train.grids import COLLAPSE_RATIO, SampleGrid, diversity
 from dmdcli.train.layouts import layout_for
+from dmdcli.train.memory import over_memory_note
 from dmdcli.train.networks import build_step
 from dmdcli.train.setup import Run
 from dmdcli.train.state import Checkpoints, checkpoint_to_init_from, checkpoint_to_resume, student_info
@@ -53,6 +54,12 @@ class Distillation(Run):
         self.init_checkpoint = checkpoint_to_init_from(config) if config.init_from and not resume else None
         if not resume:
             rundir.check_run_folder(self.out, overwrite)
+        if self.accelerator.is_main_process and (
+            note := over_memory_note(
+                self.spec, config, self.resolution, self.accelerator.device, self.accelerator.num_processes
+            )
+        ):
+            ui.message(note)
         prompts = self.load_teacher(self.layout.frozen_network)
         self.data = self._load_data(prompts)
         self.uncond = self.teacher.empty_cond() if uses_cfg(config.guidance_scale) else None

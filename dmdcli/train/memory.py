@@ -416,3 +416,31 @@ def plan_memory(config, scratch, note) -> MemoryPlan:
     counts = FSDP_PROCESS_COUNTS if config.fsdp else (1,)
     estimates = {n: estimate_memory(spec, config, resolution, bf16, n, device_type) for n in counts}
     return MemoryPlan(spec, resolution, bf16, estimates, _notes(config, bf16))
+
+
+def device_memory(device: torch.device) -> tuple[int, int] | None:
+    """(free, total) bytes of a CUDA device; None elsewhere (a CPU run has no budget to check)."""
+    return torch.cuda.mem_get_info(device) if device.type == "cuda" else None
+
+
+def over_memory_note(spec: TeacherSpec, config, resolution: int, device: torch.device, processes: int) -> str | None:
+    """A note when the `--dry-run` estimate of this run's peak is more than its GPU has free, said
+    before minutes of loading rather than at the first out-of-memory error; None when it fits."""
+    memory = device_memory(device)
+    if memory is None:
+        return None
+    free, total = memory
+    estimate = estimate_memory(spec, config, resolution, config.precision() == "bf16", processes, device.type)
+    if estimate.peak * GIB <= free:
+        return None
+    levers = [
+        *([] if config.gradient_checkpointing else ["--gradient-checkpointing"]),
+        *([] if config.lora_rank or config.fsdp else ["--lora-rank 64"]),
+        *(["--shared-base"] if config.lora_rank and not config.shared_base else []),
+        *(["a smaller --batch-size"] if config.batch_size > 1 else []),
+    ]
+    return (
+        f"note: the estimated peak, {estimate.peak:.1f} GiB per GPU ({estimate.phase} phase; --dry-run for the table), "
+        f"is more than the {free / GIB:.1f} GiB free on this GPU (of {total / GIB:.1f})"
+        + (f": {', '.join(levers)} would lower it" if levers else "")
+    )
