@@ -391,3 +391,26 @@ def test_a_checkpoint_is_the_generator_as_it_was_then(tmp_path, tiny_sd, prompts
         **runfiles.read_student_info(run / "student.safetensors"),
         "iterations": 2,
     }
+
+
+@pytest.mark.parametrize("kind", ["full", "lora"])
+def test_a_student_is_read_in_the_sampling_dtype_as_an_fp32_read_then_cast(tmp_path, tiny_sd, kind):
+    """`dmd sample` reads the network in its dtype straight onto the device, not whole in fp32 on
+    the host first: a full student's weights are then exactly the fp32 student cast; a LoRA
+    student's, fused in that dtype, are within bf16's precision of it."""
+    from dmdcli.models.student import StudentSampler, load_student_network
+
+    source = find_model(str(make_student(tmp_path / "run", tiny_sd, "sd", kind, 1)))
+    lean = StudentSampler(source, torch.device("cpu"), torch.bfloat16).unet.state_dict()
+    cast = load_student_network(source).to(torch.bfloat16).state_dict()  # read in fp32, fused, cast
+    assert lean.keys() == cast.keys() and {v.dtype for v in lean.values()} == {torch.bfloat16}
+    if kind == "full":
+        assert all(torch.equal(lean[k], cast[k]) for k in lean)
+    else:
+        differ = [k for k in lean if not torch.equal(lean[k], cast[k])]
+        assert differ and all(k.endswith(".weight") for k in differ)  # the fused weights alone
+        # The teacher's fp32 weights and the delta are each rounded before they are added (exact for
+        # weights stored in bf16, as FLUX's and Qwen-Image's are): one bf16 step at the tensor's scale.
+        assert all(
+            (lean[k].float() - cast[k].float()).abs().max() <= 2**-7 * cast[k].float().abs().max() for k in differ
+        )

@@ -281,10 +281,13 @@ class StudentSampler:
         resolution = source.resolution(self.spec)
         self.default_size = (resolution, resolution)
         self.default_steps = int(info["steps"])
-        self.teacher = load_teacher(self.spec, device, dtype, resolution, allow_pickle)
+        # The network read in `dtype` straight onto the device (not whole in fp32 on the host first:
+        # Qwen-Image's 82 GB); a full student's weights are rounded to it as a cast would, a LoRA
+        # student is fused there (peft rounds its fp32 delta to `dtype` before adding it).
+        self.teacher = load_teacher(self.spec, device, dtype, resolution, allow_pickle, frozen_network=True)
         if source.kind == "student":
-            load_student_weights(self.teacher.network.to(torch.float32), source)
-        self.unet = self.teacher.network.to(device, dtype)
+            load_student_weights(self.teacher.network, source)
+        self.unet = self.teacher.network
         teacher_schedule = self.spec.schedule(resolution)
         self.schedule = teacher_schedule.with_prediction_type(
             info.get("prediction_type", teacher_schedule.prediction_type)
