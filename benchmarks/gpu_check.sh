@@ -124,5 +124,12 @@ if [ $((SECONDS + 300)) -le "$budget" ]; then
 else
     echo "== qwen-image-lora: skipped, $((budget - SECONDS))s left of ${budget}s"
 fi
+# Then host memory of reading a network onto the GPU: fp32 then cast, against bf16 straight onto it
+# (a shared LoRA base, dmd sample); measured on a CPU only (benchmarks/results/host-memory).
+if [ $((SECONDS + 90)) -le "$budget" ]; then
+    step host-memory 90 bash -c "python3 benchmarks/host_memory.py --arch sd15 --device cuda | tee $results/host-memory.md"
+else
+    echo "== host-memory: skipped, $((budget - SECONDS))s left of ${budget}s"
+fi
 echo "== done: $failed step(s) failed after ${SECONDS}s"
 exit $failed
