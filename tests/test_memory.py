@@ -10,8 +10,9 @@ from dmdcli.cli import app
 from dmdcli.models.architectures import write_config_only_pipeline
 from dmdcli.models.sd import UNET_LORA_TARGETS
 from dmdcli.models.teacher import inspect_teacher
+from dmdcli.train.activations import meta_network, saved_activations, training_network
 from dmdcli.train.config import DistillConfig
-from dmdcli.train.memory import _meta_network, _saved_activations, _training_network, estimate_memory
+from dmdcli.train.memory import estimate_memory
 
 runner = CliRunner()
 
@@ -225,7 +226,7 @@ def _saved_by_a_real_forward(spec, adapter, resolution: int) -> int:
     from dmdcli.models.lora import add_generator_lora
 
     torch.manual_seed(0)
-    unet = UNet2DConditionModel.from_config(_meta_network(spec).config)
+    unet = UNet2DConditionModel.from_config(meta_network(spec).config)
     if adapter:
         add_generator_lora(unet.to(torch.bfloat16), adapter[0], adapter[1], UNET_LORA_TARGETS, adapter_name=adapter[2])
     else:
@@ -263,8 +264,8 @@ def test_meta_activations_match_a_real_forward(layout, adapter):
     from dmdcli.models.tiny import tiny_pipeline_cached
 
     spec = inspect_teacher(str(tiny_pipeline_cached(layout)))
-    meta, _ = _saved_activations(
-        _training_network(spec, torch.bfloat16, adapter, UNET_LORA_TARGETS),
+    meta, _ = saved_activations(
+        training_network(spec, torch.bfloat16, adapter, UNET_LORA_TARGETS),
         spec,
         256,
         torch.bfloat16,
@@ -280,11 +281,11 @@ def test_checkpointing_keeps_block_inputs_and_one_recomputed_block():
     from dmdcli.models.tiny import tiny_pipeline_cached
 
     spec = inspect_teacher(str(tiny_pipeline_cached("sd")))
-    unet = lambda: _training_network(spec, torch.bfloat16, (4, 4, "fake_score"), UNET_LORA_TARGETS)  # noqa: E731
-    whole, down = _saved_activations(unet(), spec, 256, torch.bfloat16, "cuda", checkpointing=False)
-    kept, kept_down = _saved_activations(unet(), spec, 256, torch.bfloat16, "cuda", checkpointing=True)
+    unet = lambda: training_network(spec, torch.bfloat16, (4, 4, "fake_score"), UNET_LORA_TARGETS)  # noqa: E731
+    whole, down = saved_activations(unet(), spec, 256, torch.bfloat16, "cuda", checkpointing=False)
+    kept, kept_down = saved_activations(unet(), spec, 256, torch.bfloat16, "cuda", checkpointing=True)
     assert 0 < kept < whole / 2 and 0 < kept_down < down < whole
-    cpu_rules, _ = _saved_activations(unet(), spec, 256, torch.bfloat16, "cpu", checkpointing=False)
+    cpu_rules, _ = saved_activations(unet(), spec, 256, torch.bfloat16, "cpu", checkpointing=False)
     assert whole > 1.2 * cpu_rules  # CUDA's autocast runs the norms in fp32, and keeps fp32 copies
 
 
