@@ -54,12 +54,6 @@ class Distillation(Run):
         self.init_checkpoint = checkpoint_to_init_from(config) if config.init_from and not resume else None
         if not resume:
             rundir.check_run_folder(self.out, overwrite)
-        if self.accelerator.is_main_process and (
-            note := over_memory_note(
-                self.spec, config, self.resolution, self.accelerator.device, self.accelerator.num_processes
-            )
-        ):
-            ui.message(note)
         prompts = self.load_teacher(self.layout.frozen_network)
         self.data = self._load_data(prompts)
         self.uncond = self.teacher.empty_cond() if uses_cfg(config.guidance_scale) else None
@@ -106,6 +100,12 @@ class Distillation(Run):
             (self.spec.latent_channels, *self.teacher.latent_size),
             self.accelerator.device,
         )
+
+    def memory_note(self) -> str | None:
+        if not self.accelerator.is_main_process:
+            return None
+        accelerator = self.accelerator
+        return over_memory_note(self.spec, self.config, self.resolution, accelerator.device, accelerator.num_processes)
 
     def _sharding(self, config: DistillConfig):
         """FSDP options when the networks are to be sharded (--fsdp, or an FSDP accelerate config), else None."""

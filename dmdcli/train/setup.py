@@ -56,6 +56,8 @@ class Run:
         teacher's network is loaded in the frozen dtype onto the device (a shared LoRA base)."""
         prompts, self.data_folder = read_user_files(self.config, self.accelerator)
         self.prompts_read = prompts
+        if note := self.memory_note():
+            self.ui.message(note)
         device = self.accelerator.device
         self.ui.message(
             f"teacher: {self.spec.source} ({self.spec.layout}, {self.spec.prediction_type}) at {self.resolution}px "
@@ -71,6 +73,10 @@ class Run:
             frozen_network=frozen_network,
         )
         return prompts
+
+    def memory_note(self) -> str | None:
+        """What to say before the teacher loads when the run will not fit its GPU (a method that can tell)."""
+        return None
 
     def config_to_record(self):
         """The config that config.toml and the checkpoints record: prompts read from a stream (a pipe,
