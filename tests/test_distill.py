@@ -659,6 +659,14 @@ def test_lora_layouts(tmp_path, tiny_sdxl, prompts_file, image_folder, shared):
     assert torch.equal(run.step.dmd2.real_score(x, t, cond), fresh(x, t, cond))
 
 
+def bf16_lora_config(teacher, prompts_file, image_folder, out, shared: bool):
+    """Two iterations of a rank-4 LoRA run under bf16 mixed precision (the layout a GPU run uses)."""
+    values = {"teacher": str(teacher), "prompts": str(prompts_file), "data": str(image_folder), "out": str(out)}
+    values |= {"iterations": 2, "fake_updates_per_gen": 1, "batch_size": 2, "steps": 2, "lora_rank": 4}
+    values |= {"shared_base": shared, "mixed_precision": "bf16", "teacher_grid_steps": 0, "sample_every": 0}
+    return resolve_config("tiny", values)
+
+
 @pytest.mark.parametrize("shared", [True, False])
 @pytest.mark.usefixtures("fresh_accelerator_state")
 def test_bf16_keeps_frozen_weights_in_bf16_and_trained_weights_in_fp32(
@@ -667,25 +675,7 @@ def test_bf16_keeps_frozen_weights_in_bf16_and_trained_weights_in_fp32(
     """--mixed-precision bf16 on the CPU runs the layout a GPU run uses: the frozen teacher (and a
     shared LoRA base) in bf16 under autocast, every trained weight, its AdamW state and the saved
     student in fp32, the VAE in fp32."""
-    config = resolve_config(
-        "tiny",
-        {
-            "teacher": str(tiny_sd),
-            "prompts": str(prompts_file),
-            "data": str(image_folder),
-            "iterations": 2,
-            "fake_updates_per_gen": 1,
-            "batch_size": 2,
-            "out": str(tmp_path / "run"),
-            "steps": 2,
-            "lora_rank": 4,
-            "shared_base": shared,
-            "mixed_precision": "bf16",
-            "teacher_grid_steps": 0,
-            "sample_every": 0,
-        },
-    )
-    run = Distillation(config, SilentUI())
+    run = Distillation(bf16_lora_config(tiny_sd, prompts_file, image_folder, tmp_path / "run", shared), SilentUI())
     assert run.accelerator.mixed_precision == "bf16"
     assert {p.dtype for p in run.teacher.network.parameters()} == {torch.bfloat16}
     assert {p.dtype for p in run.teacher.vae.parameters()} == {torch.float32}
@@ -731,24 +721,7 @@ def test_a_shared_base_is_read_in_bf16_and_trains_the_student_of_one_read_in_fp3
         monkeypatch.setattr(SharedBaseLora, "frozen_network", lean)
         AcceleratorState._reset_state()
         reads.clear()
-        config = resolve_config(
-            "tiny",
-            {
-                "teacher": str(tiny_sd),
-                "prompts": str(prompts_file),
-                "data": str(image_folder),
-                "iterations": 2,
-                "fake_updates_per_gen": 1,
-                "batch_size": 2,
-                "out": str(tmp_path / f"run-{lean}"),
-                "steps": 2,
-                "lora_rank": 4,
-                "shared_base": True,
-                "mixed_precision": "bf16",
-                "teacher_grid_steps": 0,
-                "sample_every": 0,
-            },
-        )
+        config = bf16_lora_config(tiny_sd, prompts_file, image_folder, tmp_path / f"run-{lean}", shared=True)
         Distillation(config, SilentUI()).run()
         assert ("unet", torch.bfloat16 if lean else None) in reads
         students[lean] = load_file(tmp_path / f"run-{lean}" / "student.safetensors")
