@@ -178,27 +178,77 @@ def test_a_run_caches_every_prompt_and_releases_the_encoders(tmp_path, tiny_sdxl
     assert all(p.device == off.accelerator.device for te in off.teacher.text_encoders for p in te.parameters())
 
 
-def test_too_many_prompts_for_host_memory_encode_on_the_fly(tmp_path, tiny_sd, prompts_file, monkeypatch):
-    monkeypatch.setattr(prompt_cache, "HOST_LIMIT", 1000)  # bytes: less than one prompt's conditioning
+@pytest.mark.parametrize("layout", ["sd", "sdxl", "qwen_image"])
+def test_a_disk_cache_holds_the_rows_of_the_host_cache(request, tmp_path, layout):
+    """Shards of two prompts each, bf16 where lossless (SDXL's time ids are not, at fp32 encoders):
+    every row as the in-memory cache gives it, up to the padding of masked text (cut per shard)."""
+    from dmdcli.data.prompt_cache import DiskPromptCache, _cut_padding, write_disk_prompt_cache
+
+    teacher = cpu_teacher(request.getfixturevalue(f"tiny_{layout}"))
+    # Encoded two at a time in both (SDXL's pooled CLIP output on CPU depends on the batch's size).
+    host, _ = build_prompt_cache(teacher.encode_prompts, PROMPTS, torch.bfloat16, teacher.device, batch_size=2)
+    write_disk_prompt_cache(tmp_path, teacher.encode_prompts, PROMPTS, torch.bfloat16, batch_size=2, shard_bytes=1)
+    disk = DiskPromptCache(tmp_path, PROMPTS, teacher.device)
+    assert len(disk.files) == 3 and disk.row_of == host.row_of  # 5 distinct prompts, 2 a shard
+    for rows in ([0], [4, 1, 1], [3, 2, 0, 4]):
+        a, b = _cut_padding(host.take(torch.tensor(rows))), _cut_padding(disk.take(torch.tensor(rows)))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), rows
+
+
+def run_messages(tmp_path, teacher, prompts_file, out):
     messages = []
     ui = SilentUI()
     ui.message = messages.append
     run = Distillation(
-        resolve_config("tiny", {"teacher": str(tiny_sd), "prompts": str(prompts_file), "out": str(tmp_path / "r")}), ui
+        resolve_config("tiny", {"teacher": str(teacher), "prompts": str(prompts_file), "out": str(tmp_path / out)}), ui
     )
+    return run, next(m for m in messages if m.startswith("prompt cache:"))
+
+
+def test_too_many_prompts_for_host_memory_are_cached_on_disk_once(tmp_path, tiny_sd, prompts_file, monkeypatch):
+    monkeypatch.setattr(prompt_cache, "HOST_LIMIT", 1000)  # bytes: less than one prompt's conditioning
+    monkeypatch.setenv("DMD_CACHE", str(tmp_path / "cache"))
+    run, said = run_messages(tmp_path, tiny_sd, prompts_file, "a")
+    assert isinstance(run.data.cache, prompt_cache.DiskPromptCache) and run.teacher.text_encoders_released
+    assert said.startswith("prompt cache: 4 prompts would take") and "on disk instead" in said and "made in" in said
+    assert run.data.cache.folder.parent == tmp_path / "cache" / "prompts"
+    again, said = run_messages(tmp_path, tiny_sd, prompts_file, "b")
+    assert "reused in" in said and again.data.cache.folder == run.data.cache.folder
+    batch = again.data.batch(again.teacher, 0, 0, 3, None)
+    assert batch.cond["encoder_hidden_states"].shape[0] == 3
+
+
+def test_a_disk_that_cannot_hold_the_cache_encodes_on_the_fly(tmp_path, tiny_sd, prompts_file, monkeypatch):
+    import dmdcli.train.data as data
+
+    def full(folder, **kwargs):
+        raise OSError(28, "No space left on device", str(folder))
+
+    monkeypatch.setattr(prompt_cache, "HOST_LIMIT", 1000)
+    monkeypatch.setenv("DMD_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(data, "write_disk_prompt_cache", full)
+    run, said = run_messages(tmp_path, tiny_sd, prompts_file, "a")
     assert run.data.cache is None and not run.teacher.text_encoders_released
-    assert any(m.startswith("prompt cache: 4 prompts would take") and "on the fly" in m for m in messages)
+    assert "could not be written" in said and "No space left on device" in said and "on the fly" in said
+    assert not (tmp_path / "cache" / "prompts").exists() or not any((tmp_path / "cache" / "prompts").iterdir())
 
 
 @pytest.mark.parametrize("layout,batch", [("sd", "2"), ("sdxl", "4"), ("qwen_image", "2")])
-def test_caching_on_and_off_train_the_same_student(request, tmp_path, prompts_file, image_folder, layout, batch):
+def test_caching_on_and_off_train_the_same_student(
+    request, tmp_path, prompts_file, image_folder, layout, batch, monkeypatch
+):
     """Per prompt, CLIP's output does not depend on the batch it is encoded in (on CPU: SDXL's pooled
     projection does for batches of fewer than 4 rows, hence batch 4 there). Qwen-Image's cached text
-    is cut to the longest prompt, its on-the-fly text is 512 positions: the same student."""
+    is cut to the longest prompt, its on-the-fly text is 512 positions: the same student; so is the
+    cache on disk (over the host limit)."""
     teacher = request.getfixturevalue(f"tiny_{layout}")
+    monkeypatch.setenv("DMD_CACHE", str(tmp_path / "cache"))
     students = []
-    for switch in ("--cache-prompts", "--no-cache-prompts"):
-        out = tmp_path / switch
+    for switch in ("--cache-prompts", "--no-cache-prompts", "disk"):
+        if switch == "disk":
+            monkeypatch.setattr(prompt_cache, "HOST_LIMIT", 1000)
+            switch = "--cache-prompts"
+        out = tmp_path / f"{switch}-{len(students)}"
         result = CliRunner().invoke(
             app,
             [
@@ -234,5 +284,7 @@ def test_caching_on_and_off_train_the_same_student(request, tmp_path, prompts_fi
         assert result.exit_code == 0, result.stderr + repr(result.exception)
         assert ("cache_prompts = true" in (out / "config.toml").read_text()) == (switch == "--cache-prompts")
         students.append(load_file(out / "student.safetensors"))
-    assert students[0].keys() == students[1].keys()
-    assert all(torch.equal(students[0][k], students[1][k]) for k in students[0])
+    assert any((tmp_path / "cache" / "prompts").iterdir())  # the third run's cache was on disk
+    for other in students[1:]:
+        assert students[0].keys() == other.keys()
+        assert all(torch.equal(students[0][k], other[k]) for k in students[0])

@@ -13,20 +13,32 @@ no random numbers.
 A conditioning K that comes with a mask K_mask (Qwen-Image's text) is kept only up to the last
 position any cached prompt uses: the teacher pads each prompt to its pipeline's 512 positions,
 zeros its mask leaves out, so this keeps the same values and a fraction of the memory.
+
+More prompts than the host limit holds (FLUX's T5 text is 4 MiB a prompt in bf16: ~2,000 fill
+8 GiB) are cached on disk instead (`DiskPromptCache`): safetensors shards in the cache folder,
+keyed by the teacher's text encoders and the prompts, read a row at a time through safetensors'
+memory map; made once by the main process, read by every process and by later runs (a resume).
 """
 
 from __future__ import annotations
 
+import bisect
+import hashlib
+import json
 from collections.abc import Callable, Iterable
+from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from dmdcli.core.denoiser import MASK, Cond, is_masked, pad_positions, used_positions
+from dmdcli.core.denoiser import MASK, Cond, cat_cond, is_masked, pad_positions, used_positions
 
 GIB = 2**30
-HOST_LIMIT = 8 * GIB  # per process: above this the run encodes on the fly instead
+HOST_LIMIT = 8 * GIB  # per process: above this the cache goes to disk (or, without one, prompts are encoded on the fly)
 ENCODE_BATCH = 64
+SHARD_BYTES = GIB  # a disk cache's rows per safetensors file, about
+DISK_FORMAT = 1
+DISK_INDEX = "index.json"  # written last: a folder without it is incomplete
 
 
 class PromptCache:
@@ -89,6 +101,77 @@ def build_prompt_cache(
         progress(min(start + batch_size, len(distinct)))
     cache = PromptCache(table, {p: i for i, p in enumerate(distinct)}, device)
     return cache, cache.nbytes
+
+
+class DiskPromptCache(PromptCache):
+    """A PromptCache whose rows are in the safetensors shards of `folder` (`write_disk_prompt_cache`)."""
+
+    def __init__(self, folder: Path, prompts: list[str], device: torch.device):
+        from safetensors import safe_open
+
+        from dmdcli.files import read_json
+
+        self.folder = Path(folder)
+        shards = read_json(self.folder / DISK_INDEX)["shards"]  # [[file, first row], ...]
+        self.files = [safe_open(str(self.folder / name), framework="pt") for name, _ in shards]
+        self.starts = [first for _, first in shards]
+        super().__init__({}, {p: i for i, p in enumerate(dict.fromkeys(prompts))}, device)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.stat().st_size for p in self.folder.glob("*.safetensors"))
+
+    def take(self, rows: Tensor) -> Cond:
+        parts = []
+        for row in rows.tolist():
+            shard = bisect.bisect_right(self.starts, row) - 1
+            file, i = self.files[shard], row - self.starts[shard]
+            parts.append({k: file.get_slice(k)[i : i + 1] for k in file.keys()})
+        return {k: v.to(self.device, torch.float32) for k, v in cat_cond(*parts).items()}
+
+
+def disk_cache_key(encoder_id: dict, prompts: list[str], dtype: torch.dtype) -> str:
+    """The folder name of a disk prompt cache: what the encoders are (`Teacher.prompt_cache_id`),
+    the distinct prompts in order, the storage dtype."""
+    distinct = list(dict.fromkeys(prompts))
+    inputs = {"format": DISK_FORMAT, "encoder": encoder_id, "dtype": str(dtype), "prompts": distinct}
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def write_disk_prompt_cache(
+    folder: Path,
+    encode: Callable[[list[str]], Cond],
+    prompts: Iterable[str],
+    dtype: torch.dtype,
+    progress: Callable[[int], None] = lambda done: None,
+    batch_size: int = ENCODE_BATCH,
+    shard_bytes: int = SHARD_BYTES,
+) -> None:
+    """Encode every distinct prompt once into safetensors shards of about `shard_bytes` in `folder`,
+    each key in `dtype` where that loses nothing (as the in-memory cache), then the index."""
+    from dmdcli.files import save_file
+
+    distinct = list(dict.fromkeys(prompts))
+    shards, pending, first = [], [], 0
+
+    def flush() -> None:
+        nonlocal first
+        rows = _cut_padding(cat_cond(*pending))
+        stored = {k: v.to(dtype) if torch.equal(v.to(dtype).to(v.dtype), v) else v for k, v in rows.items()}
+        name = f"rows-{len(shards):05d}.safetensors"
+        save_file(stored, folder / name)
+        shards.append([name, first])
+        first += len(next(iter(rows.values())))
+        pending.clear()
+
+    for start in range(0, len(distinct), batch_size):
+        pending.append({k: v.detach().cpu() for k, v in encode(distinct[start : start + batch_size]).items()})
+        if sum(v.numel() * v.element_size() for c in pending for v in c.values()) >= shard_bytes:
+            flush()
+        progress(min(start + batch_size, len(distinct)))
+    if pending:
+        flush()
+    (folder / DISK_INDEX).write_text(json.dumps({"format": DISK_FORMAT, "rows": len(distinct), "shards": shards}))
 
 
 def _row_bytes(stored: Tensor, batch: Tensor) -> int:

@@ -121,7 +121,8 @@ class PipelineTeacher(ABC):
         self.tokenizers, self.text_encoders = self.load_text_encoders(allow_pickle)
         for module in [self.network, self.vae, *self.text_encoders]:
             module.requires_grad_(False).eval()
-        self.text_encoders = [te.to(device, encoder_dtype or dtype) for te in self.text_encoders]
+        self.encoder_dtype = encoder_dtype or dtype
+        self.text_encoders = [te.to(device, self.encoder_dtype) for te in self.text_encoders]
         self.shift_factor, self.scaling_factor = self.latent_normalization(self.vae.config, device)
         # The posterior samples of real images come from their own generator, not the global RNG:
         # the latent cache is then the same wherever and whenever it is built, and building it
@@ -247,6 +248,28 @@ class PipelineTeacher(ABC):
         vae = component_files(self.spec.source, ("vae",))
         digest = f":{hashlib.sha256(json.dumps(vae).encode()).hexdigest()[:16]}" if vae else ""
         return f"{self.spec.source}:vae:seed0{digest}"
+
+    @property
+    def prompt_cache_id(self) -> dict:
+        """What `encode_prompts` depends on besides the prompts, for the disk prompt cache's key: the
+        teacher, its family and text positions, the encoders' dtype and device type (kernels differ),
+        and a local teacher's text encoder and tokenizer files."""
+        from pathlib import Path
+
+        from dmdcli.models.teacher import component_files
+
+        local = Path(self.spec.source).expanduser()
+        folders = sorted(p.name for p in local.iterdir()) if local.is_dir() else []
+        text = tuple(name for name in folders if name.startswith(("text_encoder", "tokenizer")))
+        return {
+            "teacher": self.spec.source,
+            "family": self.spec.family,
+            "max_sequence_length": self.spec.max_sequence_length,
+            "zeros_for_empty_prompt": self.spec.force_zeros_for_empty_prompt,
+            "encoders": f"{self.encoder_dtype} on {self.device.type}",
+            "frozen_dtype": str(self.dtype),
+            **component_files(self.spec.source, text),
+        }
 
     @torch.no_grad()
     def encode_images(self, images: Tensor) -> Tensor:

@@ -2,17 +2,30 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
 
 from dmdcli.core.denoiser import Cond, expand_cond
+from dmdcli.data import prompt_cache
 from dmdcli.data.images import RealLatents, load_or_build_latents
 from dmdcli.data.pairs import Pairs
-from dmdcli.data.prompt_cache import GIB, PromptCache, build_prompt_cache
+from dmdcli.data.prompt_cache import (
+    DISK_INDEX,
+    GIB,
+    DiskPromptCache,
+    PromptCache,
+    build_prompt_cache,
+    disk_cache_key,
+    write_disk_prompt_cache,
+)
 from dmdcli.data.prompts import read_prompts
-from dmdcli.errors import UsageError
+from dmdcli.errors import UsageError, first_line
+from dmdcli.files import atomic_folder, cache_dir
 from dmdcli.models.families import resolve_data
 from dmdcli.models.pipeline import PipelineTeacher as Teacher
 from dmdcli.train.step import Batch
@@ -46,11 +59,15 @@ class Data:
     def all_prompts(self) -> list[str]:
         return [p for ps in self._lists() for p in ps]
 
-    def cache_prompts(self, teacher: Teacher, ui: UI, extra: list[str]) -> PromptCache | None:
+    def cache_prompts(
+        self, teacher: Teacher, ui: UI, extra: list[str], first: Callable[[], AbstractContextManager] = nullcontext
+    ) -> PromptCache | None:
         """Encode every prompt of the data and `extra` once, then drop the teacher's text encoders.
 
-        None (and the encoders stay) when the cache would not fit in host memory: prompts are then
-        encoded on the fly, as with --no-cache-prompts.
+        When the cache would not fit in host memory it is kept on disk (`first`: the context in
+        which the main process makes it before the others read it). None (and the encoders stay)
+        when the disk cannot hold it either: prompts are then encoded on the fly, as with
+        --no-cache-prompts.
         """
         lists = self._lists()
         count = len(set().union(*lists, extra))
@@ -62,17 +79,45 @@ class Data:
                 teacher.device,
                 progress=lambda done: update(done, None),
             )
+        said = f"{count} prompts, {size / GIB:.2f} GiB on the CPU"
         if cache is None:
-            ui.message(
-                f"prompt cache: {count} prompts would take {size / GIB:.1f} GiB of host memory: encoding them on the "
-                "fly "
-                f"instead (the text encoders stay on {teacher.device})"
-            )
-            return None
+            limit = prompt_cache.HOST_LIMIT / GIB
+            over = f"{count} prompts would take {size / GIB:.1f} GiB of host memory (over {limit:.0f})"
+            try:
+                cache, made = self._disk_cache(teacher, ui, self.all_prompts() + extra, count, first)
+            except OSError as e:
+                ui.message(
+                    f"prompt cache: {over}, and the disk cache could not be written ({first_line(e)}): encoding them "
+                    f"on the fly instead (the text encoders stay on {teacher.device})"
+                )
+                return None
+            how = "made" if made else "reused"
+            said = f"{over}: on disk instead, {cache.nbytes / GIB:.2f} GiB {how} in {cache.folder}"
         self.cache, self._rows = cache, [cache.rows(ps) for ps in lists]
         teacher.release_text_encoders()
-        ui.message(f"prompt cache: {count} prompts, {size / GIB:.2f} GiB on the CPU; text encoders released")
+        ui.message(f"prompt cache: {said}; text encoders released")
         return cache
+
+    @staticmethod
+    def _disk_cache(
+        teacher: Teacher, ui: UI, prompts: list[str], count: int, first: Callable[[], AbstractContextManager]
+    ) -> tuple[DiskPromptCache, bool]:
+        """The prompts' disk cache in the cache folder, made (by the main process) unless there."""
+        folder = cache_dir("prompts") / disk_cache_key(teacher.prompt_cache_id, prompts, teacher.dtype)
+        made = False
+        with first():
+            if not (folder / DISK_INDEX).is_file():
+                with ui.task(f"encoding {count} prompts once (cached on disk)", total=count) as update:
+                    write = partial(
+                        write_disk_prompt_cache,
+                        encode=teacher.encode_prompts,
+                        prompts=prompts,
+                        dtype=teacher.dtype,
+                        progress=lambda done: update(done, None),
+                    )
+                    atomic_folder(folder, write, DISK_INDEX)
+                made = True
+        return DiskPromptCache(folder, prompts, teacher.device), made
 
     def _cond(self, teacher: Teacher, which: int, picks: list[int]) -> Cond:
         """Conditioning of rows `picks` of prompt list `which` (0 prompts, 1 captions, 2 pair prompts)."""

@@ -68,7 +68,8 @@ class Distillation(Run):
             ui.message(note)
         # Every prompt of the run (the grid's are among the data's; "" for the GAN probe) encoded
         # once, so the text encoders leave the accelerator; no random numbers are drawn.
-        cache = self.data.cache_prompts(self.teacher, ui, [""]) if config.cache_prompts else None
+        first = self.accelerator.main_process_first
+        cache = self.data.cache_prompts(self.teacher, ui, [""], first) if config.cache_prompts else None
         self.encode = cache.encode if cache is not None else self.teacher.encode_prompts
 
         conditioning = config.conditioning_timestep

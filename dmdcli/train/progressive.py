@@ -88,7 +88,7 @@ class ProgressiveDistillation(Run):
             self.device,
         )
         if config.cache_prompts:  # the grid and the empty prompt are encoded above; the data's prompts once here
-            self.data.cache_prompts(self.teacher, ui, [])
+            self.data.cache_prompts(self.teacher, ui, [], self.accelerator.main_process_first)
         ui.message(
             f"progressive distillation: {config.teacher_steps} → {' → '.join(map(str, self.rounds))} steps, "
             f"{config.iterations_per_round} iterations a round, {prediction} parameterization, {config.loss_weight} "
