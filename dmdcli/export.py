@@ -29,7 +29,8 @@ from torch import Tensor
 from dmdcli.errors import DmdError, UsageError, first_line
 from dmdcli.files import atomic_save_file, check_can_make, share_as_umask
 from dmdcli.models.families import layout_family
-from dmdcli.models.student import DTYPES, EXPORT_INFO_FILE, ModelSource, find_model, load_student_network
+from dmdcli.models.samplers import DTYPES
+from dmdcli.models.student import EXPORT_INFO_FILE, ModelSource, find_model, load_student_network
 from dmdcli.models.student_schedulers import (
     ddim_student_scheduler,
     flow_student_scheduler,

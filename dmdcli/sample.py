@@ -2,7 +2,7 @@
 
 Seeds: image i (from 0) of prompt p (from 0) gets seed S + p·N + i, with S = --seed and N =
 --num-images-per-prompt, i.e. S plus the image's position in the run. Every image has its own
-generator (see dmdcli.models.student), so `--seed <its seed> --prompt <its prompt>` redraws any
+generator (see dmdcli.models.samplers), so `--seed <its seed> --prompt <its prompt>` redraws any
 one image alone, whatever batch it was in.
 
 Files: OUT/<seed, 6 digits>-<prompt slug>.<png|jpg|webp>, never replacing an existing file unless

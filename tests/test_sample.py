@@ -11,8 +11,9 @@ from typer.testing import CliRunner
 
 from dmdcli import runfiles
 from dmdcli.cli import app
-from dmdcli.models import student as student_module
-from dmdcli.models.student import find_model, load_sampler
+from dmdcli.models import samplers
+from dmdcli.models.samplers import load_sampler
+from dmdcli.models.student import find_model
 from dmdcli.sample import MAX_SLUG, image_seed, slug
 
 runner = CliRunner()
@@ -148,7 +149,7 @@ def test_existing_images_are_kept_unless_overwrite(tmp_path, sd_run):
 
 
 def test_interrupted_sampling_keeps_announced_images(tmp_path, sdxl_run, monkeypatch):
-    real = student_module.StudentSampler.generate
+    real = samplers.StudentSampler.generate
     calls = []
 
     def generate(self, *args, **kwargs):
@@ -157,7 +158,7 @@ def test_interrupted_sampling_keeps_announced_images(tmp_path, sdxl_run, monkeyp
             raise KeyboardInterrupt
         return real(self, *args, **kwargs)
 
-    monkeypatch.setattr(student_module.StudentSampler, "generate", generate)
+    monkeypatch.setattr(samplers.StudentSampler, "generate", generate)
     out = tmp_path / "images"
     result = runner.invoke(
         app,
@@ -284,7 +285,7 @@ def test_out_of_memory_is_one_line_and_writes_nothing(tmp_path, sd_run, monkeypa
     def generate(self, *args):
         raise error
 
-    monkeypatch.setattr(student_module.StudentSampler, "generate", generate)
+    monkeypatch.setattr(samplers.StudentSampler, "generate", generate)
     result = runner.invoke(
         app, ["sample", "--model", str(sd_run), "--prompt", "a", "--out", str(tmp_path / "out"), "--quiet"]
     )
@@ -398,7 +399,8 @@ def test_a_student_is_read_in_the_sampling_dtype_as_an_fp32_read_then_cast(tmp_p
     """`dmd sample` reads the network in its dtype straight onto the device, not whole in fp32 on
     the host first: a full student's weights are then exactly the fp32 student cast; a LoRA
     student's, fused in that dtype, are within bf16's precision of it."""
-    from dmdcli.models.student import StudentSampler, load_student_network
+    from dmdcli.models.samplers import StudentSampler
+    from dmdcli.models.student import load_student_network
 
     source = find_model(str(make_student(tmp_path / "run", tiny_sd, "sd", kind, 1)))
     lean = StudentSampler(source, torch.device("cpu"), torch.bfloat16).unet.state_dict()

@@ -151,7 +151,8 @@ def eval_command(
     from dmdcli.eval.report import render_table
     from dmdcli.eval.run import EvalOptions, evaluate, open_benchmark, plan_targets
     from dmdcli.files import check_can_make
-    from dmdcli.models.student import STUDENT_TAKES_NO_CFG, find_model, pick_device, pick_dtype
+    from dmdcli.models.samplers import STUDENT_TAKES_NO_CFG, pick_device, pick_dtype
+    from dmdcli.models.student import find_model
 
     ui = RichUI(quiet=quiet)
     quiet_library_bars()

@@ -74,7 +74,8 @@ def sample(
 ) -> None:
     from dmdcli.data.prompts import read_prompts
     from dmdcli.errors import UsageError
-    from dmdcli.models.student import find_model, load_sampler, pick_device, pick_dtype, sampling_messages
+    from dmdcli.models.samplers import load_sampler, pick_device, pick_dtype, sampling_messages
+    from dmdcli.models.student import find_model
     from dmdcli.sample import check_free, plan, run
 
     ui = RichUI(quiet=quiet)

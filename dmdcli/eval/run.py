@@ -42,7 +42,8 @@ from dmdcli.eval.protocol import COCO_PROTOCOLS, ReferenceSet, check_num_samples
 from dmdcli.eval.report import Progress, reference_statistics, score, write_report
 from dmdcli.files import atomic_write
 from dmdcli.models.families import eval_sets
-from dmdcli.models.student import ImageSampler, ModelSource
+from dmdcli.models.samplers import ImageSampler
+from dmdcli.models.student import ModelSource
 from dmdcli.runfiles import STUDENT_FILE
 from dmdcli.sample import Job, check_free, plan, run, slug
 
@@ -429,7 +430,7 @@ def evaluate(
 ) -> dict:
     """Load the target's model, draw its images, score them, write the grid and then the report
     (last: a report on disk means a finished evaluation). Returns the report as written."""
-    from dmdcli.models.student import load_sampler, sampling_messages
+    from dmdcli.models.samplers import load_sampler, sampling_messages
 
     source = target.source
     target.report.unlink(missing_ok=True)  # being replaced (--overwrite): no stale report beside new images
