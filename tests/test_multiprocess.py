@@ -390,3 +390,43 @@ def test_the_sharded_classifier_head_runs_in_fp32_under_a_bf16_policy():
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["torch.float32", "[(torch.float32,", "torch.float32)]"], result.stdout
+
+
+# Runs under torchrun with a host limit below one prompt: the prompt cache goes to disk.
+DISK_DRIVER = textwrap.dedent("""
+    import json, sys
+    import dmdcli.data.prompt_cache as prompt_cache
+    from dmdcli.train.recipes import resolve_config
+    from dmdcli.train.distill import Distillation
+    from dmdcli.train.ui import SilentUI
+    prompt_cache.HOST_LIMIT = 1000
+    out, report, overrides = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+    run = Distillation(resolve_config("tiny", {**overrides, "out": out}), SilentUI())
+    run.run()
+    weights = [p.detach().sum().item() for p in run.nets.generator_params]
+    cache = run.data.cache
+    with open(f"{report}/rank{run.accelerator.process_index}.json", "w") as f:
+        json.dump({"cache": type(cache).__name__, "folder": str(cache.folder), "weights": weights}, f)
+""")
+
+
+def test_two_processes_share_one_disk_prompt_cache(tmp_path, tiny_sd, prompts_file):
+    """Over the host limit both processes read one disk prompt cache, and train the same weights."""
+    report = tmp_path / "report"
+    report.mkdir()
+    overrides = {"teacher": str(tiny_sd), "prompts": str(prompts_file), "iterations": 2, "sample_every": 0}
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "DMD_CACHE": str(tmp_path / "cache")}
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29519"]
+    result = subprocess.run(
+        [*launcher, "--no-python", sys.executable, "-c", DISK_DRIVER, str(tmp_path / "run"), str(report)]
+        + [json.dumps(overrides)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [json.loads((report / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert {r["cache"] for r in ranks} == {"DiskPromptCache"} and ranks[0]["folder"] == ranks[1]["folder"]
+    assert [p.name for p in (tmp_path / "cache" / "prompts").iterdir()] == [os.path.basename(ranks[0]["folder"])]
+    assert ranks[0]["weights"] == ranks[1]["weights"]
