@@ -257,10 +257,11 @@ def test_timesteps_at_is_the_nearest_index():
     assert schedule.timesteps_at(torch.tensor([0.0, 1.0], dtype=torch.float64)).tolist() == [0, 999]
 
 
-@pytest.mark.parametrize("rule", ["shifted", "uniform", "logit-normal"])
+@pytest.mark.parametrize("rule", ["shifted", "uniform", "logit-normal", "shifted-logit-normal"])
 def test_dm_timestep_rules_stay_in_range_and_differ_in_where_they_put_sigma(rule):
     """shifted: uniform over the shifted table's indices, so σ is pushed up by the shift; uniform: σ
-    itself uniform in [0.02, 0.98]; logit-normal: σ concentrated around 0.5."""
+    itself uniform in [0.02, 0.98]; logit-normal: σ concentrated around 0.5; shifted-logit-normal:
+    the unshifted σ = (t + 1) / T concentrated around 0.5, σ itself around the shift's 0.75."""
     from dmdcli.core.dmd2 import DMD2, DMD2Config
 
     schedule = schedule_from_config(SD3_CONFIG)
@@ -269,10 +270,15 @@ def test_dm_timestep_rules_stay_in_range_and_differ_in_where_they_put_sigma(rule
     t = dmd2.dm_timesteps(20000, torch.device("cpu"))
     assert t.dtype == torch.long and dmd2.min_t <= t.min() and t.max() <= dmd2.max_t
     sigma = schedule.sigmas[t]
-    mean = {"shifted": 0.68, "uniform": 0.5, "logit-normal": 0.5}[rule]  # shift 3: E[3u / (1 + 2u)] ≈ 0.68
+    # shift 3: E[3u / (1 + 2u)] ≈ 0.68 for u uniform; ≈ 0.71 for u logit-normal (σ(0.5) = 0.75, concave)
+    mean = {"shifted": 0.68, "uniform": 0.5, "logit-normal": 0.5, "shifted-logit-normal": 0.71}[rule]
     assert abs(sigma.mean().item() - mean) < 0.02, sigma.mean()
     inner = ((sigma > 0.3) & (sigma < 0.7)).float().mean().item()  # logit-normal's mass sits in the middle
     assert (inner > 0.55) == (rule == "logit-normal"), inner
+    unshifted = (t + 1).double() / schedule.num_train_timesteps
+    logit = (unshifted / (1 - unshifted)).log()
+    if rule == "shifted-logit-normal":  # as SD3 drew its training σ: logit of the unshifted σ ~ N(0, 1)
+        assert abs(logit.mean().item()) < 0.03 and abs(logit.std().item() - 0.96) < 0.04, (logit.mean(), logit.std())
 
 
 def test_sigma_rules_need_a_flow_schedule():

@@ -22,7 +22,7 @@ from dmdcli.core.gan_head import ClassifierHead
 from dmdcli.core.sampler import guided_prediction
 from dmdcli.core.schedule import NoiseSchedule
 
-DM_TIMESTEPS = ("shifted", "uniform", "logit-normal")
+DM_TIMESTEPS = ("shifted", "uniform", "logit-normal", "shifted-logit-normal")
 FAKE_SCORE_TARGETS = ("prediction", "x0")
 
 
@@ -62,7 +62,8 @@ class DMD2Config:
     dm_timesteps: str = option(
         "shifted",
         "DM timesteps: shifted (uniform over the teacher's indices: for a flow teacher σ uniform, then its "
-        "shift) | uniform (σ uniform) | logit-normal (SD3's σ density); the last two: flow teachers only.",
+        "shift) | uniform (σ uniform) | logit-normal (σ logit-normal, unshifted) | shifted-logit-normal (σ "
+        "logit-normal, then the shift: SD3's training density); all but shifted: flow teachers only.",
     )
     fake_score_target: str = option(
         "prediction",
@@ -124,14 +125,18 @@ class DMD2:
     def dm_timesteps(self, batch: int, device: torch.device) -> Tensor:
         """The DM gradient's timesteps [B]: uniform over the indices [min_t, max_t] (the reference's
         rule; on a flow schedule, σ uniform in [min, max] then shifted as the teacher's table is), or
-        σ drawn unshifted (uniform, logit-normal) within [min, max] and taken to its nearest index."""
+        logit-normal over them (σ logit-normal, then shifted: the training density of SD3 and FLUX,
+        Esser et al. 2024), or σ itself drawn (uniform, logit-normal) within [min, max] and taken to
+        its nearest index, unshifted."""
         c = self.config
         if c.dm_timesteps == "shifted":
             return torch.randint(self.min_t, self.max_t + 1, (batch,), device=device)
         if c.dm_timesteps == "uniform":
             u = torch.rand(batch, device=device, dtype=torch.float64)
-        else:  # logit-normal: SD3's (Esser et al. 2024) training density of σ
+        else:  # logit-normal
             u = torch.sigmoid(torch.randn(batch, device=device, dtype=torch.float64))
+        if c.dm_timesteps == "shifted-logit-normal":  # the index is the unshifted σ's: the table shifts it
+            return (self.min_t + (self.max_t - self.min_t) * u).round().long()
         sigma = c.min_timestep_frac + (c.max_timestep_frac - c.min_timestep_frac) * u
         return self.schedule.timesteps_at(sigma).clamp(self.min_t, self.max_t)
 
