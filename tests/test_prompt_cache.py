@@ -221,7 +221,7 @@ def test_too_many_prompts_for_host_memory_are_cached_on_disk_once(tmp_path, tiny
 def test_a_disk_that_cannot_hold_the_cache_encodes_on_the_fly(tmp_path, tiny_sd, prompts_file, monkeypatch):
     import dmdcli.train.data as data
 
-    def full(folder, **kwargs):
+    def full(folder, *args, **kwargs):
         raise OSError(28, "No space left on device", str(folder))
 
     monkeypatch.setattr(prompt_cache, "HOST_LIMIT", 1000)

@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -104,19 +103,23 @@ class Data:
     ) -> tuple[DiskPromptCache, bool]:
         """The prompts' disk cache in the cache folder, made (by the main process) unless there."""
         folder = cache_dir("prompts") / disk_cache_key(teacher.prompt_cache_id, prompts, teacher.dtype)
-        made = False
+        made, failed = False, None
         with first():
             if not (folder / DISK_INDEX).is_file():
-                with ui.task(f"encoding {count} prompts once (cached on disk)", total=count) as update:
-                    write = partial(
-                        write_disk_prompt_cache,
-                        encode=teacher.encode_prompts,
-                        prompts=prompts,
-                        dtype=teacher.dtype,
-                        progress=lambda done: update(done, None),
-                    )
-                    atomic_folder(folder, write, DISK_INDEX)
-                made = True
+                try:
+                    with ui.task(f"encoding {count} prompts once (cached on disk)", total=count) as update:
+                        atomic_folder(
+                            folder,
+                            lambda tmp: write_disk_prompt_cache(
+                                tmp, teacher.encode_prompts, prompts, teacher.dtype, lambda done: update(done, None)
+                            ),
+                            DISK_INDEX,
+                        )
+                    made = True
+                except OSError as e:  # raised after the block, so that the other processes are not left waiting
+                    failed = e
+        if failed is not None:
+            raise failed
         return DiskPromptCache(folder, prompts, teacher.device), made
 
     def _cond(self, teacher: Teacher, which: int, picks: list[int]) -> Cond:
