@@ -36,6 +36,14 @@ DRIVER = textwrap.dedent("""
 """)
 
 
+def _launch(command: list[str], port: int, **env: str) -> None:
+    """torchrun of `command` (what follows torchrun's own options) with 2 CPU processes (gloo)."""
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", **env}
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
+    result = subprocess.run([*launcher, *command], env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
 def test_two_processes_keep_identical_weights_and_shard_data(tmp_path, tiny_sdxl, prompts_file, image_folder):
     out, digests = tmp_path / "run", tmp_path / "digests"
     digests.mkdir()
@@ -53,16 +61,7 @@ def test_two_processes_keep_identical_weights_and_shard_data(tmp_path, tiny_sdxl
         "sample_every": 0,
         "log_every": 1,
     }
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517"]
-    result = subprocess.run(
-        [*launcher, "--no-python", sys.executable, "-c", DRIVER, str(out), str(digests), json.dumps(overrides)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    _launch(["--no-python", sys.executable, "-c", DRIVER, str(out), str(digests), json.dumps(overrides)], 29517)
     ranks = [json.loads((digests / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0]["weights"] == ranks[1]["weights"], "the processes' weights diverged"
     assert ranks[0]["first_batch"] != ranks[1]["first_batch"], "both processes drew the same prompts"
@@ -82,12 +81,7 @@ def test_two_processes_keep_identical_weights_and_shard_data(tmp_path, tiny_sdxl
 
 def _torchrun(args: list[str], port: int) -> None:
     """`torchrun --nproc_per_node 2 -m dmdcli ARGS` on CPU (gloo), as a user launches it."""
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
-    result = subprocess.run(
-        [*launcher, "-m", "dmdcli", *args, "--quiet"], env=env, capture_output=True, text=True, timeout=600
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    _launch(["-m", "dmdcli", *args, "--quiet"], port)
 
 
 def _max_difference(a: dict, b: dict) -> float:
@@ -415,17 +409,8 @@ def test_two_processes_share_one_disk_prompt_cache(tmp_path, tiny_sd, prompts_fi
     report = tmp_path / "report"
     report.mkdir()
     overrides = {"teacher": str(tiny_sd), "prompts": str(prompts_file), "iterations": 2, "sample_every": 0}
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "DMD_CACHE": str(tmp_path / "cache")}
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29519"]
-    result = subprocess.run(
-        [*launcher, "--no-python", sys.executable, "-c", DISK_DRIVER, str(tmp_path / "run"), str(report)]
-        + [json.dumps(overrides)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    driver = ["--no-python", sys.executable, "-c", DISK_DRIVER, str(tmp_path / "run"), str(report)]
+    _launch([*driver, json.dumps(overrides)], 29519, DMD_CACHE=str(tmp_path / "cache"))
     ranks = [json.loads((report / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert {r["cache"] for r in ranks} == {"DiskPromptCache"} and ranks[0]["folder"] == ranks[1]["folder"]
     assert [p.name for p in (tmp_path / "cache" / "prompts").iterdir()] == [os.path.basename(ranks[0]["folder"])]
