@@ -137,7 +137,7 @@ class Optimization:
     cache_prompts: bool = option(
         True,
         "Encode every prompt once at start-up and keep the conditionings on the CPU, so the text encoders leave the "
-        "GPU (over 8 GiB of host memory: encode on the fly).",
+        "GPU (over 8 GiB of host memory: on disk, in $DMD_CACHE/prompts).",
     )
     seed: int = option(0, "Random seed.")
     skip_nonfinite: bool = option(
