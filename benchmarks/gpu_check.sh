@@ -59,6 +59,13 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, keep going on f
     echo "== $name: exit $rc after $((SECONDS - start))s"
     [ $rc -eq 0 ] || failed=$((failed + 1))
 }
+optional() {  # optional NAME SECONDS COMMAND...: a step that runs only if its limit fits in what is left of the budget
+    if [ $((SECONDS + $2)) -le "$budget" ]; then
+        step "$@"
+    else
+        echo "== $1: skipped, $((budget - SECONDS))s left of ${budget}s"
+    fi
+}
 
 bench="python3 benchmarks/memory_speed.py --iterations 3"
 # The 24 GB goal first: SDXL 4-step shared-base LoRA at 1024².
@@ -91,45 +98,21 @@ step cli-qwen-image 120 bash -c "python3 -m dmdcli.models.tiny $run/qwen-teacher
     dmd sample --model $run/qwen-run --prompt 'a red circle' --out $run/qwen-images --json"
 
 # Optional, when time is left. SDXL full fine-tuning (measured 2026-11-30: benchmarks/results/gpu-h200).
-if [ $((SECONDS + 100)) -le "$budget" ]; then
-    step sdxl-full 100 bash -c "$bench --arch sdxl --resolution 1024 --layouts full | tee $results/sdxl-full.md"
-else
-    echo "== sdxl-full: skipped, $((budget - SECONDS))s left of ${budget}s"
-fi
+optional sdxl-full 100 bash -c "$bench --arch sdxl --resolution 1024 --layouts full | tee $results/sdxl-full.md"
 # Then where a LoRA iteration's time goes: on the H200 (2026-11-30)
 # rank-64 LoRA networks took ~1 s more an iteration each than full ones at SDXL 1024², though their
 # extra FLOPs are a few percent; many small kernels and peft's per-layer Python would show as host
 # time above GPU time in these tables.
-if [ $((SECONDS + 150)) -le "$budget" ]; then
-    step sdxl-profile 150 bash -c "$bench --arch sdxl --resolution 1024 --layouts full lora-shared --iterations 2 --profile 25 2> $results/sdxl-profile.txt"
-else
-    echo "== sdxl-profile: skipped, $((budget - SECONDS))s left of ${budget}s"
-fi
+optional sdxl-profile 150 bash -c "$bench --arch sdxl --resolution 1024 --layouts full lora-shared --iterations 2 --profile 25 2> $results/sdxl-profile.txt"
 # Then issue 25's lever on CUDA: the same SD1.5 rows with torch's default AdamW (foreach), the fused one's being above.
-if [ $((SECONDS + 120)) -le "$budget" ]; then
-    step sd15-loop-optimizer 120 bash -c "$bench --arch sd15 --resolution 512 --layouts lora-shared full --loop-optimizer | tee $results/sd15-loop-optimizer.md"
-else
-    echo "== sd15-loop-optimizer: skipped, $((budget - SECONDS))s left of ${budget}s"
-fi
+optional sd15-loop-optimizer 120 bash -c "$bench --arch sd15 --resolution 512 --layouts lora-shared full --loop-optimizer | tee $results/sd15-loop-optimizer.md"
 # Then what gradient checkpointing costs in speed and saves in memory.
-if [ $((SECONDS + 120)) -le "$budget" ]; then
-    step sdxl-lora-no-checkpointing 120 bash -c "$bench --arch sdxl --resolution 1024 --layouts lora-shared --no-checkpointing | tee $results/sdxl-lora-no-checkpointing.md"
-else
-    echo "== sdxl-lora-no-checkpointing: skipped, $((budget - SECONDS))s left of ${budget}s"
-fi
+optional sdxl-lora-no-checkpointing 120 bash -c "$bench --arch sdxl --resolution 1024 --layouts lora-shared --no-checkpointing | tee $results/sdxl-lora-no-checkpointing.md"
 # Then Qwen-Image's size (20B transformer, random weights built in fp32 on the host, ~82 GB of its
 # 128; not yet run on a GPU, the limit is a guess), shared-base LoRA at 1024², beside --dry-run's estimate.
-if [ $((SECONDS + 300)) -le "$budget" ]; then
-    step qwen-image-lora 300 bash -c "$bench --arch qwen-image --resolution 1024 --layouts lora-shared | tee $results/qwen-image-lora.md"
-else
-    echo "== qwen-image-lora: skipped, $((budget - SECONDS))s left of ${budget}s"
-fi
+optional qwen-image-lora 300 bash -c "$bench --arch qwen-image --resolution 1024 --layouts lora-shared | tee $results/qwen-image-lora.md"
 # Then host memory of reading a network onto the GPU: fp32 then cast, against bf16 straight onto it
 # (a shared LoRA base, dmd sample); measured on a CPU only (benchmarks/results/host-memory).
-if [ $((SECONDS + 90)) -le "$budget" ]; then
-    step host-memory 90 bash -c "python3 benchmarks/host_memory.py --arch sd15 --device cuda | tee $results/host-memory.md"
-else
-    echo "== host-memory: skipped, $((budget - SECONDS))s left of ${budget}s"
-fi
+optional host-memory 90 bash -c "python3 benchmarks/host_memory.py --arch sd15 --device cuda | tee $results/host-memory.md"
 echo "== done: $failed step(s) failed after ${SECONDS}s"
 exit $failed
