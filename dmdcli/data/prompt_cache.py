@@ -95,7 +95,7 @@ def build_prompt_cache(
             v = v.detach().cpu()
             if is_masked(k, cond):  # a longer prompt widens the table; a shorter batch is padded to it
                 table[k], v = pad_positions(table[k], v.shape[1]), pad_positions(v, table[k].shape[1])
-            if table[k].dtype != v.dtype and not torch.equal(v.to(table[k].dtype).to(v.dtype), v):
+            if not _holds(table[k].dtype, v):
                 table[k] = table[k].to(v.dtype)  # the narrower dtype would round these values: keep them whole
             table[k][start : start + len(v)] = v
         progress(min(start + batch_size, len(distinct)))
@@ -152,26 +152,33 @@ def write_disk_prompt_cache(
     from dmdcli.files import save_file
 
     distinct = list(dict.fromkeys(prompts))
-    shards, pending, first = [], [], 0
+    shards, pending, first, pending_bytes = [], [], 0, 0
 
     def flush() -> None:
-        nonlocal first
+        nonlocal first, pending_bytes
         rows = _cut_padding(cat_cond(*pending))
-        stored = {k: v.to(dtype) if torch.equal(v.to(dtype).to(v.dtype), v) else v for k, v in rows.items()}
+        stored = {k: v.to(dtype) if _holds(dtype, v) else v for k, v in rows.items()}
         name = f"rows-{len(shards):05d}.safetensors"
         save_file(stored, folder / name)
         shards.append([name, first])
         first += len(next(iter(rows.values())))
         pending.clear()
+        pending_bytes = 0
 
     for start in range(0, len(distinct), batch_size):
         pending.append({k: v.detach().cpu() for k, v in encode(distinct[start : start + batch_size]).items()})
-        if sum(v.numel() * v.element_size() for c in pending for v in c.values()) >= shard_bytes:
+        pending_bytes += sum(v.numel() * v.element_size() for v in pending[-1].values())
+        if pending_bytes >= shard_bytes:
             flush()
         progress(min(start + batch_size, len(distinct)))
     if pending:
         flush()
     (folder / DISK_INDEX).write_text(json.dumps({"format": DISK_FORMAT, "rows": len(distinct), "shards": shards}))
+
+
+def _holds(dtype: torch.dtype, v: Tensor) -> bool:
+    """Whether `dtype` holds `v`'s values exactly (the storage dtype where that loses nothing)."""
+    return v.dtype == dtype or torch.equal(v.to(dtype).to(v.dtype), v)
 
 
 def _row_bytes(stored: Tensor, batch: Tensor) -> int:
