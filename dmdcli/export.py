@@ -36,6 +36,7 @@ from dmdcli.models.student_schedulers import (
     flow_student_scheduler,
     pipeline_sigmas,
     student_scheduler,
+    student_static_shift,
 )
 from dmdcli.models.teacher import record_max_sequence_length
 from dmdcli.train import rundir
@@ -133,7 +134,8 @@ def export_diffusers(source: ModelSource, out: Path, dtype: torch.dtype, allow_p
                 f"{info['prediction_type']}: use --format unet and dmd sample"
             )
         tokens = spec.image_seq_len(resolution)
-        scheduler = flow_student_scheduler(spec.scheduler_config, timesteps, tokens, info.get("sampler", "dmd"))
+        sampler = info.get("sampler", "dmd")
+        scheduler = flow_student_scheduler(spec.scheduler_config, timesteps, tokens, sampler, spec.time_shift(tokens))
     elif info.get("sampler") == "ddim":
         scheduler = ddim_student_scheduler(spec.scheduler_config, timesteps, info["prediction_type"])
     else:
@@ -273,6 +275,12 @@ def export(source: ModelSource, fmt: str, out: Path, dtype: torch.dtype, allow_p
     """Write `source` as `fmt` to `out` (already checked by check_out); returns what was written."""
     paths = EXPORTERS[fmt](source, out, dtype, allow_pickle)
     info, spec = source.info, source.spec()
+    # what the snippet's scheduler is made with besides the teacher's config: the student's sigmas
+    # exactly, not stretched to a terminal sigma (Qwen-Image's shift_terminal), nor shifted by the μ
+    # FLUX.2's pipeline computes for the student's few steps
+    scheduler = {"shift_terminal": None} if spec.scheduler_config.get("shift_terminal") else {}
+    if (mu := spec.time_shift(spec.image_seq_len(source.resolution(spec)))) is not None:
+        scheduler |= student_static_shift(spec.scheduler_config, mu)
     return {
         "format": fmt,
         "path": str(out),
@@ -286,7 +294,7 @@ def export(source: ModelSource, fmt: str, out: Path, dtype: torch.dtype, allow_p
         "flow": spec.prediction_type == "flow",  # a flow-matching pipeline: called with sigmas=
         "absent": sorted(spec.absent_required),  # components from_pretrained is passed as None (SD3 without T5)
         "call_kwargs": spec.call_kwargs,  # what the pipeline is called with besides the defaults (SD3 without T5)
-        "shift_terminal": spec.scheduler_config.get("shift_terminal"),  # the teacher scheduler's (Qwen-Image)
+        "scheduler": scheduler,
     }
 
 
@@ -304,15 +312,14 @@ def snippet(fmt: str, out: Path, info: dict[str, Any], dtype: str, record: dict[
     no_cfg = layout_family(info["layout"]).pipeline_guidance(0)
     guidance = ", ".join(f"{k}={v:g}" for k, v in no_cfg.items()) if embedded is None else f"guidance_scale={embedded}"
     seed = f'{guidance}, generator=torch.Generator("cpu").manual_seed(0)'
-    prompt = '"a photo of a cat"'
+    prompt = 'prompt="a photo of a cat"'  # by name: FLUX.2 [klein]'s pipeline takes an image first
     prompt += "".join(f", {name}={value!r}" for name, value in record.get("call_kwargs", {}).items())
     if flow:
         scheduler_class = (
             "FlowMatchEulerDiscreteScheduler" if info.get("sampler") == "ddim" else "FlowMatchLCMScheduler"
         )
-        # the student's sigmas exactly, not stretched to a terminal sigma (Qwen-Image's shift_terminal)
-        stretch = ", shift_terminal=None" if record.get("shift_terminal") else ""
-        scheduler = f"pipe.scheduler = {scheduler_class}.from_config(pipe.scheduler.config{stretch})"
+        overrides = "".join(f", {k}={v!r}" for k, v in record.get("scheduler", {}).items())
+        scheduler = f"pipe.scheduler = {scheduler_class}.from_config(pipe.scheduler.config{overrides})"
         size = f"height={info['resolution']}, width={info['resolution']}, " if info.get("resolution") else ""
         call = f"image = pipe({prompt}, {size}sigmas={pipeline_sigmas(timesteps)}, {seed}).images[0]"
         if steps > 1:  # the flow pipelines draw the later steps' noise from torch's global RNG

@@ -103,7 +103,7 @@ def test_a_built_in_teacher_is_known_by_its_name_and_its_folder(registered, tmp_
 
 
 def test_the_built_in_families():
-    names = ["sd", "sdxl", "sd3", "flux", "qwen-image", "shapes"]
+    names = ["sd", "sdxl", "sd3", "flux", "flux2", "qwen-image", "shapes"]
     assert [f.name for f in families.families()][: len(names)] == names
     default = families.default_family()
     assert choose_recipe(None, None, None, None, False, False) == (default.recipe(1, None), None)
@@ -111,6 +111,8 @@ def test_the_built_in_families():
     assert teacher_family("sd3.5-large").name == "sd3" and teacher_family("flux-dev").name == "flux"
     assert teacher_family("qwen-image").name == "qwen-image"
     assert choose_recipe(None, "qwen-image", 4, None, False, False)[0] == "qwen-image"
+    assert teacher_family("flux2-klein-9b").name == "flux2"
+    assert choose_recipe(None, "flux2-klein-4b", 1, None, False, False)[0] == "flux2-klein"
     recipe, note = choose_recipe(None, "sdxl", 4, 8, False, False)
     assert recipe == "sdxl-4step-lora" and note.startswith("recipe sdxl-4step-lora: chosen for an SDXL teacher")
     assert choose_recipe(None, "sdxl", None, None, False, False)[0] == "sdxl-1step"

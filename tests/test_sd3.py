@@ -282,7 +282,7 @@ def test_a_student_of_an_sd3_without_t5_exports_with_what_its_pipeline_must_be_t
     ours = runner.invoke(app, ["sample", "--model", str(run), "--prompt", "a cat", "--out", str(tmp_path / "ours")])
     assert ours.exit_code == 0, ours.stderr
 
-    code = code.replace('"a photo of a cat"', '"a cat"')
+    code = code.replace('prompt="a photo of a cat"', 'prompt="a cat"')
     scope = {}
     exec(code, scope)  # the snippet as a user would paste it
     ours_image = _image(next((tmp_path / "ours").glob("*.png")))

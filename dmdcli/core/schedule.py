@@ -222,10 +222,15 @@ def resolution_shift(
 def time_shift_sigmas(sigmas: Tensor, mu: float, kind: str = "exponential") -> Tensor:
     """The dynamic ("resolution-dependent") shift: σ' = e^μ / (e^μ + (1/σ − 1)) ("exponential", FLUX),
     or μ / (μ + (1/σ − 1)) ("linear"). The exponential one is `shift_sigmas` with s = e^μ. [T] → [T]."""
+    scale = static_shift(mu, kind)
+    return scale / (scale + (1 / sigmas - 1))
+
+
+def static_shift(mu: float, kind: str = "exponential") -> float:
+    """The static shift s (`shift_sigmas`) that shifts sigmas as μ's time shift does: e^μ, or μ ("linear")."""
     if kind not in TIME_SHIFT_TYPES:
         raise ValueError(f"unknown time shift type {kind!r}; expected one of {TIME_SHIFT_TYPES}")
-    scale = math.exp(mu) if kind == "exponential" else mu
-    return scale / (scale + (1 / sigmas - 1))
+    return math.exp(mu) if kind == "exponential" else mu
 
 
 def student_timesteps(

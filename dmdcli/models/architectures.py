@@ -1,5 +1,5 @@
-"""The public configs of the full-size SD1.5, SDXL, SD3.5 (medium, large), FLUX.1-dev and Qwen-Image
-architectures (no weights).
+"""The public configs of the full-size SD1.5, SDXL, SD3.5 (medium, large), FLUX.1-dev, FLUX.2 [klein]
+base (4B, 9B) and Qwen-Image architectures (no weights).
 
 Written out as a config-only pipeline folder, they let `dmd distill --dry-run` and the memory
 and speed benchmark build the real architectures (on the meta device, or with random weights)
@@ -242,6 +242,76 @@ ARCHITECTURES["qwen-image"] = {
         "time_shift_type": "exponential",
     },
     "text_encoders": {"text_encoder": _QWEN25_VL_7B},
+}
+
+
+# FLUX.2 [klein] base: Flux2Transformer2DModel, FLUX.2's VAE (AutoencoderKLFlux2's defaults are its
+# config) and Qwen3 (4B: Qwen3-4B; 9B: Qwen3-8B). The base models' model_index.json has no
+# is_distilled (the step-distilled ones say true). Their scheduler config is FLUX.2-dev's; the
+# pipeline computes its own μ and reads only use_dynamic_shifting and num_train_timesteps of it.
+_QWEN3_4B = {
+    "architectures": ["Qwen3ForCausalLM"],
+    "model_type": "qwen3",
+    "hidden_size": 2560,
+    "intermediate_size": 9728,
+    "num_hidden_layers": 36,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "head_dim": 128,
+    "vocab_size": 151936,
+    "max_position_embeddings": 40960,
+    "rope_theta": 1000000.0,
+    "rms_norm_eps": 1e-6,
+    "tie_word_embeddings": True,
+    "bos_token_id": 151643,
+    "eos_token_id": 151645,
+}
+_FLUX2_KLEIN_4B = {
+    "_class_name": "Flux2Transformer2DModel",
+    "patch_size": 1,
+    "in_channels": 128,
+    "num_layers": 5,
+    "num_single_layers": 20,
+    "attention_head_dim": 128,
+    "num_attention_heads": 24,
+    "joint_attention_dim": 7680,
+    "timestep_guidance_channels": 256,
+    "mlp_ratio": 3.0,
+    "axes_dims_rope": [32, 32, 32, 32],
+    "rope_theta": 2000,
+    "eps": 1e-6,
+    "guidance_embeds": False,
+}
+_FLUX2_SCHEDULER = {
+    "_class_name": "FlowMatchEulerDiscreteScheduler",
+    "num_train_timesteps": 1000,
+    "shift": 3.0,
+    "use_dynamic_shifting": True,
+    "base_shift": 0.5,
+    "max_shift": 1.15,
+    "base_image_seq_len": 256,
+    "max_image_seq_len": 4096,
+    "time_shift_type": "exponential",
+}
+ARCHITECTURES["flux2-klein-4b"] = {
+    "pipeline": "Flux2KleinPipeline",
+    "transformer": _FLUX2_KLEIN_4B,
+    "vae": {"_class_name": "AutoencoderKLFlux2"},
+    "scheduler": _FLUX2_SCHEDULER,
+    "text_encoders": {"text_encoder": _QWEN3_4B},
+}
+ARCHITECTURES["flux2-klein-9b"] = {
+    **ARCHITECTURES["flux2-klein-4b"],
+    "transformer": {
+        **_FLUX2_KLEIN_4B,
+        "num_layers": 8,
+        "num_single_layers": 24,
+        "num_attention_heads": 32,
+        "joint_attention_dim": 12288,
+    },
+    "text_encoders": {
+        "text_encoder": {**_QWEN3_4B, "hidden_size": 4096, "intermediate_size": 12288, "tie_word_embeddings": False}
+    },
 }
 
 

@@ -29,6 +29,7 @@ FAMILY_MODULES = (
     "dmdcli.models.sd",
     "dmdcli.models.sd3",
     "dmdcli.models.flux",
+    "dmdcli.models.flux2",
     "dmdcli.models.qwen_image",
     "dmdcli.shapes.family",
 )
@@ -82,8 +83,14 @@ class Family:
     pipeline_guidance: Callable[[float | None], dict[str, Any]] = pipeline_guidance_scale
     # hub id of a tiny autoencoder (diffusers' AutoencoderTiny) decoding its latents, for LPIPS regression
     tiny_autoencoder: str | None = None
-    # (config.json of the network, of the VAE, of the scheduler) → why dmd cannot distill it, or None
-    unsupported: Callable[[dict[str, Any], dict[str, Any], dict[str, Any]], str | None] = lambda *configs: None
+    # (model_index.json, config.json of the network, of the VAE, of the scheduler) → why dmd cannot
+    # distill it, or None
+    unsupported: Callable[[dict[str, Any], dict[str, Any], dict[str, Any], dict[str, Any]], str | None] = (
+        lambda *configs: None
+    )
+    # image tokens → μ of the resolution shift, where the pipeline computes it otherwise than from the
+    # scheduler config's bounds (FLUX.2); None: from them (FLUX, Qwen-Image), or a static shift
+    time_shift: Callable[[int], float] | None = None
     recognises: Callable[[dict[str, Any]], bool] | None = None  # from model_index.json; None: by name only
     aliases: dict[str, str] = field(default_factory=dict)  # --teacher names → hub ids (listed in the help)
     builtin_teacher: Callable[[], str] | None = None  # the folder of a teacher shipped with dmd, named `name`

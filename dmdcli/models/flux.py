@@ -71,7 +71,9 @@ def _flux_pipeline(index: dict[str, Any]) -> bool:
     )
 
 
-def _unsupported(transformer: dict[str, Any], vae: dict[str, Any], scheduler: dict[str, Any]) -> str | None:
+def _unsupported(
+    index: dict[str, Any], transformer: dict[str, Any], vae: dict[str, Any], scheduler: dict[str, Any]
+) -> str | None:
     if not transformer.get("guidance_embeds", False):
         return (
             "unsupported FLUX transformer without a guidance embedding (FLUX.1-schnell): it is already a few-step "

@@ -123,7 +123,7 @@ class PipelineTeacher(ABC):
             module.requires_grad_(False).eval()
         self.encoder_dtype = encoder_dtype or dtype
         self.text_encoders = [te.to(device, self.encoder_dtype) for te in self.text_encoders]
-        self.shift_factor, self.scaling_factor = self.latent_normalization(self.vae.config, device)
+        self.shift_factor, self.scaling_factor = self.latent_normalization()
         # The posterior samples of real images come from their own generator, not the global RNG:
         # the latent cache is then the same wherever and whenever it is built, and building it
         # does not shift the random stream of the run that builds it.
@@ -151,12 +151,12 @@ class PipelineTeacher(ABC):
         level after the first, as diffusers' pipelines compute it)."""
         return 2 ** (len(vae_config.get("block_out_channels", [0] * 4)) - 1)
 
-    @staticmethod
-    def latent_normalization(vae_config: dict, device: torch.device) -> tuple[float | Tensor, float | Tensor]:
-        """(shift, scale) of the pipeline's latents, from the VAE's config: latents = (z − shift)·scale
-        for a VAE sample z. SD and SDXL scale them, SD3 and FLUX shift and scale; a tensor
-        broadcasts per channel."""
-        return float(vae_config.get("shift_factor") or 0.0), float(vae_config["scaling_factor"])
+    def latent_normalization(self) -> tuple[float | Tensor, float | Tensor]:
+        """(shift, scale) of the pipeline's latents, from the VAE (`self.vae`, on the device): latents
+        = (z − shift)·scale for a VAE sample z. SD and SDXL scale them, SD3 and FLUX shift and scale
+        (their config's factors); a tensor broadcasts per channel."""
+        config = self.vae.config
+        return float(config.get("shift_factor") or 0.0), float(config["scaling_factor"])
 
     def vae_sample(self, images: Tensor, generator: torch.Generator) -> Tensor:
         """Images [B, 3, R, R] → one sample z [B, C, R/f, R/f] of the VAE's posterior, drawn from `generator`."""

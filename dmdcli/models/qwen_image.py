@@ -116,11 +116,11 @@ class QwenImageTeacher(PipelineTeacher):
     def vae_scale_factor(vae_config: dict) -> int:
         return 2 ** len(vae_config.get("temperal_downsample", [False, True, True]))  # as QwenImagePipeline
 
-    @staticmethod
-    def latent_normalization(vae_config: dict, device: torch.device) -> tuple[Tensor, Tensor]:
+    def latent_normalization(self) -> tuple[Tensor, Tensor]:
         """Per channel: latents = (z − mean) / std, as the pipeline computes them (scale = 1 / std)."""
-        mean = torch.tensor(vae_config["latents_mean"]).view(1, -1, 1, 1).to(device)
-        return mean, 1.0 / torch.tensor(vae_config["latents_std"]).view(1, -1, 1, 1).to(device)
+        config = self.vae.config
+        mean = torch.tensor(config["latents_mean"]).view(1, -1, 1, 1).to(self.device)
+        return mean, 1.0 / torch.tensor(config["latents_std"]).view(1, -1, 1, 1).to(self.device)
 
     def vae_sample(self, images: Tensor, generator: torch.Generator) -> Tensor:
         return super().vae_sample(images[:, :, None], generator)[:, :, 0]
@@ -179,7 +179,9 @@ def _qwen_image_pipeline(index: dict[str, Any]) -> bool:
     )
 
 
-def _unsupported(transformer: dict[str, Any], vae: dict[str, Any], scheduler: dict[str, Any]) -> str | None:
+def _unsupported(
+    index: dict[str, Any], transformer: dict[str, Any], vae: dict[str, Any], scheduler: dict[str, Any]
+) -> str | None:
     changed = [
         k for k in ("guidance_embeds", "zero_cond_t", "use_additional_t_cond", "use_layer3d_rope") if transformer.get(k)
     ]

@@ -133,7 +133,9 @@ def unet_shape(config: dict[str, Any]) -> NetworkShape:
     )
 
 
-def _unsupported(unet: dict[str, Any], vae: dict[str, Any], scheduler: dict[str, Any]) -> str | None:
+def _unsupported(
+    index: dict[str, Any], unet: dict[str, Any], vae: dict[str, Any], scheduler: dict[str, Any]
+) -> str | None:
     """What the schedule math and the VAE code would get silently wrong for a UNet teacher: one
     trained on an EDM or flow-matching schedule (DDPMScheduler.from_config would fill in its default
     linear betas), and a VAE whose latents are normalized by a mean/std or shift (Playground v2.5)."""
@@ -150,10 +152,12 @@ def _unsupported(unet: dict[str, Any], vae: dict[str, Any], scheduler: dict[str,
     return None
 
 
-def _sdxl_unsupported(unet: dict[str, Any], vae: dict[str, Any], scheduler: dict[str, Any]) -> str | None:
+def _sdxl_unsupported(
+    index: dict[str, Any], unet: dict[str, Any], vae: dict[str, Any], scheduler: dict[str, Any]
+) -> str | None:
     if unet.get("addition_embed_type") != "text_time":
         return "unsupported SDXL-like pipeline: its UNet takes no text_time conditioning"
-    return _unsupported(unet, vae, scheduler)
+    return _unsupported(index, unet, vae, scheduler)
 
 
 def _unet_denoiser(unet: nn.Module, schedule) -> UNetDenoiser:

@@ -101,7 +101,9 @@ def _sd3_pipeline(index: dict[str, Any]) -> bool:
     )
 
 
-def _unsupported(transformer: dict[str, Any], vae: dict[str, Any], scheduler: dict[str, Any]) -> str | None:
+def _unsupported(
+    index: dict[str, Any], transformer: dict[str, Any], vae: dict[str, Any], scheduler: dict[str, Any]
+) -> str | None:
     if reason := not_flow_matching(scheduler, "an SD3 transformer"):
         return reason
     if vae.get("latents_mean") is not None:

@@ -98,7 +98,11 @@ def pipeline_sigmas(timesteps: list[int], num_train_timesteps: int = 1000) -> li
 
 
 def flow_student_scheduler(
-    teacher_scheduler_config: dict[str, Any], timesteps: list[int], image_seq_len: int, sampler: str = "dmd"
+    teacher_scheduler_config: dict[str, Any],
+    timesteps: list[int],
+    image_seq_len: int,
+    sampler: str = "dmd",
+    mu: float | None = None,
 ):
     """The scheduler of a flow-matching student. A DMD2 student's is a FlowMatchLCMScheduler: each
     step takes the x0 estimate x_t − σ·v and re-noises it with fresh noise to the next sigma, DMD2's
@@ -109,7 +113,12 @@ def flow_student_scheduler(
     spaces N steps between its shifted end sigmas and shifts again), so the pipeline is called
     with `sigmas=pipeline_sigmas(timesteps)`; checked here against the teacher's schedule at the
     student's resolution, `image_seq_len` image tokens (a resolution-shifted schedule, FLUX's: the
-    pipeline computes the same shift from the image size it is asked for)."""
+    pipeline computes the same shift from the image size it is asked for).
+
+    mu: the teacher's shift where its family computes it (`TeacherSpec.time_shift`: FLUX.2's
+    pipeline computes μ from the number of steps too, which for a student's few steps is not the
+    teacher's): the scheduler is given it as the static shift e^μ, which gives the same sigmas
+    (`time_shift_sigmas`) and ignores the μ the pipeline passes."""
     import diffusers
 
     from dmdcli.core.schedule import resolution_shift
@@ -118,17 +127,26 @@ def flow_student_scheduler(
     name = "FlowMatchEulerDiscreteScheduler" if sampler == "ddim" else "FlowMatchLCMScheduler"
     # The student's sigmas are given exactly: a stretch of the ladder to a terminal sigma (Qwen-Image's
     # shift_terminal, an inference option) would move them.
-    scheduler = _lcm(getattr(diffusers, name), teacher_scheduler_config, {"shift_terminal": None})
+    overrides = {"shift_terminal": None} | ({} if mu is None else student_static_shift(teacher_scheduler_config, mu))
+    scheduler = _lcm(getattr(diffusers, name), teacher_scheduler_config, overrides)
     c, tokens = scheduler.config, image_seq_len
     total = int(c.num_train_timesteps)
-    mu = None
+    pipeline_mu = None
     if c.use_dynamic_shifting:  # as the pipeline computes it for a resolution² image
-        mu = resolution_shift(tokens, c.base_image_seq_len, c.max_image_seq_len, c.base_shift, c.max_shift)
-    scheduler.set_timesteps(sigmas=pipeline_sigmas(timesteps, total), mu=mu)
-    expected = schedule_from_config(teacher_scheduler_config, tokens).sigmas[timesteps].float()
+        pipeline_mu = resolution_shift(tokens, c.base_image_seq_len, c.max_image_seq_len, c.base_shift, c.max_shift)
+    scheduler.set_timesteps(sigmas=pipeline_sigmas(timesteps, total), mu=pipeline_mu)
+    expected = schedule_from_config(teacher_scheduler_config, tokens, mu).sigmas[timesteps].float()
     if not torch.allclose(scheduler.sigmas[:-1], expected, atol=1e-6, rtol=0):
         raise DmdError(f"no {name} configuration gives the student's sigmas {expected.tolist()}")
     return scheduler
+
+
+def student_static_shift(teacher_scheduler_config: dict[str, Any], mu: float) -> dict[str, Any]:
+    """The scheduler config keys that shift sigmas by μ statically, whatever μ its pipeline passes."""
+    from dmdcli.core.schedule import static_shift
+
+    kind = teacher_scheduler_config.get("time_shift_type", "exponential")
+    return {"use_dynamic_shifting": False, "shift": static_shift(mu, kind)}
 
 
 def _lcm(cls, base: dict[str, Any], overrides: dict[str, Any]):

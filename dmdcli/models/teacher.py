@@ -82,7 +82,9 @@ def _load_json_config(source: str, subfolder: str | None, filename: str) -> dict
         raise DmdError(f"could not read {filename} of teacher {source!r}: {type(e).__name__}: {first_line(e)}") from e
 
 
-def schedule_from_config(config: dict[str, Any], image_seq_len: int | None = None) -> NoiseSchedule:
+def schedule_from_config(
+    config: dict[str, Any], image_seq_len: int | None = None, mu: float | None = None
+) -> NoiseSchedule:
     """The schedule of a diffusers scheduler config: any scheduler of the DDPM family, or a
     flow-matching one (`is_flow_matching_config`: SD3, FLUX).
 
@@ -92,9 +94,11 @@ def schedule_from_config(config: dict[str, Any], image_seq_len: int | None = Non
 
     image_seq_len: the teacher's image token count at the training resolution (FLUX: (H/16)·(W/16)),
     which a flow schedule with a resolution-dependent shift (`use_dynamic_shifting`) needs.
+    mu: that shift's μ where the family's pipeline computes it otherwise than from the config's
+    bounds (FLUX.2's `compute_empirical_mu`; `TeacherSpec.time_shift`); None: from the config.
     """
     if is_flow_matching_config(config):
-        return _flow_schedule_from_config(config, image_seq_len)
+        return _flow_schedule_from_config(config, image_seq_len, mu)
     from diffusers import DDPMScheduler
 
     scheduler = DDPMScheduler.from_config(dict(config))
@@ -110,7 +114,7 @@ def is_flow_matching_config(config: dict[str, Any]) -> bool:
     return not has_betas and ("shift" in config or "use_dynamic_shifting" in config)
 
 
-def _flow_schedule_from_config(config: dict[str, Any], image_seq_len: int | None) -> NoiseSchedule:
+def _flow_schedule_from_config(config: dict[str, Any], image_seq_len: int | None, mu: float | None) -> NoiseSchedule:
     """FlowMatchEulerDiscreteScheduler's training sigmas, statically shifted (SD3) or by the
     image's token count (FLUX), with velocity prediction. Options that only respace its inference
     ladder (shift_terminal, Karras / exponential / beta sigmas, stochastic sampling) do not change
@@ -128,7 +132,8 @@ def _flow_schedule_from_config(config: dict[str, Any], image_seq_len: int | None
             "this flow-matching schedule shifts its sigmas by the image's resolution (use_dynamic_shifting): "
             "pass image_seq_len, the number of image tokens at the training resolution"
         )
-    mu = resolution_shift(image_seq_len, c.base_image_seq_len, c.max_image_seq_len, c.base_shift, c.max_shift)
+    if mu is None:
+        mu = resolution_shift(image_seq_len, c.base_image_seq_len, c.max_image_seq_len, c.base_shift, c.max_shift)
     return NoiseSchedule.flow(time_shift_sigmas(sigmas, mu, c.time_shift_type))
 
 
@@ -198,7 +203,14 @@ class TeacherSpec:
     def schedule(self, resolution: int | None = None) -> NoiseSchedule:
         """The teacher's schedule; at `resolution` (pixels) for one shifted by the image's token count
         (FLUX: (R / 16)² tokens), which then needs it."""
-        return schedule_from_config(self.scheduler_config, self.image_seq_len(resolution) if resolution else None)
+        tokens = self.image_seq_len(resolution) if resolution else None
+        return schedule_from_config(self.scheduler_config, tokens, self.time_shift(tokens))
+
+    def time_shift(self, image_seq_len: int | None) -> float | None:
+        """μ of the resolution shift for `image_seq_len` image tokens where the family's pipeline
+        computes it itself (Family.time_shift: FLUX.2), else None (the scheduler config's bounds)."""
+        shift = get_family(self.family).time_shift
+        return shift(image_seq_len) if shift and image_seq_len else None
 
     def image_seq_len(self, resolution: int) -> int:
         """How many image tokens (or bottom-level positions) a resolution² image is to the network."""
@@ -235,12 +247,13 @@ def inspect_teacher(name: str) -> TeacherSpec:
     if family is None:
         raise DmdError(
             f"unsupported pipeline {pipeline_class} in {source}: dmd distills Stable Diffusion 1.x / 2.x, SDXL "
-            "(UNet2DConditionModel, CLIP text encoders), SD3 / SD3.5, FLUX.1-dev and Qwen-Image pipelines"
+            "(UNet2DConditionModel, CLIP text encoders), SD3 / SD3.5, FLUX.1-dev, FLUX.2 [klein] base and Qwen-Image "
+            "pipelines"
         )
     network_cfg = _load_json_config(source, family.network, "config.json")
     vae_cfg = _load_json_config(source, "vae", "config.json")
     scheduler_cfg = _load_json_config(source, "scheduler", "scheduler_config.json")
-    if reason := family.unsupported(network_cfg, vae_cfg, scheduler_cfg):
+    if reason := family.unsupported(index, network_cfg, vae_cfg, scheduler_cfg):
         raise DmdError(f"{reason} ({source})")
     vae_scale = family.teacher.vae_scale_factor(vae_cfg)
     shape = family.network_shape(network_cfg)

@@ -101,6 +101,11 @@ class TransformerDenoiser(nn.Module, ABC):
         family's diffusers pipeline draws its scheduler's noise in (so its exports reproduce dmd sample)."""
         return draw(tuple(like.shape[1:]))
 
+    @staticmethod
+    def image_tokens(block_output, count: int) -> Tensor:
+        """The image tokens [B, count, D] of a block's output: (text tokens, image tokens) here."""
+        return block_output[1]
+
     @property
     def feature_module(self) -> nn.Module:
         """The module whose output `bottleneck` reads (block `feature_block`)."""
@@ -113,7 +118,7 @@ class TransformerDenoiser(nn.Module, ABC):
         grid = (x_t.shape[-2] // self.patch, x_t.shape[-1] // self.patch)
 
         def stop(module, inputs, output):
-            raise _Features(output[1])
+            raise _Features(self.image_tokens(output, grid[0] * grid[1]))
 
         handle = self.feature_module.register_forward_hook(stop)
         try:
