@@ -108,6 +108,14 @@ optional sdxl-profile 150 bash -c "$bench --arch sdxl --resolution 1024 --layout
 optional sd15-loop-optimizer 120 bash -c "$bench --arch sd15 --resolution 512 --layouts lora-shared full --loop-optimizer | tee $results/sd15-loop-optimizer.md"
 # Then what gradient checkpointing costs in speed and saves in memory.
 optional sdxl-lora-no-checkpointing 120 bash -c "$bench --arch sdxl --resolution 1024 --layouts lora-shared --no-checkpointing | tee $results/sdxl-lora-no-checkpointing.md"
+# Then FLUX.2 [klein] 4B (random weights from its public config), shared-base LoRA at 1024², beside
+# --dry-run's estimate (13.9 GiB); and dmd distill on the tiny FLUX.2 pipeline in CUDA's bf16
+# (its Qwen3 encoding, batch-norm latents and position ids; not yet run on a GPU, the limits are guesses).
+optional flux2-klein-lora 150 bash -c "$bench --arch flux2-klein-4b --resolution 1024 --layouts lora-shared | tee $results/flux2-klein-lora.md"
+optional cli-flux2 90 bash -c "python3 -m dmdcli.models.tiny $run/flux2-teacher --layout flux2 > /dev/null &&
+    dmd distill --recipe tiny --teacher $run/flux2-teacher --prompts $run/prompts.txt --iterations 10 --steps 4 \
+        --guidance-scale 4 --lora-rank 4 --out $run/flux2-run --json | tee $results/cli-flux2.json &&
+    dmd sample --model $run/flux2-run --prompt 'a red circle' --out $run/flux2-images --json"
 # Then Qwen-Image's size (20B transformer, random weights built in fp32 on the host, ~82 GB of its
 # 128; not yet run on a GPU, the limit is a guess), shared-base LoRA at 1024², beside --dry-run's estimate.
 optional qwen-image-lora 300 bash -c "$bench --arch qwen-image --resolution 1024 --layouts lora-shared | tee $results/qwen-image-lora.md"

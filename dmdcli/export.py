@@ -322,7 +322,8 @@ def snippet(fmt: str, out: Path, info: dict[str, Any], dtype: str, record: dict[
         scheduler = f"pipe.scheduler = {scheduler_class}.from_config(pipe.scheduler.config{overrides})"
         size = f"height={info['resolution']}, width={info['resolution']}, " if info.get("resolution") else ""
         call = f"image = pipe({prompt}, {size}sigmas={pipeline_sigmas(timesteps)}, {seed}).images[0]"
-        if steps > 1:  # the flow pipelines draw the later steps' noise from torch's global RNG
+        # DMD2's later steps draw fresh noise from torch's global RNG (a progressive student's Euler steps draw none)
+        if steps > 1 and info.get("sampler") != "ddim":
             call = (
                 f"torch.manual_seed(0)  # steps 2-{steps} draw their noise from the global RNG, not `generator`\n{call}"
             )

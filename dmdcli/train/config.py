@@ -441,7 +441,11 @@ def validate(c: DistillConfig) -> None:
             c.loss_weight in LOSS_WEIGHTS,
             f"--loss-weight must be one of {', '.join(LOSS_WEIGHTS)} (got {c.loss_weight!r})",
         )
-        need(c.lora_rank == 0, "--method progressive trains full students; drop --lora-rank")
+        need(
+            c.lora_rank == 0,
+            f"--method progressive trains full students; this run's LoRA rank is {c.lora_rank} (from --lora-rank "
+            "or its recipe): pass --lora-rank 0",
+        )
         need(not c.fsdp, "--method progressive runs in one process; drop --fsdp")
         need(c.init_from is None, "--method progressive starts from the teacher; drop --init-from")
     need(
