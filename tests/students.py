@@ -69,16 +69,18 @@ def unet_inputs(layout: str, batch: int = 2, seed: int = 1):
     return x, t, kwargs
 
 
-def lora_export_outputs(run: Path, lora: Path, teacher: Path, inputs: dict) -> tuple:
+def lora_export_outputs(run: Path, lora: Path, teacher: Path, inputs: dict, output=None) -> tuple:
     """The network's outputs on `inputs` [B, ...]: (the teacher's, the student's as dmd loads it, the
-    teacher pipeline's after `load_lora_weights(lora)`), for a transformer family."""
+    teacher pipeline's after `load_lora_weights(lora)`), for a transformer family. `output(network,
+    inputs)`: its call (default: `network(**inputs).sample`)."""
     from diffusers import DiffusionPipeline
 
     from dmdcli.models.student import find_model, load_student_network
 
+    output = output or (lambda network, kwargs: network(**kwargs).sample)
     pipe = DiffusionPipeline.from_pretrained(teacher)
     with torch.no_grad():
-        student = load_student_network(find_model(str(run)))(**inputs).sample
-        before = pipe.transformer(**inputs).sample
+        student = output(load_student_network(find_model(str(run))), inputs)
+        before = output(pipe.transformer, inputs)
         pipe.load_lora_weights(str(lora))
-        return before, student, pipe.transformer(**inputs).sample
+        return before, student, output(pipe.transformer, inputs)

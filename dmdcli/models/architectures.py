@@ -1,5 +1,5 @@
 """The public configs of the full-size SD1.5, SDXL, SD3.5 (medium, large), FLUX.1-dev, FLUX.2 [klein]
-base (4B, 9B) and Qwen-Image architectures (no weights).
+base (4B, 9B), Qwen-Image and Z-Image architectures (no weights).
 
 Written out as a config-only pipeline folder, they let `dmd distill --dry-run` and the memory
 and speed benchmark build the real architectures (on the meta device, or with random weights)
@@ -312,6 +312,22 @@ ARCHITECTURES["flux2-klein-9b"] = {
     "text_encoders": {
         "text_encoder": {**_QWEN3_4B, "hidden_size": 4096, "intermediate_size": 12288, "tie_word_embeddings": False}
     },
+}
+
+
+# Z-Image (base): a 30-layer single-stream transformer (ZImageTransformer2DModel's defaults are its
+# sizes), FLUX.1's VAE and Qwen3-4B (a Qwen3Model: no LM head); a static shift of 6 (Turbo's: 3).
+ARCHITECTURES["z-image"] = {
+    "pipeline": "ZImagePipeline",
+    "transformer": {"_class_name": "ZImageTransformer2DModel", "axes_lens": [1536, 512, 512]},
+    "vae": {**_SD3_VAE, "scaling_factor": 0.3611, "shift_factor": 0.1159},
+    "scheduler": {
+        "_class_name": "FlowMatchEulerDiscreteScheduler",
+        "num_train_timesteps": 1000,
+        "shift": 6.0,
+        "use_dynamic_shifting": False,
+    },
+    "text_encoders": {"text_encoder": {**_QWEN3_4B, "architectures": ["Qwen3Model"]}},
 }
 
 

@@ -31,6 +31,7 @@ FAMILY_MODULES = (
     "dmdcli.models.flux",
     "dmdcli.models.flux2",
     "dmdcli.models.qwen_image",
+    "dmdcli.models.z_image",
     "dmdcli.shapes.family",
 )
 

@@ -18,7 +18,7 @@ The same seed gives byte-identical weights. Nothing is downloaded.
 
 Command line (developer helper)::
 
-    python -m dmdcli.models.tiny OUT_DIR [--layout sd|sdxl|sd3|flux|flux2|qwen-image]
+    python -m dmdcli.models.tiny OUT_DIR [--layout sd|sdxl|sd3|flux|flux2|qwen-image|z-image]
         [--prediction-type epsilon|v_prediction] [--seed N]
 """
 
@@ -35,8 +35,9 @@ from pathlib import Path
 from dmdcli.errors import UsageError
 from dmdcli.models.clip_bpe import BOS, EOS, byte_symbols, clip_tokenizer, write_tokenizer_files
 
-LAYOUTS = ("sd", "sdxl", "sd3", "flux", "flux2", "qwen-image")
-_FLOW_LAYOUTS = ("sd3", "flux", "flux2", "qwen-image")  # built by dmdcli.models.tiny_flow (FLUX.2: tiny_flux2)
+LAYOUTS = ("sd", "sdxl", "sd3", "flux", "flux2", "qwen-image", "z-image")
+# built by dmdcli.models.tiny_flow (FLUX.2 and Z-Image, read by Qwen3: tiny_qwen3)
+_FLOW_LAYOUTS = ("sd3", "flux", "flux2", "qwen-image", "z-image")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 #: Pixel resolution the tiny pipelines are made for (the UNet's default sample size times 2).
@@ -224,12 +225,13 @@ def build_tiny_pipeline(layout: str = "sd", prediction_type: str = "epsilon", se
 
     _check(layout, prediction_type)
     if layout in _FLOW_LAYOUTS:
-        from dmdcli.models import tiny_flow, tiny_flux2  # the flow-matching transformers: their own modules
+        from dmdcli.models import tiny_flow, tiny_qwen3  # the flow-matching transformers: their own modules
 
         build = {
             "sd3": tiny_flow.build_tiny_sd3_pipeline,
             "flux": tiny_flow.build_tiny_flux_pipeline,
-            "flux2": tiny_flux2.build_tiny_flux2_pipeline,
+            "flux2": tiny_qwen3.build_tiny_flux2_pipeline,
+            "z-image": tiny_qwen3.build_tiny_z_image_pipeline,
             "qwen-image": tiny_flow.build_tiny_qwen_image_pipeline,
         }[layout]
         return build(seed)
@@ -289,7 +291,7 @@ def build_tiny_pipeline(layout: str = "sd", prediction_type: str = "epsilon", se
 def make_tiny_pipeline(
     out_dir: str | Path, layout: str = "sd", prediction_type: str = "epsilon", seed: int = 0
 ) -> Path:
-    """Build a tiny random-weight SD, SDXL, SD3, FLUX, FLUX.2 or Qwen-Image pipeline (`layout`) and save it
+    """Build a tiny random-weight SD, SDXL, SD3, FLUX, FLUX.2, Qwen-Image or Z-Image pipeline (`layout`) and save it
     to ``out_dir``.
 
     Saved with safetensors; ``DiffusionPipeline.from_pretrained(out_dir, local_files_only=True)``
@@ -301,7 +303,7 @@ def make_tiny_pipeline(
     pipe = build_tiny_pipeline(layout, prediction_type, seed)
     out.mkdir(parents=True, exist_ok=True)
     pipe.save_pretrained(out, safe_serialization=True)
-    if layout in ("qwen-image", "flux2"):  # their Qwen2 BPE files, as the real checkpoints ship them
+    if layout in ("qwen-image", "flux2", "z-image"):  # their Qwen2 BPE files, as the real checkpoints ship them
         from dmdcli.models.tiny_flow import qwen_vocab_and_merges
 
         write_tokenizer_files(out / "tokenizer", *qwen_vocab_and_merges())

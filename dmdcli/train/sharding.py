@@ -73,12 +73,13 @@ def broadcast_from_rank0(module: nn.Module, device: torch.device) -> None:
 
 def shard_units(network: nn.Module) -> list[nn.Module]:
     """The network's blocks that are sharded (and gathered) as units: a UNet's ResNet and
-    transformer blocks, an SD3, FLUX, FLUX.2 or Qwen-Image transformer's blocks."""
+    transformer blocks, an SD3, FLUX, FLUX.2, Qwen-Image or Z-Image transformer's blocks."""
     from diffusers.models.attention import BasicTransformerBlock, JointTransformerBlock
     from diffusers.models.resnet import ResnetBlock2D
     from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock, FluxTransformerBlock
     from diffusers.models.transformers.transformer_flux2 import Flux2SingleTransformerBlock, Flux2TransformerBlock
     from diffusers.models.transformers.transformer_qwenimage import QwenImageTransformerBlock
+    from diffusers.models.transformers.transformer_z_image import ZImageTransformerBlock
 
     units = (
         ResnetBlock2D,
@@ -89,6 +90,7 @@ def shard_units(network: nn.Module) -> list[nn.Module]:
         Flux2TransformerBlock,
         Flux2SingleTransformerBlock,
         QwenImageTransformerBlock,
+        ZImageTransformerBlock,
     )
     return [m for m in network.modules() if isinstance(m, units)]
 

@@ -1,10 +1,15 @@
-"""The tiny FLUX.2 [klein] pipeline of dmdcli.models.tiny: Flux2KleinPipeline with random weights,
-built offline at 32 pixels: a 2-block Flux2Transformer2DModel on 16 patchified channels, a tiny
-AutoencoderKLFlux2 (4 latent channels, 2×2 patches, batch-norm statistics drawn at random so
-that normalizing them matters), and a Qwen3 text encoder deep enough for the pipeline's layers
-9, 18 and 27, with the Qwen2 tokenizer of the tiny Qwen-Image pipeline and a Qwen3 chat template.
+"""The tiny pipelines of dmdcli.models.tiny whose text encoder is Qwen3, random weights, built
+offline at 32 pixels, with the Qwen2 tokenizer of the tiny Qwen-Image pipeline and a Qwen3 chat
+template:
 
-`python -m dmdcli.models.tiny OUT --layout flux2` builds it.
+- FLUX.2 [klein] (Flux2KleinPipeline): a 2-block Flux2Transformer2DModel on 16 patchified
+  channels, a tiny AutoencoderKLFlux2 (4 latent channels, 2×2 patches, batch-norm statistics drawn
+  at random so that normalizing them matters), Qwen3 deep enough for the pipeline's layers 9, 18, 27;
+- Z-Image (ZImagePipeline): a ZImageTransformer2DModel of 2 layers (and a refiner layer each for
+  the image and the text) on 16-channel latents, the tiny SD VAE with FLUX.1's 16 channels and
+  latent shift and scale, a 2-layer Qwen3Model.
+
+`python -m dmdcli.models.tiny OUT --layout flux2|z-image` builds them.
 """
 
 from __future__ import annotations
@@ -57,14 +62,15 @@ def flux2_vae_config() -> dict:
     )
 
 
-def _tiny_qwen3(tokenizer):
-    from transformers import Qwen3Config, Qwen3ForCausalLM
+def _tiny_qwen3(tokenizer, layers: int, causal_lm: bool = True):
+    """Qwen3 of width 16 (2 heads of 8, one KV head): FLUX.2's is a Qwen3ForCausalLM, Z-Image's a Qwen3Model."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM, Qwen3Model
 
     config = Qwen3Config(
         vocab_size=len(tokenizer),
         hidden_size=_TEXT_WIDTH,
         intermediate_size=2 * _TEXT_WIDTH,
-        num_hidden_layers=_TEXT_LAYERS,
+        num_hidden_layers=layers,
         num_attention_heads=2,
         num_key_value_heads=1,
         head_dim=8,
@@ -73,7 +79,7 @@ def _tiny_qwen3(tokenizer):
         eos_token_id=tokenizer.convert_tokens_to_ids(_QWEN_IM_END),
         pad_token_id=tokenizer.convert_tokens_to_ids(_QWEN_PAD),
     )
-    return Qwen3ForCausalLM(config)
+    return (Qwen3ForCausalLM if causal_lm else Qwen3Model)(config)
 
 
 def build_tiny_flux2_pipeline(seed: int = 0):
@@ -96,7 +102,7 @@ def build_tiny_flux2_pipeline(seed: int = 0):
         vae.bn.running_mean.copy_(0.5 * torch.randn(channels))
         vae.bn.running_var.copy_(torch.rand(channels) + 0.5)
         torch.manual_seed(seed + 2)
-        text_encoder = _tiny_qwen3(tokenizer)
+        text_encoder = _tiny_qwen3(tokenizer, _TEXT_LAYERS)
     for module in (transformer, vae, text_encoder):
         module.eval()
     return Flux2KleinPipeline(
@@ -106,4 +112,47 @@ def build_tiny_flux2_pipeline(seed: int = 0):
         tokenizer=tokenizer,
         transformer=transformer,
         is_distilled=False,
+    )
+
+
+def z_image_transformer_config() -> dict:
+    """2 layers of width 32 (4 heads of 8; RoPE axes 2 + 2 + 4), a refiner layer for the image and
+    one for the text, on the tiny VAE's 16 channels, reading the tiny Qwen3's 16-wide states."""
+    return dict(
+        in_channels=16,
+        dim=32,
+        n_layers=2,
+        n_refiner_layers=1,
+        n_heads=4,
+        n_kv_heads=4,
+        cap_feat_dim=_TEXT_WIDTH,
+        axes_dims=[2, 2, 4],
+        axes_lens=[64, 32, 32],
+    )
+
+
+def build_tiny_z_image_pipeline(seed: int = 0):
+    """A tiny ZImagePipeline (fp32, CPU) with the base Z-Image's scheduler config (a static shift of 6)."""
+    import torch
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
+
+    from dmdcli.models.tiny_flow import _flow_parts
+
+    tokenizer = make_tiny_qwen3_tokenizer()
+    vae_config = _flow_parts(scaling_factor=0.3611, shift_factor=0.1159)[3]  # FLUX.1's VAE, as Z-Image's
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        transformer = ZImageTransformer2DModel(**z_image_transformer_config())
+        torch.manual_seed(seed + 1)
+        vae = AutoencoderKL(**vae_config)
+        torch.manual_seed(seed + 2)
+        text_encoder = _tiny_qwen3(tokenizer, 2, causal_lm=False)
+    for module in (transformer, vae, text_encoder):
+        module.eval()
+    return ZImagePipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler.from_config(ARCHITECTURES["z-image"]["scheduler"]),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        transformer=transformer,
     )
