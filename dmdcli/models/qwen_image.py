@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from dmdcli.core.denoiser import Cond, used_positions
+from dmdcli.core.denoiser import Cond
 from dmdcli.models.families import Family, NetworkShape, register
 from dmdcli.models.pipeline import PipelineTeacher, from_pretrained
 from dmdcli.models.transformer import (
@@ -160,9 +160,9 @@ def _cut_to_longest(text: Tensor, mask: Tensor) -> tuple[Tensor, Tensor | None]:
     prompt uses. On the meta device (the memory estimate), which has no values: all positions, unmasked."""
     if text.device.type == "meta":
         return text, None
-    n = used_positions(mask)
-    keep = mask[:, :n].bool()
-    return text[:, :n], None if bool(keep.all()) else keep
+    lengths = mask.sum(dim=1).long().tolist()  # one host sync: each prompt's mask is a prefix of ones
+    n = max(*lengths, 1)
+    return text[:, :n], None if min(lengths) == n else mask[:, :n].bool()
 
 
 def qwen_image_guidance(scale: float | None) -> dict[str, Any]:

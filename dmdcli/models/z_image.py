@@ -128,11 +128,12 @@ class ZImageDenoiser(TransformerDenoiser):
 
 
 def _captions(text: Tensor, mask: Tensor) -> list[Tensor]:
-    """Each prompt's own positions [n_i, D], as the pipeline hands them. On the meta device (the
-    memory estimate), which has no values: every position."""
+    """Each prompt's own positions [n_i, D], as the pipeline hands them: its mask's leading ones (one
+    host sync for the batch). On the meta device (the memory estimate), which has no values: every
+    position."""
     if text.device.type == "meta":
         return list(text.unbind(0))
-    return [row[keep] for row, keep in zip(text, mask.bool())]
+    return [row[:n] for row, n in zip(text, mask.sum(dim=1).long().tolist())]
 
 
 def z_image_guidance(scale: float | None) -> dict[str, Any]:

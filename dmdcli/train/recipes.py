@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from dmdcli.errors import UsageError
-from dmdcli.train.config import RECIPE_ONLY_KEYS, DistillConfig, check_keys, check_method_options, validate
+from dmdcli.train.config import RECIPE_ONLY_KEYS, DistillConfig
+from dmdcli.train.validation import check_keys, check_method_options, validate
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 # A recipe's `extends = "NAME"`: a built-in recipe, or a file relative to this one, whose values
