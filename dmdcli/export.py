@@ -122,7 +122,7 @@ def export_diffusers(source: ModelSource, out: Path, dtype: torch.dtype, allow_p
     from diffusers import DiffusionPipeline
 
     spec, info = source.spec(), source.info
-    network = load_student_network(source, allow_pickle)
+    network = load_student_network(source, allow_pickle, dtype)
     # Pipelines default to network.config.sample_size × the VAE factor: make that the student's resolution.
     resolution = source.resolution(spec)
     network.register_to_config(sample_size=resolution // spec.vae_scale_factor)
@@ -141,11 +141,12 @@ def export_diffusers(source: ModelSource, out: Path, dtype: torch.dtype, allow_p
     else:
         scheduler = student_scheduler(spec.scheduler_config, timesteps)
     try:
-        pipe = DiffusionPipeline.from_pretrained(
+        pipe = DiffusionPipeline.from_pretrained(  # the other components read in `dtype` too (the same bits)
             spec.source,
             **{spec.network: network},
             scheduler=scheduler,
             use_safetensors=None if allow_pickle else True,
+            torch_dtype=dtype,
             **spec.absent_required,
         ).to(dtype=dtype, silence_dtype_warnings=True)
     except (OSError, ValueError) as e:
@@ -229,7 +230,7 @@ def export_kohya(source: ModelSource, out: Path, dtype: torch.dtype, allow_pickl
 
 def export_unet(source: ModelSource, out: Path, dtype: torch.dtype, allow_pickle: bool) -> list[Path]:
     """The fused UNet's state dict; its header is a full student's, so `dmd sample --model FILE` works."""
-    unet = load_student_network(source, allow_pickle)
+    unet = load_student_network(source, allow_pickle, dtype)
     info = {k: v for k, v in source.info.items() if not k.startswith("lora_")}
     info.update(kind="full", exported_from=str(source.path), dtype=_dtype_name(dtype))
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from family_checks import distill_then_sample, export_matches_sample, sampled_image, teacher_sample_differences
 from students import lora_export_outputs, make_student
 from test_reliability import distill
 from typer.testing import CliRunner
@@ -23,10 +23,6 @@ from dmdcli.train.sharding import shard_units
 
 runner = CliRunner()
 PROMPTS = ["a red circle", "a large blue square at the top left of a white background"]
-
-
-def _image(folder):
-    return np.asarray(Image.open(next(folder.glob("*.png"))).convert("RGB")).astype(int)
 
 
 def _edited(tmp_path, tiny_flux2, name, file, **changes):
@@ -159,48 +155,24 @@ def test_variants_dmd_cannot_distill_are_refused_in_one_line(tmp_path, tiny_flux
 
 @pytest.mark.parametrize("steps, lora", [(4, False), (1, True)])
 def test_distill_then_sample(tmp_path, tiny_flux2, prompts_file, image_folder, steps, lora):
-    args = ["--teacher", tiny_flux2, "--prompts", prompts_file, "--data", image_folder, "--steps", steps]
-    args += ["--lora-rank", "4"] if lora else []
-    result = distill(*args, "--iterations", 3, "--batch-size", 2, "--guidance-scale", 4, "--out", tmp_path / "run")
-    assert result.exit_code == 0, result.stderr
-    assert 'layout = "flux2"' in (tmp_path / "run" / "config.toml").read_text()
-    out = tmp_path / "samples"
-    sampled = runner.invoke(app, ["sample", "--model", str(tmp_path / "run"), "--prompt", "a cat", "--out", str(out)])
-    assert sampled.exit_code == 0, sampled.stderr
-    assert len(list(out.glob("*.png"))) == 1
-
-
-def _pipeline_image(pipe, steps):
-    """Flux2KleinPipeline at the student's sigmas, no CFG, seed 0; its later steps' noise drawn from
-    torch's global RNG as tokens, which dmd sample draws from the image's generator after the
-    initial latent [1, 16, 2, 2]."""
-    torch.manual_seed(0)
-    torch.randn(1, 16, 2, 2)
-    sigmas = [1.0, 0.75, 0.5, 0.25] if steps == 4 else [1.0]
-    seed = torch.Generator("cpu").manual_seed(0)
-    return pipe(prompt="a cat", height=32, width=32, sigmas=sigmas, guidance_scale=0, generator=seed).images[0]
+    distill_then_sample(tmp_path, tiny_flux2, "flux2", prompts_file, image_folder, steps, lora, "--guidance-scale", 4)
 
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")
 @pytest.mark.parametrize("kind, steps", [("full", 4), ("lora", 1)])
 def test_a_diffusers_export_reproduces_dmd_sample(tmp_path, tiny_flux2, kind, steps):
     """The exported scheduler shifts the student's sigmas by the teacher's μ (a static shift), not by
-    the μ the pipeline computes for the student's few steps."""
-    from diffusers import DiffusionPipeline
+    the μ the pipeline computes for the student's few steps; the later steps' noise drawn as tokens
+    after the initial latent [1, 16, 2, 2]."""
+    difference = export_matches_sample(
+        tmp_path, tiny_flux2, "flux2", kind, steps, (1, 16, 2, 2), "guidance_scale=0", guidance_scale=0
+    )
+    assert difference <= 2.0
+    from diffusers import FlowMatchLCMScheduler
 
-    run = make_student(tmp_path / "run", tiny_flux2, "flux2", kind, steps)
-    pipeline = tmp_path / "pipeline"
-    exported = runner.invoke(app, ["export", "--model", str(run), "--format", "diffusers", "--out", str(pipeline)])
-    assert exported.exit_code == 0, exported.stderr
-    assert "guidance_scale=0," in exported.stderr
-    ours = runner.invoke(app, ["sample", "--model", str(run), "--prompt", "a cat", "--out", str(tmp_path / "ours")])
-    assert ours.exit_code == 0, ours.stderr
-
-    pipe = DiffusionPipeline.from_pretrained(pipeline)
-    pipe.set_progress_bar_config(disable=True)
-    assert not pipe.scheduler.config.use_dynamic_shifting
-    image = _pipeline_image(pipe, steps)
-    assert np.abs(np.asarray(image).astype(int) - _image(tmp_path / "ours")).mean() <= 2.0
+    assert not FlowMatchLCMScheduler.from_pretrained(
+        tmp_path / "pipeline", subfolder="scheduler"
+    ).config.use_dynamic_shifting
 
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")
@@ -237,22 +209,16 @@ def test_the_printed_lora_snippet_samples_the_student(tmp_path, tiny_flux2, monk
     scope = {}
     exec(code, scope)  # noqa: S102 - the snippet dmd printed, on the tiny teacher
     image = np.asarray(scope["image"]).astype(int)
-    assert np.abs(image - _image(tmp_path / "ours")).mean() <= 2.0
+    assert np.abs(image - sampled_image(tmp_path / "ours")).mean() <= 2.0
 
 
 def test_the_teacher_samples_with_cfg_against_the_empty_prompt(tmp_path, teacher_and_pipe, tiny_flux2):
     """`dmd sample` of the teacher pipeline: --guidance-scale is Flux2KleinPipeline's guidance_scale (12:
     the tiny teacher's conditional and unconditional predictions are close)."""
-    _, _, pipe = teacher_and_pipe
-    args = ["sample", "--model", str(tiny_flux2), "--prompt", "a cat", "--steps", "2", "--width", "32"]
-    result = runner.invoke(app, [*args, "--height", "32", "--guidance-scale", "12", "--out", str(tmp_path / "ours")])
-    assert result.exit_code == 0, result.stderr
-    common = dict(num_inference_steps=2, height=32, width=32, output_type="np")
-    cfg = pipe(prompt="a cat", guidance_scale=12, generator=torch.Generator().manual_seed(0), **common)
-    plain = pipe(prompt="a cat", guidance_scale=1, generator=torch.Generator().manual_seed(0), **common)
-    ours = _image(tmp_path / "ours")
-    assert np.abs((cfg.images[0] * 255).round() - ours).mean() <= 1.0
-    assert np.abs((plain.images[0] * 255).round() - ours).mean() > 1.0
+    same, other = teacher_sample_differences(
+        tmp_path, teacher_and_pipe[2], tiny_flux2, 12, {"guidance_scale": 12}, {"guidance_scale": 1}
+    )
+    assert same <= 1.0 and other > 1.0
 
 
 def test_dry_run_of_flux2_klein_from_its_bundled_configs(prompts_file):

@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from family_checks import distill_then_sample, export_matches_sample, sampled_image, teacher_sample_differences
 from students import lora_export_outputs, make_student
 from test_reliability import distill
 from typer.testing import CliRunner
@@ -23,10 +23,6 @@ from dmdcli.train.sharding import shard_units
 
 runner = CliRunner()
 PROMPTS = ["a red circle", "a large blue square at the top left of a white background"]
-
-
-def _image(folder):
-    return np.asarray(Image.open(next(folder.glob("*.png"))).convert("RGB")).astype(int)
 
 
 @pytest.fixture(scope="module")
@@ -128,40 +124,20 @@ def test_variants_dmd_cannot_distill_are_refused_in_one_line(tmp_path, tiny_qwen
 
 @pytest.mark.parametrize("steps, lora", [(4, False), (1, True)])
 def test_distill_then_sample(tmp_path, tiny_qwen_image, prompts_file, image_folder, steps, lora):
-    args = ["--teacher", tiny_qwen_image, "--prompts", prompts_file, "--data", image_folder, "--steps", steps]
-    args += ["--lora-rank", "4"] if lora else []
-    result = distill(*args, "--iterations", 3, "--batch-size", 2, "--guidance-scale", 4, "--out", tmp_path / "run")
-    assert result.exit_code == 0, result.stderr
-    assert 'layout = "qwen-image"' in (tmp_path / "run" / "config.toml").read_text()
-    out = tmp_path / "samples"
-    sampled = runner.invoke(app, ["sample", "--model", str(tmp_path / "run"), "--prompt", "a cat", "--out", str(out)])
-    assert sampled.exit_code == 0, sampled.stderr
-    assert len(list(out.glob("*.png"))) == 1
+    distill_then_sample(
+        tmp_path, tiny_qwen_image, "qwen-image", prompts_file, image_folder, steps, lora, "--guidance-scale", 4
+    )
 
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")
 @pytest.mark.parametrize("kind, steps", [("full", 4), ("lora", 1)])
 def test_a_diffusers_export_reproduces_dmd_sample(tmp_path, tiny_qwen_image, kind, steps):
-    from diffusers import DiffusionPipeline
-
-    run = make_student(tmp_path / "run", tiny_qwen_image, "qwen-image", kind, steps)
-    pipeline = tmp_path / "pipeline"
-    exported = runner.invoke(app, ["export", "--model", str(run), "--format", "diffusers", "--out", str(pipeline)])
-    assert exported.exit_code == 0, exported.stderr
-    assert "true_cfg_scale=1," in exported.stderr and "guidance_scale" not in exported.stderr  # CFG off, no warning
-    ours = runner.invoke(app, ["sample", "--model", str(run), "--prompt", "a cat", "--out", str(tmp_path / "ours")])
-    assert ours.exit_code == 0, ours.stderr
-
-    pipe = DiffusionPipeline.from_pretrained(pipeline)
-    pipe.set_progress_bar_config(disable=True)
-    # The re-noise of steps 2..N comes from torch's global RNG, as packed tokens; dmd sample draws it
-    # from the image's generator in the same layout, after the initial latent [1, 16, 4, 4].
-    torch.manual_seed(0)
-    torch.randn(1, 16, 4, 4)
-    sigmas = [1.0, 0.75, 0.5, 0.25] if steps == 4 else [1.0]
-    seed = torch.Generator("cpu").manual_seed(0)
-    image = pipe("a cat", height=32, width=32, sigmas=sigmas, true_cfg_scale=1, generator=seed).images[0]
-    assert np.abs(np.asarray(image).astype(int) - _image(tmp_path / "ours")).mean() <= 2.0
+    """CFG off as the pipeline turns it off (true_cfg_scale=1: no warning about a guidance_scale);
+    the later steps' noise drawn as packed tokens after the initial latent [1, 16, 4, 4]."""
+    difference = export_matches_sample(
+        tmp_path, tiny_qwen_image, "qwen-image", kind, steps, (1, 16, 4, 4), "true_cfg_scale=1", true_cfg_scale=1
+    )
+    assert difference <= 2.0
 
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")
@@ -196,22 +172,17 @@ def test_the_printed_lora_snippet_samples_the_student(tmp_path, tiny_qwen_image,
     scope = {}
     exec(code, scope)  # noqa: S102 - the snippet dmd printed, on the tiny teacher
     image = np.asarray(scope["image"]).astype(int)
-    assert np.abs(image - _image(tmp_path / "ours")).mean() <= 2.0
+    assert np.abs(image - sampled_image(tmp_path / "ours")).mean() <= 2.0
 
 
 def test_the_teacher_samples_with_true_cfg_and_the_negative_prompt(tmp_path, teacher_and_pipe, tiny_qwen_image):
     """`dmd sample` (and `dmd eval`) of the teacher pipeline: --guidance-scale is QwenImagePipeline's
     true_cfg_scale with the negative prompt " " (its guidance_scale would be ignored, CFG off)."""
-    _, _, pipe = teacher_and_pipe
-    args = ["sample", "--model", str(tiny_qwen_image), "--prompt", "a cat", "--steps", "2", "--width", "32"]
-    result = runner.invoke(app, [*args, "--height", "32", "--guidance-scale", "4", "--out", str(tmp_path / "ours")])
-    assert result.exit_code == 0, result.stderr
-    common = dict(num_inference_steps=2, height=32, width=32, output_type="np")
-    cfg = pipe("a cat", true_cfg_scale=4, negative_prompt=" ", generator=torch.Generator().manual_seed(0), **common)
-    plain = pipe("a cat", true_cfg_scale=1, generator=torch.Generator().manual_seed(0), **common)
-    ours = _image(tmp_path / "ours")
-    assert np.abs((cfg.images[0] * 255).round() - ours).mean() <= 1.0
-    assert np.abs((plain.images[0] * 255).round() - ours).mean() > 1.0
+    cfg = dict(true_cfg_scale=4, negative_prompt=" ")
+    same, other = teacher_sample_differences(
+        tmp_path, teacher_and_pipe[2], tiny_qwen_image, 4, cfg, {"true_cfg_scale": 1}
+    )
+    assert same <= 1.0 and other > 1.0
 
 
 def test_dry_run_of_qwen_image_from_its_bundled_configs(prompts_file):

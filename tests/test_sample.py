@@ -398,7 +398,8 @@ def test_a_checkpoint_is_the_generator_as_it_was_then(tmp_path, tiny_sd, prompts
 def test_a_student_is_read_in_the_sampling_dtype_as_an_fp32_read_then_cast(tmp_path, tiny_sd, kind):
     """`dmd sample` reads the network in its dtype straight onto the device, not whole in fp32 on
     the host first: a full student's weights are then exactly the fp32 student cast; a LoRA
-    student's, fused in that dtype, are within bf16's precision of it."""
+    student's of this fp32-stored teacher within bf16's precision of it (its weights are rounded
+    before each layer's delta is added in fp32)."""
     from dmdcli.models.samplers import StudentSampler
     from dmdcli.models.student import load_student_network
 
@@ -411,8 +412,34 @@ def test_a_student_is_read_in_the_sampling_dtype_as_an_fp32_read_then_cast(tmp_p
     else:
         differ = [k for k in lean if not torch.equal(lean[k], cast[k])]
         assert differ and all(k.endswith(".weight") for k in differ)  # the fused weights alone
-        # The teacher's fp32 weights and the delta are each rounded before they are added (exact for
-        # weights stored in bf16, as FLUX's and Qwen-Image's are): one bf16 step at the tensor's scale.
+        # The teacher's fp32 weights are rounded before the delta is added (exact for weights stored
+        # in bf16: the next test): one bf16 step at the tensor's scale.
         assert all(
             (lean[k].float() - cast[k].float()).abs().max() <= 2**-7 * cast[k].float().abs().max() for k in differ
         )
+
+
+def test_a_lora_student_of_a_bf16_teacher_reads_as_fp32_fused_then_cast(tmp_path, tiny_sd):
+    """Where the teacher stores bf16 (FLUX, FLUX.2, Qwen-Image and Z-Image ship so), the lean reads
+    of `dmd sample` and `dmd export --dtype bf16` fuse a LoRA student to the very bits of an fp32
+    read fused then cast: each layer's delta is added in fp32 and the sum rounded once (a "safe"
+    merge, which rounds the delta to bf16 first, fails this)."""
+    import shutil
+
+    from diffusers import UNet2DConditionModel
+
+    from dmdcli.models.samplers import StudentSampler
+    from dmdcli.models.student import load_student_network
+
+    teacher = tmp_path / "teacher"
+    shutil.copytree(tiny_sd, teacher)
+    unet = UNet2DConditionModel.from_pretrained(tiny_sd, subfolder="unet").to(torch.bfloat16)
+    unet.save_pretrained(teacher / "unet", safe_serialization=True)
+    source = find_model(str(make_student(tmp_path / "run", teacher, "sd", "lora", 1)))
+    cast = load_student_network(source).to(torch.bfloat16).state_dict()  # read in fp32, fused, cast
+    exported = load_student_network(source, dtype=torch.bfloat16).state_dict()
+    sampled = StudentSampler(source, torch.device("cpu"), torch.bfloat16).unet.state_dict()
+    fused = [k for k in cast if not torch.equal(cast[k], unet.state_dict()[k])]
+    assert fused and all(k.endswith(".weight") for k in fused)  # the LoRA moved the targeted weights
+    for lean in (exported, sampled):
+        assert lean.keys() == cast.keys() and all(torch.equal(lean[k], cast[k]) for k in cast)

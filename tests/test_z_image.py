@@ -5,10 +5,9 @@ engine, with the tiny pipeline of dmdcli.models.tiny."""
 import json
 import shutil
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
+from family_checks import distill_then_sample, export_matches_sample, teacher_sample_differences
 from students import lora_export_outputs, make_student
 from test_reliability import distill
 from typer.testing import CliRunner
@@ -23,10 +22,6 @@ from dmdcli.train.sharding import shard_units
 
 runner = CliRunner()
 PROMPTS = ["a red circle", "a large blue square at the top left of a white background"]
-
-
-def _image(folder):
-    return np.asarray(Image.open(next(folder.glob("*.png"))).convert("RGB")).astype(int)
 
 
 @pytest.fixture(scope="module")
@@ -104,38 +99,17 @@ def test_variants_dmd_cannot_distill_are_refused_in_one_line(tmp_path, tiny_z_im
 
 @pytest.mark.parametrize("steps, lora", [(4, False), (1, True)])
 def test_distill_then_sample(tmp_path, tiny_z_image, prompts_file, image_folder, steps, lora):
-    args = ["--teacher", tiny_z_image, "--prompts", prompts_file, "--data", image_folder, "--steps", steps]
-    args += ["--lora-rank", "4"] if lora else []
-    result = distill(*args, "--iterations", 3, "--batch-size", 2, "--out", tmp_path / "run")
-    assert result.exit_code == 0, result.stderr
-    assert 'layout = "z-image"' in (tmp_path / "run" / "config.toml").read_text()
-    out = tmp_path / "samples"
-    sampled = runner.invoke(app, ["sample", "--model", str(tmp_path / "run"), "--prompt", "a cat", "--out", str(out)])
-    assert sampled.exit_code == 0, sampled.stderr
-    assert len(list(out.glob("*.png"))) == 1
+    distill_then_sample(tmp_path, tiny_z_image, "z-image", prompts_file, image_folder, steps, lora)
 
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")
 @pytest.mark.parametrize("kind, steps", [("full", 4), ("lora", 1)])
 def test_a_diffusers_export_reproduces_dmd_sample(tmp_path, tiny_z_image, kind, steps):
-    from diffusers import DiffusionPipeline
-
-    run = make_student(tmp_path / "run", tiny_z_image, "z-image", kind, steps)
-    pipeline = tmp_path / "pipeline"
-    exported = runner.invoke(app, ["export", "--model", str(run), "--format", "diffusers", "--out", str(pipeline)])
-    assert exported.exit_code == 0, exported.stderr
-    assert "guidance_scale=0," in exported.stderr
-    ours = runner.invoke(app, ["sample", "--model", str(run), "--prompt", "a cat", "--out", str(tmp_path / "ours")])
-    assert ours.exit_code == 0, ours.stderr
-
-    pipe = DiffusionPipeline.from_pretrained(pipeline)
-    pipe.set_progress_bar_config(disable=True)
-    torch.manual_seed(0)  # the later steps' noise: torch's global RNG, after the initial latent
-    torch.randn(1, 16, 16, 16)
-    sigmas = [1.0, 0.75, 0.5, 0.25] if steps == 4 else [1.0]
-    seed = torch.Generator("cpu").manual_seed(0)
-    image = pipe(prompt="a cat", height=32, width=32, sigmas=sigmas, guidance_scale=0, generator=seed).images[0]
-    assert np.abs(np.asarray(image).astype(int) - _image(tmp_path / "ours")).mean() <= 2.0
+    """The later steps' noise drawn on the latent grid after the initial latent [1, 16, 16, 16]."""
+    difference = export_matches_sample(
+        tmp_path, tiny_z_image, "z-image", kind, steps, (1, 16, 16, 16), "guidance_scale=0", guidance_scale=0
+    )
+    assert difference <= 2.0
 
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")
@@ -159,16 +133,10 @@ def test_a_lora_export_loads_into_the_teacher_pipeline(tmp_path, tiny_z_image):
 
 def test_the_teacher_samples_with_its_cfg_scale_as_w_minus_one(tmp_path, teacher_and_pipe, tiny_z_image):
     """`dmd sample` of the teacher: --guidance-scale w is ZImagePipeline's guidance_scale w − 1."""
-    _, _, pipe = teacher_and_pipe
-    args = ["sample", "--model", str(tiny_z_image), "--prompt", "a cat", "--steps", "2", "--width", "32"]
-    result = runner.invoke(app, [*args, "--height", "32", "--guidance-scale", "6", "--out", str(tmp_path / "ours")])
-    assert result.exit_code == 0, result.stderr
-    common = dict(num_inference_steps=2, height=32, width=32, output_type="np")
-    cfg = pipe(prompt="a cat", guidance_scale=5, generator=torch.Generator().manual_seed(0), **common)
-    other = pipe(prompt="a cat", guidance_scale=6, generator=torch.Generator().manual_seed(0), **common)
-    ours = _image(tmp_path / "ours")
-    assert np.abs((cfg.images[0] * 255).round() - ours).mean() <= 1.0
-    assert np.abs((other.images[0] * 255).round() - ours).mean() > 1.0
+    same, other = teacher_sample_differences(
+        tmp_path, teacher_and_pipe[2], tiny_z_image, 6, {"guidance_scale": 5}, {"guidance_scale": 6}
+    )
+    assert same <= 1.0 and other > 1.0
 
 
 def test_dry_run_of_z_image_from_its_bundled_configs(prompts_file):

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from dmdcli.core.denoiser import Cond
 from dmdcli.models.families import Family, NetworkShape, register
-from dmdcli.models.pipeline import PipelineTeacher, from_pretrained, names_network
+from dmdcli.models.pipeline import PipelineTeacher, chat_template_limit, from_pretrained, names_network
 from dmdcli.models.transformer import ATTENTION_LORA_TARGETS, TransformerDenoiser, not_flow_matching
 
 if TYPE_CHECKING:
@@ -82,11 +82,7 @@ class Flux2Teacher(PipelineTeacher):
     def token_limits(self) -> list[tuple[object, int]]:
         """A prompt's own tokens: the positions read, less the chat template's around it."""
         (tokenizer,) = self.tokenizers
-        turn = [{"role": "user", "content": ""}]
-        template = tokenizer.apply_chat_template(
-            turn, tokenize=False, add_generation_prompt=True, enable_thinking=False
-        )
-        return [(tokenizer, self.prompt_tokens - len(tokenizer(template).input_ids))]
+        return [(tokenizer, chat_template_limit(tokenizer, self.prompt_tokens, enable_thinking=False))]
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> Cond:

@@ -54,6 +54,15 @@ def names_network(index: dict, network: str, network_class: str, components: tup
     )
 
 
+def chat_template_limit(tokenizer, positions: int, **template_options) -> int:
+    """How many of a prompt's own tokens fit in `positions` once the tokenizer's chat template wraps
+    it as one user turn (FLUX.2 [klein]'s and Z-Image's Qwen3 template; `template_options` as their
+    pipelines pass them)."""
+    turn = [{"role": "user", "content": ""}]
+    text = tokenizer.apply_chat_template(turn, tokenize=False, add_generation_prompt=True, **template_options)
+    return positions - len(tokenizer(text).input_ids)
+
+
 def load_teacher(
     spec: TeacherSpec,
     device: torch.device,

@@ -98,7 +98,7 @@ class StudentSampler:
         self.default_steps = int(info["steps"])
         # The network read in `dtype` straight onto the device (not whole in fp32 on the host first:
         # Qwen-Image's 82 GB); a full student's weights are rounded to it as a cast would, a LoRA
-        # student is fused there (peft rounds its fp32 delta to `dtype` before adding it).
+        # student is fused there (in fp32 then rounded: `fuse_lora_student`).
         self.teacher = load_teacher(self.spec, device, dtype, resolution, allow_pickle, frozen_network=True)
         if source.kind == "student":
             load_student_weights(self.teacher.network, source)

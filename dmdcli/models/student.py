@@ -183,19 +183,28 @@ def fuse_lora_student(
         load_lora_state_dict(unet, weights)
     except (ValueError, RuntimeError) as e:  # RuntimeError: peft's shape mismatch (another rank)
         raise DmdError(f"the student's LoRA does not fit the teacher's UNet: {first_line(e)}") from None
+    # peft's (unsafe, diffusers' default) merge adds the fp32 delta in place, in fp32 then rounded: a
+    # base read in bf16 gets bf16(W + Δ), the bits of an fp32 read fused then cast where the teacher
+    # stores bf16 (its safe merge would round Δ to bf16 first)
     unet.fuse_lora()
     unet.unload_lora()
 
 
-def load_student_network(source: ModelSource, allow_pickle: bool = False) -> nn.Module:
+def load_student_network(
+    source: ModelSource, allow_pickle: bool = False, dtype: torch.dtype = torch.float32
+) -> nn.Module:
     """The student as a plain network of its teacher's class (a UNet2DConditionModel, ...) in
-    float32 on the CPU (LoRA fused)."""
+    `dtype` on the CPU (LoRA fused).
+
+    Read in `dtype`, not whole in fp32 and then cast (Qwen-Image's transformer: 82 GB of host memory
+    in fp32): a full student's weights are the same bits (loading rounds each as a cast does), a
+    LoRA student's too where the teacher stores `dtype`, else within one rounding of them."""
     import diffusers
 
     spec = source.spec()
     network_class = getattr(diffusers, get_family(spec.family).teacher.network_class)
-    network = from_pretrained(network_class, spec, spec.network, allow_pickle)
-    network = network.to(torch.float32).requires_grad_(False).eval()
+    network = from_pretrained(network_class, spec, spec.network, allow_pickle, torch_dtype=dtype)
+    network = network.to(dtype).requires_grad_(False).eval()
     if source.kind == "student":
         load_student_weights(network, source)
     return network
