@@ -16,6 +16,18 @@ from dmdcli.cli import app
 runner = CliRunner()
 
 
+def teacher_and_pipeline(folder: Path, pipeline_class: str) -> tuple:
+    """(its TeacherSpec, the teacher dmd loads, on the CPU in fp32 at 32 px, its diffusers pipeline)."""
+    import diffusers
+
+    from dmdcli.models.pipeline import load_teacher
+    from dmdcli.models.teacher import inspect_teacher
+
+    spec = inspect_teacher(str(folder))
+    teacher = load_teacher(spec, torch.device("cpu"), torch.float32, 32)
+    return spec, teacher, getattr(diffusers, pipeline_class).from_pretrained(folder)
+
+
 def sampled_image(folder: Path) -> np.ndarray:
     """The one image `dmd sample` wrote into `folder`, as ints [H, W, 3]."""
     return np.asarray(Image.open(next(folder.glob("*.png"))).convert("RGB")).astype(int)

@@ -8,7 +8,13 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from family_checks import distill_then_sample, export_matches_sample, sampled_image, teacher_sample_differences
+from family_checks import (
+    distill_then_sample,
+    export_matches_sample,
+    sampled_image,
+    teacher_and_pipeline,
+    teacher_sample_differences,
+)
 from students import lora_export_outputs, make_student
 from test_reliability import distill
 from typer.testing import CliRunner
@@ -17,8 +23,6 @@ from dmdcli.cli import app
 from dmdcli.core.denoiser import cat_cond
 from dmdcli.core.schedule import flow_sigmas, time_shift_sigmas
 from dmdcli.models.families import get_family
-from dmdcli.models.pipeline import load_teacher
-from dmdcli.models.teacher import inspect_teacher
 from dmdcli.train.sharding import shard_units
 
 runner = CliRunner()
@@ -36,14 +40,7 @@ def _edited(tmp_path, tiny_flux2, name, file, **changes):
 
 @pytest.fixture(scope="module")
 def teacher_and_pipe(tiny_flux2):
-    from diffusers import Flux2KleinPipeline
-
-    spec = inspect_teacher(str(tiny_flux2))
-    return (
-        spec,
-        load_teacher(spec, torch.device("cpu"), torch.float32, 32),
-        Flux2KleinPipeline.from_pretrained(tiny_flux2),
-    )
+    return teacher_and_pipeline(tiny_flux2, "Flux2KleinPipeline")
 
 
 def test_the_teacher_conditions_as_flux2_klein_pipeline_does(teacher_and_pipe):

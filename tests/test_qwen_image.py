@@ -8,7 +8,13 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from family_checks import distill_then_sample, export_matches_sample, sampled_image, teacher_sample_differences
+from family_checks import (
+    distill_then_sample,
+    export_matches_sample,
+    sampled_image,
+    teacher_and_pipeline,
+    teacher_sample_differences,
+)
 from students import lora_export_outputs, make_student
 from test_reliability import distill
 from typer.testing import CliRunner
@@ -17,8 +23,6 @@ from dmdcli.cli import app
 from dmdcli.core.denoiser import cat_cond
 from dmdcli.core.schedule import flow_sigmas, resolution_shift, time_shift_sigmas
 from dmdcli.models.families import get_family
-from dmdcli.models.pipeline import load_teacher
-from dmdcli.models.teacher import inspect_teacher
 from dmdcli.train.sharding import shard_units
 
 runner = CliRunner()
@@ -27,14 +31,7 @@ PROMPTS = ["a red circle", "a large blue square at the top left of a white backg
 
 @pytest.fixture(scope="module")
 def teacher_and_pipe(tiny_qwen_image):
-    from diffusers import QwenImagePipeline
-
-    spec = inspect_teacher(str(tiny_qwen_image))
-    return (
-        spec,
-        load_teacher(spec, torch.device("cpu"), torch.float32, 32),
-        QwenImagePipeline.from_pretrained(tiny_qwen_image),
-    )
+    return teacher_and_pipeline(tiny_qwen_image, "QwenImagePipeline")
 
 
 def test_the_teacher_conditions_as_qwen_image_pipeline_does(teacher_and_pipe):

@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 import torch
-from family_checks import distill_then_sample, export_matches_sample, teacher_sample_differences
+from family_checks import distill_then_sample, export_matches_sample, teacher_and_pipeline, teacher_sample_differences
 from students import lora_export_outputs, make_student
 from test_reliability import distill
 from typer.testing import CliRunner
@@ -16,8 +16,6 @@ from dmdcli.cli import app
 from dmdcli.core.denoiser import cat_cond
 from dmdcli.core.schedule import flow_sigmas, shift_sigmas
 from dmdcli.models.families import get_family
-from dmdcli.models.pipeline import load_teacher
-from dmdcli.models.teacher import inspect_teacher
 from dmdcli.train.sharding import shard_units
 
 runner = CliRunner()
@@ -26,14 +24,7 @@ PROMPTS = ["a red circle", "a large blue square at the top left of a white backg
 
 @pytest.fixture(scope="module")
 def teacher_and_pipe(tiny_z_image):
-    from diffusers import ZImagePipeline
-
-    spec = inspect_teacher(str(tiny_z_image))
-    return (
-        spec,
-        load_teacher(spec, torch.device("cpu"), torch.float32, 32),
-        ZImagePipeline.from_pretrained(tiny_z_image),
-    )
+    return teacher_and_pipeline(tiny_z_image, "ZImagePipeline")
 
 
 def _encoded(pipe, prompt):

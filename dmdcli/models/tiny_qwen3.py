@@ -82,29 +82,41 @@ def _tiny_qwen3(tokenizer, layers: int, causal_lm: bool = True):
     return (Qwen3ForCausalLM if causal_lm else Qwen3Model)(config)
 
 
+def _seeded(seed: int, *makers) -> list:
+    """Each maker's module, made after torch.manual_seed(seed + i) (each reproducible on its own),
+    in eval mode; the caller's RNG untouched."""
+    import torch
+
+    modules = []
+    with torch.random.fork_rng(devices=[]):
+        for i, make in enumerate(makers):
+            torch.manual_seed(seed + i)
+            modules.append(make().eval())
+    return modules
+
+
+def _flux2_vae():
+    """The tiny FLUX.2 VAE with batch-norm statistics drawn here (fresh ones are the identity)."""
+    import torch
+    from diffusers import AutoencoderKLFlux2
+
+    vae = AutoencoderKLFlux2(**flux2_vae_config())
+    vae.bn.running_mean.copy_(0.5 * torch.randn(vae.bn.num_features))
+    vae.bn.running_var.copy_(torch.rand(vae.bn.num_features) + 0.5)
+    return vae
+
+
 def build_tiny_flux2_pipeline(seed: int = 0):
     """A tiny Flux2KleinPipeline (fp32, CPU), base (not step-distilled), FLUX.2 [klein]'s scheduler config."""
-    import torch
-    from diffusers import (
-        AutoencoderKLFlux2,
-        FlowMatchEulerDiscreteScheduler,
-        Flux2KleinPipeline,
-        Flux2Transformer2DModel,
-    )
+    from diffusers import FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Transformer2DModel
 
     tokenizer = make_tiny_qwen3_tokenizer()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        transformer = Flux2Transformer2DModel(**flux2_transformer_config())
-        torch.manual_seed(seed + 1)
-        vae = AutoencoderKLFlux2(**flux2_vae_config())
-        channels = vae.bn.num_features
-        vae.bn.running_mean.copy_(0.5 * torch.randn(channels))
-        vae.bn.running_var.copy_(torch.rand(channels) + 0.5)
-        torch.manual_seed(seed + 2)
-        text_encoder = _tiny_qwen3(tokenizer, _TEXT_LAYERS)
-    for module in (transformer, vae, text_encoder):
-        module.eval()
+    transformer, vae, text_encoder = _seeded(
+        seed,
+        lambda: Flux2Transformer2DModel(**flux2_transformer_config()),
+        _flux2_vae,
+        lambda: _tiny_qwen3(tokenizer, _TEXT_LAYERS),
+    )
     return Flux2KleinPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler.from_config(ARCHITECTURES["flux2-klein-4b"]["scheduler"]),
         vae=vae,
@@ -133,22 +145,18 @@ def z_image_transformer_config() -> dict:
 
 def build_tiny_z_image_pipeline(seed: int = 0):
     """A tiny ZImagePipeline (fp32, CPU) with the base Z-Image's scheduler config (a static shift of 6)."""
-    import torch
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
 
     from dmdcli.models.tiny_flow import _flow_parts
 
     tokenizer = make_tiny_qwen3_tokenizer()
     vae_config = _flow_parts(scaling_factor=0.3611, shift_factor=0.1159)[3]  # FLUX.1's VAE, as Z-Image's
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        transformer = ZImageTransformer2DModel(**z_image_transformer_config())
-        torch.manual_seed(seed + 1)
-        vae = AutoencoderKL(**vae_config)
-        torch.manual_seed(seed + 2)
-        text_encoder = _tiny_qwen3(tokenizer, 2, causal_lm=False)
-    for module in (transformer, vae, text_encoder):
-        module.eval()
+    transformer, vae, text_encoder = _seeded(
+        seed,
+        lambda: ZImageTransformer2DModel(**z_image_transformer_config()),
+        lambda: AutoencoderKL(**vae_config),
+        lambda: _tiny_qwen3(tokenizer, 2, causal_lm=False),
+    )
     return ZImagePipeline(
         scheduler=FlowMatchEulerDiscreteScheduler.from_config(ARCHITECTURES["z-image"]["scheduler"]),
         vae=vae,
