@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -141,14 +142,16 @@ def export_diffusers(source: ModelSource, out: Path, dtype: torch.dtype, allow_p
     else:
         scheduler = student_scheduler(spec.scheduler_config, timesteps)
     try:
-        pipe = DiffusionPipeline.from_pretrained(  # the other components read in `dtype` too (the same bits)
-            spec.source,
-            **{spec.network: network},
-            scheduler=scheduler,
-            use_safetensors=None if allow_pickle else True,
-            torch_dtype=dtype,
-            **spec.absent_required,
-        ).to(dtype=dtype, silence_dtype_warnings=True)
+        with warnings.catch_warnings():  # diffusers 0.4x calls torch_dtype `dtype`; 0.37 knows only torch_dtype
+            warnings.filterwarnings("ignore", ".*`torch_dtype` is deprecated", FutureWarning)
+            pipe = DiffusionPipeline.from_pretrained(  # the other components read in `dtype` too (the same bits)
+                spec.source,
+                **{spec.network: network},
+                scheduler=scheduler,
+                use_safetensors=None if allow_pickle else True,
+                torch_dtype=dtype,
+                **spec.absent_required,
+            ).to(dtype=dtype, silence_dtype_warnings=True)
     except (OSError, ValueError) as e:
         raise DmdError(f"could not load teacher pipeline {spec.source}: {first_line(e)}") from e
     tmp = _scratch(out)
