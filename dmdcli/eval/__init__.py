@@ -6,6 +6,8 @@ features.py    feature extractors (clean-fid Inception, a file, any TorchScript)
 metrics.py     FID, KID, CLIP score
 cache.py       reference statistics on disk
 report.py      score() -> report dict, JSON files, the comparison table
+run.py         `dmd eval`'s glue: benchmarks (--fid), what to evaluate and its files, evaluate()
+generation.py  drawing a benchmark's images, with seconds and network evaluations per image
 """
 
 from dmdcli.eval.cache import StatsCache, default_cache_dir
