@@ -1,6 +1,7 @@
 """Prompt conditionings encoded once and cached on the CPU (`--cache-prompts`), text encoders released."""
 
 import gc
+import os
 import weakref
 
 import pytest
@@ -11,6 +12,7 @@ from typer.testing import CliRunner
 import dmdcli.data.prompt_cache as prompt_cache
 from dmdcli.cli import app
 from dmdcli.data.prompt_cache import build_prompt_cache
+from dmdcli.errors import UsageError
 from dmdcli.models.pipeline import load_teacher
 from dmdcli.models.teacher import inspect_teacher
 from dmdcli.train.distill import Distillation
@@ -216,6 +218,49 @@ def test_too_many_prompts_for_host_memory_are_cached_on_disk_once(tmp_path, tiny
     assert "reused in" in said and again.data.cache.folder == run.data.cache.folder
     batch = again.data.batch(again.teacher, 0, 0, 3, None)
     assert batch.cond["encoder_hidden_states"].shape[0] == 3
+
+
+def _fake_cache(root, name, size, used):
+    """A complete disk cache folder of `size` bytes, last used at `used` (its index's mtime)."""
+    folder = root / name
+    folder.mkdir(parents=True)
+    (folder / "rows-00000.safetensors").write_bytes(b"x" * size)
+    (folder / prompt_cache.DISK_INDEX).write_text("")  # (its bytes count too: none here)
+    os.utime(folder / prompt_cache.DISK_INDEX, (used, used))
+    return folder
+
+
+def test_disk_caches_over_the_limit_lose_the_least_recently_used(tmp_path):
+    root = tmp_path / "prompts"
+    old, older, recent, new = (
+        _fake_cache(root, n, 1000, t) for n, t in [("a", 200), ("b", 100), ("c", 300), ("d", 50)]
+    )
+    (root / ".e.tmp-1-x").mkdir()  # being written by another process: no index
+    (root / ".e.tmp-1-x" / "rows-00000.safetensors").write_bytes(b"x" * 5000)
+    # d was just written (kept whatever its age); b then a are the least recently used
+    assert prompt_cache.evict_disk_caches(root, new, limit=2500) == (2, 2000)
+    assert sorted(p.name for p in root.iterdir()) == [".e.tmp-1-x", "c", "d"]
+    assert prompt_cache.evict_disk_caches(root, new, limit=2000) == (0, 0)  # already within
+    assert prompt_cache.evict_disk_caches(root, new, limit=0) == (1, 1000) and new.is_dir()
+
+
+def test_a_new_disk_cache_makes_room_under_the_limit(tmp_path, tiny_sd, prompts_file, monkeypatch):
+    """A run's new disk cache removes the caches used longest ago when together they pass
+    $DMD_PROMPT_CACHE_GIB; a reused cache counts as just used; a limit that is not a size is one line."""
+    monkeypatch.setattr(prompt_cache, "HOST_LIMIT", 1000)
+    monkeypatch.setenv("DMD_CACHE", str(tmp_path / "cache"))
+    stale = _fake_cache(tmp_path / "cache" / "prompts", "stale", 10_000_000, 100)
+    monkeypatch.setenv("DMD_PROMPT_CACHE_GIB", str(5_000_000 / 2**30))  # room for the run's cache, not for both
+    run, _ = run_messages(tmp_path, tiny_sd, prompts_file, "a")
+    assert not stale.exists() and run.data.cache.folder.is_dir()
+    index = run.data.cache.folder / prompt_cache.DISK_INDEX
+    os.utime(index, (100, 100))
+    run_messages(tmp_path, tiny_sd, prompts_file, "b")
+    assert index.stat().st_mtime > 100  # reused: just used
+
+    monkeypatch.setenv("DMD_PROMPT_CACHE_GIB", "lots")
+    with pytest.raises(UsageError, match="DMD_PROMPT_CACHE_GIB='lots' is not a size in GiB"):
+        run_messages(tmp_path, tiny_sd, prompts_file, "c")
 
 
 def test_a_disk_that_cannot_hold_the_cache_encodes_on_the_fly(tmp_path, tiny_sd, prompts_file, monkeypatch):

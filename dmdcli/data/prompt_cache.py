@@ -18,6 +18,8 @@ More prompts than the host limit holds (FLUX's T5 text is 4 MiB a prompt in bf16
 8 GiB) are cached on disk instead (`DiskPromptCache`): safetensors shards in the cache folder,
 keyed by the teacher's text encoders and the prompts, read a row at a time through safetensors'
 memory map; made once by the main process, read by every process and by later runs (a resume).
+The disk caches together are kept under a size limit (`$DMD_PROMPT_CACHE_GIB`, default 100): when
+a new one takes them over it, the least recently used others are removed (`evict_disk_caches`).
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from __future__ import annotations
 import bisect
 import hashlib
 import json
+import os
+import shutil
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -39,6 +43,7 @@ ENCODE_BATCH = 64
 SHARD_BYTES = GIB  # a disk cache's rows per safetensors file, about
 DISK_FORMAT = 1
 DISK_INDEX = "index.json"  # written last: a folder without it is incomplete
+DISK_LIMIT_VARIABLE, DISK_LIMIT_GIB = "DMD_PROMPT_CACHE_GIB", 100.0  # all disk prompt caches together
 
 
 class PromptCache:
@@ -128,6 +133,50 @@ class DiskPromptCache(PromptCache):
             file, i = self.files[shard], row - self.starts[shard]
             parts.append({k: file.get_slice(k)[i : i + 1] for k in file.keys()})
         return {k: v.to(self.device, torch.float32) for k, v in cat_cond(*parts).items()}
+
+
+def disk_cache_limit() -> int:
+    """Bytes the disk prompt caches may hold together: $DMD_PROMPT_CACHE_GIB, else 100 GiB."""
+    from dmdcli.errors import UsageError
+
+    value = os.environ.get(DISK_LIMIT_VARIABLE, "").strip() or str(DISK_LIMIT_GIB)
+    try:
+        gib = float(value)
+    except ValueError:
+        gib = -1.0
+    if not gib >= 0:
+        raise UsageError(f"{DISK_LIMIT_VARIABLE}={value!r} is not a size in GiB (a number, 0 or more)")
+    return int(gib * GIB)
+
+
+def touch_disk_cache(folder: Path) -> None:
+    """Mark a disk cache as just used (its index's mtime orders the eviction); best effort."""
+    try:
+        os.utime(folder / DISK_INDEX)
+    except OSError:
+        pass
+
+
+def evict_disk_caches(root: Path, keep: Path, limit: int) -> tuple[int, int]:
+    """Remove the least recently used complete disk caches under `root`, never `keep`, until they
+    hold at most `limit` bytes together; (caches removed, their bytes). Folders without an index
+    (being written, or debris of an interrupted write) are left alone. A run reading a removed
+    cache keeps its open files (POSIX); a later resume encodes its prompts again."""
+    caches = []
+    for folder in Path(root).iterdir() if Path(root).is_dir() else ():
+        index = folder / DISK_INDEX
+        if folder.is_dir() and index.is_file():
+            size = sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
+            caches.append((index.stat().st_mtime, folder, size))
+    total, removed, freed = sum(size for _, _, size in caches), 0, 0
+    for _, folder, size in sorted(caches, key=lambda c: c[0]):  # oldest use first
+        if total <= limit:
+            break
+        if folder.resolve() == Path(keep).resolve():
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        total, removed, freed = total - size, removed + 1, freed + size
+    return removed, freed
 
 
 def disk_cache_key(encoder_id: dict, prompts: list[str], dtype: torch.dtype) -> str:

@@ -15,11 +15,15 @@ from dmdcli.data.images import RealLatents, load_or_build_latents
 from dmdcli.data.pairs import Pairs
 from dmdcli.data.prompt_cache import (
     DISK_INDEX,
+    DISK_LIMIT_VARIABLE,
     GIB,
     DiskPromptCache,
     PromptCache,
     build_prompt_cache,
     disk_cache_key,
+    disk_cache_limit,
+    evict_disk_caches,
+    touch_disk_cache,
     write_disk_prompt_cache,
 )
 from dmdcli.data.prompts import read_prompts
@@ -101,11 +105,15 @@ class Data:
     def _disk_cache(
         teacher: Teacher, ui: UI, prompts: list[str], count: int, first: Callable[[], AbstractContextManager]
     ) -> tuple[DiskPromptCache, bool]:
-        """The prompts' disk cache in the cache folder, made (by the main process) unless there."""
-        folder = cache_dir("prompts") / disk_cache_key(teacher.prompt_cache_id, prompts, teacher.dtype)
+        """The prompts' disk cache in the cache folder, made (by the main process) unless there; a new
+        one makes room for itself under the caches' size limit (`evict_disk_caches`)."""
+        root, limit = cache_dir("prompts"), disk_cache_limit()  # (a bad limit: said by every process, first)
+        folder = root / disk_cache_key(teacher.prompt_cache_id, prompts, teacher.dtype)
         made, failed = False, None
         with first():
-            if not (folder / DISK_INDEX).is_file():
+            if (folder / DISK_INDEX).is_file():
+                touch_disk_cache(folder)
+            else:
                 try:
                     with ui.task(f"encoding {count} prompts once (cached on disk)", total=count) as update:
                         atomic_folder(
@@ -116,6 +124,12 @@ class Data:
                             DISK_INDEX,
                         )
                     made = True
+                    removed, freed = evict_disk_caches(root, folder, limit)
+                    if removed:
+                        ui.message(
+                            f"prompt cache: removed the {removed} least recently used disk cache(s) in {root} "
+                            f"({freed / GIB:.1f} GiB) to stay within {limit / GIB:g} GiB ({DISK_LIMIT_VARIABLE})"
+                        )
                 except OSError as e:  # raised after the block, so that the other processes are not left waiting
                     failed = e
         if failed is not None:
