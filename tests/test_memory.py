@@ -110,6 +110,28 @@ def test_cached_prompts_take_the_text_encoders_out_of_the_peak(sdxl_configs):
     assert not any(k.startswith("text encoders") for k in cached["parameters"])
     assert cached["startup_only"] == {"text encoders (fp32, dropped once prompts are cached)": text}
     assert cached["peak"] == pytest.approx(resident["peak"] - text)
+    # while they encode, the VAE is there too, not the teacher's network (read after the prompts)
+    vae = cached["parameters"]["VAE (fp32)"]
+    assert cached["startup_peak"] == pytest.approx(text + vae) and resident["startup_peak"] == 0
+
+
+def test_a_run_whose_prompt_encoding_needs_more_than_the_gpu_has_says_so(monkeypatch):
+    """The GPU check compares the start-up peak too, when it is the larger one (text encoders in
+    fp32 beside the VAE, while the prompts are encoded): said as such, without training levers."""
+    import dmdcli.train.memory as memory
+    from dmdcli.train.recipes import resolve_config
+
+    monkeypatch.setattr(memory, "device_memory", lambda device: (int(20 * 2**30), int(24 * 2**30)))
+    monkeypatch.setattr(
+        memory,
+        "estimate_memory",
+        lambda *a: memory.MemoryEstimate({}, 0, 0, 0, 0, 18.0, "fake score", {"x": 21.0}, 21.5),
+    )
+    config = resolve_config(None, {"teacher": "sd15", "lora_rank": 64, "prompts": "prompts.txt"})
+    note = memory.over_memory_note(None, config, 512, torch.device("cuda"), 1)
+    assert note.startswith("note: while the prompts are encoded") and "21.5 GiB, more than the 20.0 GiB free" in note
+    monkeypatch.setattr(memory, "device_memory", lambda device: (int(30 * 2**30), int(40 * 2**30)))
+    assert memory.over_memory_note(None, config, 512, torch.device("cuda"), 1) is None
 
 
 def test_dry_run_fsdp_divides_the_sharded_state_by_the_process_count(sdxl_configs):

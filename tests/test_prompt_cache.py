@@ -263,6 +263,23 @@ def test_a_new_disk_cache_makes_room_under_the_limit(tmp_path, tiny_sd, prompts_
         run_messages(tmp_path, tiny_sd, prompts_file, "c")
 
 
+def test_the_network_is_read_after_the_prompts_are_cached(tmp_path, tiny_sd, prompts_file, monkeypatch):
+    """The text encoders (fp32) and the teacher's network are never on the device together: the
+    network is read on first use, after the encoders are released."""
+    from dmdcli.models.pipeline import PipelineTeacher
+
+    read_before_release = []
+    release = PipelineTeacher.release_text_encoders
+
+    def spy(teacher):
+        read_before_release.append(teacher._network is not None)
+        release(teacher)
+
+    monkeypatch.setattr(PipelineTeacher, "release_text_encoders", spy)
+    run, _ = run_messages(tmp_path, tiny_sd, prompts_file, "a")
+    assert read_before_release == [False] and run.teacher._network is not None
+
+
 def test_a_disk_that_cannot_hold_the_cache_encodes_on_the_fly(tmp_path, tiny_sd, prompts_file, monkeypatch):
     import dmdcli.train.data as data
 

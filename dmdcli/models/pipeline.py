@@ -94,10 +94,10 @@ class PipelineTeacher(ABC):
             runs them in fp32, as the DMD2 reference does (a bf16 CLIP is ~6× less exact than one
             rounding of an fp32 CLIP's output), once per prompt when prompts are cached.
         frozen_network: the network is only ever used frozen (no fp32 copy is trained from it, as
-            with a shared LoRA base): it is loaded in `dtype` straight onto `device`, one tensor at a
-            time. Read in fp32 on the CPU first, FLUX.1-dev's transformer alone held 48 GB of host
-            memory and Qwen-Image's 82 GB; the weights are the same bits either way (diffusers
-            rounds each tensor as `.to(dtype)` does).
+            with a shared LoRA base): it is read in `dtype` straight onto `device`, one tensor at a
+            time (on first use: `network`). Read in fp32 on the CPU first, FLUX.1-dev's transformer
+            alone held 48 GB of host memory and Qwen-Image's 82 GB; the weights are the same bits
+            either way (diffusers rounds each tensor as `.to(dtype)` does).
 
     A subclass sets `network_class` (the diffusers class of the pipeline's `spec.network`
     component) and implements `load_text_encoders`, `encode_prompts` and `empty_cond`. A family
@@ -121,14 +121,11 @@ class PipelineTeacher(ABC):
         import diffusers
 
         self.spec, self.device, self.dtype, self.resolution = spec, device, dtype, resolution
-        placed = {"torch_dtype": dtype, "device_map": {"": device}} if frozen_network else {}
-        self.network: nn.Module = from_pretrained(
-            getattr(diffusers, self.network_class), spec, spec.network, allow_pickle, **placed
-        )
+        self.allow_pickle, self.frozen_network, self._network = allow_pickle, frozen_network, None
         vae_class = getattr(diffusers, self.vae_class)
         self.vae = from_pretrained(vae_class, spec, "vae", allow_pickle, torch_dtype=torch.float32).to(device)
         self.tokenizers, self.text_encoders = self.load_text_encoders(allow_pickle)
-        for module in [self.network, self.vae, *self.text_encoders]:
+        for module in [self.vae, *self.text_encoders]:
             module.requires_grad_(False).eval()
         self.encoder_dtype = encoder_dtype or dtype
         self.text_encoders = [te.to(device, self.encoder_dtype) for te in self.text_encoders]
@@ -137,6 +134,27 @@ class PipelineTeacher(ABC):
         # the latent cache is then the same wherever and whenever it is built, and building it
         # does not shift the random stream of the run that builds it.
         self.latent_generator = torch.Generator().manual_seed(0)
+
+    @property
+    def network(self) -> nn.Module:
+        """The denoising network, read on first use: a run caches its prompts first, so its text
+        encoders (fp32) and a network read onto the device are never there together (FLUX.2 [klein]
+        9B: 30.5 GiB of Qwen3-8B and 16.9 of transformer)."""
+        if self._network is None:
+            import diffusers
+
+            placed = {"torch_dtype": self.dtype, "device_map": {"": self.device}} if self.frozen_network else {}
+            network_class = getattr(diffusers, self.network_class)
+            network = from_pretrained(network_class, self.spec, self.spec.network, self.allow_pickle, **placed)
+            self._network = network.requires_grad_(False).eval()
+        return self._network
+
+    @property
+    def network_config(self) -> dict:
+        """The network's config.json, without reading its weights."""
+        from dmdcli.models.teacher import _load_json_config
+
+        return _load_json_config(self.spec.source, self.spec.network, "config.json")
 
     # -- what a family implements ----------------------------------------------------------------
 

@@ -73,7 +73,7 @@ class SD3Teacher(PipelineTeacher):
         if self.has_t5:
             t5_states = self.text_encoders[2](self._token_ids(self.tokenizers[2], prompts, self.t5_tokens))[0]
         else:  # zeros of the transformer's width, as the pipeline's
-            width = self.network.config.joint_attention_dim
+            width = self.network_config["joint_attention_dim"]  # (the network itself is read after the prompts)
             t5_states = hidden[0].new_zeros(len(prompts), self.t5_tokens, width)
         clip_states = torch.cat(hidden, dim=-1)
         clip_states = nn.functional.pad(clip_states, (0, t5_states.shape[-1] - clip_states.shape[-1]))

@@ -15,7 +15,10 @@ The peak is that of the heaviest phase of an iteration:
   either network's AdamW step: its gradients, and on CUDA one fp32 temporary of its size;
 on top of what persists: weights of all networks, AdamW moments (2 × fp32), the VAE, and the text
 encoders unless the prompts are cached (`cache_prompts`, the default): then the encoders are on the
-accelerator only at start-up, before the networks are built, and are listed apart, outside the peak.
+accelerator only at start-up, before the networks are built (the teacher's network is read after
+the prompts are cached), and are listed apart, outside the peak, with the start-up peak they make
+beside the VAE (and the teacher's network, which DMD's regression pairs need while the encoders are
+still there).
 
 Sharded over N processes (`--fsdp`), each process keeps 1/N of the networks' weights, moments and
 gradients, and gathers whole units while they run: a UNet's root unit (everything outside its
@@ -46,6 +49,7 @@ class MemoryEstimate:
     peak: float
     phase: str  # which phase sets the peak
     startup_only: dict[str, float] = field(default_factory=dict)  # GiB freed before training (not in the peak)
+    startup_peak: float = 0.0  # GiB on the device while prompts are encoded (cached prompts only)
     processes: int = 1  # the networks are sharded over this many processes (FSDP)
     gathered: float = 0.0  # FSDP: whole units gathered while they run (in the peak phase)
     optimizer_step: float = 0.0  # AdamW's temporaries (in the peak phase)
@@ -54,6 +58,7 @@ class MemoryEstimate:
         return [
             *((f"weights: {name}", gib) for name, gib in self.parameters.items()),
             *((f"start-up only: {name}", gib) for name, gib in self.startup_only.items()),
+            *((("start-up peak (while the prompts are encoded)", self.startup_peak),) if self.startup_only else ()),
             ("AdamW moments (fp32)", self.optimizer_states),
             ("gradients (peak phase)", self.gradients),
             ("activations per sample", self.activations_per_sample),
@@ -161,6 +166,7 @@ def estimate_memory(
             "generator": (g_gen, b * act_gen + cast_gen, 0, transient),
             "generator's AdamW step": phases["generator's AdamW step"],
         }
+    pairs_network = p_unet * (frozen if layout.frozen_network else 4)  # the teacher making regression pairs
     phase = max(phases, key=lambda k: sum(phases[k]))
     grads, activations, step, gathered = phases[phase]
     static = sum(weights.values()) + adam
@@ -176,6 +182,9 @@ def estimate_memory(
         startup_only={"text encoders (fp32, dropped once prompts are cached)": p_text * 4 / GIB}
         if config.cache_prompts
         else {},
+        startup_peak=(p_text * 4 + p_vae * 4 + (pairs_network if config.regression_weight > 0 else 0)) / GIB
+        if config.cache_prompts
+        else 0.0,
         processes=n,
         gathered=gathered / GIB,
     )
@@ -271,8 +280,14 @@ def over_memory_note(spec: TeacherSpec, config, resolution: int, device: torch.d
         return None
     free, total = memory
     estimate = estimate_memory(spec, config, resolution, config.precision() == "bf16", processes, device.type)
-    if estimate.peak * GIB <= free:
+    if max(estimate.peak, estimate.startup_peak) * GIB <= free:
         return None
+    if estimate.startup_peak > estimate.peak:  # the prompts' encoding, before any training lever applies
+        return (
+            f"note: while the prompts are encoded, the text encoders (fp32) and the VAE take an estimated "
+            f"{estimate.startup_peak:.1f} GiB, more than the {free / GIB:.1f} GiB free on this GPU (of "
+            f"{total / GIB:.1f}; --dry-run for the table)"
+        )
     levers = [
         *([] if config.gradient_checkpointing else ["--gradient-checkpointing"]),
         *([] if config.lora_rank or config.fsdp else ["--lora-rank 64"]),
