@@ -16,14 +16,8 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
-from dmdcli.data.images import (
-    MANIFEST_FILE,
-    RealLatents,
-    latent_cache_key,
-    load_image,
-    load_or_build_latents,
-    scan_image_folder,
-)
+from dmdcli.data.images import load_image, scan_image_folder
+from dmdcli.data.latents import MANIFEST_FILE, RealLatents, latent_cache_key, load_or_build_latents
 from dmdcli.data.prompts import read_prompts
 from dmdcli.errors import DmdError, UsageError
 

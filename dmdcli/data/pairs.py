@@ -3,7 +3,7 @@ many-step sampler, generated once and cached on disk.
 
 Layout: `<cache>/<key>/pairs-00000.safetensors` (tensors "noise" and "latent", float32, the
 prompts as JSON in the metadata) and `manifest.json`, written last. The folder is built under a
-temporary name and renamed into place (as the latent cache of dmdcli.data.images), so a cut-short
+temporary name and renamed into place (as the latent cache of dmdcli.data.latents), so a cut-short
 build is never read. The key hashes what determines the pairs: the teacher (source, layout,
 prediction type, scheduler config, and for a local folder the names, sizes and mtimes of its UNet,
 text encoder, tokenizer and scheduler files; a hub id is taken at its word), the prompts, seed,

@@ -11,7 +11,7 @@ import torch
 
 from dmdcli.core.denoiser import Cond, expand_cond
 from dmdcli.data import prompt_cache
-from dmdcli.data.images import RealLatents, load_or_build_latents
+from dmdcli.data.latents import RealLatents, load_or_build_latents
 from dmdcli.data.pairs import Pairs
 from dmdcli.data.prompt_cache import (
     DISK_INDEX,
