@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from students import make_student
+from students import lora_export_outputs, make_student
 from test_reliability import distill
 from typer.testing import CliRunner
 
@@ -77,6 +77,16 @@ def export_matches_sample(
     seed = torch.Generator("cpu").manual_seed(0)
     image = pipe(prompt="a cat", height=32, width=32, sigmas=sigmas, generator=seed, **call).images[0]
     return float(np.abs(np.asarray(image).astype(int) - ours).mean())
+
+
+def exported_lora_outputs(tmp_path: Path, teacher, layout: str, inputs: dict, output=None) -> tuple:
+    """A 1-step LoRA student (`make_student`) exported with `--format lora`; `lora_export_outputs`
+    on `inputs`: (the teacher's, the student's, the teacher pipeline's after `load_lora_weights`)."""
+    run = make_student(tmp_path / "run", teacher, layout, "lora", 1)
+    lora = tmp_path / "lora.safetensors"
+    exported = runner.invoke(app, ["export", "--model", str(run), "--format", "lora", "--out", str(lora)])
+    assert exported.exit_code == 0, exported.stderr
+    return lora_export_outputs(run, lora, teacher, inputs, output)
 
 
 def teacher_sample_differences(tmp_path: Path, pipe, teacher, guidance_scale: float, same: dict, other: dict):

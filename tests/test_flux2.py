@@ -11,11 +11,12 @@ import torch
 from family_checks import (
     distill_then_sample,
     export_matches_sample,
+    exported_lora_outputs,
     sampled_image,
     teacher_and_pipeline,
     teacher_sample_differences,
 )
-from students import lora_export_outputs, make_student
+from students import make_student
 from test_reliability import distill
 from typer.testing import CliRunner
 
@@ -174,9 +175,6 @@ def test_a_diffusers_export_reproduces_dmd_sample(tmp_path, tiny_flux2, kind, st
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")
 def test_a_lora_export_loads_into_the_teacher_pipeline(tmp_path, tiny_flux2):
-    run = make_student(tmp_path / "run", tiny_flux2, "flux2", "lora", 1)
-    lora = tmp_path / "lora.safetensors"
-    assert runner.invoke(app, ["export", "--model", str(run), "--format", "lora", "--out", str(lora)]).exit_code == 0
     g = torch.Generator().manual_seed(1)
     inputs = dict(
         hidden_states=torch.randn(2, 4, 16, generator=g),
@@ -185,7 +183,7 @@ def test_a_lora_export_loads_into_the_teacher_pipeline(tmp_path, tiny_flux2):
         img_ids=torch.cartesian_prod(*(torch.arange(n) for n in (1, 2, 2, 1))),
         txt_ids=torch.cartesian_prod(*(torch.arange(n) for n in (1, 1, 1, 7))),
     )
-    before, student, loaded = lora_export_outputs(run, lora, tiny_flux2, inputs)
+    before, student, loaded = exported_lora_outputs(tmp_path, tiny_flux2, "flux2", inputs)
     # (the random LoRA moves this tiny transformer's output by ~1e-2: 100× the tolerance)
     assert (before - student).abs().max() > 5e-3 and (loaded - student).abs().max() < 5e-5
 

@@ -7,8 +7,13 @@ import shutil
 
 import pytest
 import torch
-from family_checks import distill_then_sample, export_matches_sample, teacher_and_pipeline, teacher_sample_differences
-from students import lora_export_outputs, make_student
+from family_checks import (
+    distill_then_sample,
+    export_matches_sample,
+    exported_lora_outputs,
+    teacher_and_pipeline,
+    teacher_sample_differences,
+)
 from test_reliability import distill
 from typer.testing import CliRunner
 
@@ -105,9 +110,6 @@ def test_a_diffusers_export_reproduces_dmd_sample(tmp_path, tiny_z_image, kind, 
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")
 def test_a_lora_export_loads_into_the_teacher_pipeline(tmp_path, tiny_z_image):
-    run = make_student(tmp_path / "run", tiny_z_image, "z-image", "lora", 1)
-    lora = tmp_path / "lora.safetensors"
-    assert runner.invoke(app, ["export", "--model", str(run), "--format", "lora", "--out", str(lora)]).exit_code == 0
     g = torch.Generator().manual_seed(1)
     inputs = dict(
         x=[torch.randn(16, 1, 16, 16, generator=g) for _ in range(2)],
@@ -118,7 +120,7 @@ def test_a_lora_export_loads_into_the_teacher_pipeline(tmp_path, tiny_z_image):
     def output(network, kwargs):  # a list of [C, 1, h, w], one per image
         return torch.stack(network(**kwargs, return_dict=False)[0])
 
-    before, student, loaded = lora_export_outputs(run, lora, tiny_z_image, inputs, output)
+    before, student, loaded = exported_lora_outputs(tmp_path, tiny_z_image, "z-image", inputs, output)
     assert (before - student).abs().max() > 5e-3 and (loaded - student).abs().max() < 5e-5
 
 
