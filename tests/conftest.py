@@ -85,6 +85,13 @@ def tiny_flux2():
 
 
 @pytest.fixture(scope="session")
+def tiny_flux2_dev():
+    from dmdcli.models.tiny import tiny_pipeline_cached
+
+    return tiny_pipeline_cached("flux2-dev")
+
+
+@pytest.fixture(scope="session")
 def tiny_z_image():
     from dmdcli.models.tiny import tiny_pipeline_cached
 

@@ -141,9 +141,10 @@ def test_variants_dmd_cannot_distill_are_refused_in_one_line(tmp_path, tiny_flux
     result = distill("--teacher", distilled, "--prompts", prompts_file, "--out", tmp_path / "a")
     assert result.exit_code == 1 and "step-distilled" in result.stderr and result.stderr.count("\n") == 1
 
+    # a Flux2Pipeline is FLUX.2 [dev] (tests/test_flux2_dev.py), whose transformer is guidance-distilled
     dev = _edited(tmp_path, tiny_flux2, "dev", "model_index.json", _class_name="Flux2Pipeline")
     result = distill("--teacher", dev, "--prompts", prompts_file, "--out", tmp_path / "b")
-    assert result.exit_code == 1 and "unsupported pipeline Flux2Pipeline" in result.stderr
+    assert result.exit_code == 1 and "Flux2Pipeline transformer without a guidance embedding" in result.stderr
     assert result.stderr.count("\n") == 1
 
     guided = _edited(tmp_path, tiny_flux2, "guided", "transformer/config.json", guidance_embeds=True)

@@ -330,3 +330,16 @@ def test_a_run_says_at_once_when_its_estimate_is_more_than_the_gpu_has_free(
         assert "is more than the 0.0 GiB free on this GPU (of 80.0): --gradient-checkpointing, --lora-rank 64" in said
         assert said.index("estimated peak") < said.index("teacher:")  # before the teacher loads
     assert (tmp_path / "run" / "student.safetensors").is_file()
+
+
+def test_the_memory_note_of_a_lora_run_names_a_lower_rank(tmp_path, tiny_sd, prompts_file, monkeypatch):
+    """A shared-base LoRA run with checkpointing at batch 1 (FLUX.2 [dev]'s recipe on an 80 GB GPU)
+    has one lever left: the rank."""
+    import dmdcli.train.memory as memory
+
+    monkeypatch.setattr(memory, "device_memory", lambda device: (2**20, 80 * 2**30))
+    args = ["distill", "--recipe", "tiny", "--teacher", str(tiny_sd), "--prompts", str(prompts_file), "--iterations", 1]
+    options = ["--lora-rank", 64, "--gradient-checkpointing", "--batch-size", 1]
+    result = runner.invoke(app, [*map(str, args + options), "--out", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.stderr
+    assert "(of 80.0): a lower --lora-rank would lower it" in " ".join(result.stderr.split())

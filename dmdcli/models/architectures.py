@@ -315,6 +315,61 @@ ARCHITECTURES["flux2-klein-9b"] = {
 }
 
 
+# FLUX.2 [dev]: a 32B Flux2Transformer2DModel (its class's defaults are its config: 8 double-stream
+# and 48 single-stream blocks of width 6144, a guidance embedding), the VAE and scheduler above, and
+# Mistral Small 3.1 (24B; a Pixtral vision tower the pipeline never runs).
+ARCHITECTURES["flux2-dev"] = {
+    "pipeline": "Flux2Pipeline",
+    "transformer": {
+        **_FLUX2_KLEIN_4B,
+        "num_layers": 8,
+        "num_single_layers": 48,
+        "num_attention_heads": 48,
+        "joint_attention_dim": 15360,
+        "guidance_embeds": True,
+    },
+    "vae": {"_class_name": "AutoencoderKLFlux2"},
+    "scheduler": _FLUX2_SCHEDULER,
+    "text_encoders": {
+        "text_encoder": {
+            "architectures": ["Mistral3ForConditionalGeneration"],
+            "model_type": "mistral3",
+            "image_token_index": 10,
+            "multimodal_projector_bias": False,
+            "projector_hidden_act": "gelu",
+            "spatial_merge_size": 2,
+            "vision_feature_layer": -1,
+            "tie_word_embeddings": False,
+            "text_config": {
+                "model_type": "mistral",
+                "hidden_size": 5120,
+                "intermediate_size": 32768,
+                "num_hidden_layers": 40,
+                "num_attention_heads": 32,
+                "num_key_value_heads": 8,
+                "head_dim": 128,
+                "vocab_size": 131072,
+                "max_position_embeddings": 131072,
+                "rms_norm_eps": 1e-5,
+                "rope_theta": 1000000000.0,
+                "sliding_window": None,
+            },
+            "vision_config": {
+                "model_type": "pixtral",
+                "hidden_size": 1024,
+                "intermediate_size": 4096,
+                "num_hidden_layers": 24,
+                "num_attention_heads": 16,
+                "head_dim": 64,
+                "patch_size": 14,
+                "image_size": 1540,
+                "rope_theta": 10000.0,
+            },
+        }
+    },
+}
+
+
 # Z-Image (base): a 30-layer single-stream transformer (ZImageTransformer2DModel's defaults are its
 # sizes), FLUX.1's VAE and Qwen3-4B (a Qwen3Model: no LM head); a static shift of 6 (Turbo's: 3).
 ARCHITECTURES["z-image"] = {
@@ -341,7 +396,8 @@ def bundled_architecture(teacher: str) -> str | None:
     return next((name for name in ARCHITECTURES if aliases[name] == hub_id), None)
 
 
-_TOKENIZERS = (("T5", "T5TokenizerFast"), ("Qwen", "Qwen2Tokenizer"))  # by the text encoder's class; else CLIP's
+# by the text encoder's class; else CLIP's
+_TOKENIZERS = (("T5", "T5TokenizerFast"), ("Qwen", "Qwen2Tokenizer"), ("Mistral3", "PixtralProcessor"))
 
 
 def write_config_only_pipeline(folder: str | Path, name: str) -> Path:

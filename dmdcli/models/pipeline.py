@@ -91,8 +91,9 @@ class PipelineTeacher(ABC):
             half precision.
         resolution: training resolution in pixels.
         encoder_dtype: the text encoders' dtype (default `dtype`, as a pipeline samples); training
-            runs them in fp32, as the DMD2 reference does (a bf16 CLIP is ~6× less exact than one
-            rounding of an fp32 CLIP's output), once per prompt when prompts are cached.
+            runs them in `training_encoder_dtype`: fp32, as the DMD2 reference does (a bf16 CLIP is
+            ~6× less exact than one rounding of an fp32 CLIP's output), once per prompt when
+            prompts are cached.
         frozen_network: the network is only ever used frozen (no fp32 copy is trained from it, as
             with a shared LoRA base): it is read in `dtype` straight onto `device`, one tensor at a
             time (on first use: `network`). Read in fp32 on the CPU first, FLUX.1-dev's transformer
@@ -107,6 +108,9 @@ class PipelineTeacher(ABC):
 
     network_class: str = "UNet2DConditionModel"
     vae_class: str = "AutoencoderKL"
+    # What a training run encodes its prompts in: fp32, as the DMD2 reference does, unless the
+    # family's encoder is too large for it (FLUX.2 [dev]'s 24B Mistral: 96 GB in fp32)
+    training_encoder_dtype: torch.dtype = torch.float32
 
     def __init__(
         self,
@@ -124,10 +128,10 @@ class PipelineTeacher(ABC):
         self.allow_pickle, self.frozen_network, self._network = allow_pickle, frozen_network, None
         vae_class = getattr(diffusers, self.vae_class)
         self.vae = from_pretrained(vae_class, spec, "vae", allow_pickle, torch_dtype=torch.float32).to(device)
+        self.encoder_dtype = encoder_dtype or dtype
         self.tokenizers, self.text_encoders = self.load_text_encoders(allow_pickle)
         for module in [self.vae, *self.text_encoders]:
             module.requires_grad_(False).eval()
-        self.encoder_dtype = encoder_dtype or dtype
         self.text_encoders = [te.to(device, self.encoder_dtype) for te in self.text_encoders]
         self.shift_factor, self.scaling_factor = self.latent_normalization()
         # The posterior samples of real images come from their own generator, not the global RNG:

@@ -18,7 +18,7 @@ The same seed gives byte-identical weights. Nothing is downloaded.
 
 Command line (developer helper)::
 
-    python -m dmdcli.models.tiny OUT_DIR [--layout sd|sdxl|sd3|flux|flux2|qwen-image|z-image]
+    python -m dmdcli.models.tiny OUT_DIR [--layout sd|sdxl|sd3|flux|flux2|flux2-dev|qwen-image|z-image]
         [--prediction-type epsilon|v_prediction] [--seed N]
 """
 
@@ -35,9 +35,10 @@ from pathlib import Path
 from dmdcli.errors import UsageError
 from dmdcli.models.clip_bpe import BOS, EOS, byte_symbols, clip_tokenizer, write_tokenizer_files
 
-LAYOUTS = ("sd", "sdxl", "sd3", "flux", "flux2", "qwen-image", "z-image")
-# built by dmdcli.models.tiny_flow (FLUX.2 and Z-Image, read by Qwen3: tiny_qwen3)
-_FLOW_LAYOUTS = ("sd3", "flux", "flux2", "qwen-image", "z-image")
+LAYOUTS = ("sd", "sdxl", "sd3", "flux", "flux2", "flux2-dev", "qwen-image", "z-image")
+# built by dmdcli.models.tiny_flow (FLUX.2 [klein] and Z-Image, read by Qwen3: tiny_qwen3; FLUX.2
+# [dev], read by Mistral: tiny_mistral)
+_FLOW_LAYOUTS = ("sd3", "flux", "flux2", "flux2-dev", "qwen-image", "z-image")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 #: Pixel resolution the tiny pipelines are made for (the UNet's default sample size times 2).
@@ -225,12 +226,13 @@ def build_tiny_pipeline(layout: str = "sd", prediction_type: str = "epsilon", se
 
     _check(layout, prediction_type)
     if layout in _FLOW_LAYOUTS:
-        from dmdcli.models import tiny_flow, tiny_qwen3  # the flow-matching transformers: their own modules
+        from dmdcli.models import tiny_flow, tiny_mistral, tiny_qwen3  # the flow transformers: their own modules
 
         build = {
             "sd3": tiny_flow.build_tiny_sd3_pipeline,
             "flux": tiny_flow.build_tiny_flux_pipeline,
             "flux2": tiny_qwen3.build_tiny_flux2_pipeline,
+            "flux2-dev": tiny_mistral.build_tiny_flux2_dev_pipeline,
             "z-image": tiny_qwen3.build_tiny_z_image_pipeline,
             "qwen-image": tiny_flow.build_tiny_qwen_image_pipeline,
         }[layout]
@@ -291,8 +293,8 @@ def build_tiny_pipeline(layout: str = "sd", prediction_type: str = "epsilon", se
 def make_tiny_pipeline(
     out_dir: str | Path, layout: str = "sd", prediction_type: str = "epsilon", seed: int = 0
 ) -> Path:
-    """Build a tiny random-weight SD, SDXL, SD3, FLUX, FLUX.2, Qwen-Image or Z-Image pipeline (`layout`) and save it
-    to ``out_dir``.
+    """Build a tiny random-weight SD, SDXL, SD3, FLUX, FLUX.2 ([klein] or [dev]), Qwen-Image or Z-Image
+    pipeline (`layout`) and save it to ``out_dir``.
 
     Saved with safetensors; ``DiffusionPipeline.from_pretrained(out_dir, local_files_only=True)``
     loads it back. Native resolution 32 (latent 4x16x16; Qwen-Image's, 8× down: 16x4x4). Returns
@@ -307,6 +309,8 @@ def make_tiny_pipeline(
         from dmdcli.models.tiny_flow import qwen_vocab_and_merges
 
         write_tokenizer_files(out / "tokenizer", *qwen_vocab_and_merges())
+        return out
+    if layout == "flux2-dev":  # a processor: its tokenizer.json holds the added special tokens
         return out
     # transformers 5 saves only tokenizer.json; keep the BPE files too, so that the folder also
     # loads with transformers 4's slow CLIPTokenizer (and looks like a real SD checkpoint).

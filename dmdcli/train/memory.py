@@ -69,6 +69,9 @@ class MemoryEstimate:
         ]
 
 
+_DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16"}
+
+
 def _count(module: nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
 
@@ -130,8 +133,10 @@ def estimate_memory(
     weights = {**layout.weight_rows(p_unet, p_gen, p_fake, p_head, frozen), "VAE (fp32)": p_vae * 4}
     if config.ema_decay:  # an fp32 average of the generator's trained weights
         weights["generator EMA (fp32)"] = 4 * p_gen / n
+    encoder_dtype = family.teacher.training_encoder_dtype
+    encoders, text_bytes = f"text encoders ({_DTYPE_NAMES[encoder_dtype]})", p_text * encoder_dtype.itemsize
     if not config.cache_prompts:  # else they leave the accelerator before the networks are built
-        weights["text encoders (fp32)"] = p_text * 4
+        weights[encoders] = text_bytes
     regression_only = config.regression_only()  # the fake score is built but never stepped: no moments
     adam = 8 * (p_gen + (0 if regression_only else p_fake + p_head)) / n
     transient = layout.gathered_bytes(unet, frozen)
@@ -179,10 +184,10 @@ def estimate_memory(
         optimizer_step=step / GIB,
         peak=(static + sum(phases[phase])) / GIB,
         phase=phase,
-        startup_only={"text encoders (fp32, dropped once prompts are cached)": p_text * 4 / GIB}
+        startup_only={f"{encoders[:-1]}, dropped once prompts are cached)": text_bytes / GIB}
         if config.cache_prompts
         else {},
-        startup_peak=(p_text * 4 + p_vae * 4 + (pairs_network if config.regression_weight > 0 else 0)) / GIB
+        startup_peak=(text_bytes + p_vae * 4 + (pairs_network if config.regression_weight > 0 else 0)) / GIB
         if config.cache_prompts
         else 0.0,
         processes=n,
@@ -284,7 +289,7 @@ def over_memory_note(spec: TeacherSpec, config, resolution: int, device: torch.d
         return None
     if estimate.startup_peak > estimate.peak:  # the prompts' encoding, before any training lever applies
         return (
-            f"note: while the prompts are encoded, the text encoders (fp32) and the VAE take an estimated "
+            f"note: while the prompts are encoded, the text encoders and the VAE take an estimated "
             f"{estimate.startup_peak:.1f} GiB, more than the {free / GIB:.1f} GiB free on this GPU (of "
             f"{total / GIB:.1f}; --dry-run for the table)"
         )
@@ -292,6 +297,7 @@ def over_memory_note(spec: TeacherSpec, config, resolution: int, device: torch.d
         *([] if config.gradient_checkpointing else ["--gradient-checkpointing"]),
         *([] if config.lora_rank or config.fsdp else ["--lora-rank 64"]),
         *(["--shared-base"] if config.lora_rank and not config.shared_base else []),
+        *(["a lower --lora-rank"] if config.lora_rank > 16 else []),  # FLUX.2 [dev] at 1024²: 64 → 16 saves 8 GiB
         *(["a smaller --batch-size"] if config.batch_size > 1 else []),
     ]
     return (

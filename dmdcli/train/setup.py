@@ -69,7 +69,7 @@ class Run:
             self.config.frozen_dtype(),
             self.resolution,
             self.config.allow_pickle,
-            encoder_dtype=torch.float32,
+            encoder_dtype=self.family.teacher.training_encoder_dtype,
             frozen_network=frozen_network,
         )
         return prompts
