@@ -116,6 +116,13 @@ optional cli-flux2 90 bash -c "python3 -m dmdcli.models.tiny $run/flux2-teacher 
     dmd distill --recipe tiny --teacher $run/flux2-teacher --prompts $run/prompts.txt --iterations 10 --steps 4 \
         --guidance-scale 4 --lora-rank 4 --out $run/flux2-run --json | tee $results/cli-flux2.json &&
     dmd sample --model $run/flux2-run --prompt 'a red circle' --out $run/flux2-images --json"
+# The same on the tiny FLUX.2 [dev] pipeline: its Mistral encoder read and run in bf16 on CUDA, the
+# guidance embedding. (The 32B transformer itself cannot be built here: memory_speed.py builds it in
+# fp32 on the host, 129 GB.)
+optional cli-flux2-dev 90 bash -c "python3 -m dmdcli.models.tiny $run/flux2-dev-teacher --layout flux2-dev > /dev/null &&
+    dmd distill --recipe tiny --teacher $run/flux2-dev-teacher --prompts $run/prompts.txt --iterations 10 --steps 4 \
+        --guidance-scale 1 --embedded-guidance 4 --lora-rank 4 --out $run/flux2-dev-run --json | tee $results/cli-flux2-dev.json &&
+    dmd sample --model $run/flux2-dev-run --prompt 'a red circle' --out $run/flux2-dev-images --json"
 # Then Z-Image (6.2B, random weights from its public config), shared-base LoRA at 1024² (--dry-run: 22.2 GiB).
 optional z-image-lora 150 bash -c "$bench --arch z-image --resolution 1024 --layouts lora-shared | tee $results/z-image-lora.md"
 # Then Qwen-Image's size (20B transformer, random weights built in fp32 on the host, ~82 GB of its

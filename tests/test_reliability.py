@@ -487,7 +487,14 @@ def broken_teacher(tmp_path, tiny, how):
 
 
 @pytest.mark.parametrize("how,message", [("truncated", "could not load unet"), ("pickle", "--allow-pickle")])
-def test_broken_teacher_weights(tmp_path, tiny_sd, prompts_file, how, message):
+def test_broken_teacher_weights(tmp_path, tiny_sd, prompts_file, how, message, monkeypatch):
+    """Said in one line before any prompt is encoded (the network itself is read only after that)."""
+    from dmdcli.models.families import get_family
+
+    def encode(*args):
+        raise AssertionError("prompts encoded before the broken weights were found")
+
+    monkeypatch.setattr(get_family("sd").teacher, "encode_prompts", encode)
     teacher = broken_teacher(tmp_path, tiny_sd, how)
     out = tmp_path / "run"
     result = distill("--teacher", teacher, "--prompts", prompts_file, "--out", out)

@@ -141,13 +141,12 @@ class Flux2DevTeacher(Flux2Teacher):
     training_encoder_dtype = torch.bfloat16
 
     def load_text_encoders(self, allow_pickle: bool) -> tuple[list, list[nn.Module]]:
-        from transformers import AutoProcessor, Mistral3ForConditionalGeneration
+        from transformers import Mistral3ForConditionalGeneration, PixtralProcessor
 
-        processor = from_pretrained(AutoProcessor, self.spec, "tokenizer", True)
-        # read in its own dtype, not fp32 first: 48 GB of host memory, not 96
-        encoder = from_pretrained(
-            Mistral3ForConditionalGeneration, self.spec, "text_encoder", allow_pickle, torch_dtype=self.encoder_dtype
-        )
+        processor = from_pretrained(PixtralProcessor, self.spec, "tokenizer", True)  # the class model_index names
+        # read in its own dtype straight onto the device, a shard at a time: not 48 GB of host memory (96 in fp32)
+        placed = {"torch_dtype": self.encoder_dtype, "device_map": {"": self.device}}
+        encoder = from_pretrained(Mistral3ForConditionalGeneration, self.spec, "text_encoder", allow_pickle, **placed)
         return [processor], [encoder]
 
     def token_limits(self) -> list[tuple[object, int]]:

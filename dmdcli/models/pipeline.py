@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 from abc import ABC, abstractmethod
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -126,6 +127,7 @@ class PipelineTeacher(ABC):
 
         self.spec, self.device, self.dtype, self.resolution = spec, device, dtype, resolution
         self.allow_pickle, self.frozen_network, self._network = allow_pickle, frozen_network, None
+        self.check_network_files()
         vae_class = getattr(diffusers, self.vae_class)
         self.vae = from_pretrained(vae_class, spec, "vae", allow_pickle, torch_dtype=torch.float32).to(device)
         self.encoder_dtype = encoder_dtype or dtype
@@ -152,6 +154,26 @@ class PipelineTeacher(ABC):
             network = from_pretrained(network_class, self.spec, self.spec.network, self.allow_pickle, **placed)
             self._network = network.requires_grad_(False).eval()
         return self._network
+
+    def check_network_files(self) -> None:
+        """Each safetensors file of a local teacher's network opened as far as its header, which
+        must cover the file: a truncated or broken file is then one line now, not after the prompts
+        are encoded (minutes, for a large encoder), when the network is read on first use."""
+        from safetensors import safe_open
+
+        folder = Path(self.spec.source).expanduser() / self.spec.network
+        if not folder.is_dir():  # a hub id: its files come with the network, on first use
+            return
+        unloadable = f"could not load {self.spec.network} of teacher {self.spec.source}"
+        files = sorted(folder.glob("*.safetensors"))
+        if not files and not self.allow_pickle and any(folder.glob("*.bin")):
+            raise DmdError(f"{unloadable}: its weights are pickle files only (pass --allow-pickle to load them)")
+        for file in files:
+            try:
+                with safe_open(file, framework="pt"):
+                    pass
+            except Exception as e:  # safetensors' own error type, or an OSError
+                raise DmdError(f"{unloadable}: {file.name}: {first_line(e)}") from e
 
     @property
     def network_config(self) -> dict:
