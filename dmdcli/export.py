@@ -312,11 +312,14 @@ def snippet(fmt: str, out: Path, info: dict[str, Any], dtype: str, record: dict[
     loading = as_dtype + "".join(f", {name}=None" for name in record.get("absent", []))
     # No CFG, as the family's pipeline turns it off (guidance_scale=0; Qwen-Image's true_cfg_scale=1);
     # a guidance-distilled pipeline's guidance_scale (FLUX) is its embedded guidance instead
+    family = layout_family(info["layout"])
     embedded = info.get("denoiser", {}).get("embedded_guidance")
-    no_cfg = layout_family(info["layout"]).pipeline_guidance(0)
+    no_cfg = family.pipeline_guidance(0)
     guidance = ", ".join(f"{k}={v:g}" for k, v in no_cfg.items()) if embedded is None else f"guidance_scale={embedded}"
     seed = f'{guidance}, generator=torch.Generator("cpu").manual_seed(0)'
-    prompt = 'prompt="a photo of a cat"'  # by name: FLUX.2 [klein]'s pipeline takes an image first
+    # the prompt by name (the FLUX.2 pipelines take an image first), or as the family encodes it (Chroma)
+    text = '"a photo of a cat"'
+    encoding, prompt = family.snippet_prompt(text) if family.snippet_prompt else ([], f"prompt={text}")
     prompt += "".join(f", {name}={value!r}" for name, value in record.get("call_kwargs", {}).items())
     if flow:
         scheduler_class = (
@@ -344,9 +347,10 @@ def snippet(fmt: str, out: Path, info: dict[str, Any], dtype: str, record: dict[
         scheduler = "pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config, original_inference_steps=1000)"
         call = f"image = pipe({prompt}, timesteps={timesteps}, {seed}).images[0]"
     head = ["import torch", f"from diffusers import DiffusionPipeline, {scheduler_class}"]
+    if fmt == "diffusers" and not flow:  # the exported scheduler gives the student's timesteps by itself
+        call = f"image = pipe({prompt}, num_inference_steps={steps}, {seed}).images[0]"
+    call = "\n".join([*encoding, call])
     if fmt == "diffusers":
-        if not flow:  # the exported scheduler gives the student's timesteps by itself
-            call = f"image = pipe({prompt}, num_inference_steps={steps}, {seed}).images[0]"
         return "\n".join(
             [
                 "import torch",
@@ -365,7 +369,6 @@ def snippet(fmt: str, out: Path, info: dict[str, Any], dtype: str, record: dict[
                 call,
             ]
         )
-    family = layout_family(info["layout"])
     network_class, network = family.teacher.network_class, family.network
     return "\n".join(
         [

@@ -78,6 +78,13 @@ def tiny_flux():
 
 
 @pytest.fixture(scope="session")
+def tiny_chroma():
+    from dmdcli.models.tiny import tiny_pipeline_cached
+
+    return tiny_pipeline_cached("chroma")
+
+
+@pytest.fixture(scope="session")
 def tiny_flux2():
     from dmdcli.models.tiny import tiny_pipeline_cached
 

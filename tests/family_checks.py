@@ -53,13 +53,21 @@ def distill_then_sample(
 
 
 def export_matches_sample(
-    tmp_path: Path, teacher, layout: str, kind: str, steps: int, latent: tuple[int, ...], no_cfg: str, **call
+    tmp_path: Path,
+    teacher,
+    layout: str,
+    kind: str,
+    steps: int,
+    latent: tuple[int, ...],
+    no_cfg: str,
+    prompt=lambda pipe: {"prompt": "a cat"},
+    **call,
 ) -> float:
     """Export a student (`make_student`) as a diffusers pipeline and call it as the printed snippet
-    does (prompt by name, the student's sigmas, CFG off as `no_cfg` says, seed 0); the mean
-    absolute difference from `dmd sample`'s image. The later steps' noise comes from torch's global
-    RNG, which dmd sample draws from the image's generator after the initial latent `latent`: it
-    is seeded so and drawn past that latent first."""
+    does (the prompt by name, or as `prompt(pipe)` gives it; the student's sigmas, CFG off as
+    `no_cfg` says, seed 0); the mean absolute difference from `dmd sample`'s image. The later
+    steps' noise comes from torch's global RNG, which dmd sample draws from the image's generator
+    after the initial latent `latent`: it is seeded so and drawn past that latent first."""
     from diffusers import DiffusionPipeline
 
     run = make_student(tmp_path / "run", teacher, layout, kind, steps)
@@ -75,7 +83,7 @@ def export_matches_sample(
     torch.randn(*latent)
     sigmas = [1.0, 0.75, 0.5, 0.25] if steps == 4 else [1.0]
     seed = torch.Generator("cpu").manual_seed(0)
-    image = pipe(prompt="a cat", height=32, width=32, sigmas=sigmas, generator=seed, **call).images[0]
+    image = pipe(**prompt(pipe), height=32, width=32, sigmas=sigmas, generator=seed, **call).images[0]
     return float(np.abs(np.asarray(image).astype(int) - ours).mean())
 
 

@@ -7,6 +7,7 @@ import json
 import os
 import re
 import sys
+import warnings
 from typing import Any, Callable
 
 import typer
@@ -77,9 +78,11 @@ def print_json(record: dict[str, Any]) -> None:
 
 def quiet_library_bars() -> None:
     """diffusers' and transformers' own bars (loading, "Writing model shards" when an export saves
-    the text encoders) would interleave with ours on stderr."""
+    the text encoders) would interleave with ours on stderr; so would a warning diffusers gives itself."""
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
     diffusers_logging.disable_progress_bar()
     transformers_logging.disable_progress_bar()
+    # diffusers' own Chroma transformer (0.42) imports a name diffusers itself deprecates: not the user's to act on
+    warnings.filterwarnings("ignore", r"`FluxPosEmbed` is deprecated", FutureWarning)

@@ -192,6 +192,16 @@ ARCHITECTURES["flux-dev"] = {
     "text_encoders": {"text_encoder": _CLIP_L, "text_encoder_2": _T5_XXL},
 }
 
+# Chroma1-HD: FLUX.1's blocks, VAE and T5 (its transformer class's defaults are its config); the
+# scheduler FLUX.1's (ChromaPipeline computes μ from it as FluxPipeline does).
+ARCHITECTURES["chroma"] = {
+    "pipeline": "ChromaPipeline",
+    "transformer": {"_class_name": "ChromaTransformer2DModel", "axes_dims_rope": [16, 56, 56]},
+    "vae": ARCHITECTURES["flux-dev"]["vae"],
+    "scheduler": ARCHITECTURES["flux-dev"]["scheduler"],
+    "text_encoders": {"text_encoder": _T5_XXL},
+}
+
 
 # Qwen-Image: a 60-block MMDiT (QwenImageTransformer2DModel's defaults are its sizes), Wan's video
 # VAE (AutoencoderKLQwenImage's defaults, latent statistics included) and Qwen2.5-VL-7B-Instruct.

@@ -29,6 +29,7 @@ FAMILY_MODULES = (
     "dmdcli.models.sd",
     "dmdcli.models.sd3",
     "dmdcli.models.flux",
+    "dmdcli.models.chroma",
     "dmdcli.models.flux2",
     "dmdcli.models.qwen_image",
     "dmdcli.models.z_image",
@@ -82,6 +83,9 @@ class Family:
     classifier_free_guidance: bool = True  # False: a guidance-distilled teacher, whose real score takes no CFG
     # what its diffusers pipeline is called with for CFG at a scale (≤ 1: off; None: the family's default)
     pipeline_guidance: Callable[[float | None], dict[str, Any]] = pipeline_guidance_scale
+    # a prompt (a Python literal) → the lines a printed diffusers snippet encodes it with and the pipeline
+    # call's arguments that pass it; None: the call's `prompt=` (Chroma: its pipeline's own mask is wrong)
+    snippet_prompt: Callable[[str], tuple[list[str], str]] | None = None
     # hub id of a tiny autoencoder (diffusers' AutoencoderTiny) decoding its latents, for LPIPS regression
     tiny_autoencoder: str | None = None
     # (model_index.json, config.json of the network, of the VAE, of the scheduler) → why dmd cannot

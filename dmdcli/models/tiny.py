@@ -18,7 +18,7 @@ The same seed gives byte-identical weights. Nothing is downloaded.
 
 Command line (developer helper)::
 
-    python -m dmdcli.models.tiny OUT_DIR [--layout sd|sdxl|sd3|flux|flux2|flux2-dev|qwen-image|z-image]
+    python -m dmdcli.models.tiny OUT_DIR [--layout sd|sdxl|sd3|flux|chroma|flux2|flux2-dev|qwen-image|z-image]
         [--prediction-type epsilon|v_prediction] [--seed N]
 """
 
@@ -35,10 +35,10 @@ from pathlib import Path
 from dmdcli.errors import UsageError
 from dmdcli.models.clip_bpe import BOS, EOS, byte_symbols, clip_tokenizer, write_tokenizer_files
 
-LAYOUTS = ("sd", "sdxl", "sd3", "flux", "flux2", "flux2-dev", "qwen-image", "z-image")
+LAYOUTS = ("sd", "sdxl", "sd3", "flux", "chroma", "flux2", "flux2-dev", "qwen-image", "z-image")
 # built by dmdcli.models.tiny_flow (FLUX.2 [klein] and Z-Image, read by Qwen3: tiny_qwen3; FLUX.2
 # [dev], read by Mistral: tiny_mistral)
-_FLOW_LAYOUTS = ("sd3", "flux", "flux2", "flux2-dev", "qwen-image", "z-image")
+_FLOW_LAYOUTS = ("sd3", "flux", "chroma", "flux2", "flux2-dev", "qwen-image", "z-image")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 #: Pixel resolution the tiny pipelines are made for (the UNet's default sample size times 2).
@@ -231,6 +231,7 @@ def build_tiny_pipeline(layout: str = "sd", prediction_type: str = "epsilon", se
         build = {
             "sd3": tiny_flow.build_tiny_sd3_pipeline,
             "flux": tiny_flow.build_tiny_flux_pipeline,
+            "chroma": tiny_flow.build_tiny_chroma_pipeline,
             "flux2": tiny_qwen3.build_tiny_flux2_pipeline,
             "flux2-dev": tiny_mistral.build_tiny_flux2_dev_pipeline,
             "z-image": tiny_qwen3.build_tiny_z_image_pipeline,
@@ -293,7 +294,7 @@ def build_tiny_pipeline(layout: str = "sd", prediction_type: str = "epsilon", se
 def make_tiny_pipeline(
     out_dir: str | Path, layout: str = "sd", prediction_type: str = "epsilon", seed: int = 0
 ) -> Path:
-    """Build a tiny random-weight SD, SDXL, SD3, FLUX, FLUX.2 ([klein] or [dev]), Qwen-Image or Z-Image
+    """Build a tiny random-weight SD, SDXL, SD3, FLUX, Chroma, FLUX.2 ([klein] or [dev]), Qwen-Image or Z-Image
     pipeline (`layout`) and save it to ``out_dir``.
 
     Saved with safetensors; ``DiffusionPipeline.from_pretrained(out_dir, local_files_only=True)``

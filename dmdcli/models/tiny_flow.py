@@ -127,6 +127,18 @@ def _tiny_t5(vocab_size: int):
     return T5EncoderModel(config)
 
 
+# FLUX.1's scheduler config (Chroma's too): sigmas shifted by the image's token count
+FLUX_SCHEDULER = dict(
+    num_train_timesteps=1000,
+    shift=3.0,
+    use_dynamic_shifting=True,
+    base_shift=0.5,
+    max_shift=1.15,
+    base_image_seq_len=256,
+    max_image_seq_len=4096,
+)
+
+
 def flux_transformer_config() -> dict:
     """The tiny FluxTransformer2DModel: one double-stream and one single-stream block of width 32,
     with the guidance embedding of FLUX.1-dev, on 16-channel latents packed 2×2 (64 in)."""
@@ -163,15 +175,7 @@ def build_tiny_flux_pipeline(seed: int = 0):
         t5 = _tiny_t5(len(t5_tokenizer))
     for module in (transformer, vae, clip, t5):
         module.eval()
-    scheduler = FlowMatchEulerDiscreteScheduler(
-        num_train_timesteps=1000,
-        shift=3.0,
-        use_dynamic_shifting=True,
-        base_shift=0.5,
-        max_shift=1.15,
-        base_image_seq_len=256,
-        max_image_seq_len=4096,
-    )
+    scheduler = FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER)
     return FluxPipeline(
         scheduler=scheduler,
         vae=vae,
@@ -179,6 +183,39 @@ def build_tiny_flux_pipeline(seed: int = 0):
         tokenizer=tokenizer,
         text_encoder_2=t5,
         tokenizer_2=t5_tokenizer,
+        transformer=transformer,
+    )
+
+
+def chroma_transformer_config() -> dict:
+    """The tiny ChromaTransformer2DModel: FLUX's tiny blocks without the guidance embedding or CLIP,
+    their modulation from a 1-layer approximator of width 16."""
+    flux = flux_transformer_config()
+    config = {k: v for k, v in flux.items() if k not in ("pooled_projection_dim", "guidance_embeds")}
+    return config | dict(approximator_num_channels=8, approximator_hidden_dim=16, approximator_layers=1)
+
+
+def build_tiny_chroma_pipeline(seed: int = 0):
+    """A tiny ChromaPipeline (fp32, CPU): T5 alone, FLUX's shifted 16-channel VAE and its
+    resolution-shifted scheduler."""
+    import torch
+    from diffusers import AutoencoderKL, ChromaPipeline, ChromaTransformer2DModel, FlowMatchEulerDiscreteScheduler
+
+    _, t5_tokenizer, _, vae_cfg = _flow_parts(scaling_factor=0.3611, shift_factor=0.1159)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        transformer = ChromaTransformer2DModel(**chroma_transformer_config())
+        torch.manual_seed(seed + 1)
+        vae = AutoencoderKL(**vae_cfg)
+        torch.manual_seed(seed + 2)
+        t5 = _tiny_t5(len(t5_tokenizer))
+    for module in (transformer, vae, t5):
+        module.eval()
+    return ChromaPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER),
+        vae=vae,
+        text_encoder=t5,
+        tokenizer=t5_tokenizer,
         transformer=transformer,
     )
 

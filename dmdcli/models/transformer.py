@@ -40,6 +40,22 @@ def not_flow_matching(scheduler: dict, what: str) -> str | None:
     return None
 
 
+def flux_image_ids(h: int, w: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """FLUX's position ids of the 2×2-patch tokens of an h × w latent: (0, row, column) each [h·w/4, 3]."""
+    rows, cols = torch.meshgrid(torch.arange(h // 2), torch.arange(w // 2), indexing="ij")
+    return torch.stack([torch.zeros_like(rows), rows, cols], dim=-1).reshape(-1, 3).to(device, dtype)
+
+
+def cut_to_longest(text: Tensor, mask: Tensor) -> tuple[Tensor, Tensor | None]:
+    """(text [B, n], its mask or None when it masks nothing), n the positions up to the last one any
+    prompt uses. On the meta device (the memory estimate), which has no values: all positions, unmasked."""
+    if text.device.type == "meta":
+        return text, None
+    lengths = mask.sum(dim=1).long().tolist()  # one host sync: each prompt's mask is a prefix of ones
+    n = max(*lengths, 1)
+    return text[:, :n], None if min(lengths) == n else mask[:, :n].bool()
+
+
 class _Features(Exception):
     """Carries one block's output out of a forward that need not go further."""
 
@@ -193,8 +209,7 @@ class FluxDenoiser(PackedDenoiser):
     def _call(self, x_t: Tensor, t: Tensor, cond: Cond) -> Tensor:
         dtype, (b, _, h, w) = self.transformer.dtype, x_t.shape
         tokens = pack_latents(x_t)
-        rows, cols = torch.meshgrid(torch.arange(h // 2), torch.arange(w // 2), indexing="ij")
-        img_ids = torch.stack([torch.zeros_like(rows), rows, cols], dim=-1).reshape(-1, 3).to(x_t.device, dtype)
+        img_ids = flux_image_ids(h, w, x_t.device, dtype)
         text = cond["encoder_hidden_states"]
         guidance = None
         if self.transformer.config.guidance_embeds:

@@ -73,9 +73,10 @@ def broadcast_from_rank0(module: nn.Module, device: torch.device) -> None:
 
 def shard_units(network: nn.Module) -> list[nn.Module]:
     """The network's blocks that are sharded (and gathered) as units: a UNet's ResNet and
-    transformer blocks, an SD3, FLUX, FLUX.2, Qwen-Image or Z-Image transformer's blocks."""
+    transformer blocks, an SD3, FLUX, Chroma, FLUX.2, Qwen-Image or Z-Image transformer's blocks."""
     from diffusers.models.attention import BasicTransformerBlock, JointTransformerBlock
     from diffusers.models.resnet import ResnetBlock2D
+    from diffusers.models.transformers.transformer_chroma import ChromaSingleTransformerBlock, ChromaTransformerBlock
     from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock, FluxTransformerBlock
     from diffusers.models.transformers.transformer_flux2 import Flux2SingleTransformerBlock, Flux2TransformerBlock
     from diffusers.models.transformers.transformer_qwenimage import QwenImageTransformerBlock
@@ -87,6 +88,8 @@ def shard_units(network: nn.Module) -> list[nn.Module]:
         JointTransformerBlock,
         FluxTransformerBlock,
         FluxSingleTransformerBlock,
+        ChromaTransformerBlock,
+        ChromaSingleTransformerBlock,
         Flux2TransformerBlock,
         Flux2SingleTransformerBlock,
         QwenImageTransformerBlock,

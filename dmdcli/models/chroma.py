@@ -1,0 +1,190 @@
+"""The Chroma family: FLUX.1-schnell's transformer retrained undistilled (ChromaTransformer2DModel), read by T5.
+
+Chroma1-HD (lodestones/Chroma1-HD, 8.9B, Apache 2.0) samples in ~40 steps with CFG (the model
+card's scale 3 against its negative prompt). Its transformer is FLUX's without the guidance
+embedding and CLIP's pooled vector (a small "approximator" network of the timestep modulates its
+blocks), on FLUX.1's VAE, 2×2 packing, position ids and resolution-shifted sigmas.
+
+Text: T5's last hidden state over 512 positions, the encoder run with its padding masked; the
+transformer reads each prompt's tokens and the first padding token, every later position masked
+out, as Chroma was trained. ChromaPipeline (diffusers ≤ 0.42 at least) hands the transformer that
+mask as floats 0/1, which attention adds to its logits instead of masking with them (diffusers
+#12116, #13619), so there the padding is read. The adapter masks it: its mask is 1 where a token is
+read and -10⁴ elsewhere, which the transformer's outer product of the mask with itself turns into
+a bias of -10⁴ on every padding key for every read query (and no fully masked row, which some
+attention kernels answer with NaN). The exports' snippets hand the pipeline the same mask.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor, nn
+
+from dmdcli.core.denoiser import Cond
+from dmdcli.models.families import Family, NetworkShape, register
+from dmdcli.models.flux import T5_TOKENS
+from dmdcli.models.pipeline import PipelineTeacher, from_pretrained
+from dmdcli.models.transformer import (
+    TRANSFORMER_LORA_TARGETS,
+    PackedDenoiser,
+    cut_to_longest,
+    flux_image_ids,
+    not_flow_matching,
+    pack_latents,
+    unpack_latents,
+)
+
+if TYPE_CHECKING:
+    from dmdcli.models.teacher import TeacherSpec
+
+CHROMA = "lodestones/Chroma1-HD"
+# The model card's negative prompt, the real score's unconditional side
+NEGATIVE_PROMPT = (
+    "low quality, ugly, unfinished, out of focus, deformed, disfigure, blurry, smudged, restricted palette, flat colors"
+)
+MASKED = -1e4  # what a padding position of the mask holds (1: a position the transformer reads)
+
+
+class ChromaTeacher(PipelineTeacher):
+    """A ChromaPipeline's frozen parts: T5's states and mask from the pipeline's own encoding, on a
+    pipeline holding only the tokenizer and the text encoder."""
+
+    network_class = "ChromaTransformer2DModel"
+
+    def load_text_encoders(self, allow_pickle: bool) -> tuple[list, list[nn.Module]]:
+        from transformers import AutoTokenizer, T5EncoderModel
+
+        tokenizer = from_pretrained(AutoTokenizer, self.spec, "tokenizer", True)
+        return [tokenizer], [from_pretrained(T5EncoderModel, self.spec, "text_encoder", allow_pickle)]
+
+    @property
+    def prompt_tokens(self) -> int:
+        return self.spec.text_tokens(T5_TOKENS)
+
+    def token_limits(self) -> list[tuple[object, int]]:
+        return [(self.tokenizers[0], self.prompt_tokens)]
+
+    def _encoder_pipeline(self):
+        """Made per call, not kept: a kept one would hold the text encoder after it is released."""
+        from diffusers import ChromaPipeline
+
+        (tokenizer,), (encoder,) = self.tokenizers, self.text_encoders
+        return ChromaPipeline(scheduler=None, vae=None, text_encoder=encoder, tokenizer=tokenizer, transformer=None)
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> Cond:
+        """T5's states [B, 512, D] and the mask of the positions the transformer reads (each prompt's
+        tokens and the first padding), as ChromaPipeline encodes them."""
+        self.check_encoders()
+        states, mask = self._encoder_pipeline()._get_t5_prompt_embeds(
+            prompts, max_sequence_length=self.prompt_tokens, device=self.device
+        )
+        return {"encoder_hidden_states": self.as_read(states), "encoder_hidden_states_mask": mask.float()}
+
+    @torch.no_grad()
+    def empty_cond(self) -> Cond:
+        """The model card's negative prompt encoded: the real score's CFG is against it."""
+        return self.encode_prompts([NEGATIVE_PROMPT])
+
+    @staticmethod
+    def conditioning_shapes(network_config: dict, spec: TeacherSpec) -> dict[str, tuple[int, ...]]:
+        tokens = spec.text_tokens(T5_TOKENS)
+        return {
+            "encoder_hidden_states": (tokens, network_config["joint_attention_dim"]),
+            "encoder_hidden_states_mask": (tokens,),
+        }
+
+
+class ChromaDenoiser(PackedDenoiser):
+    """A ChromaTransformer2DModel, as ChromaPipeline calls it (FLUX's packing and ids, the timestep
+    σ) but with its text's padding masked out (see the module's docstring). The text is cut to the
+    batch's longest prompt first: the positions after it are masked for every prompt.
+
+    `cond` holds "encoder_hidden_states" [B, L, D] (T5) and "encoder_hidden_states_mask" [B, L]."""
+
+    @property
+    def blocks(self) -> list[nn.Module]:
+        return [*self.transformer.transformer_blocks, *self.transformer.single_transformer_blocks]
+
+    def _call(self, x_t: Tensor, t: Tensor, cond: Cond) -> Tensor:
+        dtype, (b, _, h, w) = self.transformer.dtype, x_t.shape
+        text, mask = cut_to_longest(cond["encoder_hidden_states"], cond["encoder_hidden_states_mask"])
+        tokens = pack_latents(x_t)
+        if mask is not None:  # the image's tokens are read too
+            mask = torch.cat([reading_mask(mask), mask.new_ones(b, tokens.shape[1], dtype=torch.float)], 1).to(dtype)
+        out = self.transformer(
+            hidden_states=tokens.to(dtype),
+            encoder_hidden_states=text.to(dtype),
+            timestep=(self.schedule.network_timestep(t.to(x_t.device)) / 1000).to(dtype),
+            img_ids=flux_image_ids(h, w, x_t.device, dtype),
+            txt_ids=torch.zeros(text.shape[1], 3, device=x_t.device, dtype=dtype),
+            attention_mask=mask,
+            return_dict=False,
+        )[0]
+        return unpack_latents(out, h, w)
+
+
+def reading_mask(mask: Tensor) -> Tensor:
+    """A 0/1 text mask as the transformer must be handed it: 1 where read, MASKED where not."""
+    return torch.where(mask.bool(), 1.0, MASKED)
+
+
+def chroma_guidance(scale: float | None) -> dict[str, Any]:
+    """ChromaPipeline's CFG (scale > 1) with the model card's negative prompt; None: its scale 3."""
+    scale = 3.0 if scale is None else scale
+    return {"guidance_scale": scale, "negative_prompt": NEGATIVE_PROMPT} if scale > 1 else {"guidance_scale": scale}
+
+
+def snippet_prompt(prompt: str) -> tuple[list[str], str]:
+    """The lines that encode `prompt` (a Python literal) for a ChromaPipeline with the mask the
+    student was trained with, and the call's arguments that pass it."""
+    return (
+        [
+            "# ChromaPipeline adds its float 0/1 prompt mask to the attention logits (diffusers #12116):",
+            "# hand it the mask the student reads with, 1 where a token is read and -1e4 where not",
+            f"embeds, _, mask, *_ = pipe.encode_prompt({prompt}, do_classifier_free_guidance=False)",
+        ],
+        "prompt_embeds=embeds, prompt_attention_mask=(mask - 1) * 1e4 + 1",
+    )
+
+
+def _chroma_pipeline(index: dict[str, Any]) -> bool:
+    """ChromaPipeline itself: its img2img and inpainting pipelines share the transformer class."""
+    transformer = index.get("transformer") or [None, None]
+    return index.get("_class_name") == "ChromaPipeline" and transformer[1] == "ChromaTransformer2DModel"
+
+
+def _unsupported(
+    index: dict[str, Any], transformer: dict[str, Any], vae: dict[str, Any], scheduler: dict[str, Any]
+) -> str | None:
+    return not_flow_matching(scheduler, "a Chroma transformer")
+
+
+def chroma_shape(config: dict[str, Any]) -> NetworkShape:
+    """FLUX's: 2×2 latent patches in a token (in_channels = 4 × the latent channels), the VAE's size."""
+    return NetworkShape(native_latent_side=None, latent_channels=int(config.get("in_channels", 64)) // 4, downsample=2)
+
+
+CHROMA_FAMILY = register(
+    Family(
+        name="chroma",
+        layout="chroma",
+        teacher=ChromaTeacher,
+        denoiser=ChromaDenoiser,
+        network_shape=chroma_shape,
+        conditioning_timestep=999,  # σ = 1: the pure noise a 1-step student starts from
+        network="transformer",
+        lora_targets=TRANSFORMER_LORA_TARGETS,
+        denoiser_options=("gan_feature_block",),
+        pipeline_guidance=chroma_guidance,
+        snippet_prompt=snippet_prompt,
+        tiny_autoencoder="madebyollin/taef1",  # FLUX.1's VAE
+        unsupported=_unsupported,
+        recognises=_chroma_pipeline,
+        aliases={"chroma": CHROMA},
+        recipe=lambda steps, lora_rank: "chroma",
+        title="a Chroma teacher",
+    )
+)

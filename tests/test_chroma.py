@@ -1,0 +1,181 @@
+"""A Chroma teacher (ChromaPipeline: FLUX's blocks without guidance or CLIP, read by T5 with its
+padding masked; CFG against the model card's negative prompt) on the same engine, with the tiny
+pipeline of dmdcli.models.tiny."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from family_checks import (
+    distill_then_sample,
+    export_matches_sample,
+    exported_lora_outputs,
+    sampled_image,
+    teacher_and_pipeline,
+    teacher_sample_differences,
+)
+from students import make_student
+from typer.testing import CliRunner
+
+from dmdcli.cli import app
+from dmdcli.core.denoiser import cat_cond
+from dmdcli.core.schedule import flow_sigmas, time_shift_sigmas
+from dmdcli.models.chroma import NEGATIVE_PROMPT
+from dmdcli.models.families import get_family
+from dmdcli.train.sharding import shard_units
+
+runner = CliRunner()
+PROMPTS = ["a red circle", "a large blue square at the top left of a white background"]
+
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")  # diffusers' own FluxPosEmbed import in Chroma
+
+
+@pytest.fixture(scope="module")
+def teacher_and_pipe(tiny_chroma):
+    return teacher_and_pipeline(tiny_chroma, "ChromaPipeline")
+
+
+def test_the_teacher_conditions_as_chroma_pipeline_does(teacher_and_pipe):
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    spec, teacher, pipe = teacher_and_pipe
+    assert (spec.family, spec.latent_channels, spec.network_downsample) == ("chroma", 16, 2)
+    # FLUX's shift by the image's token count, as the pipeline computes it: 8×8 tokens at 32 px
+    assert torch.equal(spec.schedule(32).sigmas, time_shift_sigmas(flow_sigmas(1000), calculate_shift(64)))
+
+    cond = teacher.encode_prompts(PROMPTS)
+    states, _, mask, negative, _, negative_mask = pipe.encode_prompt(
+        PROMPTS, negative_prompt=[NEGATIVE_PROMPT] * 2, device="cpu"
+    )
+    torch.testing.assert_close(cond["encoder_hidden_states"], states)
+    torch.testing.assert_close(cond["encoder_hidden_states_mask"], mask, atol=0, rtol=0)
+    lengths = (pipe.tokenizer(PROMPTS).input_ids[i] for i in range(2))
+    assert mask.sum(dim=1).tolist() == [len(ids) + 1 for ids in lengths]  # its tokens and one padding
+    empty = teacher.empty_cond()  # the real score's unconditional side: the model card's negative prompt
+    torch.testing.assert_close(empty["encoder_hidden_states"], negative[:1])
+    torch.testing.assert_close(empty["encoder_hidden_states_mask"], negative_mask[:1], atol=0, rtol=0)
+
+
+def _transformer(pipe, x, sigma, states, mask, grid=(2, 2)):
+    """The pipeline's transformer on one packed image, its text mask given (with the image's tokens) as is."""
+    ids = pipe._prepare_latent_image_ids(1, *grid, "cpu", torch.float32)
+    full = torch.cat([mask, torch.ones(1, x.shape[1], dtype=mask.dtype)], dim=1)
+    return pipe.transformer(
+        hidden_states=x,
+        timestep=sigma,
+        encoder_hidden_states=states,
+        txt_ids=torch.zeros(states.shape[1], 3),
+        img_ids=ids,
+        attention_mask=full,
+        return_dict=False,
+    )[0]
+
+
+def test_the_adapter_masks_the_padding_as_chroma_was_trained(teacher_and_pipe):
+    """A CFG batch of three prompt lengths gives what the transformer gives each prompt alone with
+    a boolean mask (padding masked out), not what ChromaPipeline's float 0/1 mask gives (padding
+    read: diffusers #12116), which moves this tiny transformer's output by ~0.3."""
+    from dmdcli.models.transformer import pack_latents, unpack_latents
+
+    spec, teacher, pipe = teacher_and_pipe
+    schedule = spec.schedule(32)
+    denoiser = get_family("chroma").denoiser(teacher.network, schedule)
+    cond = cat_cond(teacher.encode_prompts(PROMPTS), teacher.empty_cond())
+    x, t = torch.randn(3, 16, 4, 4, generator=torch.Generator().manual_seed(0)), torch.tensor([999, 500, 20])
+    ours = denoiser(x, t, cond)
+    for i in range(3):
+        states, mask = cond["encoder_hidden_states"][i : i + 1], cond["encoder_hidden_states_mask"][i : i + 1]
+        sigma = schedule.sigmas[t[i : i + 1]].float()
+        masked = _transformer(pipe, pack_latents(x[i : i + 1]), sigma, states, mask.bool())
+        torch.testing.assert_close(ours[i : i + 1], unpack_latents(masked, 4, 4), atol=2e-5, rtol=1e-4)
+        read = _transformer(pipe, pack_latents(x[i : i + 1]), sigma, states, mask)
+        assert (unpack_latents(read, 4, 4) - ours[i : i + 1]).abs().max() > 1e-2
+    assert shard_units(teacher.network) == [
+        *teacher.network.transformer_blocks,
+        *teacher.network.single_transformer_blocks,
+    ]
+
+
+@pytest.mark.parametrize("steps, lora", [(4, False), (1, True)])
+def test_distill_then_sample(tmp_path, tiny_chroma, prompts_file, image_folder, steps, lora):
+    distill_then_sample(tmp_path, tiny_chroma, "chroma", prompts_file, image_folder, steps, lora, "--guidance-scale", 3)
+
+
+def _masked_prompt(pipe):
+    """The prompt as the printed snippets pass it: encoded, with the mask the student reads with."""
+    embeds, _, mask, *_ = pipe.encode_prompt("a cat", do_classifier_free_guidance=False)
+    return {"prompt_embeds": embeds, "prompt_attention_mask": (mask - 1) * 1e4 + 1}
+
+
+@pytest.mark.parametrize("kind, steps", [("full", 4), ("lora", 1)])
+def test_a_diffusers_export_reproduces_dmd_sample(tmp_path, tiny_chroma, kind, steps):
+    difference = export_matches_sample(
+        tmp_path,
+        tiny_chroma,
+        "chroma",
+        kind,
+        steps,
+        (1, 16, 16, 16),
+        "guidance_scale=0",
+        _masked_prompt,
+        guidance_scale=0,
+    )
+    assert difference <= 2.0
+
+
+def test_the_printed_lora_snippet_samples_the_student(tmp_path, tiny_chroma, monkeypatch):
+    """The lines `dmd export --format lora` prints, run as a user would: the prompt encoded with the
+    student's mask, then the pipeline without CFG."""
+    run = make_student(tmp_path / "run", tiny_chroma, "chroma", "lora", 1)
+    lora = tmp_path / "lora.safetensors"
+    exported = runner.invoke(app, ["export", "--model", str(run), "--format", "lora", "--out", str(lora)])
+    assert exported.exit_code == 0, exported.stderr
+    code = exported.stderr[exported.stderr.index("import torch") :]
+    assert "prompt_attention_mask=(mask - 1) * 1e4 + 1" in code and "guidance_scale=0," in code
+    prompt = ["sample", "--model", str(run), "--prompt", "a photo of a cat", "--out", str(tmp_path / "ours")]
+    assert runner.invoke(app, prompt).exit_code == 0
+    monkeypatch.chdir(tmp_path)
+    scope = {}
+    exec(code, scope)  # noqa: S102 - the snippet dmd printed, on the tiny teacher
+    image = np.asarray(scope["image"]).astype(int)
+    assert np.abs(image - sampled_image(tmp_path / "ours")).mean() <= 2.0
+
+
+def test_a_lora_export_loads_into_the_teacher_pipeline(tmp_path, tiny_chroma):
+    g = torch.Generator().manual_seed(1)
+    inputs = dict(
+        hidden_states=torch.randn(2, 16, 64, generator=g),
+        encoder_hidden_states=torch.randn(2, 7, 64, generator=g),
+        timestep=torch.tensor([1.0, 0.4]),
+        img_ids=torch.zeros(16, 3),
+        txt_ids=torch.zeros(7, 3),
+    )
+    before, student, loaded = exported_lora_outputs(tmp_path, tiny_chroma, "chroma", inputs)
+    assert (before - student).abs().max() > 5e-3 and (loaded - student).abs().max() < 5e-5
+
+
+def test_the_teacher_samples_with_cfg_against_the_negative_prompt(tmp_path, teacher_and_pipe, tiny_chroma):
+    """`dmd sample` of the teacher pipeline: --guidance-scale with the model card's negative prompt."""
+    same, other = teacher_sample_differences(
+        tmp_path,
+        teacher_and_pipe[2],
+        tiny_chroma,
+        12,
+        {"guidance_scale": 12, "negative_prompt": NEGATIVE_PROMPT},
+        {"guidance_scale": 12},
+    )
+    assert same <= 1.0 and other > 1.0
+
+
+def test_dry_run_of_chroma_from_its_bundled_configs(prompts_file):
+    """Offline, from the public configs shipped with dmd: the recipe Chroma1-HD gets fits one 32 GB GPU."""
+    args = ["distill", "--teacher", "chroma", "--prompts", str(prompts_file), "--dry-run", "--json"]
+    result = runner.invoke(app, [*args, "--mixed-precision", "bf16", "--batch-size", "1"])
+    assert result.exit_code == 0, result.stderr
+    assert "recipe chroma" in result.stderr
+    record = json.loads(result.stdout)
+    assert (record["config"]["guidance_scale"], record["config"]["lora_rank"]) == (3.0, 64)
+    memory = record["memory_gib"]
+    assert memory["parameters"]["teacher network (frozen)"] == pytest.approx(8.9e9 * 2 / 2**30, rel=0.01)
+    assert memory["peak"] < 32e9 / 2**30
