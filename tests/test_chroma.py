@@ -72,7 +72,7 @@ def _transformer(pipe, x, sigma, states, mask, grid=(2, 2)):
     )[0]
 
 
-def test_the_adapter_masks_the_padding_as_chroma_was_trained(teacher_and_pipe):
+def test_the_adapter_reads_no_padding_as_chroma_was_trained(teacher_and_pipe):
     """A CFG batch of three prompt lengths gives what the transformer gives each prompt alone with
     a boolean mask (padding masked out), not what ChromaPipeline's float 0/1 mask gives (padding
     read: diffusers #12116), which moves this tiny transformer's output by ~0.3."""
@@ -91,6 +91,25 @@ def test_the_adapter_masks_the_padding_as_chroma_was_trained(teacher_and_pipe):
         torch.testing.assert_close(ours[i : i + 1], unpack_latents(masked, 4, 4), atol=2e-5, rtol=1e-4)
         read = _transformer(pipe, pack_latents(x[i : i + 1]), sigma, states, mask)
         assert (unpack_latents(read, 4, 4) - ours[i : i + 1]).abs().max() > 1e-2
+
+    # A trained copy's forward under gradient checkpointing, where diffusers' Chroma hands its
+    # single-stream blocks no mask: the same (no padding is read, so none needs masking).
+    teacher.network.enable_gradient_checkpointing()
+    try:
+        with torch.enable_grad():
+            checkpointed = denoiser(x.clone().requires_grad_(), t, cond)
+    finally:
+        teacher.network.disable_gradient_checkpointing()
+    torch.testing.assert_close(checkpointed, ours, atol=2e-5, rtol=1e-4)
+
+    # The GAN's features (a double- and a single-stream block): each prompt's as it gives them alone.
+    for block in (0, 1):
+        features = get_family("chroma").denoiser(teacher.network, schedule, gan_feature_block=block)
+        batch = features.bottleneck(x, t, cond)
+        for i in range(3):
+            alone = features.bottleneck(x[i : i + 1], t[i : i + 1], {k: v[i : i + 1] for k, v in cond.items()})
+            torch.testing.assert_close(batch[i : i + 1], alone, atol=2e-5, rtol=1e-4)
+        assert batch.shape == (3, 32, 2, 2)
     assert shard_units(teacher.network) == [
         *teacher.network.transformer_blocks,
         *teacher.network.single_transformer_blocks,

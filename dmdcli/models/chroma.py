@@ -7,12 +7,12 @@ blocks), on FLUX.1's VAE, 2×2 packing, position ids and resolution-shifted sigm
 
 Text: T5's last hidden state over 512 positions, the encoder run with its padding masked; the
 transformer reads each prompt's tokens and the first padding token, every later position masked
-out, as Chroma was trained. ChromaPipeline (diffusers ≤ 0.42 at least) hands the transformer that
-mask as floats 0/1, which attention adds to its logits instead of masking with them (diffusers
-#12116, #13619), so there the padding is read. The adapter masks it: its mask is 1 where a token is
-read and -10⁴ elsewhere, which the transformer's outer product of the mask with itself turns into
-a bias of -10⁴ on every padding key for every read query (and no fully masked row, which some
-attention kernels answer with NaN). The exports' snippets hand the pipeline the same mask.
+out, as Chroma was trained. ChromaPipeline (diffusers 0.42) hands the transformer that mask as
+floats 0/1, which attention adds to its logits instead of masking with them (diffusers #12116,
+#13619), so there the padding is read. The adapter reads no padding (ChromaDenoiser); the exports'
+snippets hand the pipeline a mask of 1 where a token is read and -10⁴ elsewhere, which the
+transformer's outer product of the mask with itself turns into a bias of -10⁴ on every padding
+key for every read query (and no fully masked row, which some attention kernels answer with NaN).
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ from dmdcli.models.pipeline import PipelineTeacher, from_pretrained
 from dmdcli.models.transformer import (
     TRANSFORMER_LORA_TARGETS,
     PackedDenoiser,
-    cut_to_longest,
     flux_image_ids,
     not_flow_matching,
     pack_latents,
@@ -44,7 +43,7 @@ CHROMA = "lodestones/Chroma1-HD"
 NEGATIVE_PROMPT = (
     "low quality, ugly, unfinished, out of focus, deformed, disfigure, blurry, smudged, restricted palette, flat colors"
 )
-MASKED = -1e4  # what a padding position of the mask holds (1: a position the transformer reads)
+TEXT = "encoder_hidden_states"
 
 
 class ChromaTeacher(PipelineTeacher):
@@ -99,8 +98,12 @@ class ChromaTeacher(PipelineTeacher):
 
 class ChromaDenoiser(PackedDenoiser):
     """A ChromaTransformer2DModel, as ChromaPipeline calls it (FLUX's packing and ids, the timestep
-    σ) but with its text's padding masked out (see the module's docstring). The text is cut to the
-    batch's longest prompt first: the positions after it are masked for every prompt.
+    σ), reading each prompt's tokens and its first padding token and no other position.
+
+    That is done without a mask: the prompts of a batch are run in groups of one length, each cut
+    to it. A mask would need two workarounds of diffusers (0.42): ChromaPipeline's float mask is
+    added to the logits (see the module's docstring), and under gradient checkpointing its
+    transformer hands its single-stream blocks no mask at all.
 
     `cond` holds "encoder_hidden_states" [B, L, D] (T5) and "encoder_hidden_states_mask" [B, L]."""
 
@@ -108,27 +111,50 @@ class ChromaDenoiser(PackedDenoiser):
     def blocks(self) -> list[nn.Module]:
         return [*self.transformer.transformer_blocks, *self.transformer.single_transformer_blocks]
 
+    @staticmethod
+    def image_tokens(block_output, count: int) -> Tensor:
+        """A double-stream block returns (text, image); a single-stream one the joint sequence, text first."""
+        return block_output[1] if isinstance(block_output, tuple) else block_output[:, -count:]
+
+    def forward(self, x_t: Tensor, t: Tensor, cond: Cond) -> Tensor:
+        return by_prompt_length(super().forward, x_t, t, cond)
+
+    def bottleneck(self, x_t: Tensor, t: Tensor, cond: Cond) -> Tensor:
+        return by_prompt_length(super().bottleneck, x_t, t, cond)
+
     def _call(self, x_t: Tensor, t: Tensor, cond: Cond) -> Tensor:
-        dtype, (b, _, h, w) = self.transformer.dtype, x_t.shape
-        text, mask = cut_to_longest(cond["encoder_hidden_states"], cond["encoder_hidden_states_mask"])
-        tokens = pack_latents(x_t)
-        if mask is not None:  # the image's tokens are read too
-            mask = torch.cat([reading_mask(mask), mask.new_ones(b, tokens.shape[1], dtype=torch.float)], 1).to(dtype)
+        dtype, (h, w) = self.transformer.dtype, x_t.shape[-2:]
+        text = cond[TEXT]  # every position read (by_prompt_length cut it)
         out = self.transformer(
-            hidden_states=tokens.to(dtype),
+            hidden_states=pack_latents(x_t).to(dtype),
             encoder_hidden_states=text.to(dtype),
             timestep=(self.schedule.network_timestep(t.to(x_t.device)) / 1000).to(dtype),
             img_ids=flux_image_ids(h, w, x_t.device, dtype),
             txt_ids=torch.zeros(text.shape[1], 3, device=x_t.device, dtype=dtype),
-            attention_mask=mask,
             return_dict=False,
         )[0]
         return unpack_latents(out, h, w)
 
 
-def reading_mask(mask: Tensor) -> Tensor:
-    """A 0/1 text mask as the transformer must be handed it: 1 where read, MASKED where not."""
-    return torch.where(mask.bool(), 1.0, MASKED)
+def by_prompt_length(run, x_t: Tensor, t: Tensor, cond: Cond) -> Tensor:
+    """`run(x_t, t, cond)` on each group of a batch's prompts that read one number of positions,
+    their text cut to it, the results put back in the batch's order. On the meta device (the
+    memory estimate), which has no values: one group of every position."""
+    text, mask = cond[TEXT], cond[f"{TEXT}_mask"]
+    if text.device.type == "meta":
+        return run(x_t, t, {TEXT: text})
+    lengths = mask.sum(dim=1).long().tolist()  # one host sync; each prompt's mask is a prefix of ones
+    groups: dict[int, list[int]] = {}
+    for row, n in enumerate(lengths):
+        groups.setdefault(n, []).append(row)
+    if len(groups) == 1:
+        return run(x_t, t, {TEXT: text[:, : lengths[0]]})
+    parts, order = [], []
+    for n, rows in groups.items():
+        index = torch.tensor(rows, device=x_t.device)
+        parts.append(run(x_t[index], t[index] if t.dim() else t, {TEXT: text[index, :n]}))
+        order += rows
+    return torch.cat(parts)[torch.argsort(torch.tensor(order, device=x_t.device))]
 
 
 def chroma_guidance(scale: float | None) -> dict[str, Any]:
