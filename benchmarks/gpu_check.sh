@@ -123,6 +123,9 @@ optional cli-flux2-dev 90 bash -c "python3 -m dmdcli.models.tiny $run/flux2-dev-
     dmd distill --recipe tiny --teacher $run/flux2-dev-teacher --prompts $run/prompts.txt --iterations 10 --steps 4 \
         --guidance-scale 1 --embedded-guidance 4 --lora-rank 4 --out $run/flux2-dev-run --json | tee $results/cli-flux2-dev.json &&
     dmd sample --model $run/flux2-dev-run --prompt 'a red circle' --out $run/flux2-dev-images --json"
+# Then Chroma1-HD (8.9B, random weights from its public config), shared-base LoRA at 1024² (--dry-run:
+# 27.0 GiB); its CFG batch runs as two forwards (the prompts' and the negative prompt's lengths).
+optional chroma-lora 150 bash -c "$bench --arch chroma --resolution 1024 --layouts lora-shared | tee $results/chroma-lora.md"
 # Then Z-Image (6.2B, random weights from its public config), shared-base LoRA at 1024² (--dry-run: 22.2 GiB).
 optional z-image-lora 150 bash -c "$bench --arch z-image --resolution 1024 --layouts lora-shared | tee $results/z-image-lora.md"
 # Then Qwen-Image's size (20B transformer, random weights built in fp32 on the host, ~82 GB of its
