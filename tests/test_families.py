@@ -103,7 +103,7 @@ def test_a_built_in_teacher_is_known_by_its_name_and_its_folder(registered, tmp_
 
 
 def test_the_built_in_families():
-    names = ["sd", "sdxl", "sd3", "flux", "flux2", "flux2-dev", "qwen-image", "z-image", "shapes"]
+    names = ["sd", "sdxl", "sd3", "flux", "chroma", "flux2", "flux2-dev", "qwen-image", "z-image", "shapes"]
     assert [f.name for f in families.families()][: len(names)] == names
     default = families.default_family()
     assert choose_recipe(None, None, None, None, False, False) == (default.recipe(1, None), None)
@@ -114,6 +114,8 @@ def test_the_built_in_families():
     assert teacher_family("flux2-klein-9b").name == "flux2"
     assert choose_recipe(None, "flux2-klein-4b", 1, None, False, False)[0] == "flux2-klein"
     assert teacher_family("flux2-dev").name == "flux2-dev"
+    assert teacher_family("chroma").name == "chroma"
+    assert choose_recipe(None, "chroma", 1, None, False, False)[0] == "chroma"
     assert choose_recipe(None, "flux2-dev", 4, None, False, False)[0] == "flux2-dev"
     assert teacher_family("z-image").name == "z-image"
     assert choose_recipe(None, "z-image", 4, None, False, False)[0] == "z-image"

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from dmdcli.core.denoiser import Cond
+from dmdcli.core.denoiser import MASK, Cond
 from dmdcli.models.families import Family, NetworkShape, register
 from dmdcli.models.flux import T5_TOKENS
 from dmdcli.models.pipeline import PipelineTeacher, from_pretrained
@@ -80,7 +80,7 @@ class ChromaTeacher(PipelineTeacher):
         states, mask = self._encoder_pipeline()._get_t5_prompt_embeds(
             prompts, max_sequence_length=self.prompt_tokens, device=self.device
         )
-        return {"encoder_hidden_states": self.as_read(states), "encoder_hidden_states_mask": mask.float()}
+        return {TEXT: self.as_read(states), TEXT + MASK: mask.float()}
 
     @torch.no_grad()
     def empty_cond(self) -> Cond:
@@ -90,10 +90,7 @@ class ChromaTeacher(PipelineTeacher):
     @staticmethod
     def conditioning_shapes(network_config: dict, spec: TeacherSpec) -> dict[str, tuple[int, ...]]:
         tokens = spec.text_tokens(T5_TOKENS)
-        return {
-            "encoder_hidden_states": (tokens, network_config["joint_attention_dim"]),
-            "encoder_hidden_states_mask": (tokens,),
-        }
+        return {TEXT: (tokens, network_config["joint_attention_dim"]), TEXT + MASK: (tokens,)}
 
 
 class ChromaDenoiser(PackedDenoiser):
@@ -110,11 +107,6 @@ class ChromaDenoiser(PackedDenoiser):
     @property
     def blocks(self) -> list[nn.Module]:
         return [*self.transformer.transformer_blocks, *self.transformer.single_transformer_blocks]
-
-    @staticmethod
-    def image_tokens(block_output, count: int) -> Tensor:
-        """A double-stream block returns (text, image); a single-stream one the joint sequence, text first."""
-        return block_output[1] if isinstance(block_output, tuple) else block_output[:, -count:]
 
     def forward(self, x_t: Tensor, t: Tensor, cond: Cond) -> Tensor:
         return by_prompt_length(super().forward, x_t, t, cond)
@@ -140,7 +132,7 @@ def by_prompt_length(run, x_t: Tensor, t: Tensor, cond: Cond) -> Tensor:
     """`run(x_t, t, cond)` on each group of a batch's prompts that read one number of positions,
     their text cut to it, the results put back in the batch's order. On the meta device (the
     memory estimate), which has no values: one group of every position."""
-    text, mask = cond[TEXT], cond[f"{TEXT}_mask"]
+    text, mask = cond[TEXT], cond[TEXT + MASK]
     if text.device.type == "meta":
         return run(x_t, t, {TEXT: text})
     lengths = mask.sum(dim=1).long().tolist()  # one host sync; each prompt's mask is a prefix of ones

@@ -63,7 +63,7 @@ FLUX2_LORA_TARGETS = (
 
 
 def _pipeline():
-    """Flux2KleinPipeline, whose static latent and position helpers Flux2Pipeline shares (copies of its)."""
+    """Flux2KleinPipeline: its static latent helpers are Flux2Pipeline's too (diffusers copies them)."""
     from diffusers import Flux2KleinPipeline
 
     return Flux2KleinPipeline
@@ -212,11 +212,6 @@ class Flux2Denoiser(TransformerDenoiser):
     @property
     def blocks(self) -> list[nn.Module]:
         return [*self.transformer.transformer_blocks, *self.transformer.single_transformer_blocks]
-
-    @staticmethod
-    def image_tokens(block_output, count: int) -> Tensor:
-        """A double-stream block returns (text, image); a single-stream one the joint sequence, text first."""
-        return block_output[1] if isinstance(block_output, tuple) else block_output[:, -count:]
 
     def draw_noise(self, like: Tensor, draw: Callable[[tuple[int, ...]], Tensor]) -> Tensor:
         """The pipeline's scheduler draws each step's noise as tokens [h·w, C]: drawn so, then put on the grid."""

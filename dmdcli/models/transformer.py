@@ -103,7 +103,7 @@ class TransformerDenoiser(nn.Module, ABC):
     @property
     @abstractmethod
     def blocks(self) -> list[nn.Module]:
-        """The transformer's blocks in the order they run; each returns (text tokens, image tokens)."""
+        """The transformer's blocks in the order they run (what each returns: `image_tokens`)."""
 
     @abstractmethod
     def _call(self, x_t: Tensor, t: Tensor, cond: Cond) -> Tensor:
@@ -119,8 +119,9 @@ class TransformerDenoiser(nn.Module, ABC):
 
     @staticmethod
     def image_tokens(block_output, count: int) -> Tensor:
-        """The image tokens [B, count, D] of a block's output: (text tokens, image tokens) here."""
-        return block_output[1]
+        """The image tokens [B, count, D] of a block's output: a joint block's (text tokens, image
+        tokens), or a single-stream block's joint sequence, text first (FLUX.2's, Chroma's)."""
+        return block_output[1] if isinstance(block_output, tuple) else block_output[:, -count:]
 
     @property
     def feature_module(self) -> nn.Module:

@@ -57,7 +57,7 @@ class Distilled:
     resolution: int | None = option(None, "Training resolution in pixels (default: the teacher's).")
     embedded_guidance: float = option(
         3.5,
-        "FLUX.1-dev and FLUX.2 [dev] (guidance-distilled): the guidance the teacher, generator and fake score are "
+        "FLUX.1-dev and FLUX.2-dev (guidance-distilled): the guidance the teacher, generator and fake score are "
         "told (their recipes: 3.5 and 4); the real score takes no CFG (--guidance-scale 1).",
     )
     allow_pickle: bool = option(False, "Allow teacher weights stored as pickle (.bin/.ckpt) files.")
