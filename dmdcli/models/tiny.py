@@ -218,6 +218,19 @@ def _check(layout: str, prediction_type: str) -> None:
         raise UsageError(f"unknown prediction type {prediction_type!r}; choose one of {choices}")
 
 
+def seeded(seed: int, *makers) -> list:
+    """Each maker's module, made after torch.manual_seed(seed + i) (each reproducible on its own),
+    in eval mode; the caller's RNG untouched."""
+    import torch
+
+    modules = []
+    with torch.random.fork_rng(devices=[]):
+        for i, make in enumerate(makers):
+            torch.manual_seed(seed + i)
+            modules.append(make().eval())
+    return modules
+
+
 def build_tiny_pipeline(layout: str = "sd", prediction_type: str = "epsilon", seed: int = 0):
     """Build the tiny pipeline in memory (fp32, CPU), leaving the caller's RNG state untouched."""
     import torch

@@ -1,9 +1,9 @@
 """The tiny flow-matching pipelines of dmdcli.models.tiny: SD3 (CLIP-L, CLIP-G, T5), FLUX.1-dev
-(CLIP-L, T5) and Qwen-Image (Qwen2.5-VL), random weights, built offline, at the same 32-pixel
-resolution as the tiny SD / SDXL pipelines. SD3 and FLUX share their CLIP tokenizer; T5's and
-Qwen2's tokenizers are made here from a vocabulary.
+(CLIP-L, T5), Chroma (T5) and Qwen-Image (Qwen2.5-VL), random weights, built offline, at the same
+32-pixel resolution as the tiny SD / SDXL pipelines. SD3 and FLUX share their CLIP tokenizer; T5's
+and Qwen2's tokenizers are made here from a vocabulary.
 
-`python -m dmdcli.models.tiny OUT --layout sd3|flux|qwen-image` builds them.
+`python -m dmdcli.models.tiny OUT --layout sd3|flux|chroma|qwen-image` builds them.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from dmdcli.models.tiny import (
     _text_config,
     add_merge_chains,
     make_tiny_tokenizer,
+    seeded,
     vae_config,
 )
 
@@ -73,7 +74,6 @@ def sd3_transformer_config() -> dict:
 def build_tiny_sd3_pipeline(seed: int = 0):
     """A tiny StableDiffusion3Pipeline (fp32, CPU): its VAE shifts and scales 16-channel latents
     as SD3's does, its scheduler is SD3's (FlowMatchEulerDiscreteScheduler, shift 3)."""
-    import torch
     from diffusers import (
         AutoencoderKL,
         FlowMatchEulerDiscreteScheduler,
@@ -83,20 +83,18 @@ def build_tiny_sd3_pipeline(seed: int = 0):
     from transformers import CLIPTextModelWithProjection
 
     tokenizer, t5_tokenizer, ids, vae_cfg = _flow_parts(scaling_factor=1.5305, shift_factor=0.0609)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        transformer = SD3Transformer2DModel(**sd3_transformer_config())
-        torch.manual_seed(seed + 1)
-        vae = AutoencoderKL(**vae_cfg)
-        encoders = []
-        for i in range(2):
-            torch.manual_seed(seed + 2 + i)
-            config = _text_config(len(tokenizer), **ids, projection_dim=_TEXT_PROJECTION)
-            encoders.append(CLIPTextModelWithProjection(config))
-        torch.manual_seed(seed + 4)
-        t5 = _tiny_t5(len(t5_tokenizer))
-    for module in (transformer, vae, t5, *encoders):
-        module.eval()
+
+    def clip():
+        return CLIPTextModelWithProjection(_text_config(len(tokenizer), **ids, projection_dim=_TEXT_PROJECTION))
+
+    transformer, vae, *encoders, t5 = seeded(
+        seed,
+        lambda: SD3Transformer2DModel(**sd3_transformer_config()),
+        lambda: AutoencoderKL(**vae_cfg),
+        clip,
+        clip,
+        lambda: _tiny_t5(len(t5_tokenizer)),
+    )
     return StableDiffusion3Pipeline(
         transformer=transformer,
         scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
@@ -159,22 +157,17 @@ def flux_transformer_config() -> dict:
 def build_tiny_flux_pipeline(seed: int = 0):
     """A tiny FluxPipeline (fp32, CPU): CLIP and T5 encoders, a shifted 16-channel VAE, FLUX's
     resolution-shifted FlowMatchEulerDiscreteScheduler."""
-    import torch
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTextModel
 
     tokenizer, t5_tokenizer, ids, vae_cfg = _flow_parts(scaling_factor=0.3611, shift_factor=0.1159)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        transformer = FluxTransformer2DModel(**flux_transformer_config())
-        torch.manual_seed(seed + 1)
-        vae = AutoencoderKL(**vae_cfg)
-        torch.manual_seed(seed + 2)
-        clip = CLIPTextModel(_text_config(len(tokenizer), **ids))
-        torch.manual_seed(seed + 3)
-        t5 = _tiny_t5(len(t5_tokenizer))
-    for module in (transformer, vae, clip, t5):
-        module.eval()
+    transformer, vae, clip, t5 = seeded(
+        seed,
+        lambda: FluxTransformer2DModel(**flux_transformer_config()),
+        lambda: AutoencoderKL(**vae_cfg),
+        lambda: CLIPTextModel(_text_config(len(tokenizer), **ids)),
+        lambda: _tiny_t5(len(t5_tokenizer)),
+    )
     scheduler = FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER)
     return FluxPipeline(
         scheduler=scheduler,
@@ -198,19 +191,15 @@ def chroma_transformer_config() -> dict:
 def build_tiny_chroma_pipeline(seed: int = 0):
     """A tiny ChromaPipeline (fp32, CPU): T5 alone, FLUX's shifted 16-channel VAE and its
     resolution-shifted scheduler."""
-    import torch
     from diffusers import AutoencoderKL, ChromaPipeline, ChromaTransformer2DModel, FlowMatchEulerDiscreteScheduler
 
     _, t5_tokenizer, _, vae_cfg = _flow_parts(scaling_factor=0.3611, shift_factor=0.1159)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        transformer = ChromaTransformer2DModel(**chroma_transformer_config())
-        torch.manual_seed(seed + 1)
-        vae = AutoencoderKL(**vae_cfg)
-        torch.manual_seed(seed + 2)
-        t5 = _tiny_t5(len(t5_tokenizer))
-    for module in (transformer, vae, t5):
-        module.eval()
+    transformer, vae, t5 = seeded(
+        seed,
+        lambda: ChromaTransformer2DModel(**chroma_transformer_config()),
+        lambda: AutoencoderKL(**vae_cfg),
+        lambda: _tiny_t5(len(t5_tokenizer)),
+    )
     return ChromaPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER),
         vae=vae,
@@ -358,7 +347,6 @@ def _tiny_qwen_vl(tokenizer):
 def build_tiny_qwen_image_pipeline(seed: int = 0):
     """A tiny QwenImagePipeline (fp32, CPU): a Qwen2.5-VL text encoder and Qwen2 tokenizer, the
     Qwen-Image VAE's latent statistics and 8× downsampling, Qwen-Image's scheduler config."""
-    import torch
     from diffusers import (
         AutoencoderKLQwenImage,
         FlowMatchEulerDiscreteScheduler,
@@ -367,15 +355,12 @@ def build_tiny_qwen_image_pipeline(seed: int = 0):
     )
 
     tokenizer = make_tiny_qwen_tokenizer()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        transformer = QwenImageTransformer2DModel(**qwen_image_transformer_config())
-        torch.manual_seed(seed + 1)
-        vae = AutoencoderKLQwenImage(**qwen_image_vae_config())
-        torch.manual_seed(seed + 2)
-        text_encoder = _tiny_qwen_vl(tokenizer)
-    for module in (transformer, vae, text_encoder):
-        module.eval()
+    transformer, vae, text_encoder = seeded(
+        seed,
+        lambda: QwenImageTransformer2DModel(**qwen_image_transformer_config()),
+        lambda: AutoencoderKLQwenImage(**qwen_image_vae_config()),
+        lambda: _tiny_qwen_vl(tokenizer),
+    )
     return QwenImagePipeline(
         scheduler=FlowMatchEulerDiscreteScheduler.from_config(ARCHITECTURES["qwen-image"]["scheduler"]),
         vae=vae,

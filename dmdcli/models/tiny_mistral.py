@@ -12,8 +12,9 @@ of Mistral's form for a system message and a user turn.
 from __future__ import annotations
 
 from dmdcli.models.architectures import ARCHITECTURES
+from dmdcli.models.tiny import seeded
 from dmdcli.models.tiny_flow import _QWEN_PAD, make_tiny_qwen_tokenizer
-from dmdcli.models.tiny_qwen3 import _TEXT_WIDTH, _flux2_vae, _seeded, flux2_transformer_config
+from dmdcli.models.tiny_qwen3 import _TEXT_WIDTH, _flux2_vae, flux2_transformer_config
 
 _TEXT_LAYERS = 30  # the deepest layer Flux2Pipeline reads (hidden_states[30])
 _IMAGE_TOKENS = ("[IMG]", "[IMG_BREAK]", "[IMG_END]")  # what PixtralProcessor looks up
@@ -70,7 +71,7 @@ def build_tiny_flux2_dev_pipeline(seed: int = 0):
     from diffusers import FlowMatchEulerDiscreteScheduler, Flux2Pipeline, Flux2Transformer2DModel
 
     processor = make_tiny_pixtral_processor()
-    transformer, vae, text_encoder = _seeded(
+    transformer, vae, text_encoder = seeded(
         seed,
         lambda: Flux2Transformer2DModel(**{**flux2_transformer_config(), "guidance_embeds": True}),
         _flux2_vae,

@@ -15,6 +15,7 @@ template:
 from __future__ import annotations
 
 from dmdcli.models.architectures import ARCHITECTURES
+from dmdcli.models.tiny import seeded
 from dmdcli.models.tiny_flow import _QWEN_IM_END, _QWEN_PAD, make_tiny_qwen_tokenizer
 
 _TEXT_WIDTH = 16  # Qwen3's hidden size; the transformer reads three layers' states side by side
@@ -82,19 +83,6 @@ def _tiny_qwen3(tokenizer, layers: int, causal_lm: bool = True):
     return (Qwen3ForCausalLM if causal_lm else Qwen3Model)(config)
 
 
-def _seeded(seed: int, *makers) -> list:
-    """Each maker's module, made after torch.manual_seed(seed + i) (each reproducible on its own),
-    in eval mode; the caller's RNG untouched."""
-    import torch
-
-    modules = []
-    with torch.random.fork_rng(devices=[]):
-        for i, make in enumerate(makers):
-            torch.manual_seed(seed + i)
-            modules.append(make().eval())
-    return modules
-
-
 def _flux2_vae():
     """The tiny FLUX.2 VAE with batch-norm statistics drawn here (fresh ones are the identity)."""
     import torch
@@ -111,7 +99,7 @@ def build_tiny_flux2_pipeline(seed: int = 0):
     from diffusers import FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Transformer2DModel
 
     tokenizer = make_tiny_qwen3_tokenizer()
-    transformer, vae, text_encoder = _seeded(
+    transformer, vae, text_encoder = seeded(
         seed,
         lambda: Flux2Transformer2DModel(**flux2_transformer_config()),
         _flux2_vae,
@@ -151,7 +139,7 @@ def build_tiny_z_image_pipeline(seed: int = 0):
 
     tokenizer = make_tiny_qwen3_tokenizer()
     vae_config = _flow_parts(scaling_factor=0.3611, shift_factor=0.1159)[3]  # FLUX.1's VAE, as Z-Image's
-    transformer, vae, text_encoder = _seeded(
+    transformer, vae, text_encoder = seeded(
         seed,
         lambda: ZImageTransformer2DModel(**z_image_transformer_config()),
         lambda: AutoencoderKL(**vae_config),
