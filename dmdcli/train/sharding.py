@@ -72,30 +72,14 @@ def broadcast_from_rank0(module: nn.Module, device: torch.device) -> None:
 
 
 def shard_units(network: nn.Module) -> list[nn.Module]:
-    """The network's blocks that are sharded (and gathered) as units: a UNet's ResNet and
-    transformer blocks, an SD3, FLUX, Chroma, FLUX.2, Qwen-Image or Z-Image transformer's blocks."""
-    from diffusers.models.attention import BasicTransformerBlock, JointTransformerBlock
-    from diffusers.models.resnet import ResnetBlock2D
-    from diffusers.models.transformers.transformer_chroma import ChromaSingleTransformerBlock, ChromaTransformerBlock
-    from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock, FluxTransformerBlock
-    from diffusers.models.transformers.transformer_flux2 import Flux2SingleTransformerBlock, Flux2TransformerBlock
-    from diffusers.models.transformers.transformer_qwenimage import QwenImageTransformerBlock
-    from diffusers.models.transformers.transformer_z_image import ZImageTransformerBlock
-
-    units = (
-        ResnetBlock2D,
-        BasicTransformerBlock,
-        JointTransformerBlock,
-        FluxTransformerBlock,
-        FluxSingleTransformerBlock,
-        ChromaTransformerBlock,
-        ChromaSingleTransformerBlock,
-        Flux2TransformerBlock,
-        Flux2SingleTransformerBlock,
-        QwenImageTransformerBlock,
-        ZImageTransformerBlock,
-    )
-    return [m for m in network.modules() if isinstance(m, units)]
+    """The network's blocks that are sharded (and gathered) as units, in the order modules() lists
+    them: the innermost of the modules kept in an nn.ModuleList under a class named *Block* (a
+    UNet's ResNet and transformer blocks, not the down and up blocks that hold them; every diffusers
+    transformer's blocks, refiners included). Read from the network, so a new family's transformer
+    needs no entry here; the same units as a list of diffusers' classes gave for every family."""
+    listed = {id(m) for lst in network.modules() if isinstance(lst, nn.ModuleList) for m in lst}
+    blocks = {id(m) for m in network.modules() if id(m) in listed and "Block" in type(m).__name__}
+    return [m for m in network.modules() if id(m) in blocks and not any(id(s) in blocks for s in list(m.modules())[1:])]
 
 
 def shard_network(network: nn.Module, options: ShardingOptions) -> nn.Module:
