@@ -480,13 +480,23 @@ def broken_teacher(tmp_path, tiny, how):
     weights = teacher / "unet" / "diffusion_pytorch_model.safetensors"
     if how == "truncated":
         weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    elif how == "missing-shard":  # a sharded download that stopped before its last shard
+        index = {"weight_map": {"a": weights.name, "b": "diffusion_pytorch_model-00002-of-00002.safetensors"}}
+        (weights.parent / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(index))
     else:  # weights only in the pickle format: a .bin stands where the .safetensors was
         weights.unlink()
         (teacher / "unet" / "diffusion_pytorch_model.bin").write_bytes(b"not read")
     return teacher
 
 
-@pytest.mark.parametrize("how,message", [("truncated", "could not load unet"), ("pickle", "--allow-pickle")])
+@pytest.mark.parametrize(
+    "how,message",
+    [
+        ("truncated", "could not load unet"),
+        ("missing-shard", "diffusion_pytorch_model-00002-of-00002.safetensors is missing"),
+        ("pickle", "--allow-pickle"),
+    ],
+)
 def test_broken_teacher_weights(tmp_path, tiny_sd, prompts_file, how, message, monkeypatch):
     """Said in one line before any prompt is encoded (the network itself is read only after that)."""
     from dmdcli.models.families import get_family

@@ -157,8 +157,9 @@ class PipelineTeacher(ABC):
 
     def check_network_files(self) -> None:
         """Each safetensors file of a local teacher's network opened as far as its header, which
-        must cover the file: a truncated or broken file is then one line now, not after the prompts
-        are encoded (minutes, for a large encoder), when the network is read on first use."""
+        must cover the file, and every shard its index names there: a truncated, broken or missing
+        file is then one line now, not after the prompts are encoded (minutes, for a large
+        encoder), when the network is read on first use."""
         from safetensors import safe_open
 
         folder = Path(self.spec.source).expanduser() / self.spec.network
@@ -168,6 +169,11 @@ class PipelineTeacher(ABC):
         files = sorted(folder.glob("*.safetensors"))
         if not files and not self.allow_pickle and any(folder.glob("*.bin")):
             raise DmdError(f"{unloadable}: its weights are pickle files only (pass --allow-pickle to load them)")
+        for index in folder.glob("*.safetensors.index.json"):  # a sharded network: every shard there
+            named = set(json.loads(index.read_text()).get("weight_map", {}).values())
+            if missing := sorted(named - {f.name for f in files}):
+                shards = f"{len(missing)} of the shards {index.name} names"
+                raise DmdError(f"{unloadable}: {missing[0]} is missing ({shards})")
         for file in files:
             try:
                 with safe_open(file, framework="pt"):

@@ -134,9 +134,9 @@ def estimate_memory(
     if config.ema_decay:  # an fp32 average of the generator's trained weights
         weights["generator EMA (fp32)"] = 4 * p_gen / n
     encoder_dtype = family.teacher.training_encoder_dtype
-    encoders, text_bytes = f"text encoders ({_DTYPE_NAMES[encoder_dtype]})", p_text * encoder_dtype.itemsize
+    precision, text_bytes = _DTYPE_NAMES[encoder_dtype], p_text * encoder_dtype.itemsize
     if not config.cache_prompts:  # else they leave the accelerator before the networks are built
-        weights[encoders] = text_bytes
+        weights[f"text encoders ({precision})"] = text_bytes
     regression_only = config.regression_only()  # the fake score is built but never stepped: no moments
     adam = 8 * (p_gen + (0 if regression_only else p_fake + p_head)) / n
     transient = layout.gathered_bytes(unet, frozen)
@@ -184,7 +184,7 @@ def estimate_memory(
         optimizer_step=step / GIB,
         peak=(static + sum(phases[phase])) / GIB,
         phase=phase,
-        startup_only={f"{encoders[:-1]}, dropped once prompts are cached)": text_bytes / GIB}
+        startup_only={f"text encoders ({precision}, dropped once prompts are cached)": text_bytes / GIB}
         if config.cache_prompts
         else {},
         startup_peak=(text_bytes + p_vae * 4 + (pairs_network if config.regression_weight > 0 else 0)) / GIB
