@@ -99,7 +99,8 @@ def exported_lora_outputs(tmp_path: Path, teacher, layout: str, inputs: dict, ou
 
 def teacher_sample_differences(tmp_path: Path, pipe, teacher, guidance_scale: float, same: dict, other: dict):
     """`dmd sample --guidance-scale S` of the teacher pipeline (2 steps, seed 0) against the
-    pipeline called with `same` and with `other`: the two mean absolute differences."""
+    pipeline called with `same` and with `other` (each with the prompt "a cat" unless it passes
+    prompt_embeds): the two mean absolute differences."""
     ours = sample(
         teacher,
         tmp_path / "ours",
@@ -112,8 +113,14 @@ def teacher_sample_differences(tmp_path: Path, pipe, teacher, guidance_scale: fl
         "--guidance-scale",
         str(guidance_scale),
     )
-    common = dict(prompt="a cat", num_inference_steps=2, height=32, width=32, output_type="np")
+    common = dict(num_inference_steps=2, height=32, width=32, output_type="np")
     images = [
-        pipe(**common, **kwargs, generator=torch.Generator().manual_seed(0)).images[0] for kwargs in (same, other)
+        pipe(
+            **({} if "prompt_embeds" in kwargs else {"prompt": "a cat"}),
+            **common,
+            **kwargs,
+            generator=torch.Generator().manual_seed(0),
+        ).images[0]
+        for kwargs in (same, other)
     ]
     return tuple(float(np.abs((image * 255).round() - ours).mean()) for image in images)

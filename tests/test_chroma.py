@@ -174,17 +174,31 @@ def test_a_lora_export_loads_into_the_teacher_pipeline(tmp_path, tiny_chroma):
     assert (before - student).abs().max() > 5e-3 and (loaded - student).abs().max() < 5e-5
 
 
-def test_the_teacher_samples_with_cfg_against_the_negative_prompt(tmp_path, teacher_and_pipe, tiny_chroma):
-    """`dmd sample` of the teacher pipeline: --guidance-scale with the model card's negative prompt."""
-    same, other = teacher_sample_differences(
-        tmp_path,
-        teacher_and_pipe[2],
-        tiny_chroma,
-        12,
-        {"guidance_scale": 12, "negative_prompt": NEGATIVE_PROMPT},
-        {"guidance_scale": 12},
+@pytest.mark.parametrize("masks", ["made right", "the pipeline's", "no negative prompt"])
+def test_the_teacher_samples_with_cfg_against_the_negative_prompt(tmp_path, teacher_and_pipe, tiny_chroma, masks):
+    """`dmd sample` of the teacher pipeline: --guidance-scale with the model card's negative prompt,
+    both prompts encoded by the pipeline and their masks made right (it reads no padding)."""
+    pipe = teacher_and_pipe[2]
+
+    def encoded(negative_prompt):
+        embeds, _, mask, negative, _, negative_mask = pipe.encode_prompt(["a cat"], [negative_prompt], device="cpu")
+        return dict(
+            prompt_embeds=embeds,
+            prompt_attention_mask=(mask - 1) * 1e4 + 1,
+            negative_prompt_embeds=negative,
+            negative_prompt_attention_mask=(negative_mask - 1) * 1e4 + 1,
+        )
+
+    right = encoded(NEGATIVE_PROMPT)
+    other = {
+        "made right": right,
+        "the pipeline's": {"negative_prompt": NEGATIVE_PROMPT},  # its float masks: the padding read
+        "no negative prompt": encoded(""),
+    }[masks]
+    same, different = teacher_sample_differences(
+        tmp_path, pipe, tiny_chroma, 12, {**right, "guidance_scale": 12}, {**other, "guidance_scale": 12}
     )
-    assert same <= 1.0 and other > 1.0
+    assert same <= 1.0 and (different <= 1.0) == (masks == "made right")
 
 
 def test_dry_run_of_chroma_from_its_bundled_configs(prompts_file):

@@ -155,6 +155,28 @@ def chroma_guidance(scale: float | None) -> dict[str, Any]:
     return {"guidance_scale": scale, "negative_prompt": NEGATIVE_PROMPT} if scale > 1 else {"guidance_scale": scale}
 
 
+def pipeline_prompts(pipe, prompts: list[str], guidance: dict[str, Any]) -> dict[str, Any]:
+    """ChromaPipeline's prompt arguments for `prompts`, encoded by the pipeline with the masks made
+    right (`reading_mask`); with CFG, the negative prompt's too (taken out of `guidance`, which the
+    call gets as well)."""
+    negative = guidance.pop("negative_prompt", None)
+    cfg = guidance.get("guidance_scale", 0) > 1
+    negatives = None if negative is None else [negative] * len(prompts)
+    embeds, _, mask, negative_embeds, _, negative_mask = pipe.encode_prompt(
+        prompts, negatives, do_classifier_free_guidance=cfg
+    )
+    text = {"prompt_embeds": embeds, "prompt_attention_mask": reading_mask(mask)}
+    if cfg:
+        text.update(negative_prompt_embeds=negative_embeds, negative_prompt_attention_mask=reading_mask(negative_mask))
+    return text
+
+
+def reading_mask(mask: Tensor) -> Tensor:
+    """ChromaPipeline's 0/1 prompt mask as its transformer must be handed it: 1 where a token is read,
+    -10⁴ where not (the snippets print the same expression)."""
+    return (mask - 1) * 1e4 + 1
+
+
 def snippet_prompt(prompt: str) -> tuple[list[str], str]:
     """The lines that encode `prompt` (a Python literal) for a ChromaPipeline with the mask the
     student was trained with, and the call's arguments that pass it."""
@@ -197,6 +219,7 @@ CHROMA_FAMILY = register(
         lora_targets=TRANSFORMER_LORA_TARGETS,
         denoiser_options=("gan_feature_block",),
         pipeline_guidance=chroma_guidance,
+        pipeline_prompts=pipeline_prompts,
         snippet_prompt=snippet_prompt,
         tiny_autoencoder="madebyollin/taef1",  # FLUX.1's VAE
         unsupported=_unsupported,

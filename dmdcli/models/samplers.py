@@ -171,9 +171,11 @@ class PipelineSampler:
         try:
             spec = inspect_teacher(source.path)
             absent, self.call_kwargs = spec.absent_required, spec.call_kwargs
-            self.guidance = get_family(spec.family).pipeline_guidance  # Qwen-Image: true CFG, a negative prompt
+            family = get_family(spec.family)
+            self.guidance = family.pipeline_guidance  # Qwen-Image: true CFG, a negative prompt
+            self.prompts = family.pipeline_prompts  # Chroma: encoded here, its masks made right
         except DmdError:
-            absent, self.call_kwargs, self.guidance = {}, {}, pipeline_guidance_scale
+            absent, self.call_kwargs, self.guidance, self.prompts = {}, {}, pipeline_guidance_scale, None
         try:
             self.pipe = DiffusionPipeline.from_pretrained(
                 source.path, use_safetensors=None if allow_pickle else True, **absent
@@ -205,9 +207,10 @@ class PipelineSampler:
         kwargs.update(self.call_kwargs)
         if height:
             kwargs.update(height=height, width=width)
-        kwargs.update(self.guidance(self.guidance_scale))
+        guidance = self.guidance(self.guidance_scale)
+        text = self.prompts(self.pipe, list(prompts), guidance) if self.prompts else {"prompt": list(prompts)}
         try:
-            images = self.pipe(prompt=list(prompts), **kwargs).images
+            images = self.pipe(**text, **kwargs, **guidance).images
         except (ValueError, TypeError) as e:
             raise DmdError(f"{type(self.pipe).__name__} refused the request: {first_line(e)}") from e
         return (np.asarray(images) * 255).round().astype(np.uint8)
