@@ -25,7 +25,6 @@ from dmdcli.models.pipeline import PipelineTeacher, from_pretrained
 from dmdcli.models.transformer import (
     ATTENTION_LORA_TARGETS,
     PackedDenoiser,
-    cut_to_longest,
     not_flow_matching,
     pack_latents,
     unpack_latents,
@@ -144,7 +143,7 @@ class QwenImageDenoiser(PackedDenoiser):
 
     def _call(self, x_t: Tensor, t: Tensor, cond: Cond) -> Tensor:
         dtype, (b, _, h, w) = self.transformer.dtype, x_t.shape
-        text, mask = cut_to_longest(cond["encoder_hidden_states"], cond["encoder_hidden_states_mask"])
+        text, mask = _cut_to_longest(cond["encoder_hidden_states"], cond["encoder_hidden_states_mask"])
         out = self.transformer(
             hidden_states=pack_latents(x_t).to(dtype),
             encoder_hidden_states=text.to(dtype),
@@ -154,6 +153,16 @@ class QwenImageDenoiser(PackedDenoiser):
             return_dict=False,
         )[0]
         return unpack_latents(out, h, w)
+
+
+def _cut_to_longest(text: Tensor, mask: Tensor) -> tuple[Tensor, Tensor | None]:
+    """(text [B, n], its mask or None when it masks nothing), n the positions up to the last one any
+    prompt uses. On the meta device (the memory estimate), which has no values: all positions, unmasked."""
+    if text.device.type == "meta":
+        return text, None
+    lengths = mask.sum(dim=1).long().tolist()  # one host sync: each prompt's mask is a prefix of ones
+    n = max(*lengths, 1)
+    return text[:, :n], None if min(lengths) == n else mask[:, :n].bool()
 
 
 def qwen_image_guidance(scale: float | None) -> dict[str, Any]:

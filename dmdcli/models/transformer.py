@@ -46,16 +46,6 @@ def flux_image_ids(h: int, w: int, device: torch.device, dtype: torch.dtype) -> 
     return torch.stack([torch.zeros_like(rows), rows, cols], dim=-1).reshape(-1, 3).to(device, dtype)
 
 
-def cut_to_longest(text: Tensor, mask: Tensor) -> tuple[Tensor, Tensor | None]:
-    """(text [B, n], its mask or None when it masks nothing), n the positions up to the last one any
-    prompt uses. On the meta device (the memory estimate), which has no values: all positions, unmasked."""
-    if text.device.type == "meta":
-        return text, None
-    lengths = mask.sum(dim=1).long().tolist()  # one host sync: each prompt's mask is a prefix of ones
-    n = max(*lengths, 1)
-    return text[:, :n], None if min(lengths) == n else mask[:, :n].bool()
-
-
 class _Features(Exception):
     """Carries one block's output out of a forward that need not go further."""
 
