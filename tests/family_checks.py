@@ -2,6 +2,7 @@
 FLUX.2 [klein], Z-Image), each family passing its own arguments: distill then sample, a
 diffusers export that reproduces `dmd sample`, and `dmd sample` of the teacher pipeline itself."""
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -95,6 +96,15 @@ def exported_lora_outputs(tmp_path: Path, teacher, layout: str, inputs: dict, ou
     exported = runner.invoke(app, ["export", "--model", str(run), "--format", "lora", "--out", str(lora)])
     assert exported.exit_code == 0, exported.stderr
     return lora_export_outputs(run, lora, teacher, inputs, output)
+
+
+def dry_run(teacher: str, prompts_file, *options) -> tuple[dict, str]:
+    """`dmd distill --teacher TEACHER --dry-run --json --mixed-precision bf16 OPTIONS`, offline from
+    the public configs shipped with dmd: (its JSON record, what it said on stderr)."""
+    args = ["distill", "--teacher", teacher, "--prompts", str(prompts_file), "--dry-run", "--json"]
+    result = runner.invoke(app, [*args, "--mixed-precision", "bf16", *map(str, options)])
+    assert result.exit_code == 0, result.stderr
+    return json.loads(result.stdout), result.stderr
 
 
 def teacher_sample_differences(tmp_path: Path, pipe, teacher, guidance_scale: float, same: dict, other: dict):

@@ -2,13 +2,12 @@
 padding masked; CFG against the model card's negative prompt) on the same engine, with the tiny
 pipeline of dmdcli.models.tiny."""
 
-import json
-
 import numpy as np
 import pytest
 import torch
 from family_checks import (
     distill_then_sample,
+    dry_run,
     export_matches_sample,
     exported_lora_outputs,
     sampled_image,
@@ -203,11 +202,8 @@ def test_the_teacher_samples_with_cfg_against_the_negative_prompt(tmp_path, teac
 
 def test_dry_run_of_chroma_from_its_bundled_configs(prompts_file):
     """Offline, from the public configs shipped with dmd: the recipe Chroma1-HD gets fits one 32 GB GPU."""
-    args = ["distill", "--teacher", "chroma", "--prompts", str(prompts_file), "--dry-run", "--json"]
-    result = runner.invoke(app, [*args, "--mixed-precision", "bf16", "--batch-size", "1"])
-    assert result.exit_code == 0, result.stderr
-    assert "recipe chroma" in result.stderr
-    record = json.loads(result.stdout)
+    record, said = dry_run("chroma", prompts_file, "--batch-size", 1)
+    assert "recipe chroma" in said
     assert (record["config"]["guidance_scale"], record["config"]["lora_rank"]) == (3.0, 64)
     memory = record["memory_gib"]
     assert memory["parameters"]["teacher network (frozen)"] == pytest.approx(8.9e9 * 2 / 2**30, rel=0.01)

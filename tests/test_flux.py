@@ -7,6 +7,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from family_checks import dry_run
 from PIL import Image
 from students import lora_export_outputs, make_student
 from test_reliability import distill
@@ -147,11 +148,8 @@ def test_exports_reproduce_the_student(tmp_path, tiny_flux):
 def test_dry_run_of_flux_dev_from_its_bundled_configs(prompts_file):
     """Offline, from the public configs shipped with dmd: the recipe FLUX.1-dev gets (no CFG,
     shared-base LoRA with checkpointing) fits one 48 GB GPU."""
-    args = ["distill", "--teacher", "flux-dev", "--prompts", str(prompts_file), "--dry-run", "--json"]
-    result = runner.invoke(app, [*args, "--mixed-precision", "bf16"])
-    assert result.exit_code == 0, result.stderr
-    assert "recipe flux-dev" in result.stderr  # chosen for the family
-    record = json.loads(result.stdout)
+    record, said = dry_run("flux-dev", prompts_file)
+    assert "recipe flux-dev" in said  # chosen for the family
     config = record["config"]
     assert (config["guidance_scale"], config["lora_rank"], config["shared_base"]) == (1.0, 64, True)
     assert config["gradient_checkpointing"]

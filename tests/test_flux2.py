@@ -10,6 +10,7 @@ import pytest
 import torch
 from family_checks import (
     distill_then_sample,
+    dry_run,
     export_matches_sample,
     exported_lora_outputs,
     sampled_image,
@@ -219,11 +220,8 @@ def test_the_teacher_samples_with_cfg_against_the_empty_prompt(tmp_path, teacher
 
 def test_dry_run_of_flux2_klein_from_its_bundled_configs(prompts_file):
     """Offline, from the public configs shipped with dmd: the recipe FLUX.2 [klein] 4B gets fits one 24 GB GPU."""
-    args = ["distill", "--teacher", "flux2-klein-4b", "--prompts", str(prompts_file), "--dry-run", "--json"]
-    result = runner.invoke(app, [*args, "--mixed-precision", "bf16", "--batch-size", "2"])
-    assert result.exit_code == 0, result.stderr
-    assert "recipe flux2-klein" in result.stderr
-    record = json.loads(result.stdout)
+    record, said = dry_run("flux2-klein-4b", prompts_file, "--batch-size", 2)
+    assert "recipe flux2-klein" in said
     assert (record["config"]["guidance_scale"], record["config"]["lora_rank"]) == (4.0, 64)
     memory = record["memory_gib"]
     assert memory["parameters"]["teacher network (frozen)"] == pytest.approx(3.876e9 * 2 / 2**30, rel=0.01)

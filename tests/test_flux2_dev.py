@@ -7,11 +7,16 @@ import shutil
 
 import pytest
 import torch
-from family_checks import distill_then_sample, export_matches_sample, exported_lora_outputs, teacher_and_pipeline
+from family_checks import (
+    distill_then_sample,
+    dry_run,
+    export_matches_sample,
+    exported_lora_outputs,
+    teacher_and_pipeline,
+)
 from test_reliability import distill
 from typer.testing import CliRunner
 
-from dmdcli.cli import app
 from dmdcli.core.schedule import flow_sigmas, time_shift_sigmas
 from dmdcli.models.families import get_family
 from dmdcli.models.student import find_model
@@ -134,11 +139,8 @@ def test_a_lora_export_loads_into_the_teacher_pipeline(tmp_path, tiny_flux2_dev)
 def test_dry_run_of_flux2_dev_from_its_bundled_configs(prompts_file):
     """Offline, from the public configs shipped with dmd: the recipe, the 32B transformer in bf16,
     Mistral Small 3.1 (24B) in bf16 while the prompts are encoded."""
-    args = ["distill", "--teacher", "flux2-dev", "--prompts", str(prompts_file), "--dry-run", "--json"]
-    result = runner.invoke(app, [*args, "--mixed-precision", "bf16", "--batch-size", "1"])
-    assert result.exit_code == 0, result.stderr
-    assert "recipe flux2-dev" in result.stderr
-    record = json.loads(result.stdout)
+    record, said = dry_run("flux2-dev", prompts_file, "--batch-size", 1)
+    assert "recipe flux2-dev" in said
     assert (record["config"]["guidance_scale"], record["config"]["embedded_guidance"]) == (1.0, 4.0)
     memory = record["memory_gib"]
     assert memory["parameters"]["teacher network (frozen)"] == pytest.approx(32.2e9 * 2 / 2**30, rel=0.02)

@@ -10,6 +10,7 @@ import pytest
 import torch
 from family_checks import (
     distill_then_sample,
+    dry_run,
     export_matches_sample,
     exported_lora_outputs,
     sampled_image,
@@ -182,11 +183,8 @@ def test_the_teacher_samples_with_true_cfg_and_the_negative_prompt(tmp_path, tea
 
 def test_dry_run_of_qwen_image_from_its_bundled_configs(prompts_file):
     """Offline, from the public configs shipped with dmd: the recipe Qwen-Image gets fits one 80 GB GPU."""
-    args = ["distill", "--teacher", "qwen-image", "--prompts", str(prompts_file), "--dry-run", "--json"]
-    result = runner.invoke(app, [*args, "--mixed-precision", "bf16", "--batch-size", "1"])
-    assert result.exit_code == 0, result.stderr
-    assert "recipe qwen-image" in result.stderr
-    record = json.loads(result.stdout)
+    record, said = dry_run("qwen-image", prompts_file, "--batch-size", 1)
+    assert "recipe qwen-image" in said
     assert (record["config"]["guidance_scale"], record["config"]["lora_rank"]) == (4.0, 64)
     memory = record["memory_gib"]
     assert memory["parameters"]["teacher network (frozen)"] == pytest.approx(20.4e9 * 2 / 2**30, rel=0.02)

@@ -9,6 +9,7 @@ import pytest
 import torch
 from family_checks import (
     distill_then_sample,
+    dry_run,
     export_matches_sample,
     exported_lora_outputs,
     teacher_and_pipeline,
@@ -17,7 +18,6 @@ from family_checks import (
 from test_reliability import distill
 from typer.testing import CliRunner
 
-from dmdcli.cli import app
 from dmdcli.core.denoiser import cat_cond
 from dmdcli.core.schedule import flow_sigmas, shift_sigmas
 from dmdcli.models.families import get_family
@@ -134,10 +134,7 @@ def test_the_teacher_samples_with_its_cfg_scale_as_w_minus_one(tmp_path, teacher
 
 def test_dry_run_of_z_image_from_its_bundled_configs(prompts_file):
     """Offline, from the public configs shipped with dmd: the recipe Z-Image gets fits one 48 GB GPU."""
-    args = ["distill", "--teacher", "z-image", "--prompts", str(prompts_file), "--dry-run", "--json"]
-    result = runner.invoke(app, [*args, "--mixed-precision", "bf16", "--batch-size", "2"])
-    assert result.exit_code == 0, result.stderr
-    record = json.loads(result.stdout)
+    record, _ = dry_run("z-image", prompts_file, "--batch-size", 2)
     assert (record["config"]["guidance_scale"], record["config"]["lora_rank"]) == (5.0, 64)
     memory = record["memory_gib"]
     assert memory["parameters"]["teacher network (frozen)"] == pytest.approx(6.15e9 * 2 / 2**30, rel=0.02)
