@@ -43,7 +43,8 @@ os.environ.setdefault(
 )  # as the CLI: not the warning that every .to(bf16) of a UNet prints
 
 from dmdcli.core.schedule import student_timesteps
-from dmdcli.models.architectures import ARCHITECTURES, write_config_only_pipeline
+from dmdcli.models.architectures import ARCHITECTURES
+from dmdcli.models.config_only import write_config_only_pipeline
 from dmdcli.models.families import get_family
 from dmdcli.models.teacher import inspect_teacher
 from dmdcli.train.config import DistillConfig

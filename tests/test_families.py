@@ -7,7 +7,7 @@ import pytest
 
 from dmdcli.errors import DmdError
 from dmdcli.models import families
-from dmdcli.models.architectures import write_config_only_pipeline
+from dmdcli.models.config_only import write_config_only_pipeline
 from dmdcli.models.families import EvalSet, Family
 from dmdcli.models.sd import SDTeacher, unet_shape
 from dmdcli.models.teacher import inspect_teacher, local_teacher_folder, resolve_teacher, teacher_family

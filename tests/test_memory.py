@@ -7,7 +7,7 @@ import torch
 from typer.testing import CliRunner
 
 from dmdcli.cli import app
-from dmdcli.models.architectures import write_config_only_pipeline
+from dmdcli.models.config_only import write_config_only_pipeline
 from dmdcli.models.sd import UNET_LORA_TARGETS
 from dmdcli.models.teacher import inspect_teacher
 from dmdcli.train.activations import meta_network, saved_activations, training_network

@@ -249,7 +249,7 @@ def plan_memory(config, scratch, note) -> MemoryPlan:
     configs, which ship with dmd, stand in for a hub teacher's (written into `scratch`; `note`
     says so at once)."""
     from dmdcli.errors import DmdError
-    from dmdcli.models.architectures import bundled_architecture, write_config_only_pipeline
+    from dmdcli.models.config_only import bundled_architecture, write_config_only_pipeline
     from dmdcli.models.teacher import inspect_teacher
 
     try:
