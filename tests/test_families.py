@@ -4,6 +4,7 @@ its defaults by the same lookups that serve SD, SDXL and the built-in teacher.""
 import json
 
 import pytest
+import torch
 
 from dmdcli.errors import DmdError
 from dmdcli.models import families
@@ -126,3 +127,29 @@ def test_the_built_in_families():
     assert {f.name: f.conditioning_timestep for f in families.families()}["sdxl"] == 399
     assert resolve_teacher(default.name) == default.builtin_teacher()
     assert families.default_eval_set(default.builtin_teacher()) == default.eval_set
+
+
+@pytest.mark.parametrize("layout", ["sd3", "flux", "chroma", "qwen-image", "flux2", "flux2-dev", "z-image"])
+def test_gradient_checkpointing_changes_no_prediction(layout):
+    """Every transformer family's adapter gives a CFG batch of prompts of three lengths the same
+    prediction when its network runs under gradient checkpointing (a trained copy's forward) as
+    without: diffusers' Chroma once dropped its text mask there (dmdcli/models/chroma.py)."""
+    from dmdcli.core.denoiser import cat_cond
+    from dmdcli.models.pipeline import load_teacher
+    from dmdcli.models.tiny import tiny_pipeline_cached
+    from dmdcli.train.config import DistillConfig
+
+    spec = inspect_teacher(str(tiny_pipeline_cached(layout)))
+    teacher = load_teacher(spec, torch.device("cpu"), torch.float32, 32)
+    family = families.get_family(spec.family)
+    denoiser = family.denoiser(teacher.network, spec.schedule(32), **family.denoiser_kwargs(DistillConfig))
+    prompts = ["a red circle", "a large blue square at the top left"]
+    cond = cat_cond(teacher.encode_prompts(prompts), teacher.empty_cond())
+    side = 32 // spec.vae_scale_factor
+    x = torch.randn(3, spec.latent_channels, side, side, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([999, 500, 20])
+    plain = denoiser(x, t, cond)
+    teacher.network.enable_gradient_checkpointing()
+    with torch.enable_grad():
+        checkpointed = denoiser(x.clone().requires_grad_(), t, cond)
+    torch.testing.assert_close(checkpointed, plain, atol=2e-5, rtol=1e-4)
