@@ -123,7 +123,7 @@ def test_distill_then_sample(tmp_path, tiny_chroma, prompts_file, image_folder, 
 def _masked_prompt(pipe):
     """The prompt as the printed snippets pass it: encoded, with the mask the student reads with."""
     embeds, _, mask, *_ = pipe.encode_prompt("a cat", do_classifier_free_guidance=False)
-    return {"prompt_embeds": embeds, "prompt_attention_mask": (mask - 1) * 1e4 + 1}
+    return {"prompt_embeds": embeds, "prompt_attention_mask": mask * 201 - 200}
 
 
 @pytest.mark.parametrize("kind, steps", [("full", 4), ("lora", 1)])
@@ -150,7 +150,7 @@ def test_the_printed_lora_snippet_samples_the_student(tmp_path, tiny_chroma, mon
     exported = runner.invoke(app, ["export", "--model", str(run), "--format", "lora", "--out", str(lora)])
     assert exported.exit_code == 0, exported.stderr
     code = exported.stderr[exported.stderr.index("import torch") :]
-    assert "prompt_attention_mask=(mask - 1) * 1e4 + 1" in code and "guidance_scale=0," in code
+    assert "prompt_attention_mask=mask * 201 - 200" in code and "guidance_scale=0," in code
     prompt = ["sample", "--model", str(run), "--prompt", "a photo of a cat", "--out", str(tmp_path / "ours")]
     assert runner.invoke(app, prompt).exit_code == 0
     monkeypatch.chdir(tmp_path)
@@ -183,9 +183,9 @@ def test_the_teacher_samples_with_cfg_against_the_negative_prompt(tmp_path, teac
         embeds, _, mask, negative, _, negative_mask = pipe.encode_prompt(["a cat"], [negative_prompt], device="cpu")
         return dict(
             prompt_embeds=embeds,
-            prompt_attention_mask=(mask - 1) * 1e4 + 1,
+            prompt_attention_mask=mask * 201 - 200,
             negative_prompt_embeds=negative,
-            negative_prompt_attention_mask=(negative_mask - 1) * 1e4 + 1,
+            negative_prompt_attention_mask=negative_mask * 201 - 200,
         )
 
     right = encoded(NEGATIVE_PROMPT)
@@ -198,6 +198,33 @@ def test_the_teacher_samples_with_cfg_against_the_negative_prompt(tmp_path, teac
         tmp_path, pipe, tiny_chroma, 12, {**right, "guidance_scale": 12}, {**other, "guidance_scale": 12}
     )
     assert same <= 1.0 and (different <= 1.0) == (masks == "made right")
+
+
+def test_the_pipeline_handed_our_mask_samples_in_fp16(tiny_chroma):
+    """The mask `dmd sample` and the snippets hand ChromaPipeline: the transformer squares its padding
+    value, which must fit fp16 (-1e4 gave inf there, and NaN images)."""
+    from diffusers import ChromaPipeline
+
+    from dmdcli.models.chroma import chroma_guidance, pipeline_prompts
+
+    pipe = ChromaPipeline.from_pretrained(tiny_chroma, torch_dtype=torch.float16)
+    pipe.set_progress_bar_config(disable=True)
+    for scale in (0, 3):
+        guidance = chroma_guidance(scale)
+        text = pipeline_prompts(pipe, ["a red circle"], guidance)
+        images = pipe(**text, **guidance, num_inference_steps=2, height=32, width=32, output_type="np").images
+        assert np.isfinite(images).all()
+
+
+@pytest.mark.parametrize("dry_run", [False, True])
+def test_fsdp_is_refused_in_one_line(tmp_path, tiny_chroma, prompts_file, dry_run):
+    """Its adapter runs a batch's prompt lengths as separate forwards, as many as the batch has:
+    FSDP's processes could disagree on how many (the dry run refuses as the run does)."""
+    args = ["distill", "--recipe", "tiny", "--teacher", str(tiny_chroma), "--prompts", str(prompts_file)]
+    args += ["--lora-rank", "0", "--fsdp", "--out", str(tmp_path / "run"), *(["--dry-run"] if dry_run else [])]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2 and "FSDP's collectives cannot follow" in result.stderr
+    assert result.stderr.count("\n") == 1 and not (tmp_path / "run").exists()
 
 
 def test_dry_run_of_chroma_from_its_bundled_configs(prompts_file):

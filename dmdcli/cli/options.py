@@ -17,7 +17,7 @@ ANY_MODEL = (
     "or diffusers pipeline (folder or hub id)"
 )
 DEVICES = "cuda, cuda:1, cpu, mps, or auto"
-AUTO_DTYPE = "auto (fp16 on CUDA, fp32 elsewhere), fp32, fp16, bf16."
+AUTO_DTYPE = "auto (bf16 on CUDA, fp16 on a GPU without bf16, fp32 elsewhere), fp32, fp16, bf16."
 
 
 def _option(names: tuple[str, ...], help: str, panel: str | None, **kwargs):

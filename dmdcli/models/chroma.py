@@ -10,9 +10,11 @@ transformer reads each prompt's tokens and the first padding token, every later 
 out, as Chroma was trained. ChromaPipeline (diffusers 0.42) hands the transformer that mask as
 floats 0/1, which attention adds to its logits instead of masking with them (diffusers #12116,
 #13619), so there the padding is read. The adapter reads no padding (ChromaDenoiser); the exports'
-snippets hand the pipeline a mask of 1 where a token is read and -10⁴ elsewhere, which the
-transformer's outer product of the mask with itself turns into a bias of -10⁴ on every padding
-key for every read query (and no fully masked row, which some attention kernels answer with NaN).
+snippets and `dmd sample` of the teacher pipeline hand the pipeline a mask of 1 where a token is
+read and -200 elsewhere, which the transformer's outer product of the mask with itself turns into
+a bias of -200 on every padding key for every read query: no weight left (e^-200), no fully masked
+row (which some attention kernels answer with NaN), and 40,000 where a padding query meets a
+padding key, which fits fp16 (-10⁴ would not: its square overflows, and every output is NaN).
 """
 
 from __future__ import annotations
@@ -172,9 +174,9 @@ def pipeline_prompts(pipe, prompts: list[str], guidance: dict[str, Any]) -> dict
 
 
 def reading_mask(mask: Tensor) -> Tensor:
-    """ChromaPipeline's 0/1 prompt mask as its transformer must be handed it: 1 where a token is read,
-    -10⁴ where not (the snippets print the same expression)."""
-    return (mask - 1) * 1e4 + 1
+    """ChromaPipeline's 0/1 prompt mask as its transformer must be handed it, in its dtype: 1 where a
+    token is read, -200 where not (see the module's docstring; the snippets print the same expression)."""
+    return mask * 201 - 200
 
 
 def snippet_prompt(prompt: str) -> tuple[list[str], str]:
@@ -183,10 +185,10 @@ def snippet_prompt(prompt: str) -> tuple[list[str], str]:
     return (
         [
             "# ChromaPipeline adds its float 0/1 prompt mask to the attention logits (diffusers #12116):",
-            "# hand it the mask the student reads with, 1 where a token is read and -1e4 where not",
+            "# hand it the mask the student reads with: 1 where a token is read, -200 where not",
             f"embeds, _, mask, *_ = pipe.encode_prompt({prompt}, do_classifier_free_guidance=False)",
         ],
-        "prompt_embeds=embeds, prompt_attention_mask=(mask - 1) * 1e4 + 1",
+        "prompt_embeds=embeds, prompt_attention_mask=mask * 201 - 200",
     )
 
 
@@ -218,6 +220,7 @@ CHROMA_FAMILY = register(
         network="transformer",
         lora_targets=TRANSFORMER_LORA_TARGETS,
         denoiser_options=("gan_feature_block",),
+        shardable=False,  # by_prompt_length: as many forwards as a batch has prompt lengths
         pipeline_guidance=chroma_guidance,
         pipeline_prompts=pipeline_prompts,
         snippet_prompt=snippet_prompt,

@@ -81,6 +81,9 @@ class Family:
     # config keys the adapter takes as keyword arguments (FLUX: embedded_guidance); students record them
     denoiser_options: tuple[str, ...] = ()
     classifier_free_guidance: bool = True  # False: a guidance-distilled teacher, whose real score takes no CFG
+    # False: its adapter's number of network calls per batch depends on the batch (Chroma's prompt-length
+    # groups), so processes sharing FSDP's collectives could disagree: --fsdp is refused
+    shardable: bool = True
     # what its diffusers pipeline is called with for CFG at a scale (≤ 1: off; None: the family's default)
     pipeline_guidance: Callable[[float | None], dict[str, Any]] = pipeline_guidance_scale
     # Where its pipeline must be handed prompts otherwise than by `prompt=` (Chroma: the pipeline's own

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from dmdcli.core.denoiser import Cond
 from dmdcli.models.families import Family, NetworkShape, register
-from dmdcli.models.pipeline import PipelineTeacher, chat_template_limit, from_pretrained, names_network
+from dmdcli.models.pipeline import PipelineTeacher, added_tokens, chat_template_limit, from_pretrained, names_network
 from dmdcli.models.transformer import ATTENTION_LORA_TARGETS, TransformerDenoiser, not_flow_matching
 
 if TYPE_CHECKING:
@@ -156,7 +156,8 @@ class Flux2DevTeacher(Flux2Teacher):
 
         (processor,) = self.tokenizers
         around = processor.apply_chat_template(format_input([""], SYSTEM_MESSAGE), tokenize=True, return_dict=True)
-        return [(processor.tokenizer, self.prompt_tokens - len(around["input_ids"][0]))]
+        limit = self.prompt_tokens - len(around["input_ids"][0]) + added_tokens(processor.tokenizer)
+        return [(processor.tokenizer, limit)]
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> Cond:

@@ -56,12 +56,18 @@ def names_network(index: dict, network: str, network_class: str, components: tup
 
 
 def chat_template_limit(tokenizer, positions: int, **template_options) -> int:
-    """How many of a prompt's own tokens fit in `positions` once the tokenizer's chat template wraps
-    it as one user turn (FLUX.2 [klein]'s and Z-Image's Qwen3 template; `template_options` as their
-    pipelines pass them)."""
+    """How many of a prompt's tokens, as the tokenizer counts them alone, fit in `positions` once the
+    tokenizer's chat template wraps it as one user turn (FLUX.2 [klein]'s and Z-Image's Qwen3
+    template; `template_options` as their pipelines pass them)."""
     turn = [{"role": "user", "content": ""}]
     text = tokenizer.apply_chat_template(turn, tokenize=False, add_generation_prompt=True, **template_options)
-    return positions - len(tokenizer(text).input_ids)
+    return positions - len(tokenizer(text).input_ids) + added_tokens(tokenizer)
+
+
+def added_tokens(tokenizer) -> int:
+    """The special tokens a tokenizer adds around any text (a BOS), which a prompt counted alone
+    includes but a chat template already holds once."""
+    return len(tokenizer("").input_ids)
 
 
 def load_teacher(

@@ -208,8 +208,8 @@ class PipelineSampler:
         if height:
             kwargs.update(height=height, width=width)
         guidance = self.guidance(self.guidance_scale)
-        text = self.prompts(self.pipe, list(prompts), guidance) if self.prompts else {"prompt": list(prompts)}
         try:
+            text = self.prompts(self.pipe, list(prompts), guidance) if self.prompts else {"prompt": list(prompts)}
             images = self.pipe(**text, **kwargs, **guidance).images
         except (ValueError, TypeError) as e:
             raise DmdError(f"{type(self.pipe).__name__} refused the request: {first_line(e)}") from e
@@ -257,9 +257,12 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:
-    """--dtype: "auto" → fp16 on CUDA, fp32 elsewhere."""
+    """--dtype: "auto" → bf16 on CUDA (fp16 on a GPU without bf16), fp32 elsewhere. bf16, as the
+    flow transformers and their LLM and T5 encoders are stored and run (T5 overflows in fp16)."""
     if name == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
+        if device.type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if name not in DTYPES:
         raise UsageError(f"unknown --dtype {name!r}; choose auto, {', '.join(DTYPES)}")
     return DTYPES[name]

@@ -251,6 +251,7 @@ def plan_memory(config, scratch, note) -> MemoryPlan:
     from dmdcli.errors import DmdError
     from dmdcli.models.config_only import bundled_architecture, write_config_only_pipeline
     from dmdcli.models.teacher import inspect_teacher
+    from dmdcli.train.validation import check_teacher_options
 
     try:
         spec = inspect_teacher(config.teacher)
@@ -263,6 +264,7 @@ def plan_memory(config, scratch, note) -> MemoryPlan:
             f"note: could not read the config files of {config.teacher} (offline?); estimating with the public "
             f"{arch} architecture, whose configs ship with dmd"
         )
+    check_teacher_options(config, spec, get_family(spec.family))
     resolution = spec.training_resolution(config.resolution)
     bf16 = config.precision() == "bf16"
     # bf16 is CUDA's layout, also when a CPU is asked for it (--mixed-precision bf16 to estimate a GPU run).

@@ -11,13 +11,13 @@ import torch
 from dmdcli import runfiles
 from dmdcli.core.denoiser import Denoiser
 from dmdcli.core.schedule import NoiseSchedule
-from dmdcli.errors import UsageError
 from dmdcli.models.families import Family, get_family
 from dmdcli.models.pipeline import load_teacher
 from dmdcli.models.teacher import TeacherSpec, inspect_teacher
 from dmdcli.train import rundir
 from dmdcli.train.data import read_user_files
 from dmdcli.train.ui import UI, SilentUI
+from dmdcli.train.validation import check_teacher_options
 
 
 class Run:
@@ -36,18 +36,7 @@ class Run:
         self.resolution = self.spec.training_resolution(config.resolution)
         self.schedule: NoiseSchedule = self.spec.schedule(self.resolution)
         self.denoiser_options = self.family.denoiser_kwargs(config)
-        if config.gan_feature_block is not None and "gan_feature_block" not in self.denoiser_options:
-            raise UsageError(f"--gan-feature-block is for transformer teachers; {self.spec.source} is a UNet")
-        if not self.family.classifier_free_guidance and config.guidance_scale != 1:
-            raise UsageError(
-                f"{self.spec.source} is guidance-distilled: its real score is told --embedded-guidance "
-                f"({config.embedded_guidance}) and takes no CFG; pass --guidance-scale 1"
-            )
-        if config.dm_timesteps != "shifted" and not self.schedule.is_flow:
-            raise UsageError(
-                f"--dm-timesteps {config.dm_timesteps} draws the σ of a flow-matching teacher; {self.spec.source} "
-                "is on a DDPM schedule: use shifted (uniform over its timesteps, the default)"
-            )
+        check_teacher_options(config, self.spec, self.family)
         self.out = rundir.run_folder(config.out, config.teacher, config.steps)
 
     def load_teacher(self, frozen_network: bool = False) -> list[str] | None:

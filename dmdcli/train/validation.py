@@ -188,3 +188,27 @@ DISTANCE_CHOICES = ("auto", "lpips", *REGRESSION_DISTANCES)  # LPIPS needs its p
 
 def _power_of_two(n: int) -> bool:
     return n >= 1 and n & (n - 1) == 0
+
+
+def check_teacher_options(c: DistillConfig, spec, family) -> None:
+    """The options a run's teacher (its TeacherSpec and Family) cannot take, each one usage line;
+    asked by the run and by --dry-run alike."""
+    denoiser_options = family.denoiser_kwargs(c)
+    if c.gan_feature_block is not None and "gan_feature_block" not in denoiser_options:
+        raise UsageError(f"--gan-feature-block is for transformer teachers; {spec.source} is a UNet")
+    if not family.classifier_free_guidance and c.guidance_scale != 1:
+        raise UsageError(
+            f"{spec.source} is guidance-distilled: its real score is told --embedded-guidance "
+            f"({c.embedded_guidance}) and takes no CFG; pass --guidance-scale 1"
+        )
+    if c.dm_timesteps != "shifted" and spec.prediction_type != "flow":
+        raise UsageError(
+            f"--dm-timesteps {c.dm_timesteps} draws the σ of a flow-matching teacher; {spec.source} "
+            "is on a DDPM schedule: use shifted (uniform over its timesteps, the default)"
+        )
+    if c.fsdp and not family.shardable:
+        raise UsageError(
+            f"--fsdp: {family.title or family.name} runs a batch's prompts of each length as their own forward, "
+            "whose count differs between processes, which FSDP's collectives cannot follow; train shared-base "
+            "LoRA (--lora-rank), which fits one GPU"
+        )
