@@ -173,9 +173,9 @@ class PipelineSampler:
             absent, self.call_kwargs = spec.absent_required, spec.call_kwargs
             family = get_family(spec.family)
             self.guidance = family.pipeline_guidance  # Qwen-Image: true CFG, a negative prompt
-            self.prompts = family.pipeline_prompts  # Chroma: encoded here, its masks made right
+            self.prompt_arguments = family.pipeline_prompts  # Chroma: encoded here, its masks made right
         except DmdError:
-            absent, self.call_kwargs, self.guidance, self.prompts = {}, {}, pipeline_guidance_scale, None
+            absent, self.call_kwargs, self.guidance, self.prompt_arguments = {}, {}, pipeline_guidance_scale, None
         try:
             self.pipe = DiffusionPipeline.from_pretrained(
                 source.path, use_safetensors=None if allow_pickle else True, **absent
@@ -209,7 +209,8 @@ class PipelineSampler:
             kwargs.update(height=height, width=width)
         guidance = self.guidance(self.guidance_scale)
         try:
-            text = self.prompts(self.pipe, list(prompts), guidance) if self.prompts else {"prompt": list(prompts)}
+            encode = self.prompt_arguments
+            text = encode(self.pipe, list(prompts), guidance) if encode else {"prompt": list(prompts)}
             images = self.pipe(**text, **kwargs, **guidance).images
         except (ValueError, TypeError) as e:
             raise DmdError(f"{type(self.pipe).__name__} refused the request: {first_line(e)}") from e

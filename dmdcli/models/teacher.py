@@ -247,8 +247,8 @@ def inspect_teacher(name: str) -> TeacherSpec:
     if family is None:
         raise DmdError(
             f"unsupported pipeline {pipeline_class} in {source}: dmd distills Stable Diffusion 1.x / 2.x, SDXL "
-            "(UNet2DConditionModel, CLIP text encoders), SD3 / SD3.5, FLUX.1-dev, FLUX.2 [klein] base, Qwen-Image and "
-            "Z-Image pipelines"
+            "(UNet2DConditionModel, CLIP text encoders), SD3 / SD3.5, FLUX.1-dev, Chroma, FLUX.2 [dev] and [klein] "
+            "base, Qwen-Image and Z-Image pipelines"
         )
     network_cfg = _load_json_config(source, family.network, "config.json")
     vae_cfg = _load_json_config(source, "vae", "config.json")
