@@ -240,6 +240,23 @@ def test_same_seed_same_student(tmp_path, tiny_sd, prompts_file):
     assert all(torch.equal(outs[0][k], outs[1][k]) for k in outs[0])
 
 
+def test_gradient_accumulation_runs_and_records_the_batch_of_each_update(tmp_path, tiny_sd, prompts_file):
+    out = tmp_path / "run"
+    args = ["distill", *FAST, "--teacher", str(tiny_sd), "--prompts", str(prompts_file), "--out", str(out)]
+    result = runner.invoke(app, [*args, "--batch-size", "1", "--gradient-accumulation-steps", "3"])
+    assert result.exit_code == 0, result.stderr
+    resolved = tomllib.loads((out / "config.toml").read_text())["resolved"]
+    assert (resolved["gradient_accumulation_steps"], resolved["global_batch"]) == (3, 3)
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert any("loss_dm" in m for m in metrics) and any("loss_denoise" in m for m in metrics)
+
+    # a global batch that the micro-batches cannot make: one line, no run folder
+    result = runner.invoke(app, [*args[:-1], str(tmp_path / "other"), "--global-batch", "3"])
+    assert result.exit_code == 2, result.stderr
+    assert "--global-batch 3 is not a multiple of --batch-size 2 × 1 process(es) = 2" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "other").exists()
+
+
 def test_recipe_values_are_overridden_by_options_and_unknown_keys_are_listed(tmp_path):
     config = resolve_config("sdxl-4step-lora", {"lr": 1e-3, "prompts": "p.txt"})
     assert config.lr == 1e-3 and config.lora_rank == 64 and config.lora_alpha == 8 and config.steps == 4
@@ -383,6 +400,22 @@ def test_lr_schedules_warm_up_then_hold_or_decay_to_zero():
         (
             ["--teacher", "sd15", "--prompts", "p.txt", "--teacher-steps", "8"],
             "--method dmd2 does not read --teacher-steps",
+        ),
+        (
+            ["--teacher", "sd15", "--prompts", "p.txt", "--gradient-accumulation-steps", "0"],
+            "--gradient-accumulation-steps must be at least 1",
+        ),
+        (
+            ["--teacher", "sd15", "--prompts", "p.txt", "--global-batch", "8", "--gradient-accumulation-steps", "2"],
+            "give --global-batch or --gradient-accumulation-steps, not both",
+        ),
+        (
+            ["--teacher", "sd15", "--prompts", "p.txt", "--dry-run", "--global-batch", "3"],
+            "--global-batch 3 is not a multiple of --batch-size 2",
+        ),
+        (
+            ["--teacher", "sd15", "--prompts", "p.txt", "--method", "progressive", "--global-batch", "8"],
+            "--method progressive does not read --global-batch",
         ),
     ],
 )

@@ -55,6 +55,7 @@ def test_two_processes_keep_identical_weights_and_shard_data(tmp_path, tiny_sdxl
         "iterations": 4,
         "fake_updates_per_gen": 2,
         "batch_size": 2,
+        "gradient_accumulation_steps": 2,  # DDP averages over processes once, in the last micro-batch's backward
         "lora_rank": 4,
         "teacher_grid_steps": 2,
         "checkpoint_every": 2,

@@ -163,6 +163,7 @@ def _dry_run(config, json_out: bool) -> None:
     """The resolved configuration (TOML) and the memory estimate, from config files alone."""
     import tempfile
 
+    config.accumulation_steps(1)  # a global batch that no number of processes can make is refused here too
     with tempfile.TemporaryDirectory(prefix="dmd-dry-run-") as scratch:
         _estimate(config, json_out, Path(scratch))
 
@@ -177,8 +178,14 @@ def _estimate(config, json_out: bool, scratch: Path) -> None:
     console = stderr_console()
     plan = plan_memory(config, scratch, lambda note: console.print(note, markup=False))
     console.print(tomli_w.dumps({k: v for k, v in config.to_dict().items() if v is not None}), markup=False)
+    # Gradient accumulation adds batches up, one at a time: memory is that of one micro-batch.
+    batch = f"batch {config.batch_size}"
+    if config.global_batch:
+        batch += f" (global batch {config.global_batch})"
+    elif config.gradient_accumulation_steps > 1:
+        batch += f" × {config.gradient_accumulation_steps} accumulated"
     table = Table(
-        title=f"estimated memory per process: {plan.spec.layout} at {plan.resolution}px, batch {config.batch_size}, "
+        title=f"estimated memory per process: {plan.spec.layout} at {plan.resolution}px, {batch}, "
         f"{'bf16' if plan.bf16 else 'fp32'}" + (", sharded with FSDP" if config.fsdp else "")
     )
     table.add_column("what")

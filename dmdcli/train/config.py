@@ -96,6 +96,16 @@ class Optimization:
 
     iterations: int = option(1000, "Training iterations.")
     batch_size: int = option(2, "Per-process batch of prompts (and of real images with --data).")
+    gradient_accumulation_steps: int = option(
+        1,
+        "Micro-batches of --batch-size each process adds up before each update of the generator and the fake score "
+        "alike: the batch of many GPUs on one, in as many times the time.",
+    )
+    global_batch: int | None = option(
+        None,
+        "The batch of each update over all processes and micro-batches: sets --gradient-accumulation-steps to it / "
+        "(--batch-size × processes), e.g. 128 for the SDXL reference's 2 per GPU on 64 GPUs.",
+    )
     fake_updates_per_gen: int = option(
         10, "Two time-scale rule: fake score updates per generator update; 10 SD1.5, 5 SDXL, 1 with --method dmd."
     )
@@ -141,6 +151,21 @@ class Optimization:
     skip_nonfinite: bool = option(
         False, "Skip and count updates with a non-finite loss or gradient instead of stopping."
     )
+
+    def accumulation_steps(self, processes: int) -> int:
+        """Micro-batches a process adds up per update: --gradient-accumulation-steps, or what
+        --global-batch makes of the processes at hand."""
+        from dmdcli.errors import UsageError
+
+        if self.global_batch is None:
+            return self.gradient_accumulation_steps
+        per_micro_batch = self.batch_size * processes
+        if self.global_batch % per_micro_batch:
+            raise UsageError(
+                f"--global-batch {self.global_batch} is not a multiple of --batch-size {self.batch_size} × "
+                f"{processes} process(es) = {per_micro_batch}"
+            )
+        return self.global_batch // per_micro_batch
 
     def fake_lr_value(self) -> float:
         """The fake score's learning rate (the generator's unless --fake-lr)."""

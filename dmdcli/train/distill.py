@@ -175,12 +175,19 @@ class Distillation(Run):
             self.accelerator,
             self.any_process,
             self.regression_distance,
+            self.accumulation_steps,
         )
         self.generator = self.step.generator
         at = f"t = {self.timesteps}"
         if self.schedule.is_flow:  # the indices of the shifted table, and what they stand for
             at += f" (σ = {', '.join(f'{float(self.schedule.sigmas[t]):.3g}' for t in self.timesteps)})"
         self.ui.message(self.layout.describe(self.nets, at))
+        processes, micro = self.accelerator.num_processes, self.accumulation_steps
+        if processes > 1 or micro > 1:
+            self.ui.message(
+                f"batch of each update: {self.config.batch_size * processes * micro} ({self.config.batch_size} a "
+                f"micro-batch × {micro} micro-batch(es) × {processes} process(es))"
+            )
 
     # -- outputs -------------------------------------------------------------------------------
 
@@ -293,7 +300,12 @@ class Distillation(Run):
             update(done, None)
             for it in range(start_iteration, c.iterations):
                 batch = self.data.batch(
-                    self.teacher, c.seed, it, c.batch_size, self.uncond, self.accelerator.process_index
+                    self.teacher,
+                    c.seed,
+                    it,
+                    c.batch_size * self.accumulation_steps,
+                    self.uncond,
+                    self.accelerator.process_index,
                 )
                 latest.update(self.step(batch, it))
                 done = it + 1
@@ -334,6 +346,8 @@ class Distillation(Run):
             "gan": self.data.real is not None,
             "num_prompts": len(self.data.prompts),
             "method": self.config.method,
+            "gradient_accumulation_steps": self.accumulation_steps,
+            "global_batch": self.config.batch_size * self.accelerator.num_processes * self.accumulation_steps,
             "cached_prompts": len(self.data.cache) if self.data.cache is not None else None,
             "regression_distance": self.regression_distance_name,
             "regression_pairs": str(self.data.pairs.folder) if self.data.pairs is not None else None,

@@ -42,6 +42,7 @@ def build_step(
     accelerator,
     any_process=None,
     regression_distance=None,
+    accumulation_steps: int = 1,
 ) -> DMD2Step:
     """The DMD2 objective and its two AdamW optimizers (warm-up, LR schedule, clipping) over `nets`.
 
@@ -82,4 +83,5 @@ def build_step(
         regression_iterations=c.regression_iterations,
         regression_only=c.regression_only(),
         ema=ema,
+        accumulation_steps=accumulation_steps,
     )

@@ -37,6 +37,7 @@ class Run:
         self.schedule: NoiseSchedule = self.spec.schedule(self.resolution)
         self.denoiser_options = self.family.denoiser_kwargs(config)
         check_teacher_options(config, self.spec, self.family)
+        self.accumulation_steps = config.accumulation_steps(self.accelerator.num_processes)
         self.out = rundir.run_folder(config.out, config.teacher, config.steps)
 
     def load_teacher(self, frozen_network: bool = False) -> list[str] | None:

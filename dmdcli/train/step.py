@@ -7,8 +7,9 @@ Model-agnostic: it sees denoisers, conditionings and optimizers, never a UNet or
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+import functools
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, fields
 
 import torch
 from torch import Tensor, nn
@@ -73,6 +74,23 @@ class Batch:
     pair_noise: Tensor | None = None
     pair_latent: Tensor | None = None
     pair_cond: Cond | None = None
+
+    def split(self, n: int) -> list[Batch]:
+        """The batch as n micro-batches of equal size (gradient accumulation), each field cut along dim 0."""
+        if n == 1:
+            return [self]
+
+        def chunks(value):
+            if value is None:
+                return [None] * n
+            if isinstance(value, dict):
+                return [dict(zip(value, parts)) for parts in zip(*(chunks(v) for v in value.values()))] or [{}] * n
+            if value.shape[0] % n:
+                raise ValueError(f"a batch of {value.shape[0]} does not split into {n} micro-batches")
+            return list(value.chunk(n))
+
+        parts = {f.name: chunks(getattr(self, f.name)) for f in fields(self)}
+        return [Batch(**{name: chunk[i] for name, chunk in parts.items()}) for i in range(n)]
 
 
 class GeneratorPhase(nn.Module):
@@ -146,13 +164,15 @@ class DMD2Step:
         regression_iterations: int = 0,
         regression_only: bool = False,
         ema=None,
+        accumulation_steps: int = 1,
     ):
         """`wrap` wraps each phase module for data parallelism (accelerate's prepare_model).
         `regression_distance` (x, y) → scalar enables DMD v1's regression term on batches that carry
         pairs, for the first `regression_iterations` iterations (0: always). `regression_only`: the
         generator fits the pairs alone on every iteration (a pre-training stage: DM and GAN off),
         and the fake score, which nothing reads then, is neither run nor updated. `ema`: an average
-        of the generator's weights (dmdcli.train.ema), updated after each applied generator step."""
+        of the generator's weights (dmdcli.train.ema), updated after each applied generator step.
+        `accumulation_steps`: each batch is that many micro-batches, whose gradients each update adds up."""
         if regression_only and regression_distance is None:
             raise ValueError("regression_only needs a regression_distance")
         self.dmd2, self.generator, self.timesteps = dmd2, generator, list(timesteps)
@@ -171,6 +191,7 @@ class DMD2Step:
         self.regression_distance, self.regression_iterations = regression_distance, regression_iterations
         self.regression_only = regression_only
         self.ema = ema
+        self.accumulation_steps = accumulation_steps
         # phase name → a context manager around it; benchmarks/speed.py swaps in one that times them
         self.clock = untimed
         self.generator_phase = wrap(GeneratorPhase(dmd2, generator, regression_distance, self.timesteps[0]))
@@ -187,24 +208,46 @@ class DMD2Step:
             and (self.regression_iterations == 0 or iteration < self.regression_iterations)
         )
 
-    def _update(self, phase: str, terms: dict[str, Tensor], params: list[nn.Parameter], iteration: int) -> float | None:
-        """Backward, clip and step one phase ("generator" or "fake"); returns the gradient norm.
+    def _update(
+        self, phase: str, forwards: list[Callable[[], dict[str, Tensor]]], module: nn.Module, iteration: int
+    ) -> tuple[float | None, dict[str, float]]:
+        """Forward and backward each micro-batch (`forwards`: one call each, returning its loss terms)
+        with its loss divided by their number, then clip and step once: the gradient of one batch
+        of them all. Returns the gradient norm (None: skipped, or no terms) and the terms' means.
 
         A non-finite loss term or gradient stops the run (DmdError naming the iteration and the
         term) before the optimizer touches the weights, or, with skip_nonfinite, skips the update
         and counts it.
         """
-        optimizer = self.generator_optimizer if phase == "generator" else self.fake_optimizer
-        bad = [f"loss_{name}" for name, v in terms.items() if not torch.isfinite(v.detach()).all()]
-        grad_norm = None
-        if not self.any_process(bool(bad)):
+        optimizer, params = (
+            (self.generator_optimizer, self.generator_params)
+            if phase == "generator"
+            else (self.fake_optimizer, self.fake_params)
+        )
+        n, means, bad = len(forwards), {}, []
+        for i, forward in enumerate(forwards):
+            # Under DDP the processes average their gradients once, in the last micro-batch's backward.
+            with contextlib.nullcontext() if i == n - 1 else getattr(module, "no_sync", contextlib.nullcontext)():
+                terms = forward()
+                if not terms:  # DM and GAN both off (an ablation): the generator stays put
+                    continue
+                bad = [f"loss_{name}" for name, v in terms.items() if not torch.isfinite(v.detach()).all()]
+                if self.any_process(bool(bad)):
+                    bad = bad or ["loss on another process"]
+                else:
+                    with self.clock(f"{phase} backward"):
+                        self.backward(self.dmd2.weighted_total(terms) / n)
+            for name, v in terms.items():
+                means[name] = means.get(name, 0.0) + v.item() / n
+            if bad:
+                break
+        if not means:
+            return None, means
+        if not bad:
             with self.clock(f"{phase} backward"):
-                self.backward(self.dmd2.weighted_total(terms))
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
             if not torch.isfinite(grad_norm):  # gradients are averaged: the same on every process
                 bad = [f"{phase} gradient"]
-        else:
-            bad = bad or ["loss on another process"]
         if bad:
             optimizer.zero_grad(set_to_none=True)
             if not self.skip_nonfinite:
@@ -213,45 +256,59 @@ class DMD2Step:
                     "applying it (lower --lr, or pass --skip-nonfinite to skip such updates)"
                 )
             self.skipped_updates += 1
-            return None
+            return None, means
         with self.clock(f"{phase} optimizer"):
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             if phase == "generator" and self.ema is not None:
                 self.ema.update()
-        return float(grad_norm)
+        return float(grad_norm), means
 
     def __call__(self, batch: Batch, iteration: int) -> dict[str, float]:
         """Run iteration `iteration`; returns the loss terms and gradient norms as floats."""
         if self.regression_only:
             return self._regression_iteration(batch, iteration)
-        schedule, logs = self.dmd2.schedule, {}
+        schedule, micro_batches = self.dmd2.schedule, batch.split(self.accumulation_steps)
         k = simulation_step(self.seed, iteration, len(self.timesteps))
-        with self.clock("backward simulation"), self.autocast():
-            x_t = backward_simulation(self.generator, schedule, batch.noise, batch.cond, self.timesteps, k)
-        t = as_timestep_tensor(self.timesteps[k], x_t.shape[0], x_t.device)
+        samples: list[Tensor] = []  # each micro-batch's generator sample, detached: the fake score's data
 
+        def simulated(m: Batch) -> tuple[Tensor, Tensor]:
+            with self.clock("backward simulation"), self.autocast():
+                x_t = backward_simulation(self.generator, schedule, m.noise, m.cond, self.timesteps, k)
+            return x_t, as_timestep_tensor(self.timesteps[k], x_t.shape[0], x_t.device)
+
+        def generator_forward(m: Batch) -> dict[str, Tensor]:
+            x_t, t = simulated(m)
+            with self.clock("generator forward"), self.autocast():
+                pair = None
+                if m.pair_noise is not None and self.regression_active(iteration):
+                    pair = (m.pair_noise, m.pair_latent, m.pair_cond)
+                x, terms = self.generator_phase(x_t, t, m.cond, m.uncond, pair)
+            samples.append(x.detach())
+            return terms
+
+        def fake_forward(m: Batch, x: Tensor) -> dict[str, Tensor]:
+            with self.clock("fake score forward"), self.autocast():
+                return self.fake_phase(x, m.cond, m.x_real, m.real_cond)
+
+        logs: dict[str, float | None] = {}
         if self.is_generator_iteration(iteration):
             # The fake score stays frozen through backward too: under gradient checkpointing its
             # blocks are recomputed during backward and must see the same requires_grad flags.
             with frozen(self.fake_params):
-                with self.clock("generator forward"), self.autocast():
-                    pair = None
-                    if batch.pair_noise is not None and self.regression_active(iteration):
-                        pair = (batch.pair_noise, batch.pair_latent, batch.pair_cond)
-                    x, terms = self.generator_phase(x_t, t, batch.cond, batch.uncond, pair)
-                if terms:  # none when DM and GAN are both off (an ablation): the generator stays put
-                    logs["grad_norm_generator"] = self._update("generator", terms, self.generator_params, iteration)
-            logs.update({f"loss_{name}": v.item() for name, v in terms.items()})
-            x = x.detach()
+                forwards = [functools.partial(generator_forward, m) for m in micro_batches]
+                norm, terms = self._update("generator", forwards, self.generator_phase, iteration)
+            logs["grad_norm_generator"] = norm
+            logs.update({f"loss_{name}": v for name, v in terms.items()})
         else:
-            with self.clock("generator sample (no grad)"), torch.no_grad(), self.autocast():
-                x = generator_x0(self.generator, schedule, x_t, t, batch.cond)
+            for m in micro_batches:
+                x_t, t = simulated(m)
+                with self.clock("generator sample (no grad)"), torch.no_grad(), self.autocast():
+                    samples.append(generator_x0(self.generator, schedule, x_t, t, m.cond))
 
-        with self.clock("fake score forward"), self.autocast():
-            terms = self.fake_phase(x, batch.cond, batch.x_real, batch.real_cond)
-        logs["grad_norm_fake"] = self._update("fake", terms, self.fake_params, iteration)
-        logs.update({f"loss_{name}": v.item() for name, v in terms.items()})
+        forwards = [functools.partial(fake_forward, m, x) for m, x in zip(micro_batches, samples)]
+        logs["grad_norm_fake"], terms = self._update("fake", forwards, self.fake_phase, iteration)
+        logs.update({f"loss_{name}": v for name, v in terms.items()})
         # Both schedules count iterations, as the reference's (its generator scheduler steps on
         # every iteration, updated or not): a warm-up of W iterations, not of W generator updates.
         return self._finish(logs, (self.generator_lr_scheduler, self.fake_lr_scheduler))
@@ -261,12 +318,14 @@ class DMD2Step:
         no backward simulation, no DM or GAN forward, no fake score update."""
         if batch.pair_noise is None:
             raise ValueError("a regression-only iteration needs a batch with pairs")
-        with self.clock("generator forward"), self.autocast():
-            _, terms = self.generator_phase(
-                None, None, batch.cond, None, (batch.pair_noise, batch.pair_latent, batch.pair_cond)
-            )
-        logs = {"grad_norm_generator": self._update("generator", terms, self.generator_params, iteration)}
-        logs.update({f"loss_{name}": v.item() for name, v in terms.items()})
+
+        def forward(m: Batch) -> dict[str, Tensor]:
+            with self.clock("generator forward"), self.autocast():
+                return self.generator_phase(None, None, m.cond, None, (m.pair_noise, m.pair_latent, m.pair_cond))[1]
+
+        forwards = [functools.partial(forward, m) for m in batch.split(self.accumulation_steps)]
+        grad_norm, terms = self._update("generator", forwards, self.generator_phase, iteration)
+        logs = {"grad_norm_generator": grad_norm, **{f"loss_{name}": v for name, v in terms.items()}}
         return self._finish(logs, (self.generator_lr_scheduler,))
 
     def _finish(self, logs: dict, lr_schedulers) -> dict[str, float]:

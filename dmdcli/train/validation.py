@@ -28,6 +28,7 @@ NOT_PROGRESSIVE = (
     *section_names(Regression), "iterations", "fake_updates_per_gen", "fake_lr", "conditioning_timestep", "dm_weight",
     "regression_weight", "dm_timesteps", "fake_score_target", "gradient_checkpointing", "checkpoint_every",
     "keep_checkpoints", "sample_every", "teacher_grid_steps", "skip_nonfinite", "ema_decay",
+    "gradient_accumulation_steps", "global_batch",
 )  # fmt: skip
 GAN_OPTIONS = ("gan_generator_weight", "gan_discriminator_weight", "diffusion_gan", "diffusion_gan_max_timestep")
 METHOD_OPTIONS = {
@@ -84,6 +85,15 @@ def validate(c: DistillConfig) -> None:
     need(1 <= c.steps <= 1000, f"--steps must lie in 1 … 1000 (got {c.steps})")
     need(c.iterations >= 1, f"--iterations must be at least 1 (got {c.iterations})")
     need(c.batch_size >= 1, f"--batch-size must be at least 1 (got {c.batch_size})")
+    need(
+        c.gradient_accumulation_steps >= 1,
+        f"--gradient-accumulation-steps must be at least 1 (got {c.gradient_accumulation_steps})",
+    )
+    need(c.global_batch is None or c.global_batch >= 1, f"--global-batch must be at least 1 (got {c.global_batch})")
+    need(
+        c.global_batch is None or c.gradient_accumulation_steps == 1,
+        "give --global-batch or --gradient-accumulation-steps, not both (the global batch sets the accumulation)",
+    )
     need(c.fake_updates_per_gen >= 1, f"--fake-updates-per-gen must be at least 1 (got {c.fake_updates_per_gen})")
     need(c.lora_rank >= 0, f"--lora-rank must be 0 (full fine-tune) or positive (got {c.lora_rank})")
     need(c.lora_alpha is None or c.lora_alpha > 0, f"--lora-alpha must be positive (got {c.lora_alpha})")
