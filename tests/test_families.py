@@ -44,6 +44,16 @@ def registered():
         families.REGISTRY.pop(name)
 
 
+def test_an_unsupported_pipeline_is_told_what_every_family_distills(tmp_path):
+    recognising = [f for f in families.families() if f.recognises]
+    assert all(f.distills for f in recognising), "a family that recognises pipelines must say which"
+    with pytest.raises(DmdError) as refused:
+        inspect_teacher(str(_fake_pipeline(tmp_path / "fake-teacher")))
+    message = str(refused.value)
+    assert all(f.distills in message for f in recognising)
+    assert "StableDiffusionXLPipeline" in message and "\n" not in message
+
+
 def test_a_family_registered_outside_the_runtime_is_recognised_and_gets_its_defaults(registered, tmp_path):
     teacher = _fake_pipeline(tmp_path / "fake-teacher")
     with pytest.raises(DmdError, match="unsupported pipeline"):  # unknown until a family claims it

@@ -212,6 +212,7 @@ def chroma_shape(config: dict[str, Any]) -> NetworkShape:
 CHROMA_FAMILY = register(
     Family(
         name="chroma",
+        distills="Chroma (ChromaPipeline)",
         layout="chroma",
         teacher=ChromaTeacher,
         denoiser=ChromaDenoiser,

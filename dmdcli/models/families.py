@@ -111,6 +111,7 @@ class Family:
     example_prompt: str = "..."  # what the hint after a run suggests sampling
     default: bool = False  # the family of `dmd distill` with no --teacher (one with a built-in teacher)
     title: str = ""  # how messages name its teachers ("the built-in teacher"; default: "a NAME teacher")
+    distills: str = ""  # the pipelines it recognises, as the message refusing any other pipeline lists them
     help: str = ""  # the default family's lines in `dmd distill --help`: what a run with no --teacher is
 
     def denoiser_kwargs(self, config) -> dict[str, Any]:
@@ -194,3 +195,8 @@ def resolve_data(data: str | None) -> str | None:
     """A registered --data name → its folder (made on first use); anything else unchanged."""
     maker = next((f.data[data] for f in families() if data in f.data), None)
     return maker() if maker else data
+
+
+def supported_pipelines() -> str:
+    """What dmd distills, for the message that refuses any other pipeline."""
+    return ", ".join(f.distills for f in families() if f.recognises)  # a built-in teacher's family: by name

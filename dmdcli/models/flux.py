@@ -96,6 +96,7 @@ def flux_recipe(steps: int, lora_rank: int | None) -> str:
 FLUX = register(
     Family(
         name="flux",
+        distills="FLUX.1-dev (FluxPipeline)",
         layout="flux",
         teacher=FluxTeacher,
         denoiser=FluxDenoiser,

@@ -285,6 +285,7 @@ def flux2_shape(config: dict[str, Any]) -> NetworkShape:
 FLUX2 = register(
     Family(
         name="flux2",
+        distills="FLUX.2 [klein] base (Flux2KleinPipeline)",
         layout="flux2",
         teacher=Flux2Teacher,
         denoiser=Flux2Denoiser,
@@ -305,6 +306,7 @@ FLUX2 = register(
 FLUX2_DEV_FAMILY = register(
     Family(
         name="flux2-dev",
+        distills="FLUX.2 [dev] (Flux2Pipeline)",
         layout="flux2-dev",
         teacher=Flux2DevTeacher,
         denoiser=Flux2Denoiser,

@@ -201,6 +201,7 @@ def qwen_image_shape(config: dict[str, Any]) -> NetworkShape:
 QWEN = register(
     Family(
         name="qwen-image",
+        distills="Qwen-Image (QwenImagePipeline)",
         layout="qwen-image",
         teacher=QwenImageTeacher,
         denoiser=QwenImageDenoiser,

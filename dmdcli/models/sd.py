@@ -176,6 +176,7 @@ UNET = dict(denoiser=_unet_denoiser, network_shape=unet_shape, lora_targets=UNET
 SD = register(
     Family(
         name="sd",
+        distills="Stable Diffusion 1.x / 2.x (StableDiffusionPipeline)",
         layout="sd",
         teacher=SDTeacher,
         conditioning_timestep=999,
@@ -192,6 +193,7 @@ SD = register(
 SDXL = register(
     Family(
         name="sdxl",
+        distills="SDXL (StableDiffusionXLPipeline)",
         layout="sdxl",
         teacher=SDXLTeacher,
         conditioning_timestep=399,

@@ -122,6 +122,7 @@ def transformer_shape(config: dict[str, Any]) -> NetworkShape:
 SD3 = register(
     Family(
         name="sd3",
+        distills="SD3 / SD3.5 (StableDiffusion3Pipeline)",
         layout="sd3",
         teacher=SD3Teacher,
         denoiser=SD3Denoiser,

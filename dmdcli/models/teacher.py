@@ -16,7 +16,7 @@ from typing import Any
 from dmdcli.core.schedule import NoiseSchedule, flow_sigmas, resolution_shift, shift_sigmas, time_shift_sigmas
 from dmdcli.errors import DmdError, UsageError, first_line
 from dmdcli.files import read_json
-from dmdcli.models.families import Family, get_family, named_family, recognise, resolve_alias
+from dmdcli.models.families import Family, get_family, named_family, recognise, resolve_alias, supported_pipelines
 
 
 def resolve_teacher(name: str) -> str:
@@ -245,11 +245,7 @@ def inspect_teacher(name: str) -> TeacherSpec:
     pipeline_class = index.get("_class_name", "?")
     family = recognise(index)
     if family is None:
-        raise DmdError(
-            f"unsupported pipeline {pipeline_class} in {source}: dmd distills Stable Diffusion 1.x / 2.x, SDXL "
-            "(UNet2DConditionModel, CLIP text encoders), SD3 / SD3.5, FLUX.1-dev, Chroma, FLUX.2 [dev] and [klein] "
-            "base, Qwen-Image and Z-Image pipelines"
-        )
+        raise DmdError(f"unsupported pipeline {pipeline_class} in {source}: dmd distills {supported_pipelines()}")
     network_cfg = _load_json_config(source, family.network, "config.json")
     vae_cfg = _load_json_config(source, "vae", "config.json")
     scheduler_cfg = _load_json_config(source, "scheduler", "scheduler_config.json")

@@ -163,6 +163,7 @@ def z_image_shape(config: dict[str, Any]) -> NetworkShape:
 Z = register(
     Family(
         name="z-image",
+        distills="Z-Image (ZImagePipeline)",
         layout="z-image",
         teacher=ZImageTeacher,
         denoiser=ZImageDenoiser,

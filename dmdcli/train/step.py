@@ -1,5 +1,6 @@
 """One DMD2 training iteration: generator update on every `fake_updates_per_gen`-th iteration
-(the two time-scale rule), fake score + classifier head update on every iteration.
+(the two time-scale rule), fake score + classifier head update on every iteration; each update
+adds up the gradients of the batch's micro-batches (gradient accumulation).
 
 Model-agnostic: it sees denoisers, conditionings and optimizers, never a UNet or a file.
 """
