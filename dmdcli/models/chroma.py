@@ -106,10 +106,6 @@ class ChromaDenoiser(PackedDenoiser):
 
     `cond` holds "encoder_hidden_states" [B, L, D] (T5) and "encoder_hidden_states_mask" [B, L]."""
 
-    @property
-    def blocks(self) -> list[nn.Module]:
-        return [*self.transformer.transformer_blocks, *self.transformer.single_transformer_blocks]
-
     def forward(self, x_t: Tensor, t: Tensor, cond: Cond) -> Tensor:
         return by_prompt_length(super().forward, x_t, t, cond)
 

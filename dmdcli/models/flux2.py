@@ -210,10 +210,6 @@ class Flux2Denoiser(TransformerDenoiser):
         super().__init__(transformer, schedule, gan_feature_block)
         self.embedded_guidance = embedded_guidance
 
-    @property
-    def blocks(self) -> list[nn.Module]:
-        return [*self.transformer.transformer_blocks, *self.transformer.single_transformer_blocks]
-
     def draw_noise(self, like: Tensor, draw: Callable[[tuple[int, ...]], Tensor]) -> Tensor:
         """The pipeline's scheduler draws each step's noise as tokens [h·w, C]: drawn so, then put on the grid."""
         c, h, w = like.shape[1:]

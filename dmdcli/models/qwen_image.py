@@ -137,10 +137,6 @@ class QwenImageDenoiser(PackedDenoiser):
     text is cut to the batch's longest prompt first, as the pipeline pads it (the padding is masked
     out, so this only saves work), and the mask is dropped when nothing is padding, as there."""
 
-    @property
-    def blocks(self) -> list[nn.Module]:
-        return list(self.transformer.transformer_blocks)
-
     def _call(self, x_t: Tensor, t: Tensor, cond: Cond) -> Tensor:
         dtype, (b, _, h, w) = self.transformer.dtype, x_t.shape
         text, mask = _cut_to_longest(cond["encoder_hidden_states"], cond["encoder_hidden_states_mask"])

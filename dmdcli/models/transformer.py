@@ -91,9 +91,11 @@ class TransformerDenoiser(nn.Module, ABC):
             )
 
     @property
-    @abstractmethod
     def blocks(self) -> list[nn.Module]:
-        """The transformer's blocks in the order they run (what each returns: `image_tokens`)."""
+        """The transformer's blocks in the order they run (what each returns: `image_tokens`):
+        diffusers' `transformer_blocks`, then its `single_transformer_blocks` where it has them
+        (FLUX, Chroma, FLUX.2)."""
+        return [*self.transformer.transformer_blocks, *getattr(self.transformer, "single_transformer_blocks", ())]
 
     @abstractmethod
     def _call(self, x_t: Tensor, t: Tensor, cond: Cond) -> Tensor:
@@ -148,10 +150,6 @@ class SD3Denoiser(TransformerDenoiser):
     def patch(self) -> int:
         return self.transformer.config.patch_size
 
-    @property
-    def blocks(self) -> list[nn.Module]:
-        return list(self.transformer.transformer_blocks)
-
     def _call(self, x_t: Tensor, t: Tensor, cond: Cond) -> Tensor:
         dtype = self.transformer.dtype
         return self.transformer(
@@ -192,10 +190,6 @@ class FluxDenoiser(PackedDenoiser):
     ):
         super().__init__(transformer, schedule, gan_feature_block)
         self.embedded_guidance = float(embedded_guidance)
-
-    @property
-    def blocks(self) -> list[nn.Module]:
-        return [*self.transformer.transformer_blocks, *self.transformer.single_transformer_blocks]
 
     def _call(self, x_t: Tensor, t: Tensor, cond: Cond) -> Tensor:
         dtype, (b, _, h, w) = self.transformer.dtype, x_t.shape
