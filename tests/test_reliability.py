@@ -57,8 +57,12 @@ def assert_same_tensors(a, b, skip=("rng.",)):
     assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
 
 
-@pytest.mark.parametrize("lora", [False, True])
-def test_resume_is_bit_exact(tmp_path, tiny_sdxl, prompts_file, image_folder, lora):
+@pytest.mark.parametrize(
+    "options",
+    [[], ["--lora-rank", "4", "--lora-alpha", "8"], ["--batch-size", "1", "--gradient-accumulation-steps", "2"]],
+    ids=["full", "lora", "accumulated"],
+)
+def test_resume_is_bit_exact(tmp_path, tiny_sdxl, prompts_file, image_folder, options):
     common = [
         "--teacher",
         tiny_sdxl,
@@ -71,9 +75,8 @@ def test_resume_is_bit_exact(tmp_path, tiny_sdxl, prompts_file, image_folder, lo
         "--fake-updates-per-gen",
         "2",
         "--diffusion-gan",
+        *options,
     ]
-    if lora:
-        common += ["--lora-rank", "4", "--lora-alpha", "8"]
     whole, part = tmp_path / "whole", tmp_path / "part"
     assert distill(*common, "--iterations", 6, "--out", whole).exit_code == 0
     assert distill(*common, "--iterations", 3, "--out", part).exit_code == 0
