@@ -127,7 +127,8 @@ class DMD2:
         rule; on a flow schedule, σ uniform in [min, max] then shifted as the teacher's table is), or
         logit-normal over them (σ logit-normal, then shifted: the training density of SD3 and FLUX,
         Esser et al. 2024), or σ itself drawn (uniform, logit-normal) within [min, max] and taken to
-        its nearest index, unshifted."""
+        its nearest index, unshifted. The last two are bounded in σ, not in index: on a shifted
+        table σ = 0.02 lies below index min_t, and clamping to it piled the lowest draws there."""
         c = self.config
         if c.dm_timesteps == "shifted":
             return torch.randint(self.min_t, self.max_t + 1, (batch,), device=device)
@@ -138,7 +139,7 @@ class DMD2:
         if c.dm_timesteps == "shifted-logit-normal":  # the index is the unshifted σ's: the table shifts it
             return (self.min_t + (self.max_t - self.min_t) * u).round().long()
         sigma = c.min_timestep_frac + (c.max_timestep_frac - c.min_timestep_frac) * u
-        return self.schedule.timesteps_at(sigma).clamp(self.min_t, self.max_t)
+        return self.schedule.timesteps_at(sigma)
 
     # -- the two phases ------------------------------------------------------------------------
 
