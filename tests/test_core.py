@@ -250,3 +250,31 @@ def test_features_wider_than_the_reference_head_are_projected_first():
     assert sdxl.net[0].kernel_size == (4, 4) and sdxl.net[0].in_channels == 1280
     assert sum(p.numel() for p in flux.parameters()) < 0.14e9
     assert ClassifierHead(96, 8)(torch.randn(2, 96, 8, 8)).shape == (2,)
+
+
+@pytest.mark.parametrize("same", [False, True])
+def test_gan_same_noise_noises_real_and_fake_with_one_draw(same):
+    """gan_same_noise: the discriminator's real and fake latents get the same diffusion-GAN t and
+    noise (read back from what the fake score's bottleneck is handed); off: a draw each."""
+    schedule, seen = toy_schedule(), []
+
+    class FakeScore:
+        def __call__(self, x_t, t, cond):  # the denoising term's forward
+            return torch.zeros_like(x_t)
+
+        def bottleneck(self, x_t, t, cond):  # what the discriminator reads
+            seen.append((x_t, t))
+            return x_t
+
+    config = DMD2Config(gan_discriminator_weight=1.0, gan_same_noise=same)
+    dmd2 = DMD2(schedule, None, FakeScore(), torch.nn.Linear(2, 1), config)
+    x_fake, x_real = torch.randn(64, 2), torch.randn(64, 2)
+    torch.manual_seed(0)
+    dmd2.fake_score_losses(x_fake, {}, x_real, {})
+    (real_t, real_x_t), (fake_t, fake_x_t) = [(t, x_t) for x_t, t in seen]
+    noises = []
+    for x, x_t, t in ((x_real, real_x_t, real_t), (x_fake, fake_x_t, fake_t)):
+        a, s = schedule.alpha_sigma(t, x)
+        noises.append((x_t - a * x) / s)
+    assert torch.equal(real_t, fake_t) == same
+    assert torch.allclose(noises[0], noises[1], atol=1e-5) == same

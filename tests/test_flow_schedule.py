@@ -319,3 +319,27 @@ def test_the_fake_score_x0_target_is_the_mse_of_the_implied_clean_sample():
         else:
             expected = (schedule.target(x_fake, noise, t) ** 2).mean()
         assert torch.allclose(loss, expected.float(), atol=1e-6), target
+
+
+def test_the_fake_score_can_be_fit_at_the_dm_gradients_timesteps():
+    """fake_score_timesteps dm: the denoising loss's t are drawn as dm_timesteps draws (here σ
+    logit-normal, its mass in the middle); all: uniform over every index, as the reference."""
+    from dmdcli.core.dmd2 import DMD2, DMD2Config
+
+    schedule = schedule_from_config(SD3_CONFIG)
+    seen = []
+
+    def fake_score(x_t, t, cond):
+        seen.append(t)
+        return torch.zeros_like(x_t)
+
+    middle = {}
+    for rule in ("all", "dm"):
+        config = DMD2Config(dm_timesteps="logit-normal", fake_score_timesteps=rule)
+        torch.manual_seed(0)
+        DMD2(schedule, None, fake_score, config=config).fake_score_losses(torch.randn(20000, 2), {})
+        sigma = schedule.sigmas[seen[-1]]
+        middle[rule] = ((sigma > 0.3) & (sigma < 0.7)).float().mean().item()
+        if rule == "all":
+            assert seen[-1].min() < 20 and seen[-1].max() > 980  # every index, the ends included
+    assert middle["dm"] > 0.55 > middle["all"], middle

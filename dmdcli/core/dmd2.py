@@ -24,6 +24,7 @@ from dmdcli.core.schedule import NoiseSchedule
 
 DM_TIMESTEPS = ("shifted", "uniform", "logit-normal", "shifted-logit-normal")
 FAKE_SCORE_TARGETS = ("prediction", "x0")
+FAKE_SCORE_TIMESTEPS = ("all", "dm")
 
 
 def option(default, help: str, command_line: bool = True):
@@ -56,6 +57,11 @@ class DMD2Config:
         "--no-diffusion-gan: D on clean latents.",
     )
     diffusion_gan_max_timestep: int = option(1000, "Upper bound of the diffusion-GAN timesteps.")
+    gan_same_noise: bool = option(
+        False,
+        "With the diffusion GAN, the discriminator's update noises its real and fake latents with one draw of t "
+        "and noise (NVlabs/FastGen's gan_use_same_t_noise); off: a draw each, as the reference.",
+    )
     gan_feature_block: int | None = option(
         None, "Transformer teachers (SD3, FLUX): the block whose image tokens the GAN head reads (default: the middle)."
     )
@@ -68,6 +74,11 @@ class DMD2Config:
     fake_score_target: str = option(
         "prediction",
         "Fake score's denoising loss: prediction (MSE on the teacher's target: ε, v or flow velocity) | x0.",
+    )
+    fake_score_timesteps: str = option(
+        "all",
+        "Fake score's denoising timesteps: all (uniform over every index, the reference) | dm (drawn as "
+        "--dm-timesteps draws the DM gradient's: fit where distribution matching reads it, as NVlabs/FastGen).",
     )
     min_timestep_frac: float = option(
         0.02, "DM timesteps are drawn uniformly from [min, max]·T (reference).", command_line=False
@@ -111,15 +122,20 @@ class DMD2:
         """Fake score's x0, no guidance (fake guidance = 1 in the reference)."""
         return self.schedule.to_x0(x_t, self.fake_score(x_t, t, cond), t)
 
-    def realism_logits(self, x: Tensor, cond: Cond) -> Tensor:
-        """D(x): the classifier head on the fake score's bottleneck at t = 0 (or diffusion-GAN t)."""
+    def gan_noise(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """A diffusion-GAN draw for latents like x: timesteps [B] below diffusion_gan_max_timestep, noise."""
+        t = torch.randint(0, self.config.diffusion_gan_max_timestep, (x.shape[0],), device=x.device)
+        return t, torch.randn_like(x)
+
+    def realism_logits(self, x: Tensor, cond: Cond, draw: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        """D(x): the classifier head on the fake score's bottleneck at t = 0 (or at diffusion-GAN t,
+        noised by `draw`, else by a draw of its own)."""
         assert self.discriminator is not None
-        batch = x.shape[0]
         if self.config.diffusion_gan:
-            t = torch.randint(0, self.config.diffusion_gan_max_timestep, (batch,), device=x.device)
-            x = self.schedule.add_noise(x, torch.randn_like(x), t)
+            t, noise = draw or self.gan_noise(x)
+            x = self.schedule.add_noise(x, noise, t)
         else:
-            t = torch.zeros(batch, dtype=torch.long, device=x.device)
+            t = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
         return self.discriminator(self.fake_score.bottleneck(x, t, cond))
 
     def dm_timesteps(self, batch: int, device: torch.device) -> Tensor:
@@ -173,11 +189,15 @@ class DMD2:
     ) -> dict[str, Tensor]:
         """Loss terms for the fake score (and classifier head).
 
-        "denoise": diffusion loss on the detached generator samples x_fake at t ~ U[0, T);
+        "denoise": diffusion loss on the detached generator samples x_fake at t ~ U[0, T) (or, with
+        fake_score_timesteps "dm", at the DM gradient's timesteps);
         "gan_d": softplus(D(fake)) + softplus(−D(real)) when a head and real latents are given.
         """
         x_fake = x_fake.detach()
-        t = torch.randint(0, self.schedule.num_train_timesteps, (x_fake.shape[0],), device=x_fake.device)
+        if self.config.fake_score_timesteps == "dm":
+            t = self.dm_timesteps(x_fake.shape[0], x_fake.device)
+        else:
+            t = torch.randint(0, self.schedule.num_train_timesteps, (x_fake.shape[0],), device=x_fake.device)
         noise = torch.randn_like(x_fake)
         x_t = self.schedule.add_noise(x_fake, noise, t)
         prediction = self.fake_score(x_t, t, cond)
@@ -187,8 +207,13 @@ class DMD2:
             out = {"denoise": losses.denoising_loss(prediction, self.schedule.target(x_fake, noise, t))}
         if self.discriminator is not None and x_real is not None:
             assert real_cond is not None
+            draw = None
+            if self.config.gan_same_noise and self.config.diffusion_gan:  # D tells them apart at matched noise
+                if x_real.shape != x_fake.shape:
+                    raise ValueError(f"gan_same_noise: real latents {x_real.shape} and fake {x_fake.shape} differ")
+                draw = self.gan_noise(x_fake)
             out["gan_d"] = losses.gan_discriminator_loss(
-                self.realism_logits(x_real.detach(), real_cond), self.realism_logits(x_fake, cond)
+                self.realism_logits(x_real.detach(), real_cond, draw), self.realism_logits(x_fake, cond, draw)
             )
         return out
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from dmdcli.core.dmd2 import DM_TIMESTEPS, FAKE_SCORE_TARGETS
+from dmdcli.core.dmd2 import DM_TIMESTEPS, FAKE_SCORE_TARGETS, FAKE_SCORE_TIMESTEPS
 from dmdcli.core.losses import REGRESSION_DISTANCES
 from dmdcli.core.progressive import LOSS_WEIGHTS, PARAMETERIZATIONS
 from dmdcli.errors import UsageError
@@ -26,11 +26,13 @@ from dmdcli.train.config import (
 PROGRESSIVE_ONLY = section_names(Progressive)
 NOT_PROGRESSIVE = (
     *section_names(Regression), "iterations", "fake_updates_per_gen", "fake_lr", "conditioning_timestep", "dm_weight",
-    "regression_weight", "dm_timesteps", "fake_score_target", "gradient_checkpointing", "checkpoint_every",
-    "keep_checkpoints", "sample_every", "teacher_grid_steps", "skip_nonfinite", "ema_decay",
+    "regression_weight", "dm_timesteps", "fake_score_target", "fake_score_timesteps", "gradient_checkpointing",
+    "checkpoint_every", "keep_checkpoints", "sample_every", "teacher_grid_steps", "skip_nonfinite", "ema_decay",
     "gradient_accumulation_steps", "global_batch",
 )  # fmt: skip
-GAN_OPTIONS = ("gan_generator_weight", "gan_discriminator_weight", "diffusion_gan", "diffusion_gan_max_timestep")
+GAN_OPTIONS = (
+    "gan_generator_weight", "gan_discriminator_weight", "diffusion_gan", "diffusion_gan_max_timestep", "gan_same_noise",
+)  # fmt: skip
 METHOD_OPTIONS = {
     "dmd2": set(FIELD_NAMES) - set(PROGRESSIVE_ONLY),
     "dmd": set(FIELD_NAMES) - set(PROGRESSIVE_ONLY) - set(GAN_OPTIONS),
@@ -126,6 +128,10 @@ def validate(c: DistillConfig) -> None:
     need(
         c.fake_score_target in FAKE_SCORE_TARGETS,
         f"--fake-score-target must be one of {', '.join(FAKE_SCORE_TARGETS)}",
+    )
+    need(
+        c.fake_score_timesteps in FAKE_SCORE_TIMESTEPS,
+        f"--fake-score-timesteps must be one of {', '.join(FAKE_SCORE_TIMESTEPS)}",
     )
     need(c.guidance_scale >= 1.0, f"--guidance-scale must be ≥ 1 (got {c.guidance_scale})")
     need(0.0 <= c.min_timestep_frac < c.max_timestep_frac <= 1.0, "need 0 ≤ min_timestep_frac < max_timestep_frac ≤ 1")
