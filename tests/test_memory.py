@@ -328,6 +328,7 @@ def test_a_run_says_at_once_when_its_estimate_is_more_than_the_gpu_has_free(
         assert "estimated peak" not in said
     else:
         assert "is more than the 0.0 GiB free on this GPU (of 80.0): --gradient-checkpointing, --lora-rank 64" in said
+        assert "--batch-size 1 --gradient-accumulation-steps 4 (the same batch an update) would lower it" in said
         assert said.index("estimated peak") < said.index("teacher:")  # before the teacher loads
     assert (tmp_path / "run" / "student.safetensors").is_file()
 

@@ -300,10 +300,18 @@ def over_memory_note(spec: TeacherSpec, config, resolution: int, device: torch.d
         *([] if config.lora_rank or config.fsdp else ["--lora-rank 64"]),
         *(["--shared-base"] if config.lora_rank and not config.shared_base else []),
         *(["a lower --lora-rank"] if config.lora_rank > 16 else []),  # FLUX.2 [dev] at 1024²: 64 → 16 saves 8 GiB
-        *(["a smaller --batch-size"] if config.batch_size > 1 else []),
+        *([_smaller_batch(config, processes)] if config.batch_size > 1 else []),
     ]
     return (
         f"note: the estimated peak, {estimate.peak:.1f} GiB per GPU ({estimate.phase} phase; --dry-run for the table), "
         f"is more than the {free / GIB:.1f} GiB free on this GPU (of {total / GIB:.1f})"
         + (f": {', '.join(levers)} would lower it" if levers else "")
     )
+
+
+def _smaller_batch(config, processes: int) -> str:
+    """The batch lever: micro-batches of 1 that gradient accumulation adds up to the same update."""
+    if config.global_batch:
+        return f"--batch-size 1 (--global-batch {config.global_batch} accumulates it to the same update)"
+    per_update = config.batch_size * config.accumulation_steps(processes)
+    return f"--batch-size 1 --gradient-accumulation-steps {per_update} (the same batch an update)"
