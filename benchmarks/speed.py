@@ -106,7 +106,7 @@ def main() -> int:
                 torch.cuda.synchronize()
             start = time.perf_counter()
             with clock("data"):
-                batch = run.data.batch(run.teacher, config.seed, it, config.batch_size, run.uncond, 0)
+                batch = run.batch(it)
             step(batch, it)
             if cuda:
                 torch.cuda.synchronize()

@@ -111,3 +111,30 @@ def test_global_batch_sets_the_accumulation_from_the_processes():
     with pytest.raises(UsageError, match="not a multiple of --batch-size 2 × 3 process"):
         config.accumulation_steps(3)
     assert DistillConfig(teacher="x", gradient_accumulation_steps=4).accumulation_steps(2) == 4
+
+
+def test_a_skipped_generator_update_leaves_the_fake_score_every_micro_batch(deterministic_draws):
+    """--skip-nonfinite: a non-finite generator loss in the first micro-batch skips the generator's
+    update; the fake score still trains on all the batch's samples (the rest drawn without grad)."""
+    seen = []
+
+    def nan_first(step):
+        step.skip_nonfinite = True
+        losses, fake_losses = step.dmd2.generator_losses, step.dmd2.fake_score_losses
+
+        def generator_losses(x, cond, uncond):
+            terms = losses(x, cond, uncond)
+            return {k: v * float("nan") for k, v in terms.items()} if len(seen) == 0 else terms
+
+        def counted(x_fake, *args):
+            seen.append(len(x_fake))
+            return fake_losses(x_fake, *args)
+
+        step.dmd2.generator_losses, step.dmd2.fake_score_losses = generator_losses, counted
+
+    before = _trained(2, 0)
+    after = _trained(2, 1, nan_first)  # iteration 0: a generator iteration
+    generator = len(list(MLPDenoiser(hidden=32).parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(before[:generator], after[:generator])), "generator updated"
+    assert any(not torch.equal(a, b) for a, b in zip(before[generator:], after[generator:])), "fake score idle"
+    assert seen == [2, 2], f"the fake score saw micro-batches of {seen}"

@@ -402,6 +402,10 @@ def test_lr_schedules_warm_up_then_hold_or_decay_to_zero():
             "--method dmd2 does not read --teacher-steps",
         ),
         (
+            ["--teacher", "sd15", "--prompts", "p.txt", "--gan-same-noise", "--no-diffusion-gan"],
+            "--gan-same-noise draws the diffusion GAN's noise once for real and fake latents: it needs --diffusion-gan",
+        ),
+        (
             ["--teacher", "sd15", "--prompts", "p.txt", "--gradient-accumulation-steps", "0"],
             "--gradient-accumulation-steps must be at least 1",
         ),

@@ -178,7 +178,7 @@ def _estimate(config, json_out: bool, scratch: Path) -> None:
     console = stderr_console()
     plan = plan_memory(config, scratch, lambda note: console.print(note, markup=False))
     console.print(tomli_w.dumps({k: v for k, v in config.to_dict().items() if v is not None}), markup=False)
-    # Gradient accumulation adds batches up, one at a time: memory is that of one micro-batch.
+    # Gradient accumulation runs one micro-batch at a time (the others on the host): its memory is one's.
     batch = f"batch {config.batch_size}"
     if config.global_batch:
         batch += f" (global batch {config.global_batch})"

@@ -81,7 +81,10 @@ class DMD2Config:
         "--dm-timesteps draws the DM gradient's: fit where distribution matching reads it, as NVlabs/FastGen).",
     )
     min_timestep_frac: float = option(
-        0.02, "DM timesteps are drawn uniformly from [min, max]·T (reference).", command_line=False
+        0.02,
+        "Lower end of the DM timesteps, as a fraction of T: indices in [min, max]·T (the reference's uniform "
+        "draw); for --dm-timesteps uniform and logit-normal, σ in [min, max].",
+        command_line=False,
     )
     max_timestep_frac: float = option(0.98, "Upper end of the DM timesteps, as a fraction of T.", command_line=False)
     regression_weight: float = option(

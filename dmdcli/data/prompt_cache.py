@@ -63,9 +63,9 @@ class PromptCache:
         """The cache rows of `prompts` (a dictionary lookup, once per prompt list; KeyError if not cached)."""
         return torch.tensor([self.row_of[p] for p in prompts], dtype=torch.long)
 
-    def take(self, rows: Tensor) -> Cond:
-        """The conditioning of cache rows `rows`, float32 on the device."""
-        return {k: v[rows].to(self.device, torch.float32) for k, v in self.table.items()}
+    def take(self, rows: Tensor, device: torch.device | None = None) -> Cond:
+        """The conditioning of cache rows `rows`, float32 on `device` (default: the cache's)."""
+        return {k: v[rows].to(device or self.device, torch.float32) for k, v in self.table.items()}
 
     def encode(self, prompts: list[str]) -> Cond:
         """A stand-in for `Teacher.encode_prompts` on prompts that were cached."""
@@ -126,13 +126,13 @@ class DiskPromptCache(PromptCache):
     def nbytes(self) -> int:
         return sum(p.stat().st_size for p in self.folder.glob("*.safetensors"))
 
-    def take(self, rows: Tensor) -> Cond:
+    def take(self, rows: Tensor, device: torch.device | None = None) -> Cond:
         parts = []
         for row in rows.tolist():
             shard = bisect.bisect_right(self.starts, row) - 1
             file, i = self.files[shard], row - self.starts[shard]
             parts.append({k: file.get_slice(k)[i : i + 1] for k in file.keys()})
-        return {k: v.to(self.device, torch.float32) for k, v in cat_cond(*parts).items()}
+        return {k: v.to(device or self.device, torch.float32) for k, v in cat_cond(*parts).items()}
 
 
 def disk_cache_limit() -> int:

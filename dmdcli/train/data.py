@@ -136,35 +136,44 @@ class Data:
             raise failed
         return DiskPromptCache(folder, prompts, teacher.device), made
 
-    def _cond(self, teacher: Teacher, which: int, picks: list[int]) -> Cond:
+    def _cond(self, teacher: Teacher, which: int, picks: list[int], on: torch.device) -> Cond:
         """Conditioning of rows `picks` of prompt list `which` (0 prompts, 1 captions, 2 pair prompts)."""
         if self.cache is not None:
-            return self.cache.take(self._rows[which][picks])
+            return self.cache.take(self._rows[which][picks], on)
         prompts = self._lists()[which]
-        return teacher.encode_prompts([prompts[i] for i in picks])
+        return {k: v.to(on) for k, v in teacher.encode_prompts([prompts[i] for i in picks]).items()}
 
     def batch(
-        self, teacher: Teacher, seed: int, iteration: int, batch_size: int, uncond: Cond | None, rank: int = 0
+        self,
+        teacher: Teacher,
+        seed: int,
+        iteration: int,
+        batch_size: int,
+        uncond: Cond | None,
+        rank: int = 0,
+        on_host: bool = False,
     ) -> Batch:
         """This process's batch of one iteration. The picks of prompts, real images and pairs come
         from (seed, iteration, rank) alone and the noise from the process's global generator
         (seeded per rank, saved in checkpoints), so a run is the same whether or not it was
-        interrupted, and processes draw different data."""
+        interrupted, and processes draw different data. `on_host`: all but the noise stay on the
+        host (a batch of micro-batches, which the step moves to the device one at a time)."""
+        on = torch.device("cpu") if on_host else teacher.device
         g = torch.Generator().manual_seed(seed * 7919 + iteration + rank * 1_000_000_007)
         picks = torch.randint(len(self.prompts), (batch_size,), generator=g).tolist()
-        cond = self._cond(teacher, 0, picks)
+        cond = self._cond(teacher, 0, picks, on)
         latent_shape = (batch_size, teacher.spec.latent_channels, *teacher.latent_size)
         noise = torch.randn(latent_shape, device=teacher.device)
         batch = Batch(noise=noise, cond=cond, uncond=expand_cond(uncond, batch_size) if uncond else None)
         if self.real is not None:
             real = torch.randint(len(self.real), (batch_size,), generator=g).tolist()
-            batch.x_real = self.real.latents[real].to(teacher.device)
-            batch.real_cond = self._cond(teacher, 1, real)
+            batch.x_real = self.real.latents[real].to(on)
+            batch.real_cond = self._cond(teacher, 1, real, on)
         if self.pairs is not None:
             pick = torch.randint(len(self.pairs), (batch_size,), generator=g).tolist()
-            batch.pair_noise = self.pairs.noise[pick].to(teacher.device)
-            batch.pair_latent = self.pairs.latent[pick].to(teacher.device)
-            batch.pair_cond = self._cond(teacher, 2, pick)
+            batch.pair_noise = self.pairs.noise[pick].to(on)
+            batch.pair_latent = self.pairs.latent[pick].to(on)
+            batch.pair_cond = self._cond(teacher, 2, pick, on)
         return batch
 
 

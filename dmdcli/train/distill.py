@@ -30,6 +30,7 @@ from dmdcli.train.memory import over_memory_note
 from dmdcli.train.networks import build_step
 from dmdcli.train.setup import Run
 from dmdcli.train.state import Checkpoints, checkpoint_to_init_from, checkpoint_to_resume, student_info
+from dmdcli.train.step import Batch
 from dmdcli.train.stop import Interrupted, StopOnSignal
 from dmdcli.train.ui import UI
 
@@ -285,6 +286,20 @@ class Distillation(Run):
             **({"regression_distance": self.regression_distance_name} if self.regression_distance_name else {}),
         }
 
+    def batch(self, iteration: int) -> Batch:
+        """This process's batch of `iteration`: --batch-size × its micro-batches (kept on the host
+        when they are several, but for the noise: the step moves one at a time to the device)."""
+        micro = self.accumulation_steps
+        return self.data.batch(
+            self.teacher,
+            self.config.seed,
+            iteration,
+            self.config.batch_size * micro,
+            self.uncond,
+            self.accelerator.process_index,
+            on_host=micro > 1,
+        )
+
     def run(self) -> dict[str, Any]:
         c, main = self.config, self.accelerator.is_main_process
         # Only the main process writes the run folder (metrics, grids, checkpoints, student); the
@@ -299,15 +314,7 @@ class Distillation(Run):
         with StopOnSignal() as stop, self.ui.task("distilling", total=c.iterations) as update:
             update(done, None)
             for it in range(start_iteration, c.iterations):
-                batch = self.data.batch(
-                    self.teacher,
-                    c.seed,
-                    it,
-                    c.batch_size * self.accumulation_steps,
-                    self.uncond,
-                    self.accelerator.process_index,
-                )
-                latest.update(self.step(batch, it))
+                latest.update(self.step(self.batch(it), it))
                 done = it + 1
                 if done % c.log_every == 0 or done == c.iterations:
                     now = time.perf_counter()

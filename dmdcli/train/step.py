@@ -76,6 +76,16 @@ class Batch:
     pair_latent: Tensor | None = None
     pair_cond: Cond | None = None
 
+    def to(self, device: torch.device) -> Batch:
+        """The batch with every tensor on `device` (those already there as they are)."""
+
+        def moved(value):
+            if isinstance(value, dict):
+                return {k: v.to(device) for k, v in value.items()}
+            return value if value is None else value.to(device)
+
+        return Batch(**{f.name: moved(getattr(self, f.name)) for f in fields(self)})
+
     def split(self, n: int) -> list[Batch]:
         """The batch as n micro-batches of equal size (gradient accumulation), each field cut along dim 0."""
         if n == 1:
@@ -225,7 +235,7 @@ class DMD2Step:
             if phase == "generator"
             else (self.fake_optimizer, self.fake_params)
         )
-        n, means, bad = len(forwards), {}, []
+        n, sums, run, bad = len(forwards), {}, 0, []
         for i, forward in enumerate(forwards):
             # Under DDP the processes average their gradients once, in the last micro-batch's backward.
             with contextlib.nullcontext() if i == n - 1 else getattr(module, "no_sync", contextlib.nullcontext)():
@@ -238,10 +248,12 @@ class DMD2Step:
                 else:
                     with self.clock(f"{phase} backward"):
                         self.backward(self.dmd2.weighted_total(terms) / n)
+            run += 1
             for name, v in terms.items():
-                means[name] = means.get(name, 0.0) + v.item() / n
+                sums[name] = sums.get(name, 0.0) + v.item()
             if bad:
                 break
+        means = {name: total / run for name, total in sums.items()}
         if not means:
             return None, means
         if not bad:
@@ -269,7 +281,9 @@ class DMD2Step:
         """Run iteration `iteration`; returns the loss terms and gradient norms as floats."""
         if self.regression_only:
             return self._regression_iteration(batch, iteration)
-        schedule, micro_batches = self.dmd2.schedule, batch.split(self.accumulation_steps)
+        schedule, device = self.dmd2.schedule, batch.noise.device
+        # A batch of several micro-batches is on the host but for its noise: each goes to the device when used.
+        micro_batches = batch.split(self.accumulation_steps)
         k = simulation_step(self.seed, iteration, len(self.timesteps))
         samples: list[Tensor] = []  # each micro-batch's generator sample, detached: the fake score's data
 
@@ -278,7 +292,13 @@ class DMD2Step:
                 x_t = backward_simulation(self.generator, schedule, m.noise, m.cond, self.timesteps, k)
             return x_t, as_timestep_tensor(self.timesteps[k], x_t.shape[0], x_t.device)
 
+        def sample_without_grad(m: Batch) -> Tensor:
+            x_t, t = simulated(m)
+            with self.clock("generator sample (no grad)"), torch.no_grad(), self.autocast():
+                return generator_x0(self.generator, schedule, x_t, t, m.cond)
+
         def generator_forward(m: Batch) -> dict[str, Tensor]:
+            m = m.to(device)
             x_t, t = simulated(m)
             with self.clock("generator forward"), self.autocast():
                 pair = None
@@ -289,6 +309,7 @@ class DMD2Step:
             return terms
 
         def fake_forward(m: Batch, x: Tensor) -> dict[str, Tensor]:
+            m = m.to(device)
             with self.clock("fake score forward"), self.autocast():
                 return self.fake_phase(x, m.cond, m.x_real, m.real_cond)
 
@@ -301,11 +322,8 @@ class DMD2Step:
                 norm, terms = self._update("generator", forwards, self.generator_phase, iteration)
             logs["grad_norm_generator"] = norm
             logs.update({f"loss_{name}": v for name, v in terms.items()})
-        else:
-            for m in micro_batches:
-                x_t, t = simulated(m)
-                with self.clock("generator sample (no grad)"), torch.no_grad(), self.autocast():
-                    samples.append(generator_x0(self.generator, schedule, x_t, t, m.cond))
+        # Every micro-batch's sample (those after a skipped non-finite one, on a generator iteration, too).
+        samples += [sample_without_grad(m.to(device)) for m in micro_batches[len(samples) :]]
 
         forwards = [functools.partial(fake_forward, m, x) for m, x in zip(micro_batches, samples)]
         logs["grad_norm_fake"], terms = self._update("fake", forwards, self.fake_phase, iteration)
@@ -321,6 +339,7 @@ class DMD2Step:
             raise ValueError("a regression-only iteration needs a batch with pairs")
 
         def forward(m: Batch) -> dict[str, Tensor]:
+            m = m.to(batch.noise.device)
             with self.clock("generator forward"), self.autocast():
                 return self.generator_phase(None, None, m.cond, None, (m.pair_noise, m.pair_latent, m.pair_cond))[1]
 

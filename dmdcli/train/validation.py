@@ -130,6 +130,10 @@ def validate(c: DistillConfig) -> None:
         f"--fake-score-target must be one of {', '.join(FAKE_SCORE_TARGETS)}",
     )
     need(
+        c.diffusion_gan or not c.gan_same_noise,
+        "--gan-same-noise draws the diffusion GAN's noise once for real and fake latents: it needs --diffusion-gan",
+    )
+    need(
         c.fake_score_timesteps in FAKE_SCORE_TIMESTEPS,
         f"--fake-score-timesteps must be one of {', '.join(FAKE_SCORE_TIMESTEPS)}",
     )
