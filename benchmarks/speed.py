@@ -118,7 +118,9 @@ def main() -> int:
     median = statistics.median(times)
     device = torch.cuda.get_device_name() if cuda else f"cpu ({torch.get_num_threads()} threads)"
     print(
-        f"{config.teacher}, recipe {args.recipe}, {config.steps} step(s), batch {config.batch_size}, "
+        f"{config.teacher}, recipe {args.recipe}, {config.steps} step(s), batch {config.batch_size}"
+        + (f" × {run.accumulation_steps} accumulated" if run.accumulation_steps > 1 else "")
+        + ", "
         f"resolution {run.resolution}, TTUR {config.fake_updates_per_gen}, {config.precision()}, {device}"
     )
     mean = statistics.mean(times)  # with TTUR, every k-th iteration is a long one: the mean is the throughput
