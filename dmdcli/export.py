@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from dmdcli.core.schedule import student_timesteps
 from dmdcli.errors import DmdError, UsageError, first_line
 from dmdcli.files import atomic_save_file, check_can_make, share_as_umask
 from dmdcli.models.families import layout_family
@@ -347,7 +348,8 @@ def snippet(fmt: str, out: Path, info: dict[str, Any], dtype: str, record: dict[
         scheduler = "pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config, original_inference_steps=1000)"
         call = f"image = pipe({prompt}, timesteps={timesteps}, {seed}).images[0]"
     head = ["import torch", f"from diffusers import DiffusionPipeline, {scheduler_class}"]
-    if fmt == "diffusers" and not flow:  # the exported scheduler gives the student's timesteps by itself
+    evenly_spaced = timesteps == student_timesteps(steps, 1000, timesteps[0] if steps == 1 else None)
+    if fmt == "diffusers" and not flow and evenly_spaced:  # the exported scheduler gives them by itself
         call = f"image = pipe({prompt}, num_inference_steps={steps}, {seed}).images[0]"
     call = "\n".join([*encoding, call])
     if fmt == "diffusers":

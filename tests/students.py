@@ -17,8 +17,11 @@ from dmdcli.train.config import DistillConfig
 RANK, ALPHA = 4, 2.0  # alpha ≠ rank on purpose: exports must keep it
 
 
-def make_student(out: Path, teacher: Path, layout: str, kind: str, steps: int, seed: int = 0) -> Path:
-    """A run folder holding only student.safetensors, as `dmd distill` writes it."""
+def make_student(
+    out: Path, teacher: Path, layout: str, kind: str, steps: int, seed: int = 0, timesteps: list[int] | None = None
+) -> Path:
+    """A run folder holding only student.safetensors, as `dmd distill` writes it (`timesteps`: a
+    ladder of its own, as --student-timesteps gives)."""
     import diffusers
 
     family = get_family(layout)
@@ -39,7 +42,7 @@ def make_student(out: Path, teacher: Path, layout: str, kind: str, steps: int, s
         "prediction_type": inspect_teacher(str(teacher)).prediction_type,
         "kind": kind,
         "steps": steps,
-        "timesteps": student_timesteps(steps, 1000, default),
+        "timesteps": timesteps or student_timesteps(steps, 1000, default),
         "conditioning_timestep": conditioning,
         "resolution": 32,
         "iterations": 0,

@@ -257,6 +257,15 @@ def test_gradient_accumulation_runs_and_records_the_batch_of_each_update(tmp_pat
     assert "Traceback" not in result.stderr and not (tmp_path / "other").exists()
 
 
+def test_a_student_trains_on_a_ladder_of_its_own(tmp_path, tiny_sd, prompts_file):
+    out = tmp_path / "run"
+    args = ["distill", *FAST, "--teacher", str(tiny_sd), "--prompts", str(prompts_file), "--out", str(out)]
+    result = runner.invoke(app, [*args, "--student-timesteps", "999, 599, 199", "--json"])  # --steps 3 from it
+    assert result.exit_code == 0, result.stderr
+    info = read_student_info(out / "student.safetensors")
+    assert (info["steps"], info["timesteps"], info["conditioning_timestep"]) == (3, [999, 599, 199], None)
+
+
 def test_recipe_values_are_overridden_by_options_and_unknown_keys_are_listed(tmp_path):
     config = resolve_config("sdxl-4step-lora", {"lr": 1e-3, "prompts": "p.txt"})
     assert config.lr == 1e-3 and config.lora_rank == 64 and config.lora_alpha == 8 and config.steps == 4
@@ -404,6 +413,22 @@ def test_lr_schedules_warm_up_then_hold_or_decay_to_zero():
         (
             ["--teacher", "sd15", "--prompts", "p.txt", "--gan-same-noise", "--no-diffusion-gan"],
             "--gan-same-noise draws the diffusion GAN's noise once for real and fake latents: it needs --diffusion-gan",
+        ),
+        (
+            ["--teacher", "sd15", "--prompts", "p.txt", "--student-timesteps", "999,x"],
+            "--student-timesteps '999,x': not a comma list of whole numbers",
+        ),
+        (
+            ["--teacher", "sd15", "--prompts", "p.txt", "--student-timesteps", "499,999"],
+            "--student-timesteps '499,999': need decreasing timesteps in [0, 999]",
+        ),
+        (
+            ["--teacher", "sd15", "--prompts", "p.txt", "--student-timesteps", "999,499", "--steps", "3"],
+            "--student-timesteps '999,499' gives 2 step(s) but --steps is 3",
+        ),
+        (
+            ["--teacher", "sd15", "--prompts", "p.txt", "--student-timesteps", "599", "--conditioning-timestep", "399"],
+            "--student-timesteps '599' and --conditioning-timestep: give one",
         ),
         (
             ["--teacher", "sd15", "--prompts", "p.txt", "--gradient-accumulation-steps", "0"],

@@ -108,6 +108,22 @@ def test_diffusers_export_reproduces_dmd_sample(tmp_path, students, case):
     assert np.abs(again - ours).mean() <= 2.0
 
 
+def test_a_student_with_a_ladder_of_its_own_exports_to_the_same_image(tmp_path, tiny_sd):
+    """--student-timesteps 999,599,199: LCM's num_inference_steps=3 gives 999, 666, 333, so the
+    exported pipeline is called with timesteps= (the printed snippet does), as dmd sample steps."""
+    run = make_student(tmp_path / "run", tiny_sd, "sd", "full", 3, timesteps=[999, 599, 199])
+    out = tmp_path / "pipeline"
+    result = invoke("export", "--model", run, "--format", "diffusers", "--out", out)
+    snippet = result.stderr[result.stderr.index("import torch") :].strip()
+    assert "timesteps=[999, 599, 199]" in snippet
+    invoke("sample", "--model", run, "--prompt", "a photo of a cat", "--seed", "0", "--out", tmp_path / "ours")
+    ours = np.asarray(Image.open(next((tmp_path / "ours").glob("*.png"))).convert("RGB")).astype(int)
+    namespace = {}
+    exec(snippet, namespace)  # noqa: S102 - our own printed snippet
+    assert np.abs(np.asarray(namespace["image"]).astype(int) - ours).mean() <= 2.0
+    assert namespace["pipe"].scheduler.timesteps.tolist() == [999, 599, 199]
+
+
 def test_v_prediction_student_exports_to_the_same_image(tmp_path):
     from dmdcli.models.tiny import tiny_pipeline_cached
 

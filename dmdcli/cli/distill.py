@@ -94,6 +94,8 @@ def distill(
     **overrides: Any,
 ) -> None:
     """`overrides`: the config options (None where not given), by field name."""
+    if overrides["student_timesteps"] and overrides["steps"] is None:  # the ladder says how many steps
+        overrides["steps"] = overrides["student_timesteps"].count(",") + 1
     recipe, announce = choose_recipe(
         recipe,
         overrides["teacher"],

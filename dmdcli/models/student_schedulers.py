@@ -19,7 +19,8 @@ TIMESTEP_SCALING = 10000.0
 
 
 def student_scheduler(teacher_scheduler_config: dict[str, Any], timesteps: list[int]):
-    """An LCMScheduler whose `set_timesteps(len(timesteps))` yields the student's `timesteps`.
+    """An LCMScheduler whose `set_timesteps(len(timesteps))` yields the student's `timesteps` (a
+    ladder of the student's own, `--student-timesteps`: `set_timesteps(timesteps=...)` does).
 
     LCM with original_inference_steps = T picks N timesteps evenly from T−1 down: 999, 749, 499,
     249 for N = 4 and T = 1000, the student's own. Its one-step timestep is T−1, so a one-step
@@ -56,6 +57,8 @@ def student_scheduler(teacher_scheduler_config: dict[str, Any], timesteps: list[
         overrides.update(explicit_betas(n))
         scheduler = _lcm(LCMScheduler, teacher_scheduler_config, overrides)
     scheduler.set_timesteps(len(timesteps))
+    if scheduler.timesteps.tolist() != list(timesteps):  # a ladder of its own (--student-timesteps)
+        scheduler.set_timesteps(timesteps=list(timesteps))
     got = scheduler.timesteps.tolist()
     if got != list(timesteps):
         raise DmdError(f"no LCMScheduler configuration gives the student's timesteps {timesteps} (it gives {got})")

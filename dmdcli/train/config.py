@@ -44,6 +44,11 @@ class Distilled:
     conditioning_timestep: int | None = option(
         None, "Timestep a 1-step student is told (default 399 for SDXL, 999 for SD, as the reference)."
     )
+    student_timesteps: str | None = option(
+        None,
+        "The student's timesteps, decreasing indices in [0, 999], one a step (e.g. 999,666,333: --steps 3); on a "
+        "flow teacher each is a σ of its shifted table. Default: --steps of them evenly spaced from 999.",
+    )
     prompts: str | None = option(None, "Prompts file: one a line, or JSON lines with prompt/text.")
     data: str | None = option(
         None,
@@ -151,6 +156,12 @@ class Optimization:
     skip_nonfinite: bool = option(
         False, "Skip and count updates with a non-finite loss or gradient instead of stopping."
     )
+
+    def student_timestep_list(self) -> list[int] | None:
+        """--student-timesteps as indices (None when not given); validate() says what is wrong with one."""
+        if self.student_timesteps is None:
+            return None
+        return [int(part) for part in self.student_timesteps.replace(" ", "").split(",")]
 
     def accumulation_steps(self, processes: int) -> int:
         """Micro-batches a process adds up per update: --gradient-accumulation-steps, or what

@@ -76,8 +76,10 @@ class Distillation(Run):
         conditioning = config.conditioning_timestep
         if conditioning is None:
             conditioning = self.family.conditioning_timestep
-        self.timesteps = student_timesteps(config.steps, self.schedule.num_train_timesteps, conditioning)
-        self.conditioning_timestep = conditioning if config.steps == 1 else None
+        self.timesteps = config.student_timestep_list() or student_timesteps(
+            config.steps, self.schedule.num_train_timesteps, conditioning
+        )
+        self.conditioning_timestep = self.timesteps[0] if config.steps == 1 else None
         # Seeded after loading, so that a run which encodes its real images and one that reads
         # them from the cache start training from the same random state; each process gets its
         # own stream (seed + process index) for its noise.

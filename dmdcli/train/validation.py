@@ -26,6 +26,7 @@ from dmdcli.train.config import (
 PROGRESSIVE_ONLY = section_names(Progressive)
 NOT_PROGRESSIVE = (
     *section_names(Regression), "iterations", "fake_updates_per_gen", "fake_lr", "conditioning_timestep", "dm_weight",
+    "student_timesteps",
     "regression_weight", "dm_timesteps", "fake_score_target", "fake_score_timesteps", "gradient_checkpointing",
     "checkpoint_every", "keep_checkpoints", "sample_every", "teacher_grid_steps", "skip_nonfinite", "ema_decay",
     "gradient_accumulation_steps", "global_batch",
@@ -157,6 +158,8 @@ def validate(c: DistillConfig) -> None:
     need(0 <= c.teacher_grid_steps <= 1000, f"teacher_grid_steps must lie in 0 … 1000 (got {c.teacher_grid_steps})")
     if c.conditioning_timestep is not None:
         need(0 <= c.conditioning_timestep < 1000, "--conditioning-timestep must lie in [0, 999]")
+    if c.student_timesteps is not None:
+        _check_student_timesteps(c)
     need(0.0 <= c.ema_decay < 1.0, f"--ema-decay must lie in [0, 1) (got {c.ema_decay}; 0: no EMA)")
     need(c.method in METHODS, f"--method must be one of {', '.join(METHODS)} (got {c.method!r})")
     need(
@@ -232,3 +235,18 @@ def check_teacher_options(c: DistillConfig, spec, family) -> None:
             "whose count differs between processes, which FSDP's collectives cannot follow; train shared-base "
             "LoRA (--lora-rank), which fits one GPU"
         )
+
+
+def _check_student_timesteps(c: DistillConfig) -> None:
+    """--student-timesteps: whole numbers, decreasing, in [0, 999], as many as --steps."""
+    given = f"--student-timesteps {c.student_timesteps!r}"
+    try:
+        timesteps = c.student_timestep_list()
+    except ValueError:
+        raise UsageError(f"{given}: not a comma list of whole numbers") from None
+    if not all(0 <= t < 1000 for t in timesteps) or any(a <= b for a, b in zip(timesteps, timesteps[1:])):
+        raise UsageError(f"{given}: need decreasing timesteps in [0, 999]")
+    if len(timesteps) != c.steps:
+        raise UsageError(f"{given} gives {len(timesteps)} step(s) but --steps is {c.steps}")
+    if c.conditioning_timestep is not None:
+        raise UsageError(f"{given} and --conditioning-timestep: give one (a 1-step student's is its timestep)")
