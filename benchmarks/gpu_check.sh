@@ -97,7 +97,14 @@ step cli-qwen-image 120 bash -c "python3 -m dmdcli.models.tiny $run/qwen-teacher
         --guidance-scale 4 --lora-rank 4 --out $run/qwen-run --json | tee $results/cli-qwen-image.json &&
     dmd sample --model $run/qwen-run --prompt 'a red circle' --out $run/qwen-images --json"
 
-# Optional, when time is left. SDXL full fine-tuning (measured 2026-11-30: benchmarks/results/gpu-h200).
+# Optional, when time is left. Gradient accumulation on CUDA: the micro-batches wait on the host and go
+# to the GPU one at a time (a path the CPU tests cannot tell from the device's), with the GAN's real images.
+optional cli-accumulation 75 bash -c "python3 -m dmdcli.models.tiny $run/accumulation-teacher > /dev/null &&
+    mkdir -p $run/images-data && python3 -c \"from PIL import Image; [(Image.new('RGB', (32, 32), c).save('$run/images-data/%d.png' % i), open('$run/images-data/%d.txt' % i, 'w').write('a square')) for i, c in enumerate(['red', 'blue', 'green', 'white'])]\" &&
+    dmd distill --recipe tiny --teacher $run/accumulation-teacher --prompts $run/prompts.txt --data $run/images-data \
+        --iterations 6 --steps 4 --lora-rank 4 --batch-size 1 --gradient-accumulation-steps 4 --out $run/accumulation-run --json \
+        | tee $results/cli-accumulation.json"
+# SDXL full fine-tuning (measured 2026-11-30: benchmarks/results/gpu-h200).
 optional sdxl-full 100 bash -c "$bench --arch sdxl --resolution 1024 --layouts full | tee $results/sdxl-full.md"
 # Then where a LoRA iteration's time goes: on the H200 (2026-11-30)
 # rank-64 LoRA networks took ~1 s more an iteration each than full ones at SDXL 1024², though their

@@ -189,7 +189,7 @@ class Distillation(Run):
         if processes > 1 or micro > 1:
             self.ui.message(
                 f"batch of each update: {self.config.batch_size * processes * micro} ({self.config.batch_size} a "
-                f"micro-batch × {micro} micro-batch(es) × {processes} process(es))"
+                f"micro-batch × {micro} micro-batch{'es' * (micro > 1)} × {processes} process{'es' * (processes > 1)})"
             )
 
     # -- outputs -------------------------------------------------------------------------------
