@@ -37,14 +37,29 @@ def _middle_randint(*args, size=None, device=None, **_):
     return torch.full(tuple(size), (low + high) // 2, dtype=torch.long, device=device)
 
 
-def _trained(accumulation: int, iterations: int, mutate=None) -> list[torch.Tensor]:
+# The objective of each case: DM + GAN; with DMD v1's regression pairs and FastGen's two rules; the
+# regression alone (a pre-training stage: no fake score update).
+CASES = {
+    "dm-gan": dict(gan_generator_weight=0.5, gan_discriminator_weight=0.5),
+    "regression-fastgen": dict(
+        gan_generator_weight=0.5,
+        gan_discriminator_weight=0.5,
+        regression_weight=0.5,
+        fake_score_timesteps="dm",
+        gan_same_noise=True,
+    ),
+    "regression-only": dict(dm_weight=0.0, regression_weight=1.0),
+}
+
+
+def _trained(accumulation: int, iterations: int, mutate=None, case: str = "dm-gan") -> list[torch.Tensor]:
     torch.manual_seed(0)
     schedule = toy_schedule()
     teacher, generator, fake_score = MLPDenoiser(hidden=32), MLPDenoiser(hidden=32), MLPDenoiser(hidden=32)
     generator.load_state_dict(teacher.state_dict())
     fake_score.load_state_dict(teacher.state_dict())
     head = nn.Linear(32, 1)
-    config = DMD2Config(guidance_scale=2.0, gan_generator_weight=0.5, gan_discriminator_weight=0.5)
+    config = DMD2Config(guidance_scale=2.0, **CASES[case])
     dmd2 = DMD2(schedule, teacher, fake_score, head, config)
     fake_params = [*fake_score.parameters(), *head.parameters()]
     step = DMD2Step(
@@ -58,6 +73,8 @@ def _trained(accumulation: int, iterations: int, mutate=None) -> list[torch.Tens
         fake_updates_per_gen=2,
         max_grad_norm=0.05,  # clipping on: the norm must be the whole batch's, not each micro-batch's
         accumulation_steps=accumulation,
+        regression_distance=(lambda x, y: ((x - y) ** 2).mean()) if config.regression_weight else None,
+        regression_only=case == "regression-only",
     )
     if mutate:
         mutate(step)
@@ -67,6 +84,9 @@ def _trained(accumulation: int, iterations: int, mutate=None) -> list[torch.Tens
         uncond={"text": torch.zeros(4, 3)},
         x_real=torch.randn(4, 2),
         real_cond={"text": torch.randn(4, 3)},
+        pair_noise=torch.randn(4, 2),
+        pair_latent=torch.randn(4, 2),
+        pair_cond={"text": torch.randn(4, 3)},
     )
     for iteration in range(iterations):
         step(batch, iteration)
@@ -82,12 +102,13 @@ def deterministic_draws(monkeypatch):
     )
 
 
-def test_two_micro_batches_train_as_the_whole_batch(deterministic_draws):
+@pytest.mark.parametrize("case", CASES)
+def test_two_micro_batches_train_as_the_whole_batch(deterministic_draws, case):
     # iterations 0 and 2 update the generator and the fake score, 1 and 3 the fake score alone;
     # every one simulates the first step backward (simulation_step's draw is the middle one, 1)
     assert step_module.simulation_step(0, 0, 2) == 1
-    whole, split = _trained(1, 4), _trained(2, 4)
-    moved = max((a - b).abs().max().item() for a, b in zip(whole, _trained(1, 0)))
+    whole, split = _trained(1, 4, case=case), _trained(2, 4, case=case)
+    moved = max((a - b).abs().max().item() for a, b in zip(whole, _trained(1, 0, case=case)))
     assert moved > 1e-3, "the steps must move the weights for the comparison to mean anything"
     for a, b in zip(whole, split):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
