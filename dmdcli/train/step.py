@@ -95,7 +95,8 @@ class Batch:
             if value is None:
                 return [None] * n
             if isinstance(value, dict):
-                return [dict(zip(value, parts)) for parts in zip(*(chunks(v) for v in value.values()))] or [{}] * n
+                split = {k: chunks(v) for k, v in value.items()}
+                return [{k: parts[i] for k, parts in split.items()} for i in range(n)]
             if value.shape[0] % n:
                 raise ValueError(f"a batch of {value.shape[0]} does not split into {n} micro-batches")
             return list(value.chunk(n))
