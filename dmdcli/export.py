@@ -320,8 +320,9 @@ def snippet(fmt: str, out: Path, info: dict[str, Any], dtype: str, record: dict[
     seed = f'{guidance}, generator=torch.Generator("cpu").manual_seed(0)'
     # the prompt by name (the FLUX.2 pipelines take an image first), or as the family encodes it (Chroma)
     text = '"a photo of a cat"'
-    encoding, prompt = family.snippet_prompt(text) if family.snippet_prompt else ([], f"prompt={text}")
-    prompt += "".join(f", {name}={value!r}" for name, value in record.get("call_kwargs", {}).items())
+    call_kwargs = record.get("call_kwargs", {})
+    encoding, prompt = family.snippet_prompt(text, call_kwargs) if family.snippet_prompt else ([], f"prompt={text}")
+    prompt += "".join(f", {name}={value!r}" for name, value in call_kwargs.items())
     if flow:
         scheduler_class = (
             "FlowMatchEulerDiscreteScheduler" if info.get("sampler") == "ddim" else "FlowMatchLCMScheduler"

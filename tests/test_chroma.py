@@ -211,7 +211,7 @@ def test_the_pipeline_handed_our_mask_samples_in_fp16(tiny_chroma):
     pipe.set_progress_bar_config(disable=True)
     for scale in (0, 3):
         guidance = chroma_guidance(scale)
-        text = pipeline_prompts(pipe, ["a red circle"], guidance)
+        text = pipeline_prompts(pipe, ["a red circle"], guidance, {})
         images = pipe(**text, **guidance, num_inference_steps=2, height=32, width=32, output_type="np").images
         assert np.isfinite(images).all()
 
@@ -235,3 +235,19 @@ def test_dry_run_of_chroma_from_its_bundled_configs(prompts_file):
     memory = record["memory_gib"]
     assert memory["parameters"]["teacher network (frozen)"] == pytest.approx(8.9e9 * 2 / 2**30, rel=0.01)
     assert memory["peak"] < 32e9 / 2**30
+
+
+def test_a_recorded_max_sequence_length_is_the_encodings(tiny_chroma):
+    """A folder recording `_dmd_max_sequence_length` is read at that many T5 positions in training;
+    `dmd sample` of the pipeline and the export snippets encode at as many."""
+    from diffusers import ChromaPipeline
+
+    from dmdcli.models.chroma import chroma_guidance, pipeline_prompts, snippet_prompt
+
+    pipe = ChromaPipeline.from_pretrained(tiny_chroma)
+    for call, positions in (({}, 512), ({"max_sequence_length": 16}, 16)):
+        guidance = chroma_guidance(3)
+        text = pipeline_prompts(pipe, ["a red circle"], guidance, call)
+        assert text["prompt_embeds"].shape[1] == text["negative_prompt_embeds"].shape[1] == positions
+    lines, _ = snippet_prompt('"a cat"', {"max_sequence_length": 16})
+    assert lines[-1].endswith("do_classifier_free_guidance=False, max_sequence_length=16)")

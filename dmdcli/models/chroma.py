@@ -153,15 +153,16 @@ def chroma_guidance(scale: float | None) -> dict[str, Any]:
     return {"guidance_scale": scale, "negative_prompt": NEGATIVE_PROMPT} if scale > 1 else {"guidance_scale": scale}
 
 
-def pipeline_prompts(pipe, prompts: list[str], guidance: dict[str, Any]) -> dict[str, Any]:
+def pipeline_prompts(pipe, prompts: list[str], guidance: dict[str, Any], call: dict[str, Any]) -> dict[str, Any]:
     """ChromaPipeline's prompt arguments for `prompts`, encoded by the pipeline with the masks made
-    right (`reading_mask`); with CFG, the negative prompt's too (taken out of `guidance`, which the
+    right (`reading_mask`) and as many positions as the teacher reads (`call`: a recorded
+    max_sequence_length); with CFG, the negative prompt's too (taken out of `guidance`, which the
     call gets as well)."""
     negative = guidance.pop("negative_prompt", None)
     cfg = guidance.get("guidance_scale", 0) > 1
     negatives = None if negative is None else [negative] * len(prompts)
     embeds, _, mask, negative_embeds, _, negative_mask = pipe.encode_prompt(
-        prompts, negatives, do_classifier_free_guidance=cfg
+        prompts, negatives, do_classifier_free_guidance=cfg, **_positions(call)
     )
     text = {"prompt_embeds": embeds, "prompt_attention_mask": reading_mask(mask)}
     if cfg:
@@ -175,17 +176,23 @@ def reading_mask(mask: Tensor) -> Tensor:
     return mask * 201 - 200
 
 
-def snippet_prompt(prompt: str) -> tuple[list[str], str]:
+def snippet_prompt(prompt: str, call: dict[str, Any]) -> tuple[list[str], str]:
     """The lines that encode `prompt` (a Python literal) for a ChromaPipeline with the mask the
-    student was trained with, and the call's arguments that pass it."""
+    student was trained with (and its positions: `call`), and the call's arguments that pass it."""
+    positions = "".join(f", {k}={v!r}" for k, v in _positions(call).items())
     return (
         [
             "# ChromaPipeline adds its float 0/1 prompt mask to the attention logits (diffusers #12116):",
             "# hand it the mask the student reads with: 1 where a token is read, -200 where not",
-            f"embeds, _, mask, *_ = pipe.encode_prompt({prompt}, do_classifier_free_guidance=False)",
+            f"embeds, _, mask, *_ = pipe.encode_prompt({prompt}, do_classifier_free_guidance=False{positions})",
         ],
         "prompt_embeds=embeds, prompt_attention_mask=mask * 201 - 200",
     )
+
+
+def _positions(call: dict[str, Any]) -> dict[str, Any]:
+    """The encoding's part of a pipeline call's recorded arguments (its max_sequence_length)."""
+    return {k: v for k, v in call.items() if k == "max_sequence_length"}
 
 
 def _chroma_pipeline(index: dict[str, Any]) -> bool:

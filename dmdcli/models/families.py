@@ -87,11 +87,12 @@ class Family:
     # what its diffusers pipeline is called with for CFG at a scale (≤ 1: off; None: the family's default)
     pipeline_guidance: Callable[[float | None], dict[str, Any]] = pipeline_guidance_scale
     # Where its pipeline must be handed prompts otherwise than by `prompt=` (Chroma: the pipeline's own
-    # mask is wrong): (pipeline, prompts, its CFG arguments) → the call's prompt arguments, for `dmd
-    # sample` / `dmd eval` of the teacher pipeline; and a prompt (a Python literal) → the lines a
-    # printed diffusers snippet encodes it with and the call's arguments that pass it.
-    pipeline_prompts: Callable[[Any, list[str], dict[str, Any]], dict[str, Any]] | None = None
-    snippet_prompt: Callable[[str], tuple[list[str], str]] | None = None
+    # mask is wrong): (pipeline, prompts, its CFG arguments, what it is called with besides: a recorded
+    # max_sequence_length) → the call's prompt arguments, for `dmd sample` / `dmd eval` of the teacher
+    # pipeline; and (a prompt as a Python literal, those same arguments) → the lines a printed diffusers
+    # snippet encodes it with and the call's arguments that pass it.
+    pipeline_prompts: Callable[[Any, list[str], dict[str, Any], dict[str, Any]], dict[str, Any]] | None = None
+    snippet_prompt: Callable[[str, dict[str, Any]], tuple[list[str], str]] | None = None
     # hub id of a tiny autoencoder (diffusers' AutoencoderTiny) decoding its latents, for LPIPS regression
     tiny_autoencoder: str | None = None
     # (model_index.json, config.json of the network, of the VAE, of the scheduler) → why dmd cannot

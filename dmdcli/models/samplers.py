@@ -210,7 +210,7 @@ class PipelineSampler:
         guidance = self.guidance(self.guidance_scale)
         try:
             encode = self.prompt_arguments
-            text = encode(self.pipe, list(prompts), guidance) if encode else {"prompt": list(prompts)}
+            text = encode(self.pipe, list(prompts), guidance, self.call_kwargs) if encode else {"prompt": list(prompts)}
             images = self.pipe(**text, **kwargs, **guidance).images
         except (ValueError, TypeError) as e:
             raise DmdError(f"{type(self.pipe).__name__} refused the request: {first_line(e)}") from e
