@@ -107,7 +107,9 @@ def test_fsdp_trains_what_data_parallel_trains_and_resumes_exactly(tmp_path, tin
         "4",
         "--fake-updates-per-gen",
         "2",
-        "--batch-size",
+        "--batch-size",  # the update of 2 as two accumulated micro-batches (FSDP reduces each backward's gradients)
+        "1",
+        "--gradient-accumulation-steps",
         "2",
         "--lr",
         "1e-4",
