@@ -67,6 +67,12 @@ class Distilled:
     )
     allow_pickle: bool = option(False, "Allow teacher weights stored as pickle (.bin/.ckpt) files.")
 
+    def student_timestep_list(self) -> list[int] | None:
+        """--student-timesteps as indices (None when not given); validate() says what is wrong with one."""
+        if self.student_timesteps is None:
+            return None
+        return [int(part) for part in self.student_timesteps.replace(" ", "").split(",")]
+
 
 @dataclass
 class LoRA:
@@ -156,12 +162,6 @@ class Optimization:
     skip_nonfinite: bool = option(
         False, "Skip and count updates with a non-finite loss or gradient instead of stopping."
     )
-
-    def student_timestep_list(self) -> list[int] | None:
-        """--student-timesteps as indices (None when not given); validate() says what is wrong with one."""
-        if self.student_timesteps is None:
-            return None
-        return [int(part) for part in self.student_timesteps.replace(" ", "").split(",")]
 
     def accumulation_steps(self, processes: int) -> int:
         """Micro-batches a process adds up per update: --gradient-accumulation-steps, or what
