@@ -46,8 +46,9 @@ class Distilled:
     )
     student_timesteps: str | None = option(
         None,
-        "The student's timesteps, decreasing indices in [0, 999], one a step (e.g. 999,666,333: --steps 3); on a "
-        "flow teacher each is a σ of its shifted table. Default: --steps of them evenly spaced from 999.",
+        "The student's timesteps, decreasing indices in [0, 999], one a step (e.g. 999,666,333: --steps 3; over "
+        "--conditioning-timestep); on a flow teacher each is a σ of its shifted table. Default: --steps of them "
+        "evenly spaced from 999.",
     )
     prompts: str | None = option(None, "Prompts file: one a line, or JSON lines with prompt/text.")
     data: str | None = option(

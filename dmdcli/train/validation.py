@@ -248,5 +248,3 @@ def _check_student_timesteps(c: DistillConfig) -> None:
         raise UsageError(f"{given}: need decreasing timesteps in [0, 999]")
     if len(timesteps) != c.steps:
         raise UsageError(f"{given} gives {len(timesteps)} step(s) but --steps is {c.steps}")
-    if c.conditioning_timestep is not None:
-        raise UsageError(f"{given} and --conditioning-timestep: give one (a 1-step student's is its timestep)")
