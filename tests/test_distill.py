@@ -444,10 +444,6 @@ def test_lr_schedules_warm_up_then_hold_or_decay_to_zero():
             ["--teacher", "sd15", "--prompts", "p.txt", "--dry-run", "--global-batch", "3"],
             "--global-batch 3 is not a multiple of --batch-size 2",
         ),
-        (
-            ["--teacher", "sd15", "--prompts", "p.txt", "--method", "progressive", "--global-batch", "8"],
-            "--method progressive does not read --global-batch",
-        ),
     ],
 )
 def test_usage_errors_are_one_line_with_exit_code_2(args, message):

@@ -391,6 +391,27 @@ def test_progressive_students_start_from_unrounded_weights_under_bf16(tmp_path, 
     )  # one step of lr 1e-12, not bf16 rounding
 
 
+def test_progressive_trains_two_accumulated_micro_batches_as_one_batch(tmp_path, tiny_sd, prompts_file):
+    """Its iteration draws nothing but the batch's noise, drawn whole: micro-batches of 1 added up
+    train the student one batch of 2 trains, up to float rounding."""
+    base = ["distill", *QUICK_PROGRESSIVE, "--teacher", str(tiny_sd), "--prompts", str(prompts_file)]
+    base += ["--method", "progressive", "--teacher-steps", "4", "--steps", "2", "--iterations-per-round", "3"]
+    base += ["--lr", "1e-3", "--warmup-steps", "0"]
+    students = {}
+    for name, extra in (("whole", []), ("accumulated", ["--batch-size", "1", "--gradient-accumulation-steps", "2"])):
+        result = runner.invoke(app, [*base, *extra, "--out", str(tmp_path / name)])
+        assert result.exit_code == 0, result.stderr + repr(result.exception)
+        students[name] = load_file(tmp_path / name / "student.safetensors")
+    from diffusers import UNet2DConditionModel
+
+    teacher = UNet2DConditionModel.from_pretrained(str(tiny_sd), subfolder="unet").state_dict()
+    # AdamW's step is about lr·sign(g): where a gradient is at rounding level its sign may flip, so the
+    # two students are compared over all weights, not at the worst one
+    moved = sum((students["whole"][k] - teacher[k]).abs().sum().item() for k in teacher)
+    apart = sum((students["whole"][k] - students["accumulated"][k]).abs().sum().item() for k in teacher)
+    assert moved > 0 and apart < 0.01 * moved, (moved, apart)
+
+
 def test_progressive_refuses_what_it_does_not_do(tiny_sd, prompts_file):
     base = ["distill", "--teacher", str(tiny_sd), "--prompts", str(prompts_file), "--method", "progressive"]
     for extra, message in (

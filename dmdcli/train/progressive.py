@@ -126,6 +126,24 @@ class ProgressiveDistillation(Run):
                 z = schedule.ddim_step(z, teacher_x0(z, tj), tj, as_timestep_tensor(teacher_ts[j + 1], b, z.device))
         return z, t
 
+    def _loss(self, batch, teacher, teacher_schedule, guided: bool, student, teacher_ts: list[int], k: int):
+        """The progressive loss of one (micro-)batch: the student's one step k against two of the teacher's."""
+        c = self.config
+        cond = batch.real_cond if batch.x_real is not None else batch.cond
+        uncond = expand_cond(self.uncond, batch.noise.shape[0]) if self.uncond else None
+        teacher_x0 = self._teacher_x0(teacher, teacher_schedule, guided, cond, uncond)
+        t_, t1_, t2_ = pd.student_step_pair(teacher_ts, k)
+        z_t, t = self._z_t(batch, teacher_x0, teacher_schedule, teacher_ts, k)
+        b, dev = z_t.shape[0], z_t.device
+        t1, t2 = as_timestep_tensor(t1_, b, dev), as_timestep_tensor(t2_, b, dev)
+        z_t2 = pd.teacher_two_steps(teacher_x0, teacher_schedule, z_t, t, t1, t2)
+        alpha_t, sigma_t = self.student_schedule.alpha_sigma(t, z_t)
+        alpha_t2, sigma_t2 = self.student_schedule.alpha_sigma(t2, z_t)
+        target = pd.distillation_target(z_t, z_t2, alpha_t, sigma_t, alpha_t2, sigma_t2)
+        with self.accelerator.autocast():
+            x_hat = self.student_schedule.to_x0(z_t, student(z_t, t, cond), t)
+        return pd.progressive_loss(x_hat, target, pd.loss_weight(self.student_schedule, t, c.loss_weight))
+
     def train_round(
         self, r: int, steps: int, teacher_unet, guided: bool, metrics: rundir.MetricsLog, iteration0: int
     ) -> tuple[torch.nn.Module, dict[str, float]]:
@@ -146,25 +164,20 @@ class ProgressiveDistillation(Run):
             f"round {r + 1}/{len(self.rounds)}: {2 * steps} → {steps} steps", total=c.iterations_per_round
         ) as update:
             for it in range(c.iterations_per_round):
-                batch = self.data.batch(self.teacher, c.seed + r, it, c.batch_size, self.uncond)
-                cond = batch.real_cond if batch.x_real is not None else batch.cond
-                uncond = expand_cond(self.uncond, batch.noise.shape[0]) if self.uncond else None
-                teacher_x0 = self._teacher_x0(teacher, teacher_schedule, guided, cond, uncond)
                 k = student_step_index(c.seed, r, it, steps)
-                t_, t1_, t2_ = pd.student_step_pair(teacher_ts, k)
-                z_t, t = self._z_t(batch, teacher_x0, teacher_schedule, teacher_ts, k)
-                b, dev = z_t.shape[0], z_t.device
-                t1, t2 = as_timestep_tensor(t1_, b, dev), as_timestep_tensor(t2_, b, dev)
-                z_t2 = pd.teacher_two_steps(teacher_x0, teacher_schedule, z_t, t, t1, t2)
-                alpha_t, sigma_t = self.student_schedule.alpha_sigma(t, z_t)
-                alpha_t2, sigma_t2 = self.student_schedule.alpha_sigma(t2, z_t)
-                target = pd.distillation_target(z_t, z_t2, alpha_t, sigma_t, alpha_t2, sigma_t2)
-                with self.accelerator.autocast():
-                    x_hat = self.student_schedule.to_x0(z_t, student(z_t, t, cond), t)
-                loss = pd.progressive_loss(x_hat, target, pd.loss_weight(self.student_schedule, t, c.loss_weight))
-                if not torch.isfinite(loss):
-                    raise DmdError(f"non-finite progressive loss in round {r + 1} at iteration {it + 1}; lower --lr")
-                self.accelerator.backward(loss)
+                micro = self.accumulation_steps  # micro-batches whose gradients one update adds up
+                batch = self.data.batch(
+                    self.teacher, c.seed + r, it, c.batch_size * micro, self.uncond, on_host=micro > 1
+                )
+                loss_sum = 0.0
+                for m in batch.split(micro):
+                    loss = self._loss(m.to(self.device), teacher, teacher_schedule, guided, student, teacher_ts, k)
+                    if not torch.isfinite(loss):
+                        raise DmdError(
+                            f"non-finite progressive loss in round {r + 1} at iteration {it + 1}; lower --lr"
+                        )
+                    self.accelerator.backward(loss / micro)
+                    loss_sum += loss.item()
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, c.max_grad_norm)
                 if not torch.isfinite(grad_norm):
                     raise DmdError(f"non-finite gradient in round {r + 1} at iteration {it + 1}; lower --lr")
@@ -172,7 +185,7 @@ class ProgressiveDistillation(Run):
                 optimizer.zero_grad(set_to_none=True)
                 lr_schedule.step()
                 logs = {
-                    "loss_progressive": loss.item(),
+                    "loss_progressive": loss_sum / micro,
                     "grad_norm_student": float(grad_norm),
                     "lr_student": optimizer.param_groups[0]["lr"],
                 }

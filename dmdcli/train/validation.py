@@ -26,10 +26,9 @@ from dmdcli.train.config import (
 PROGRESSIVE_ONLY = section_names(Progressive)
 NOT_PROGRESSIVE = (
     *section_names(Regression), "iterations", "fake_updates_per_gen", "fake_lr", "conditioning_timestep", "dm_weight",
-    "student_timesteps",
-    "regression_weight", "dm_timesteps", "fake_score_target", "fake_score_timesteps", "gradient_checkpointing",
+    "student_timesteps", "regression_weight", "dm_timesteps", "fake_score_target", "fake_score_timesteps",
+    "gradient_checkpointing",
     "checkpoint_every", "keep_checkpoints", "sample_every", "teacher_grid_steps", "skip_nonfinite", "ema_decay",
-    "gradient_accumulation_steps", "global_batch",
 )  # fmt: skip
 GAN_OPTIONS = (
     "gan_generator_weight", "gan_discriminator_weight", "diffusion_gan", "diffusion_gan_max_timestep", "gan_same_noise",
