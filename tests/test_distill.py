@@ -257,6 +257,18 @@ def test_gradient_accumulation_runs_and_records_the_batch_of_each_update(tmp_pat
     assert "Traceback" not in result.stderr and not (tmp_path / "other").exists()
 
 
+def test_the_command_lines_batch_of_an_update_replaces_the_recipes_other_way_of_saying_it(tmp_path):
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('extends = "tiny"\ngradient_accumulation_steps = 4\n')
+    overrides = {"teacher": "x", "prompts": "p.txt"}
+    config = resolve_config(str(recipe), {**overrides, "global_batch": 8})
+    assert (config.global_batch, config.gradient_accumulation_steps) == (8, 1)
+    recipe.write_text('extends = "tiny"\nglobal_batch = 16\n')
+    config = resolve_config(str(recipe), {**overrides, "gradient_accumulation_steps": 2})
+    assert (config.global_batch, config.gradient_accumulation_steps) == (None, 2)
+    assert resolve_config(str(recipe), overrides).global_batch == 16
+
+
 def test_a_student_trains_on_a_ladder_of_its_own(tmp_path, tiny_sd, prompts_file):
     out = tmp_path / "run"
     args = ["distill", *FAST, "--teacher", str(tiny_sd), "--prompts", str(prompts_file), "--out", str(out)]

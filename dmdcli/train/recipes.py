@@ -160,6 +160,11 @@ def resolve_config(recipe: str | None, overrides: dict[str, Any], base: dict[str
         preset = {k: v for k, v in preset.items() if k not in values}  # a recipe written for this method wins
     # Layers: code defaults → recipe → the method's preset (over a recipe written for another method) → command line.
     values.update(preset)
+    # The batch of an update is said one way: said on the command line, it replaces the recipe's other way.
+    ways = ("global_batch", "gradient_accumulation_steps")
+    for key, other in (ways, ways[::-1]):
+        if key in given and other not in given:
+            values.pop(other, None)
     values.update(given)
     config = DistillConfig(**absolute_paths(values))
     validate(config)
