@@ -151,14 +151,16 @@ class Data:
         batch_size: int,
         uncond: Cond | None,
         rank: int = 0,
-        on_host: bool = False,
+        micro_batches: int = 1,
     ) -> Batch:
-        """This process's batch of one iteration. The picks of prompts, real images and pairs come
-        from (seed, iteration, rank) alone and the noise from the process's global generator
-        (seeded per rank, saved in checkpoints), so a run is the same whether or not it was
-        interrupted, and processes draw different data. `on_host`: all but the noise stay on the
-        host (a batch of micro-batches, which the step moves to the device one at a time)."""
-        on = torch.device("cpu") if on_host else teacher.device
+        """This process's batch of one iteration: `micro_batches` × `batch_size` rows, drawn as one
+        batch of them all. The picks of prompts, real images and pairs come from (seed, iteration,
+        rank) alone and the noise from the process's global generator (seeded per rank, saved in
+        checkpoints), so a run is the same whether or not it was interrupted, and processes draw
+        different data. Several micro-batches stay on the host but for their noise: the step moves
+        one at a time to the device."""
+        on = torch.device("cpu") if micro_batches > 1 else teacher.device
+        batch_size *= micro_batches
         g = torch.Generator().manual_seed(seed * 7919 + iteration + rank * 1_000_000_007)
         picks = torch.randint(len(self.prompts), (batch_size,), generator=g).tolist()
         cond = self._cond(teacher, 0, picks, on)

@@ -289,18 +289,10 @@ class Distillation(Run):
         }
 
     def batch(self, iteration: int) -> Batch:
-        """This process's batch of `iteration`: --batch-size × its micro-batches (kept on the host
-        when they are several, but for the noise: the step moves one at a time to the device)."""
-        micro = self.accumulation_steps
-        return self.data.batch(
-            self.teacher,
-            self.config.seed,
-            iteration,
-            self.config.batch_size * micro,
-            self.uncond,
-            self.accelerator.process_index,
-            on_host=micro > 1,
-        )
+        """This process's batch of `iteration`: --batch-size × its micro-batches."""
+        c = self.config
+        rank, micro = self.accelerator.process_index, self.accumulation_steps
+        return self.data.batch(self.teacher, c.seed, iteration, c.batch_size, self.uncond, rank, micro)
 
     def run(self) -> dict[str, Any]:
         c, main = self.config, self.accelerator.is_main_process

@@ -132,7 +132,7 @@ class ProgressiveDistillation(Run):
         cond = batch.real_cond if batch.x_real is not None else batch.cond
         uncond = expand_cond(self.uncond, batch.noise.shape[0]) if self.uncond else None
         teacher_x0 = self._teacher_x0(teacher, teacher_schedule, guided, cond, uncond)
-        t_, t1_, t2_ = pd.student_step_pair(teacher_ts, k)
+        _, t1_, t2_ = pd.student_step_pair(teacher_ts, k)
         z_t, t = self._z_t(batch, teacher_x0, teacher_schedule, teacher_ts, k)
         b, dev = z_t.shape[0], z_t.device
         t1, t2 = as_timestep_tensor(t1_, b, dev), as_timestep_tensor(t2_, b, dev)
@@ -166,9 +166,7 @@ class ProgressiveDistillation(Run):
             for it in range(c.iterations_per_round):
                 k = student_step_index(c.seed, r, it, steps)
                 micro = self.accumulation_steps  # micro-batches whose gradients one update adds up
-                batch = self.data.batch(
-                    self.teacher, c.seed + r, it, c.batch_size * micro, self.uncond, on_host=micro > 1
-                )
+                batch = self.data.batch(self.teacher, c.seed + r, it, c.batch_size, self.uncond, micro_batches=micro)
                 loss_sum = 0.0
                 for m in batch.split(micro):
                     loss = self._loss(m.to(self.device), teacher, teacher_schedule, guided, student, teacher_ts, k)
